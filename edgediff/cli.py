@@ -1,0 +1,256 @@
+"""The command line (DESIGN.md's contract). Progress and tables go to stderr; --json to stdout."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgediff.errors import BadInput, EdgediffError, NotBuiltYet
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="edgediff: compress, export, verify and profile diffusion models for edge devices.")
+err = Console(stderr=True)
+out = Console()
+
+
+# ---------------------------------------------------------------- helpers
+def _shape(text: Optional[str], flag: str) -> Optional[tuple[int, ...]]:
+    if not text:
+        return None
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected comma-separated integers, e.g. 4,64,64") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise BadInput(f"{flag} {text!r}: dimensions must be positive")
+    return dims
+
+
+def _load(spec: str, config: Optional[Path], sample_shape: Optional[str], cond_shape: Optional[str],
+          num_classes: Optional[int], trust_pickle: bool) -> Any:
+    from edgediff.loaders import LoadOptions, load_model
+
+    opts = LoadOptions(config=config, sample_shape=_shape(sample_shape, "--sample-shape"),
+                       cond_shape=_shape(cond_shape, "--cond-shape"), num_classes=num_classes,
+                       trust_pickle=trust_pickle)
+    return load_model(spec, opts)
+
+
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err, transient=True) as p:
+        yield p
+
+
+def _optional_module(name: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise NotBuiltYet(f"`edgediff {what}` is not built yet") from None
+        raise
+
+
+def _emit(data: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    t = Table(title=title, show_header=False)
+    for k, v in data.items():
+        t.add_row(str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    out.print(t)
+
+
+ModelOpt = typer.Argument(..., help="A diffusers folder, .safetensors, .pt2, .pt, an edgediff artifact, or 'demo'.")
+ConfigOpt = typer.Option(None, "--config", help="config.json for a bare .safetensors/.pt state dict.")
+SampleOpt = typer.Option(None, "--sample-shape", help="C,H,W of x_t when it cannot be inferred.")
+CondOpt = typer.Option(None, "--cond-shape", help="SEQ,DIM of encoder_hidden_states (cross-attention).")
+ClassesOpt = typer.Option(None, "--num-classes", help="Number of class labels (class-conditional models).")
+PickleOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a .pt module (runs code from the file).")
+
+
+# ---------------------------------------------------------------- commands
+@app.command()
+def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the built-in recipes and their passes."""
+    from edgediff.recipe import builtin_names, load_recipe
+
+    rows = []
+    for name in builtin_names():
+        r = load_recipe(name)
+        rows.append({"name": name, "description": r.description, "passes": [p.name for p in r.passes],
+                     "missing": r.missing_passes()})
+    if as_json:
+        sys.stdout.write(json.dumps({"recipes": rows}, indent=2) + "\n")
+        return
+    t = Table(title="built-in recipes")
+    for c in ("name", "passes", "status", "description"):
+        t.add_column(c)
+    for r in rows:
+        status = "ready" if not r["missing"] else f"needs {', '.join(r['missing'])} (not built yet)"
+        t.add_row(r["name"], " -> ".join(r["passes"]) or "(none)", status, r["description"])
+    out.print(t)
+
+
+@app.command()
+def info(target: str = typer.Argument(..., help="A model, an artifact, or an exported file."),
+         as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
+         sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
+         num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+    """Params, MACs per denoiser call and size of a model, artifact or exported file."""
+    from edgediff.describe import describe
+
+    data = describe(target, lambda: _load(target, config, sample_shape, cond_shape, num_classes, trust_pickle))
+    _emit(data, as_json, f"edgediff info {target}")
+
+
+@app.command()
+def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe", help="Built-in name or TOML file."),
+             seed: int = typer.Option(0, "--seed"), output: Path = typer.Option(..., "-o", "--output"),
+             force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+             as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
+             sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
+             num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+    """Run a recipe of passes and write an artifact directory."""
+    from edgediff.pipeline import compress as run_compress
+    from edgediff.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    if output.exists() and not force:
+        raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    with progress_bar() as p:
+        _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force)
+    if as_json:
+        sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        return
+    t = Table(title=f"compressed with recipe {r.name!r} -> {output}")
+    for c in ("pass", "seconds", "metrics"):
+        t.add_column(c)
+    for rec in manifest["passes"]:
+        t.add_row(rec["name"], f"{rec['seconds']:.2f}", json.dumps(rec["metrics"], default=str)[:120])
+    b, a = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    for k in ("params", "macs", "size_bytes"):
+        t.add_row(k, "", f"{b[k]:,} -> {a[k]:,} ({a[k] / max(b[k], 1):.2%})")
+    out.print(t)
+
+
+@app.command()
+def export(model: str = ModelOpt,
+           target: str = typer.Option(..., "--target", help="onnx|tensorrt|coreml|tflite|opencl|fpga"),
+           precision: str = typer.Option("fp32", "--precision", help="fp32|fp16|int8"),
+           output: Path = typer.Option(..., "-o", "--output"),
+           force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+           palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: palettize weights to BITS."),
+           as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
+           sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
+           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+    """Export a model or artifact to a target runtime."""
+    from edgediff.exporters import PRECISIONS, get_backend
+
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    backend = get_backend(target)
+    if output.exists() and not force:
+        raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    options: dict[str, Any] = {}
+    if palettize is not None:
+        options["palettize"] = palettize
+    if target == "fpga" and model.endswith(".onnx"):
+        source: Any = Path(model)  # the FPGA backend also takes any QDQ-quantized ONNX
+    else:
+        source = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    with progress_bar():
+        report = backend.export(source, output, precision, force=force, **options)
+    _emit(report, as_json, f"exported {target} {precision} -> {output}")
+    if report.get("exit_code"):
+        raise typer.Exit(int(report["exit_code"]))
+
+
+@app.command()
+def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The exported file to check."),
+           steps: int = typer.Option(20, "--steps"), samples: int = typer.Option(16, "--samples"),
+           sampler: str = typer.Option("ddim", "--sampler", help="ddim|ddpm"), seed: int = typer.Option(0, "--seed"),
+           as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
+           sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
+           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+    """Run the exported file in its real runtime with the sampler and compare to the reference."""
+    mod = _optional_module("edgediff.verify", "verify")
+    ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    with progress_bar() as p:
+        result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p)
+    _emit(result, as_json, f"verify {exported}")
+    if result.get("exit_code"):
+        raise typer.Exit(int(result["exit_code"]))
+
+
+@app.command()
+def profile(exported: Path = typer.Argument(..., help="An exported model."),
+            runtime: Optional[str] = typer.Option(None, "--runtime", help="ort|tflite|tensorrt|opencl"),
+            device: Optional[str] = typer.Option(None, "--device", help="Estimate for a device that is not attached."),
+            html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report here."),
+            adb: Optional[str] = typer.Option(None, "--adb", help="Run LiteRT's benchmark_model on this phone."),
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per-layer latency of an exported model on a runtime here, or estimated for a device."""
+    mod = _optional_module("edgediff.profiling.run", "profile")
+    with progress_bar():
+        result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb)
+    _emit(result, as_json, f"profile {exported}")
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
+         force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+         samples: int = typer.Option(64, "--samples"), steps: int = typer.Option(25, "--steps"),
+         seed: int = typer.Option(0, "--seed"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """The main job on the bundled demo model: compress, export, verify, profile, report."""
+    from edgediff.demo.job import run_demo
+
+    if output.exists() and not force:
+        raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    with progress_bar() as p:
+        summary = run_demo(output, samples=samples, steps=steps, seed=seed, progress=p, force=force, log=err.print)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+        return
+    from edgediff.demo.job import summary_table
+
+    out.print(summary_table(summary))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: EdgediffError -> one line and its exit code; a bug -> traceback and 1."""
+    import click
+
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except EdgediffError as e:
+        err.print(f"[red]edgediff: error:[/red] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show(file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("edgediff: interrupted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("edgediff: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

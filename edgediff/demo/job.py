@@ -1,0 +1,195 @@
+"""`edgediff demo`: the main job on the bundled model, with whatever passes and targets exist.
+
+1. sample the FP32 model (reference) and score it with the digit classifier;
+2. compress it with the default `edge` recipe (passes not built yet are skipped and said so);
+3. sample the compressed model under the same seeds and sampler: PSNR vs reference, digit
+   Fréchet distance, confidence share, params/MACs/bytes;
+4. export to every target this machine can build, verify each with the sampler in the loop;
+5. profile the ONNX export where profiling exists;
+6. write DIR/ atomically as an artifact with report.html and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.table import Table
+
+from edgediff import __version__
+from edgediff.artifact import atomic_dir, write_model_files
+from edgediff.errors import EdgediffError, NotBuiltYet
+from edgediff.loaders import load_model
+from edgediff.metrics import DigitJudge, grid_png, psnr
+from edgediff.pipeline import model_stats, run_recipe
+from edgediff.recipe import load_recipe
+from edgediff.report import image, page, table
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+DEMO_RECIPE = "edge"
+# (target, precision) pairs the demo tries, in order; int8 ones only when the model is quantized
+EXPORTS = [("onnx", "fp32"), ("onnx", "int8"), ("tensorrt", "fp16"), ("tflite", "fp32"), ("tflite", "int8"),
+           ("coreml", "fp16"), ("opencl", "fp32"), ("fpga", "int8")]
+_EXT = {"onnx": ".onnx", "tensorrt": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage", "opencl": "", "fpga": ""}
+
+
+def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progress: Any = None, force: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    model = load_model("demo")
+    judge = DigitJudge()
+    scfg = SamplerConfig("ddim", steps)
+
+    log(f"sampling the FP32 demo model: {samples} samples, DDIM {steps} steps, seed {seed}")
+    ref = sample(TorchDenoiser(model), model.schedule, model.signature.sample_shape, samples, seed, scfg)
+    rows: list[dict[str, Any]] = [{"step": "original (fp32)", **model_stats(model), "psnr_db": float("inf"),
+                                    **judge.report(ref), "note": "reference"}]
+    grids = [("original fp32", grid_png(ref))]
+
+    recipe = load_recipe(DEMO_RECIPE)
+    log(f"compressing with recipe {recipe.name!r}: {' -> '.join(p.name for p in recipe.passes)}")
+    compressed, records = run_recipe(model, recipe, seed, progress, skip_missing=True)
+    skipped = [r.name for r in records if r.skipped]
+    applied = [r.name for r in records if not r.skipped]
+    comp = sample(TorchDenoiser(compressed), model.schedule, model.signature.sample_shape, samples, seed, scfg)
+    rows.append({"step": f"compressed ({' + '.join(applied) or 'no pass available'})", **model_stats(compressed),
+                 "psnr_db": psnr(comp, ref), **judge.report(comp),
+                 "note": f"skipped (not built yet): {', '.join(skipped)}" if skipped else ""})
+    grids.append(("compressed (PyTorch)", grid_png(comp)))
+
+    quantized = "quant" in compressed.extras
+    with atomic_dir(out, force=force) as tmp:
+        write_model_files(compressed, tmp)
+        exports = _export_all(compressed, tmp / "exports", quantized, steps, min(samples, 16), seed, progress, log)
+        for e in exports:
+            if e.get("samples_png"):
+                grids.append((f"{e['target']} {e['precision']} (runtime)", e.pop("samples_png")))
+        profile = _profile(exports, log)
+        wall = time.perf_counter() - t_start
+        summary = {
+            "edgediff_version": __version__, "recipe": recipe.to_dict(), "seed": seed, "samples": samples,
+            "steps": steps, "sampler": "ddim", "rows": rows, "passes": [r.to_dict() for r in records],
+            "exports": exports, "profile": profile, "wall_seconds": round(wall, 1),
+        }
+        manifest = {"format_version": 1, "edgediff_version": __version__, "arch": compressed.arch,
+                    "signature": compressed.signature.to_dict(), "provenance": compressed.provenance,
+                    "extras": sorted(compressed.extras), "source": "demo", "recipe": recipe.to_dict(), "seed": seed,
+                    "schedule": model.schedule.to_config(), "passes": summary["passes"],
+                    "metrics": {"before": model_stats(model), "after": model_stats(compressed)}, "demo": summary}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (tmp / "report.html").write_text(render(summary, grids))
+        for name, png in grids:
+            (tmp / f"samples_{name.split(' ')[0]}.png").write_bytes(png) if name.startswith(("original", "compressed")) else None
+    return summary
+
+
+def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: int, seed: int, progress: Any,
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from edgediff.exporters import get_backend
+
+    folder.mkdir()
+    try:
+        from edgediff import verify as verify_mod
+    except ModuleNotFoundError:
+        verify_mod = None
+    results = []
+    for target, precision in EXPORTS:
+        rec: dict[str, Any] = {"target": target, "precision": precision}
+        results.append(rec)
+        if precision == "int8" and not quantized:
+            rec["status"] = "skipped: model has no quantization parameters"
+            continue
+        try:
+            backend = get_backend(target)
+        except NotBuiltYet as e:
+            rec["status"] = f"skipped: {e}"
+            continue
+        path = folder / f"{target}-{precision}{_EXT[target]}"
+        log(f"exporting {target} {precision}")
+        try:
+            rep = backend.export(model, path, precision)
+            rec.update({k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) or v is None})
+            rec["path"] = str(Path("exports") / path.name)
+            rec["status"] = "exported"
+        except EdgediffError as e:
+            rec["status"] = f"unavailable: {e}" if e.exit_code == 3 else f"failed: {e}"
+            if not path.exists():
+                continue
+            rec["path"] = str(Path("exports") / path.name)
+        except Exception as e:  # noqa: BLE001 - one failing backend must not sink the whole demo
+            rec["status"] = f"failed: {e.__class__.__name__}: {e}"
+            rec["traceback"] = traceback.format_exc(limit=3)
+            continue
+        if verify_mod is None:
+            rec["verify"] = "not built yet"
+            continue
+        try:
+            v = verify_mod.verify(model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
+                                  return_samples=True)
+            s = v.pop("final_samples", None)
+            rec["verify"] = v
+            if s is not None:
+                rec["samples_png"] = grid_png(s)
+        except EdgediffError as e:
+            rec["verify"] = {"verified": False, "reason": str(e)}
+    return results
+
+
+def _profile(exports: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any] | None:
+    try:
+        from edgediff.profiling import run as prof
+    except ModuleNotFoundError:
+        return {"status": "profiling not built yet"}
+    onnx = next((e for e in exports if e["target"] == "onnx" and e.get("status") == "exported"), None)
+    if onnx is None:
+        return {"status": "no ONNX export to profile"}
+    log("profiling the ONNX export on onnxruntime")
+    return prof.profile(Path(onnx["path"]), runtime="ort")
+
+
+def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
+    rows = summary["rows"]
+    headers = ["step", "params", "MACs/call", "bytes", "PSNR vs fp32 (dB)", "digit Fréchet", "confident share", "note"]
+    body = [[r["step"], r["params"], r["macs"], r["size_bytes"], r["psnr_db"], r["digit_frechet"], r["confidence_share"],
+             r.get("note", "")] for r in rows]
+    passes = [[p["name"], p["seconds"], p.get("skipped") or json.dumps(p["metrics"], default=str)[:160]]
+              for p in summary["passes"]]
+    exp_rows = []
+    for e in summary["exports"]:
+        v = e.get("verify")
+        vtxt = (f"verified={v.get('verified')} psnr={v.get('psnr_db')}" if isinstance(v, dict) else (v or ""))
+        exp_rows.append([e["target"], e["precision"], e.get("status", ""), e.get("size_bytes"), vtxt])
+    sections = [
+        ("What each step cost and bought", table(headers, body)),
+        ("Samples (same seeds and sampler)", "<div class='grids'>" + "".join(image(p, n) for n, p in grids) + "</div>"),
+        ("Passes", table(["pass", "seconds", "metrics"], passes)),
+        ("Exports and verification", table(["target", "precision", "status", "bytes", "verify"], exp_rows)),
+    ]
+    prof = summary.get("profile") or {}
+    if prof.get("layers"):
+        from edgediff.report import bars
+
+        top = sorted(prof["layers"], key=lambda layer: -layer["ms"])[:20]
+        sections.append((f"Per-layer latency ({prof.get('runtime')}, total {prof.get('total_ms', 0):.2f} ms)",
+                         bars([(f"{la['name']} ({la['op']})", la["ms"]) for la in top])))
+    sub = (f"DDIM {summary['steps']} steps, {summary['samples']} samples, seed {summary['seed']}; "
+           f"recipe {summary['recipe']['name']}; wall time {summary['wall_seconds']} s")
+    return page("edgediff demo report", sub, sections)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    t = Table(title=f"edgediff demo ({summary['wall_seconds']} s)")
+    for c in ("step", "params", "MACs", "bytes", "PSNR dB", "digit FD", "conf>=0.9"):
+        t.add_column(c, justify="right")
+    for r in summary["rows"]:
+        t.add_row(r["step"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['size_bytes']:,}", f"{r['psnr_db']:.2f}",
+                  f"{r['digit_frechet']:.2f}", f"{r['confidence_share']:.2%}")
+    for e in summary["exports"]:
+        v = e.get("verify")
+        extra = f" psnr {v.get('psnr_db')}" if isinstance(v, dict) and "psnr_db" in v else ""
+        t.add_row(f"export {e['target']} {e['precision']}", "", "", str(e.get("size_bytes", "")), "", "",
+                  f"{e.get('status', '')}{extra}"[:60])
+    return t

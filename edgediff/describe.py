@@ -1,0 +1,67 @@
+"""`edgediff info`: what a model, an artifact or an exported file is, in numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from edgediff.model import DiffusionModel
+
+
+def describe_model(model: DiffusionModel) -> dict[str, Any]:
+    from edgediff.pipeline import model_stats
+
+    return {
+        "kind": "model",
+        "arch": model.arch,
+        **model_stats(model),
+        "signature": model.signature.to_dict(),
+        "schedule": {k: v for k, v in model.schedule.to_config().items() if k != "trained_betas"},
+        "source": model.provenance.get("source"),
+    }
+
+
+def describe(target: str, load: Callable[[], DiffusionModel]) -> dict[str, Any]:
+    path = Path(target)
+    if target != "demo" and path.exists() and not path.is_dir() or (path.is_dir() and _is_exported_dir(path)):
+        from edgediff.exporters import target_of
+
+        suffix_kind = None
+        try:
+            suffix_kind = target_of(path)
+        except Exception:  # noqa: BLE001 - not an exported file: fall through to model loading
+            pass
+        if suffix_kind:
+            return describe_exported(path, suffix_kind)
+    model = load()
+    data = describe_model(model)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from edgediff.artifact import read_manifest
+
+        m = read_manifest(path)
+        data["kind"] = "artifact"
+        data["recipe"] = m.get("recipe", {}).get("name")
+        data["passes"] = [p["name"] for p in m.get("passes", [])]
+        data["before"] = m.get("metrics", {}).get("before")
+        data["after"] = m.get("metrics", {}).get("after")
+    return data
+
+
+def _is_exported_dir(path: Path) -> bool:
+    return path.suffix == ".mlpackage" or (path / "opencl_bundle.json").is_file() or (path / "fpga_project.json").is_file()
+
+
+def describe_exported(path: Path, target: str) -> dict[str, Any]:
+    """Exported files: the backend describes its own format where it can."""
+    from edgediff.errors import NotBuiltYet
+    from edgediff.exporters import get_backend
+
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    data: dict[str, Any] = {"kind": "exported", "target": target, "size_bytes": size}
+    try:
+        backend = get_backend(target)
+    except NotBuiltYet:
+        return data
+    if hasattr(backend, "info"):
+        data.update(backend.info(path))
+    return data

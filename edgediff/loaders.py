@@ -1,0 +1,268 @@
+"""Frontend: turn what a user points at into a DiffusionModel, or fail with one clear line.
+
+Accepted: the word `demo`; an edgediff artifact directory; a diffusers model folder
+(config.json + safetensors) or pipeline folder (model_index.json); a `.safetensors` file with
+a config.json beside it or given by --config; a `torch.export` `.pt2` archive; a `.pt`/`.pth`
+state dict (with a config), or a pickled module only with trust_pickle=True, because
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel, InputSignature
+from edgediff.schedule import NoiseSchedule
+
+DEMO_DIR = Path(__file__).parent / "demo" / "weights"
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                    "PixArtTransformer2DModel", "SD3Transformer2DModel")
+DEFAULT_COND_LEN = 77
+
+
+@dataclass
+class LoadOptions:
+    """Overrides for what the loader would otherwise infer."""
+
+    config: Path | None = None
+    scheduler_config: Path | None = None
+    sample_shape: tuple[int, ...] | None = None
+    cond_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    trust_pickle: bool = False
+
+
+def sha256_of(path: Path) -> str:
+    """Hash of a file, or of every file below a directory (sorted by relative path)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: not a readable JSON config ({e.__class__.__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return data
+
+
+def signature_from_config(arch: str, cfg: dict[str, Any], opts: LoadOptions) -> InputSignature:
+    """Infer the call signature of a diffusers denoiser from its config, then apply overrides."""
+    c = int(cfg.get("in_channels", 3) or 3)
+    size = cfg.get("sample_size") or 32
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    cond = None
+    if cfg.get("cross_attention_dim") and arch in ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel"):
+        dim = cfg["cross_attention_dim"]
+        cond = (DEFAULT_COND_LEN, int(dim[0] if isinstance(dim, (list, tuple)) else dim))
+    num_classes = None
+    if arch == "UNet2DModel" and cfg.get("num_class_embeds"):
+        num_classes = int(cfg["num_class_embeds"])
+    if arch in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm") and not cond:
+        num_classes = int(cfg["num_embeds_ada_norm"])
+    sig = InputSignature((c, *hw), cond, num_classes)
+    return apply_overrides(sig, opts)
+
+
+def apply_overrides(sig: InputSignature, opts: LoadOptions) -> InputSignature:
+    return InputSignature(
+        tuple(opts.sample_shape) if opts.sample_shape else sig.sample_shape,
+        tuple(opts.cond_shape) if opts.cond_shape else sig.cond_shape,
+        opts.num_classes if opts.num_classes is not None else sig.num_classes,
+    )
+
+
+def build_diffusers(arch: str, cfg: dict[str, Any], where: Path) -> nn.Module:
+    if arch not in DENOISER_CLASSES:
+        raise BadInput(f"{where}: config names {arch!r}, which is not a denoiser edgediff knows "
+                       f"({', '.join(DENOISER_CLASSES)})")
+    import diffusers
+
+    cls = getattr(diffusers, arch)
+    try:
+        return cls.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many kinds on a bad config
+        raise BadInput(f"{where}: cannot build {arch} from its config ({e.__class__.__name__}: {e})") from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: file is empty")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BadInput(f"{path}: not a valid safetensors file (truncated or corrupt: {e})") from None
+
+
+def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise BadInput(f"{where}: weights do not fit the config ({first[-1].strip() if first else e})") from None
+    if missing or unexpected:
+        raise BadInput(f"{where}: weights do not fit the config ({len(missing)} missing, {len(unexpected)} unexpected "
+                       f"tensors, e.g. {(missing or unexpected)[0]!r})")
+
+
+def _schedule_near(folder: Path, opts: LoadOptions) -> NoiseSchedule:
+    if opts.scheduler_config:
+        return NoiseSchedule.from_config(_read_json(opts.scheduler_config))
+    for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json",
+                 folder.parent / "scheduler_config.json"):
+        if cand.is_file():
+            return NoiseSchedule.from_config(_read_json(cand))
+    return NoiseSchedule.from_config({})
+
+
+def _from_config_and_weights(cfg_path: Path, weights: Path, opts: LoadOptions, source: Path) -> DiffusionModel:
+    cfg = _read_json(cfg_path)
+    arch = cfg.get("_class_name")
+    if not arch:
+        raise BadInput(f"{cfg_path}: config has no _class_name; is this a diffusers model config?")
+    module = build_diffusers(arch, cfg, cfg_path)
+    state = load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load_state(weights)
+    load_state_into(module, state, weights)
+    module.eval()
+    return DiffusionModel(
+        denoiser=module, schedule=_schedule_near(cfg_path.parent, opts), signature=signature_from_config(arch, cfg, opts),
+        arch=arch, config=dict(module.config), provenance={"source": str(source), "source_sha256": sha256_of(source)},
+    )
+
+
+def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
+    if (path / "manifest.json").is_file():
+        from edgediff.artifact import load_artifact
+
+        return load_artifact(path)
+    if (path / "model_index.json").is_file():
+        for sub in ("unet", "transformer"):
+            if (path / sub / "config.json").is_file():
+                return _load_folder(path / sub, opts)
+        raise BadInput(f"{path}: pipeline folder has neither unet/ nor transformer/ with a config.json")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise BadInput(f"{path}: folder has no config.json, model_index.json or manifest.json")
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise BadInput(f"{path}: folder has a config.json but no .safetensors weights")
+    if len(weights) > 1:
+        raise BadInput(f"{path}: several weight files ({', '.join(w.name for w in weights)}); sharded checkpoints are not supported")
+    return _from_config_and_weights(cfg, weights[0], opts, path)
+
+
+def _torch_load_state(path: Path, trust_pickle: bool = False) -> Any:
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: file is empty")
+    if trust_pickle:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - unpickling can raise anything
+            raise BadInput(f"{path}: cannot unpickle ({e.__class__.__name__}: {e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise BadInput(f"{path}: holds pickled Python objects (a whole module?); loading it runs code from the file. "
+                           "Rerun with --trust-pickle if you trust its source, or save a state_dict / .pt2 instead") from None
+        raise BadInput(f"{path}: not a readable PyTorch file (truncated or corrupt: {e.__class__.__name__})") from None
+
+
+def _load_pt(path: Path, opts: LoadOptions) -> DiffusionModel:
+    obj = _torch_load_state(path, opts.trust_pickle)
+    prov = {"source": str(path), "source_sha256": sha256_of(path)}
+    if isinstance(obj, nn.Module):
+        cfg = dict(obj.config) if hasattr(obj, "config") and isinstance(getattr(obj, "config"), dict) else None
+        arch = type(obj).__name__
+        if cfg is not None and arch in DENOISER_CLASSES:
+            sig = signature_from_config(arch, cfg, opts)
+        elif opts.sample_shape:
+            sig = apply_overrides(InputSignature(tuple(opts.sample_shape)), opts)
+        else:
+            raise BadInput(f"{path}: a pickled {arch} has no diffusers config to infer the input from; pass --sample-shape C,H,W")
+        obj.eval()
+        return DiffusionModel(obj, _schedule_near(path.parent, opts), sig, arch, cfg, prov)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        cfg_path = opts.config or path.parent / "config.json"
+        if not cfg_path.is_file():
+            raise BadInput(f"{path}: holds a state_dict but no config.json is beside it; pass --config CONFIG.json")
+        return _from_config_and_weights(cfg_path, path, opts, path)
+    raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
+
+
+def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
+    if not zipfile.is_zipfile(path):
+        raise BadInput(f"{path}: not a torch.export archive (not a zip file; truncated or wrong kind)")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"{path}: cannot load torch.export archive ({e.__class__.__name__}: {e})") from None
+    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    shapes = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in {s.arg.name for s in user_inputs}:
+            val = node.meta.get("val")
+            shapes[node.name] = tuple(int(d) if isinstance(d, int) else -1 for d in val.shape) if val is not None else None
+    names = [s.arg.name for s in user_inputs]
+    if opts.sample_shape:
+        sample = tuple(opts.sample_shape)
+    elif names and shapes.get(names[0]) and len(shapes[names[0]]) == 4 and min(shapes[names[0]][1:]) > 0:
+        sample = shapes[names[0]][1:]
+    else:
+        raise BadInput(f"{path}: cannot infer the sample shape from the archive; pass --sample-shape C,H,W")
+    cond = None
+    if len(names) >= 3 and shapes.get(names[2]) and len(shapes[names[2]]) == 3:
+        cond = shapes[names[2]][1:]
+    sig = apply_overrides(InputSignature(sample, cond), opts)
+    return DiffusionModel(ep.module(), _schedule_near(path.parent, opts), sig, "ExportedProgram", None,
+                          {"source": str(path), "source_sha256": sha256_of(path)})
+
+
+def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionModel:
+    """Load a denoiser from any supported source; raises BadInput with one clear line."""
+    opts = opts or LoadOptions()
+    if str(spec) == "demo":
+        m = _load_folder(DEMO_DIR / "unet", opts)
+        m.provenance["source"] = "demo"
+        return m
+    path = Path(spec)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _load_folder(path, opts)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        cfg = opts.config or path.parent / "config.json"
+        if not cfg.is_file():
+            raise BadInput(f"{path}: a .safetensors file needs its config.json beside it or --config CONFIG.json")
+        return _from_config_and_weights(cfg, path, opts, path)
+    if suffix == ".pt2":
+        return _load_pt2(path, opts)
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return _load_pt(path, opts)
+    raise BadInput(f"{path}: unknown model format {suffix or '(no extension)'!r}; expected a diffusers folder, "
+                   ".safetensors, .pt2, .pt, an edgediff artifact or 'demo'")

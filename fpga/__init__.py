@@ -1,0 +1,1 @@
+"""FPGA target: bit-accurate integer simulator and HLS systolic-array design (edgediff.fpga)."""
