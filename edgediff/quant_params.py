@@ -122,3 +122,22 @@ class QuantParams:
         """The quantization parameters of a DiffusionModel, or None if it is not quantized."""
         d = getattr(model, "extras", {}).get("quant")
         return cls.from_extras(d) if d else None
+
+
+def is_quant_wrapper(module: Any) -> bool:
+    """Quantization-simulation wrappers mark themselves and keep the float module as `.inner`."""
+    return bool(getattr(module, "_edgediff_quant_wrapper", False)) and hasattr(module, "inner")
+
+
+def strip_quant_wrappers(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every simulation wrapper by its float `.inner` module, in place; returns `module`.
+
+    Module names then match the names used in QuantParams.layers, and the float weights are
+    the on-grid ones, which is what exporters need to emit Q/DQ or integer kernels.
+    """
+    for name, child in list(module.named_children()):
+        if is_quant_wrapper(child):
+            setattr(module, name, strip_quant_wrappers(child.inner))
+        else:
+            strip_quant_wrappers(child)
+    return module

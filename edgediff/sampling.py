@@ -123,6 +123,8 @@ def sample(
         if return_trajectory:
             traj.append((t, x.clone()))
         out = _batched(denoiser, x, t, cond, cfg.batch_size)
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned-variance models (DiT): the second half is the variance
         eps, x0 = schedule.to_eps_x0(out, x, t)
         if correction is not None:
             eps = correction.correct(eps, t)
