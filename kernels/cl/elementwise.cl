@@ -1,0 +1,70 @@
+/* Elementwise, resampling and embedding ops of a UNet. One work-item per output element. */
+
+__kernel void silu(__global const T* x, __global T* y, const int n) {
+    const int i = get_global_id(0);
+    if (i < n) ST(y, i, silu_f(LD(x, i)));
+}
+
+/* exact (erf) GELU, as torch.nn.functional.gelu(approximate="none") */
+__kernel void gelu(__global const T* x, __global T* y, const int n) {
+    const int i = get_global_id(0);
+    if (i < n) {
+        const float v = LD(x, i);
+        ST(y, i, 0.5f * v * (1.0f + erf(v * 0.7071067811865476f)));
+    }
+}
+
+/* y = (a + b) * scale */
+__kernel void add(__global const T* a, __global const T* b, __global T* y, const int n, const float scale) {
+    const int i = get_global_id(0);
+    if (i < n) ST(y, i, (LD(a, i) + LD(b, i)) * scale);
+}
+
+/* y = a * alpha + beta (the UNet's centre_input_sample: 2x - 1) */
+__kernel void affine(__global const T* a, __global T* y, const int n, const float alpha, const float beta) {
+    const int i = get_global_id(0);
+    if (i < n) ST(y, i, LD(a, i) * alpha + beta);
+}
+
+/* channel concat of NCHW tensors: y = cat([a (B,ca,HW), b (B,cb,HW)], dim=1) */
+__kernel void concat_channels(__global const T* a, __global const T* b, __global T* y,
+                              const int ca, const int cb, const int hw, const int n) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int c_all = ca + cb;
+    const int bi = i / (c_all * hw);
+    const int r = i - bi * c_all * hw;
+    const int c = r / hw;
+    const int p = r - c * hw;
+    const float v = c < ca ? LD(a, (bi * ca + c) * hw + p) : LD(b, (bi * cb + (c - ca)) * hw + p);
+    ST(y, i, v);
+}
+
+/* nearest-neighbour 2x upsampling of NCHW: (BC, H, W) -> (BC, 2H, 2W) */
+__kernel void upsample_nearest2x(__global const T* x, __global T* y, const int H, const int W, const int n) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int W2 = 2 * W, H2 = 2 * H;
+    const int bc = i / (H2 * W2);
+    const int r = i - bc * H2 * W2;
+    const int oy = r / W2, ox = r - (r / W2) * W2;
+    ST(y, i, LD(x, (bc * H + oy / 2) * W + ox / 2));
+}
+
+/* sinusoidal timestep embedding (diffusers get_timestep_embedding): y[b] = [sin(t f), cos(t f)],
+ * halves swapped when flip. freqs are computed on the host in float32 exactly as PyTorch does. */
+__kernel void timestep_embedding(__global const float* t, __global const float* freqs, __global T* y,
+                                 const int half_dim, const int dim, const int flip, const int n) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int b = i / dim;
+    const int j = i - b * dim;
+    float v = 0.0f;  /* odd dim: the last column is zero padding */
+    if (j < 2 * half_dim) {
+        int jj = j;
+        if (flip) jj = j < half_dim ? j + half_dim : j - half_dim;
+        const float arg = t[b] * freqs[jj < half_dim ? jj : jj - half_dim];
+        v = jj < half_dim ? sin(arg) : cos(arg);
+    }
+    ST(y, i, v);
+}

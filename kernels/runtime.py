@@ -1,0 +1,411 @@
+"""pyopencl host runtime: device choice, program builds, work-group sizes, and one method per kernel.
+
+Every op takes and returns `pyopencl.array.Array`s (NCHW, storage dtype float32 or float16) and
+queues its kernel; nothing is read back until the caller asks. Work-group sizes come from the
+device's limits (max work-group size, max work-item sizes, local memory), never from constants
+tuned for one GPU. A device without cl_khr_fp16 still runs fp16 bundles: half storage through
+vload_half/vstore_half (core OpenCL 1.2) with float arithmetic, and the runtime says so in
+`notes`.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import BadInput, Unavailable
+
+PROGRAMS = ("elementwise", "norm", "softmax", "attention", "conv", "winograd", "int8")
+INSTALL_HINT = "pip install 'edgediff[opencl]' (pyopencl and pocl-binary-distribution, a CPU OpenCL driver)"
+
+# Winograd F(2x2, 3x3) weight transform G (Lavin & Gray 2016)
+_WG = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _cl() -> Any:
+    try:
+        import pyopencl as cl
+    except ImportError:
+        raise Unavailable(f"OpenCL runtime needs pyopencl: {INSTALL_HINT}") from None
+    return cl
+
+
+def list_devices() -> list[Any]:
+    """Every OpenCL device on every platform (empty when there is no platform or no ICD)."""
+    cl = _cl()
+    try:
+        platforms = cl.get_platforms()
+    except Exception:  # pyopencl raises LogicError/RuntimeError when no ICD is installed
+        return []
+    out = []
+    for p in platforms:
+        try:
+            out.extend(p.get_devices())
+        except Exception:
+            continue
+    return out
+
+
+def opencl_available() -> tuple[bool, str]:
+    try:
+        devs = list_devices()
+    except Unavailable as e:
+        return False, str(e)
+    if not devs:
+        return False, f"no OpenCL platform/device found; {INSTALL_HINT}"
+    return True, f"{len(devs)} OpenCL device(s): " + ", ".join(d.name.strip() for d in devs)
+
+
+def pick_device(name: str | None = None) -> Any:
+    """The device to run on: `name` (or $EDGEDIFF_OPENCL_DEVICE) as a substring, else the first GPU,
+    else the first device of any kind."""
+    cl = _cl()
+    devs = list_devices()
+    if not devs:
+        raise Unavailable(f"no OpenCL platform/device found; {INSTALL_HINT}")
+    name = name or os.environ.get("EDGEDIFF_OPENCL_DEVICE")
+    if name:
+        hits = [d for d in devs if name.lower() in (d.name + " " + d.platform.name).lower()]
+        if not hits:
+            raise BadInput(f"OpenCL device {name!r} not found; available: {', '.join(d.name.strip() for d in devs)}")
+        return hits[0]
+    gpus = [d for d in devs if d.type & cl.device_type.GPU]
+    return (gpus or devs)[0]
+
+
+def _source(name: str) -> str:
+    base = resources.files("edgediff.kernels") / "cl"
+    return (base / "common.h.cl").read_text() + "\n" + (base / f"{name}.cl").read_text()
+
+
+def kernel_sources() -> dict[str, str]:
+    """The .cl files (without the common header), as shipped in a bundle."""
+    base = resources.files("edgediff.kernels") / "cl"
+    names = ["common.h", *PROGRAMS]
+    return {f"{n}.cl": (base / f"{n}.cl").read_text() for n in names}
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def winograd_weights(w: np.ndarray) -> np.ndarray:
+    """U[e, co, ci] = (G g G^T)[e // 4, e % 4] for a (Co, Ci, 3, 3) weight, in float64 then float32."""
+    u = np.einsum("ik,ockl,jl->ijoc", _WG, w.astype(np.float64), _WG)  # (4, 4, Co, Ci)
+    return u.reshape(16, w.shape[0], w.shape[1]).astype(np.float32)
+
+
+class CLRuntime:
+    """One OpenCL context + queue, the compiled programs, and the kernels as methods."""
+
+    def __init__(self, device: Any = None, precision: str = "fp32", profiling: bool = False) -> None:
+        if precision not in ("fp32", "fp16"):
+            raise BadInput(f"OpenCL runtime precision must be fp32 or fp16, got {precision!r}")
+        cl = _cl()
+        import pyopencl.array  # noqa: F401  (registers cl.array)
+        import pyopencl.tools
+
+        self.cl = cl
+        self.device = device if device is not None and not isinstance(device, str) else pick_device(device)
+        self.ctx = cl.Context([self.device])
+        props = cl.command_queue_properties.PROFILING_ENABLE if profiling else 0
+        self.queue = cl.CommandQueue(self.ctx, properties=props)
+        self.pool = pyopencl.tools.MemoryPool(pyopencl.tools.ImmediateAllocator(self.queue))
+        self.precision = precision
+        self.half = precision == "fp16"
+        self.dtype = np.float16 if self.half else np.float32
+        self.notes: list[str] = []
+        self.native_half = "cl_khr_fp16" in self.device.extensions
+        if self.half and not self.native_half:
+            self.notes.append(f"{self.device.name.strip()} lacks cl_khr_fp16: fp16 runs as half storage "
+                              "(vload_half/vstore_half) with fp32 arithmetic")
+        # work-group limits
+        self.max_wg = int(self.device.max_work_group_size)
+        sizes = list(self.device.max_work_item_sizes)
+        self.local_mem = int(self.device.local_mem_size)
+        ts = 16
+        while ts > 1 and (ts * ts > self.max_wg or ts > sizes[0] or ts > sizes[1] or 2 * ts * (ts + 1) * 4 > self.local_mem):
+            ts //= 2
+        self.ts = ts  # square GEMM tile edge and (TS, TS) work-group
+        self.wg1d = _pow2_floor(min(256, self.max_wg, sizes[0]))  # elementwise and reduction work-groups
+        self._programs: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+        self._kernels: dict[tuple[Any, str], Any] = {}
+        self._dummy = self.empty((1,))
+
+    # ------------------------------------------------------------------ plumbing
+    def describe(self) -> dict[str, Any]:
+        d = self.device
+        return {"device": d.name.strip(), "platform": d.platform.name.strip(), "version": d.version.strip(),
+                "max_work_group_size": self.max_wg, "local_mem_size": self.local_mem, "gemm_tile": self.ts,
+                "cl_khr_fp16": self.native_half, "precision": self.precision, "notes": list(self.notes)}
+
+    def program(self, name: str, **defines: Any) -> Any:
+        defs = dict(defines)
+        defs.setdefault("TS", self.ts)
+        key = (name, tuple(sorted(defs.items())))
+        prg = self._programs.get(key)
+        if prg is None:
+            opts = [f"-D{k}={v}" for k, v in sorted(defs.items())]
+            if self.half:
+                opts.append("-DUSE_HALF=1")
+                if self.native_half:
+                    opts.append("-DNATIVE_HALF=1")
+            if name == "int8":
+                opts.append("-cl-fp32-correctly-rounded-divide-sqrt")
+            try:
+                prg = self.cl.Program(self.ctx, _source(name)).build(options=opts)
+            except self.cl.RuntimeError as e:  # a kernel that does not compile is our bug: show the log
+                raise RuntimeError(f"OpenCL build of {name}.cl failed on {self.device.name.strip()}: {e}") from None
+            self._programs[key] = prg
+        return prg
+
+    def kernel(self, name: str, kname: str, **defines: Any) -> Any:
+        prg = self.program(name, **defines)
+        k = self._kernels.get((prg, kname))
+        if k is None:
+            k = self._kernels[(prg, kname)] = getattr(prg, kname)
+        return k
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
+        return self.cl.array.empty(self.queue, tuple(int(s) for s in shape), dtype or self.dtype, allocator=self.pool)
+
+    def to_device(self, a: Any, dtype: Any = None) -> Any:
+        """Upload a numpy array or torch tensor (cast to the storage dtype unless `dtype` says otherwise)."""
+        if hasattr(a, "detach"):
+            a = a.detach().cpu().numpy()
+        a = np.ascontiguousarray(a, dtype=dtype or self.dtype)
+        return self.cl.array.to_device(self.queue, a, allocator=self.pool)
+
+    def finish(self) -> None:
+        self.queue.finish()
+
+    def _run(self, k: Any, gsize: tuple[int, ...], lsize: tuple[int, ...] | None, *args: Any) -> Any:
+        if lsize is not None:
+            gsize = tuple(-(-g // ls) * ls for g, ls in zip(gsize, lsize))
+        return k(self.queue, gsize, lsize, *[a.data if hasattr(a, "data") and hasattr(a, "queue") else a for a in args])
+
+    def _ew(self, n: int) -> tuple[tuple[int], tuple[int]]:
+        return (n,), (min(self.wg1d, _pow2_floor(n)),)
+
+    # ------------------------------------------------------------------ elementwise
+    def silu(self, x: Any) -> Any:
+        y = self.empty(x.shape)
+        self._run(self.kernel("elementwise", "silu"), *self._ew(x.size), x, y, np.int32(x.size))
+        return y
+
+    def gelu(self, x: Any) -> Any:
+        y = self.empty(x.shape)
+        self._run(self.kernel("elementwise", "gelu"), *self._ew(x.size), x, y, np.int32(x.size))
+        return y
+
+    def add(self, a: Any, b: Any, scale: float = 1.0) -> Any:
+        if a.shape != b.shape:
+            raise ValueError(f"add: shapes differ {a.shape} vs {b.shape}")
+        y = self.empty(a.shape)
+        self._run(self.kernel("elementwise", "add"), *self._ew(a.size), a, b, y, np.int32(a.size), np.float32(scale))
+        return y
+
+    def affine(self, a: Any, alpha: float, beta: float) -> Any:
+        y = self.empty(a.shape)
+        self._run(self.kernel("elementwise", "affine"), *self._ew(a.size), a, y, np.int32(a.size), np.float32(alpha),
+                  np.float32(beta))
+        return y
+
+    def concat(self, a: Any, b: Any) -> Any:
+        """Channel concat of (B, Ca, H, W) and (B, Cb, H, W)."""
+        B, ca = a.shape[:2]
+        cb = b.shape[1]
+        hw = int(np.prod(a.shape[2:]))
+        y = self.empty((B, ca + cb, *a.shape[2:]))
+        self._run(self.kernel("elementwise", "concat_channels"), *self._ew(y.size), a, b, y, np.int32(ca), np.int32(cb),
+                  np.int32(hw), np.int32(y.size))
+        return y
+
+    def upsample2x(self, x: Any) -> Any:
+        B, C, H, W = x.shape
+        y = self.empty((B, C, 2 * H, 2 * W))
+        self._run(self.kernel("elementwise", "upsample_nearest2x"), *self._ew(y.size), x, y, np.int32(H), np.int32(W),
+                  np.int32(y.size))
+        return y
+
+    def timestep_embedding(self, t: Any, freqs: Any, dim: int, flip: bool) -> Any:
+        """t: float32 (B,) on the device; freqs: float32 (dim // 2,) from the host."""
+        B = t.shape[0]
+        y = self.empty((B, dim, 1, 1))
+        self._run(self.kernel("elementwise", "timestep_embedding"), *self._ew(y.size), t, freqs, y,
+                  np.int32(freqs.shape[0]), np.int32(dim), np.int32(1 if flip else 0), np.int32(y.size))
+        return y
+
+    # ------------------------------------------------------------------ normalisation, softmax
+    def _reduce_local(self, n: int) -> int:
+        return max(1, min(self.wg1d, _pow2_floor(n)))
+
+    def group_norm(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool = False) -> Any:
+        B, C = x.shape[:2]
+        if C % groups:
+            raise ValueError(f"group_norm: {C} channels not divisible by {groups} groups")
+        hw = int(np.prod(x.shape[2:]))
+        y = self.empty(x.shape)
+        L = self._reduce_local((C // groups) * hw)
+        loc = self.cl.LocalMemory(4 * L)
+        self._run(self.kernel("norm", "group_norm"), (B * groups * L,), (L,), x, gamma, beta, y, np.int32(C), np.int32(hw),
+                  np.int32(groups), np.float32(eps), np.int32(1 if silu else 0), loc, self.cl.LocalMemory(4 * L),
+                  self.cl.LocalMemory(4 * L))
+        return y
+
+    def group_norm_unfused(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool = False) -> Any:
+        """Baseline for the benchmark: statistics kernel, normalise kernel, SiLU kernel."""
+        B, C = x.shape[:2]
+        hw = int(np.prod(x.shape[2:]))
+        stats = self.empty((B * groups * 2,), np.float32)
+        L = self._reduce_local((C // groups) * hw)
+        self._run(self.kernel("norm", "group_stats"), (B * groups * L,), (L,), x, stats, np.int32(C), np.int32(hw),
+                  np.int32(groups), np.float32(eps), self.cl.LocalMemory(4 * L), self.cl.LocalMemory(4 * L))
+        y = self.empty(x.shape)
+        self._run(self.kernel("norm", "group_norm_apply"), *self._ew(x.size), x, stats, gamma, beta, y, np.int32(C),
+                  np.int32(hw), np.int32(groups), np.int32(x.size))
+        return self.silu(y) if silu else y
+
+    def softmax(self, x: Any) -> Any:
+        """Row softmax over the last axis."""
+        ncols = x.shape[-1]
+        rows = x.size // ncols
+        y = self.empty(x.shape)
+        L = self._reduce_local(ncols)
+        self._run(self.kernel("softmax", "softmax_rows"), (rows * L,), (L,), x, y, np.int32(ncols),
+                  self.cl.LocalMemory(4 * L), self.cl.LocalMemory(4 * L))
+        return y
+
+    # ------------------------------------------------------------------ attention
+    def attention_tiles(self, head_dim: int) -> tuple[int, int]:
+        """(BQ queries per work-group, BKV keys per tile) for this device: K and V tiles must fit in
+        half the local memory (the rest is left for the runtime/other work-groups)."""
+        esize = 4
+        bkv = 64
+        while bkv > 1 and 2 * bkv * head_dim * esize > self.local_mem // 2:
+            bkv //= 2
+        bq = _pow2_floor(min(64, self.max_wg, int(self.device.max_work_item_sizes[0])))
+        return bq, bkv
+
+    def flash_attention(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int,
+                        q_off: int = 0, k_off: int = 0, v_off: int = 0, scale: float | None = None,
+                        q_bstride: int | None = None, kv_bstride: int | None = None) -> Any:
+        """Channels-first multi-head attention: q (B, *, N) with head h, channel j at row q_off + h*D + j.
+        Returns o (B, heads*D, N)."""
+        B = q.shape[0]
+        C = heads * head_dim
+        q_bstride = q_bstride if q_bstride is not None else int(np.prod(q.shape[1:]))
+        kv_bstride = kv_bstride if kv_bstride is not None else int(np.prod(k.shape[1:]))
+        o = self.empty((B, C, n))
+        bq, bkv = self.attention_tiles(head_dim)
+        bq = min(bq, _pow2_floor(n))
+        knl = self.kernel("attention", "flash_attention", HEAD_DIM=head_dim, BKV=bkv)
+        s = scale if scale is not None else head_dim**-0.5
+        self._run(knl, (n, B * heads), (bq, 1), q, k, v, o, np.int32(n), np.int32(m), np.int32(heads),
+                  np.int32(q_bstride), np.int32(kv_bstride), np.int32(C * n), np.int32(q_off), np.int32(k_off),
+                  np.int32(v_off), np.float32(s), self.cl.LocalMemory(4 * bkv * head_dim),
+                  self.cl.LocalMemory(4 * bkv * head_dim))
+        return o
+
+    def gemm_batched(self, a: Any, b: Any, M: int, N: int, K: int, batch: int, a_mod: int, a_trans: bool = False,
+                     b_trans: bool = False, alpha: float = 1.0) -> Any:
+        c = self.empty((batch, M, N))
+        ts = self.ts
+        self._run(self.kernel("conv", "gemm_batched"), (N, M, batch), (ts, ts, 1), a, b, c, np.int32(M), np.int32(N),
+                  np.int32(K), np.int32(a_mod), np.int32(1 if a_trans else 0), np.int32(1 if b_trans else 0), np.float32(alpha))
+        return c
+
+    def attention_unfused(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int) -> Any:
+        """The textbook path for the benchmark: S = Q^T K (materialised, N x M per head), softmax
+        kernel, O = V S^T. q, k, v: (B, heads*D, N|M) channels-first, as flash_attention."""
+        B = q.shape[0]
+        bh = B * heads
+        s = head_dim**-0.5
+        scores = self.gemm_batched(q.reshape(bh, head_dim, n), k.reshape(bh, head_dim, m), n, m, head_dim, bh, bh,
+                                   a_trans=True, alpha=s)  # (BH, N, M), materialised
+        p = self.softmax(scores)
+        o = self.gemm_batched(v.reshape(bh, head_dim, m), p, head_dim, n, m, bh, bh, b_trans=True)  # (BH, D, N)
+        return o.reshape(B, heads * head_dim, n)
+
+    # ------------------------------------------------------------------ convolution
+    def conv2d(self, x: Any, w: Any, bias: Any | None, stride: int = 1, pad: int | tuple[int, int, int, int] = 0,
+               chan_add: Any | None = None, res: Any | None = None, out_scale: float = 1.0,
+               kernel_size: tuple[int, int] | None = None, out_channels: int | None = None) -> Any:
+        """Implicit-GEMM convolution. w: (Co, Ci, KH, KW) (or flattened with kernel_size given).
+        pad: int or (top, left, bottom, right). Epilogue: + bias + chan_add[b, co] + res, * out_scale."""
+        B, Ci, H, W = x.shape
+        if kernel_size is None:
+            Co, _, KH, KW = w.shape
+        else:
+            KH, KW = kernel_size
+            Co = out_channels if out_channels is not None else w.shape[0]
+        pt, pl, pb, pr = (pad, pad, pad, pad) if isinstance(pad, int) else pad
+        Ho = (H + pt + pb - KH) // stride + 1
+        Wo = (W + pl + pr - KW) // stride + 1
+        y = self.empty((B, Co, Ho, Wo))
+        flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
+        d = self._dummy
+        ts = self.ts
+        self._run(self.kernel("conv", "conv2d"), (Ho * Wo, Co, B), (ts, ts, 1), x, w,
+                  bias if bias is not None else d, chan_add if chan_add is not None else d, res if res is not None else d,
+                  y, np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH),
+                  np.int32(KW), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(flags), np.float32(out_scale))
+        return y
+
+    def conv2d_winograd(self, x: Any, u: Any, bias: Any | None, chan_add: Any | None = None, res: Any | None = None,
+                        out_scale: float = 1.0) -> Any:
+        """3x3, stride 1, pad 1 convolution by Winograd F(2x2, 3x3); u = winograd_weights(w) on the device."""
+        B, Ci, H, W = x.shape
+        Co = u.shape[1]
+        th, tw = (H + 1) // 2, (W + 1) // 2
+        nt = th * tw
+        V = self.empty((B, 16, Ci, nt))
+        lt = min(self.wg1d, _pow2_floor(nt))
+        self._run(self.kernel("winograd", "winograd_input"), (nt, Ci, B), (lt, 1, 1), x, V, np.int32(Ci), np.int32(H),
+                  np.int32(W), np.int32(1), np.int32(th), np.int32(tw))
+        Mt = self.gemm_batched(u, V, Co, nt, Ci, B * 16, 16)
+        y = self.empty((B, Co, H, W))
+        flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
+        d = self._dummy
+        self._run(self.kernel("winograd", "winograd_output"), (nt, Co, B), (lt, 1, 1), Mt,
+                  bias if bias is not None else d, chan_add if chan_add is not None else d, res if res is not None else d,
+                  y, np.int32(Co), np.int32(H), np.int32(W), np.int32(th), np.int32(tw), np.int32(flags),
+                  np.float32(out_scale))
+        return y
+
+    # ------------------------------------------------------------------ int8
+    def quantize(self, x: Any, scale: float, zp: int, signed: bool = True, bits: int = 8) -> Any:
+        qt = "char" if signed else "uchar"
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        q = self.empty(x.shape, np.int8 if signed else np.uint8)
+        self._run(self.kernel("int8", "quantize", QT=qt), *self._ew(x.size), x, q, np.int32(x.size), np.float32(scale),
+                  np.int32(zp), np.int32(qmin), np.int32(qmax))
+        return q
+
+    def dequantize(self, q: Any, scale: float, zp: int) -> Any:
+        qt = "char" if q.dtype == np.int8 else "uchar"
+        x = self.empty(q.shape, np.float32)
+        self._run(self.kernel("int8", "dequantize", QT=qt), *self._ew(q.size), q, x, np.int32(q.size), np.float32(scale),
+                  np.int32(zp))
+        return x
+
+    def conv2d_int8(self, xq: Any, wq: Any, bias_i32: Any, mult: Any, zp_x: int, zp_y: int, stride: int = 1,
+                    pad: int = 0, bits: int = 8) -> Any:
+        """Integer convolution: xq int8/uint8 (B, Ci, H, W), wq int8 (Co, Ci, KH, KW), bias int32 (Co,),
+        mult float32 (Co,) = s_x * s_w / s_y; returns the requantized output in xq's dtype."""
+        B, Ci, H, W = xq.shape
+        Co, _, KH, KW = wq.shape
+        signed = xq.dtype == np.int8
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        Ho = (H + 2 * pad - KH) // stride + 1
+        Wo = (W + 2 * pad - KW) // stride + 1
+        y = self.empty((B, Co, Ho, Wo), xq.dtype)
+        ts = self.ts
+        self._run(self.kernel("int8", "conv2d_int8", QT="char" if signed else "uchar"), (Ho * Wo, Co, B), (ts, ts, 1),
+                  xq, wq, bias_i32, mult, y, np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co), np.int32(Ho),
+                  np.int32(Wo), np.int32(KH), np.int32(KW), np.int32(stride), np.int32(pad), np.int32(pad),
+                  np.int32(zp_x), np.int32(zp_y), np.int32(qmin), np.int32(qmax))
+        return y
