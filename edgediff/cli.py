@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -231,7 +232,10 @@ def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: EdgediffError -> one line and its exit code; a bug -> traceback and 1."""
-    import click
+    try:  # typer >= 0.25 vendors click as typer._click
+        from typer._click import exceptions as cex
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as cex
 
     try:
         rc = app(args=argv, standalone_mode=False)
@@ -239,12 +243,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except EdgediffError as e:
         err.print(f"[red]edgediff: error:[/red] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except cex.ClickException as e:
         e.show(file=sys.stderr)
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("edgediff: interrupted")
         return 130
     except KeyboardInterrupt:

@@ -170,7 +170,8 @@ def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
     if not weights:
         raise BadInput(f"{path}: folder has a config.json but no .safetensors weights")
     if len(weights) > 1:
-        raise BadInput(f"{path}: several weight files ({', '.join(w.name for w in weights)}); sharded checkpoints are not supported")
+        names = ", ".join(w.name for w in weights)
+        raise BadInput(f"{path}: several weight files ({names}); sharded checkpoints are not supported")
     return _from_config_and_weights(cfg, weights[0], opts, path)
 
 
@@ -196,7 +197,7 @@ def _load_pt(path: Path, opts: LoadOptions) -> DiffusionModel:
     obj = _torch_load_state(path, opts.trust_pickle)
     prov = {"source": str(path), "source_sha256": sha256_of(path)}
     if isinstance(obj, nn.Module):
-        cfg = dict(obj.config) if hasattr(obj, "config") and isinstance(getattr(obj, "config"), dict) else None
+        cfg = dict(obj.config) if hasattr(obj, "config") and isinstance(obj.config, dict) else None
         arch = type(obj).__name__
         if cfg is not None and arch in DENOISER_CLASSES:
             sig = signature_from_config(arch, cfg, opts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def macs(model: DiffusionModel, batch: int = 1) -> int:
 
     mod = model.module().eval()
     inputs = model.example_inputs(batch)
-    dtype = next((p.dtype for p in mod.parameters() if p.is_floating_point()), torch.float32)
-    inputs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()}
     with FlopCounterMode(display=False) as fc:
         mod(**inputs)
     return int(fc.get_total_flops() // 2 // batch)
@@ -57,7 +56,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     mse = float(torch.mean((x.double() - ref.double()) ** 2))
     if mse == 0:
         return float("inf")
-    return 10 * np.log10(data_range**2 / mse)
+    return float(10 * np.log10(data_range**2 / mse))
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -66,11 +65,14 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        off = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = covmean.real
+    # ReLU features have dead units, so the covariances can be singular: regularise as pytorch-fid does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            off = np.eye(s1.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 

@@ -62,17 +62,19 @@ class DenoiserModule(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        # I/O stays float32 whatever the weights' dtype (fp16 models cast inside the graph)
+        dtype = next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), sample.dtype)
         kwargs: dict[str, Any] = {}
         if self.has_cond:
-            kwargs["encoder_hidden_states"] = encoder_hidden_states
+            kwargs["encoder_hidden_states"] = encoder_hidden_states.to(dtype) if encoder_hidden_states is not None else None
         if self.has_class:
             kwargs["class_labels"] = class_labels
-        out = self.inner(sample, timestep, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return out
+        out = self.inner(sample.to(dtype), timestep, **kwargs)
         if isinstance(out, (tuple, list)):
-            return out[0]
-        return out.sample
+            out = out[0]
+        elif not isinstance(out, torch.Tensor):
+            out = out.sample
+        return out.float()
 
 
 @dataclass

@@ -43,7 +43,8 @@ def table(headers: list[str], rows: list[list[Any]], cls: list[str | None] | Non
 
 def image(png: bytes, caption: str) -> str:
     b64 = base64.b64encode(png).decode()
-    return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    cap = html.escape(caption)
+    return f'<figure><img src="data:image/png;base64,{b64}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
 
 
 def bars(rows: list[tuple[str, float]], unit: str = "ms", width_px: int = 320) -> str:

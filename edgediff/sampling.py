@@ -13,8 +13,9 @@ wherever the model runs, exported or not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -43,15 +44,13 @@ class TorchDenoiser:
     def __init__(self, model: DiffusionModel) -> None:
         self.module = model.module().eval()
         self.num_classes = model.signature.num_classes
-        self.dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes:
             # class-conditional models take labels as `cond` (int64)
-            return self.module(x.to(self.dtype), t.float(), None, cond).float()
-        c = cond.to(self.dtype) if cond is not None else None
-        return self.module(x.to(self.dtype), t.float(), c).float()
+            return self.module(x, t.float(), None, cond)
+        return self.module(x, t.float(), cond)
 
 
 @dataclass

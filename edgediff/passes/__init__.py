@@ -68,8 +68,11 @@ def register(name: str, options: type) -> Callable[[Callable[..., DiffusionModel
     return deco
 
 
-def register_restorer(name: str) -> Callable[[Callable[[DiffusionModel], DiffusionModel]], Callable[[DiffusionModel], DiffusionModel]]:
-    def deco(fn: Callable[[DiffusionModel], DiffusionModel]) -> Callable[[DiffusionModel], DiffusionModel]:
+Restorer = Callable[[DiffusionModel], DiffusionModel]
+
+
+def register_restorer(name: str) -> Callable[[Restorer], Restorer]:
+    def deco(fn: Restorer) -> Restorer:
         _RESTORERS[name] = fn
         return fn
     return deco
