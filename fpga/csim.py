@@ -22,7 +22,7 @@ from edgediff.fpga.sim import QLayer
 
 from edgediff.errors import Unavailable
 
-HLS_SOURCES = ("systolic.h", "systolic.cpp", "tb.cpp")
+HLS_SOURCES = ("systolic.h", "systolic.cpp", "top.cpp", "tb.cpp")
 REQUANT_CODES = {None: 0, "ort": 1, "tflite": 2, "tflite_single": 3}
 KIND_CODES = {"conv": 0, "gemm": 1, "matmul": 2}
 
@@ -78,7 +78,7 @@ def compile_csim(src_dir: Path, out_exe: Path, array: ArrayConfig = ArrayConfig(
     assert inc is not None
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-O2", "-std=c++14", "-w", *array.defines(), f"-I{src_dir}", f"-I{inc}",
-           str(src_dir / "systolic.cpp"), str(src_dir / "tb.cpp"), "-o", str(out_exe)]
+           str(src_dir / "systolic.cpp"), str(src_dir / "top.cpp"), str(src_dir / "tb.cpp"), "-o", str(out_exe)]
     stamp = hashlib.sha256(" ".join(cmd).encode() + b"".join((src_dir / f).read_bytes() for f in HLS_SOURCES)).hexdigest()
     stamp_file = out_exe.with_suffix(".stamp")
     if out_exe.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:

@@ -102,11 +102,19 @@ def run_layer(layer: QLayer, x: np.ndarray, x2: np.ndarray | None = None, qdq: b
                 else:
                     nodes[0].output[0] = "y"
         elif layer.kind == "gemm":
-            if requant:
-                nodes = [helper.make_node("QLinearMatMul", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy"], ["y0"])]
-                if layer.bias is not None:
-                    raise ValueError("QLinearMatMul has no bias input; use a bias-free gemm layer for the reference")
-                nodes[0].output[0] = "y"
+            if requant and layer.bias is not None:
+                # DequantizeLinear -> Gemm(+int32 bias) -> QuantizeLinear: ORT fuses it into its QGemm kernel
+                bs = (np.float32(layer.s_x) * sw).astype(np.float32)
+                inits += [nh.from_array(np.asarray(layer.bias, np.int32), "bias"),
+                          nh.from_array(bs if bs.size > 1 else bs.reshape(()), "bs"),
+                          nh.from_array(np.zeros(bs.shape if bs.size > 1 else (), np.int32), "bz")]
+                nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+                         helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=1),
+                         helper.make_node("DequantizeLinear", ["bias", "bs", "bz"], ["bf"], axis=0),
+                         helper.make_node("Gemm", ["xf", "wf", "bf"], ["yf"]),
+                         helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+            elif requant:
+                nodes = [helper.make_node("QLinearMatMul", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy"], ["y"])]
             else:
                 nodes = [helper.make_node("MatMulInteger", ["x", "w", "zx"], ["acc"])]
                 if layer.bias is not None:

@@ -62,6 +62,10 @@ struct LayerData {
 // Runs one layer on the array; adds the cycles the array spends to *cycles (see systolic.cpp).
 void systolic_layer(const LayerCfg &cfg, const LayerData &d, long long *cycles);
 
+// The synthesis top (top.cpp): AXI interfaces around systolic_layer.
+void systolic_top(LayerCfg cfg, const int32_t *x, const int32_t *b, const int32_t *bias, const float *mult_f,
+                  const int32_t *mult_q, const int32_t *shift, int32_t *y, long long *cycles);
+
 // The cycle model the array follows, in closed form (the Python estimator implements the same).
 long long systolic_cycles(int M, int K, int N, int reps);
 

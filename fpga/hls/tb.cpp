@@ -77,16 +77,9 @@ int main(int argc, char **argv) {
         read_bin(base + ".shift.bin", sh);
         const size_t n_out = expect.size() / 4;
         std::vector<int32_t> y(n_out, (int32_t)0x7eadbeef);  // a sentinel: an output never written mismatches
-        LayerData d;
-        d.x = (const int32_t *)x.data();
-        d.b = (const int32_t *)b.data();
-        d.bias = (const int32_t *)bias.data();
-        d.mult_f = (const float *)mf.data();
-        d.mult_q = (const int32_t *)mq.data();
-        d.shift = (const int32_t *)sh.data();
-        d.y = y.data();
         long long cycles = 0;
-        systolic_layer(c, d, &cycles);
+        systolic_top(c, (const int32_t *)x.data(), (const int32_t *)b.data(), (const int32_t *)bias.data(),
+                     (const float *)mf.data(), (const int32_t *)mq.data(), (const int32_t *)sh.data(), y.data(), &cycles);
         const int32_t *e = (const int32_t *)expect.data();
         long mismatches = 0;
         for (size_t i = 0; i < n_out; i++) mismatches += (y[i] != e[i]);
