@@ -83,11 +83,27 @@ def compile_csim(src_dir: Path, out_exe: Path, array: ArrayConfig = ArrayConfig(
     stamp_file = out_exe.with_suffix(".stamp")
     if out_exe.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return out_exe
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"g++ failed on the HLS sources:\n{proc.stderr[-4000:]}")
+    # a per-user cache keyed by sources + flags: the same design is not recompiled for every export
+    cached = _cache_dir() / stamp[:24] / "csim"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cached = out_exe.with_name(out_exe.name + ".build")  # no writable cache: build beside the output
+    if not cached.is_file():
+        tmp = cached.with_name(f"csim.tmp{os.getpid()}")
+        proc = subprocess.run([*cmd[:-1], str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed on the HLS sources:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, cached)
+    shutil.copy2(cached, out_exe)
     stamp_file.write_text(stamp)
     return out_exe
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EDGEDIFF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                           os.path.expanduser("~/.cache"), "edgediff")
+    return Path(root) / "fpga-csim"
 
 
 def _i32(a: np.ndarray) -> np.ndarray:
