@@ -46,7 +46,7 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
 
     log(f"sampling the FP32 demo model: {samples} samples, DDIM {steps} steps, seed {seed}")
     ref = sample(TorchDenoiser(model), model.schedule, model.signature.sample_shape, samples, seed, scfg)
-    rows: list[dict[str, Any]] = [{"step": "original (fp32)", **model_stats(model), "psnr_db": float("inf"),
+    rows: list[dict[str, Any]] = [{"step": "original (fp32)", **model_stats(model), "psnr_db": None,
                                     **judge.report(ref), "note": "reference"}]
     grids = [("original fp32", grid_png(ref))]
 
@@ -186,7 +186,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for c in ("step", "params", "MACs", "bytes", "PSNR dB", "digit FD", "conf>=0.9"):
         t.add_column(c, justify="right")
     for r in summary["rows"]:
-        t.add_row(r["step"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['size_bytes']:,}", f"{r['psnr_db']:.2f}",
+        p = "ref" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+        t.add_row(r["step"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['size_bytes']:,}", p,
                   f"{r['digit_frechet']:.2f}", f"{r['confidence_share']:.2%}")
     for e in summary["exports"]:
         v = e.get("verify")
