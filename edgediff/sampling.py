@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -35,7 +35,10 @@ class EpsCorrection(Protocol):
 
     def correct(self, eps: torch.Tensor, t: int) -> torch.Tensor: ...
 
-    def variance_offset(self, t: int) -> float: ...
+    def variance_offset(self, t: int) -> float:
+        """Variance of the residual noise left in the corrected eps at step t, in eps units;
+        the sampler scales it by the squared factor of eps in x_{t-1} and takes it out of sigma^2."""
+        ...
 
 
 class TorchDenoiser:
@@ -103,10 +106,13 @@ def sample(
     correction: EpsCorrection | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     return_trajectory: bool = False,
+    progress: Any = None,
+    description: str = "sampling",
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """Generate `n` samples; returns the final x_0 (and the (t, x_t) trajectory if asked).
 
     on_step(i, t, x_t) is called before each denoiser call, e.g. to collect calibration data.
+    `progress` is an optional rich Progress that gets one task advancing per step.
     """
     cfg = cfg or SamplerConfig()
     if n < 1:
@@ -116,7 +122,10 @@ def sample(
     ts = timesteps_for(schedule, cfg.steps)
     ac = schedule.alphas_cumprod
     traj: list[tuple[int, torch.Tensor]] = []
+    task = progress.add_task(f"{description} ({cfg.sampler.upper()}, {n} samples)", total=len(ts)) if progress else None
     for i, t in enumerate(ts):
+        if task is not None:
+            progress.advance(task)
         if on_step is not None:
             on_step(i, t, x)
         if return_trajectory:
@@ -137,8 +146,14 @@ def sample(
         else:  # DDPM posterior variance for the (possibly strided) step
             sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         if correction is not None and sigma > 0:
-            # PTQD: the residual quantization noise already adds variance; take it out of sigma^2
-            sigma = max(sigma**2 - correction.variance_offset(t), 0.0) ** 0.5
+            # PTQD: the residual quantization noise already adds variance; take it out of sigma^2.
+            # c_eps: how an error in eps reaches x_{t-1} through x0 (and, for DDIM, the direction term)
+            c_x0 = ((1 - a_t) / a_t) ** 0.5
+            if cfg.sampler == "ddim":
+                c_eps = max(1 - a_prev - sigma**2, 0.0) ** 0.5 - a_prev**0.5 * c_x0
+            else:
+                c_eps = a_prev**0.5 * (1 - a_t / a_prev) / (1 - a_t) * c_x0
+            sigma = max(sigma**2 - c_eps**2 * correction.variance_offset(t), 0.0) ** 0.5
         if cfg.sampler == "ddim":
             # recompute eps from the clipped x0 so that DDIM stays consistent
             eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
@@ -151,6 +166,8 @@ def sample(
             x = c0 * x0 + ct * x
         if sigma > 0 and t_prev >= 0:
             x = x + sigma * torch.randn(x.shape, generator=g)
+    if task is not None:
+        progress.remove_task(task)
     if return_trajectory:
         return x, traj
     return x

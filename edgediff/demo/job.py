@@ -45,7 +45,8 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
     scfg = SamplerConfig("ddim", steps)
 
     log(f"sampling the FP32 demo model: {samples} samples, DDIM {steps} steps, seed {seed}")
-    ref = sample(TorchDenoiser(model), model.schedule, model.signature.sample_shape, samples, seed, scfg)
+    ref = sample(TorchDenoiser(model), model.schedule, model.signature.sample_shape, samples, seed, scfg,
+                 progress=progress, description="sampling fp32 reference")
     rows: list[dict[str, Any]] = [{"step": "original (fp32)", **model_stats(model), "psnr_db": None,
                                     **judge.report(ref), "note": "reference"}]
     grids = [("original fp32", grid_png(ref))]
@@ -55,7 +56,8 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
     compressed, records = run_recipe(model, recipe, seed, progress, skip_missing=True)
     skipped = [r.name for r in records if r.skipped]
     applied = [r.name for r in records if not r.skipped]
-    comp = sample(TorchDenoiser(compressed), model.schedule, model.signature.sample_shape, samples, seed, scfg)
+    comp = sample(TorchDenoiser(compressed), model.schedule, model.signature.sample_shape, samples, seed, scfg,
+                  progress=progress, description="sampling compressed model")
     rows.append({"step": f"compressed ({' + '.join(applied) or 'no pass available'})", **model_stats(compressed),
                  "psnr_db": psnr(comp, ref), **judge.report(comp),
                  "note": f"skipped (not built yet): {', '.join(skipped)}" if skipped else ""})
