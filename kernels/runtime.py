@@ -129,7 +129,17 @@ class CLRuntime:
         ts = 16
         while ts > 1 and (ts * ts > self.max_wg or ts > sizes[0] or ts > sizes[1] or 2 * ts * (ts + 1) * 4 > self.local_mem):
             ts //= 2
-        self.ts = ts  # square GEMM tile edge and (TS, TS) work-group
+        self.ts = ts  # square tile edge and (TS, TS) work-group of the simple tiled int8 GEMM
+        # register-blocked float GEMM/conv: (WG, WG) work-items, each RB x RB outputs, K steps of TK
+        # GPUs want many work-items per group (8x8 x 4x4 outputs); CPU drivers (PoCL) run a work-group
+        # as loops on one core and do better with fewer, fatter work-items (4x4 x 8x8; measured).
+        is_gpu = bool(self.device.type & cl.device_type.GPU)
+        wg, rb = (8, 4) if is_gpu else (4, 8)
+        while wg > 1 and (wg * wg > self.max_wg or wg > sizes[0] or wg > sizes[1]
+                          or 2 * 16 * wg * rb * 4 > self.local_mem):
+            wg //= 2
+        self.gemm_wg, self.gemm_rb, self.gemm_tk = wg, rb, 16
+        self.gemm_block = wg * rb
         self.wg1d = _pow2_floor(min(256, self.max_wg, sizes[0]))  # elementwise and reduction work-groups
         self._programs: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._kernels: dict[tuple[Any, str], Any] = {}
@@ -139,7 +149,8 @@ class CLRuntime:
     def describe(self) -> dict[str, Any]:
         d = self.device
         return {"device": d.name.strip(), "platform": d.platform.name.strip(), "version": d.version.strip(),
-                "max_work_group_size": self.max_wg, "local_mem_size": self.local_mem, "gemm_tile": self.ts,
+                "max_work_group_size": self.max_wg, "local_mem_size": self.local_mem,
+                "gemm_workgroup": [self.gemm_wg, self.gemm_wg], "gemm_block": self.gemm_block,
                 "cl_khr_fp16": self.native_half, "precision": self.precision, "notes": list(self.notes)}
 
     def program(self, name: str, **defines: Any) -> Any:
@@ -163,6 +174,8 @@ class CLRuntime:
         return prg
 
     def kernel(self, name: str, kname: str, **defines: Any) -> Any:
+        if name == "conv":
+            defines = {"WG": self.gemm_wg, "RB": self.gemm_rb, "TK": self.gemm_tk, **defines}
         prg = self.program(name, **defines)
         k = self._kernels.get((prg, kname))
         if k is None:
@@ -186,6 +199,10 @@ class CLRuntime:
         if lsize is not None:
             gsize = tuple(-(-g // ls) * ls for g, ls in zip(gsize, lsize))
         return k(self.queue, gsize, lsize, *[a.data if hasattr(a, "data") and hasattr(a, "queue") else a for a in args])
+
+    def _gemm_grid(self, M: int, N: int, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        bl, wg = self.gemm_block, self.gemm_wg
+        return (-(-N // bl) * wg, -(-M // bl) * wg, batch), (wg, wg, 1)
 
     def _ew(self, n: int) -> tuple[tuple[int], tuple[int]]:
         return (n,), (min(self.wg1d, _pow2_floor(n)),)
@@ -313,8 +330,7 @@ class CLRuntime:
     def gemm_batched(self, a: Any, b: Any, M: int, N: int, K: int, batch: int, a_mod: int, a_trans: bool = False,
                      b_trans: bool = False, alpha: float = 1.0) -> Any:
         c = self.empty((batch, M, N))
-        ts = self.ts
-        self._run(self.kernel("conv", "gemm_batched"), (N, M, batch), (ts, ts, 1), a, b, c, np.int32(M), np.int32(N),
+        self._run(self.kernel("conv", "gemm_batched"), *self._gemm_grid(M, N, batch), a, b, c, np.int32(M), np.int32(N),
                   np.int32(K), np.int32(a_mod), np.int32(1 if a_trans else 0), np.int32(1 if b_trans else 0), np.float32(alpha))
         return c
 
@@ -348,8 +364,7 @@ class CLRuntime:
         y = self.empty((B, Co, Ho, Wo))
         flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
         d = self._dummy
-        ts = self.ts
-        self._run(self.kernel("conv", "conv2d"), (Ho * Wo, Co, B), (ts, ts, 1), x, w,
+        self._run(self.kernel("conv", "conv2d"), *self._gemm_grid(Co, Ho * Wo, B), x, w,
                   bias if bias is not None else d, chan_add if chan_add is not None else d, res if res is not None else d,
                   y, np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH),
                   np.int32(KW), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(flags), np.float32(out_scale))
