@@ -79,7 +79,9 @@ def compile_csim(src_dir: Path, out_exe: Path, array: ArrayConfig = ArrayConfig(
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-O2", "-std=c++14", "-w", *array.defines(), f"-I{src_dir}", f"-I{inc}",
            str(src_dir / "systolic.cpp"), str(src_dir / "top.cpp"), str(src_dir / "tb.cpp"), "-o", str(out_exe)]
-    stamp = hashlib.sha256(" ".join(cmd).encode() + b"".join((src_dir / f).read_bytes() for f in HLS_SOURCES)).hexdigest()
+    # the key leaves paths out (every project has its own copy of the sources): compiler, flags, source bytes
+    key = " ".join([cxx, *cmd[2:5], *array.defines(), str(inc)]).encode()
+    stamp = hashlib.sha256(key + b"".join((src_dir / f).read_bytes() for f in HLS_SOURCES)).hexdigest()
     stamp_file = out_exe.with_suffix(".stamp")
     if out_exe.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return out_exe

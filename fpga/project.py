@@ -594,7 +594,8 @@ class FpgaBackend:
         return csim.toolchain()
 
     def export(self, model: Any, out: Path, precision: str = "int8", force: bool = False, **options: Any) -> dict[str, Any]:
-        if precision != "int8":
+        # fp32 is the CLI's default --precision: the FPGA target exports the model's own int8 quantization then
+        if precision not in ("int8", "fp32"):
             raise BadInput(f"--precision {precision}: the FPGA target runs int8 only (pass --precision int8)")
         seed = int(options.pop("seed", 0))
         progress = options.pop("progress", None)
