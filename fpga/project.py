@@ -205,8 +205,10 @@ def _weight(g: _Graph, dq: Any, who: Any, out_axis: int) -> tuple[np.ndarray, np
 def _bias(g: _Graph, name: str, who: Any, s_x: float, s_w: np.ndarray) -> np.ndarray:
     dq = g.dq(name)
     if dq is None:
-        raise BadInput(f"{g.path}: node {who.name!r} ({who.op_type}): unsupported QDQ pattern: float bias {name!r}; "
-                       "the array adds an int32 bias quantized at scale s_x*s_w (DequantizeLinear of int32)")
+        # a float bias (some exporters leave it unquantized): the array adds it as int32 at scale s_x*s_w,
+        # rounded half to even like onnxruntime's quantizer does
+        b = np.asarray(g.const(name, who, "bias"), np.float64)
+        return np.rint(b / (np.float64(np.float32(s_x)) * np.asarray(s_w, np.float64))).astype(np.int64)
     b = g.const(dq.input[0], dq, "bias")
     scale, zp, _ = _dq_params(g, dq, who, "bias")
     if b.dtype != np.int32 or np.any(zp != 0):
@@ -416,30 +418,41 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
         if lq.input.scale.numel() != 1:
             raise BadInput(f"layer {name!r}: per-channel activation quantization is not supported")
         mod = mods[name]
+        if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            out.host_ops.append({"name": name, "op": type(mod).__name__, "what": "quantized module the array does not "
+                                 "run (Conv2d and Linear run on it)", "macs": 0, "elements": 0})
+            continue
         x = inputs[name]
-        split = lq.meta.get("split_at")
-        if split:
-            raise BadInput(f"layer {name!r}: shortcut-split quantization (split_at={split}) is not supported by the array yet")
-        xq = lq.input.quantize(x).numpy().astype(np.int64)
         wq = lq.weight.quantize(mod.weight.detach()).numpy().astype(np.int64)
-        s_x = float(lq.input.scale)
         s_w = lq.weight.scale.numpy().astype(np.float32).reshape(-1)
-        bias = None
-        if getattr(mod, "bias", None) is not None:
-            bias = np.round(mod.bias.detach().double().numpy() / (np.float64(s_x) * s_w.astype(np.float64))).astype(np.int64)
-        common = {"s_x": s_x, "zp_x": int(lq.input.zero_point), "s_w": s_w, "bias": bias, "x_signed": lq.input.signed,
-                  "w_bits": lq.weight.bits}
-        if isinstance(mod, torch.nn.Conv2d):
-            pad = mod.padding if isinstance(mod.padding, tuple) else (0, 0)
-            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-                raise BadInput(f"layer {name!r}: padding {mod.padding!r}/{mod.padding_mode} is not supported")
-            geom = ConvGeom(tuple(mod.stride), (pad[0], pad[1], pad[0], pad[1]), tuple(mod.dilation), mod.groups)
-            layer = QLayer(name, "conv", w=wq, geom=geom, op_type="Conv2d", **common)
-        elif isinstance(mod, torch.nn.Linear):
-            layer = QLayer(name, "gemm", w=wq.T.copy(), op_type="Linear", **common)
-        else:
-            raise BadInput(f"layer {name!r}: a {type(mod).__name__} cannot run on the array (Conv2d and Linear can)")
-        out.layers.append(ExtractedLayer(layer, name, layer.op_type, xq, None, tuple(xq.shape)))
+        b_float = mod.bias.detach().double().numpy() if getattr(mod, "bias", None) is not None else None
+        split = lq.meta.get("split_at") if isinstance(mod, torch.nn.Conv2d) else None
+        # Q-Diffusion's shortcut splitting: channels [:split] and [split:] of a concatenated input have their own
+        # activation scales, so the conv runs as two GEMMs over the two channel ranges (the host adds the two
+        # dequantized int32 results); the bias goes with the first part.
+        parts = [(lq.input, slice(None), name)]
+        if split and lq.input2 is not None and x.shape[1] > split:
+            if mod.groups != 1:
+                raise BadInput(f"layer {name!r}: a split input on a grouped conv is not supported")
+            parts = [(lq.input, slice(0, split), f"{name}[:{split}]"), (lq.input2, slice(split, None), f"{name}[{split}:]")]
+        for i, (tq, sl, lname) in enumerate(parts):
+            xq = tq.quantize(x[:, sl] if len(parts) > 1 else x).numpy().astype(np.int64)
+            s_x = float(tq.scale)
+            bias = None
+            if b_float is not None and i == 0:
+                bias = np.rint(b_float / (np.float64(np.float32(s_x)) * s_w.astype(np.float64))).astype(np.int64)
+            common = {"s_x": s_x, "zp_x": int(tq.zero_point), "s_w": s_w, "bias": bias, "x_signed": tq.signed,
+                      "w_bits": lq.weight.bits}
+            if isinstance(mod, torch.nn.Conv2d):
+                pad = mod.padding if isinstance(mod.padding, tuple) else (0, 0)
+                if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                    raise BadInput(f"layer {name!r}: padding {mod.padding!r}/{mod.padding_mode} is not supported")
+                geom = ConvGeom(tuple(mod.stride), (pad[0], pad[1], pad[0], pad[1]), tuple(mod.dilation), mod.groups)
+                w_part = wq[:, sl] if len(parts) > 1 else wq
+                layer = QLayer(lname, "conv", w=w_part, geom=geom, op_type="Conv2d", **common)
+            else:
+                layer = QLayer(lname, "gemm", w=wq.T.copy(), op_type="Linear", **common)
+            out.layers.append(ExtractedLayer(layer, name, layer.op_type, xq, None, tuple(xq.shape)))
     if not out.layers:
         raise BadInput("no quantized conv/linear layer found in the model's quantization parameters")
     return out
