@@ -1,0 +1,361 @@
+"""Pass "prune.diff": Diff-Pruning (Fang et al., NeurIPS 2023), structural channel pruning.
+
+Importance is the first-order Taylor score |w * dL/dw| of the denoising loss, with the
+gradients accumulated only over the *informative* timesteps: walk t = 0, 1, 2, ... upward
+with one fixed batch (x0, noise), back-propagating L_t each time, and stop at the first t
+whose loss drops below `threshold * max L` (0.05 in the paper). Late, noisy steps mostly
+shape coarse content and contribute little to what pruning destroys, so leaving them out
+of the gradient keeps the estimate focused (the paper's argument).
+
+The channel surgery itself is Torch-Pruning's: its DependencyGraph finds every coupled
+group (skip concatenations, residual adds, time-embedding projections, q/k/v and out
+projections), and a BasePruner removes the same share of channels from each group, ranked
+by the chosen importance. Around it this module adds what diffusion denoisers need:
+
+- the output layer is ignored (its channels are the image channels);
+- GroupNorm groups and attention heads stay consistent: each GroupNorm group and each head
+  loses the same channels, so the (smaller) groups keep their original members;
+- attention keeps its logit scale: SDPA processors scale by 1/sqrt(head_dim) of the *pruned*
+  head, so the query projection is rescaled by sqrt(d'/d) and `Attention.scale` is updated,
+  which makes every processor compute the original logits minus the removed dims;
+- static attributes are updated (Upsample2D/Downsample2D `channels`, ResnetBlock2D
+  in/out_channels, Attention query_dim/inner_dim/inner_kv_dim/out_dim/cross_attention_dim),
+  which serialize.py then records in structure.json so the artifact reloads;
+- transformer residual streams that carry non-parameter tensors (DiT's fixed positional
+  embedding buffer) or adaLN modulation chunks are left at full width; their attention
+  inner dims, MLP hidden dims and embedding dims are pruned.
+
+`importance` also offers the baselines used in the paper and in benchmarks/pruning.py:
+"taylor" (the same Taylor score over all timesteps), "magnitude" (L2 norm of the weights)
+and "random". `ratio` is the share of channels removed per group; `macs_reduction`, when
+non-zero, picks the ratio that removes that share of MACs instead (found by bisection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext, register
+from edgediff.passes.prune_data import DATA_SOURCES, DataSource, denoising_loss
+
+IMPORTANCES = ("diff", "taylor", "magnitude", "random")
+
+
+@dataclass
+class PruneDiffOptions:
+    ratio: float = 0.3  # share of channels removed from every prunable group, in (0, 1)
+    macs_reduction: float = 0.0  # if > 0: choose the ratio that removes this share of MACs (overrides ratio)
+    importance: str = "diff"  # diff | taylor | magnitude | random
+    threshold: float = 0.05  # Diff-Pruning: stop accumulating at the first t with L_t < threshold * max L
+    t_stride: int = 10  # visit t = 0, s, 2s, ... (1 = every training step, as in the paper; slower)
+    batch_size: int = 32  # images in the fixed gradient batch
+    data: str = "auto"  # auto | digits | samples (the model's own DDIM samples)
+    sample_steps: int = 20  # DDIM steps when data = samples
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.ratio) < 1.0:
+            raise BadInput(f"prune.diff: option ratio={self.ratio} must lie strictly between 0 and 1")
+        if not 0.0 <= float(self.macs_reduction) < 1.0:
+            raise BadInput(f"prune.diff: option macs_reduction={self.macs_reduction} must lie in [0, 1) (0 = use ratio)")
+        if self.importance not in IMPORTANCES:
+            raise BadInput(f"prune.diff: option importance={self.importance!r}; expected one of {', '.join(IMPORTANCES)}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise BadInput(f"prune.diff: option threshold={self.threshold} must lie strictly between 0 and 1")
+        if int(self.t_stride) < 1 or int(self.batch_size) < 1 or int(self.sample_steps) < 1:
+            raise BadInput("prune.diff: options t_stride, batch_size and sample_steps must be >= 1")
+        if self.data not in DATA_SOURCES:
+            raise BadInput(f"prune.diff: option data={self.data!r}; expected one of {', '.join(DATA_SOURCES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-Pruning set-up for diffusers denoisers
+
+
+def _lcm_pruner_class() -> type:
+    import torch_pruning as tp
+
+    class _DiffusersPruner(tp.pruner.BasePruner):
+        """BasePruner whose channel grouping is the lcm of all groupings in a dependency group.
+
+        Torch-Pruning takes the max, which breaks consistency when a residual stream passes
+        through GroupNorms with different group counts (e.g. 8 and 32) or a GroupNorm and a
+        multi-head projection; the lcm keeps every one of them divisible.
+        """
+
+        def _get_channel_groups(self, group: Any) -> int:
+            out = 1
+            for dep, _ in group:
+                table = self.out_channel_groups if self.DG.is_out_channel_pruning_fn(dep.handler) else self.in_channel_groups
+                g = table.get(dep.target.module)
+                if g:
+                    out = math.lcm(out, int(g))
+            return out
+
+    return _DiffusersPruner
+
+
+def _output_layers(inner: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels are the model's output (never pruned)."""
+    out = []
+    for name in ("conv_out", "proj_out_2", "proj_out"):
+        m = getattr(inner, name, None)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            out.append(m)
+            break
+    return out
+
+
+def _ignored_layers(inner: nn.Module) -> list[nn.Module]:
+    """Output layer, plus the parts whose width Torch-Pruning cannot follow safely."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.embeddings import PatchEmbed
+
+    ignored = _output_layers(inner)
+    for m in inner.modules():
+        if isinstance(m, PatchEmbed):
+            # the residual stream of a transformer starts here and gets a fixed sin-cos
+            # positional buffer added: a tensor the dependency graph cannot see
+            ignored.append(m.proj)
+        if type(m).__name__.startswith("AdaLayerNorm") and isinstance(getattr(m, "linear", None), nn.Linear):
+            ignored.append(m.linear)  # its output is chunked into per-channel shift/scale of the residual
+        if isinstance(m, Attention) and (m.norm_q is not None or m.norm_k is not None):
+            # q/k norms act on the head dim after the head reshape: keep such attention intact
+            ignored += [x for x in (m.to_q, m.to_k, m.to_v) if x is not None]
+    for name in ("proj_out_1",):  # DiT: adaLN-style shift/scale of the final norm
+        m = getattr(inner, name, None)
+        if isinstance(m, nn.Linear):
+            ignored.append(m)
+    return ignored
+
+
+def _channel_groups(inner: nn.Module) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
+    """GroupNorm group counts (in and out) and attention heads for q/k/v projections."""
+    from diffusers.models.attention_processor import Attention
+
+    groups: dict[nn.Module, int] = {}
+    heads: dict[nn.Module, int] = {}
+    for m in inner.modules():
+        if isinstance(m, nn.GroupNorm):
+            groups[m] = m.num_groups
+        if isinstance(m, Attention):
+            for x in (m.to_q, m.to_k, m.to_v):
+                if isinstance(x, nn.Linear):
+                    heads[x] = m.heads
+    return groups, heads
+
+
+def _example_inputs(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    inputs = model.example_inputs(batch=1)
+    return inputs
+
+
+def _build_pruner(model: DiffusionModel, ratio: float, importance: Any) -> Any:
+    wrapper = model.module()
+    inner = model.denoiser.inner if hasattr(model.denoiser, "inner") else model.denoiser
+    groups, heads = _channel_groups(inner)
+    cls = _lcm_pruner_class()
+    return cls(
+        wrapper, _example_inputs(model), importance=importance, pruning_ratio=ratio,
+        ignored_layers=_ignored_layers(inner), in_channel_groups=dict(groups), out_channel_groups=dict(groups),
+        num_heads=heads, prune_num_heads=False, prune_head_dims=True,
+        forward_fn=lambda m, inp: m(**inp),
+    )
+
+
+def _attention_dims(inner: nn.Module) -> dict[nn.Module, int]:
+    from diffusers.models.attention_processor import Attention
+
+    return {m: m.to_q.out_features // m.heads for m in inner.modules()
+            if isinstance(m, Attention) and isinstance(m.to_q, nn.Linear)}
+
+
+def _fix_static_attributes(inner: nn.Module, head_dims_before: dict[nn.Module, int]) -> None:
+    """Bring attributes that forward() or re-construction read back in line with the weights."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    for m in inner.modules():
+        if isinstance(m, (Upsample2D, Downsample2D)):
+            conv = getattr(m, "conv", None)
+            if isinstance(conv, nn.Conv2d):
+                m.channels = conv.in_channels
+                m.out_channels = conv.out_channels
+            elif getattr(m, "norm", None) is not None and hasattr(m.norm, "normalized_shape"):
+                m.channels = m.out_channels = int(m.norm.normalized_shape[0])
+        elif isinstance(m, ResnetBlock2D):
+            m.in_channels = m.conv1.in_channels
+            m.out_channels = m.conv2.out_channels
+        elif isinstance(m, Attention) and m in head_dims_before:
+            d_old = head_dims_before[m]
+            d_new = m.to_q.out_features // m.heads
+            m.inner_dim = m.to_q.out_features
+            m.query_dim = m.to_q.in_features
+            m.inner_kv_dim = m.to_k.out_features
+            m.cross_attention_dim = m.to_k.in_features
+            m.out_dim = m.to_out[0].out_features
+            if d_new != d_old and m.scale_qk:
+                # SDPA scales logits by 1/sqrt(d_new); fold sqrt(d_new/d_old) into q so that the
+                # logits keep the trained temperature 1/sqrt(d_old) with every processor
+                f = (d_new / d_old) ** 0.5
+                with torch.no_grad():
+                    m.to_q.weight.mul_(f)
+                    if m.to_q.bias is not None:
+                        m.to_q.bias.mul_(f)
+                m.scale = d_new**-0.5
+
+
+def _inner(model: DiffusionModel) -> nn.Module:
+    return model.denoiser.inner if hasattr(model.denoiser, "inner") else model.denoiser
+
+
+def check_prunable(model: DiffusionModel) -> None:
+    if model.config is None or model.arch not in ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel",
+                                                  "Transformer2DModel", "PixArtTransformer2DModel"):
+        raise BadInput(f"structural pruning needs a diffusers denoiser (UNet2DModel, UNet2DConditionModel, "
+                       f"DiTTransformer2DModel...); this model is {model.arch!r} (an exported graph or a pickled "
+                       "module cannot be rewritten)")
+    if any(getattr(m, "_edgediff_quant_wrapper", False) for m in model.denoiser.modules()):
+        raise BadInput("structural pruning must run before quantization (the model already has quantization wrappers)")
+
+
+def prune_structure(model: DiffusionModel, ratio: float, importance: Any) -> tuple[DiffusionModel, int]:
+    """Prune `model` in place with a Torch-Pruning importance; returns (model, groups pruned)."""
+    check_prunable(model)
+    inner = _inner(model)
+    dims = _attention_dims(inner)
+    reference_shape = None
+    with torch.no_grad():
+        reference_shape = model.module()(**_example_inputs(model)).shape
+    pruner = _build_pruner(model, ratio, importance)
+    n_groups = 0
+    for group in pruner.step(interactive=True):
+        group.prune()
+        n_groups += 1
+    if n_groups == 0:
+        raise BadInput(f"{model.arch}: no prunable channel group at ratio {ratio} (every layer is an output or "
+                       "ignored layer, or too narrow to remove a channel)")
+    _fix_static_attributes(inner, dims)
+    for p in model.denoiser.parameters():
+        p.grad = None
+    with torch.no_grad():
+        out = model.module()(**_example_inputs(model))
+    if out.shape != reference_shape:
+        raise RuntimeError(f"pruning changed the output shape {tuple(reference_shape)} -> {tuple(out.shape)}")
+    return model, n_groups
+
+
+def ratio_for_macs(model: DiffusionModel, macs_reduction: float, tol: float = 0.01) -> tuple[float, float]:
+    """The channel ratio whose pruned model has `macs_reduction` fewer MACs (bisection).
+
+    With local (per-group) pruning the channel counts depend only on the ratio, not on the
+    importance, so random importance finds the structure. Returns (ratio, achieved reduction).
+    Raises BadInput when even the largest ratio cannot reach the budget.
+    """
+    import torch_pruning as tp
+
+    from edgediff.metrics import macs
+
+    base = macs(model)
+
+    def reduction(r: float) -> float:
+        m = model.clone()
+        prune_structure(m, r, tp.importance.RandomImportance())
+        return 1 - macs(m) / base
+
+    hi = 0.95
+    red_hi = reduction(hi)
+    if red_hi < macs_reduction:
+        raise BadInput(f"prune.diff: macs_reduction={macs_reduction} cannot be met: pruning {hi:.0%} of every prunable "
+                       f"group removes only {red_hi:.1%} of the MACs of this {model.arch}")
+    lo, best = 0.0, (hi, red_hi)
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        red = reduction(mid)
+        if red >= macs_reduction:
+            hi, best = mid, (mid, red)
+        else:
+            lo = mid
+        if abs(red - macs_reduction) <= tol and red >= macs_reduction:
+            break
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Importance
+
+
+def accumulate_gradients(model: DiffusionModel, opts: PruneDiffOptions, ctx: PassContext) -> dict[str, Any]:
+    """Back-propagate the denoising loss over timesteps into param.grad (Diff-Pruning / Taylor)."""
+    module = model.module()
+    module.eval()  # no dropout: the importance estimate must be deterministic
+    for p in module.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    src = DataSource(model, opts.data, opts.batch_size, ctx.seed, pool=max(opts.batch_size, 64),
+                     sample_steps=opts.sample_steps)
+    x0, cond = src.batch()
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    noise = torch.randn(x0.shape, generator=g)
+    ts = list(range(0, model.schedule.num_train_timesteps, int(opts.t_stride)))
+    losses: list[float] = []
+    max_loss = 0.0
+    stopped_at = None
+    label = "Diff-Pruning: informative timesteps" if opts.importance == "diff" else "Taylor: gradients over timesteps"
+    for t in ctx.track(ts, label):
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        loss = denoising_loss(model, module, x0, cond, tt, noise)
+        loss.backward()
+        lv = float(loss.detach())
+        losses.append(lv)
+        max_loss = max(max_loss, lv)
+        if opts.importance == "diff" and lv < opts.threshold * max_loss:
+            stopped_at = t
+            break
+    return {"data": src.source, "timesteps_used": len(losses), "last_t": ts[len(losses) - 1],
+            "stopped_by_threshold": stopped_at is not None, "loss_max": max_loss, "loss_last": losses[-1]}
+
+
+def make_importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    if name in ("diff", "taylor"):
+        # multivariable=False: sum of |w * g| over each channel's weights, the paper's score
+        return tp.importance.TaylorImportance(multivariable=False)
+    if name == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    return tp.importance.RandomImportance()
+
+
+@register("prune.diff", PruneDiffOptions)
+def run(model: DiffusionModel, opts: PruneDiffOptions, ctx: PassContext) -> DiffusionModel:
+    from edgediff.metrics import macs, params
+
+    check_prunable(model)
+    before = {"params": params(model.module()), "macs": macs(model)}
+    ratio = float(opts.ratio)
+    if opts.macs_reduction > 0:
+        ratio, _ = ratio_for_macs(model, float(opts.macs_reduction))
+        ctx.log(f"prune.diff: ratio {ratio:.3f} meets macs_reduction={opts.macs_reduction}")
+    info: dict[str, Any] = {"importance": opts.importance, "ratio": round(ratio, 4)}
+    if opts.importance in ("diff", "taylor"):
+        info.update(accumulate_gradients(model, opts, ctx))
+    torch.manual_seed(ctx.seed)  # random importance draws from the global generator
+    model, n_groups = prune_structure(model, ratio, make_importance(opts.importance))
+    for p in model.denoiser.parameters():
+        p.requires_grad_(False)
+    model.denoiser.eval()
+    after = {"params": params(model.module()), "macs": macs(model)}
+    info.update(groups_pruned=n_groups, params_before=before["params"], params_after=after["params"],
+                macs_before=before["macs"], macs_after=after["macs"],
+                macs_reduction=round(1 - after["macs"] / before["macs"], 4))
+    ctx.metrics.update(info)
+    model.provenance.setdefault("pruning", []).append({"pass": "prune.diff", **info})
+    ctx.log(f"prune.diff: {before['params']:,} -> {after['params']:,} params, {before['macs']:,} -> {after['macs']:,} MACs")
+    return model
