@@ -54,11 +54,12 @@ def run_layer(layer: QLayer, x: np.ndarray, x2: np.ndarray | None = None, qdq: b
         inits += [nh.from_array(np.array(layer.out_scale, np.float32), "sy"), nh.from_array(np.array(layer.out_zp, ydt), "zy")]
     if layer.kind == "matmul":
         assert x2 is not None
-        bq = np.asarray(x2).astype(xdt)
+        bdt = _np_dtype(8, layer.x_signed if layer.x2_signed is None else layer.x2_signed)
+        bq = np.asarray(x2).astype(bdt)
         feeds["b"] = bq
-        inputs.append(helper.make_tensor_value_info("b", helper.np_dtype_to_tensor_dtype(np.dtype(xdt)), bq.shape))
+        inputs.append(helper.make_tensor_value_info("b", helper.np_dtype_to_tensor_dtype(np.dtype(bdt)), bq.shape))
         inits += [nh.from_array(np.array(np.asarray(layer.s_w).reshape(()), np.float32), "sw"),
-                  nh.from_array(np.array(layer.zp_w, xdt), "zw")]
+                  nh.from_array(np.array(layer.zp_w, bdt), "zw")]
         if requant:
             node = helper.make_node("QLinearMatMul", ["x", "sx", "zx", "b", "sw", "zw", "sy", "zy"], ["y"])
         else:

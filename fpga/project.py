@@ -38,7 +38,8 @@ from edgediff.errors import BadInput
 
 ROUNDING_DEFAULT: sim.Rounding = "ort"
 HOST_SIDE_HINT = {
-    "InstanceNormalization": "GroupNorm", "GroupNormalization": "GroupNorm", "LayerNormalization": "LayerNorm",
+    "GroupNorm": "GroupNorm", "SiLU": "SiLU", "InstanceNormalization": "GroupNorm", "GroupNormalization": "GroupNorm",
+    "LayerNormalization": "LayerNorm",
     "Softmax": "softmax", "Sigmoid": "SiLU (sigmoid)", "Mul": "elementwise", "Add": "elementwise", "Conv": "float conv",
     "MatMul": "float matmul", "Gemm": "float gemm", "Resize": "upsample", "Concat": "concat",
 }
@@ -387,6 +388,16 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
     mods = dict(module.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
+    # attention matmuls: capture Q, K, V (the projections' outputs) of every quantized attention module
+    attn_paths = sorted({n.split(":")[0] for n, lq in qp.layers.items() if lq.kind in ("matmul_qk", "matmul_av")})
+    qkv: dict[tuple[str, str], torch.Tensor] = {}
+    for ap in attn_paths:
+        amod = mods.get(ap)
+        if amod is None or not all(hasattr(amod, p) for p in ("to_q", "to_k", "to_v", "head_to_batch_dim")):
+            continue
+        for proj in ("to_q", "to_k", "to_v"):
+            hooks.append(getattr(amod, proj).register_forward_hook(
+                lambda _m, _a, o, _k=(ap, proj): qkv.__setitem__(_k, o.detach().clone())))
     for name, lq in qp.layers.items():
         if lq.kind not in ("conv", "linear"):
             continue  # attention matmuls: their operands are not module inputs (see the report's `skipped`)
@@ -394,6 +405,12 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
             raise BadInput(f"quantization parameters name layer {name!r}, which the denoiser does not have")
         hooks.append(mods[name].register_forward_pre_hook(
             lambda _m, args, _n=name: inputs.__setitem__(_n, args[0].detach().clone())))
+    # the ops that stay on the host (GroupNorm, SiLU, LayerNorm...): listed with the elements they process
+    host_elems: dict[str, tuple[str, int]] = {}
+    for n, mod in mods.items():
+        if isinstance(mod, (torch.nn.GroupNorm, torch.nn.SiLU, torch.nn.LayerNorm, torch.nn.GELU, torch.nn.Mish)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, _a, o, _n=n: host_elems.__setitem__(_n, (type(m).__name__, int(o.numel())))))
     from edgediff.model import DenoiserModule
 
     wrapped = DenoiserModule(module, model.signature)
@@ -403,10 +420,10 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
         h.remove()
     out = Extracted("artifact")
     for name, lq in qp.layers.items():
+        if lq.kind in ("matmul_qk", "matmul_av"):
+            _attention_layer(out, name, lq, qp, mods, qkv)
+            continue
         if lq.kind not in ("conv", "linear") or name not in inputs:
-            if lq.kind in ("matmul_qk", "matmul_av"):
-                out.host_ops.append({"name": name, "op": lq.kind, "what": "attention matmul (not extracted from an "
-                                     "artifact; export the QDQ ONNX to run it on the array)", "macs": 0, "elements": 0})
             continue
         if lq.weight is None or lq.input is None:
             raise BadInput(f"layer {name!r}: quantization parameters lack a weight or input quantizer")
@@ -455,7 +472,48 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
             out.layers.append(ExtractedLayer(layer, name, layer.op_type, xq, None, tuple(xq.shape)))
     if not out.layers:
         raise BadInput("no quantized conv/linear layer found in the model's quantization parameters")
+    for n, (op, elems) in host_elems.items():
+        out.host_ops.append({"name": n, "op": op, "what": HOST_SIDE_HINT.get(op, op), "macs": 0, "elements": elems})
+    for ap in attn_paths:
+        if (ap, "to_q") in qkv:
+            out.host_ops.append({"name": f"{ap}:softmax", "op": "Softmax", "what": "softmax", "macs": 0,
+                                 "elements": int(qkv[(ap, "to_q")].shape[0] * qkv[(ap, "to_q")].shape[1] ** 2
+                                                 * mods[ap].heads) if hasattr(mods[ap], "heads") else 0})
     return out
+
+
+def _attention_layer(out: Extracted, name: str, lq: Any, qp: Any, mods: dict[str, Any], qkv: dict[Any, Any]) -> None:
+    """QK^T or softmax(.)V of a quantized attention module as a matmul layer on the array.
+
+    Operands as the quantized model forms them (edgediff.quant's attention processor): heads folded
+    into the batch, Q/K/V quantized with the layer's input/input2 quantizers, the softmax computed
+    from the dequantized Q and K and quantized with the softmax quantizer.
+    """
+    import torch
+
+    ap = name.split(":")[0]
+    if (ap, "to_q") not in qkv or lq.input is None or lq.input2 is None:
+        out.host_ops.append({"name": name, "op": lq.kind, "what": "attention matmul whose operands could not be "
+                             "captured (not a diffusers Attention)", "macs": 0, "elements": 0})
+        return
+    attn = mods[ap]
+    q, k, v = (attn.head_to_batch_dim(qkv[(ap, p)]) for p in ("to_q", "to_k", "to_v"))
+    if lq.kind == "matmul_qk":
+        a_int, b_int = lq.input.quantize(q), lq.input2.quantize(k).transpose(-1, -2)
+    else:
+        qk = qp.layers.get(f"{ap}:qk")
+        if qk is not None and qk.input is not None and qk.input2 is not None:
+            q, k = qk.input.dequantize(qk.input.quantize(q)), qk.input2.dequantize(qk.input2.quantize(k))
+        probs = (torch.bmm(q, k.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)
+        a_int, b_int = lq.input.quantize(probs), lq.input2.quantize(v)
+    for tq in (lq.input, lq.input2):
+        if tq.bits > 8 or tq.scale.numel() != 1:
+            raise BadInput(f"layer {name!r}: {tq.bits}-bit / per-channel matmul operands are not supported by the array")
+    a_np, b_np = a_int.numpy().astype(np.int64), b_int.contiguous().numpy().astype(np.int64)
+    layer = QLayer(name, "matmul", float(lq.input.scale), int(lq.input.zero_point), np.asarray(float(lq.input2.scale),
+                   np.float32), zp_w=int(lq.input2.zero_point), x_signed=lq.input.signed, x2_signed=lq.input2.signed,
+                   op_type="MatMul")
+    out.layers.append(ExtractedLayer(layer, name, "MatMul", a_np, b_np, tuple(a_np.shape), tuple(b_np.shape)))
 
 
 # ------------------------------------------------------------------ the project

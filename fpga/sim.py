@@ -274,6 +274,7 @@ class QLayer:
     out_signed: bool = False
     x_signed: bool = False
     w_bits: int = 8
+    x2_signed: bool | None = None  # matmul: the right operand's type when it differs from the left's
     op_type: str = ""  # the source node's op type, for reports
 
     def accumulate(self, x: np.ndarray, x2: np.ndarray | None = None, pair_saturate: bool = False) -> np.ndarray:
@@ -355,8 +356,8 @@ def ort_pair_saturates(layer: QLayer, integer_op: bool = False) -> bool:
     """
     if layer.x_signed or not mlas_u8s8_saturates():
         return False
-    if layer.kind == "matmul":  # both operands are activations of the same (unsigned) type
-        return False
+    if layer.kind == "matmul":  # two activations: u8 x u8 is exact, u8 x s8 takes the saturating kernel
+        return bool(layer.x2_signed)
     if layer.kind == "conv":
         assert layer.w is not None
         depthwise = layer.w.shape[1] == 1 and layer.w.shape[0] == layer.geom.groups

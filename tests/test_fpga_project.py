@@ -204,3 +204,22 @@ def test_export_quantparams_model(tiny_unet: DiffusionModel, tmp_path: Path) -> 
     assert rep["ort_layers_bit_exact"] == rep["ort_layers_compared"] == n_layers  # ConvInteger / MatMulInteger
     with pytest.raises(BadInput, match="no quantization parameters"):
         BACKEND.export(tiny_unet, tmp_path / "x", "int8")
+
+
+@needs_cxx
+def test_export_after_the_edgediff_quant_pass(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    """The real quant pass (shortcut splitting, attention matmuls) with a tiny calibration budget."""
+    pytest.importorskip("edgediff.passes.quant")
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import parse
+
+    recipe = parse('name = "t"\n[[pass]]\nname = "calib"\nmethod = "ptq4dm"\nn_samples = 4\nsteps = 5\ncount = 16\n'
+                   '[[pass]]\nname = "quant"\nweight_init = "minmax"\nact_init = "minmax"\ncalib_limit = 16\n', "test")
+    q, _ = run_recipe(tiny_unet, recipe, 0)
+    rep = BACKEND.export(q, tmp_path / "proj", "int8")
+    names = [r["name"] for r in rep["layers"]]
+    assert any(n.endswith(":qk") for n in names) and any(n.endswith(":av") for n in names)  # attention on the array
+    assert any("[:" in n for n in names)  # a shortcut-split conv runs as two GEMMs
+    assert rep["layers_bit_exact"] == rep["layers_total"] == len(names) and rep["verified"] is True
+    assert rep["ort_layers_bit_exact"] == rep["ort_layers_compared"] == len(names)
+    assert {"GroupNorm", "SiLU", "Softmax"} <= {h["op"] for h in rep["host_ops"]}
