@@ -40,14 +40,33 @@ def device_table() -> dict[str, dict[str, Any]]:
         return tomllib.load(f)["devices"]
 
 
+def _fpga_boards() -> dict[str, Any]:
+    """The FPGA engineer's board table (edgediff.fpga.estimate.DEVICES) when it is installed."""
+    try:
+        from edgediff.fpga import estimate as fest
+    except ImportError:
+        return {}
+    return dict(getattr(fest, "DEVICES", {}))
+
+
 def device_names() -> list[str]:
-    return ["this-cpu", *device_table()]
+    return ["this-cpu", *device_table(), *(b for b in _fpga_boards() if b not in device_table())]
 
 
 def get_device(name: str, threads: int | None = None) -> dict[str, Any]:
     if name == "this-cpu":
         return this_cpu(threads)
     table = device_table()
+    boards = _fpga_boards()
+    if name not in table and name in boards:
+        b = boards[name]
+        dev = dict(table["fpga-sa16"])  # host side (memory, per-op cost) as for the reference board
+        dev.update(name=name, title=f"{name}: {b.rows}x{b.cols} int8 systolic array at {b.clock_mhz:g} MHz "
+                   "(edgediff.fpga.estimate)", array={"rows": b.rows, "cols": b.cols, "clock_mhz": b.clock_mhz},
+                   peak_gmacs={p: b.rows * b.cols * b.clock_mhz / 1000 for p in ("fp32", "fp16", "int8")})
+        dev["efficiency"] = {**DEFAULT_EFFICIENCY, **dev.get("efficiency", {})}
+        dev["calibrated"] = False
+        return dev
     if name not in table:
         raise BadInput(f"--device {name!r}: unknown device; expected one of {', '.join(device_names())}")
     dev = dict(table[name])
@@ -85,7 +104,8 @@ def measure_cpu_peaks(threads: int | None = None) -> dict[str, float]:
         [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
          helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     gmacs = n**3 / _ort_time(mm, {"a": a, "b": a}, threads) / 1e9
     m = 1 << 23  # 32 MiB per operand: well beyond the caches
@@ -128,11 +148,30 @@ def op_ms(op: OpWork, dev: dict[str, Any], eff: dict[str, float] | None = None) 
     return (max(t_c, t_m) + t_o) * 1000.0, bound
 
 
+def _array_ms(ops: list[OpWork], dev: dict[str, Any]) -> dict[int, tuple[float, str]] | None:
+    """ms of each MAC op on an FPGA array from edgediff.fpga.estimate's cycle model (None without it)."""
+    try:
+        from edgediff.fpga import estimate as fest
+    except ImportError:
+        return None
+    arr = dev.get("array") or {}
+    rows, cols, clk = int(arr.get("rows", 16)), int(arr.get("cols", 16)), float(arr.get("clock_mhz", 200))
+    idx = [i for i, o in enumerate(ops) if o.gemm]
+    est = fest.estimate_layers([{"name": ops[i].name, "op": ops[i].op, "m": ops[i].gemm[0], "k": ops[i].gemm[1],
+                                 "n": ops[i].gemm[2], "reps": ops[i].gemm[3]} for i in idx], rows, cols, clk)
+    return {i: (e["latency_us"] / 1000.0, "array") for i, e in zip(idx, est)}
+
+
 def estimate(ops: list[OpWork], dev: dict[str, Any], eff: dict[str, float] | None = None) -> dict[str, Any]:
-    """Per-module estimates {name, op, ms, share, macs, bytes, bound} and the total."""
+    """Per-module estimates {name, op, ms, share, macs, bytes, bound} and the total.
+
+    On an FPGA device the MAC ops take the array's cycle count (edgediff.fpga.estimate) and the
+    other ops run host-side under the roofline; elsewhere every op is a roofline estimate.
+    """
     mods: dict[str, dict[str, Any]] = {}
-    for o in ops:
-        ms, bound = op_ms(o, dev, eff)
+    array = _array_ms(ops, dev) if dev.get("kind") == "fpga" else None
+    for i, o in enumerate(ops):
+        ms, bound = array[i] if array and i in array else op_ms(o, dev, eff)
         m = mods.setdefault(o.name or "(root)", {"name": o.name or "(root)", "ops": defaultdict(float), "ms": 0.0,
                                                  "macs": 0, "bytes": 0, "bounds": defaultdict(float), "precision": set()})
         m["ops"][o.op] += ms
@@ -148,36 +187,23 @@ def estimate(ops: list[OpWork], dev: dict[str, Any], eff: dict[str, float] | Non
                        "share": m["ms"] / total, "macs": m["macs"], "bytes": m["bytes"],
                        "bound": max(m["bounds"], key=lambda k: m["bounds"][k]),
                        "precision": "+".join(sorted(m["precision"]))})
-    return {"total_ms": sum(la["ms"] for la in layers), "layers": layers}
+    method = ("MAC ops: cycles of the systolic array (edgediff.fpga.estimate); other ops: host-side roofline"
+              if array is not None else "roofline per op: max(MACs/peak, bytes/bandwidth) / efficiency + per-op cost")
+    return {"total_ms": sum(la["ms"] for la in layers), "layers": layers, "method": method}
 
 
 def estimate_profile(ops: list[OpWork], device: str, threads: int | None = None) -> dict[str, Any]:
     """The `profile --device` result: same schema as a measured profile, labelled as an estimate."""
     dev = get_device(device, threads)
     est = estimate(ops, dev)
-    fpga = _fpga_cycles(ops, dev) if dev.get("kind") == "fpga" else None
-    if fpga is not None:
-        est = fpga
     return {
         "runtime": f"estimate:{device}", "device": {k: v for k, v in dev.items() if k != "efficiency"},
         "efficiency": dev["efficiency"], "estimated": True, "total_ms": est["total_ms"], "layers": est["layers"],
         "macs": sum(o.macs for o in ops), "bytes": sum(o.bytes for o in ops),
-        "method": est.get("method", "roofline per op: max(MACs/peak, bytes/bandwidth) / efficiency + per-op cost"),
+        "method": est["method"],
         "note": ("ESTIMATE, not a measurement: peaks from the cited device table"
                  + ("" if dev.get("calibrated") else "; efficiencies assumed, not calibrated on this device")),
     }
-
-
-def _fpga_cycles(ops: list[OpWork], dev: dict[str, Any]) -> dict[str, Any] | None:
-    """Per-layer cycles from the FPGA engineer's estimator (edgediff.fpga.estimate) when it exists."""
-    try:
-        from edgediff.fpga import estimate as fest
-    except ImportError:
-        return None
-    fn = getattr(fest, "estimate_ops", None)
-    if fn is None:
-        return None
-    return fn(ops, dev)  # pragma: no cover - depends on issue 9's module
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -18,6 +18,7 @@ kept there, so list items read `AttnDownBlock2D[1].ResnetBlock2D[0].conv2`.
 from __future__ import annotations
 
 import ast
+import copy
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class OpWork:
     bytes_w: int  # weights/constants read
     bytes_out: int  # activations written
     precision: str  # fp32 | fp16 | int8
+    gemm: tuple[int, int, int, int] | None = None  # (M, K, N, reps) GEMM view of a MAC op, for the FPGA array
 
     @property
     def bytes(self) -> int:
@@ -124,6 +126,13 @@ def _onnx_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
     """tensor name -> (shape with symbolic dims set to 1, element bytes)."""
     import onnx
 
+    # batch 1: symbolic dims (a dynamic batch axis) would stop shape propagation through reshapes
+    model = copy.deepcopy(model)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_value = 1
+    del model.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - fall back to whatever value_info the exporter wrote
@@ -146,11 +155,52 @@ def _onnx_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
     return out
 
 
+def _ort_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
+    """Shapes as run: one onnxruntime pass at batch 1 with every intermediate exposed as an output.
+
+    Static shape inference stops at exporter idioms (Shape -> Gather -> Div -> Cast -> Reshape);
+    running the graph once has no such gaps. Skipped (empty result) for external-data models
+    and anything ORT refuses.
+    """
+    import onnx
+
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer):
+        return {}
+    try:
+        import onnxruntime as ort
+
+        m = copy.deepcopy(model)
+        for vi in m.graph.input:
+            for d in vi.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.dim_value = 1
+        have = {o.name for o in m.graph.output}
+        for n in m.graph.node:
+            if n.op_type == "Constant":
+                continue
+            for o in n.output:
+                if o and o not in have:
+                    m.graph.output.append(onnx.ValueInfoProto(name=o))
+                    have.add(o)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        from edgediff.profiling.ort import feeds_for
+
+        names = [o.name for o in sess.get_outputs()]
+        vals = sess.run(names, feeds_for(sess))
+    except Exception:  # noqa: BLE001 - fall back to static shape inference
+        return {}
+    return {n: (list(v.shape), v.dtype.itemsize) for n, v in zip(names, vals) if hasattr(v, "shape")}
+
+
 def _numel(shape: list[int]) -> int:
     return int(np.prod(shape)) if shape else 1
 
 
-def _onnx_macs(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
+def _onnx_gemm(node: Any, shapes: dict[str, tuple[list[int], int]]) -> tuple[int, int, int, int] | None:
+    """(M, K, N, reps) of a MAC op: MACs = M*K*N*reps; None for other ops or unknown shapes."""
     def shp(i: int) -> list[int] | None:
         if i >= len(node.input) or node.input[i] not in shapes:
             return None
@@ -158,30 +208,37 @@ def _onnx_macs(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
 
     out = shapes.get(node.output[0], (None, 4))[0] if node.output else None
     op = node.op_type
+    if out is None:
+        return None
     if op in ("Conv", "QLinearConv", "ConvInteger"):
         w = shp(3 if op == "QLinearConv" else 1)
-        if w is None or out is None:
-            return 0
-        return _numel(out) * _numel(w[1:])  # each output element: Cin/groups * kh * kw MACs
+        if w is None or len(out) < 3:
+            return None
+        g = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+        return (out[0] * _numel(out[2:]), _numel(w[1:]), out[1] // g, g)
     if op == "ConvTranspose":
         x, w = shp(0), shp(1)
         if x is None or w is None:
-            return 0
-        return _numel(x) * _numel(w[1:])
+            return None
+        g = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+        return (x[0] * _numel(x[2:]), x[1] // g, _numel(w[1:]), g)  # scatter form: each input pixel x weights
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"):
         a = shp(0)
-        if a is None or out is None:
-            return 0
-        return _numel(out) * a[-1]
+        if a is None or len(out) < 2:
+            return None
+        return (out[-2], a[-1], out[-1], _numel(out[:-2]))
     if op == "Gemm":
         a = shp(0)
-        if a is None or out is None:
-            return 0
+        if a is None or len(out) != 2:
+            return None
         trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
-        return _numel(out) * (a[0] if trans_a else a[-1])
-    if op == "Einsum" and out is not None:
-        return 0  # not emitted by our exporters; counted as data movement only
-    return 0
+        return (out[0], a[0] if trans_a else a[-1], out[1], 1)
+    return None
+
+
+def _onnx_macs(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
+    g = _onnx_gemm(node, shapes)
+    return g[0] * g[1] * g[2] * g[3] if g else 0
 
 
 def _onnx_precision(node: Any, producers: dict[str, Any], shapes: dict[str, tuple[list[int], int]]) -> str:
@@ -203,6 +260,7 @@ def onnx_ops(path: Path) -> list[OpWork]:
     model = load_onnx(path)
     g = model.graph
     shapes = _onnx_shapes(model)
+    shapes.update(_ort_shapes(model))
     consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
     producers = {o: n for n in g.node for o in n.output}
     ops: list[OpWork] = []
@@ -225,7 +283,7 @@ def onnx_ops(path: Path) -> list[OpWork]:
         mod = module_of_onnx_node(n)
         ops.append(OpWork(name=mod if mod is not None else n.name, node=n.name, op=n.op_type,
                           macs=_onnx_macs(n, shapes), bytes_in=b_in, bytes_w=b_w, bytes_out=b_out,
-                          precision=_onnx_precision(n, producers, shapes)))
+                          precision=_onnx_precision(n, producers, shapes), gemm=_onnx_gemm(n, shapes)))
     return ops
 
 
@@ -267,21 +325,22 @@ def tflite_ops(path: Path, interpreter: Any = None) -> list[OpWork]:
         outs = [int(i) for i in o["outputs"]]
         out_shape = [int(x) for x in tensors[outs[0]]["shape"]] if outs and outs[0] in tensors else []
         name = o["op_name"]
-        macs = 0
+        gemm: tuple[int, int, int, int] | None = None
         if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL") and len(ins) >= 2:
             w = [int(x) for x in tensors[ins[1]]["shape"]]
-            if name == "CONV_2D":  # filter [Cout, kh, kw, Cin/groups]
-                macs = _numel(out_shape) * _numel(w[1:])
-            elif name == "DEPTHWISE_CONV_2D":  # filter [1, kh, kw, C*mult]
-                macs = _numel(out_shape) * w[1] * w[2]
+            if name == "CONV_2D":  # out [B, Ho, Wo, Cout], filter [Cout, kh, kw, Cin/groups]
+                gemm = (_numel(out_shape[:-1]), _numel(w[1:]), out_shape[-1], 1)
+            elif name == "DEPTHWISE_CONV_2D":  # filter [1, kh, kw, C*mult]: one tiny GEMM per channel
+                gemm = (_numel(out_shape[:-1]), w[1] * w[2], 1, out_shape[-1])
             elif name == "TRANSPOSE_CONV":  # inputs: output_shape, filter [Cout, kh, kw, Cin], input
-                x = [int(v) for v in tensors[ins[2]]["shape"]] if len(ins) > 2 else []
-                macs = _numel(x) * w[0] * w[1] * w[2]
+                x = [int(v) for v in tensors[ins[2]]["shape"]] if len(ins) > 2 else [0]
+                gemm = (_numel(x[:-1]), x[-1], w[0] * w[1] * w[2], 1)
             elif name == "FULLY_CONNECTED":  # filter [N, K]
-                macs = _numel(out_shape) * w[-1]
+                gemm = (_numel(out_shape[:-1]), w[-1], w[0], 1)
             else:  # BATCH_MATMUL: K is the lhs' last dim
                 a = [int(x) for x in tensors[ins[0]]["shape"]]
-                macs = _numel(out_shape) * a[-1]
+                gemm = (out_shape[-2], a[-1], out_shape[-1], _numel(out_shape[:-2]))
+        macs = gemm[0] * gemm[1] * gemm[2] * gemm[3] if gemm else 0
         consts = [i for i in ins if _is_const(it, tensors.get(i))]
         b_w = sum(nbytes(i) for i in consts)
         b_in = sum(nbytes(i) for i in ins if i not in consts)
@@ -291,7 +350,7 @@ def tflite_ops(path: Path, interpreter: Any = None) -> list[OpWork]:
         tname = tensors[outs[0]]["name"] if outs and outs[0] in tensors else ""
         mod = module_of_tflite_tensor(tname)
         ops.append(OpWork(name=mod if mod is not None else f"{name}_{o['index']}", node=f"{name}_{o['index']}", op=name,
-                          macs=int(macs), bytes_in=b_in, bytes_w=b_w, bytes_out=b_out, precision=prec))
+                          macs=int(macs), bytes_in=b_in, bytes_w=b_w, bytes_out=b_out, precision=prec, gemm=gemm))
     return ops
 
 

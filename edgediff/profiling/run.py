@@ -134,7 +134,7 @@ def _profile_opencl(path: Path, warmup: int, repeats: int) -> dict[str, Any]:
         raise NotBuiltYet("the OpenCL runtime (edgediff.kernels.runtime) is not built yet") from None
     fn = getattr(clrt, "profile", None)
     if fn is None:
-        raise NotBuiltYet("the OpenCL runtime has no per-kernel profiler (edgediff.kernels.runtime.profile) yet")
+        raise NotBuiltYet("the OpenCL runtime's per-kernel profiler (edgediff.kernels.runtime.profile) is not built yet")
     res = dict(fn(path, warmup=warmup, repeats=repeats))
     total = sum(la["ms"] for la in res.get("layers", [])) or 1.0
     for la in res.get("layers", []):
