@@ -205,8 +205,8 @@ def profile(exported: Path = typer.Argument(..., help="An exported model."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-layer latency of an exported model on a runtime here, or estimated for a device."""
     mod = _optional_module("edgediff.profiling.run", "profile")
-    with progress_bar():
-        result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb)
+    with progress_bar() as p:
+        result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb, progress=p)
     _emit(result, as_json, f"profile {exported}")
 
 

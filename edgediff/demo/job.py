@@ -70,7 +70,7 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
         for e in exports:
             if e.get("samples_png"):
                 grids.append((f"{e['target']} {e['precision']} (runtime)", e.pop("samples_png")))
-        profile = _profile(exports, log)
+        profile = _profile(exports, log, tmp)
         wall = time.perf_counter() - t_start
         summary = {
             "edgediff_version": __version__, "recipe": recipe.to_dict(), "seed": seed, "samples": samples,
@@ -141,7 +141,7 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
     return results
 
 
-def _profile(exports: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any] | None:
+def _profile(exports: list[dict[str, Any]], log: Callable[[str], None], root: Path = Path(".")) -> dict[str, Any] | None:
     try:
         from edgediff.profiling import run as prof
     except ModuleNotFoundError:
@@ -149,8 +149,18 @@ def _profile(exports: list[dict[str, Any]], log: Callable[[str], None]) -> dict[
     onnx = next((e for e in exports if e["target"] == "onnx" and e.get("status") == "exported"), None)
     if onnx is None:
         return {"status": "no ONNX export to profile"}
-    log("profiling the ONNX export on onnxruntime")
-    return prof.profile(Path(onnx["path"]), runtime="ort")
+    log("profiling the ONNX export on onnxruntime (+ this CPU's calibrated roofline, op coverage per target)")
+    path = root / onnx["path"]  # export paths are relative to the artifact being written
+    try:
+        result = prof.profile(path, runtime="ort", device="this-cpu")
+        from edgediff.profiling.coverage import coverage
+        from edgediff.profiling.graph import onnx_ops
+
+        result["coverage"] = coverage(onnx_ops(path))
+    except EdgediffError as e:  # a profiling problem must not sink the demo
+        return {"status": f"profiling failed: {e}"}
+    result.pop("nodes", None)  # per-node rows stay out of the summary (layers carry the same times)
+    return result
 
 
 def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
@@ -173,11 +183,9 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
     ]
     prof = summary.get("profile") or {}
     if prof.get("layers"):
-        from edgediff.report import bars
+        from edgediff.profiling.html import sections as profile_sections
 
-        top = sorted(prof["layers"], key=lambda layer: -layer["ms"])[:20]
-        sections.append((f"Per-layer latency ({prof.get('runtime')}, total {prof.get('total_ms', 0):.2f} ms)",
-                         bars([(f"{la['name']} ({la['op']})", la["ms"]) for la in top])))
+        sections.extend(profile_sections(prof))
     sub = (f"DDIM {summary['steps']} steps, {summary['samples']} samples, seed {summary['seed']}; "
            f"recipe {summary['recipe']['name']}; wall time {summary['wall_seconds']} s")
     return page("edgediff demo report", sub, sections)
