@@ -25,6 +25,9 @@ def export_float_onnx(model: DiffusionModel, path: Path) -> list[str]:
     names = list(ex)
     args = tuple(ex[n] for n in names)
     kwargs: dict[str, Any] = {}
+    import warnings
+
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # diffusers' shape asserts while tracing
     try:
         torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"], opset_version=17,
                           dynamic_axes={n: {0: "batch"} for n in [*names, "out"]}, dynamo=False, **kwargs)
