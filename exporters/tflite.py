@@ -1,0 +1,617 @@
+"""TFLite / LiteRT backend: fp32, fp16 and int8 `.tflite` files through litert-torch (no TensorFlow).
+
+How the file is made
+- The float denoiser (quantization wrappers stripped, fp16 hooks removed: see
+  exporters.onnx.float_denoiser) is wrapped so that its signature is
+  `serving_default(sample, timestep[, encoder_hidden_states | class_labels]) -> {"out": ...}`
+  and converted with `litert_torch.convert` (torch.export -> StableHLO -> TFLite converter).
+- GroupNorm: torch's decomposition of `native_group_norm` lowers to MEAN/SUB/RSQRT plus
+  BROADCAST_TO, and BROADCAST_TO is not in the TFLite GPU delegate's operator list, so each
+  nn.GroupNorm is exported as `GpuGroupNorm` (reshape to (B, G, -1), MEAN, SUB, MUL, RSQRT,
+  implicit broadcasting only): the same arithmetic, every op delegate-supported.
+- Attention: diffusers' SDPA processor lowers to BATCH_MATMUL + SOFTMAX + MUL, all of which
+  the GPU delegate runs.
+- Batch: litert-torch 0.10 cannot lower a dynamic batch axis through diffusers' timestep
+  broadcast (`torch.ones(sample.shape[0])` fails in its JAX bridge), so the batch is fixed at
+  export (`batch=1` by default: one image per call is what phones run). `load_denoiser`
+  splits and pads any batch to that size.
+- fp16: the fp32 file's CONV_2D / FULLY_CONNECTED / DEPTHWISE weights are cast to float16
+  by ai-edge-quantizer's `float_casting` recipe (explicit DEQUANTIZE ops: the standard TFLite
+  "fp16 weights" model; the GPU delegate skips those DEQUANTIZE nodes and runs in fp16,
+  XNNPACK runs fp32 arithmetic on the dequantized weights).
+- int8: every layer named in the artifact's QuantParams gets the scales and zero points of
+  the artifact, written as PT2E `quantized_decomposed` quantize/dequantize pairs that the
+  TFLite converter (STATIC Q/DQ mode) turns into int8 tensors: the layer's input activation
+  (per tensor; two halves for shortcut-split layers), its weight (int8, per output channel,
+  symmetric; the on-grid float weights give the integers exactly), and the operands of the
+  attention matmuls. See `int8_report` in the export report and docs/tflite_coreml.md for
+  what LiteRT does with them.
+
+Exported I/O: inputs sample float32 [B,C,H,W], timestep float32 [B], optional
+encoder_hidden_states float32 [B,S,D] / class_labels (int64 in PyTorch; int32 in the
+.tflite since TFLite runtimes have no int64 inputs); output `out` float32 [B,C_out,H,W].
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgediff.artifact import atomic_file
+from edgediff.errors import BadInput, Unavailable
+from edgediff.model import DiffusionModel, InputSignature
+from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INSTALL = 'pip install -e ".[tflite]"'
+SIGNATURE = "serving_default"
+OUTPUT_NAME = "out"
+
+# Builtin operators the TFLite GPU delegate parses, from NewOperationParser() in
+# tensorflow/lite/delegates/gpu/common/model_builder.cc (TensorFlow 2.1x, the version whose
+# signature is NewOperationParser(registration, allow_quant_ops)). QUANTIZE/DEQUANTIZE count
+# only for quantized models (allow_quant_ops), and fp16 DEQUANTIZE nodes are skipped by
+# BuildModel (they are folded into fp16 weights). Anything else falls back to the CPU.
+GPU_DELEGATE_OPS = frozenset({
+    "ABS", "ADD", "AVERAGE_POOL_2D", "BATCH_MATMUL", "CONCATENATION", "CONV_2D", "COS", "DEPTHWISE_CONV_2D",
+    "DEQUANTIZE", "DIV", "ELU", "EXP", "FULLY_CONNECTED", "HARD_SWISH", "LOGISTIC", "LOG", "LSTM", "MAXIMUM",
+    "MAX_POOL_2D", "MEAN", "MINIMUM", "MIRROR_PAD", "MUL", "NEG", "PACK", "PAD", "POW", "REDUCE_MAX", "REDUCE_MIN",
+    "REDUCE_PROD", "QUANTIZE", "RELU", "RELU6", "LEAKY_RELU", "PRELU", "RESHAPE", "RESIZE_BILINEAR",
+    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SIN", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT_V", "SQRT", "SQUARE",
+    "SQUARED_DIFFERENCE", "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV", "CUSTOM",
+})
+GPU_DELEGATE_SOURCE = ("tensorflow/lite/delegates/gpu/common/model_builder.cc, NewOperationParser(); "
+                       "QUANTIZE/DEQUANTIZE with allow_quant_ops (quantized models); fp16 DEQUANTIZE skipped")
+
+
+# ------------------------------------------------------------------------------------------
+# optional packages
+# ------------------------------------------------------------------------------------------
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise Unavailable(f"the tflite target needs {module.split('.')[0]} ({e}); install it with {INSTALL}") from None
+
+
+def _interpreter_cls() -> Any:
+    return _require("ai_edge_litert.interpreter").Interpreter
+
+
+# ------------------------------------------------------------------------------------------
+# the module that gets converted
+# ------------------------------------------------------------------------------------------
+
+
+def input_names(sig: InputSignature) -> list[str]:
+    names = ["sample", "timestep"]
+    if sig.cond_shape:
+        names.append("encoder_hidden_states")
+    if sig.num_classes:
+        names.append("class_labels")
+    return names
+
+
+class GpuGroupNorm(nn.Module):
+    """nn.GroupNorm written with ops the TFLite GPU delegate runs (no BROADCAST_TO).
+
+    Same arithmetic as torch: biased variance over (C/G, *spatial) per group, then affine.
+    Works on (B, C, *) inputs of any rank (diffusers' attention applies it to (B, C, S)).
+    """
+
+    def __init__(self, gn: nn.GroupNorm) -> None:
+        super().__init__()
+        self.num_groups, self.eps, self.affine = gn.num_groups, gn.eps, gn.affine
+        self.weight, self.bias = gn.weight, gn.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = x.reshape(shape[0], self.num_groups, -1)
+        d = y - y.mean(-1, keepdim=True)
+        var = (d * d).mean(-1, keepdim=True)
+        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        if not self.affine:
+            return y
+        view = [1, -1] + [1] * (len(shape) - 2)
+        return y * self.weight.view(view) + self.bias.view(view)
+
+
+def gpu_friendly(den: nn.Module) -> int:
+    """Replace every nn.GroupNorm by GpuGroupNorm, in place; returns how many."""
+    n = 0
+    for name, child in list(den.named_children()):
+        if isinstance(child, nn.GroupNorm):
+            setattr(den, name, GpuGroupNorm(child))
+            n += 1
+        else:
+            n += gpu_friendly(child)
+    return n
+
+
+class _Signature(nn.Module):
+    """Keyword inputs in contract order -> the diffusers call -> {"out": float32 tensor}."""
+
+    def __init__(self, inner: nn.Module, sig: InputSignature) -> None:
+        super().__init__()
+        self.inner = inner
+        self.has_cond = sig.cond_shape is not None
+        self.has_class = sig.num_classes is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        extra: dict[str, Any] = {}
+        if self.has_cond:
+            extra["encoder_hidden_states"] = encoder_hidden_states
+        if self.has_class:
+            extra["class_labels"] = class_labels
+        out = self.inner(sample, timestep, **extra)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif not isinstance(out, torch.Tensor):
+            out = out.sample
+        return {OUTPUT_NAME: out.float()}
+
+
+# ------------------------------------------------------------------------------------------
+# int8: PT2E quantize/dequantize pairs with the artifact's scales
+# ------------------------------------------------------------------------------------------
+
+
+def _qd() -> Any:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
+
+    return torch.ops.quantized_decomposed
+
+
+class _TflQDQ(nn.Module):
+    """Per-tensor activation quantization as quantize_per_tensor -> dequantize_per_tensor.
+
+    The scale and zero point are the artifact's; narrower grids than 8 bits (e.g. 6-bit
+    activations) are expressed through quant_min/quant_max, which the int8 type carries.
+    """
+
+    def __init__(self, tq: TensorQuant, what: str) -> None:
+        super().__init__()
+        if tq.bits > 8:
+            raise BadInput(f"{what}: {tq.bits}-bit activations cannot be written as int8 in TFLite")
+        if tq.scale.numel() != 1:
+            raise BadInput(f"{what}: activation quantization must be per tensor for TFLite")
+        self.scale = float(tq.scale.reshape(()))
+        zp = int(tq.zero_point.reshape(()))
+        # TFLite's activation type is int8: an unsigned (uint8) grid shifts by 128, same values
+        self.shift = 0 if tq.signed else -128
+        self.zp = zp + self.shift
+        self.qmin, self.qmax = tq.qmin + self.shift, tq.qmax + self.shift
+        if not -128 <= self.zp <= 127:
+            raise BadInput(f"{what}: zero point {zp} outside the int8 range")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        q = qd.quantize_per_tensor(x, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+        return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+
+
+class _TflQDQLayer(nn.Module):
+    """Conv2d/Linear with input, weight (and optionally output) as Q/DQ pairs."""
+
+    def __init__(self, inner: nn.Module, lq: LayerQuant) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = lq.name
+        wq = lq.weight
+        if wq is None:
+            raise BadInput(f"quantization parameters of {lq.name!r} have no weight quantizer")
+        w = inner.weight.detach().float()
+        if wq.axis != 0 or wq.scale.numel() != w.shape[0]:
+            raise BadInput(f"{lq.name}: weights must be quantized per output channel (axis 0, {w.shape[0]} scales)")
+        if not wq.symmetric:
+            raise BadInput(f"{lq.name}: weight zero points must be 0 (symmetric): TFLite int8 weights are symmetric")
+        if wq.bits > 8:
+            raise BadInput(f"{lq.name}: {wq.bits}-bit weights cannot be written as int8")
+        scale = wq.scale.clamp_min(1e-12)
+        self.register_buffer("w_scale", scale.clone())
+        self.register_buffer("w_zp", torch.zeros(w.shape[0], dtype=torch.int64))
+        # TFLite's int8 weights use [-127, 127] (symmetric); a 4-bit grid is a subset of it
+        self.w_min, self.w_max = max(wq.qmin, -127), wq.qmax
+        self.split_at = lq.meta.get("split_at")
+        quant_in = lq.input is not None and not lq.meta.get("input_unquantized")
+        self.aq = _TflQDQ(lq.input, lq.name) if quant_in else None
+        self.aq2 = _TflQDQ(lq.input2, lq.name) if quant_in and self.split_at and lq.input2 is not None else None
+        self.oq: _TflQDQ | None = None  # set by calibrate_outputs for int8 kernels
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is None:
+            return x
+        if self.aq2 is not None and x.shape[1] > self.split_at:
+            return torch.cat([self.aq(x[:, : self.split_at]), self.aq2(x[:, self.split_at:])], dim=1)
+        return self.aq(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        wq = qd.quantize_per_channel(self.inner.weight, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
+        w = qd.dequantize_per_channel(wq, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
+        if isinstance(self.inner, nn.Conv2d):
+            y = self.inner._conv_forward(self._in(x), w, self.inner.bias)
+        else:
+            y = F.linear(self._in(x), w, self.inner.bias)
+        return self.oq(y) if self.oq is not None else y
+
+
+def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
+    """exporters.onnx's explicit-matmul attention with TFLite Q/DQ on Q, K, softmax output and V."""
+    from edgediff.exporters.onnx import _QDQAttnProcessor
+
+    proc = _QDQAttnProcessor(qk, av)
+    proc.q_quant, proc.k_quant = _TflQDQ(qk.input, qk.name), _TflQDQ(qk.input2, qk.name)
+    proc.p_quant, proc.v_quant = _TflQDQ(av.input, av.name), _TflQDQ(av.input2, av.name)
+    return proc
+
+
+def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
+    """Replace every layer QuantParams names by its Q/DQ twin, in place; returns counts.
+
+    Same placement as exporters.onnx.insert_qdq (and so as the PyTorch simulation).
+    """
+    counts: Counter[str] = Counter()
+    modules = dict(den.named_modules())
+    attn_pairs: dict[str, dict[str, LayerQuant]] = {}
+    for name, lq in qp.layers.items():
+        if lq.kind in ("matmul_qk", "matmul_av"):
+            path, _, which = name.rpartition(":")
+            attn_pairs.setdefault(path, {})[which] = lq
+            continue
+        m = modules.get(name)
+        if m is None:
+            raise BadInput(f"quantization parameters name layer {name!r}, which the model does not have")
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise BadInput(f"quantization parameters of {name!r}: expected a Conv2d or Linear, found {type(m).__name__}")
+        parent, _, leaf = name.rpartition(".")
+        setattr(den.get_submodule(parent) if parent else den, leaf, _TflQDQLayer(m, lq))
+        counts[lq.kind] += 1
+    for path, pair in attn_pairs.items():
+        attn = modules.get(path)
+        if attn is None or not hasattr(attn, "set_processor"):
+            raise BadInput(f"quantization parameters name attention {path!r}, which the model does not have")
+        if set(pair) != {"qk", "av"}:
+            raise BadInput(f"attention {path!r}: quantization parameters need both ':qk' and ':av'")
+        attn.set_processor(_attn_processor(pair["qk"], pair["av"]))
+        counts["attention"] += 1
+    return dict(counts)
+
+
+@torch.inference_mode()
+def calibrate_outputs(wrapper: nn.Module, model: DiffusionModel, steps: int = 8, n: int = 4, seed: int = 0) -> int:
+    """Give every Q/DQ layer an int8 output quantizer from min/max over a short sampler run.
+
+    TFLite's int8 CONV_2D / FULLY_CONNECTED write int8 outputs with their own scale, which the
+    artifact's QuantParams do not carry (the simulation keeps layer outputs in float). These
+    scales are the one thing calibrated here: asymmetric per tensor, over the x_t of a short
+    DDIM run of the Q/DQ model itself (PTQ4DM-style: inputs from the sampler's trajectory).
+    Returns the number of layers calibrated.
+    """
+    from edgediff.sampling import SamplerConfig, sample
+
+    layers = [m for m in wrapper.modules() if isinstance(m, _TflQDQLayer)]
+    if not layers:
+        return 0
+    ranges: dict[int, list[float]] = {}
+
+    def hook(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+        r = ranges.setdefault(id(mod), [0.0, 0.0])
+        r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    sig = model.signature
+    names = input_names(sig)
+
+    def den(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        kw = {"sample": x, "timestep": t}
+        if "encoder_hidden_states" in names:
+            kw["encoder_hidden_states"] = cond
+        if "class_labels" in names:
+            kw["class_labels"] = cond
+        return wrapper(**kw)[OUTPUT_NAME]
+
+    cond = _conditioning(sig, n, seed)
+    try:
+        sample(den, model.schedule, sig.sample_shape, n, seed=seed, cfg=SamplerConfig("ddim", steps, batch_size=n),
+               cond=cond)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in layers:
+        lo, hi = ranges[id(m)]
+        scale = max((hi - lo) / 255.0, 1e-8)
+        zp = int(round(-128 - lo / scale))
+        m.oq = _TflQDQ(TensorQuant(8, torch.tensor(scale), torch.tensor(max(-128, min(127, zp)))), m.name)
+    return len(layers)
+
+
+def _conditioning(sig: InputSignature, n: int, seed: int) -> torch.Tensor | None:
+    if sig.num_classes:
+        return torch.arange(n) % sig.num_classes
+    if sig.cond_shape:
+        return torch.randn(n, *sig.cond_shape, generator=torch.Generator().manual_seed(seed + 1))
+    return None
+
+
+def _example_kwargs(sig: InputSignature, batch: int) -> dict[str, torch.Tensor]:
+    ex = sig.example_inputs(batch=batch)
+    return {k: ex[k] for k in input_names(sig)}
+
+
+# ------------------------------------------------------------------------------------------
+# conversion
+# ------------------------------------------------------------------------------------------
+
+
+def _fp16_weights(tflite_bytes: bytes) -> bytes:
+    """Cast conv/FC weights to float16 with explicit DEQUANTIZE (ai-edge-quantizer float_casting)."""
+    import os
+    import tempfile
+
+    quantizer = _require("ai_edge_quantizer.quantizer")
+    recipe = [{"regex": ".*", "operation": "*", "algorithm_key": "float_casting",
+               "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
+                             "compute_precision": "FLOAT", "explicit_dequantize": True}}]
+    fd, name = tempfile.mkstemp(suffix=".tflite")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(tflite_bytes)
+        return bytes(quantizer.Quantizer(name, recipe).quantize().quantized_model)
+    finally:
+        os.unlink(name)
+
+
+def build_tflite(model: DiffusionModel, precision: str, batch: int = 1, kernels: str = "int8",
+                 progress: Any = None) -> tuple[bytes, dict[str, Any]]:
+    """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report)."""
+    from edgediff.exporters.onnx import float_denoiser
+
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r} for tflite; expected one of {', '.join(PRECISIONS)}")
+    if kernels not in ("int8", "qdq"):
+        raise BadInput(f"tflite option kernels={kernels!r}: expected 'int8' (integer kernels) or 'qdq'")
+    if not isinstance(batch, int) or batch < 1:
+        raise BadInput(f"tflite option batch={batch!r}: expected a positive integer")
+    qp = QuantParams.of(model)
+    if precision == "int8" and qp is None:
+        raise BadInput("int8 export needs quantization parameters: compress the model with a quantizing recipe "
+                       "(e.g. --recipe w8a8) and export the artifact")
+    litert_torch = _require("litert_torch")
+    facts: dict[str, Any] = {"batch": batch}
+    den = float_denoiser(model)
+    facts["groupnorms_rewritten"] = gpu_friendly(den)
+    wrapper = _Signature(den, model.signature).eval()
+    quant_config = None
+    if precision == "int8":
+        assert qp is not None
+        facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "kernels": kernels,
+                         "weight_bits": qp.weight_bits, "act_bits": qp.act_bits}
+        if kernels == "int8":
+            facts["int8"]["outputs_calibrated"] = calibrate_outputs(wrapper, model)
+        from litert_torch.quantize import pt2e_quantizer as pq
+        from litert_torch.quantize import quant_config as qc
+
+        # only to switch the converter's Q/DQ handling to STATIC: our Q/DQ ops already carry
+        # the artifact's scales and nothing is observed or re-calibrated by litert-torch
+        quant_config = qc.QuantConfig(pt2e_quantizer=pq.PT2EQuantizer().set_global(
+            pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)))
+    kwargs = _example_kwargs(model.signature, batch)
+    t0 = time.perf_counter()
+    try:
+        edge = litert_torch.convert(wrapper, sample_kwargs=kwargs, quant_config=quant_config)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise BadInput(f"litert-torch could not convert this denoiser ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:300]})") from None
+    data = bytes(edge.model_content())
+    facts["convert_seconds"] = round(time.perf_counter() - t0, 2)
+    if precision == "fp16":
+        data = _fp16_weights(data)
+    return data, facts
+
+
+# ------------------------------------------------------------------------------------------
+# the .tflite file: op histogram, GPU-delegate coverage, runtime
+# ------------------------------------------------------------------------------------------
+
+
+def _interpreter(path: Path, threads: int | None = None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        it = _interpreter_cls()(model_path=str(path), num_threads=threads)
+    except ValueError as e:
+        raise BadInput(f"{path}: not a TFLite model LiteRT can load ({str(e).splitlines()[0]})") from None
+    return it
+
+
+def op_histogram(it: Any) -> dict[str, int]:
+    return dict(Counter(o["op_name"] for o in it._get_ops_details()).most_common())
+
+
+def gpu_delegate_report(ops: dict[str, int], quantized: bool) -> dict[str, Any]:
+    """Which ops of the graph the TFLite GPU delegate would leave to the CPU (by op type)."""
+    supported = set(GPU_DELEGATE_OPS)
+    if not quantized:
+        supported.discard("QUANTIZE")  # only with allow_quant_ops
+    fallback = {op: n for op, n in ops.items() if op not in supported}
+    return {"all_ops_supported": not fallback, "cpu_fallback_ops": fallback, "source": GPU_DELEGATE_SOURCE}
+
+
+def _weight_dtypes(it: Any) -> dict[str, int]:
+    """Element types of the constant tensors that feed CONV_2D/FC/DEPTHWISE/DEQUANTIZE."""
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    counts: Counter[str] = Counter()
+    seen: set[int] = set()
+    for o in it._get_ops_details():
+        if o["op_name"] not in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D", "DEQUANTIZE"):
+            continue
+        idx = o["inputs"][0] if o["op_name"] == "DEQUANTIZE" else (o["inputs"][1] if len(o["inputs"]) > 1 else -1)
+        if idx < 0 or idx in seen:
+            continue
+        seen.add(idx)
+        d = details[idx]
+        try:
+            it.get_tensor(idx)  # constants are readable; activations are not before invoke
+        except ValueError:
+            continue
+        counts[np.dtype(d["dtype"]).name] += 1
+    return dict(counts)
+
+
+def _precision(weights: dict[str, int]) -> str:
+    if weights.get("int8"):
+        return "int8"
+    if weights.get("float16"):
+        return "fp16"
+    return "fp32"
+
+
+def tflite_info(path: Path) -> dict[str, Any]:
+    it = _interpreter(path)
+    sig = it.get_signature_list().get(SIGNATURE, {})
+    runner = it.get_signature_runner(SIGNATURE) if sig else None
+    ops = op_histogram(it)
+    weights = _weight_dtypes(it)
+
+    def io(d: dict[str, Any]) -> dict[str, Any]:
+        return {"shape": [int(x) for x in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+
+    inputs = {k: io(v) for k, v in runner.get_input_details().items()} if runner else {}
+    outputs = {k: io(v) for k, v in runner.get_output_details().items()} if runner else {}
+    precision = _precision(weights)
+    return {"kind": "exported", "target": "tflite", "path": str(path), "size_bytes": Path(path).stat().st_size,
+            "precision": precision, "signature": SIGNATURE, "inputs": inputs, "outputs": outputs,
+            "batch": inputs.get("sample", {}).get("shape", [None])[0], "ops": ops, "num_ops": sum(ops.values()),
+            "weight_dtypes": weights, "gpu_delegate": gpu_delegate_report(ops, precision == "int8")}
+
+
+class LiteRTDenoiser:
+    """A .tflite denoiser in LiteRT's interpreter (XNNPACK on CPU), called like TorchDenoiser.
+
+    The file has a fixed batch (see the module docstring): inputs are split into chunks of
+    that size and the last chunk is padded (by repeating its last row), outputs trimmed.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.interpreter = _interpreter(self.path, threads)
+        if SIGNATURE not in self.interpreter.get_signature_list():
+            raise BadInput(f"{path}: no {SIGNATURE!r} signature (not exported by edgediff?)")
+        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+        self.inputs = self.runner.get_input_details()
+        if "sample" not in self.inputs or "timestep" not in self.inputs:
+            raise BadInput(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(self.inputs)}")
+        self.batch = int(self.inputs["sample"]["shape"][0])
+        self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
+
+    def _feed(self, name: str, t: torch.Tensor) -> np.ndarray:
+        d = self.inputs[name]
+        a = t.detach().cpu().numpy()
+        if np.issubdtype(d["dtype"], np.integer) and d["quantization"][0] and not np.issubdtype(a.dtype, np.integer):
+            s, z = d["quantization"]  # a quantized input (the converter folded the first Q into it)
+            info = np.iinfo(d["dtype"])
+            return np.clip(np.round(a / s) + z, info.min, info.max).astype(d["dtype"])
+        return a.astype(d["dtype"])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        n, b = x.shape[0], self.batch
+        outs = []
+        for i in range(0, n, b):
+            chunk = {"sample": x[i:i + b].float(), "timestep": t[i:i + b].float()}
+            if self.cond_name is not None:
+                if cond is None:
+                    raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
+                chunk[self.cond_name] = cond[i:i + b]
+            k = chunk["sample"].shape[0]
+            if k < b:  # pad the last chunk to the file's fixed batch
+                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
+            res = self.runner(**{name: self._feed(name, v) for name, v in chunk.items()})
+            outs.append(torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))[:k])
+        return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------------------
+# the backend
+# ------------------------------------------------------------------------------------------
+
+
+class TFLiteBackend:
+    target = "tflite"
+    precisions = PRECISIONS
+
+    def available(self) -> tuple[bool, str]:
+        for mod in ("litert_torch", "ai_edge_litert.interpreter", "ai_edge_quantizer"):
+            try:
+                __import__(mod)
+            except ImportError as e:
+                return False, f"{mod.split('.')[0]} is not installed ({e}); install it with {INSTALL}"
+        return True, "litert-torch and ai-edge-litert are installed"
+
+    def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
+        try:
+            _interpreter_cls()
+        except Unavailable as e:
+            return False, str(e)
+        return True, "LiteRT interpreter (XNNPACK, CPU) runs .tflite files here"
+
+    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False, batch: int = 1,
+               kernels: str = "int8", progress: Any = None, **options: Any) -> dict[str, Any]:
+        out = Path(out)
+        if options:
+            raise BadInput(f"tflite export: unknown option(s) {', '.join(sorted(options))} "
+                           "(the tflite target takes batch and kernels)")
+        if out.suffix.lower() != ".tflite":
+            raise BadInput(f"{out}: a TFLite export must be written to a .tflite file")
+        if out.exists() and not force:
+            raise BadInput(f"{out}: output already exists (pass --force to replace it)")
+        if not isinstance(model, DiffusionModel):
+            raise BadInput(f"the tflite target exports a model or an artifact, not {type(model).__name__}")
+        t0 = time.perf_counter()
+        data, facts = build_tflite(model, precision, batch=batch, kernels=kernels, progress=progress)
+        with atomic_file(out, force=force) as tmp:
+            tmp.write_bytes(data)
+        info = tflite_info(out)
+        report = {"target": self.target, "precision": precision, "path": str(out), "size_bytes": info["size_bytes"],
+                  "seconds": round(time.perf_counter() - t0, 2), "converter": "litert-torch", **facts,
+                  "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
+                  "weight_dtypes": info["weight_dtypes"], "gpu_delegate": info["gpu_delegate"]}
+        return report
+
+    def load_denoiser(self, path: Path) -> LiteRTDenoiser:
+        return LiteRTDenoiser(path)
+
+    def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
+        """Structural check: loads, inputs/outputs and shapes as the reference expects, op histogram."""
+        info = tflite_info(path)
+        problems = []
+        if reference is not None:
+            want = input_names(reference.signature)
+            if sorted(info["inputs"]) != sorted(want):
+                problems.append(f"inputs {sorted(info['inputs'])} != expected {sorted(want)}")
+            shp = info["inputs"].get("sample", {}).get("shape", [])
+            if list(shp[1:]) != list(reference.signature.sample_shape):
+                problems.append(f"sample shape {shp} does not match {list(reference.signature.sample_shape)}")
+        if OUTPUT_NAME not in info["outputs"]:
+            problems.append(f"no output named {OUTPUT_NAME!r}")
+        return {"loads": True, "ok": not problems, "problems": problems, "inputs": info["inputs"],
+                "outputs": info["outputs"], "ops": info["ops"], "weight_dtypes": info["weight_dtypes"]}
+
+    def info(self, path: Path) -> dict[str, Any]:
+        return tflite_info(path)
+
+
+BACKEND = TFLiteBackend()
