@@ -255,7 +255,9 @@ def fit_efficiency(ops: list[OpWork], measured_layers: list[dict[str, Any]], dev
     names = [n for n in by_mod if n in meas]
     if len(names) < 4:
         raise BadInput("calibration needs at least 4 layers whose names match between the graph and the profile")
-    target = np.log([meas[n] for n in names])
+    # a floor of 5 us keeps near-zero layers (reshapes after the profiler floor) from dominating the log loss
+    eps = 0.005
+    target = np.log(np.array([meas[n] for n in names]) + eps)
 
     def unpack(x: np.ndarray) -> dict[str, float]:
         e = np.exp(x)
@@ -265,7 +267,7 @@ def fit_efficiency(ops: list[OpWork], measured_layers: list[dict[str, Any]], dev
     def loss(x: np.ndarray) -> float:
         eff = unpack(x)
         pred = np.array([sum(op_ms(o, dev, eff)[0] for o in by_mod[n]) for n in names])
-        return float(np.mean((np.log(pred) - target) ** 2))
+        return float(np.mean((np.log(pred + eps) - target) ** 2))
 
     x0 = np.log([0.5, 0.5, 0.5, 5.0])
     res = minimize(loss, x0, method="Nelder-Mead", options={"maxiter": 600, "xatol": 1e-3, "fatol": 1e-6})
