@@ -62,6 +62,8 @@ class ExtractedLayer:
         return {"name": self.layer.name, "node": self.node, "op": self.op_type, "kind": self.layer.kind, "m": m, "k": k,
                 "n": n, "reps": reps, "macs": m * k * n * reps, "input_shape": list(self.x_shape),
                 "requant": self.layer.out_scale is not None, "weight_bits": self.layer.w_bits,
+                "params": int((self.layer.w.size if self.layer.w is not None else 0)
+                              + (np.asarray(self.layer.bias).size if self.layer.bias is not None else 0)),
                 "activation": "int8" if self.layer.x_signed else "uint8"}
 
 
@@ -711,6 +713,7 @@ class FpgaBackend:
                 "ort_layers_bit_exact", "csim_cycles", "array_macs", "host_macs", "estimate", "reason", "host_ops")
         out = {k: rep[k] for k in keep if k in rep}
         out["macs"] = rep.get("array_macs", 0) + rep.get("host_macs", 0)
+        out["params"] = sum(int(r.get("params", 0)) for r in rep.get("layers", []))  # the array's weights and biases
         out["size_bytes"] = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
         return out
 
