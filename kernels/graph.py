@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel, DenoiserModule
+from edgediff.model import DenoiserModule, DiffusionModel
 from edgediff.quant_params import strip_quant_wrappers
 
 SCHEDULE_VERSION = 1

@@ -101,7 +101,8 @@ def winograd_weights(w: np.ndarray) -> np.ndarray:
 class CLRuntime:
     """One OpenCL context + queue, the compiled programs, and the kernels as methods."""
 
-    def __init__(self, device: Any = None, precision: str = "fp32", profiling: bool = False) -> None:
+    def __init__(self, device: Any = None, precision: str = "fp32", profiling: bool = False,
+                 sources: dict[str, str] | None = None) -> None:
         if precision not in ("fp32", "fp16"):
             raise BadInput(f"OpenCL runtime precision must be fp32 or fp16, got {precision!r}")
         cl = _cl()
@@ -109,6 +110,7 @@ class CLRuntime:
         import pyopencl.tools
 
         self.cl = cl
+        self.sources = sources  # a bundle's own .cl files (name.cl -> text); else the package's
         self.device = device if device is not None and not isinstance(device, str) else pick_device(device)
         self.ctx = cl.Context([self.device])
         props = cl.command_queue_properties.PROFILING_ENABLE if profiling else 0
@@ -167,7 +169,8 @@ class CLRuntime:
             if name == "int8":
                 opts.append("-cl-fp32-correctly-rounded-divide-sqrt")
             try:
-                prg = self.cl.Program(self.ctx, _source(name)).build(options=opts)
+                src = (self.sources["common.h.cl"] + "\n" + self.sources[f"{name}.cl"]) if self.sources else _source(name)
+                prg = self.cl.Program(self.ctx, src).build(options=opts)
             except self.cl.RuntimeError as e:  # a kernel that does not compile is our bug: show the log
                 raise RuntimeError(f"OpenCL build of {name}.cl failed on {self.device.name.strip()}: {e}") from None
             self._programs[key] = prg

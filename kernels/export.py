@@ -1,0 +1,182 @@
+"""The "opencl" backend: a bundle directory (op schedule + .cl sources + weights) and its runtime.
+
+Bundle layout (written atomically):
+    opencl_bundle.json     marker + format version, precision, signature, the op schedule
+    kernels/*.cl           the OpenCL C sources the runtime compiles (the bundle is self-contained)
+    weights.safetensors    weights by name (float16 for fp16 bundles, except biases/affines: float32)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgediff.artifact import atomic_dir
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+
+MARKER = "opencl_bundle.json"
+FORMAT = "edgediff-opencl-bundle"
+FORMAT_VERSION = 1
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def read_bundle(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    mf = path / MARKER
+    if not mf.is_file():
+        raise BadInput(f"{path}: not an OpenCL bundle (no {MARKER})")
+    try:
+        meta = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"{mf}: unreadable bundle manifest ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise BadInput(f"{mf}: unsupported bundle format {meta.get('format')!r} v{meta.get('format_version')!r} "
+                       f"(this edgediff reads {FORMAT} v{FORMAT_VERSION})")
+    for name in meta.get("kernels", []):
+        if not (path / "kernels" / name).is_file():
+            raise BadInput(f"{path}: bundle is missing kernels/{name}")
+    if not (path / meta.get("weights", "weights.safetensors")).is_file():
+        raise BadInput(f"{path}: bundle is missing {meta.get('weights', 'weights.safetensors')}")
+    return meta
+
+
+class OpenCLDenoiser:
+    """A bundle on an OpenCL device, callable as denoiser(x, t, cond) -> eps (float32 torch tensors)."""
+
+    def __init__(self, path: Path, device: Any = None, conv_algo: str = "auto") -> None:
+        from edgediff.kernels.graph import Executor
+        from edgediff.kernels.runtime import CLRuntime
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        meta = read_bundle(path)
+        sources = {n: (path / "kernels" / n).read_text() for n in meta["kernels"]}
+        self.meta = meta
+        self.rt = CLRuntime(device, precision=meta["precision"], sources=sources)
+        try:
+            weights = load_file(str(path / meta["weights"]))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise BadInput(f"{path / meta['weights']}: unreadable weights ({e})") from None
+        self.executor = Executor(meta["schedule"], weights, self.rt, conv_algo=conv_algo)
+        self.notes = self.rt.notes
+
+    def describe(self) -> dict[str, Any]:
+        return self.rt.describe()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            raise BadInput("opencl bundle: this denoiser takes no conditioning")
+        return self.executor.run(x, t)
+
+    def profile(self, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, str, float]]:
+        """Per-op wall times (ms) of one call, each op synchronised: [(module name, op, ms)]."""
+        timings: list[tuple[str, str, float]] = []
+        self.executor.run(x, t, timings)
+        return timings
+
+
+class OpenCLBackend:
+    target = "opencl"
+    precisions = ("fp32", "fp16")
+
+    def available(self) -> tuple[bool, str]:
+        # writing a bundle needs only torch and safetensors; running it needs a device (runtime_available)
+        return True, "bundle export needs no OpenCL device"
+
+    def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
+        from edgediff.kernels.runtime import opencl_available
+
+        return opencl_available()
+
+    def export(self, model: DiffusionModel, out: Path, precision: str = "fp32", force: bool = False,
+               **options: Any) -> dict[str, Any]:
+        from edgediff.kernels.graph import _F32_SUFFIXES, build_schedule
+        from edgediff.kernels.runtime import kernel_sources
+        from safetensors.torch import save_file
+
+        if precision not in self.precisions:
+            raise BadInput(f"opencl target: precision {precision!r} is not supported; choose one of "
+                           f"{', '.join(self.precisions)} (the int8 kernels exist, int8 bundles do not yet)")
+        if options:
+            raise BadInput(f"opencl target: unknown option(s) {', '.join(sorted(options))}")
+        if model.signature.cond_shape or model.signature.num_classes:
+            raise BadInput("opencl target: conditional denoisers (cross-attention, class labels) are not supported")
+        sched, weights = build_schedule(model)
+        if precision == "fp16":
+            weights = {k: (v if k.endswith(_F32_SUFFIXES) else v.half()) for k, v in weights.items()}
+        out = Path(out)
+        srcs = kernel_sources()
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision,
+                "signature": model.signature.to_dict(), "arch": model.arch,
+                "provenance": {k: v for k, v in model.provenance.items() if isinstance(v, (str, int, float, bool))},
+                "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
+                "weights": "weights.safetensors", "schedule": sched}
+        with atomic_dir(out, force=force) as tmp:
+            (tmp / "kernels").mkdir()
+            for name, text in srcs.items():
+                (tmp / "kernels" / name).write_text(text)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+        report = {"target": self.target, "path": str(out), "precision": precision, "size_bytes": _dir_size(out),
+                  "ops": len(sched["ops"]), "op_histogram": dict(Counter(op["op"] for op in sched["ops"])),
+                  "params": int(sum(v.numel() for k, v in weights.items() if not k.endswith(".freqs")))}
+        if meta["quantized_source"]:
+            report["note"] = ("the model carries quantization parameters; this float bundle uses its on-grid weights "
+                              "but does not quantize activations")
+        return report
+
+    def load_denoiser(self, path: Path, device: Any = None, conv_algo: str = "auto") -> OpenCLDenoiser:
+        ok, why = self.runtime_available(path)
+        if not ok:
+            from edgediff.errors import Unavailable
+
+            raise Unavailable(f"cannot run OpenCL bundle {path}: {why}")
+        return OpenCLDenoiser(Path(path), device=device, conv_algo=conv_algo)
+
+    def check(self, path: Path, reference: DiffusionModel) -> dict[str, Any]:
+        """Structural check without a device: the bundle's schedule and weights against the reference's."""
+        from edgediff.kernels.graph import build_schedule
+        from safetensors import safe_open
+
+        meta = read_bundle(Path(path))
+        sched, weights = build_schedule(reference)
+        problems = []
+        if [(o["op"], o["name"]) for o in sched["ops"]] != [(o["op"], o["name"]) for o in meta["schedule"]["ops"]]:
+            problems.append("op schedule differs from the reference model's")
+        with safe_open(str(Path(path) / meta["weights"]), "np") as f:
+            names = set(f.keys())
+            for k, v in weights.items():
+                if k not in names:
+                    problems.append(f"missing weight {k}")
+                elif tuple(f.get_slice(k).get_shape()) != tuple(v.shape):
+                    problems.append(f"weight {k} has shape {f.get_slice(k).get_shape()}, reference {list(v.shape)}")
+        sig = reference.signature
+        return {"inputs": {"sample": ["B", *sig.sample_shape], "timestep": ["B"]},
+                "outputs": {"out": ["B", meta["schedule"]["out_channels"], *sig.sample_shape[1:]]},
+                "dtypes": {"activations": "float16" if meta["precision"] == "fp16" else "float32"},
+                "op_histogram": dict(Counter(o["op"] for o in meta["schedule"]["ops"])),
+                "ok": not problems, "problems": problems[:10]}
+
+    def info(self, path: Path) -> dict[str, Any]:
+        meta = read_bundle(Path(path))
+        ops = meta["schedule"]["ops"]
+        from safetensors import safe_open
+
+        with safe_open(str(Path(path) / meta["weights"]), "np") as f:
+            # the timestep frequencies are a constant table, not a parameter of the model
+            params = int(sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if not k.endswith(".freqs")))
+        return {"target": self.target, "precision": meta["precision"], "arch": meta.get("arch"),
+                "signature": meta["signature"], "ops": len(ops), "op_histogram": dict(Counter(o["op"] for o in ops)),
+                "params": params, "size_bytes": _dir_size(Path(path)), "kernels": meta["kernels"]}
+
+
+BACKEND = OpenCLBackend()
