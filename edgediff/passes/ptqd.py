@@ -1,0 +1,213 @@
+"""ptqd: PTQD (He et al. 2023) noise correction and step-aware mixed precision for a quantized model.
+
+Quantization noise in the noise estimate is split into a part correlated with the FP
+estimate and a residual: eps_q = (1 + k_t) * eps_fp + bias_t + r_t. Over the calibration
+trajectories of the calib pass (FP model's own x_t and FP outputs, from the cache), k_t (one
+per timestep) and bias_t (one per output channel and timestep) are fitted by least squares
+of (eps_q - eps_fp) on eps_fp. The sampler then uses eps -> (eps - bias_t) / (1 + k_t), and for
+stochastic samplers takes the residual's variance Var(r_t) / (1 + k_t)^2 out of sigma_t^2
+(it is noise the quantized model already adds).
+
+Step-aware mixed precision: for each sampler step and each candidate activation bit-width,
+the residual noise after correction is measured and turned into an SNR against the noise
+x_{t-1} is meant to carry anyway, SNR = 10 log10((1 - abar_{t-1}) / (c_t^2 Var(r_t))), c_t the
+DDIM factor of eps in x_{t-1}. Each step gets the lowest bit-width whose SNR reaches
+`mp_min_snr_db`; early, noisy steps tolerate fewer bits, the last steps keep the base width.
+
+model.extras["ptqd"] holds per-timestep tables; `correction_for(model)` turns them into an
+EpsCorrection that the verifier applies around any denoiser, exported ones included.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext, register, register_restorer
+from edgediff.passes.calib import load_calibration
+from edgediff.quant.apply import call_denoiser
+from edgediff.quant.core import check_bits, set_bits_override
+from edgediff.quant_params import is_quant_wrapper
+
+
+@dataclass
+class PtqdOptions:
+    samples: int = 16  # trajectories of the calibration set used for the fit
+    correct_bias: bool = True  # fit the per-channel bias (else k only)
+    variance: bool = True  # absorb the residual variance into the sampler's sigma_t^2
+    mixed_precision: bool = False  # step-aware activation bit-widths
+    mp_bits: list[int] = field(default_factory=lambda: [6])  # candidate lower activation bit-widths
+    mp_min_snr_db: float = 20.0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
+            raise BadInput(f"ptqd: samples must be a positive integer (a calibration count of zero gives "
+                           f"nothing to fit), got {self.samples!r}")
+        if not isinstance(self.mp_bits, (list, tuple)):
+            raise BadInput(f"ptqd: mp_bits must be a list of bit-widths, got {self.mp_bits!r}")
+        for b in self.mp_bits:
+            check_bits(b, "ptqd: mp_bits")
+        if self.batch_size < 1:
+            raise BadInput(f"ptqd: batch_size must be >= 1, got {self.batch_size}")
+
+
+class PtqdCorrection:
+    """EpsCorrection from per-timestep tables; a timestep between calibrated ones takes the nearest."""
+
+    def __init__(self, table: dict[str, Any]) -> None:
+        self.ts = torch.as_tensor(table["timesteps"]).long()
+        self.k = torch.as_tensor(table["k"]).float()
+        self.bias = torch.as_tensor(table["bias"]).float()
+        self.res_var = torch.as_tensor(table["residual_var"]).float()
+        self.use_variance = bool(table.get("variance", True))
+
+    def _i(self, t: int) -> int:
+        return int((self.ts - int(t)).abs().argmin())
+
+    def correct(self, eps: torch.Tensor, t: int) -> torch.Tensor:
+        i = self._i(t)
+        b = self.bias[i].to(eps.dtype).view(1, -1, *([1] * (eps.dim() - 2)))
+        return (eps - b) / (1 + float(self.k[i]))
+
+    def variance_offset(self, t: int) -> float:
+        """Variance of the residual left in the corrected eps at step t (eps units)."""
+        return float(self.res_var[self._i(t)]) if self.use_variance else 0.0
+
+
+def correction_for(model: DiffusionModel) -> PtqdCorrection | None:
+    """The PTQD correction of a model, or None if the ptqd pass has not run on it."""
+    table = getattr(model, "extras", {}).get("ptqd")
+    return PtqdCorrection(table) if table else None
+
+
+class _StepBits:
+    """Forward pre-hook on the denoiser: sets the activation bit-width for the call's timestep."""
+
+    def __init__(self, ts: torch.Tensor, bits: torch.Tensor, base: int) -> None:
+        self.ts, self.bits, self.base = ts.long(), bits.long(), int(base)
+
+    def __call__(self, mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if t is None:
+            return
+        t0 = int(torch.as_tensor(t).reshape(-1)[0])
+        b = int(self.bits[int((self.ts - t0).abs().argmin())])
+        set_bits_override(mod, None if b == self.base else b)
+
+
+def install_step_bits(model: DiffusionModel) -> DiffusionModel:
+    table = model.extras["ptqd"]
+    den = model.denoiser
+    for h in list(getattr(den, "_edgediff_ptqd_hooks", [])):
+        h.remove()
+    den._edgediff_ptqd_hooks = []
+    if table.get("mixed_precision"):
+        hook = _StepBits(torch.as_tensor(table["timesteps"]), torch.as_tensor(table["act_bits"]), int(table["base_act_bits"]))
+        den._edgediff_ptqd_hooks.append(den.register_forward_pre_hook(hook, with_kwargs=True))
+    return model
+
+
+@register_restorer("ptqd")
+def _restore(model: DiffusionModel) -> DiffusionModel:
+    return install_step_bits(model)
+
+
+def eps_of(model: DiffusionModel, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    c = x.shape[1]
+    if out.shape[1] == 2 * c:
+        out = out[:, :c]  # learned-variance output: the first half is the prediction
+    return model.schedule.to_eps_x0(out, x, t)[0]
+
+
+def fit(d: torch.Tensor, e: torch.Tensor, with_bias: bool) -> tuple[float, torch.Tensor, float]:
+    """Least squares d = k * e + bias_c + r over a batch (B, C, ...); returns k, bias (C,), Var(r)."""
+    dims = [0] + list(range(2, d.dim()))
+    if with_bias:
+        dm, em = d.mean(dims, keepdim=True), e.mean(dims, keepdim=True)
+        dc, ec = d - dm, e - em
+        k = float((dc * ec).sum() / (ec * ec).sum().clamp_min(1e-12))
+        bias = (dm - k * em).flatten()
+    else:
+        k = float((d * e).sum() / (e * e).sum().clamp_min(1e-12))
+        bias = torch.zeros(d.shape[1])
+    r = d - k * e - bias.view(1, -1, *([1] * (d.dim() - 2)))
+    return k, bias, float((r * r).mean())
+
+
+@register("ptqd", PtqdOptions)
+def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> DiffusionModel:
+    opts.validate()
+    if not model.extras.get("quant") or not any(is_quant_wrapper(m) for m in model.denoiser.modules()):
+        raise BadInput("ptqd: the model is not quantized; put a `quant` pass before `ptqd` in the recipe")
+    data = load_calibration(model, ctx)
+    base = int(model.extras["quant"]["act_bits"])
+    cands = sorted({int(b) for b in opts.mp_bits if int(b) < base}) if opts.mixed_precision else []
+    n = min(opts.samples, data["traj_x"].shape[1])
+    traj_t, traj_x, traj_out = data["traj_t"], data["traj_x"][:, :n], data["traj_out"][:, :n]
+    cond = data["traj_cond"][:n] if "traj_cond" in data else None
+    den = model.denoiser.eval()
+    mod = model.module()
+    ac = model.schedule.alphas_cumprod
+    t0 = time.perf_counter()
+    rows = []
+    for s in ctx.track(range(len(traj_t)), f"ptqd: fitting {len(traj_t)} steps x {1 + len(cands)} bit-widths"):
+        t = int(traj_t[s])
+        x = traj_x[s]
+        e_fp = eps_of(model, traj_out[s], x, t)
+        t_prev = int(traj_t[s + 1]) if s + 1 < len(traj_t) else -1
+        a_t, a_prev = float(ac[t]), float(ac[t_prev]) if t_prev >= 0 else 1.0
+        # DDIM (eta = 0) factor of an eps error in x_{t-1}
+        c = (1 - a_prev) ** 0.5 - (a_prev * (1 - a_t) / a_t) ** 0.5
+        per_bits = {}
+        for b in [base] + cands:
+            set_bits_override(den, None if b == base else b)
+            with torch.no_grad():
+                outs = [call_denoiser(mod, x[i:i + opts.batch_size], torch.full((len(x[i:i + opts.batch_size]),), float(t)),
+                                      cond[i:i + opts.batch_size] if cond is not None else None, model.signature.num_classes)
+                        for i in range(0, len(x), opts.batch_size)]
+            e_q = eps_of(model, torch.cat(outs).float(), x, t)
+            k, bias, var_r = fit(e_q - e_fp, e_fp, opts.correct_bias)
+            res_var = var_r / (1 + k) ** 2
+            snr = 10 * math.log10(max(1 - a_prev, 1e-12) / max(c * c * res_var, 1e-20)) if t_prev >= 0 else -math.inf
+            uncorrected = float(((e_q - e_fp) ** 2).mean())
+            per_bits[b] = {"k": k, "bias": bias, "res_var": res_var, "snr_db": snr, "mse_uncorrected": uncorrected,
+                           "fit_residual": var_r}
+        set_bits_override(den, None)
+        chosen = base
+        for b in cands:  # lowest first
+            if per_bits[b]["snr_db"] >= opts.mp_min_snr_db:
+                chosen = b
+                break
+        rows.append((t, chosen, per_bits))
+    table = {
+        "version": 1, "base_act_bits": base, "mixed_precision": bool(cands), "variance": opts.variance,
+        "timesteps": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        "act_bits": torch.tensor([r[1] for r in rows], dtype=torch.int64),
+        "k": torch.tensor([r[2][r[1]]["k"] for r in rows], dtype=torch.float32),
+        "bias": torch.stack([r[2][r[1]]["bias"] for r in rows]).float(),
+        "residual_var": torch.tensor([r[2][r[1]]["res_var"] for r in rows], dtype=torch.float32),
+        "snr_db": torch.tensor([r[2][r[1]]["snr_db"] if math.isfinite(r[2][r[1]]["snr_db"]) else -1.0 for r in rows],
+                               dtype=torch.float32),
+        "samples": n, "sampler_steps": len(rows),
+    }
+    model.extras["ptqd"] = table
+    install_step_bits(model)
+    ks = table["k"]
+    mse_unc = sum(r[2][r[1]]["mse_uncorrected"] for r in rows) / len(rows)
+    mse_cor = sum(r[2][r[1]]["res_var"] for r in rows) / len(rows)
+    fit_res = sum(r[2][r[1]]["fit_residual"] for r in rows) / len(rows)
+    ctx.metrics.update({
+        "steps": len(rows), "samples": n, "k_min": round(float(ks.min()), 5), "k_max": round(float(ks.max()), 5),
+        # eps MSE vs the FP model before/after correction, and the regression's own residual
+        "eps_mse_uncorrected": mse_unc, "eps_mse_corrected": mse_cor, "fit_residual_mse": fit_res,
+        "mean_act_bits": round(float(table["act_bits"].float().mean()), 3),
+        "low_bit_steps": int((table["act_bits"] < base).sum()), "seconds": round(time.perf_counter() - t0, 2),
+    })
+    return model

@@ -1,0 +1,477 @@
+"""Quantization simulation in PyTorch: quantizers, Conv2d/Linear wrappers, quantized attention.
+
+Everything here follows the wrapper convention of edgediff/quant_params.py: a wrapper marks
+itself with `_edgediff_quant_wrapper = True`, keeps the float module as `.inner` and records
+its constructor arguments in `_edgediff_init`, so that edgediff/serialize.py can save and
+rebuild it without pickling. Quantizer state (scales, zero points) lives in buffers/params so
+it travels in the artifact's safetensors.
+
+Arithmetic is the one DESIGN.md describes: q = clamp(round(x / s) + z, qmin, qmax) and
+x ~ (q - z) * s; torch.round rounds half to even like ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgediff.errors import BadInput
+from edgediff.quant_params import SUPPORTED_BITS, TensorQuant
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020)
+ADA_ZETA, ADA_GAMMA = 1.1, -0.1
+# how many activation values an observer keeps per call / in total for percentile and MSE search
+_RESERVOIR_PER_CALL = 4096
+_RESERVOIR_TOTAL = 1 << 17
+
+
+def check_bits(bits: int, what: str) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS or bits > 8:
+        raise BadInput(f"{what}: unsupported bit-width {bits!r}; supported: 2..8")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (LSQ / QAT convention)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def lp_error(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None = None) -> torch.Tensor:
+    d = (x - xq).abs().pow(p)
+    return d.mean() if dim is None else d.flatten(1).mean(1) if dim == 0 else d.mean(dim)
+
+
+# --------------------------------------------------------------------------------------------
+# weights: per-channel symmetric, axis 0
+# --------------------------------------------------------------------------------------------
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric weight quantizer with optional AdaRound soft rounding."""
+
+    def __init__(self, bits: int = 8, channels: int = 1) -> None:
+        super().__init__()
+        self.bits = check_bits(int(bits), "weight_bits")
+        self._edgediff_init = {"bits": self.bits, "channels": int(channels)}
+        self.register_buffer("scale", torch.ones(channels))
+        self.enabled = True
+        # AdaRound state, only alive during block reconstruction (never saved)
+        self.alpha: nn.Parameter | None = None
+        self.soft = False
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def _s(self, w: torch.Tensor) -> torch.Tensor:
+        return self.scale.view(-1, *([1] * (w.dim() - 1)))
+
+    @torch.no_grad()
+    def init(self, w: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 99.99) -> None:
+        wf = w.detach().flatten(1)
+        amax = wf.abs().amax(1).clamp_min(1e-8)
+        if method == "minmax":
+            self.scale.copy_(amax / self.qmax)
+            return
+        if method == "percentile":
+            q = torch.quantile(wf.abs(), percentile / 100, dim=1).clamp_min(1e-8)
+            self.scale.copy_(q / self.qmax)
+            return
+        # MSE / L_p search over clipping ratios, per channel (vectorised over candidates)
+        best_err = torch.full_like(amax, float("inf"))
+        best = amax / self.qmax
+        for r in torch.linspace(0.3, 1.0, 71):
+            s = (amax * r / self.qmax).unsqueeze(1)
+            wq = torch.clamp(torch.round(wf / s), self.qmin, self.qmax) * s
+            err = (wf - wq).abs().pow(p).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s.squeeze(1), best)
+        self.scale.copy_(best)
+
+    def start_adaround(self, w: torch.Tensor) -> nn.Parameter:
+        """Initialise AdaRound's alpha so that the soft rounding starts at the nearest rounding."""
+        s = self._s(w)
+        rest = (w.detach() / s) - torch.floor(w.detach() / s)
+        h = rest.clamp(0.01, 0.99)  # avoid infinities in the inverse sigmoid
+        alpha = -torch.log((ADA_ZETA - ADA_GAMMA) / (h - ADA_GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha)
+        self.soft = True
+        return self.alpha
+
+    def h(self) -> torch.Tensor:
+        assert self.alpha is not None
+        return torch.clamp(torch.sigmoid(self.alpha) * (ADA_ZETA - ADA_GAMMA) + ADA_GAMMA, 0, 1)
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def finish_adaround(self, w: torch.Tensor) -> torch.Tensor:
+        """Hard AdaRound decision; returns the on-grid float weights."""
+        s = self._s(w)
+        q = torch.floor(w / s) + (self.alpha >= 0).to(w.dtype) if self.alpha is not None else torch.round(w / s)
+        self.alpha, self.soft = None, False
+        return torch.clamp(q, self.qmin, self.qmax) * s
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        s = self._s(w)
+        if self.soft and self.alpha is not None:
+            return torch.clamp(torch.floor(w.detach() / s) + self.h(), self.qmin, self.qmax) * s
+        return torch.clamp(torch.round(w / s), self.qmin, self.qmax) * s
+
+    def tensor_quant(self) -> TensorQuant:
+        return TensorQuant(self.bits, self.scale.detach().clone(), torch.zeros_like(self.scale, dtype=torch.int32), axis=0,
+                           signed=True)
+
+
+# --------------------------------------------------------------------------------------------
+# activations: per-tensor, symmetric (signed) or asymmetric (unsigned with a zero point)
+# --------------------------------------------------------------------------------------------
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with an observer for calibration and a learnable step.
+
+    Modes: "observe" passes x through and records statistics; "quant" fake-quantizes; "off"
+    passes through. `bits_override` is how step-aware mixed precision (PTQD) lowers the
+    bit-width at some timesteps: the clipping range stays, the grid gets coarser.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, fixed_range: tuple[float, float] | None = None,
+                 mp_eligible: bool = True, disabled: bool = False) -> None:
+        super().__init__()
+        self.bits = check_bits(int(bits), "act_bits")
+        self.symmetric = bool(symmetric)
+        self.fixed_range = tuple(fixed_range) if fixed_range is not None else None
+        self.mp_eligible = bool(mp_eligible)
+        self._edgediff_init = {"bits": self.bits, "symmetric": self.symmetric, "fixed_range": self.fixed_range,
+                               "mp_eligible": self.mp_eligible, "disabled": bool(disabled)}
+        # scale is a Parameter so that reconstruction can learn it (LSQ); frozen otherwise
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        # a quantizer that never saw calibration data stays pass-through (recorded so it survives saving)
+        self.mode = "off" if disabled else "quant"
+        self.bits_override: int | None = None
+        self._min = math.inf
+        self._max = -math.inf
+        self._reservoir: list[torch.Tensor] = []
+        self._kept = 0
+        if self.fixed_range is not None:
+            self._set_range(*self.fixed_range)
+
+    # integer range of the base bit-width
+    def _qrange(self, bits: int) -> tuple[int, int]:
+        if self.symmetric:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, 2**bits - 1
+
+    @property
+    def disabled(self) -> bool:
+        return bool(self._edgediff_init.get("disabled"))
+
+    def disable(self) -> None:
+        self._edgediff_init["disabled"] = True
+        self.mode = "off"
+
+    @property
+    def qmin(self) -> int:
+        return self._qrange(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return self._qrange(self.bits)[1]
+
+    @torch.no_grad()
+    def _set_range(self, lo: float, hi: float) -> None:
+        if self.symmetric:
+            amax = max(abs(lo), abs(hi), 1e-8)
+            self.scale.fill_(amax / self.qmax)
+            self.zero_point.fill_(0.0)
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exactly representable (padding, ReLU)
+            s = max(hi - lo, 1e-8) / (self.qmax - self.qmin)
+            self.scale.fill_(s)
+            self.zero_point.fill_(float(min(max(round(self.qmin - lo / s), self.qmin), self.qmax)))
+
+    def reset_stats(self) -> None:
+        self._min, self._max, self._reservoir, self._kept = math.inf, -math.inf, [], 0
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        xf = x.detach().float().flatten()
+        self._min = min(self._min, float(xf.min()))
+        self._max = max(self._max, float(xf.max()))
+        if self._kept < _RESERVOIR_TOTAL:
+            n = min(_RESERVOIR_PER_CALL, xf.numel())
+            idx = torch.randint(0, xf.numel(), (n,), generator=torch.Generator().manual_seed(self._kept + xf.numel()))
+            sample = xf[idx]
+            # keep the extremes too: percentile/MSE search must see the tails
+            sample = torch.cat([sample, xf.topk(min(16, xf.numel())).values, (-xf).topk(min(16, xf.numel())).values.neg()])
+            self._reservoir.append(sample)
+            self._kept += sample.numel()
+
+    @torch.no_grad()
+    def init_from_stats(self, method: str = "mse", p: float = 2.4, percentile: float = 99.99) -> None:
+        if self.fixed_range is not None:
+            self._set_range(*self.fixed_range)
+            return
+        if not math.isfinite(self._min):
+            raise BadInput("activation quantizer saw no calibration data (is the layer ever called?)")
+        if method == "minmax" or not self._reservoir:
+            self._set_range(self._min, self._max)
+            return
+        data = torch.cat(self._reservoir)
+        if method == "percentile":
+            lo = float(torch.quantile(data, 1 - percentile / 100))
+            hi = float(torch.quantile(data, percentile / 100))
+            self._set_range(lo, hi)
+            return
+        # L_p search over shrunken ranges (asymmetric: shrink both ends together)
+        best, best_err = (self._min, self._max), math.inf
+        for r in torch.linspace(0.2, 1.0, 81).tolist():
+            lo, hi = self._min * r, self._max * r
+            self._set_range(lo, hi)
+            err = float(lp_error(data, self._fq(data, self.bits), p))
+            if err < best_err:
+                best, best_err = (lo, hi), err
+        self._set_range(*best)
+
+    def _params_for(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        if bits == self.bits:
+            qmin, qmax = self.qmin, self.qmax
+            return self.scale, self.zero_point, qmin, qmax
+        # mixed precision: same clipping range, coarser grid
+        qmin, qmax = self._qrange(bits)
+        if self.symmetric:
+            return self.scale * self.qmax / qmax, torch.zeros_like(self.zero_point), qmin, qmax
+        lo = (self.qmin - self.zero_point) * self.scale
+        s = self.scale * (self.qmax - self.qmin) / (qmax - qmin)
+        return s, torch.clamp(torch.round(qmin - lo / s), qmin, qmax), qmin, qmax
+
+    def _fq(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        s, z, qmin, qmax = self._params_for(bits)
+        s = s.abs() + 1e-12  # a learned step must stay positive
+        return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            bits = self.bits_override if (self.bits_override and self.mp_eligible) else self.bits
+            return self._fq(x, bits)
+        if self.mode == "observe":
+            self._observe(x)
+        return x
+
+    def tensor_quant(self) -> TensorQuant:
+        zp = int(round(float(self.zero_point)))
+        if self.symmetric:
+            return TensorQuant(self.bits, self.scale.detach().abs().clone(), torch.tensor(0, dtype=torch.int32), None, True)
+        # unsigned grid [0, 2^b-1] with a zero point
+        return TensorQuant(self.bits, self.scale.detach().abs().clone(), torch.tensor(zp, dtype=torch.int32), None, False)
+
+
+# --------------------------------------------------------------------------------------------
+# layer wrappers
+# --------------------------------------------------------------------------------------------
+
+
+class _QuantLayer(nn.Module):
+    """Common part of the Conv2d/Linear wrappers: weight quantizer, input quantizer(s)."""
+
+    _edgediff_quant_wrapper = True
+    inner: nn.Module
+
+    def _setup(self, weight_bits: int, act_bits: int, act_symmetric: bool, split_at: int | None, out_ch: int,
+               mp_eligible: bool) -> None:
+        self.wq = WeightQuantizer(weight_bits, out_ch)
+        self.aq = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible)
+        # Q-Diffusion shortcut splitting: the two concatenated halves get their own quantizers
+        self.split_at = int(split_at) if split_at else None
+        self.aq2 = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible) if self.split_at else None
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq2 is not None and self.split_at is not None and x.shape[1] > self.split_at:
+            return torch.cat([self.aq(x[:, : self.split_at]), self.aq2(x[:, self.split_at :])], dim=1)
+        return self.aq(x)
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [q for q in (self.aq, self.aq2) if q is not None]
+
+
+class QuantConv2d(_QuantLayer):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 weight_bits: int = 8, act_bits: int = 8, act_symmetric: bool = False, split_at: int | None = None,
+                 mp_eligible: bool = True) -> None:
+        super().__init__()
+        self.inner = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                               padding_mode)
+        pad = self.inner.padding
+        self._edgediff_init = {"in_channels": in_channels, "out_channels": out_channels,
+                               "kernel_size": tuple(self.inner.kernel_size), "stride": tuple(self.inner.stride),
+                               "padding": pad if isinstance(pad, str) else tuple(pad),
+                               "dilation": tuple(self.inner.dilation), "groups": groups, "bias": bool(bias),
+                               "padding_mode": padding_mode, "weight_bits": weight_bits, "act_bits": act_bits,
+                               "act_symmetric": act_symmetric, "split_at": split_at, "mp_eligible": mp_eligible}
+        self._setup(weight_bits, act_bits, act_symmetric, split_at, out_channels, mp_eligible)
+
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d, **q: Any) -> QuantConv2d:
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, **q)
+        m.inner = conv
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner._conv_forward(self.quant_input(x), self.wq(self.inner.weight), self.inner.bias)
+
+
+class QuantLinear(_QuantLayer):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8,
+                 act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True) -> None:
+        super().__init__()
+        self.inner = nn.Linear(in_features, out_features, bias)
+        self._edgediff_init = {"in_features": in_features, "out_features": out_features, "bias": bool(bias),
+                               "weight_bits": weight_bits, "act_bits": act_bits, "act_symmetric": act_symmetric,
+                               "split_at": split_at, "mp_eligible": mp_eligible}
+        self._setup(weight_bits, act_bits, act_symmetric, None, out_features, mp_eligible)
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear, **q: Any) -> QuantLinear:
+        q.pop("split_at", None)  # concatenation splits only concern convolutions' channel axis
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, **q)
+        m.inner = lin
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.wq(self.inner.weight), self.inner.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# attention: QK^T and softmax·V with quantized operands
+# --------------------------------------------------------------------------------------------
+
+
+class FloatAttnProcessor(nn.Module):
+    """diffusers' default attention as an nn.Module, so it can stand where a quantized one was.
+
+    strip_quant_wrappers() swaps a QuantAttnProcessor for its `.inner`, which must be a module.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._edgediff_init: dict[str, Any] = {}
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class QuantAttnProcessor(nn.Module):
+    """Attention with fake-quantized matmul operands (Q-Diffusion): Q, K, V at act_bits and the
+    softmax output at softmax_bits (unsigned, range [0, 1]).
+
+    Mirrors diffusers' AttnProcessor (the explicit-matmul one) so that every operand is visible.
+    """
+
+    _edgediff_quant_wrapper = True
+
+    def __init__(self, act_bits: int = 8, softmax_bits: int = 8, mp_eligible: bool = True) -> None:
+        super().__init__()
+        self._edgediff_init = {"act_bits": act_bits, "softmax_bits": softmax_bits, "mp_eligible": mp_eligible}
+        self.inner = FloatAttnProcessor()
+        self.q_quant = ActQuantizer(act_bits, symmetric=True, mp_eligible=mp_eligible)
+        self.k_quant = ActQuantizer(act_bits, symmetric=True, mp_eligible=mp_eligible)
+        # softmax output lies in [0, 1]: fixed unsigned range, its own bit-width
+        self.p_quant = ActQuantizer(softmax_bits, symmetric=False, fixed_range=(0.0, 1.0), mp_eligible=False)
+        self.v_quant = ActQuantizer(act_bits, symmetric=True, mp_eligible=mp_eligible)
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [self.q_quant, self.k_quant, self.p_quant, self.v_quant]
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
+                                          else encoder_hidden_states.shape)
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        scores = torch.bmm(self.q_quant(query), self.k_quant(key).transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.float().softmax(dim=-1).to(query.dtype)
+        hidden_states = torch.bmm(self.p_quant(probs), self.v_quant(value))
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
+    return [m for m in module.modules() if isinstance(m, ActQuantizer)]
+
+
+def quant_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """name -> wrapper (QuantConv2d/QuantLinear/QuantAttnProcessor) inside `module`."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, (_QuantLayer, QuantAttnProcessor))}
+
+
+def set_act_mode(module: nn.Module, mode: str) -> None:
+    for q in act_quantizers(module):
+        q.mode = "off" if q.disabled else mode
+
+
+def set_bits_override(module: nn.Module, bits: int | None) -> None:
+    for q in act_quantizers(module):
+        q.bits_override = bits

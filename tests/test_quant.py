@@ -1,0 +1,299 @@
+"""Diffusion-aware PTQ: calibration sets + cache, quant simulation, reconstruction, PTQD, saving."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgediff.artifact import load_artifact, write_artifact
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel, InputSignature
+from edgediff.passes import PassContext, get, make_options
+from edgediff.quant.core import QuantAttnProcessor, QuantConv2d
+from edgediff.quant_params import QuantParams, strip_quant_wrappers
+from edgediff.schedule import NoiseSchedule
+
+FAST_CALIB = {"n_samples": 4, "steps": 8, "interval": 2}
+
+
+def _ctx(tmp_path: Path) -> PassContext:
+    return PassContext(cache_dir=tmp_path / "cache")
+
+
+def _run(name: str, model: DiffusionModel, opts: dict, ctx: PassContext) -> DiffusionModel:
+    fn, _ = get(name)
+    ctx.metrics = {}
+    return fn(model.clone(), make_options(name, opts), ctx)
+
+
+def _out(model: DiffusionModel, seed: int = 3) -> torch.Tensor:
+    inp = model.example_inputs(batch=2, seed=seed)
+    with torch.no_grad():
+        return model.module().eval()(**inp)
+
+
+def _calibrated(model: DiffusionModel, tmp_path: Path, **kw: object) -> tuple[DiffusionModel, PassContext]:
+    ctx = _ctx(tmp_path)
+    return _run("calib", model, {**FAST_CALIB, **kw}, ctx), ctx
+
+
+def test_calib_cache_is_reused(tiny_unet: DiffusionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgediff.passes.calib as calib
+
+    m1, ctx = _calibrated(tiny_unet, tmp_path)
+    assert ctx.metrics["generated"] is True
+    meta = m1.extras["calib"]
+    # qdiff: every 2nd of 8 steps -> 4 steps x 4 samples
+    assert meta["count"] == 16 and meta["timesteps"]["distinct"] == 4
+    assert set(meta) >= {"key", "method", "count", "options"}  # metadata only, data in the cache
+    assert "x" not in meta
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("calibration set regenerated although cached")
+
+    monkeypatch.setattr(calib, "generate", boom)
+    m2 = _run("calib", tiny_unet, FAST_CALIB, ctx)
+    assert ctx.metrics["generated"] is False
+    assert m2.extras["calib"]["key"] == meta["key"]
+    # a different option is a different key (and would regenerate)
+    with pytest.raises(AssertionError, match="regenerated"):
+        _run("calib", tiny_unet, {**FAST_CALIB, "seed": 1}, ctx)
+
+
+def test_ptq4dm_timesteps_skew_toward_x0(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, _ = _calibrated(tiny_unet, tmp_path, method="ptq4dm", count=64, steps=20, mean=0.3, std=0.15)
+    ts = m.extras["calib"]["timesteps"]
+    assert m.extras["calib"]["count"] == 64
+    assert ts["mean"] < 500  # T = 1000: the normal is centred at 0.3 T
+    assert ts["distinct"] > 3
+
+
+def test_calib_conditioning_for_cond_and_class_models(tiny_cond_unet: DiffusionModel, tiny_dit: DiffusionModel,
+                                                      tmp_path: Path) -> None:
+    from edgediff.passes.calib import load_calibration
+
+    for model, shape in ((tiny_cond_unet, (6, 32)), (tiny_dit, ())):
+        m, ctx = _calibrated(model, tmp_path)
+        data = load_calibration(m, ctx)
+        assert data["cond"].shape[1:] == shape
+        assert len(data["cond"]) == len(data["x"])
+
+
+def test_w8a8_simulation_on_grid_and_close(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    before = copy.deepcopy(tiny_unet.denoiser.state_dict())
+    q = _run("quant", m, {"weight_bits": 8, "act_bits": 8}, ctx)
+    # the input model is untouched
+    for k, v in tiny_unet.denoiser.state_dict().items():
+        assert torch.equal(v, before[k])
+    ref, out = _out(tiny_unet), _out(q)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.1, rel  # quantized (not identical) but close
+    qp = QuantParams.of(q)
+    assert qp is not None and qp.weight_bits == 8
+    kinds = {lq.kind for lq in qp.layers.values()}
+    assert kinds == {"conv", "linear", "matmul_qk", "matmul_av"}
+    # shortcut splitting where the up blocks concatenate skip features
+    split = [n for n, lq in qp.layers.items() if lq.meta.get("split_at")]
+    assert split and all(n.startswith("up_blocks.") for n in split)
+    assert all(qp.layers[n].input2 is not None for n in split)
+    # strip -> float module whose weights lie exactly on the grid, names match QuantParams
+    flat = strip_quant_wrappers(copy.deepcopy(q.denoiser))
+    mods = dict(flat.named_modules())
+    for name, lq in qp.layers.items():
+        if lq.weight is None:
+            continue
+        w = mods[name].weight.detach()
+        qi = lq.weight.quantize(w)
+        assert torch.equal(lq.weight.dequantize(qi), w), name
+    assert ctx.metrics["quantized_layers"] == len([n for n in qp.layers if ":" not in n])
+
+
+def test_w4a8_first_last_8bit_and_reconstruction_helps(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8, "reconstruct": True, "iters": 6, "recon_batch": 8}, ctx)
+    rec = ctx.metrics["reconstruction"]
+    assert rec["blocks"] > 5
+    # per block the kept result is never worse than nearest rounding
+    assert rec["mse_after_sum"] <= rec["mse_before_sum"]
+    qp = QuantParams.of(q)
+    assert qp.layers["conv_in"].weight.bits == 8 and qp.layers["conv_out"].weight.bits == 8
+    mid = qp.layers["down_blocks.0.resnets.0.conv1"]
+    assert mid.weight.bits == 4
+    flat = dict(strip_quant_wrappers(copy.deepcopy(q.denoiser)).named_modules())
+    ints = mid.weight.quantize(flat["down_blocks.0.resnets.0.conv1"].weight)
+    assert int(ints.min()) >= -8 and int(ints.max()) <= 7
+
+
+def test_bad_input(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    with pytest.raises(BadInput, match="n_samples"):
+        _run("calib", tiny_unet, {"n_samples": 0}, ctx)
+    with pytest.raises(BadInput, match="count"):
+        _run("calib", tiny_unet, {"method": "ptq4dm", "count": 0}, ctx)
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    for opts, what in (({"weight_bits": 9}, "weight_bits"), ({"act_bits": 1}, "act_bits"),
+                       ({"weight_bits": 16}, "weight_bits"), ({"softmax_bits": 0}, "softmax_bits")):
+        with pytest.raises(BadInput, match=what):
+            _run("quant", m, opts, ctx)
+    # quant without a calib pass before it
+    with pytest.raises(BadInput, match="calib"):
+        _run("quant", tiny_unet, {}, ctx)
+    with pytest.raises(BadInput, match="quant"):
+        _run("ptqd", m, {}, ctx)
+    with pytest.raises(BadInput, match="mp_bits"):
+        _run("ptqd", m, {"mp_bits": [12]}, ctx)
+
+
+class _NoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *a: object) -> torch.Tensor:
+        return sample * self.gain
+
+
+def test_no_quantizable_layers(tmp_path: Path) -> None:
+    model = DiffusionModel(_NoLayers(), NoiseSchedule.from_config({}), InputSignature((1, 4, 4)))
+    m, ctx = _calibrated(model, tmp_path)
+    with pytest.raises(BadInput, match="no quantizable layers"):
+        _run("quant", m, {}, ctx)
+
+
+def test_quant_on_cond_unet_and_dit(tiny_cond_unet: DiffusionModel, tiny_dit: DiffusionModel, tmp_path: Path) -> None:
+    for model in (tiny_cond_unet, tiny_dit):
+        m, ctx = _calibrated(model, tmp_path)
+        q = _run("quant", m, {"weight_bits": 8, "act_bits": 8}, ctx)
+        ref, out = _out(model), _out(q)
+        assert float((out - ref).norm() / ref.norm()) < 0.15
+        assert any(isinstance(x, QuantAttnProcessor) for x in q.denoiser.modules())
+        assert ctx.metrics["attention_matmuls"] >= 1
+
+
+def test_artifact_roundtrip_identical(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8}, ctx)
+    q = _run("ptqd", q, {"samples": 4, "mixed_precision": True, "mp_bits": [6], "mp_min_snr_db": -1e9}, ctx)
+    write_artifact(q, tmp_path / "art", {})
+    back = load_artifact(tmp_path / "art")
+    assert any(isinstance(x, QuantConv2d) for x in back.denoiser.modules())
+    assert any(isinstance(x, QuantAttnProcessor) for x in back.denoiser.modules())
+    for seed in (0, 1):
+        inp = q.example_inputs(batch=2, seed=seed)
+        inp["timestep"] = torch.full((2,), 900.0)  # a low-bit step of the mixed-precision table
+        with torch.no_grad():
+            a, b = q.module()(**inp), back.module()(**inp)
+        assert torch.equal(a, b)
+    assert QuantParams.of(back).to_extras().keys() == QuantParams.of(q).to_extras().keys()
+
+
+def test_ptqd_fit_and_correction(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.passes.ptqd import correction_for, fit
+
+    # the regression recovers a known correlated part
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(64, 3, 4, 4, generator=g)
+    bias = torch.tensor([0.1, -0.2, 0.05])
+    d = 0.07 * e + bias.view(1, 3, 1, 1) + 0.01 * torch.randn(64, 3, 4, 4, generator=g)
+    k, b, var = fit(d, e, True)
+    assert abs(k - 0.07) < 0.005 and torch.allclose(b, bias, atol=0.005) and abs(var - 1e-4) < 3e-5
+
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8}, ctx)
+    assert correction_for(q) is None
+    p = _run("ptqd", q, {"samples": 4}, ctx)
+    corr = correction_for(p)
+    assert corr is not None
+    # least squares never leaves more than the uncorrected noise (k = 0, bias = 0 is a candidate)
+    assert ctx.metrics["fit_residual_mse"] <= ctx.metrics["eps_mse_uncorrected"]
+    assert ctx.metrics["eps_mse_corrected"] > 0
+    table = p.extras["ptqd"]
+    assert len(table["timesteps"]) == 8 and table["bias"].shape == (8, 1)
+    eps = torch.randn(2, 1, 16, 16)
+    t = int(table["timesteps"][0])
+    expect = (eps - table["bias"][0].view(1, 1, 1, 1)) / (1 + float(table["k"][0]))
+    assert torch.allclose(corr.correct(eps, t), expect)
+    assert corr.variance_offset(t) == pytest.approx(float(table["residual_var"][0]))
+
+
+def test_ptqd_mixed_precision_changes_bits_by_step(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 8, "act_bits": 8}, ctx)
+    p = _run("ptqd", q, {"samples": 4, "mixed_precision": True, "mp_bits": [4], "mp_min_snr_db": -1e9}, ctx)
+    bits = p.extras["ptqd"]["act_bits"].tolist()
+    assert bits[-1] == 8 and set(bits[:-1]) == {4}  # the last step (t_prev = -1) keeps the base width
+    inp = q.example_inputs(batch=2)
+    inp["timestep"] = torch.full((2,), float(p.extras["ptqd"]["timesteps"][0]))
+    with torch.no_grad():
+        a, b = q.module()(**inp), p.module()(**inp)
+    assert not torch.equal(a, b)  # 4-bit activations at that step
+    strict = _run("ptqd", q, {"samples": 4, "mixed_precision": True, "mp_bits": [4], "mp_min_snr_db": 1e9}, ctx)
+    assert set(strict.extras["ptqd"]["act_bits"].tolist()) == {8}
+
+
+def test_builtin_recipes_use_real_option_names() -> None:
+    from edgediff.recipe import load_recipe
+
+    for name in ("w8a8", "w4a8", "w4a8-ptqd", "edge"):
+        r = load_recipe(name)
+        for spec in r.passes:
+            if spec.name in ("calib", "quant", "ptqd"):
+                make_options(spec.name, spec.options, name)
+
+
+def test_composes_with_a_pruned_model(tmp_path: Path) -> None:
+    """A UNet with uneven (pruned-like) channel counts goes through calib -> quant -> ptqd."""
+    from diffusers import UNet2DModel
+
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import parse
+
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                      norm_num_groups=8, attention_head_dim=8).eval()
+    # prune output channels of one resnet conv1 (and the matching norm2/conv2 inputs), as structural pruning does
+    rb = net.down_blocks[0].resnets[0]
+    keep = torch.arange(0, 16, 2)
+    rb.conv1 = _sub_conv(rb.conv1, out_idx=keep)
+    rb.time_emb_proj = _sub_linear(rb.time_emb_proj, keep)
+    rb.norm2 = torch.nn.GroupNorm(4, 8)
+    rb.conv2 = _sub_conv(rb.conv2, in_idx=keep)
+    model = DiffusionModel(net, NoiseSchedule.from_config({}), InputSignature((1, 16, 16)), "UNet2DModel", dict(net.config))
+    recipe = parse('[[pass]]\nname = "calib"\nn_samples = 4\nsteps = 8\ninterval = 2\n'
+                   '[[pass]]\nname = "quant"\nweight_bits = 4\nreconstruct = true\niters = 2\n'
+                   '[[pass]]\nname = "ptqd"\nsamples = 4\n', "test")
+    out, records = run_recipe(model, recipe, cache_dir=tmp_path / "cache")
+    assert [r.name for r in records] == ["calib", "quant", "ptqd"]
+    qp = QuantParams.of(out)
+    assert qp.layers["down_blocks.0.resnets.0.conv1"].weight.scale.shape == (8,)
+    write_artifact(out, tmp_path / "art", {})
+    back = load_artifact(tmp_path / "art")
+    inp = model.example_inputs(batch=1)
+    with torch.no_grad():
+        assert torch.equal(out.module()(**inp), back.module()(**inp))
+
+
+def _sub_conv(c: torch.nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> torch.nn.Conv2d:
+    w = c.weight.detach()
+    b = c.bias.detach() if c.bias is not None else None
+    if out_idx is not None:
+        w, b = w[out_idx], (b[out_idx] if b is not None else None)
+    if in_idx is not None:
+        w = w[:, in_idx]
+    n = torch.nn.Conv2d(w.shape[1], w.shape[0], c.kernel_size, c.stride, c.padding, bias=b is not None)
+    n.weight.data.copy_(w)
+    if b is not None:
+        n.bias.data.copy_(b)
+    return n
+
+
+def _sub_linear(lin: torch.nn.Linear, out_idx: torch.Tensor) -> torch.nn.Linear:
+    n = torch.nn.Linear(lin.in_features, len(out_idx))
+    n.weight.data.copy_(lin.weight.detach()[out_idx])
+    n.bias.data.copy_(lin.bias.detach()[out_idx])
+    return n
