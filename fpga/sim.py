@@ -17,6 +17,8 @@ named convention, because runtimes differ there:
   RoundingDivideByPOT (gemmlowp's double rounding).
 - "tflite_single": the same multiplier with TFLite's single-rounding build
   (TFLITE_SINGLE_ROUNDING): (x * q + 2^(s-1)) >> s with one rounding.
+  Measured with LiteRT (tests/test_fpga_tflite.py): its reference kernels match "tflite", its
+  default XNNPACK delegate matches "tflite_single".
 
 One runtime detail matters for bit-exactness against ONNX Runtime on x86 CPUs without
 AVX-VNNI: MLAS's uint8 x int8 GEMM uses `vpmaddubsw`, which adds the raw products of two
