@@ -427,3 +427,47 @@ class CLRuntime:
                   np.int32(Wo), np.int32(KH), np.int32(KW), np.int32(stride), np.int32(pad), np.int32(pad),
                   np.int32(zp_x), np.int32(zp_y), np.int32(qmin), np.int32(qmax))
         return y
+
+
+# ONNX / TFLite op types whose work the OpenCL kernels carry when they occur in a UNet2DModel
+# (used by edgediff.profiling.coverage). Layout ops (Reshape, Transpose, ...) are free in the
+# runtime's channels-first layout; Sigmoid+Mul is SiLU, Erf is GELU, Sin/Cos/Exp the timestep
+# embedding, MatMul+Softmax attention, InstanceNormalization the way exporters spell GroupNorm.
+# The int8 conv kernel exists but int8 bundles do not yet, so Q/DQ and QLinear* ops are not listed.
+SUPPORTED_OPS = frozenset({
+    "Conv", "Gemm", "MatMul", "Add", "Mul", "Div", "Sigmoid", "Erf", "Softmax", "GroupNormalization",
+    "InstanceNormalization", "Concat", "Resize", "Upsample", "Sin", "Cos", "Exp", "Reshape", "Transpose",
+    "Unsqueeze", "Squeeze", "Flatten", "Identity", "Constant", "Shape", "Gather", "Slice", "Split", "Cast",
+    "CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "LOGISTIC", "SOFTMAX", "CONCATENATION",
+    "RESIZE_NEAREST_NEIGHBOR", "SIN", "COS", "EXP", "RESHAPE", "TRANSPOSE", "GELU",
+})
+
+
+def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, device: Any = None) -> dict[str, Any]:
+    """Time an OpenCL bundle on the device: total_ms is the median of `repeats` whole calls (queue
+    drained once per call); layers [{name, op, ms}] come from up to 5 runs with the queue drained
+    after every op (their sum exceeds total_ms by the synchronisation), names are the model's
+    module names."""
+    import statistics
+    import time
+    from pathlib import Path
+
+    import torch
+    from edgediff.kernels.export import OpenCLDenoiser
+
+    den = OpenCLDenoiser(Path(bundle), device=device)
+    shape = den.meta["signature"]["sample_shape"]
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 500.0)
+    for _ in range(max(warmup, 1)):
+        den(x, t)
+    totals = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        den(x, t)  # returns after reading the output back, i.e. after the queue drained
+        totals.append((time.perf_counter() - t0) * 1e3)
+    runs = [den.profile(x, t) for _ in range(max(1, min(repeats, 5)))]
+    layers = [{"name": name, "op": op, "ms": statistics.median(r[i][2] for r in runs)}
+              for i, (name, op, _) in enumerate(runs[0])]
+    return {"runtime": "opencl", "device": den.rt.describe()["device"], "precision": den.rt.precision,
+            "total_ms": statistics.median(totals), "batch": batch, "layers": layers, "notes": den.notes}

@@ -126,3 +126,14 @@ def test_demo_model_end_to_end(tmp_path: Path) -> None:
     get_backend("opencl").export(demo, tmp_path / "demo", "fp32")
     res = verify.verify(demo, tmp_path / "demo", steps=4, samples=4)
     assert res["verified"] is True and res["exit_code"] == 0, res
+
+
+@needs_cl
+def test_profile_names_layers_by_module(bundle: Path) -> None:
+    res = clrt.profile(bundle, warmup=1, repeats=1)
+    assert res["runtime"] == "opencl" and res["total_ms"] > 0
+    names = {la["name"] for la in res["layers"]}
+    assert "conv_in" in names and any(n.endswith("attentions.0.attn") for n in names)
+    assert {la["op"] for la in res["layers"]} <= {"conv", "group_norm", "flash_attention", "silu", "concat", "upsample2x",
+                                                   "timestep_embedding", "affine"}
+    assert "Conv" in clrt.SUPPORTED_OPS and "QLinearConv" not in clrt.SUPPORTED_OPS
