@@ -1,0 +1,185 @@
+"""The verifier: run an exported file in its real runtime with the sampler in the loop.
+
+verify(reference, exported) finds the backend that made `exported`, loads it in its own
+runtime (onnxruntime, LiteRT, the OpenCL runtime, TensorRT where present), and drives it
+with the same sampler, seeds and conditioning as the reference: the reference
+DiffusionModel's PyTorch module, i.e. a compressed artifact in simulation. It reports
+
+  psnr_db      PSNR of the final samples (data range 2, samples in [-1, 1]) vs the reference;
+  max_abs_err  the largest |exported - reference| over single denoiser calls on fixed inputs
+               (a few noise levels), before any sampler can hide or amplify it;
+  verified     true only if the exported file really ran here (verification ladder rung 1/2);
+  exit_code    0 within tolerance, 3 could not run here (reason says what is missing; a
+               structural check is attached when the backend has one), 4 out of tolerance.
+
+Tolerances depend on the precision the file computes in (see TOLERANCES and docs/export.md).
+An fp32/fp16 export of a quantized artifact holds the artifact's on-grid float weights but not
+its activation quantization, so it is compared against those float weights (the artifact with
+its quantization wrappers stripped), which is exactly what the file claims to compute; an int8
+export is compared against the artifact's own simulation. PTQD corrections
+(edgediff.passes.ptqd.correction_for) are applied around both denoisers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgediff.errors import BadInput, Unavailable
+from edgediff.metrics import psnr
+from edgediff.model import DiffusionModel
+from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+# Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
+# fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
+# fp16: 10-bit mantissa, errors ~1e-3 per call; DDIM amplifies little.
+# int8: the runtime and the PyTorch simulation round the same values, but a float difference
+#   of 1e-6 in front of a quantizer can flip a rounding by one step; each flip is one
+#   quantization step of that tensor and propagates, so per-call errors of a few steps and
+#   ~30 dB on final samples are expected (measured on the fixtures and the demo, docs/export.md).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"psnr_db": 60.0, "max_abs_err": 1e-3},
+    "fp16": {"psnr_db": 30.0, "max_abs_err": 5e-2},
+    "int8": {"psnr_db": 25.0, "max_abs_err": 0.5},
+}
+CHECK_TIMESTEPS = (999, 500, 50)
+
+
+def _correction(model: DiffusionModel) -> Any:
+    """PTQD's correction when that pass exists and the model carries one."""
+    import importlib
+
+    try:
+        ptqd = importlib.import_module("edgediff.passes.ptqd")
+    except ModuleNotFoundError as e:
+        if e.name != "edgediff.passes.ptqd":
+            raise
+        return None
+    fn = getattr(ptqd, "correction_for", None)
+    return fn(model) if fn is not None else None
+
+
+def _has_wrappers(model: DiffusionModel) -> bool:
+    return any(is_quant_wrapper(m) for m in model.denoiser.modules())
+
+
+def _float_reference(model: DiffusionModel) -> DiffusionModel:
+    """The artifact's float weights without its simulated activation quantization (a copy)."""
+    den = strip_quant_wrappers(copy.deepcopy(model.denoiser))
+    return DiffusionModel(den, model.schedule, model.signature, model.arch, model.config, model.provenance,
+                          model.extras)
+
+
+def _precision_of(backend: Any, path: Path) -> str | None:
+    if hasattr(backend, "info"):
+        try:
+            return backend.info(path).get("precision")
+        except Exception:  # noqa: BLE001 - info is best effort; the tolerance then defaults to fp32
+            return None
+    return None
+
+
+def _conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
+    sig = model.signature
+    if sig.num_classes:
+        return torch.arange(n) % sig.num_classes
+    if sig.cond_shape:
+        g = torch.Generator().manual_seed(seed + 1)
+        return torch.randn(n, *sig.cond_shape, generator=g)
+    return None
+
+
+@torch.inference_mode()
+def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, batch: int = 4) -> float:
+    """max |exp - ref| over fixed inputs at a few noise levels."""
+    err = 0.0
+    for t in CHECK_TIMESTEPS:
+        t = min(t, model.schedule.num_train_timesteps - 1)
+        inp = model.signature.example_inputs(batch=batch, seed=seed + t)
+        tt = torch.full((batch,), float(t))
+        cond = _conditioning(model, batch, seed + t)
+        a, b = ref(inp["sample"], tt, cond), exp(inp["sample"], tt, cond)
+        if a.shape != b.shape:
+            raise BadInput(f"exported output shape {tuple(b.shape)} differs from the reference's {tuple(a.shape)}")
+        err = max(err, float((a - b).abs().max()))
+    return err
+
+
+def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str = "ddim",
+           seed: int = 0, progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
+    from edgediff.exporters import get_backend, target_of
+
+    exported = Path(exported)
+    cfg = SamplerConfig(sampler, steps)
+    if samples < 1:
+        raise BadInput(f"--samples must be >= 1, got {samples}")
+    target = target_of(exported)
+    result: dict[str, Any] = {"target": target, "exported": str(exported), "samples": samples, "steps": steps,
+                              "sampler": sampler, "seed": seed}
+    try:
+        backend = get_backend(target)
+    except Unavailable as e:
+        return {**result, "verified": False, "reason": str(e), "exit_code": 3}
+    precision = _precision_of(backend, exported) or "fp32"
+    ref_dtype = next((p.dtype for p in reference.denoiser.parameters() if p.is_floating_point()), torch.float32)
+    tol_key = "fp16" if precision == "fp32" and ref_dtype == torch.float16 else precision
+    tol = TOLERANCES.get(tol_key, TOLERANCES["int8"])
+    result.update({"precision": precision, "tolerance": dict(tol)})
+
+    ok, why = backend.runtime_available(exported)
+    if not ok:
+        result.update({"verified": False, "reason": f"cannot run {target} here: {why}", "exit_code": 3})
+        if hasattr(backend, "check"):
+            result["check"] = backend.check(exported, reference)
+        return result
+    try:
+        exp = backend.load_denoiser(exported)
+    except Unavailable as e:
+        result.update({"verified": False, "reason": str(e), "exit_code": 3})
+        if hasattr(backend, "check"):
+            result["check"] = backend.check(exported, reference)
+        return result
+
+    ref_model = reference
+    if precision != "int8" and _has_wrappers(reference):
+        ref_model = _float_reference(reference)
+        result["reference"] = "artifact float weights (activation quantization is not part of a float export)"
+    else:
+        result["reference"] = "artifact in PyTorch" + (" (quantization simulation)" if _has_wrappers(reference) else "")
+    ref = TorchDenoiser(ref_model)
+    correction = _correction(reference)
+    result["ptqd_correction"] = correction is not None
+
+    result["max_abs_err"] = single_call_error(ref, exp, reference, seed)
+    cond = _conditioning(reference, samples, seed)
+    shape = reference.signature.sample_shape
+    task = progress.add_task(f"verify {target} {precision}: sampling", total=2 * len(range(steps))) if progress else None
+
+    def tick(*_: Any) -> None:
+        if progress is not None:
+            progress.advance(task)
+
+    with torch.inference_mode():
+        want = sample(ref, reference.schedule, shape, samples, seed, cfg, cond=cond, correction=correction, on_step=tick)
+        got = sample(exp, reference.schedule, shape, samples, seed, cfg, cond=cond, correction=correction, on_step=tick)
+    if progress is not None:
+        progress.remove_task(task)
+    assert isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
+    p = psnr(got, want)
+    result["psnr_db"] = round(p, 3) if math.isfinite(p) else p
+    result["verified"] = True
+    result["runtime"] = why
+    within = p >= tol["psnr_db"] and result["max_abs_err"] <= tol["max_abs_err"]
+    result["within_tolerance"] = within
+    result["exit_code"] = 0 if within else 4
+    if not within:
+        result["reason"] = (f"out of tolerance for {tol_key}: psnr {p:.2f} dB (min {tol['psnr_db']}), "
+                            f"max_abs_err {result['max_abs_err']:.3g} (max {tol['max_abs_err']})")
+    if return_samples:
+        result["final_samples"] = got
+    return result
