@@ -28,33 +28,44 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
                      const int flags, const float out_scale) {
     __local float As[TK][BM];
     __local float Bs[TK][BN];
+    /* im2col index tables, so that the inner loads do no integer division: per output column the
+     * top-left input row/col, per k of the current tile the channel offset and the kernel tap */
+    __local int n_iy[BN], n_ix[BN];
+    __local int k_off[TK], k_y[TK], k_x[TK];
     const int tx = get_local_id(0), ty = get_local_id(1);
     const int lid = ty * WG + tx;
     const int n0 = get_group_id(0) * BN, m0 = get_group_id(1) * BM;
     const int b = get_global_id(2);
     const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
     const int xb = b * Cin * H * W;
+    const int FAR = -(1 << 20);  /* an out-of-range marker: any tap added keeps it negative */
+    for (int e = lid; e < BN; e += WG * WG) {
+        const int n = n0 + e;
+        const int oy = n / Wo, ox = n - (n / Wo) * Wo;
+        n_iy[e] = n < N ? oy * stride - pad_t : FAR;
+        n_ix[e] = ox * stride - pad_l;
+    }
     float acc[RB][RB];
     for (int i = 0; i < RB; ++i)
         for (int j = 0; j < RB; ++j) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += TK) {
+        for (int e = lid; e < TK; e += WG * WG) {
+            const int k = k0 + e;
+            const int ci = k / KK, r = k - (k / KK) * KK;
+            k_off[e] = ci * H * W;
+            k_y[e] = k < K ? r / KW : FAR;
+            k_x[e] = r - (r / KW) * KW;
+        }
         for (int e = lid; e < TK * BM; e += WG * WG) {  /* k fastest: contiguous weight rows */
             const int kk = e % TK, mm = e / TK;
             const int m = m0 + mm, k = k0 + kk;
             As[kk][mm] = (m < Cout && k < K) ? LD(w, m * K + k) : 0.0f;
         }
+        barrier(CLK_LOCAL_MEM_FENCE);
         for (int e = lid; e < TK * BN; e += WG * WG) {  /* n fastest: neighbouring output pixels */
             const int nn = e % BN, kk = e / BN;
-            const int n = n0 + nn, k = k0 + kk;
-            float v = 0.0f;
-            if (k < K && n < N) {
-                const int ci = k / KK, r = k - (k / KK) * KK;
-                const int ky = r / KW, kx = r - (r / KW) * KW;
-                const int oy = n / Wo, ox = n - (n / Wo) * Wo;
-                const int iy = oy * stride - pad_t + ky, ix = ox * stride - pad_l + kx;
-                if (iy >= 0 && iy < H && ix >= 0 && ix < W) v = LD(x, xb + (ci * H + iy) * W + ix);
-            }
-            Bs[kk][nn] = v;
+            const int iy = n_iy[nn] + k_y[kk], ix = n_ix[nn] + k_x[kk];
+            Bs[kk][nn] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? LD(x, xb + k_off[kk] + iy * W + ix) : 0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int kk = 0; kk < TK; ++kk) {
