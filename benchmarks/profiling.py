@@ -67,7 +67,7 @@ def baseline_eval(ops: list[Any], meas: dict[str, Any], rate: float) -> dict[str
     for o in ops:
         per[o.name or "(root)"] = per.get(o.name or "(root)", 0.0) + o.macs / rate
     layers = [{"name": k, "ms": max(v, 1e-6)} for k, v in per.items()]
-    return error_report(align(layers, meas["layers"]), sum(per.values()), meas["total_ms"])
+    return error_report(align(layers, meas["layers"]), sum(per.values()), meas["total_ms"], meas["total"]["min_ms"])
 
 
 def main() -> int:
@@ -156,7 +156,7 @@ def _print(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    c = Console(width=170)
     t = Table(title=f"profiler on onnxruntime CPU, threads={out['threads']} (load avg {out['load_avg_before'][0]:.1f})")
     for col in ("model", "MACs", "plain median ms", "p10-p90", "profiled run ms", "overhead", "layer sum ms",
                 "profiler floor us", "peak arena MB"):
@@ -169,7 +169,8 @@ def _print(out: dict[str, Any]) -> None:
                   _f(m["peak_memory_bytes"] / 2**20, ".1f"))
     c.print(t)
     t = Table(title="estimator error on this CPU (per-layer = per source module)")
-    for col in ("model", "method", "fit on", "median |err| %", "time-weighted |err| %", "rank corr.", "total err %"):
+    for col in ("model", "method", "fit on", "median |err| %", "time-weighted |err| %", "rank corr.", "total err % (vs median)",
+                "total err % (vs fastest run)"):
         t.add_column(col, justify="right")
     for name, r in out["models"].items():
         e = r["estimator"]
@@ -179,11 +180,12 @@ def _print(out: dict[str, Any]) -> None:
                 ("peer: MACs-proportional", r["peer_macs_proportional"], r["peer_macs_proportional"]["fit_on"])]
         for label, err, fit in rows:
             t.add_row(name, label, fit, _f(err.get("median_abs_pct_err"), ".0f"), _f(err.get("weighted_abs_pct_err"), ".0f"),
-                      _f(err.get("spearman")), _f(err.get("total_pct_err"), "+.0f"))
+                      _f(err.get("spearman")), _f(err.get("total_pct_err"), "+.0f"),
+                      _f(err.get("total_pct_err_vs_fastest"), "+.0f"))
         ho, pe = e["held_out"], r["peer_macs_proportional"]
         if ho.get("weighted_abs_pct_err") and pe.get("weighted_abs_pct_err"):
             t.add_row(name, "ratio ours/peer (weighted err)", "", "", _f(ho["weighted_abs_pct_err"] / pe["weighted_abs_pct_err"]),
-                      "", "")
+                      "", "", "")
     c.print(t)
     t = Table(title="ESTIMATED latency per denoiser call on devices (ms; roofline, cited peaks, assumed efficiencies)")
     t.add_column("device")

@@ -164,11 +164,11 @@ def coverage(ops: list[OpWork], assume_precision: dict[str, str] | None = None) 
         n_fb = 0
         macs_fb = 0
         for o in ops:
-            if o.op in _ZERO_COST:
+            if o.op in _ZERO_COST or o.shape_only:
                 continue
             # an fp32 graph will be converted at export (fp16 for the ANE, int8 for the array)
             prec = assume[target] if o.precision == "fp32" and target in assume else o.precision
-            view = OpWork(o.name, o.node, o.op, o.macs, o.bytes_in, o.bytes_w, o.bytes_out, prec)
+            view = OpWork(o.name, o.node, o.op, o.macs, o.bytes_in, o.bytes_w, o.bytes_out, prec, o.gemm)
             ok, why = _supported(target, view, opencl_ops)
             if not ok:
                 n_fb += 1
@@ -176,7 +176,7 @@ def coverage(ops: list[OpWork], assume_precision: dict[str, str] | None = None) 
                 fb_ops[o.op] += 1
                 fb_macs[o.name] += o.macs
                 reasons.setdefault(o.op, why)
-        counted = sum(1 for o in ops if o.op not in _ZERO_COST)
+        counted = sum(1 for o in ops if o.op not in _ZERO_COST and not o.shape_only)
         top = sorted(fb_macs.items(), key=lambda kv: -kv[1])[:10]
         out[target] = {
             "ops": counted, "ops_fallback": n_fb,
@@ -189,4 +189,5 @@ def coverage(ops: list[OpWork], assume_precision: dict[str, str] | None = None) 
     out["coreml-ane"]["note"] = "heuristic: Apple publishes no Neural Engine op list"
     out["fpga"]["note"] = "only int8 conv/matmul/linear run on the array; the rest is host-side by design"
     out["total_macs"] = sum(o.macs for o in ops)
+    out["shape_only_ops_ignored"] = sum(1 for o in ops if o.shape_only)
     return out

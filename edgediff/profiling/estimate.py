@@ -201,8 +201,10 @@ def estimate_profile(ops: list[OpWork], device: str, threads: int | None = None)
         "efficiency": dev["efficiency"], "estimated": True, "total_ms": est["total_ms"], "layers": est["layers"],
         "macs": sum(o.macs for o in ops), "bytes": sum(o.bytes for o in ops),
         "method": est["method"],
-        "note": ("ESTIMATE, not a measurement: peaks from the cited device table"
-                 + ("" if dev.get("calibrated") else "; efficiencies assumed, not calibrated on this device")),
+        "note": ("ESTIMATE, not a measurement: "
+                 + ("peaks measured here" if device == "this-cpu" else "peaks from the cited device table")
+                 + ("; efficiencies fitted to this machine's measured layers" if dev.get("calibrated")
+                    else "; efficiencies assumed, not calibrated on this device")),
     }
 
 
@@ -213,8 +215,10 @@ def align(pred_layers: list[dict[str, Any]], measured_layers: list[dict[str, Any
     return [(la["name"], la["ms"], meas[la["name"]]) for la in pred_layers if la["name"] in meas]
 
 
-def error_report(pairs: list[tuple[str, float, float]], total_pred: float, total_meas: float) -> dict[str, Any]:
-    """Per-layer and total error of predictions vs measurements."""
+def error_report(pairs: list[tuple[str, float, float]], total_pred: float, total_meas: float,
+                 total_meas_min: float | None = None) -> dict[str, Any]:
+    """Per-layer and total error of predictions vs measurements (total: vs the median run, and vs
+    the fastest run, which is what an unloaded machine gives when other work shares the CPU)."""
     if not pairs:
         return {"layers_compared": 0}
     p = np.array([x[1] for x in pairs])
@@ -230,6 +234,7 @@ def error_report(pairs: list[tuple[str, float, float]], total_pred: float, total
         "spearman": float(_spearman(p, m)),
         "total_pred_ms": total_pred, "total_meas_ms": total_meas,
         "total_pct_err": (total_pred - total_meas) / total_meas * 100 if total_meas else None,
+        "total_pct_err_vs_fastest": ((total_pred - total_meas_min) / total_meas_min * 100 if total_meas_min else None),
     }
 
 
@@ -283,7 +288,8 @@ def calibrate(ops: list[OpWork], measured: dict[str, Any], threads: int | None =
     est = estimate(ops, dev)
     pairs = align(est["layers"], measured["layers"])
     return {"efficiency": eff, "peaks": {"gmacs": dev["peak_gmacs"], "bandwidth_gbs": dev["bandwidth_gbs"]},
-            "error_on_fit_set": error_report(pairs, est["total_ms"], measured["total_ms"])}
+            "error_on_fit_set": error_report(pairs, est["total_ms"], measured["total_ms"],
+                                             measured.get("total", {}).get("min_ms"))}
 
 
 def evaluate(ops: list[OpWork], measured: dict[str, Any], eff: dict[str, float], threads: int | None = None) -> dict[str, Any]:
@@ -291,4 +297,5 @@ def evaluate(ops: list[OpWork], measured: dict[str, Any], eff: dict[str, float],
     dev = this_cpu(threads)
     est = estimate(ops, dev, eff)
     pairs = align(est["layers"], measured["layers"])
-    return {**error_report(pairs, est["total_ms"], measured["total_ms"]), "pairs": pairs}
+    return {**error_report(pairs, est["total_ms"], measured["total_ms"], measured.get("total", {}).get("min_ms")),
+            "pairs": pairs}

@@ -44,6 +44,9 @@ class OpWork:
     bytes_out: int  # activations written
     precision: str  # fp32 | fp16 | int8
     gemm: tuple[int, int, int, int] | None = None  # (M, K, N, reps) GEMM view of a MAC op, for the FPGA array
+    # computes only from tensor shapes (Shape -> Gather -> Div -> Cast ...): folded away by any
+    # runtime that builds for static shapes (TensorRT, Core ML, LiteRT), so coverage ignores it
+    shape_only: bool = False
 
     @property
     def bytes(self) -> int:
@@ -264,9 +267,15 @@ def onnx_ops(path: Path) -> list[OpWork]:
     consts = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
     producers = {o: n for n in g.node for o in n.output}
     ops: list[OpWork] = []
+    shape_only: set[str] = set()  # tensors computed from shapes and constants only
     for n in g.node:
         if n.op_type == "Constant":
             continue
+        from_shapes = n.op_type == "Shape" or (
+            bool(n.input) and all((not i) or i in consts or i in shape_only for i in n.input)
+            and any(i in shape_only for i in n.input))
+        if from_shapes:
+            shape_only.update(n.output)
         b_in = b_w = 0
         for i in n.input:
             if not i or i not in shapes:
@@ -283,7 +292,8 @@ def onnx_ops(path: Path) -> list[OpWork]:
         mod = module_of_onnx_node(n)
         ops.append(OpWork(name=mod if mod is not None else n.name, node=n.name, op=n.op_type,
                           macs=_onnx_macs(n, shapes), bytes_in=b_in, bytes_w=b_w, bytes_out=b_out,
-                          precision=_onnx_precision(n, producers, shapes), gemm=_onnx_gemm(n, shapes)))
+                          precision=_onnx_precision(n, producers, shapes), gemm=_onnx_gemm(n, shapes),
+                          shape_only=from_shapes))
     return ops
 
 

@@ -87,7 +87,7 @@ def sections(result: dict[str, Any], top: int = 25) -> list[tuple[str, str]]:
         summary.append(["how layers were timed", result["layer_timing"]])
     if est:
         summary.append(["note", result.get("note", "estimate")])
-    out.append((f"Profile ({kind})", table(["", ""], summary)))
+    out.append((f"Profile ({kind})", table(["", "value"], summary)))
     if layers:
         rows = sorted(layers, key=lambda la: -la["ms"])[:top]
         out.append((f"Per-layer latency, top {len(rows)} of {len(layers)} ({kind}, ms)",
@@ -104,9 +104,10 @@ def sections(result: dict[str, Any], top: int = 25) -> list[tuple[str, str]]:
         head = (f"<p class='sub'>{_esc(e.get('runtime'))}: estimated total {e['total_ms']:.3f} ms vs measured "
                 f"{result.get('total_ms', float('nan')):.3f} ms. {_esc(e.get('note', ''))}</p>")
         if cal:
-            head += table(["layers compared", "median |err| %", "time-weighted |err| %", "total err %", "rank corr."],
+            head += table(["layers compared", "median |err| %", "time-weighted |err| %", "total err % (vs median run)",
+                           "total err % (vs fastest run)", "rank corr."],
                           [[cal.get("layers_compared"), cal.get("median_abs_pct_err"), cal.get("weighted_abs_pct_err"),
-                            cal.get("total_pct_err"), cal.get("spearman")]])
+                            cal.get("total_pct_err"), cal.get("total_pct_err_vs_fastest"), cal.get("spearman")]])
         out.append(("Estimate vs measurement per layer", head + scatter_svg(pairs, "measured ms", "estimated ms",
                                                                              diagonal=True)))
     cov = result.get("coverage")
@@ -142,3 +143,4 @@ def write_report(path: Path, result: dict[str, Any], force: bool = False,
     sub = f"{result.get('runtime')}" + (f" - model {src['model']} ({src.get('exported_with')})" if src else "")
     with atomic_file(Path(path), force=force) as tmp:
         tmp.write_text(page(title, sub, secs))
+        tmp.chmod(0o644)  # a report is for reading: not the temp file's private 0600
