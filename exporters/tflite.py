@@ -292,7 +292,7 @@ def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
 
 @torch.inference_mode()
 def calibrate_outputs(wrapper: nn.Module, model: DiffusionModel, steps: int = 8, n: int = 4, seed: int = 0) -> int:
-    """Give every Q/DQ layer an int8 output quantizer from min/max over a short sampler run.
+    """Give every Q/DQ convolution an int8 output quantizer from min/max over a short sampler run.
 
     TFLite's int8 CONV_2D / FULLY_CONNECTED write int8 outputs with their own scale, which the
     artifact's QuantParams do not carry (the simulation keeps layer outputs in float). These
@@ -302,7 +302,9 @@ def calibrate_outputs(wrapper: nn.Module, model: DiffusionModel, steps: int = 8,
     """
     from edgediff.sampling import SamplerConfig, sample
 
-    layers = [m for m in wrapper.modules() if isinstance(m, _TflQDQLayer)]
+    # only convolutions: litert-torch's NHWC layout pass rejects Q/DQ on the 2-D outputs of the
+    # time-embedding Linear layers; FULLY_CONNECTED layers then keep a float output
+    layers = [m for m in wrapper.modules() if isinstance(m, _TflQDQLayer) and isinstance(m.inner, nn.Conv2d)]
     if not layers:
         return 0
     ranges: dict[int, list[float]] = {}
@@ -412,7 +414,7 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1, kernels:
     t0 = time.perf_counter()
     try:
         edge = litert_torch.convert(wrapper, sample_kwargs=kwargs, quant_config=quant_config)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise BadInput(f"litert-torch could not convert this denoiser ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:300]})") from None
     data = bytes(edge.model_content())

@@ -1,0 +1,519 @@
+"""Core ML backend: ML Program `.mlpackage` (fp32, fp16, int8 weights, palettized weights) via coremltools.
+
+How the package is made
+- The float denoiser (quantization wrappers stripped, see exporters.onnx.float_denoiser) is
+  exported with `torch.export.export` and converted by `coremltools.convert(...,
+  convert_to="mlprogram")` (iOS 17 / macOS 14 deployment target, the first with int8
+  `constexpr_blockwise_shift_scale` weights and per-channel scales). If torch.export fails on a
+  model, the exporter falls back to `torch.jit.trace`, and the report says which was used
+  (`frontend`).
+- Attention in the form Apple's Neural Engine prefers (Apple's ml-stable-diffusion,
+  "split_einsum"): every diffusers Attention is rewritten to keep activations channels-first
+  as (B, C, 1, S), compute the Q/K/V/out projections as 1x1 convolutions, and split heads into
+  per-head einsums (no (B, S, heads, d) reshapes or transposes, which the ANE handles badly
+  and which push large tensors through the slower 64-byte-aligned last axis). Numerically
+  the same attention; `attention="sdpa"` keeps diffusers' own processor.
+- fp16: `compute_precision=FLOAT16` (weights and activations fp16, I/O stays float32).
+- int8: linear weight compression of the artifact's on-grid weights, per output channel,
+  symmetric (coremltools.optimize.coreml.linear_quantize_weights; its torch.export frontend
+  cannot lower quantize_per_channel, so the artifact's scales cannot be handed over as such).
+  Core ML's scale is max|w| / 127 per channel: identical to the artifact's min-max scales, so
+  the integers are the artifact's; layers whose scale was searched/clipped are re-gridded, and
+  the report counts them (`int8.regridded`). Activations stay fp16 (weight compression:
+  size and bandwidth, as Core ML runs it on every chip).
+- `palettize=BITS` (CLI `--palettize BITS`): k-means palettization of every weight with
+  coremltools.optimize.coreml.palettize_weights (a lookup table of 2^BITS fp16 values per
+  tensor); works with fp16/fp32 and needs no QuantParams.
+
+Prediction needs macOS (Core ML framework): on Linux `runtime_available` says so, and
+`check(path, reference)` loads the package structurally (spec inputs/outputs/shapes/dtypes,
+weight dtypes, op histogram of the MIL program) so that the verifier reports
+`verified: false` with that reason and exit 3.
+
+Exported I/O: inputs sample float32 [B,C,H,W], timestep float32 [B], optional
+encoder_hidden_states float32 [B,S,D] / class_labels (int32: Core ML has no int64 inputs);
+output `out` float32 [B,C_out,H,W]. The batch is fixed at export (`batch`, default 1):
+Core ML's flexible shapes (RangeDim) stop the ANE from running the model.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgediff.artifact import atomic_dir
+from edgediff.errors import BadInput, Unavailable
+from edgediff.model import DiffusionModel, InputSignature
+from edgediff.quant_params import QuantParams
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PALETTIZE_BITS = (1, 2, 3, 4, 6, 8)
+INSTALL = 'pip install -e ".[coreml]"'
+OUTPUT_NAME = "out"
+NOT_MACOS = "Core ML prediction needs macOS (the Core ML framework); this machine runs {system}"
+
+
+def _ct() -> Any:
+    try:
+        import coremltools as ct
+    except ImportError as e:
+        raise Unavailable(f"the coreml target needs coremltools ({e}); install it with {INSTALL}") from None
+    return ct
+
+
+def input_names(sig: InputSignature) -> list[str]:
+    names = ["sample", "timestep"]
+    if sig.cond_shape:
+        names.append("encoder_hidden_states")
+    if sig.num_classes:
+        names.append("class_labels")
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# attention in the Neural Engine's preferred form (ml-stable-diffusion's split_einsum)
+# ------------------------------------------------------------------------------------------
+
+
+def _conv1x1(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear applied to (B, C, 1, S) as a 1x1 convolution (the ANE's native matmul)."""
+    return F.conv2d(x, layer.weight[:, :, None, None], layer.bias)
+
+
+class AneAttnProcessor:
+    """diffusers Attention, channels-first (B, C, 1, S), heads split into per-head einsums.
+
+    Follows apple/ml-stable-diffusion's `split_einsum` attention: Q (B, d, 1, Sq) per head,
+    K transposed to (B, Sk, 1, d), scores (B, Sk, 1, Sq) softmaxed over dim 1, then
+    einsum with V (B, d, 1, Sk) back to (B, d, 1, Sq); heads concatenated on channels.
+    """
+
+    # a plain class (like diffusers' processors): diffusers inspects __call__'s parameters to
+    # decide which keyword arguments (temb) it passes
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None or getattr(attn, "spatial_norm", None) is not None \
+                or getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise BadInput("coreml attention='ane' supports plain self/cross attention only; "
+                           "export with attention='sdpa' for this model")
+        residual = hidden_states
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, h, w = hidden_states.shape
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states)
+            x = hidden_states.reshape(b, c, 1, h * w)
+        else:  # tokens (B, S, C) from transformer blocks
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            x = hidden_states.transpose(1, 2).unsqueeze(2)
+        if encoder_hidden_states is None:
+            ctx = x
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            ctx = encoder_hidden_states.transpose(1, 2).unsqueeze(2)  # (B, D, 1, Sk)
+        q, k, v = _conv1x1(attn.to_q, x), _conv1x1(attn.to_k, ctx), _conv1x1(attn.to_v, ctx)
+        heads = attn.heads
+        d = q.shape[1] // heads
+        kt = k.transpose(1, 3)  # (B, Sk, 1, C)
+        outs = []
+        for i in range(heads):
+            qi = q[:, i * d:(i + 1) * d]
+            ki = kt[:, :, :, i * d:(i + 1) * d]
+            vi = v[:, i * d:(i + 1) * d]
+            wts = torch.einsum("bchq,bkhc->bkhq", qi, ki) * attn.scale
+            wts = wts.softmax(dim=1)
+            outs.append(torch.einsum("bkhq,bchk->bchq", wts, vi))
+        y = _conv1x1(attn.to_out[0], torch.cat(outs, dim=1))
+        y = attn.to_out[1](y)  # dropout (identity in eval)
+        if ndim == 4:
+            y = y.reshape(b, -1, h, w)
+        else:
+            y = y.squeeze(2).transpose(1, 2)
+        if attn.residual_connection:
+            y = y + residual
+        return y / attn.rescale_output_factor
+
+
+def ane_attention(den: nn.Module) -> int:
+    """Give every diffusers Attention the ANE processor, in place; returns how many."""
+    n = 0
+    for m in den.modules():
+        if hasattr(m, "set_processor") and hasattr(m, "to_q"):
+            m.set_processor(AneAttnProcessor())
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------
+# int8 weights from the artifact
+# ------------------------------------------------------------------------------------------
+
+
+def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
+    """How many of the artifact's int8 weight grids Core ML's weight quantizer reproduces exactly.
+
+    coremltools' `torch.export` frontend has no lowering for quantize_per_channel, so int8
+    weights are made by coremltools.optimize.coreml.linear_quantize_weights (per output channel,
+    symmetric, scale = max|w| / 127). The artifact's weights lie on its grid, so Core ML's
+    integers equal the artifact's exactly when the artifact's scale is max|w| / 127 for every
+    channel (min-max scales); a layer whose scale was searched or clipped (max|q| < 127 in a
+    channel) is re-gridded by Core ML. Returns counts and the layers that differ.
+    """
+    modules = dict(den.named_modules())
+    same, differ = 0, []
+    for name, lq in qp.layers.items():
+        if lq.kind in ("matmul_qk", "matmul_av"):
+            continue
+        m = modules.get(name)
+        if m is None:
+            raise BadInput(f"quantization parameters name layer {name!r}, which the model does not have")
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or lq.weight is None:
+            raise BadInput(f"quantization parameters of {name!r}: expected a Conv2d or Linear with a weight quantizer")
+        if lq.weight.bits > 8:
+            raise BadInput(f"{name}: {lq.weight.bits}-bit weights cannot be written as int8")
+        w = m.weight.detach().float()
+        ours = lq.weight.scale.reshape(-1)
+        coreml_scale = w.abs().flatten(1).amax(1) / 127.0
+        if ours.numel() == coreml_scale.numel() and torch.allclose(ours, coreml_scale, rtol=1e-5, atol=0):
+            same += 1
+        else:
+            differ.append(name)
+    return {"layers": same + len(differ), "scales_as_artifact": same, "regridded_by_coreml": differ[:20],
+            "regridded": len(differ)}
+
+
+# ------------------------------------------------------------------------------------------
+# conversion
+# ------------------------------------------------------------------------------------------
+
+
+class _Named(nn.Module):
+    """Named inputs (they become the Core ML input names) -> the diffusers call -> one float tensor."""
+
+    def __init__(self, inner: nn.Module, sig: InputSignature) -> None:
+        super().__init__()
+        self.inner = inner
+        self.has_cond = sig.cond_shape is not None
+        self.has_class = sig.num_classes is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if self.has_cond:
+            extra["encoder_hidden_states"] = encoder_hidden_states
+        if self.has_class:
+            extra["class_labels"] = class_labels
+        out = self.inner(sample, timestep, **extra)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif not isinstance(out, torch.Tensor):
+            out = out.sample
+        return out.float()
+
+
+def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
+                  attention: str = "ane") -> tuple[Any, dict[str, Any]]:
+    """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts)."""
+    from edgediff.exporters.onnx import float_denoiser
+
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r} for coreml; expected one of {', '.join(PRECISIONS)}")
+    if palettize is not None and palettize not in PALETTIZE_BITS:
+        raise BadInput(f"--palettize {palettize}: Core ML palettizes to {', '.join(map(str, PALETTIZE_BITS))} bits")
+    if palettize is not None and precision == "int8":
+        raise BadInput("--palettize and --precision int8 are two different weight compressions; pick one "
+                       "(palettize with --precision fp16)")
+    if attention not in ("ane", "sdpa"):
+        raise BadInput(f"coreml option attention={attention!r}: expected 'ane' or 'sdpa'")
+    if not isinstance(batch, int) or batch < 1:
+        raise BadInput(f"coreml option batch={batch!r}: expected a positive integer")
+    qp = QuantParams.of(model)
+    if precision == "int8" and qp is None:
+        raise BadInput("int8 export needs quantization parameters: compress the model with a quantizing recipe "
+                       "(e.g. --recipe w8a8) and export the artifact, or use --palettize BITS")
+    ct = _ct()
+    den = float_denoiser(model)
+    facts: dict[str, Any] = {"batch": batch, "attention": attention}
+    if attention == "ane":
+        facts["attention_rewritten"] = ane_attention(den)
+    if precision == "int8":
+        assert qp is not None
+        facts["int8"] = int8_scale_agreement(den, qp)
+    wrapper = _Named(den, model.signature).eval()
+    ex = model.signature.example_inputs(batch=batch)
+    names = input_names(model.signature)
+    if "class_labels" in ex:
+        ex["class_labels"] = ex["class_labels"].to(torch.int32)
+    args = tuple(ex[n] for n in names[:2])
+    kwargs = {n: ex[n] for n in names[2:]}
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            src: Any = torch.export.export(wrapper, args, kwargs, strict=False).run_decompositions({})
+        facts["frontend"] = "torch.export"
+    except Exception as e:  # noqa: BLE001 - any export failure: fall back to tracing, and say so
+        facts["frontend"] = "torch.jit.trace"
+        facts["export_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        with torch.no_grad():
+            src = torch.jit.trace(wrapper, example_kwarg_inputs={n: ex[n] for n in names}, check_trace=False)
+    inputs = []
+    for n in names:
+        a = ex[n]
+        dtype = np.int32 if n == "class_labels" else np.float32
+        inputs.append(ct.TensorType(name=n, shape=tuple(a.shape), dtype=dtype))
+    cp = ct.precision.FLOAT16 if precision in ("fp16", "int8") else ct.precision.FLOAT32
+    try:
+        ml = ct.convert(src, convert_to="mlprogram", inputs=inputs if facts["frontend"] != "torch.export" else None,
+                        outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                        compute_precision=cp, minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        raise BadInput(f"coremltools could not convert this denoiser ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:300]})") from None
+    if precision == "int8":
+        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+        # per output channel, symmetric, every weight tensor (weight_threshold=0): see int8_scale_agreement
+        cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0))
+        ml = linear_quantize_weights(ml, cfg)
+    if palettize is not None:
+        from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+
+        cfg = OptimizationConfig(global_config=OpPalettizerConfig(mode="kmeans", nbits=palettize, weight_threshold=512))
+        ml = palettize_weights(ml, cfg)
+        facts["palettize_bits"] = palettize
+    facts["convert_seconds"] = round(time.perf_counter() - t0, 2)
+    return ml, facts
+
+
+# ------------------------------------------------------------------------------------------
+# the package: structure, op histogram, runtime
+# ------------------------------------------------------------------------------------------
+
+
+def _load_spec(path: Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or directory")
+    ct = _ct()
+    try:
+        return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    except Exception as e:  # noqa: BLE001 - coremltools raises many kinds for a bad package
+        raise BadInput(f"{path}: not a Core ML package coremltools can read ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _walk_ops(block: Any) -> Any:
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from _walk_ops(inner)
+
+
+def _mil_ops(spec: Any) -> list[Any]:
+    ops: list[Any] = []
+    for fn in spec.mlProgram.functions.values():
+        for blk in fn.block_specializations.values():
+            ops.extend(_walk_ops(blk))
+    return ops
+
+
+def _dtype_name(value: int) -> str:
+    from coremltools.proto import MIL_pb2
+
+    return MIL_pb2.DataType.Name(value).lower()
+
+
+def _array_type_name(value: int) -> str:
+    from coremltools.proto import FeatureTypes_pb2
+
+    return FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(value).lower()
+
+
+def _weight_dtypes(ops: list[Any]) -> dict[str, int]:
+    """Element types of the weights: const tensors with > 1 element, plus compressed ones."""
+    counts: Counter[str] = Counter()
+    for op in ops:
+        if op.type == "const":
+            t = op.outputs[0].type.tensorType
+            n = int(np.prod([d.constant.size for d in t.dimensions])) if t.dimensions else 1
+            if n > 16:  # skip scalars and shape constants
+                counts[_dtype_name(t.dataType)] += 1
+        elif op.type.startswith("constexpr_"):
+            counts[op.type] += 1
+    return dict(counts)
+
+
+def coreml_info(path: Path) -> dict[str, Any]:
+    spec = _load_spec(path)
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise BadInput(f"{path}: a Core ML model but not an ML Program (found {spec.WhichOneof('Type')})")
+
+    def io(features: Any) -> dict[str, Any]:
+        return {f.name: {"shape": [int(s) for s in f.type.multiArrayType.shape],
+                         "dtype": _array_type_name(f.type.multiArrayType.dataType)} for f in features}
+
+    ops = _mil_ops(spec)
+    hist = dict(Counter(op.type for op in ops if op.type != "const").most_common())
+    weights = _weight_dtypes(ops)
+    if any(k.startswith("constexpr_lut") for k in weights):
+        precision = "palettized"
+    elif any(k in ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize") for k in weights):
+        precision = "int8"
+    elif weights.get("float16"):
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return {"kind": "exported", "target": "coreml", "path": str(path), "size_bytes": size, "format": "mlprogram",
+            "spec_version": int(spec.specificationVersion), "precision": precision,
+            "inputs": io(spec.description.input), "outputs": io(spec.description.output), "ops": hist,
+            "num_ops": sum(hist.values()), "weight_dtypes": weights}
+
+
+def structural_check(path: Path, reference: DiffusionModel | None = None, precision: str | None = None) -> dict[str, Any]:
+    """What can be checked without running Core ML: it loads, I/O as expected, weight dtypes."""
+    info = coreml_info(path)
+    problems: list[str] = []
+    if reference is not None:
+        sig = reference.signature
+        want = input_names(sig)
+        if list(info["inputs"]) != want:
+            problems.append(f"inputs {list(info['inputs'])} != expected {want}")
+        shp = info["inputs"].get("sample", {}).get("shape", [])
+        if list(shp[1:]) != list(sig.sample_shape):
+            problems.append(f"sample shape {shp} does not match the model's {list(sig.sample_shape)}")
+        if sig.cond_shape and list(info["inputs"].get("encoder_hidden_states", {}).get("shape", [])[1:]) != list(
+                sig.cond_shape):
+            problems.append("encoder_hidden_states shape does not match the model's conditioning")
+        out = info["outputs"].get(OUTPUT_NAME)
+        if out is None:
+            problems.append(f"no output named {OUTPUT_NAME!r}")
+        elif out["shape"] and list(out["shape"][2:]) != list(sig.sample_shape[1:]):
+            problems.append(f"output shape {out['shape']} does not match the sample's spatial size")
+    for name, d in {**info["inputs"], **info["outputs"]}.items():
+        if name != "class_labels" and d["dtype"] != "float32":
+            problems.append(f"{name} is {d['dtype']}, expected float32")
+    want_prec = precision
+    if want_prec and want_prec != info["precision"]:
+        problems.append(f"weights are {info['precision']}, expected {want_prec}")
+    return {"loads": True, "ok": not problems, "problems": problems, "precision": info["precision"],
+            "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
+            "weight_dtypes": info["weight_dtypes"]}
+
+
+def _is_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+class CoreMLDenoiser:
+    """A .mlpackage run by Core ML (macOS only), called like TorchDenoiser; fixed batch, padded."""
+
+    def __init__(self, path: Path, compute_units: str = "ALL") -> None:
+        ok, why = BACKEND.runtime_available(path)
+        if not ok:
+            raise Unavailable(why)
+        ct = _ct()
+        self.path = Path(path)
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        info = coreml_info(path)
+        self.inputs = info["inputs"]
+        self.batch = int(self.inputs["sample"]["shape"][0])
+        self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        n, b = x.shape[0], self.batch
+        outs = []
+        for i in range(0, n, b):
+            chunk = {"sample": x[i:i + b].float(), "timestep": t[i:i + b].float()}
+            if self.cond_name is not None:
+                if cond is None:
+                    raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
+                chunk[self.cond_name] = cond[i:i + b]
+            k = chunk["sample"].shape[0]
+            if k < b:
+                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
+            feed = {name: v.numpy().astype(np.int32 if name == "class_labels" else np.float32)
+                    for name, v in chunk.items()}
+            res = self.model.predict(feed)
+            outs.append(torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))[:k])
+        return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------------------
+# the backend
+# ------------------------------------------------------------------------------------------
+
+
+class CoreMLBackend:
+    target = "coreml"
+    precisions = PRECISIONS
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import coremltools  # noqa: F401
+        except ImportError as e:
+            return False, f"coremltools is not installed ({e}); install it with {INSTALL}"
+        return True, "coremltools is installed (converting works on any OS; prediction needs macOS)"
+
+    def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
+        if not _is_macos():
+            return False, NOT_MACOS.format(system=platform.system() or "an unknown OS")
+        try:
+            _ct()
+        except Unavailable as e:
+            return False, str(e)
+        return True, "Core ML runs .mlpackage files on this Mac"
+
+    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False,
+               palettize: int | None = None, batch: int = 1, attention: str = "ane", progress: Any = None,
+               **options: Any) -> dict[str, Any]:
+        out = Path(out)
+        if options:
+            raise BadInput(f"coreml export: unknown option(s) {', '.join(sorted(options))} "
+                           "(the coreml target takes palettize, batch and attention)")
+        if out.suffix.lower() != ".mlpackage":
+            raise BadInput(f"{out}: a Core ML export must be written to a .mlpackage directory")
+        if out.exists() and not force:
+            raise BadInput(f"{out}: output already exists (pass --force to replace it)")
+        if not isinstance(model, DiffusionModel):
+            raise BadInput(f"the coreml target exports a model or an artifact, not {type(model).__name__}")
+        t0 = time.perf_counter()
+        ml, facts = build_mlmodel(model, precision, palettize=palettize, batch=batch, attention=attention)
+        with atomic_dir(out, force=force) as tmp:
+            pkg = tmp / out.name
+            ml.save(str(pkg))
+            # atomic_dir renames the temp dir itself: move the package's contents up into it
+            for p in pkg.iterdir():
+                p.rename(tmp / p.name)
+            pkg.rmdir()
+        info = coreml_info(out)
+        runs, why = self.runtime_available(out)
+        report = {"target": self.target, "precision": precision, "path": str(out), "size_bytes": info["size_bytes"],
+                  "seconds": round(time.perf_counter() - t0, 2), "converter": "coremltools", **facts,
+                  "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
+                  "weight_dtypes": info["weight_dtypes"], "weights": info["precision"],
+                  "runs_here": runs, "runtime": why}
+        return report
+
+    def load_denoiser(self, path: Path) -> CoreMLDenoiser:
+        return CoreMLDenoiser(path)
+
+    def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
+        return structural_check(path, reference)
+
+    def info(self, path: Path) -> dict[str, Any]:
+        return coreml_info(path)
+
+
+BACKEND = CoreMLBackend()
