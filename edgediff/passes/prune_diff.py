@@ -269,21 +269,32 @@ def ratio_for_macs(model: DiffusionModel, macs_reduction: float, tol: float = 0.
         prune_structure(m, r, tp.importance.RandomImportance())
         return 1 - macs(m) / base
 
-    hi = 0.95
-    red_hi = reduction(hi)
-    if red_hi < macs_reduction:
-        raise BadInput(f"prune.diff: macs_reduction={macs_reduction} cannot be met: pruning {hi:.0%} of every prunable "
-                       f"group removes only {red_hi:.1%} of the MACs of this {model.arch}")
-    lo, best = 0.0, (hi, red_hi)
-    for _ in range(10):
+    # coarse scan first: TP skips a group whose kept share would round to zero channels, so the
+    # reduction is not monotone near ratio 1 and a plain bisection from 0.95 can miss the budget
+    grid = [round(0.1 * i, 2) for i in range(1, 10)]
+    prev, found = 0.0, None
+    best_seen = 0.0
+    for r in grid:
+        red = reduction(r)
+        best_seen = max(best_seen, red)
+        if red >= macs_reduction:
+            found = (r, red)
+            break
+        prev = r
+    if found is None:
+        raise BadInput(f"prune.diff: macs_reduction={macs_reduction} cannot be met: channel pruning of this "
+                       f"{model.arch} removes at most {best_seen:.1%} of its MACs (output and fixed-width layers stay)")
+    lo, hi = prev, found[0]
+    best = found
+    for _ in range(5):
         mid = (lo + hi) / 2
         red = reduction(mid)
         if red >= macs_reduction:
             hi, best = mid, (mid, red)
+            if red - macs_reduction <= tol:
+                break
         else:
             lo = mid
-        if abs(red - macs_reduction) <= tol and red >= macs_reduction:
-            break
     return best
 
 
