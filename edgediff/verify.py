@@ -75,13 +75,13 @@ def _float_reference(model: DiffusionModel) -> DiffusionModel:
                           model.extras)
 
 
-def _precision_of(backend: Any, path: Path) -> str | None:
+def _info_of(backend: Any, path: Path) -> dict[str, Any]:
     if hasattr(backend, "info"):
         try:
-            return backend.info(path).get("precision")
+            return dict(backend.info(path))
         except Exception:  # noqa: BLE001 - info is best effort; the tolerance then defaults to fp32
-            return None
-    return None
+            return {}
+    return {}
 
 
 def _conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
@@ -125,7 +125,11 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
         backend = get_backend(target)
     except Unavailable as e:
         return {**result, "verified": False, "reason": str(e), "exit_code": 3}
-    precision = _precision_of(backend, exported) or "fp32"
+    info = _info_of(backend, exported)
+    precision = info.get("precision") or "fp32"
+    if target == "onnx" and info.get("made_for") == "tensorrt":
+        result["note"] = ("the TensorRT-ready ONNX, run in onnxruntime: the TensorRT engine itself was not "
+                          "built or run here")
     ref_dtype = next((p.dtype for p in reference.denoiser.parameters() if p.is_floating_point()), torch.float32)
     tol_key = "fp16" if precision == "fp32" and ref_dtype == torch.float16 else precision
     tol = TOLERANCES.get(tol_key, TOLERANCES["int8"])

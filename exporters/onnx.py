@@ -516,7 +516,7 @@ def onnx_info(path: Path) -> dict[str, Any]:
     return {"format": "onnx", "opset": next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None),
             "precision": meta.get("precision"), "params": params, "nodes": len(m.graph.node),
             "ops": dict(ops.most_common()), "qdq_pairs": ops.get("DequantizeLinear", 0), "inputs": io(m.graph.input),
-            "outputs": io(m.graph.output), "arch": meta.get("arch"),
+            "outputs": io(m.graph.output), "arch": meta.get("arch"), "made_for": meta.get("made_for", "onnx"),
             "external_data": any(i.data_location == 1 for i in m.graph.initializer)}
 
 
