@@ -137,3 +137,27 @@ def test_profile_names_layers_by_module(bundle: Path) -> None:
     assert {la["op"] for la in res["layers"]} <= {"conv", "group_norm", "flash_attention", "silu", "concat", "upsample2x",
                                                    "timestep_embedding", "affine"}
     assert "Conv" in clrt.SUPPORTED_OPS and "QLinearConv" not in clrt.SUPPORTED_OPS
+
+
+@needs_cl
+@pytest.mark.slow
+def test_cifar_scale_unet_matches_pytorch(tmp_path: Path) -> None:
+    """google/ddpm-cifar10-32's UNet2DModel config (35.7M params, random init): downsample padding 0,
+    4 levels, one-head attention with head_dim 256, through the bundle vs PyTorch."""
+    from diffusers import UNet2DModel
+
+    from edgediff.model import InputSignature
+    from edgediff.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+                    attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, dropout=0.0).eval()
+    model = DiffusionModel(m, NoiseSchedule.from_config({}), InputSignature((3, 32, 32)), "UNet2DModel", dict(m.config))
+    be = get_backend("opencl")
+    be.export(model, tmp_path / "c", "fp32")
+    den = be.load_denoiser(tmp_path / "c")
+    x, t = _inputs(model, batch=1)
+    want = TorchDenoiser(model)(x, t)
+    assert float((den(x, t) - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
