@@ -364,18 +364,35 @@ def test_tensorrt_unavailable_here_exits_3(unet_onnx: tuple[DiffusionModel, Path
     assert e.value.exit_code == 3 and ("tensorrt" in str(e.value) or "CUDA" in str(e.value))
 
 
-def test_opencl_runtime_or_not_built(unet_onnx: tuple[DiffusionModel, Path]) -> None:
+def test_opencl_runtime_profile_or_not_built(unet_onnx: tuple[DiffusionModel, Path], tmp_path: Path) -> None:
+    """With the kernels engineer's runtime: a real per-kernel profile of the OpenCL bundle (PoCL here)."""
     from edgediff.profiling.run import profile
 
     try:
         from edgediff.kernels import runtime as clrt
     except ImportError:
         clrt = None
-    if clrt is not None and hasattr(clrt, "profile"):
-        pytest.skip("the OpenCL runtime profiles itself: covered by its own tests")
-    with pytest.raises(EdgediffError) as e:
-        profile(unet_onnx[1], runtime="opencl")
-    assert e.value.exit_code == 3 and "not built yet" in str(e.value)
+    if clrt is None or not hasattr(clrt, "profile"):
+        with pytest.raises(EdgediffError) as e:
+            profile(unet_onnx[1], runtime="opencl")
+        assert e.value.exit_code == 3 and "not built yet" in str(e.value)
+        return
+    from edgediff.exporters import get_backend
+
+    backend = get_backend("opencl")
+    ok, why = backend.available()
+    if not ok:
+        pytest.skip(f"no OpenCL device here: {why}")
+    model = unet_onnx[0]
+    bundle = tmp_path / "bundle"
+    backend.export(model, bundle, "fp32")
+    r = profile(bundle, warmup=1, repeats=2)
+    assert r["runtime"] == "opencl" and r["total_ms"] > 0 and r["estimated"] is False
+    assert abs(sum(la["share"] for la in r["layers"]) - 1) < 1e-6
+    modules = {n for n, _ in model.denoiser.named_modules()}
+    assert {"conv_in", "conv_out"} <= {la["name"] for la in r["layers"]}
+    # fused kernels (packed QKV) are named inside the module they came from
+    assert all(la["name"] in modules or la["name"].rsplit(".", 1)[0] in modules for la in r["layers"] if la["op"] == "conv")
 
 
 def test_cli_profile_json(unet_onnx: tuple[DiffusionModel, Path], capsys: pytest.CaptureFixture) -> None:
