@@ -200,6 +200,12 @@ class _QDQAttnProcessor(nn.Module):
         self.q_quant, self.k_quant = _QDQ(qk.input, qk.name), _QDQ(qk.input2, qk.name)
         self.p_quant, self.v_quant = _QDQ(av.input, av.name), _QDQ(av.input2, av.name)
 
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
