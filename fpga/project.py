@@ -175,7 +175,8 @@ def _act(g: _Graph, dq: Any, who: Any, role: str, values: dict[str, np.ndarray] 
     if scale.size != 1:
         raise BadInput(f"{g.path}: node {who.name!r} ({who.op_type}): unsupported QDQ pattern: the {role} "
                        f"({dq.name!r}) is quantized per channel; the array takes per-tensor activations")
-    dt = zp.dtype if zp is not None else np.dtype(np.uint8)
+    has_zp = len(dq.input) > 2 and bool(dq.input[2])
+    dt = zp.dtype if has_zp else np.dtype(np.uint8)  # ONNX: no zero point means uint8 with zero point 0
     if values is not None and dq.input[0] in values:
         dt = values[dq.input[0]].dtype
     if dt not in (np.dtype(np.uint8), np.dtype(np.int8)):
