@@ -207,7 +207,10 @@ def profile(exported: Path = typer.Argument(..., help="An exported model."),
     mod = _optional_module("edgediff.profiling.run", "profile")
     with progress_bar() as p:
         result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb, progress=p)
-    _emit(result, as_json, f"profile {exported}")
+    if as_json or not hasattr(mod, "summary_table"):
+        _emit(result, as_json, f"profile {exported}")
+    else:
+        out.print(mod.summary_table(result))
 
 
 @app.command()

@@ -15,13 +15,13 @@ Everything here is labelled `estimated: true`.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from edgediff.errors import BadInput
 from edgediff.profiling.graph import OpWork

@@ -241,3 +241,33 @@ def export_onnx(model: Any, out: Path) -> str:
         torch.onnx.export(mod, tuple(ex.values()), str(out), input_names=list(ex), output_names=["out"], dynamo=True,
                           external_data=False, verbose=False)
     return f"torch.onnx.export (dynamo, torch {torch.__version__})"
+
+
+def summary_table(result: dict[str, Any], top: int = 15) -> Any:
+    """A human-readable view of a profile for the terminal (the CLI without --json)."""
+    from rich.table import Table
+
+    est = bool(result.get("estimated"))
+    tot = result.get("total") or {}
+    spread = f" (p10-p90 {tot['p10_ms']:.3f}-{tot['p90_ms']:.3f})" if "p10_ms" in tot else ""
+    title = (f"{'ESTIMATED ' if est else ''}profile on {result.get('runtime')}: "
+             f"{result.get('total_ms', float('nan')):.3f} ms per call{spread}")
+    t = Table(title=title)
+    for c in ("layer (source module)", "op", "ms", "share", "MACs", "bound" if est else "nodes"):
+        t.add_column(c, justify="left" if c.startswith(("layer", "op")) else "right")
+    for la in sorted(result.get("layers", []), key=lambda la: -(la["ms"] if la["ms"] == la["ms"] else 0))[:top]:
+        t.add_row(la["name"], la["op"][:40], f"{la['ms']:.4f}", f"{la.get('share', 0):.1%}",
+                  f"{la['macs']:,}" if "macs" in la else "", str(la.get("bound" if est else "nodes", "")))
+    notes = []
+    if result.get("peak_memory_bytes"):
+        notes.append(f"peak memory {result['peak_memory_bytes']:,} bytes")
+    if est and result.get("note"):
+        notes.append(result["note"])
+    cov = result.get("coverage")
+    if isinstance(cov, dict):
+        notes.append("MACs falling back: " + ", ".join(
+            f"{k} {v['macs_share_fallback']:.1%}" for k, v in cov.items() if isinstance(v, dict) and "macs_share_fallback" in v))
+    if result.get("html"):
+        notes.append(f"report: {result['html']}")
+    t.caption = "; ".join(notes) + (" (--json for every field)" if notes else "--json for every field")
+    return t
