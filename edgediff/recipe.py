@@ -14,11 +14,10 @@ Built-ins live in edgediff/recipes/*.toml.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edgediff import passes
 from edgediff.errors import BadInput
