@@ -263,6 +263,8 @@ def test_recipe_prune_then_finetune_artifact_and_info(tmp_path: Path, tiny_unet,
     assert main(["info", str(tmp_path / "art"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == params(result.module()) and info["macs"] == macs(result)
+    assert info["after"]["macs"] == info["macs"] < info["before"]["macs"] == macs(tiny_unet)
+    assert info["after"]["params"] < info["before"]["params"]
 
 
 # ------------------------------------------------------------------------------------------- finetune

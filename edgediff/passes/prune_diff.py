@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -251,12 +252,16 @@ def prune_structure(model: DiffusionModel, ratio: float, importance: Any) -> tup
     return model, n_groups
 
 
-def ratio_for_macs(model: DiffusionModel, macs_reduction: float, tol: float = 0.01) -> tuple[float, float]:
+def ratio_for_macs(model: DiffusionModel, macs_reduction: float, tol: float = 0.01,
+                   closest: bool = False) -> tuple[float, float]:
     """The channel ratio whose pruned model has `macs_reduction` fewer MACs (bisection).
 
     With local (per-group) pruning the channel counts depend only on the ratio, not on the
-    importance, so random importance finds the structure. Returns (ratio, achieved reduction).
-    Raises BadInput when even the largest ratio cannot reach the budget.
+    importance, so random importance finds the structure. Returns (ratio, achieved reduction):
+    the smallest ratio that removes at least that share, or with `closest` the ratio whose
+    reduction is nearest to it (GroupNorm groups make the reachable reductions coarse on small
+    models, e.g. 43% or 65% on the demo, nothing in between). Raises BadInput when even the
+    largest ratio cannot reach the budget.
     """
     import torch_pruning as tp
 
@@ -284,6 +289,20 @@ def ratio_for_macs(model: DiffusionModel, macs_reduction: float, tol: float = 0.
     if found is None:
         raise BadInput(f"prune.diff: macs_reduction={macs_reduction} cannot be met: channel pruning of this "
                        f"{model.arch} removes at most {best_seen:.1%} of its MACs (output and fixed-width layers stay)")
+    if closest:
+        # the reachable reductions are a staircase in the ratio: walk it finely up to the first
+        # step at or above the target and keep whichever of that step and the one below is nearer
+        below: tuple[float, float] | None = None
+        for r in np.arange(0.025, found[0] + 1e-9, 0.025):
+            red = reduction(float(r))
+            if red >= macs_reduction:
+                above = (float(r), red)
+                if below is not None and macs_reduction - below[1] < above[1] - macs_reduction:
+                    return below
+                return above
+            if below is None or red > below[1]:
+                below = (float(r), red)
+        return found
     lo, hi = prev, found[0]
     best = found
     for _ in range(5):
