@@ -118,7 +118,12 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
     cfg = SamplerConfig(sampler, steps)
     if samples < 1:
         raise BadInput(f"--samples must be >= 1, got {samples}")
-    target = target_of(exported)
+    if exported.suffix.lower() in (".engine", ".plan") and not exported.exists() \
+            and exported.with_suffix(".onnx").is_file():
+        # `export --target tensorrt` without TensorRT wrote the ONNX and the trtexec command only
+        target = "tensorrt"
+    else:
+        target = target_of(exported)
     result: dict[str, Any] = {"target": target, "exported": str(exported), "samples": samples, "steps": steps,
                               "sampler": sampler, "seed": seed}
     try:

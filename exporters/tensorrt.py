@@ -225,6 +225,9 @@ class TensorRTBackend:
         trt, why = _tensorrt()
         if trt is None:
             return False, f"running a TensorRT engine needs {why}"
+        if path is not None and not Path(path).is_file():
+            script = Path(path).with_name(Path(path).stem + ".trtexec.sh")
+            return False, f"{path} is not built yet (run sh {script})"
         return True, f"TensorRT {trt.__version__}"
 
     def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False,
