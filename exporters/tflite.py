@@ -203,7 +203,7 @@ class _TflQDQ(nn.Module):
 
 
 class _TflQDQLayer(nn.Module):
-    """Conv2d/Linear with input, weight (and optionally output) as Q/DQ pairs."""
+    """Conv2d/Linear with its input and weight as Q/DQ pairs (the artifact's scales)."""
 
     def __init__(self, inner: nn.Module, lq: LayerQuant) -> None:
         super().__init__()
@@ -228,7 +228,6 @@ class _TflQDQLayer(nn.Module):
         quant_in = lq.input is not None and not lq.meta.get("input_unquantized")
         self.aq = _TflQDQ(lq.input, lq.name) if quant_in else None
         self.aq2 = _TflQDQ(lq.input2, lq.name) if quant_in and self.split_at and lq.input2 is not None else None
-        self.oq: _TflQDQ | None = None  # set by calibrate_outputs for int8 kernels
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq is None:
@@ -245,7 +244,7 @@ class _TflQDQLayer(nn.Module):
             y = self.inner._conv_forward(self._in(x), w, self.inner.bias)
         else:
             y = F.linear(self._in(x), w, self.inner.bias)
-        return self.oq(y) if self.oq is not None else y
+        return y
 
 
 def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
@@ -290,64 +289,6 @@ def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
     return dict(counts)
 
 
-@torch.inference_mode()
-def calibrate_outputs(wrapper: nn.Module, model: DiffusionModel, steps: int = 8, n: int = 4, seed: int = 0) -> int:
-    """Give every Q/DQ convolution an int8 output quantizer from min/max over a short sampler run.
-
-    TFLite's int8 CONV_2D / FULLY_CONNECTED write int8 outputs with their own scale, which the
-    artifact's QuantParams do not carry (the simulation keeps layer outputs in float). These
-    scales are the one thing calibrated here: asymmetric per tensor, over the x_t of a short
-    DDIM run of the Q/DQ model itself (PTQ4DM-style: inputs from the sampler's trajectory).
-    Returns the number of layers calibrated.
-    """
-    from edgediff.sampling import SamplerConfig, sample
-
-    # only convolutions: litert-torch's NHWC layout pass rejects Q/DQ on the 2-D outputs of the
-    # time-embedding Linear layers; FULLY_CONNECTED layers then keep a float output
-    layers = [m for m in wrapper.modules() if isinstance(m, _TflQDQLayer) and isinstance(m.inner, nn.Conv2d)]
-    if not layers:
-        return 0
-    ranges: dict[int, list[float]] = {}
-
-    def hook(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
-        r = ranges.setdefault(id(mod), [0.0, 0.0])
-        r[0], r[1] = min(r[0], float(out.min())), max(r[1], float(out.max()))
-
-    handles = [m.register_forward_hook(hook) for m in layers]
-    sig = model.signature
-    names = input_names(sig)
-
-    def den(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        kw = {"sample": x, "timestep": t}
-        if "encoder_hidden_states" in names:
-            kw["encoder_hidden_states"] = cond
-        if "class_labels" in names:
-            kw["class_labels"] = cond
-        return wrapper(**kw)[OUTPUT_NAME]
-
-    cond = _conditioning(sig, n, seed)
-    try:
-        sample(den, model.schedule, sig.sample_shape, n, seed=seed, cfg=SamplerConfig("ddim", steps, batch_size=n),
-               cond=cond)
-    finally:
-        for h in handles:
-            h.remove()
-    for m in layers:
-        lo, hi = ranges[id(m)]
-        scale = max((hi - lo) / 255.0, 1e-8)
-        zp = int(round(-128 - lo / scale))
-        m.oq = _TflQDQ(TensorQuant(8, torch.tensor(scale), torch.tensor(max(-128, min(127, zp)))), m.name)
-    return len(layers)
-
-
-def _conditioning(sig: InputSignature, n: int, seed: int) -> torch.Tensor | None:
-    if sig.num_classes:
-        return torch.arange(n) % sig.num_classes
-    if sig.cond_shape:
-        return torch.randn(n, *sig.cond_shape, generator=torch.Generator().manual_seed(seed + 1))
-    return None
-
-
 def _example_kwargs(sig: InputSignature, batch: int) -> dict[str, torch.Tensor]:
     ex = sig.example_inputs(batch=batch)
     return {k: ex[k] for k in input_names(sig)}
@@ -376,15 +317,69 @@ def _fp16_weights(tflite_bytes: bytes) -> bytes:
         os.unlink(name)
 
 
-def build_tflite(model: DiffusionModel, precision: str, batch: int = 1, kernels: str = "int8",
-                 progress: Any = None) -> tuple[bytes, dict[str, Any]]:
+def _float_inputs(data: bytes) -> tuple[bytes, list[str]]:
+    """Give int8 graph inputs back a float32 interface (a QUANTIZE op in front); returns their names.
+
+    In STATIC Q/DQ mode the converter folds a quantize that sits right at a graph input into
+    the input itself (the first conv's input quantizer makes `sample` int8). Every edgediff
+    export takes float32 `sample`, so the float tensor and its QUANTIZE (same scale and zero
+    point: the artifact's) are put back in front.
+    """
+    schema = _require("ai_edge_litert.schema_py_generated")
+    import flatbuffers
+
+    model = schema.Model.GetRootAsModel(data, 0)
+    m = schema.ModelT.InitFromObj(model)
+    sg = m.subgraphs[0]
+    sg.inputs = [int(i) for i in sg.inputs]  # numpy views of the flatbuffer are read-only
+    fixed: list[str] = []
+    for pos, ti in enumerate(list(sg.inputs)):
+        old = sg.tensors[ti]
+        if old.type not in (schema.TensorType.INT8, schema.TensorType.UINT8) or old.quantization is None:
+            continue
+        name = old.name.decode() if isinstance(old.name, bytes) else str(old.name)
+        buf = schema.BufferT()
+        m.buffers.append(buf)
+        new = schema.TensorT()
+        new.shape, new.shapeSignature = old.shape, old.shapeSignature
+        new.type, new.name, new.buffer = schema.TensorType.FLOAT32, name, len(m.buffers) - 1
+        old.name = name + "_int8"
+        sg.tensors.append(new)
+        new_idx = len(sg.tensors) - 1
+        codes = [i for i, c in enumerate(m.operatorCodes)
+                 if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.QUANTIZE]
+        if codes:
+            code = codes[0]
+        else:
+            oc = schema.OperatorCodeT()
+            oc.builtinCode = oc.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
+            oc.version = 1
+            m.operatorCodes.append(oc)
+            code = len(m.operatorCodes) - 1
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code, [new_idx], [ti]
+        op.builtinOptionsType = schema.BuiltinOptions.QuantizeOptions
+        op.builtinOptions = schema.QuantizeOptionsT()
+        sg.operators.insert(0, op)
+        sg.inputs[pos] = new_idx
+        for sd in m.signatureDefs or []:
+            for tm in sd.inputs or []:
+                if tm.tensorIndex == ti:
+                    tm.tensorIndex = new_idx
+        fixed.append(name)
+    if not fixed:
+        return data, fixed
+    b = flatbuffers.Builder(len(data) + 65536)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output()), fixed
+
+
+def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple[bytes, dict[str, Any]]:
     """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report)."""
     from edgediff.exporters.onnx import float_denoiser
 
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r} for tflite; expected one of {', '.join(PRECISIONS)}")
-    if kernels not in ("int8", "qdq"):
-        raise BadInput(f"tflite option kernels={kernels!r}: expected 'int8' (integer kernels) or 'qdq'")
     if not isinstance(batch, int) or batch < 1:
         raise BadInput(f"tflite option batch={batch!r}: expected a positive integer")
     qp = QuantParams.of(model)
@@ -399,10 +394,8 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1, kernels:
     quant_config = None
     if precision == "int8":
         assert qp is not None
-        facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "kernels": kernels,
-                         "weight_bits": qp.weight_bits, "act_bits": qp.act_bits}
-        if kernels == "int8":
-            facts["int8"]["outputs_calibrated"] = calibrate_outputs(wrapper, model)
+        facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "weight_bits": qp.weight_bits, "act_bits": qp.act_bits,
+                         "kernels": "float kernels between int8 Q/DQ (see docs/tflite_coreml.md)"}
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize import quant_config as qc
 
@@ -421,6 +414,8 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1, kernels:
     facts["convert_seconds"] = round(time.perf_counter() - t0, 2)
     if precision == "fp16":
         data = _fp16_weights(data)
+    if precision == "int8":
+        data, facts["int8"]["float_inputs_restored"] = _float_inputs(data)
     return data, facts
 
 
@@ -571,11 +566,11 @@ class TFLiteBackend:
         return True, "LiteRT interpreter (XNNPACK, CPU) runs .tflite files here"
 
     def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False, batch: int = 1,
-               kernels: str = "int8", progress: Any = None, **options: Any) -> dict[str, Any]:
+               progress: Any = None, **options: Any) -> dict[str, Any]:
         out = Path(out)
         if options:
             raise BadInput(f"tflite export: unknown option(s) {', '.join(sorted(options))} "
-                           "(the tflite target takes batch and kernels)")
+                           "(the tflite target takes batch)")
         if out.suffix.lower() != ".tflite":
             raise BadInput(f"{out}: a TFLite export must be written to a .tflite file")
         if out.exists() and not force:
@@ -583,7 +578,7 @@ class TFLiteBackend:
         if not isinstance(model, DiffusionModel):
             raise BadInput(f"the tflite target exports a model or an artifact, not {type(model).__name__}")
         t0 = time.perf_counter()
-        data, facts = build_tflite(model, precision, batch=batch, kernels=kernels, progress=progress)
+        data, facts = build_tflite(model, precision, batch=batch)
         with atomic_file(out, force=force) as tmp:
             tmp.write_bytes(data)
         info = tflite_info(out)
