@@ -107,15 +107,15 @@ def _save_checkpoint(path: Path, step: int, module: nn.Module, ema: list[torch.T
     tensors: dict[str, torch.Tensor] = {}
     params = [p for p in module.parameters() if p.requires_grad]
     for i, p in enumerate(params):
-        tensors[f"param.{i}"] = p.detach().contiguous().clone()
+        tensors[f"param.{i}"] = p.detach().cpu().contiguous().clone()
         if ema is not None:
-            tensors[f"ema.{i}"] = ema[i].contiguous().clone()
+            tensors[f"ema.{i}"] = ema[i].cpu().contiguous().clone()
         st = opt.state.get(p, {})
         for k in ("exp_avg", "exp_avg_sq"):
             if k in st:
-                tensors[f"adam.{k}.{i}"] = st[k].contiguous().clone()
+                tensors[f"adam.{k}.{i}"] = st[k].cpu().contiguous().clone()
         if "step" in st:
-            tensors[f"adam.step.{i}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+            tensors[f"adam.step.{i}"] = torch.as_tensor(st["step"], dtype=torch.float32).cpu().reshape(1).clone()
     meta = {"step": str(step), "n_params": str(len(params)), "options": json.dumps(asdict(opts))}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, force=True) as tmp:
@@ -143,9 +143,9 @@ def _load_checkpoint(path: Path, module: nn.Module, ema: list[torch.Tensor] | No
             if ema is not None and f"ema.{i}" in keys:
                 ema[i].copy_(f.get_tensor(f"ema.{i}"))
             if f"adam.exp_avg.{i}" in keys:
-                opt.state[p] = {"step": f.get_tensor(f"adam.step.{i}").reshape(()),
-                                "exp_avg": f.get_tensor(f"adam.exp_avg.{i}"),
-                                "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{i}")}
+                opt.state[p] = {"step": f.get_tensor(f"adam.step.{i}").reshape(()),  # stays on the CPU, as AdamW keeps it
+                                "exp_avg": f.get_tensor(f"adam.exp_avg.{i}").to(p.device),
+                                "exp_avg_sq": f.get_tensor(f"adam.exp_avg_sq.{i}").to(p.device)}
         return int(meta.get("step", 0))
 
 
@@ -163,13 +163,19 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
         raise BadInput(f"finetune: batch_size={opts.batch_size} is smaller than the {world} processes")
     local_bs = int(opts.batch_size) // world
     module = model.module()
+    # x0 pool (before any device move: sampling runs on the CPU): the demo digits, or the
+    # *teacher's* samples (the unpruned model's distribution)
+    src = DataSource(teacher or model, opts.data, local_bs, seed, pool=int(opts.data_pool))
+    # one GPU per process when there are GPUs (torchrun sets LOCAL_RANK); the random draws stay
+    # on the CPU generator so that CPU and GPU runs see the same batches
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    module.to(device)
     for p in module.parameters():
         p.requires_grad_(p.is_floating_point())
     _broadcast_params(module)
     use_teacher = teacher is not None and float(opts.distill) > 0
-    t_mod = teacher.module().eval() if use_teacher else None
-    # x0 pool: the demo digits, or the *teacher's* samples (the unpruned model's distribution)
-    src = DataSource(teacher or model, opts.data, local_bs, seed, pool=int(opts.data_pool))
+    t_mod = teacher.module().to(device).eval() if use_teacher else None
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(opts.lr), weight_decay=float(opts.weight_decay))
     ema = [p.detach().clone() for p in params] if float(opts.ema) > 0 else None
@@ -180,7 +186,8 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
         if log:
             log(f"finetune: resumed from {ckpt} at step {start}")
     # unused parameters happen legitimately (e.g. the class-embedding row for "no label")
-    train_mod = DistributedDataParallel(module, find_unused_parameters=True) if world > 1 else module
+    train_mod = (DistributedDataParallel(module, device_ids=[local_rank] if device.type == "cuda" else None,
+                                         find_unused_parameters=True) if world > 1 else module)
     module.train()
     T = model.schedule.num_train_timesteps
     steps = range(start, int(opts.steps))
@@ -197,6 +204,8 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
             cond = random_cond(model, local_bs, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, T, (local_bs,), generator=g)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        cond = cond.to(device) if cond is not None else None
         xt = model.schedule.add_noise(x0, noise, t)
         kw = call_kwargs(model, cond)
         out = train_mod(xt, t.float(), **kw)
@@ -224,7 +233,9 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
                 p.copy_(e)
     for p in module.parameters():
         p.requires_grad_(False)
-    module.eval()
+    module.to("cpu").eval()
+    if t_mod is not None:
+        t_mod.to("cpu")
     return {"steps": int(opts.steps), "resumed_from": start, "world_size": world, "data": src.source,
             "distilled": use_teacher, "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
