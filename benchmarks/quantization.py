@@ -1,0 +1,272 @@
+"""Post-training quantization of the demo model: edgediff vs onnxruntime and NNCF, same calibration set.
+
+    python benchmarks/quantization.py [--samples 64] [--steps 20] [--calib 256] [--iters 100]
+                                      [--model demo] [--out bench-out/quantization.json]
+
+Rows (all on the same model, all calibrated on the same number of x_t from the FP model's own
+DDIM trajectories; the peers get exactly the points edgediff's w8a8 uses, for free):
+  fp32                       the float model (reference)
+  ort-minmax / ort-percentile onnxruntime.quantization.quantize_static, QDQ, per-channel int8
+                             weights, uint8 activations, on an ONNX from torch.onnx.export
+  nncf                       nncf.quantize on the same ONNX (MIXED preset: asymmetric activations)
+  edgediff-w8a8              recipe w8a8 (PTQ4DM calibration, L_p init, shortcut split, attention)
+  plain-w4a8                 W4A8 min-max, no reconstruction, no shortcut split (the collapse case)
+  edgediff-w4a8              recipe w4a8 (Q-Diffusion calibration, BRECQ/AdaRound, split)
+  edgediff-w4a8-ptqd         the w4a8 model + the ptqd pass (correction applied in the sampler)
+Columns: PSNR of final samples vs FP32 under the same seeds (DDIM and DDPM), digit Fréchet
+distance to held-out real digits and confidence share (DDIM samples, the bundled classifier),
+weight bytes as stored, calibration wall time. The edgediff rows are PyTorch simulations of the
+integer arithmetic (fake quantization); the ORT/NNCF rows run in onnxruntime's int8 kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgediff.loaders import load_model
+from edgediff.metrics import DigitJudge, psnr
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext, get, make_options
+from edgediff.quant_params import QuantParams
+from edgediff.recipe import load_recipe
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+
+class OrtDenoiser:
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.sess.run(None, {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)})
+        return torch.from_numpy(out[0])
+
+
+def export_onnx(model: DiffusionModel, path: Path) -> None:
+    inp = model.example_inputs(batch=2)
+    torch.onnx.export(model.module().eval(), (inp["sample"], inp["timestep"]), str(path), input_names=["sample", "timestep"],
+                      output_names=["out"], opset_version=17, dynamo=False,
+                      dynamic_axes={"sample": {0: "B"}, "timestep": {0: "B"}, "out": {0: "B"}})
+
+
+def nncf_ready(path: Path) -> Any:
+    """The ONNX with an Identity before the graph output and inferred value_info.
+
+    NNCF 3.4's ONNX preprocessing removes no-op Casts and looks up their output in
+    value_info, which has no entry when that output is the graph output ('out'): KeyError.
+    """
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path))
+    for node in m.graph.node:
+        for i, o in enumerate(node.output):
+            if o == "out":
+                node.output[i] = "out_pre_identity"
+    m.graph.node.append(helper.make_node("Identity", ["out_pre_identity"], ["out"], name="out_identity"))
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return int(sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer))
+
+
+def edgediff_weight_bytes(model: DiffusionModel) -> int:
+    """Quantized weights at their bit-width (+ one fp32 scale per channel), everything else fp32."""
+    qp = QuantParams.of(model)
+    # the simulation's activation steps are 0-d parameters named *.scale: not weights
+    total = sum(p.numel() * 4 for n, p in model.denoiser.named_parameters() if not (n.endswith(".scale") and p.dim() == 0))
+    mods = dict(model.denoiser.named_modules())
+    for name, lq in (qp.layers.items() if qp else []):
+        if lq.weight is None:
+            continue
+        w = mods[name].inner.weight
+        total += -w.numel() * 4 + (w.numel() * lq.weight.bits + 7) // 8 + lq.weight.scale.numel() * 4
+    return int(total)
+
+
+def run_pass(name: str, model: DiffusionModel, opts: dict[str, Any], ctx: PassContext) -> tuple[DiffusionModel, float, dict]:
+    fn, _ = get(name)
+    ctx.metrics = {}
+    t0 = time.perf_counter()
+    out = fn(model.clone(), make_options(name, opts), ctx)
+    return out, time.perf_counter() - t0, dict(ctx.metrics)
+
+
+def recipe_opts(recipe: str, name: str) -> dict[str, Any]:
+    return next(dict(p.options) for p in load_recipe(recipe).passes if p.name == name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--calib", type=int, default=256, help="calibration points for every method")
+    ap.add_argument("--iters", type=int, default=100, help="edgediff reconstruction iterations per block")
+    ap.add_argument("--calib-traj", type=int, default=32, help="FP trajectories the calibration sets come from")
+    ap.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of those trajectories")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out/quantization.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = set(filter(None, args.only.split(",")))
+    want = lambda name: not only or name in only or name == "fp32"  # noqa: E731
+
+    model = load_model(args.model)
+    judge = DigitJudge()
+    shape = model.signature.sample_shape
+    tmp = Path(tempfile.mkdtemp(prefix="edgediff-bench-quant-"))
+    ctx = PassContext(seed=args.seed, cache_dir=tmp / "cache")
+    rows: list[dict[str, Any]] = []
+    ref: dict[str, torch.Tensor] = {}
+
+    def evaluate(name: str, den: Any, weight_bytes: int, calib_s: float | None, correction: Any = None,
+                 note: str = "") -> None:
+        r: dict[str, Any] = {"name": name, "weight_bytes": weight_bytes,
+                             "calib_seconds": round(calib_s, 1) if calib_s is not None else None}
+        t0 = time.perf_counter()
+        for sampler in ("ddim", "ddpm"):
+            x = sample(den, model.schedule, shape, args.samples, seed=args.seed,
+                       cfg=SamplerConfig(sampler, args.steps, batch_size=args.samples), correction=correction)
+            if name == "fp32":
+                ref[sampler] = x
+            r[f"psnr_{sampler}"] = round(psnr(x, ref[sampler]), 2) if name != "fp32" else None
+            if sampler == "ddim":
+                r["digit_frechet"] = round(judge.frechet(x), 3)
+                r["confidence_share"] = round(judge.confidence_share(x), 3)
+        r["sampling_seconds"] = round(time.perf_counter() - t0, 1)
+        if note:
+            r["note"] = note
+        rows.append(r)
+        # written after every row so that an interrupted run still leaves its figures
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")
+        ps = lambda v: "   -  " if v is None else f"{v:6.2f}"  # noqa: E731
+        print(f"{name:22s} PSNR ddim {ps(r['psnr_ddim'])} ddpm {ps(r['psnr_ddpm'])}  FD {r['digit_frechet']:7.3f}  "
+              f"conf {r['confidence_share']:.3f}  bytes {weight_bytes:9d}  calib {r['calib_seconds']} s", flush=True)
+
+    fp_bytes = sum(p.numel() * 4 for p in model.denoiser.parameters())
+    evaluate("fp32", TorchDenoiser(model), fp_bytes, None)
+
+    # --- calibration sets: PTQ4DM for w8a8 (and the peers), Q-Diffusion for w4a8, same size
+    n_traj, cs = args.calib_traj, args.calib_steps
+    w8_calib = {**recipe_opts("w8a8", "calib"), "n_samples": n_traj, "steps": cs, "count": args.calib}
+    w8_cal_model, w8_calib_s, _ = run_pass("calib", model, w8_calib, ctx)
+    interval = max(1, (cs * n_traj) // args.calib)
+    w4_calib = {**recipe_opts("w4a8", "calib"), "n_samples": n_traj, "steps": cs, "interval": interval}
+    from edgediff.passes.calib import load_calibration
+
+    calib_data = load_calibration(w8_cal_model, ctx)
+    feeds = [{"sample": calib_data["x"][i:i + 1].numpy(), "timestep": calib_data["t"][i:i + 1].numpy()}
+             for i in range(len(calib_data["x"]))]
+
+    # --- peers on an ONNX export of the same model
+    fp_onnx = tmp / "fp32.onnx"
+    export_onnx(model, fp_onnx)
+    for method in ("MinMax", "Percentile"):
+        name = f"ort-{method.lower()}"
+        if not want(name):
+            continue
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(feeds)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.it, None)
+
+        out = tmp / f"{name}.onnx"
+        t0 = time.perf_counter()
+        try:
+            quantize_static(str(fp_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, method))
+        except Exception as e:  # report the peer's failure as a row, do not hide it
+            rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: failed: {e}", flush=True)
+            continue
+        evaluate(name, OrtDenoiser(out), onnx_weight_bytes(out), time.perf_counter() - t0)
+
+    if want("nncf"):
+        try:
+            import nncf
+            import onnx
+
+            t0 = time.perf_counter()
+            qm = nncf.quantize(nncf_ready(fp_onnx), nncf.Dataset(feeds), subset_size=len(feeds),
+                               preset=nncf.QuantizationPreset.MIXED)
+            dt = time.perf_counter() - t0
+            out = tmp / "nncf.onnx"
+            onnx.save(qm, str(out))
+            evaluate("nncf", OrtDenoiser(out), onnx_weight_bytes(out), dt)
+        except Exception as e:
+            rows.append({"name": "nncf", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"nncf: failed: {e}", flush=True)
+
+    # --- edgediff
+    if want("edgediff-w8a8"):
+        q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), "iters": args.iters}, ctx)
+        evaluate("edgediff-w8a8", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
+                 note=f"{met.get('method')}; calib {w8_calib_s:.0f} s incl. FP trajectories")
+    w4_cal_model, w4_calib_s, _ = run_pass("calib", model, w4_calib, ctx)
+    if want("plain-w4a8"):
+        plain = {"weight_bits": 4, "act_bits": 8, "weight_init": "minmax", "act_init": "minmax", "split_shortcut": False,
+                 "reconstruct": False}
+        q, dt, met = run_pass("quant", w4_cal_model, plain, ctx)
+        evaluate("plain-w4a8", TorchDenoiser(q), edgediff_weight_bytes(q), w4_calib_s + dt, note=met.get("method", ""))
+    if want("edgediff-w4a8") or want("edgediff-w4a8-ptqd"):
+        q4, dt4, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), "iters": args.iters}, ctx)
+        evaluate("edgediff-w4a8", TorchDenoiser(q4), edgediff_weight_bytes(q4), w4_calib_s + dt4,
+                 note=f"{met.get('method')}; reconstruction {met.get('reconstruction')}")
+        if want("edgediff-w4a8-ptqd"):
+            from edgediff.passes.ptqd import correction_for
+
+            p, dtp, metp = run_pass("ptqd", q4, recipe_opts("w4a8-ptqd", "ptqd"), ctx)
+            evaluate("edgediff-w4a8-ptqd", TorchDenoiser(p), edgediff_weight_bytes(p), w4_calib_s + dt4 + dtp,
+                     correction=correction_for(p),
+                     note=f"k in [{metp.get('k_min')}, {metp.get('k_max')}], mean act bits {metp.get('mean_act_bits')}")
+
+    by = {r["name"]: r for r in rows if "error" not in r}
+    ratios: dict[str, Any] = {}
+    for peer in ("ort-minmax", "ort-percentile", "nncf"):
+        if peer in by and "edgediff-w8a8" in by:
+            ratios[f"w8a8_psnr_ddim_minus_{peer}_db"] = round(by["edgediff-w8a8"]["psnr_ddim"] - by[peer]["psnr_ddim"], 2)
+            ratios[f"w8a8_psnr_ddpm_minus_{peer}_db"] = round(by["edgediff-w8a8"]["psnr_ddpm"] - by[peer]["psnr_ddpm"], 2)
+            if by[peer].get("calib_seconds"):
+                ratios[f"w8a8_calib_time_ratio_vs_{peer}"] = round(by["edgediff-w8a8"]["calib_seconds"] /
+                                                                   by[peer]["calib_seconds"], 2)
+    if "plain-w4a8" in by and "edgediff-w4a8" in by:
+        ratios["w4a8_psnr_ddim_gain_over_plain_db"] = round(by["edgediff-w4a8"]["psnr_ddim"] - by["plain-w4a8"]["psnr_ddim"], 2)
+    if "edgediff-w4a8" in by:
+        ratios["w4a8_weight_bytes_ratio_vs_fp32"] = round(by["edgediff-w4a8"]["weight_bytes"] / fp_bytes, 3)
+    result = {"model": args.model, "samples": args.samples, "steps": args.steps, "calib_points": args.calib,
+              "iters": args.iters, "seed": args.seed, "threads": args.threads,
+              "simulation": "edgediff rows: PyTorch fake-quant simulation; ort/nncf rows: onnxruntime int8 QDQ",
+              "rows": rows, "ratios": ratios}
+    print(json.dumps(ratios, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
