@@ -112,7 +112,8 @@ class _Builder:
             raise BadInput(f"opencl target: {name}: only self-attention with GroupNorm and a residual (UNet2DModel's) "
                            "is supported")
         proc = type(mod.processor).__name__
-        if proc not in ("AttnProcessor2_0", "AttnProcessor"):
+        # FloatAttnProcessor: what a stripped QuantAttnProcessor (edgediff.quant) leaves behind
+        if proc not in ("AttnProcessor2_0", "AttnProcessor", "FloatAttnProcessor"):
             raise BadInput(f"opencl target: {name}: attention processor {proc} is not supported")
         h = self.group_norm(mod.group_norm, f"{name}.group_norm", x, silu=False)
         C = mod.to_q.out_features

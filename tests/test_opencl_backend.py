@@ -161,3 +161,42 @@ def test_cifar_scale_unet_matches_pytorch(tmp_path: Path) -> None:
     x, t = _inputs(model, batch=1)
     want = TorchDenoiser(model)(x, t)
     assert float((den(x, t) - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@needs_cl
+def test_quantized_model_exports_its_on_grid_float_weights(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    """A quantized model (simulation wrappers, quantized attention processor) exports the float
+    weights on the grid, says that activations are not quantized, and matches the stripped model."""
+    from edgediff.quant.core import QuantAttnProcessor
+    from edgediff.quant_params import strip_quant_wrappers
+    from edgediff.testing import minmax_quantize
+
+    q = minmax_quantize(tiny_unet)
+    for m in q.denoiser.modules():
+        if type(m).__name__ == "Attention":
+            m.set_processor(QuantAttnProcessor())
+    rep = get_backend("opencl").export(q, tmp_path / "q", "fp32")
+    assert "does not quantize activations" in rep["note"]
+    assert any(getattr(m, "_edgediff_quant_wrapper", False) for m in q.denoiser.modules())  # input untouched
+    flo = q.clone()
+    strip_quant_wrappers(flo.denoiser)
+    x, t = _inputs(tiny_unet)
+    want = TorchDenoiser(flo)(x, t)
+    got = get_backend("opencl").load_denoiser(tmp_path / "q")(x, t)
+    assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@needs_cl
+def test_bad_inputs_are_one_line_errors(bundle: Path, tiny_unet: DiffusionModel) -> None:
+    den = get_backend("opencl").load_denoiser(bundle)
+    with pytest.raises(BadInput, match=r"sample must be \(B, 1, 16, 16\)"):
+        den(torch.zeros(1, 3, 16, 16), torch.zeros(1))
+    with pytest.raises(BadInput, match="no conditioning"):
+        den(torch.zeros(1, 1, 16, 16), torch.zeros(1), torch.zeros(1, 2, 3))
+    with pytest.raises(BadInput, match="not found"):
+        get_backend("opencl").load_denoiser(bundle, device="no-such-device-xyz")
+    meta = json.loads((bundle / "opencl_bundle.json").read_text())
+    meta["format_version"] = 99
+    (bundle / "opencl_bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="unsupported bundle format"):
+        get_backend("opencl").load_denoiser(bundle)
