@@ -143,6 +143,47 @@ class _Graph:
         p = self.producer.get(tensor)
         return p if p is not None and p.op_type == "DequantizeLinear" else None
 
+    def weight_dq(self, tensor: str) -> tuple[Any | None, bool]:
+        """(DequantizeLinear of a constant, transposed?) behind a weight operand: DQ(W) or Transpose(DQ(W))."""
+        dq = self.dq(tensor)
+        if dq is not None:
+            return dq, False
+        p = self.producer.get(tensor)
+        if p is not None and p.op_type == "Transpose" and list(_attr(p, "perm", [1, 0])) == [1, 0]:
+            dq = self.dq(p.input[0])
+            if dq is not None and dq.input[0] in self.inits:
+                return dq, True
+        return None, False
+
+    def act_dq(self, tensor: str) -> tuple[Any | None, list[int] | None]:
+        """(DequantizeLinear, perm) behind an activation operand: DQ(x) or Transpose(DQ(x)) (per-tensor
+        quantization commutes with a transpose, e.g. K^T in attention)."""
+        dq = self.dq(tensor)
+        if dq is not None:
+            return dq, None
+        p = self.producer.get(tensor)
+        if p is not None and p.op_type == "Transpose":
+            dq = self.dq(p.input[0])
+            if dq is not None and dq.input[0] not in self.inits:
+                return dq, [int(v) for v in _attr(p, "perm", [])] or None
+        return None, None
+
+    def concat_dqs(self, tensor: str) -> list[Any] | None:
+        """The DequantizeLinears of a channel Concat (a shortcut-split input with a scale per part)."""
+        p = self.producer.get(tensor)
+        if p is None or p.op_type != "Concat" or _attr(p, "axis", 0) != 1:
+            return None
+        dqs = [self.dq(i) for i in p.input]
+        return dqs if dqs and all(d is not None for d in dqs) else None
+
+    def quantized(self, node: Any, i: int) -> bool:
+        t = node.input[i]
+        if node.op_type == "Conv" and i == 0 and self.concat_dqs(t) is not None:
+            return True
+        if i == 1 and (self.weight_dq(t)[0] is not None or (node.op_type == "MatMul" and self.act_dq(t)[0] is not None)):
+            return True
+        return self.dq(t) is not None
+
     def const(self, name: str, node: Any, what: str) -> np.ndarray:
         if name not in self.inits:
             raise BadInput(f"{self.path}: node {node.name!r} ({node.op_type}): {what} {name!r} is not a constant")
@@ -237,10 +278,36 @@ def _output(g: _Graph, node: Any) -> tuple[float | None, int, bool]:
     return None, 0, False  # int32 accumulators go to the host (e.g. a float Add or GroupNorm follows)
 
 
-def _conv_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) -> tuple[QLayer, list[str]]:
-    dqx, dqw = g.dq(node.input[0]), g.dq(node.input[1])
+def _conv_layers(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) -> list[tuple[QLayer, list[str]]]:
+    """One conv layer, or one per part when its input is a Concat of differently quantized parts."""
+    parts = g.concat_dqs(node.input[0])
+    if parts is None:
+        return [_conv_layer(g, node, values)]
+    if values is None:  # the parts' channel counts are known once the tensors have run
+        return [(None, [d.input[0] for d in parts])]  # type: ignore[list-item]
+    if int(_attr(node, "group", 1)) != 1:
+        raise BadInput(f"{g.path}: node {node.name!r}: a concatenated input with per-part scales on a grouped conv")
+    out, c0 = [], 0
+    for i, dq in enumerate(parts):
+        c = values[dq.input[0]].shape[1]
+        layer, ins = _conv_layer(g, node, values, dqx=dq, channels=(c0, c0 + c), with_bias=i == 0)
+        layer.name = f"{node.name}[{c0}:{c0 + c}]"
+        layer.out_scale = None  # the parts' accumulators are added (in float) before any requantization
+        out.append((layer, ins))
+        c0 += c
+    return out
+
+
+def _conv_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None, dqx: Any = None,
+                channels: tuple[int, int] | None = None, with_bias: bool = True) -> tuple[QLayer, list[str]]:
+    dqx = dqx if dqx is not None else g.dq(node.input[0])
+    dqw = g.dq(node.input[1])
+    if dqw is None:
+        raise BadInput(f"{g.path}: node {node.name!r} (Conv): unsupported QDQ pattern: the weight is not quantized")
     s_x, zp_x, x_signed = _act(g, dqx, node, "input", values)
     w, s_w, bits = _weight(g, dqw, node, 0)
+    if channels is not None:
+        w = w[:, channels[0]:channels[1]]
     if w.ndim != 4:
         raise BadInput(f"{g.path}: node {node.name!r}: only 2-D convolutions are supported (weight {w.shape})")
     if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -248,7 +315,7 @@ def _conv_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) -> t
     pads = list(_attr(node, "pads", [0, 0, 0, 0]))
     geom = ConvGeom(tuple(_attr(node, "strides", [1, 1])), (pads[0], pads[1], pads[2], pads[3]),
                     tuple(_attr(node, "dilations", [1, 1])), int(_attr(node, "group", 1)))
-    bias = _bias(g, node.input[2], node, s_x, s_w) if len(node.input) > 2 and node.input[2] else None
+    bias = _bias(g, node.input[2], node, s_x, s_w) if len(node.input) > 2 and node.input[2] and with_bias else None
     out_scale, out_zp, out_signed = _output(g, node)
     layer = QLayer(node.name, "conv", s_x, zp_x, s_w.reshape(-1) if s_w.size > 1 else s_w.reshape(()), w=w, bias=bias,
                    geom=geom, out_scale=out_scale, out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, w_bits=bits,
@@ -257,9 +324,18 @@ def _conv_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) -> t
 
 
 def _matmul_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) -> tuple[QLayer, list[str]]:
-    dqa, dqb = g.dq(node.input[0]), g.dq(node.input[1])
+    dqa = g.dq(node.input[0])
+    dqb, transposed = g.weight_dq(node.input[1])
     s_x, zp_x, x_signed = _act(g, dqa, node, "input", values)
     out_scale, out_zp, out_signed = _output(g, node)
+    if node.op_type == "MatMul" and transposed:  # MatMul(x, Transpose(DQ(W (N, K)))): a torch Linear without bias
+        w, s_w, bits = _weight(g, dqb, node, 0)
+        if w.ndim != 2:
+            raise BadInput(f"{g.path}: node {node.name!r}: MatMul weight must be 2-D, got {w.shape}")
+        layer = QLayer(node.name, "gemm", s_x, zp_x, s_w.reshape(-1) if s_w.size > 1 else s_w.reshape(()), w=w.T.copy(),
+                       out_scale=out_scale, out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, w_bits=bits,
+                       op_type="MatMul")
+        return layer, [dqa.input[0]]
     if node.op_type == "Gemm":
         if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
             raise BadInput(f"{g.path}: node {node.name!r} (Gemm): only transA=0, alpha=beta=1 is supported")
@@ -271,7 +347,7 @@ def _matmul_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) ->
                        out_scale=out_scale, out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, w_bits=bits,
                        op_type="Gemm")
         return layer, [dqa.input[0]]
-    if dqb.input[0] in g.inits:  # MatMul by a constant weight (K, N): a linear layer without bias
+    if dqb is not None and dqb.input[0] in g.inits:  # MatMul by a constant weight (K, N): a linear layer without bias
         w, s_w, bits = _weight(g, dqb, node, 1)
         if w.ndim != 2:
             raise BadInput(f"{g.path}: node {node.name!r}: MatMul weight must be 2-D, got {w.shape}")
@@ -279,12 +355,11 @@ def _matmul_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) ->
                        out_scale=out_scale, out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, w_bits=bits,
                        op_type="MatMul")
         return layer, [dqa.input[0]]
+    dqb, perm = g.act_dq(node.input[1])
     s_b, zp_b, b_signed = _act(g, dqb, node, "second input", values)
-    if b_signed != x_signed:
-        raise BadInput(f"{g.path}: node {node.name!r} (MatMul): operands of different signedness are not supported")
     layer = QLayer(node.name, "matmul", s_x, zp_x, np.asarray(s_b, np.float32), zp_w=zp_b, out_scale=out_scale,
-                   out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, op_type="MatMul")
-    return layer, [dqa.input[0], dqb.input[0]]
+                   out_zp=out_zp, out_signed=out_signed, x_signed=x_signed, x2_signed=b_signed, op_type="MatMul")
+    return layer, [dqa.input[0], dqb.input[0] if perm is None else (dqb.input[0], perm)]  # type: ignore[list-item]
 
 
 def _float_macs(node: Any, shapes: dict[str, tuple[int, ...]], g: _Graph) -> int:
@@ -315,6 +390,9 @@ def extract_onnx(path: Path | str, with_vectors: bool = True, seed: int = 0) -> 
         model = onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - onnx raises several types for a bad file
         raise BadInput(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    for i, n in enumerate(model.graph.node):  # reports and errors name nodes: give unnamed ones a name (in memory)
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
     g = _Graph(model, str(path))
     ops = [n.op_type for n in model.graph.node]
     if "DequantizeLinear" not in ops:
@@ -329,11 +407,14 @@ def extract_onnx(path: Path | str, with_vectors: bool = True, seed: int = 0) -> 
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         if node.op_type in ("Conv", "Gemm", "MatMul"):
-            dq = [g.dq(i) is not None for i in node.input[:2]]
+            dq = [g.quantized(node, i) for i in range(min(2, len(node.input)))]
             if all(dq):
-                maker = _conv_layer if node.op_type == "Conv" else _matmul_layer
-                layer, ins = maker(g, node, None)
-                found.append((layer, ins, node))
+                if node.op_type == "Conv":
+                    for layer, ins in _conv_layers(g, node, None):
+                        found.append((layer, ins, node))
+                else:
+                    layer, ins = _matmul_layer(g, node, None)
+                    found.append((layer, ins, node))
                 continue
             if any(dq):
                 which = "input" if not dq[0] else ("weight" if node.op_type != "MatMul" or node.input[1] in g.inits
@@ -346,19 +427,27 @@ def extract_onnx(path: Path | str, with_vectors: bool = True, seed: int = 0) -> 
         host.append(node)
     if not found:
         raise BadInput(f"{path}: no quantized Conv/Gemm/MatMul (DequantizeLinear on both operands) found")
-    wanted = sorted({t for _, ins, _ in found for t in ins} | {n.output[0] for n in host if n.op_type not in _SHAPE_OPS}
+    wanted = sorted({t if isinstance(t, str) else t[0] for _, ins, _ in found for t in ins}
+                    | {n.output[0] for n in host if n.op_type not in _SHAPE_OPS}
                     | {n.input[0] for n in host if n.op_type in ("Conv", "MatMul", "Gemm")})
     values = _run_intermediates(model, wanted, seed)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
     out = Extracted(str(path))
-    for layer, ins, node in found:
-        # re-read activation types now that the tensors' dtypes are known
-        layer, ins = (_conv_layer if node.op_type == "Conv" else _matmul_layer)(g, node, values)
-        x = values[ins[0]]
-        x2 = values[ins[1]] if len(ins) > 1 else None
-        out.layers.append(ExtractedLayer(layer, node.name, node.op_type, x.astype(np.int64) if with_vectors else None,
-                                         None if x2 is None or not with_vectors else x2.astype(np.int64), tuple(x.shape),
-                                         None if x2 is None else tuple(x2.shape)))
+    done: set[str] = set()
+    for _, _, node in found:
+        if node.name in done:
+            continue
+        done.add(node.name)
+        # re-read activation types (and split points) now that the tensors' dtypes and shapes are known
+        made = _conv_layers(g, node, values) if node.op_type == "Conv" else [_matmul_layer(g, node, values)]
+        for layer, ins in made:
+            x = values[ins[0]]
+            x2 = None
+            if len(ins) > 1:
+                x2 = values[ins[1]] if isinstance(ins[1], str) else np.transpose(values[ins[1][0]], ins[1][1])
+            out.layers.append(ExtractedLayer(layer, node.name, node.op_type, x.astype(np.int64) if with_vectors else None,
+                                             None if x2 is None or not with_vectors else x2.astype(np.int64),
+                                             tuple(x.shape), None if x2 is None else tuple(x2.shape)))
     for node in host:
         if node.op_type in _SHAPE_OPS:
             continue
