@@ -61,7 +61,8 @@ class OpenCLDenoiser:
         meta = read_bundle(path)
         sources = {n: (path / "kernels" / n).read_text() for n in meta["kernels"]}
         self.meta = meta
-        self.rt = CLRuntime(device, precision=meta["precision"], sources=sources)
+        # int8 bundles keep float activations between integer convs: an fp32 runtime
+        self.rt = CLRuntime(device, precision="fp16" if meta["precision"] == "fp16" else "fp32", sources=sources)
         try:
             weights = load_file(str(path / meta["weights"]))
         except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -86,7 +87,7 @@ class OpenCLDenoiser:
 
 class OpenCLBackend:
     target = "opencl"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
 
     def available(self) -> tuple[bool, str]:
         # writing a bundle needs only torch and safetensors; running it needs a device (runtime_available)
@@ -105,12 +106,20 @@ class OpenCLBackend:
 
         if precision not in self.precisions:
             raise BadInput(f"opencl target: precision {precision!r} is not supported; choose one of "
-                           f"{', '.join(self.precisions)} (the int8 kernels exist, int8 bundles do not yet)")
+                           f"{', '.join(self.precisions)}")
         if options:
             raise BadInput(f"opencl target: unknown option(s) {', '.join(sorted(options))}")
         if model.signature.cond_shape or model.signature.num_classes:
             raise BadInput("opencl target: conditional denoisers (cross-attention, class labels) are not supported")
-        sched, weights = build_schedule(model)
+        quant = None
+        if precision == "int8":
+            from edgediff.quant_params import QuantParams
+
+            quant = QuantParams.of(model)
+            if quant is None:
+                raise BadInput("opencl target: int8 needs a quantized model (an artifact from a quant recipe, with "
+                               "QuantParams); this one has none")
+        sched, weights = build_schedule(model, quant)
         if precision == "fp16":
             weights = {k: (v if k.endswith(_F32_SUFFIXES) else v.half()) for k, v in weights.items()}
         out = Path(out)
@@ -119,6 +128,7 @@ class OpenCLBackend:
                 "signature": model.signature.to_dict(), "arch": model.arch,
                 "provenance": {k: v for k, v in model.provenance.items() if isinstance(v, (str, int, float, bool))},
                 "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
+                "integer_layers": sum(op["op"] == "qconv" for op in sched["ops"]),
                 "weights": "weights.safetensors", "schedule": sched}
         with atomic_dir(out, force=force) as tmp:
             (tmp / "kernels").mkdir()
@@ -129,7 +139,9 @@ class OpenCLBackend:
         report = {"target": self.target, "path": str(out), "precision": precision, "size_bytes": _dir_size(out),
                   "ops": len(sched["ops"]), "op_histogram": dict(Counter(op["op"] for op in sched["ops"])),
                   "params": int(sum(v.numel() for k, v in weights.items() if not k.endswith(".freqs")))}
-        if meta["quantized_source"]:
+        if precision == "int8":
+            report["integer_layers"] = meta["integer_layers"]
+        elif meta["quantized_source"]:
             report["note"] = ("the model carries quantization parameters; this float bundle uses its on-grid weights "
                               "but does not quantize activations")
         return report
@@ -148,7 +160,12 @@ class OpenCLBackend:
         from safetensors import safe_open
 
         meta = read_bundle(Path(path))
-        sched, weights = build_schedule(reference)
+        quant = None
+        if meta["precision"] == "int8":
+            from edgediff.quant_params import QuantParams
+
+            quant = QuantParams.of(reference)
+        sched, weights = build_schedule(reference, quant)
         problems = []
         if [(o["op"], o["name"]) for o in sched["ops"]] != [(o["op"], o["name"]) for o in meta["schedule"]["ops"]]:
             problems.append("op schedule differs from the reference model's")
@@ -162,7 +179,8 @@ class OpenCLBackend:
         sig = reference.signature
         return {"inputs": {"sample": ["B", *sig.sample_shape], "timestep": ["B"]},
                 "outputs": {"out": ["B", meta["schedule"]["out_channels"], *sig.sample_shape[1:]]},
-                "dtypes": {"activations": "float16" if meta["precision"] == "fp16" else "float32"},
+                "dtypes": {"activations": "float16" if meta["precision"] == "fp16" else "float32",
+                           "weights": "int8 (integer layers)" if meta["precision"] == "int8" else meta["precision"]},
                 "op_histogram": dict(Counter(o["op"] for o in meta["schedule"]["ops"])),
                 "ok": not problems, "problems": problems[:10]}
 

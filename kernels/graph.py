@@ -26,7 +26,7 @@ from edgediff.quant_params import strip_quant_wrappers
 
 SCHEDULE_VERSION = 1
 # float parameters kept in float32 even in fp16 bundles (small; precision matters)
-_F32_SUFFIXES = (".bias", ".gamma", ".beta", ".freqs")
+_F32_SUFFIXES = (".bias", ".gamma", ".beta", ".freqs", ".w_scale")
 
 
 def _unet_of(model: DiffusionModel) -> nn.Module:
@@ -43,11 +43,64 @@ def _unet_of(model: DiffusionModel) -> nn.Module:
     return den
 
 
+def _tq(t: Any) -> dict[str, Any]:
+    """A per-tensor activation TensorQuant as schedule attributes."""
+    if t.scale.numel() != 1:
+        raise BadInput("opencl int8: activation quantization must be per tensor")
+    lo, hi = t.qmin, t.qmax
+    return {"scale": float(t.scale.reshape(())), "zp": int(t.zero_point.reshape(())), "bits": int(t.bits),
+            "signed": bool(t.signed), "qmin": int(lo), "qmax": int(hi)}
+
+
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, qp: Any = None) -> None:
         self.ops: list[dict[str, Any]] = []
         self.weights: dict[str, torch.Tensor] = {}
         self._n = 0
+        self.qp = qp  # QuantParams for int8 bundles, else None
+
+    def lq(self, name: str) -> Any:
+        """The LayerQuant of a module path (QuantParams names are paths in model.denoiser, which may be
+        a DenoiserModule around the UNet)."""
+        if self.qp is None:
+            return None
+        return self.qp.layers.get(name) or self.qp.layers.get(f"inner.{name}")
+
+    def qconv(self, mod: nn.Module, name: str, x: str, lq: Any, chan_add: str | None, res: str | None,
+              out_scale: float, pad: tuple[int, int, int, int] | None) -> str:
+        """An integer conv/linear: quantize the input (two channel ranges with shortcut splitting),
+        int8 weights on their per-channel grid, int32 accumulation, float epilogue."""
+        if lq.weight is None or lq.input is None:
+            raise BadInput(f"opencl int8: {name}: QuantParams lack weight or input quantization")
+        w = mod.weight if isinstance(mod, nn.Conv2d) else mod.weight[:, :, None, None]
+        s_w = lq.weight.scale.reshape(-1).float()
+        if s_w.numel() not in (1, w.shape[0]) or (lq.weight.axis not in (0, None)):
+            raise BadInput(f"opencl int8: {name}: weight quantization must be per output channel (axis 0) or per tensor")
+        s_w = s_w.expand(w.shape[0]).contiguous()
+        if not lq.weight.symmetric:
+            raise BadInput(f"opencl int8: {name}: weights must be symmetric (zero point 0)")
+        ratio = w.detach().float() / s_w[:, None, None, None]
+        wi = torch.round(ratio)
+        if float((ratio - wi).abs().max()) > 1e-3 or wi.min() < lq.weight.qmin or wi.max() > lq.weight.qmax:
+            raise BadInput(f"opencl int8: {name}: weights are not on their quantization grid "
+                           "(export the artifact the quant pass wrote)")
+        i1 = _tq(lq.input)
+        split = int(lq.meta.get("split_at") or w.shape[1])
+        i2 = _tq(lq.input2) if lq.input2 is not None and split < w.shape[1] else i1
+        if i1["signed"] != i2["signed"] or i1["bits"] != i2["bits"]:
+            raise BadInput(f"opencl int8: {name}: the two input ranges differ in sign or bit-width")
+        if isinstance(mod, nn.Conv2d):
+            stride = mod.stride[0]
+            p = pad or (mod.padding[0], mod.padding[1], mod.padding[0], mod.padding[1])
+        else:
+            stride, p = 1, (0, 0, 0, 0)
+        self.weights[f"{name}.weight_q"] = wi.to(torch.int8).contiguous()
+        self.w(f"{name}.w_scale", s_w)
+        ins = [x] + [b for b in (chan_add, res) if b is not None]
+        return self.emit("qconv", name, ins, weight=f"{name}.weight_q", w_scale=f"{name}.w_scale",
+                         bias=self.w(f"{name}.bias", mod.bias) if mod.bias is not None else None, stride=stride,
+                         pad=list(p), chan_add=chan_add, res=res, out_scale=float(out_scale), split=split, in1=i1, in2=i2,
+                         kernel=[int(w.shape[2]), int(w.shape[3])])
 
     def buf(self, hint: str) -> str:
         self._n += 1
@@ -65,6 +118,10 @@ class _Builder:
     # ---- layers
     def conv(self, mod: nn.Module, name: str, x: str, chan_add: str | None = None, res: str | None = None,
              out_scale: float = 1.0, pad: tuple[int, int, int, int] | None = None) -> str:
+        lq = self.lq(name)
+        if lq is not None and not lq.meta.get("input_unquantized") and isinstance(mod, (nn.Linear, nn.Conv2d)) \
+                and mod.weight is not None and lq.kind in ("conv", "linear"):
+            return self.qconv(mod, name, x, lq, chan_add, res, out_scale, pad)
         if isinstance(mod, nn.Linear):
             wt = mod.weight[:, :, None, None]
             stride, p = 1, (0, 0, 0, 0)
@@ -121,6 +178,18 @@ class _Builder:
         if C % heads or mod.to_k.out_features != C or mod.to_v.out_features != C:
             raise BadInput(f"opencl target: {name}: q/k/v widths {C}/{mod.to_k.out_features}/{mod.to_v.out_features} "
                            f"with {heads} heads are not supported")
+        qk, av = self.lq(f"{name}:qk"), self.lq(f"{name}:av")
+        if self.qp is not None and any(self.lq(f"{name}.{p}") for p in ("to_q", "to_k", "to_v")):
+            # int8: each projection has its own input quantization; no QKV weight stacking
+            q, k, v = (self.conv(getattr(mod, p), f"{name}.{p}", h) for p in ("to_q", "to_k", "to_v"))
+            if qk is not None and av is not None:  # quantized matmul operands (Q-Diffusion), simulated in float
+                o = self.emit("attention_fq", f"{name}.attn", [q, k, v], heads=heads, head_dim=C // heads,
+                              scale=float(mod.scale), q=_tq(qk.input), k=_tq(qk.input2), p=_tq(av.input), v=_tq(av.input2))
+            else:
+                qkv = self.emit("concat", f"{name}.cat_qkv", [self.emit("concat", f"{name}.cat_qk", [q, k]), v])
+                o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads,
+                              scale=float(mod.scale))
+            return self.conv(mod.to_out[0], f"{name}.to_out.0", o, res=x, out_scale=1.0 / float(mod.rescale_output_factor))
         # QKV fusion: one 1x1 conv with the three projections stacked
         wqkv = torch.cat([mod.to_q.weight, mod.to_k.weight, mod.to_v.weight])[:, :, None, None]
         biases = [m.bias if m.bias is not None else torch.zeros(C) for m in (mod.to_q, mod.to_k, mod.to_v)]
@@ -147,8 +216,11 @@ class _Builder:
         return h
 
 
-def build_schedule(model: DiffusionModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The op schedule (JSON-able) and the weights (name -> float32 tensor) of a UNet2DModel denoiser."""
+def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The op schedule (JSON-able) and the weights (name -> tensor) of a UNet2DModel denoiser.
+
+    With `quant` (edgediff.quant_params.QuantParams) every conv/linear it lists becomes an integer
+    conv (`qconv`) and attention with quantized matmul operands an `attention_fq`."""
     unet = _unet_of(model)
     cfg = unet.config
     if cfg.time_embedding_type != "positional":
@@ -159,7 +231,7 @@ def build_schedule(model: DiffusionModel) -> tuple[dict[str, Any], dict[str, tor
     if getattr(te, "cond_proj", None) is not None or getattr(te, "post_act", None) is not None \
             or not isinstance(te.act, nn.SiLU):
         raise BadInput("opencl target: only TimestepEmbedding(linear, SiLU, linear) is supported")
-    b = _Builder()
+    b = _Builder(quant)
     x = "sample"
     if cfg.center_input_sample:
         x = b.emit("affine", "center_input_sample", [x], alpha=2.0, beta=-1.0)
@@ -262,7 +334,10 @@ class Executor:
         self.winograd: dict[str, Any] = {}
         for name, t in weights.items():
             a = t.numpy() if hasattr(t, "numpy") else np.asarray(t)
-            self.dev[name] = rt.to_device(a, np.float32 if name.endswith(_F32_SUFFIXES) else None)
+            if a.dtype == np.int8:  # integer weights of an int8 bundle
+                self.dev[name] = rt.to_device(a, np.int8)
+            else:
+                self.dev[name] = rt.to_device(a, np.float32 if name.endswith(_F32_SUFFIXES) else None)
         for op in self.ops:
             if op["op"] != "conv":
                 continue
@@ -284,6 +359,25 @@ class Executor:
             if op["name"] in self.winograd:
                 return rt.conv2d_winograd(x, self.winograd[op["name"]], bias, ca, res, op["out_scale"])
             return rt.conv2d(x, self.dev[op["weight"]], bias, op["stride"], tuple(op["pad"]), ca, res, op["out_scale"])
+        if kind == "qconv":
+            i1, i2 = op["in1"], op["in2"]
+            xq = rt.quantize_split(x, op["split"], i1["scale"], i1["zp"], i2["scale"], i2["zp"], i1["bits"], i1["signed"])
+            bias = self.dev[op["bias"]] if op.get("bias") else None
+            ca = env[op["chan_add"]] if op.get("chan_add") else None
+            res = env[op["res"]] if op.get("res") else None
+            return rt.conv2d_int8_dq(xq, self.dev[op["weight"]], self.dev[op["w_scale"]], bias, op["split"], i1["zp"],
+                                     i2["zp"], i1["scale"], i2["scale"], op["stride"], tuple(op["pad"]), ca, res,
+                                     op["out_scale"])
+        if kind == "attention_fq":
+            B, C, H, W = x.shape
+            n, heads, d = H * W, op["heads"], op["head_dim"]
+
+            def fq(a: Any, t: dict[str, Any]) -> Any:
+                return rt.fake_quant_seg(a, [(0, t["scale"], t["zp"], t["qmin"], t["qmax"])])
+
+            q, k, v = fq(x, op["q"]), fq(env[op["in"][1]], op["k"]), fq(env[op["in"][2]], op["v"])
+            o = rt.attention_unfused(q, k, v, heads, d, n, n, scale=op["scale"], p_hook=lambda p: fq(p, op["p"]))
+            return o.reshape(B, C, H, W)
         if kind == "group_norm":
             return rt.group_norm(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"])
         if kind == "silu":

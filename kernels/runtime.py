@@ -337,15 +337,19 @@ class CLRuntime:
                   np.int32(K), np.int32(a_mod), np.int32(1 if a_trans else 0), np.int32(1 if b_trans else 0), np.float32(alpha))
         return c
 
-    def attention_unfused(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int) -> Any:
-        """The textbook path for the benchmark: S = Q^T K (materialised, N x M per head), softmax
-        kernel, O = V S^T. q, k, v: (B, heads*D, N|M) channels-first, as flash_attention."""
+    def attention_unfused(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int,
+                          scale: float | None = None, p_hook: Any = None) -> Any:
+        """The textbook path (benchmark baseline; int8 bundles' quantized attention): S = Q^T K
+        (materialised, N x M per head), softmax kernel, p_hook(P) if given, O = V P^T.
+        q, k, v: (B, heads*D, N|M) channels-first, as flash_attention."""
         B = q.shape[0]
         bh = B * heads
-        s = head_dim**-0.5
+        s = scale if scale is not None else head_dim**-0.5
         scores = self.gemm_batched(q.reshape(bh, head_dim, n), k.reshape(bh, head_dim, m), n, m, head_dim, bh, bh,
                                    a_trans=True, alpha=s)  # (BH, N, M), materialised
         p = self.softmax(scores)
+        if p_hook is not None:
+            p = p_hook(p)
         o = self.gemm_batched(v.reshape(bh, head_dim, m), p, head_dim, n, m, bh, bh, b_trans=True)  # (BH, D, N)
         return o.reshape(B, heads * head_dim, n)
 
@@ -428,6 +432,58 @@ class CLRuntime:
                   np.int32(zp_x), np.int32(zp_y), np.int32(qmin), np.int32(qmax))
         return y
 
+
+    # ------------------------------------------------------------------ int8 bundles (float around integer convs)
+    @staticmethod
+    def qrange(bits: int, signed: bool) -> tuple[int, int]:
+        return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+    def quantize_split(self, x: Any, split: int, s1: float, zp1: int, s2: float, zp2: int, bits: int = 8,
+                       signed: bool = True) -> Any:
+        """Quantize channels [0, split) with (s1, zp1) and [split, C) with (s2, zp2); float32 x (B, C, ...)."""
+        C = x.shape[1]
+        hw = int(np.prod(x.shape[2:]))
+        qmin, qmax = self.qrange(bits, signed)
+        q = self.empty(x.shape, np.int8 if signed else np.uint8)
+        self._run(self.kernel("int8", "quantize_split", QT="char" if signed else "uchar"), *self._ew(x.size), x, q,
+                  np.int32(x.size), np.int32(C), np.int32(hw), np.int32(split), np.float32(s1), np.int32(zp1),
+                  np.float32(s2), np.int32(zp2), np.int32(qmin), np.int32(qmax))
+        return q
+
+    def fake_quant_seg(self, x: Any, segs: list[tuple[int, float, int, int, int]]) -> Any:
+        """Quantize-dequantize float32 x (B, C, ...) by channel segments [(start, scale, zp, qmin, qmax)] (1 to 3,
+        ascending starts, the first at 0)."""
+        C = x.shape[1]
+        hw = int(np.prod(x.shape[2:]))
+        segs = list(segs) + [(C, 1.0, 0, 0, 0)] * (3 - len(segs))
+        y = self.empty(x.shape, np.float32)
+        args: list[Any] = []
+        for _, s, z, lo, hi in segs:
+            args += [np.float32(s), np.int32(z), np.int32(lo), np.int32(hi)]
+        self._run(self.kernel("int8", "fake_quant_seg"), *self._ew(x.size), x, y, np.int32(x.size), np.int32(C),
+                  np.int32(hw), np.int32(segs[1][0]), np.int32(segs[2][0]), *args)
+        return y
+
+    def conv2d_int8_dq(self, xq: Any, wq: Any, w_scale: Any, bias: Any | None, split: int, zp1: int, zp2: int, s1: float,
+                       s2: float, stride: int = 1, pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+                       chan_add: Any | None = None, res: Any | None = None, out_scale: float = 1.0) -> Any:
+        """Integer conv of quantized input xq (two channel parts) and int8 weights wq (Co, Ci, KH, KW), float output."""
+        B, Ci, H, W = xq.shape
+        Co, _, KH, KW = wq.shape
+        pt, pl, pb, pr = pad
+        Ho = (H + pt + pb - KH) // stride + 1
+        Wo = (W + pl + pr - KW) // stride + 1
+        y = self.empty((B, Co, Ho, Wo), np.float32)
+        flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
+        d = self._dummy
+        ts = self.ts
+        self._run(self.kernel("int8", "conv2d_int8_dq", QT="char" if xq.dtype == np.int8 else "uchar"),
+                  (Ho * Wo, Co, B), (ts, ts, 1), xq, wq, w_scale, bias if bias is not None else d,
+                  chan_add if chan_add is not None else d, res if res is not None else d, y, np.int32(Ci), np.int32(H),
+                  np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH), np.int32(KW), np.int32(stride),
+                  np.int32(pt), np.int32(pl), np.int32(split), np.int32(zp1), np.int32(zp2), np.float32(s1),
+                  np.float32(s2), np.int32(flags), np.float32(out_scale))
+        return y
 
 # ONNX / TFLite op types whose work the OpenCL kernels carry when they occur in a UNet2DModel
 # (used by edgediff.profiling.coverage). Layout ops (Reshape, Transpose, ...) are free in the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from edgediff.exporters import get_backend, target_of
@@ -64,8 +65,10 @@ def test_export_leaves_input_alone_and_is_atomic(tiny_unet: DiffusionModel, tmp_
 def test_refuses_what_it_cannot_run(tiny_unet: DiffusionModel, tiny_cond_unet: DiffusionModel, tiny_dit: DiffusionModel,
                                     tmp_path: Path) -> None:
     be = get_backend("opencl")
-    with pytest.raises(BadInput, match="int8"):
+    with pytest.raises(BadInput, match="int8 needs a quantized model"):
         be.export(tiny_unet, tmp_path / "a", "int8")
+    with pytest.raises(BadInput, match="not supported"):
+        be.export(tiny_unet, tmp_path / "a", "int4")
     with pytest.raises(BadInput, match="conditional"):
         be.export(tiny_cond_unet, tmp_path / "b", "fp32")
     with pytest.raises(BadInput, match="conditional"):
@@ -200,3 +203,51 @@ def test_bad_inputs_are_one_line_errors(bundle: Path, tiny_unet: DiffusionModel)
     (bundle / "opencl_bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BadInput, match="unsupported bundle format"):
         get_backend("opencl").load_denoiser(bundle)
+
+
+@needs_cl
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_bundle_runs_integer_convs_and_matches_the_simulation(tiny_unet: DiffusionModel, tmp_path: Path,
+                                                                   symmetric: bool) -> None:
+    """int8: every quantized conv/linear runs as int8 x int8 -> int32 on the device (signed or
+    asymmetric uint8 activations); outputs track the PyTorch simulation up to rounding flips where
+    float ordering differs at a quantization boundary, and verify accepts it at int8 tolerance."""
+    from edgediff.testing import minmax_quantize
+
+    q = minmax_quantize(tiny_unet, symmetric=symmetric)
+    be = get_backend("opencl")
+    rep = be.export(q, tmp_path / "q8", "int8")
+    assert rep["integer_layers"] == len(q.extras["quant"]["layers"]) and rep["op_histogram"]["qconv"] > 0
+    assert be.check(tmp_path / "q8", q)["ok"]
+    den = be.load_denoiser(tmp_path / "q8")
+    x, t = _inputs(tiny_unet)
+    want = TorchDenoiser(q)(x, t)
+    assert float((den(x, t) - want).abs().max()) < 0.05 * max(1.0, float(want.abs().max()))
+    verify = pytest.importorskip("edgediff.verify")
+    res = verify.verify(q, tmp_path / "q8", steps=3, samples=2)
+    assert res["precision"] == "int8" and res["verified"] is True and res["exit_code"] == 0, res
+
+
+@needs_cl
+def test_int8_conv_with_split_shortcut_matches_float_simulation() -> None:
+    """The two-range input quantization of Q-Diffusion's shortcut splitting, one layer, exactly."""
+    from edgediff.kernels.runtime import CLRuntime
+
+    rt = CLRuntime()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    x[:, 4:] *= 8  # the second part (the skip) has a much wider range
+    s_w = torch.rand(3, generator=g) * 0.02 + 0.005
+    wi = torch.randint(-127, 128, (3, 6, 3, 3), generator=g).float()
+    bias = torch.randn(3, generator=g)
+    s1, z1, s2, z2 = 0.02, 5, 0.11, -3
+
+    def fq(a: torch.Tensor, s: float, z: int) -> torch.Tensor:
+        return (torch.clamp(torch.round(a / torch.tensor(s)) + z, -128, 127) - z) * torch.tensor(s)
+
+    xd = torch.cat([fq(x[:, :4], s1, z1), fq(x[:, 4:], s2, z2)], 1)
+    want = torch.nn.functional.conv2d(xd, wi * s_w[:, None, None, None], bias, padding=1)
+    xq = rt.quantize_split(rt.to_device(x), 4, s1, z1, s2, z2)
+    got = rt.conv2d_int8_dq(xq, rt.to_device(wi, np.int8), rt.to_device(s_w), rt.to_device(bias), 4, z1, z2, s1, s2,
+                            pad=(1, 1, 1, 1)).get()
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-5, rtol=1e-5)

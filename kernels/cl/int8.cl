@@ -62,3 +62,88 @@ __kernel void conv2d_int8(__global const QT* x, __global const char* w, __global
         y[(b * Cout + m) * N + n] = (QT)clamp(v, (float)qmin, (float)qmax);
     }
 }
+
+/* Per-channel-segment quantization of a float NCHW tensor, for int8 bundles: channels
+ * [0, split) use (s1, zp1), channels [split, C) use (s2, zp2) (Q-Diffusion's shortcut
+ * splitting; split = C when there is one range). */
+__kernel void quantize_split(__global const float* x, __global QT* q, const int n, const int C, const int HW,
+                             const int split, const float s1, const int zp1, const float s2, const int zp2,
+                             const int qmin, const int qmax) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int c = (i / HW) % C;
+    const float s = c < split ? s1 : s2;
+    const int zp = c < split ? zp1 : zp2;
+    q[i] = (QT)clamp(rint(x[i] / s) + (float)zp, (float)qmin, (float)qmax);
+}
+
+/* Fake quantization (quantize then dequantize, in float) over up to three channel segments
+ * [0, c1), [c1, c2), [c2, C): the attention matmul operands of an int8 bundle, which the
+ * simulation quantizes per tensor (q, k, v of a fused QKV buffer; the softmax output). */
+__kernel void fake_quant_seg(__global const float* x, __global float* y, const int n, const int C, const int HW,
+                             const int c1, const int c2,
+                             const float s0, const int z0, const int lo0, const int hi0,
+                             const float s1, const int z1, const int lo1, const int hi1,
+                             const float s2, const int z2, const int lo2, const int hi2) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    const int c = (i / HW) % C;
+    float s = s0; int z = z0, lo = lo0, hi = hi0;
+    if (c >= c2) { s = s2; z = z2; lo = lo2; hi = hi2; }
+    else if (c >= c1) { s = s1; z = z1; lo = lo1; hi = hi1; }
+    const float q = clamp(rint(x[i] / s) + (float)z, (float)lo, (float)hi);
+    y[i] = (q - (float)z) * s;
+}
+
+/* Integer convolution with a float epilogue, for layers whose output feeds float ops (the UNet's
+ * GroupNorm, residual adds): acc_p = sum over input-channel part p of (q_x - zp_p) * q_w in int32,
+ * y = (s_w[m] * (s_1 * acc_1 + s_2 * acc_2) + bias[m] + chan_add[b, m] + res) * out_scale,
+ * which is conv(dequant(q_x), dequant(q_w)) computed with exact integer sums. Parts: input
+ * channels [0, split) and [split, Cin) (split = Cin: one part). */
+__kernel void conv2d_int8_dq(__global const QT* x, __global const char* w, __global const float* w_scale,
+                             __global const float* bias, __global const float* chan_add, __global const float* res,
+                             __global float* y,
+                             const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
+                             const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
+                             const int split, const int zp1, const int zp2, const float s1, const float s2,
+                             const int flags, const float out_scale) {
+    __local int As[TS][TS + 1];
+    __local int Bs[TS][TS + 1];
+    const int tx = get_local_id(0), ty = get_local_id(1);
+    const int n = get_group_id(0) * TS + tx;
+    const int m = get_group_id(1) * TS + ty;
+    const int b = get_global_id(2);
+    const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
+    const int ksplit = split * KK;  /* k index where the second part starts */
+    const int oy = n / Wo, ox = n - (n / Wo) * Wo;
+    const int iy0 = oy * stride - pad_t, ix0 = ox * stride - pad_l;
+    int acc1 = 0, acc2 = 0;
+    for (int k0 = 0; k0 < K; k0 += TS) {
+        const int ka = k0 + tx;
+        As[ty][tx] = (m < Cout && ka < K) ? (int)w[m * K + ka] : 0;
+        const int kb = k0 + ty;
+        int bv = 0;
+        if (kb < K && n < N) {
+            const int ci = kb / KK, r = kb - (kb / KK) * KK;
+            const int ky = r / KW, kx = r - (r / KW) * KW;
+            const int iy = iy0 + ky, ix = ix0 + kx;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                bv = (int)x[((b * Cin + ci) * H + iy) * W + ix] - (ci < split ? zp1 : zp2);
+        }
+        Bs[ty][tx] = bv;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int kk = 0; kk < TS; ++kk) {
+            const int p = As[ty][kk] * Bs[kk][tx];
+            if (k0 + kk < ksplit) acc1 += p; else acc2 += p;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (m < Cout && n < N) {
+        float v = w_scale[m] * (s1 * (float)acc1 + s2 * (float)acc2);
+        if (flags & 1) v += bias[m];
+        if (flags & 2) v += chan_add[b * Cout + m];
+        const int yi = (b * Cout + m) * N + n;
+        if (flags & 4) v += res[yi];
+        y[yi] = v * out_scale;
+    }
+}
