@@ -110,6 +110,15 @@ def test_w8a8_simulation_on_grid_and_close(tiny_unet: DiffusionModel, tmp_path: 
         qi = lq.weight.quantize(w)
         assert torch.equal(lq.weight.dequantize(qi), w), name
     assert ctx.metrics["quantized_layers"] == len([n for n in qp.layers if ":" not in n])
+    # the simulation computes exactly what the stored parameters say (what exporters emit)
+    name = "up_blocks.1.resnets.0.conv1"
+    wrapper, lq = dict(q.denoiser.named_modules())[name], qp.layers[name]
+    x = torch.randn(2, wrapper.inner.in_channels, 8, 8) * 2
+    c = lq.meta["split_at"]
+    xq = torch.cat([lq.input.dequantize(lq.input.quantize(x[:, :c])), lq.input2.dequantize(lq.input2.quantize(x[:, c:]))], 1)
+    w = lq.weight.dequantize(lq.weight.quantize(wrapper.inner.weight))
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), wrapper.inner._conv_forward(xq, w, wrapper.inner.bias))
 
 
 def test_w4a8_first_last_8bit_and_reconstruction_helps(tiny_unet: DiffusionModel, tmp_path: Path) -> None:

@@ -261,7 +261,8 @@ class ActQuantizer(nn.Module):
 
     def _fq(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         s, z, qmin, qmax = self._params_for(bits)
-        s = s.abs() + 1e-12  # a learned step must stay positive
+        # a learned step must stay positive; clamp (not add) so a normal scale is used bit-exactly
+        s = s.abs().clamp_min(1e-12)
         return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
