@@ -132,7 +132,10 @@ class _QDQ(nn.Module):
             raise BadInput(f"{what}: activation quantization must be per tensor for ONNX Q/DQ")
         self.scale = float(tq.scale.reshape(()))
         self.zp = int(tq.zero_point.reshape(()))
-        self.lo, self.hi = (-128, 127) if tq.signed else (0, 255)
+        # an unsigned grid with zero point 0 that fits in int8 (e.g. a 7-bit softmax) is written as
+        # int8: the same arithmetic, and TensorRT only takes signed int8
+        as_int8 = tq.signed or (self.zp == 0 and tq.qmax <= 127)
+        self.lo, self.hi = (-128, 127) if as_int8 else (0, 255)
         if not self.lo <= self.zp <= self.hi:
             raise BadInput(f"{what}: zero point {self.zp} outside the {'int8' if tq.signed else 'uint8'} range")
         self.clip = None
