@@ -179,3 +179,28 @@ def test_info_and_structural_check(tiny_cond_unet, tmp_path: Path) -> None:
     assert info["params"] >= sum(p.numel() for p in tiny_cond_unet.denoiser.parameters()) * 0.9
     chk = get_backend("onnx").check(out, tiny_cond_unet)
     assert chk["ok"], chk["problems"]
+
+
+def test_quant_pass_artifact_exports_and_verifies(tiny_unet, tmp_path: Path) -> None:
+    """The real calib + quant passes (shortcut splits, attention matmuls), saved and reloaded."""
+    from edgediff.exporters.tensorrt import trt_compat
+
+    from edgediff.artifact import load_artifact, write_artifact
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import PassSpec, Recipe
+    from edgediff.verify import verify
+
+    recipe = Recipe("t", passes=[
+        PassSpec("calib", {"method": "ptq4dm", "n_samples": 4, "steps": 5, "count": 16}),
+        PassSpec("quant", {"act_symmetric": True, "softmax_bits": 7, "weight_init": "minmax", "act_init": "minmax"})])
+    q, _ = run_recipe(tiny_unet, recipe, cache_dir=tmp_path / "cache")
+    write_artifact(q, tmp_path / "art", {})
+    art = load_artifact(tmp_path / "art")
+    qp = QuantParams.of(art)
+    assert any(lq.meta.get("split_at") for lq in qp.layers.values())
+    out = tmp_path / "q.onnx"
+    rep = get_backend("onnx").export(art, out, "int8")
+    assert rep["quantized_layers"]["attention"] == 4
+    assert trt_compat(onnx.load(str(out))) == []  # symmetric, int8-only: TensorRT takes it
+    r = verify(art, out, steps=3, samples=2)
+    assert r["verified"] and r["exit_code"] == 0, r
