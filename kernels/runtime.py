@@ -489,8 +489,10 @@ class CLRuntime:
 # (used by edgediff.profiling.coverage). Layout ops (Reshape, Transpose, ...) are free in the
 # runtime's channels-first layout; Sigmoid+Mul is SiLU, Erf is GELU, Sin/Cos/Exp the timestep
 # embedding, MatMul+Softmax attention, InstanceNormalization the way exporters spell GroupNorm.
-# The int8 conv kernel exists but int8 bundles do not yet, so Q/DQ and QLinear* ops are not listed.
+# int8 bundles run quantized convs/linears as integer kernels (QuantizeLinear + QLinearConv/
+# ConvInteger + DequantizeLinear patterns); quantized attention matmuls are simulated in float.
 SUPPORTED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
     "Conv", "Gemm", "MatMul", "Add", "Mul", "Div", "Sigmoid", "Erf", "Softmax", "GroupNormalization",
     "InstanceNormalization", "Concat", "Resize", "Upsample", "Sin", "Cos", "Exp", "Reshape", "Transpose",
     "Unsqueeze", "Squeeze", "Flatten", "Identity", "Constant", "Shape", "Gather", "Slice", "Split", "Cast",

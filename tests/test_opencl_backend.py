@@ -139,7 +139,7 @@ def test_profile_names_layers_by_module(bundle: Path) -> None:
     assert "conv_in" in names and any(n.endswith("attentions.0.attn") for n in names)
     assert {la["op"] for la in res["layers"]} <= {"conv", "group_norm", "flash_attention", "silu", "concat", "upsample2x",
                                                    "timestep_embedding", "affine"}
-    assert "Conv" in clrt.SUPPORTED_OPS and "QLinearConv" not in clrt.SUPPORTED_OPS
+    assert {"Conv", "QLinearConv", "GroupNormalization"} <= clrt.SUPPORTED_OPS and "LSTM" not in clrt.SUPPORTED_OPS
 
 
 @needs_cl
