@@ -129,7 +129,7 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
     print(f"channel ratio {ratio:.3f} removes {achieved:.1%} of MACs (search {time.perf_counter() - t0:.0f}s)",
           file=sys.stderr)
     # gradient data: the digits for the demo; the model's own (here: untrained) samples for cifar
-    grad_opts = (dict(t_stride=20, batch_size=32, data="auto") if is_demo
+    grad_opts = (dict(t_stride=args.t_stride, batch_size=args.grad_batch, data="auto") if is_demo
                  else dict(t_stride=100, batch_size=4, data="samples", sample_steps=2))
     ld_opts = dict(samples=16, steps=10) if is_demo else dict(samples=4, steps=2)
     rows = [base]
@@ -137,11 +137,11 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
         print(f"-- {name}: {method}", file=sys.stderr)
         if method == "ld":
             # LD-Pruner removes whole operators until at least the budget the channel methods reached
-            pruned, m, secs = run_pass("prune.ld", model, model, macs_reduction=round(achieved, 4), **ld_opts)
+            pruned, m, secs = run_pass("prune.ld", model, model, seed=args.seed, macs_reduction=round(achieved, 4), **ld_opts)
             extra = {"removed": [r["name"] for r in m["removed"]]}
         else:
             opts = dict(ratio=ratio, importance=method, **(grad_opts if method in ("diff", "taylor") else {}))
-            pruned, m, secs = run_pass("prune.diff", model, model, **opts)
+            pruned, m, secs = run_pass("prune.diff", model, model, seed=args.seed, **opts)
             extra = {k: m[k] for k in ("timesteps_used", "last_t", "stopped_by_threshold") if k in m}
         row: dict[str, Any] = {"method": method, "params": params(pruned.module()), "macs": macs(pruned),
                                "prune_s": round(secs, 1), **extra}
@@ -151,7 +151,7 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
         row["params_reduction"] = round(1 - row["params"] / base["params"], 4)
         if is_demo and judge is not None and ref is not None:
             row["before_ft"] = quality(judge, samples_of(pruned, args.samples, args.steps, args.seed), ref)
-            tuned, fm, fsecs = run_pass("finetune", pruned, model, steps=args.finetune_steps, batch_size=32,
+            tuned, fm, fsecs = run_pass("finetune", pruned, model, seed=args.seed, steps=args.finetune_steps, batch_size=32,
                                         lr=5e-4, distill=1.0, ema=0.999, data="auto")
             row["finetune_s"] = round(fsecs, 1)
             row["after_ft"] = quality(judge, samples_of(tuned, args.samples, args.steps, args.seed), ref)
@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--t-stride", type=int, default=20, help="demo: timestep stride of the gradient walk")
+    ap.add_argument("--grad-batch", type=int, default=32, help="demo: images in the gradient batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench-out/pruning.json"))
@@ -201,7 +203,8 @@ def main() -> None:
     results = [bench_model(name, args, judge) for name in args.models.split(",") if name]
     for res in results:
         print_table(res)
-    out = {"macs_reduction_target": args.macs_reduction, "samples": args.samples, "ddim_steps": args.steps,
+    out = {"macs_reduction_target": args.macs_reduction, "t_stride": args.t_stride, "grad_batch": args.grad_batch,
+           "samples": args.samples, "ddim_steps": args.steps,
            "finetune_steps": args.finetune_steps, "torch_threads": args.threads, "results": results,
            "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
