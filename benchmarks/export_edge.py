@@ -1,6 +1,7 @@
 """TFLite/LiteRT and Core ML exports: file size, LiteRT latency per call vs onnxruntime fp32, verify PSNR.
 
-    python benchmarks/export_edge.py [--models demo,cifar] [--steps 10] [--samples 4] [--out bench-out/export_edge.json]
+    python benchmarks/export_edge.py [--models demo,cifar] [--steps 10] [--samples 4] [--rows ...]
+                                     [--out bench-out/export_edge.json]
 
 Models: `demo` (the bundled demo UNet, 1x16x16) and `cifar` (diffusers UNet2DModel with the
 config of google/ddpm-cifar10-32, 35.7M params, RANDOMLY INITIALISED: no hub download works
@@ -10,7 +11,8 @@ gives a quantized artifact.
 
 Rows per model: the peer (onnxruntime fp32, exported by exporters/onnx.py in the same run),
 tflite fp32/fp16/int8 and coreml fp16/int8/palettized. Latency: median over --repeat calls at
-batch 1 after warm-up, LiteRT (XNNPACK) and onnxruntime both with --threads threads. Core ML
+batch 1 after warm-up, LiteRT (XNNPACK) and onnxruntime both with --threads threads, the
+runtimes taking turns call by call (fair under a changing machine load). Core ML
 cannot run on Linux: its rows have size only and `verified: false` with the reason.
 """
 
@@ -44,17 +46,24 @@ def cifar_model() -> Any:
                           {"source": "google/ddpm-cifar10-32 config, random init"})
 
 
-def latency_ms(den: Any, model: Any, repeat: int) -> float:
+def interleaved_latency_ms(runners: dict[int, Any], model: Any, repeat: int) -> dict[int, float]:
+    """Median ms per call at batch 1, the runtimes taking turns call by call.
+
+    Round-robin rather than one runtime after the other: on a shared machine the load
+    changes over minutes, and taking turns exposes every runtime to the same load.
+    """
     inp = model.signature.example_inputs(1, seed=0)
     x, t = inp["sample"], inp["timestep"]
-    for _ in range(2):
-        den(x, t)
-    times = []
+    for den in runners.values():
+        for _ in range(2):
+            den(x, t)
+    times: dict[int, list[float]] = {k: [] for k in runners}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        den(x, t)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        for k, den in runners.items():
+            t0 = time.perf_counter()
+            den(x, t)
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
 def bench_model(name: str, model: Any, qmodel: Any, folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -67,8 +76,12 @@ def bench_model(name: str, model: Any, qmodel: Any, folder: Path, args: argparse
     except ImportError:
         verify = None
     rows: list[dict[str, Any]] = []
+    runners: dict[int, Any] = {}
     plan = [("onnx", "fp32", {}), ("tflite", "fp32", {}), ("tflite", "fp16", {}), ("tflite", "int8", {}),
             ("coreml", "fp16", {}), ("coreml", "int8", {}), ("coreml", "fp16", {"palettize": args.palettize})]
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        plan = [p for p in plan if f"{p[0]}:{p[1]}{':pal' if p[2] else ''}" in wanted or p[0] == "onnx"]
     ext = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
     for target, prec, opts in plan:
         label = f"{target} {prec}" + (f" palettized {opts['palettize']}-bit" if opts else "")
@@ -88,9 +101,9 @@ def bench_model(name: str, model: Any, qmodel: Any, folder: Path, args: argparse
         if target == "tflite":
             row["gpu_delegate_fallback"] = rep["gpu_delegate"]["cpu_fallback_ops"]
         if target == "onnx":
-            row["latency_ms"] = latency_ms(OnnxDenoiser(path, threads=args.threads), src, args.repeat)
+            runners[len(rows)] = OnnxDenoiser(path, threads=args.threads)
         elif target == "tflite":
-            row["latency_ms"] = latency_ms(LiteRTDenoiser(path, threads=args.threads), src, args.repeat)
+            runners[len(rows)] = LiteRTDenoiser(path, threads=args.threads)
         if verify is not None and args.steps > 0:
             v = verify(src, path, steps=args.steps, samples=args.samples)
             row["verified"] = v["verified"]
@@ -98,6 +111,9 @@ def bench_model(name: str, model: Any, qmodel: Any, folder: Path, args: argparse
             if not v["verified"]:
                 row["reason"] = v.get("reason")
         rows.append(row)
+    print(f"[{name}] latency: {len(runners)} runtimes taking turns, {args.repeat} calls each", flush=True)
+    for i, ms in interleaved_latency_ms(runners, model, args.repeat).items():
+        rows[i]["latency_ms"] = ms
     base = next((r for r in rows if r["target"] == "onnx" and "size_bytes" in r), None)
     for r in rows:
         if base and "size_bytes" in r:
@@ -116,6 +132,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--palettize", type=int, default=6)
+    ap.add_argument("--rows", default="", help="only these rows, e.g. tflite:fp32,coreml:fp16,coreml:fp16:pal "
+                    "(onnx fp32, the peer, always runs)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out/export_edge"))
     ap.add_argument("--out", type=Path, default=Path("bench-out/export_edge.json"))
     args = ap.parse_args()

@@ -107,8 +107,9 @@ def test_tflite_int8_uses_the_artifacts_scales(unet, unet_w8a8, int8_tflite) -> 
     assert rep["gpu_delegate"]["all_ops_supported"], rep["gpu_delegate"]["cpu_fallback_ops"]
     # the int8 weights in the file are exactly round(w / scale) of the artifact, per channel
     it = tflite._interpreter(out)
-    lq = qp.layers["conv_in"]
-    want = lq.weight.quantize(unet_w8a8.denoiser.get_submodule("conv_in").inner.weight.detach())
+    name = "down_blocks.0.resnets.0.conv1"  # (conv_in, with one input channel, becomes a depthwise conv)
+    lq = qp.layers[name]
+    want = lq.weight.quantize(unet_w8a8.denoiser.get_submodule(name).inner.weight.detach())
     found = False
     for d in it.get_tensor_details():
         if d["dtype"] == np.int8 and tuple(d["shape"]) == (want.shape[0], *want.shape[2:], want.shape[1]):
@@ -120,7 +121,7 @@ def test_tflite_int8_uses_the_artifacts_scales(unet, unet_w8a8, int8_tflite) -> 
             if len(scales) == want.shape[0] and np.allclose(scales, lq.weight.scale.numpy(), rtol=1e-6):
                 assert np.array_equal(q, want.permute(0, 2, 3, 1).numpy())  # OHWI in TFLite
                 found = True
-    assert found, "conv_in's int8 weights with the artifact's scales are not in the file"
+    assert found, f"{name}'s int8 weights with the artifact's scales are not in the file"
     # output close to the PyTorch simulation, and further from float than the simulation is not
     den = get_backend("tflite").load_denoiser(out)
     inp = unet.signature.example_inputs(2, seed=7)
