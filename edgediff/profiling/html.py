@@ -18,6 +18,12 @@ def _esc(s: Any) -> str:
     return _html.escape(str(s))
 
 
+def _ops_label(op: str, keep: int = 4) -> str:
+    """The slowest few op types of a layer (`op` lists them slowest first)."""
+    parts = op.split("+")
+    return "+".join(parts[:keep]) + (f" +{len(parts) - keep} more" if len(parts) > keep else "")
+
+
 def scatter_svg(points: list[tuple[float, float, str]], xlabel: str, ylabel: str, width: int = 560, height: int = 360,
                 diagonal: bool = False) -> str:
     """Log-log scatter of (x, y, label) as inline SVG; each point has a <title> tooltip.
@@ -91,7 +97,7 @@ def sections(result: dict[str, Any], top: int = 25) -> list[tuple[str, str]]:
     if layers:
         rows = sorted(layers, key=lambda la: -la["ms"])[:top]
         out.append((f"Per-layer latency, top {len(rows)} of {len(layers)} ({kind}, ms)",
-                    bars([(f"{la['name']} ({la['op']})", la["ms"]) for la in rows])))
+                    bars([(f"{la['name']} ({_ops_label(la['op'])})", la["ms"]) for la in rows])))
         pts = [(float(la.get("macs", 0)), la["ms"], la["name"]) for la in layers if "macs" in la]
         if pts:
             out.append(("MACs vs latency per layer", "<p class='sub'>Compute-bound layers sit on a diagonal; layers "
