@@ -17,7 +17,8 @@ How the package is made
 - int8: linear weight compression of the artifact's on-grid weights, per output channel,
   symmetric (coremltools.optimize.coreml.linear_quantize_weights; its torch.export frontend
   cannot lower quantize_per_channel, so the artifact's scales cannot be handed over as such).
-  Core ML's scale is max|w| / 127 per channel: identical to the artifact's min-max scales, so
+  Core ML's scale is max|w| / 127 per channel (/ 7 and int4 storage, iOS 18, for 4-bit
+  artifacts): identical to the artifact's min-max scales, so
   the integers are the artifact's; layers whose scale was searched/clipped are re-gridded, and
   the report counts them (`int8.regridded`). Activations stay fp16 (weight compression:
   size and bandwidth, as Core ML runs it on every chip).
@@ -159,6 +160,11 @@ def ane_attention(den: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+def weight_dtype_for(qp: QuantParams) -> str:
+    """Core ML storage type for the artifact's weights: int4 for grids of 4 bits or fewer, else int8."""
+    return "int4" if qp.weight_bits <= 4 else "int8"
+
+
 def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
     """How many of the artifact's int8 weight grids Core ML's weight quantizer reproduces exactly.
 
@@ -170,6 +176,7 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
     channel) is re-gridded by Core ML. Returns counts and the layers that differ.
     """
     modules = dict(den.named_modules())
+    qmax = 7.0 if weight_dtype_for(qp) == "int4" else 127.0
     same, differ = 0, []
     for name, lq in qp.layers.items():
         if lq.kind in ("matmul_qk", "matmul_av"):
@@ -183,12 +190,13 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
             raise BadInput(f"{name}: {lq.weight.bits}-bit weights cannot be written as int8")
         w = m.weight.detach().float()
         ours = lq.weight.scale.reshape(-1)
-        coreml_scale = w.abs().flatten(1).amax(1) / 127.0
+        coreml_scale = w.abs().flatten(1).amax(1) / qmax
         if ours.numel() == coreml_scale.numel() and torch.allclose(ours, coreml_scale, rtol=1e-5, atol=0):
             same += 1
         else:
             differ.append(name)
-    return {"layers": same + len(differ), "scales_as_artifact": same, "regridded_by_coreml": differ[:20],
+    return {"dtype": weight_dtype_for(qp), "layers": same + len(differ), "scales_as_artifact": same,
+            "regridded_by_coreml": differ[:20],
             "regridded": len(differ)}
 
 
@@ -272,10 +280,14 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
         dtype = np.int32 if n == "class_labels" else np.float32
         inputs.append(ct.TensorType(name=n, shape=tuple(a.shape), dtype=dtype))
     cp = ct.precision.FLOAT16 if precision in ("fp16", "int8") else ct.precision.FLOAT32
+    # int4 weights (4-bit artifacts) need iOS 18 / macOS 15; everything else runs from iOS 17
+    target = ct.target.iOS18 if precision == "int8" and qp is not None and weight_dtype_for(qp) == "int4" \
+        else ct.target.iOS17
+    facts["deployment_target"] = getattr(target, "name", str(target))
     try:
         ml = ct.convert(src, convert_to="mlprogram", inputs=inputs if facts["frontend"] != "torch.export" else None,
                         outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
-                        compute_precision=cp, minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
+                        compute_precision=cp, minimum_deployment_target=target, skip_model_load=True)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         raise BadInput(f"coremltools could not convert this denoiser ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:300]})") from None
@@ -284,7 +296,7 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
 
         # per output channel, symmetric, every weight tensor (weight_threshold=0): see int8_scale_agreement
         cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0))
+            mode="linear_symmetric", dtype=weight_dtype_for(qp), granularity="per_channel", weight_threshold=0))
         ml = linear_quantize_weights(ml, cfg)
     if palettize is not None:
         from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
