@@ -327,3 +327,20 @@ def test_tflite_int8_with_quantized_attention_matmuls(unet_w8a8, tmp_path: Path)
     inp = model.signature.example_inputs(2, seed=1)
     got = get_backend("tflite").load_denoiser(out)(inp["sample"], inp["timestep"])
     assert got.shape == inp["sample"].shape and torch.isfinite(got).all()
+
+
+def test_coreml_weight_scales_compared_with_the_artifact(unet, unet_w8a8) -> None:
+    """Core ML's max|w|/qmax scales equal min-max QuantParams; a searched scale is reported as re-gridded."""
+    from edgediff.exporters.onnx import float_denoiser
+
+    den = float_denoiser(unet_w8a8)
+    qp = QuantParams.of(unet_w8a8)
+    agree = coreml.int8_scale_agreement(den, qp)
+    assert agree == {"dtype": "int8", "layers": len(qp.layers), "scales_as_artifact": len(qp.layers),
+                     "regridded_by_coreml": [], "regridded": 0}
+    qp.layers["conv_in"].weight.scale = qp.layers["conv_in"].weight.scale * 1.5  # as if clipped by a search
+    agree = coreml.int8_scale_agreement(den, qp)
+    assert agree["regridded_by_coreml"] == ["conv_in"] and agree["scales_as_artifact"] == len(qp.layers) - 1
+    q4 = minmax_quantize(unet, bits=4)
+    a4 = coreml.int8_scale_agreement(float_denoiser(q4), QuantParams.of(q4))
+    assert a4["dtype"] == "int4" and a4["regridded"] == 0
