@@ -128,9 +128,12 @@ class AneAttnProcessor:
         kt = k.transpose(1, 3)  # (B, Sk, 1, C)
         outs = []
         for i in range(heads):
-            qi = q[:, i * d:(i + 1) * d]
-            ki = kt[:, :, :, i * d:(i + 1) * d]
-            vi = v[:, i * d:(i + 1) * d]
+            if heads == 1:  # a full-range slice exports as `alias`, which coremltools cannot lower
+                qi, ki, vi = q, kt, v
+            else:
+                qi = q[:, i * d:(i + 1) * d]
+                ki = kt[:, :, :, i * d:(i + 1) * d]
+                vi = v[:, i * d:(i + 1) * d]
             wts = torch.einsum("bchq,bkhc->bkhq", qi, ki) * attn.scale
             wts = wts.softmax(dim=1)
             outs.append(torch.einsum("bkhq,bchk->bchq", wts, vi))

@@ -209,6 +209,19 @@ def test_ane_attention_matches_diffusers(unet) -> None:
         a = unet.denoiser(inp["sample"], inp["timestep"]).sample
         b = den(inp["sample"], inp["timestep"]).sample
     assert float((a - b).abs().max()) < 1e-5
+    # one head (attention_head_dim=None, as in the ddpm-cifar10 config): the no-slice path
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(1)
+    one = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                      norm_num_groups=4, attention_head_dim=None).eval()
+    assert all(m.heads == 1 for m in one.modules() if type(m).__name__ == "Attention")
+    ane = copy.deepcopy(one)
+    coreml.ane_attention(ane)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 300.0)
+    with torch.no_grad():
+        assert float((one(x, t).sample - ane(x, t).sample).abs().max()) < 1e-5
 
 
 def test_coreml_verify_on_linux_is_structural_and_exit_3(unet, fp16_mlpackage) -> None:
