@@ -26,6 +26,12 @@ from edgediff.schedule import NoiseSchedule
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    um = os.umask(0)
+    os.umask(um)
+    return um
+
+
 @contextmanager
 def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `dest`; on success rename it to `dest`, on any failure delete it.
@@ -43,6 +49,7 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
         raise BadInput(f"{dest}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs should look like any other dir
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
             os.replace(dest, old / "x")
@@ -71,6 +78,7 @@ def atomic_file(dest: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -46,9 +46,26 @@ def macs(model: DiffusionModel, batch: int = 1) -> int:
 
     mod = model.module().eval()
     inputs = model.example_inputs(batch)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as fc:
         mod(**inputs)
     return int(fc.get_total_flops() // 2 // batch)
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and softmax·V of one attention call; batch and head axes lead, sequence and dim trail."""
+    lead = 1
+    for d in query_shape[:-2]:
+        lead *= d
+    sq, dqk = query_shape[-2], query_shape[-1]
+    sk, dv = key_shape[-2], value_shape[-1]
+    return 2 * lead * sq * sk * (dqk + dv)
+
+
+# torch's FlopCounterMode has no formula for the CPU flash kernel that 4-D (B, heads, S, D)
+# scaled_dot_product_attention dispatches to, so diffusers' attention would count as zero.
+_EXTRA_FLOPS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgediff import passes
-from edgediff.artifact import load_artifact
+from edgediff.artifact import _umask, atomic_file, load_artifact
 from edgediff.cli import main
 from edgediff.errors import BadInput, NotBuiltYet
 from edgediff.loaders import sha256_of
@@ -27,6 +27,7 @@ def test_none_recipe_artifact_roundtrip(tmp_path: Path, tiny_unet) -> None:
     model, manifest = compress(tiny_unet, load_recipe("none"), tmp_path / "a")
     art = tmp_path / "a"
     assert {"manifest.json", "model", "scheduler_config.json"} <= {p.name for p in art.iterdir()}
+    assert (art.stat().st_mode & 0o777) == 0o777 & ~_umask()  # not mkdtemp's 0700
     m = json.loads((art / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["recipe"]["name"] == "none" and m["metrics"]["before"]["params"] > 0
     back = load_artifact(art)
@@ -138,3 +139,9 @@ def test_cli_exit_codes_for_contract_commands(tmp_path: Path, capsys, monkeypatc
     assert main(["compress", "demo", "--recipe", "nope", "-o", str(tmp_path / "y")]) == 2
     assert main(["info", "demo", "--sample-shape", "a,b"]) == 2
     assert main(["no-such-command"]) == 2
+
+
+def test_atomic_file_has_normal_permissions(tmp_path: Path) -> None:
+    with atomic_file(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+    assert ((tmp_path / "f.txt").stat().st_mode & 0o777) == 0o666 & ~_umask()
