@@ -21,6 +21,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="edgediff: compress, export, verify and profile diffusion models for edge devices.")
 err = Console(stderr=True)
 out = Console()
+# Libraries print progress to stdout (litert-torch's converter does); main() points sys.stdout at
+# stderr while a command runs so that stdout carries only our tables and our one JSON object.
+_stdout = sys.stdout
+
+
+def _write_json(data: Any) -> None:
+    _stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    _stdout.flush()
 
 
 # ---------------------------------------------------------------- helpers
@@ -65,7 +73,7 @@ def _optional_module(name: str, what: str) -> Any:
 
 def _emit(data: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        _write_json(data)
         return
     t = Table(title=title, show_header=False)
     for k, v in data.items():
@@ -93,7 +101,7 @@ def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
         rows.append({"name": name, "description": r.description, "passes": [p.name for p in r.passes],
                      "missing": r.missing_passes()})
     if as_json:
-        sys.stdout.write(json.dumps({"recipes": rows}, indent=2) + "\n")
+        _write_json({"recipes": rows})
         return
     t = Table(title="built-in recipes")
     for c in ("name", "passes", "status", "description"):
@@ -134,7 +142,7 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     with progress_bar() as p:
         _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force)
     if as_json:
-        sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        _write_json(manifest)
         return
     t = Table(title=f"compressed with recipe {r.name!r} -> {output}")
     for c in ("pass", "seconds", "metrics"):
@@ -226,7 +234,7 @@ def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
     with progress_bar() as p:
         summary = run_demo(output, samples=samples, steps=steps, seed=seed, progress=p, force=force, log=err.print)
     if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+        _write_json(summary)
         return
     from edgediff.demo.job import summary_table
 
@@ -240,6 +248,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:  # pragma: no cover - older typer uses click itself
         from click import exceptions as cex
 
+    global _stdout
+    _stdout = sys.stdout
+    out.file = _stdout
+    args = sys.argv[1:] if argv is None else argv
+    if not {"--help", "-h"} & set(args):
+        sys.stdout = sys.stderr
     try:
         rc = app(args=argv, standalone_mode=False)
         return rc if isinstance(rc, int) else 0
@@ -257,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         err.print("edgediff: interrupted")
         return 130
+    finally:
+        sys.stdout = _stdout
 
 
 if __name__ == "__main__":

@@ -145,3 +145,17 @@ def test_atomic_file_has_normal_permissions(tmp_path: Path) -> None:
     with atomic_file(tmp_path / "f.txt") as tmp:
         tmp.write_text("x")
     assert ((tmp_path / "f.txt").stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def test_json_stdout_is_one_object_even_when_libraries_print(capsys, monkeypatch) -> None:
+    import edgediff.describe as describe
+
+    def chatty(target, load):
+        print("(00:00) [START] some converter progress")  # what litert-torch does on stdout
+        return {"params": 1, "macs": 2, "size_bytes": 3}
+
+    monkeypatch.setattr(describe, "describe", chatty)
+    assert main(["info", "demo", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out) == {"params": 1, "macs": 2, "size_bytes": 3}
+    assert "converter progress" in cap.err
