@@ -32,6 +32,22 @@ def _umask() -> int:
     return um
 
 
+def _temp_beside(dest: Path, force: bool, directory: bool) -> tuple[Path, Path]:
+    """(parent, temp path) beside `dest`, in the same filesystem so that the final rename is atomic."""
+    if dest.exists() and not force:
+        raise BadInput(f"{dest}: output already exists (pass --force to replace it)")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            return parent, Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=parent)
+        os.close(fd)
+        return parent, Path(name)
+    except OSError as e:
+        raise BadInput(f"{dest}: cannot write there ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `dest`; on success rename it to `dest`, on any failure delete it.
@@ -39,14 +55,7 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
     An interrupted run (Ctrl-C, exception) leaves neither `dest` nor the temp dir behind.
     """
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise BadInput(f"{dest}: output already exists (pass --force to replace it)")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise BadInput(f"{dest}: cannot write there ({e.strerror or e})") from None
+    parent, tmp = _temp_beside(dest, force, directory=True)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs should look like any other dir
@@ -66,16 +75,7 @@ def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
 def atomic_file(dest: Path, force: bool = False) -> Iterator[Path]:
     """Like atomic_dir for a single file: yields a temp path beside `dest`."""
     dest = Path(dest)
-    if dest.exists() and not force:
-        raise BadInput(f"{dest}: output already exists (pass --force to replace it)")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=parent)
-        os.close(fd)
-    except OSError as e:
-        raise BadInput(f"{dest}: cannot write there ({e.strerror or e})") from None
-    tmp = Path(name)
+    _, tmp = _temp_beside(dest, force, directory=False)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
