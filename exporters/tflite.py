@@ -22,7 +22,8 @@ How the file is made
 - int8: every layer named in the artifact's QuantParams gets the scales and zero points of
   the artifact, written as PT2E `quantized_decomposed` quantize/dequantize pairs that the
   TFLite converter (STATIC Q/DQ mode) turns into int8 tensors: the layer's input activation
-  (per tensor; two halves for shortcut-split layers), its weight (int8, per output channel,
+  (per tensor; two halves for shortcut-split layers, which are written as two layers on the
+  halves plus ADD, see `split_layers` in the report), its weight (int8, per output channel,
   symmetric; the on-grid float weights give the integers exactly), and the operands of the
   attention matmuls. See `int8_report` in the export report and docs/tflite_coreml.md for
   what LiteRT does with them.
@@ -228,23 +229,40 @@ class _TflQDQLayer(nn.Module):
         quant_in = lq.input is not None and not lq.meta.get("input_unquantized")
         self.aq = _TflQDQ(lq.input, lq.name) if quant_in else None
         self.aq2 = _TflQDQ(lq.input2, lq.name) if quant_in and self.split_at and lq.input2 is not None else None
+        if self.aq2 is not None and isinstance(inner, nn.Conv2d) and inner.groups != 1:
+            raise BadInput(f"{lq.name}: shortcut-split input on a grouped convolution cannot be exported to TFLite")
 
-    def _in(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is None:
-            return x
-        if self.aq2 is not None and x.shape[1] > self.split_at:
-            return torch.cat([self.aq(x[:, : self.split_at]), self.aq2(x[:, self.split_at:])], dim=1)
-        return self.aq(x)
+    @property
+    def split(self) -> bool:
+        """Shortcut-split input: the layer runs as two int8 layers on the halves (see forward)."""
+        return self.aq is not None and self.aq2 is not None
+
+    def _w(self, w: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        wq = qd.quantize_per_channel(w, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
+        return qd.dequantize_per_channel(wq, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.inner, nn.Conv2d):
+            return self.inner._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qd = _qd()
-        wq = qd.quantize_per_channel(self.inner.weight, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
-        w = qd.dequantize_per_channel(wq, self.w_scale, self.w_zp, 0, self.w_min, self.w_max, torch.int8)
-        if isinstance(self.inner, nn.Conv2d):
-            y = self.inner._conv_forward(self._in(x), w, self.inner.bias)
-        else:
-            y = F.linear(self._in(x), w, self.inner.bias)
-        return y
+        weight, bias = self.inner.weight, self.inner.bias
+        if self.split and x.shape[1] > self.split_at:
+            # The two halves have different scales. Q/DQ on each half followed by a concat
+            # becomes an int8 CONCATENATION, which the TFLite converter rejects unless both
+            # inputs share one scale. A layer is linear in its input channels, so it is run
+            # as layer(x1, W[:, :C1]) + layer(x2, W[:, C1:]) + bias instead: each half keeps
+            # its own int8 scale (the artifact's), weights keep their per-channel scales.
+            c1 = self.split_at
+            y1 = self._apply(self.aq(x[:, :c1]), self._w(weight[:, :c1]), None)
+            y2 = self._apply(self.aq2(x[:, c1:]), self._w(weight[:, c1:]), None)
+            y = y1 + y2
+            if bias is not None:
+                y = y + (bias.view(1, -1, *([1] * (y.dim() - 2))) if isinstance(self.inner, nn.Conv2d) else bias)
+            return y
+        return self._apply(self.aq(x) if self.aq is not None else x, self._w(weight), bias)
 
 
 def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
@@ -396,6 +414,11 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple
         assert qp is not None
         facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "weight_bits": qp.weight_bits, "act_bits": qp.act_bits,
                          "kernels": "float kernels between int8 Q/DQ (see docs/tflite_coreml.md)"}
+        # shortcut-split layers: run as two layers (one per input half, each with its own
+        # input scale) plus ADD, since an int8 CONCATENATION needs one scale for both halves
+        facts["int8"]["split_layers"] = {
+            "layers": sorted(m.name for m in den.modules() if isinstance(m, _TflQDQLayer) and m.split),
+            "as": "layer(x[:, :C1], W[:, :C1]) + layer(x[:, C1:], W[:, C1:]) + bias"}
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize import quant_config as qc
 

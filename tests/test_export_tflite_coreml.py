@@ -357,3 +357,41 @@ def test_coreml_weight_scales_compared_with_the_artifact(unet, unet_w8a8) -> Non
     q4 = minmax_quantize(unet, bits=4)
     a4 = coreml.int8_scale_agreement(float_denoiser(q4), QuantParams.of(q4))
     assert a4["dtype"] == "int4" and a4["regridded"] == 0
+
+
+def test_tflite_int8_shortcut_split_layers(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    """Real calib + quant passes with shortcut splitting: the halves' different scales convert.
+
+    An int8 CONCATENATION needs one scale for both inputs; split layers are written as two
+    layers on the halves plus ADD, each half quantized with its own (the artifact's) scale.
+    """
+    from edgediff.passes import PassContext, get, make_options
+
+    ctx = PassContext(cache_dir=tmp_path / "cache")
+    model = tiny_unet
+    for name, opts in (("calib", {"n_samples": 4, "steps": 8, "interval": 2}),
+                       ("quant", {"weight_bits": 8, "act_bits": 8, "split_shortcut": True, "calib_limit": 16,
+                                  "weight_init": "minmax", "act_init": "minmax"})):
+        fn, _ = get(name)
+        ctx.metrics = {}
+        model = fn(model.clone(), make_options(name, opts), ctx)
+    qp = QuantParams.of(model)
+    split = sorted(n for n, lq in qp.layers.items() if lq.meta.get("split_at"))
+    assert split
+    out = tmp_path / "s.tflite"
+    rep = get_backend("tflite").export(model, out, "int8")
+    assert rep["int8"]["split_layers"]["layers"] == split
+    assert rep["gpu_delegate"]["all_ops_supported"]
+    # each half's input scale of the artifact is on an int8 tensor of the file
+    it = tflite._interpreter(out)
+    scales = [d["quantization"][0] for d in it.get_tensor_details() if d["dtype"] == np.int8]
+    for n in split:
+        for tq in (qp.layers[n].input, qp.layers[n].input2):
+            assert any(abs(s - float(tq.scale)) <= 1e-6 * float(tq.scale) for s in scales), n
+    # LiteRT runs it close to the PyTorch simulation
+    inp = model.signature.example_inputs(2, seed=1)
+    got = get_backend("tflite").load_denoiser(out)(inp["sample"], inp["timestep"])
+    with torch.no_grad():
+        ref = TorchDenoiser(model)(inp["sample"], inp["timestep"])
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.05, rel
