@@ -251,9 +251,15 @@ class _QDQAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
-def insert_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
-    """Replace every layer QuantParams names by its Q/DQ twin, in place; returns counts."""
-    counts = Counter()
+def insert_qdq(den: nn.Module, qp: QuantParams, layer_cls: Any = None, attn_processor: Any = None) -> dict[str, int]:
+    """Replace every layer QuantParams names by its Q/DQ twin, in place; returns counts.
+
+    `layer_cls(module, layer_quant)` and `attn_processor(qk, av)` build the twins; other backends
+    (TFLite) pass their own so that every target places Q/DQ where the simulation quantizes.
+    """
+    layer_cls = layer_cls or _QDQLayer
+    attn_processor = attn_processor or _QDQAttnProcessor
+    counts: Counter[str] = Counter()
     modules = dict(den.named_modules())
     attn_pairs: dict[str, dict[str, LayerQuant]] = {}
     for name, lq in qp.layers.items():
@@ -267,7 +273,7 @@ def insert_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             raise BadInput(f"quantization parameters of {name!r}: expected a Conv2d or Linear, found {type(m).__name__}")
         parent, _, leaf = name.rpartition(".")
-        setattr(den.get_submodule(parent) if parent else den, leaf, _QDQLayer(m, lq))
+        setattr(den.get_submodule(parent) if parent else den, leaf, layer_cls(m, lq))
         counts[lq.kind] += 1
     for path, pair in attn_pairs.items():
         attn = modules.get(path)
@@ -275,7 +281,7 @@ def insert_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
             raise BadInput(f"quantization parameters name attention {path!r}, which the model does not have")
         if set(pair) != {"qk", "av"}:
             raise BadInput(f"attention {path!r}: quantization parameters need both ':qk' and ':av'")
-        attn.set_processor(_QDQAttnProcessor(pair["qk"], pair["av"]))
+        attn.set_processor(attn_processor(pair["qk"], pair["av"]))
         counts["attention"] += 1
     return dict(counts)
 

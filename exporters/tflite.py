@@ -276,35 +276,10 @@ def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
 
 
 def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
-    """Replace every layer QuantParams names by its Q/DQ twin, in place; returns counts.
+    """Q/DQ twins with the same placement as exporters.onnx.insert_qdq (and so as the simulation)."""
+    from edgediff.exporters.onnx import insert_qdq
 
-    Same placement as exporters.onnx.insert_qdq (and so as the PyTorch simulation).
-    """
-    counts: Counter[str] = Counter()
-    modules = dict(den.named_modules())
-    attn_pairs: dict[str, dict[str, LayerQuant]] = {}
-    for name, lq in qp.layers.items():
-        if lq.kind in ("matmul_qk", "matmul_av"):
-            path, _, which = name.rpartition(":")
-            attn_pairs.setdefault(path, {})[which] = lq
-            continue
-        m = modules.get(name)
-        if m is None:
-            raise BadInput(f"quantization parameters name layer {name!r}, which the model does not have")
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            raise BadInput(f"quantization parameters of {name!r}: expected a Conv2d or Linear, found {type(m).__name__}")
-        parent, _, leaf = name.rpartition(".")
-        setattr(den.get_submodule(parent) if parent else den, leaf, _TflQDQLayer(m, lq))
-        counts[lq.kind] += 1
-    for path, pair in attn_pairs.items():
-        attn = modules.get(path)
-        if attn is None or not hasattr(attn, "set_processor"):
-            raise BadInput(f"quantization parameters name attention {path!r}, which the model does not have")
-        if set(pair) != {"qk", "av"}:
-            raise BadInput(f"attention {path!r}: quantization parameters need both ':qk' and ':av'")
-        attn.set_processor(_attn_processor(pair["qk"], pair["av"]))
-        counts["attention"] += 1
-    return dict(counts)
+    return insert_qdq(den, qp, layer_cls=_TflQDQLayer, attn_processor=_attn_processor)
 
 
 def _example_kwargs(sig: InputSignature, batch: int) -> dict[str, torch.Tensor]:
