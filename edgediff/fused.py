@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import Timesteps
 from torch import nn
 
+from edgediff.serialize import serializable
+
 
 def project_qkv(attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,6 +35,7 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor,
     return query, attn.to_k(ctx), attn.to_v(ctx)
 
 
+@serializable("packed_away")
 class PackedAway(nn.Module):
     """Stands where to_q/to_k/to_v were after packing: calling it is a bug in the caller, said loudly."""
 
@@ -46,6 +49,7 @@ class PackedAway(nn.Module):
                            "code that needs separate Q/K/V projections must run before fuse or use pack_qkv=false")
 
 
+@serializable("packed_attn_processor")
 class PackedAttnProcessor(nn.Module):
     """diffusers' AttnProcessor2_0 with packed projections (to_qkv, or to_q + to_kv): one matmul
     for Q/K/V and one scaled_dot_product_attention. An nn.Module so the artifact keeps it."""
@@ -101,6 +105,7 @@ class PackedAttnProcessor(nn.Module):
         return hidden_states
 
 
+@serializable("folded_timesteps")
 class FoldedTimesteps(Timesteps):
     """diffusers' Timesteps with the sinusoid frequencies (and `scale`) folded into a constant.
 

@@ -18,8 +18,10 @@ from torch import nn
 
 from edgediff.model import DiffusionModel
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
+from edgediff.serialize import serializable
 
 
+@serializable("minmax_sim_layer")
 class MinMaxSimLayer(nn.Module):
     """Fake-quantizes the input of a Conv2d/Linear (its weight is already on the grid)."""
 

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgediff.serialize import serializable
 
+
+@serializable("skip_resnet")
 class SkipResnet(nn.Module):
     """ResnetBlock2D without its conv branch: shortcut(x) / output_scale_factor."""
 
@@ -44,6 +47,7 @@ class SkipResnet(nn.Module):
         return x / self.output_scale_factor if self.output_scale_factor != 1 else x
 
 
+@serializable("skip_attention")
 class SkipAttention(nn.Module):
     """A residual Attention (UNet2DModel attention blocks) without its attention branch."""
 
@@ -58,6 +62,7 @@ class SkipAttention(nn.Module):
         return hidden_states
 
 
+@serializable("zero_branch")
 class ZeroBranch(nn.Module):
     """An attention inside a transformer block: the block adds our output to its residual, so 0."""
 
@@ -69,6 +74,7 @@ class ZeroBranch(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
+@serializable("skip_block")
 class SkipBlock(nn.Module):
     """A whole (pre-norm, residual) transformer block: identity on the hidden states."""
 

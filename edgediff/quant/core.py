@@ -21,6 +21,7 @@ from torch import nn
 
 from edgediff.errors import BadInput
 from edgediff.quant_params import SUPPORTED_BITS, TensorQuant
+from edgediff.serialize import serializable
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020)
 ADA_ZETA, ADA_GAMMA = 1.1, -0.1
@@ -50,6 +51,7 @@ def lp_error(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None = None
 # --------------------------------------------------------------------------------------------
 
 
+@serializable("weight_quantizer")
 class WeightQuantizer(nn.Module):
     """Per-output-channel symmetric weight quantizer with optional AdaRound soft rounding."""
 
@@ -140,6 +142,7 @@ class WeightQuantizer(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+@serializable("act_quantizer")
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer with an observer for calibration and a learnable step.
 
@@ -309,6 +312,7 @@ class _QuantLayer(nn.Module):
         return [q for q in (self.aq, self.aq2) if q is not None]
 
 
+@serializable("quant_conv2d")
 class QuantConv2d(_QuantLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
@@ -337,6 +341,7 @@ class QuantConv2d(_QuantLayer):
         return self.inner._conv_forward(self.quant_input(x), self.wq(self.inner.weight), self.inner.bias)
 
 
+@serializable("quant_linear")
 class QuantLinear(_QuantLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8,
                  act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True) -> None:
@@ -363,6 +368,7 @@ class QuantLinear(_QuantLayer):
 # --------------------------------------------------------------------------------------------
 
 
+@serializable("float_attn_processor")
 class FloatAttnProcessor(nn.Module):
     """diffusers' default attention as an nn.Module, so it can stand where a quantized one was.
 
@@ -387,6 +393,7 @@ class FloatAttnProcessor(nn.Module):
         return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+@serializable("quant_attn_processor")
 class QuantAttnProcessor(nn.Module):
     """Attention with fake-quantized matmul operands (Q-Diffusion): Q, K, V at act_bits and the
     softmax output at softmax_bits (unsigned, range [0, 1]).
