@@ -157,7 +157,7 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
 
 @app.command()
 def export(model: str = ModelOpt,
-           target: str = typer.Option(..., "--target", help="onnx|tensorrt|coreml|tflite|opencl|fpga"),
+           target: str = typer.Option(..., "--target", help="onnx|tensorrt|coreml|tflite|opencl|fpga|openvino"),
            precision: str = typer.Option("fp32", "--precision", help="fp32|fp16|int8"),
            output: Path = typer.Option(..., "-o", "--output"),
            force: bool = typer.Option(False, "--force", help="Replace an existing output."),
@@ -170,18 +170,18 @@ def export(model: str = ModelOpt,
 
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    backend = get_backend(target)
+    backend = get_backend(target)  # the backend checks the rest of the request (edgediff.exporters.base)
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
     options: dict[str, Any] = {}
     if palettize is not None:
         options["palettize"] = palettize
-    if target == "fpga" and model.endswith(".onnx"):
-        source: Any = Path(model)  # the FPGA backend also takes any QDQ-quantized ONNX
+    if backend.takes_onnx_source and model.endswith(".onnx"):
+        source: Any = Path(model)  # e.g. the FPGA backend also takes any QDQ-quantized ONNX
     else:
         source = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
-    with progress_bar():
-        report = backend.export(source, output, precision, force=force, **options)
+    with progress_bar() as p:
+        report = backend.export(source, output, precision, options, p, force=force).to_dict()
     _emit(report, as_json, f"exported {target} {precision} -> {output}")
     if report.get("exit_code"):
         raise typer.Exit(int(report["exit_code"]))
@@ -206,7 +206,7 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
 
 @app.command()
 def profile(exported: Path = typer.Argument(..., help="An exported model."),
-            runtime: Optional[str] = typer.Option(None, "--runtime", help="ort|tflite|tensorrt|opencl"),
+            runtime: Optional[str] = typer.Option(None, "--runtime", help="ort|tflite|tensorrt|opencl|openvino"),
             device: Optional[str] = typer.Option(None, "--device", help="Estimate for a device that is not attached."),
             html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report here."),
             adb: Optional[str] = typer.Option(None, "--adb", help="Run LiteRT's benchmark_model on this phone."),

@@ -1,21 +1,19 @@
-"""Backends: one small class per target with export() and a runtime check (edgediff.exporters).
+"""Backends: one `Backend` subclass per target (edgediff.exporters.base), found through this registry.
 
-Each target module defines `BACKEND`, an object with:
-  target: str; precisions: tuple[str, ...]
-  available() -> tuple[bool, str]          can this machine build (and run) the target? why not?
-  export(model, out, precision, force=False, **options) -> dict   writes `out` atomically, returns a report
-  load_denoiser(path) -> edgediff.sampling.Denoiser                 the exported file in its real runtime
-  runtime_available() -> tuple[bool, str]   can this machine *run* what was exported?
-Backends depend on edgediff.model/artifact, never on the CLI.
+`TARGETS` maps a target name to the module whose `BACKEND` implements it. Adding a target is a
+new module with a Backend subclass plus one line here (docs/architecture.md, "Adding a target");
+the contract test (tests/test_backends.py) then checks it like every other one.
+Backends depend on edgediff.model/artifact/lowering, never on the CLI or each other's private names.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
-from edgediff.errors import BadInput, NotBuiltYet
+from edgediff.exporters.base import PRECISIONS, Backend
+
+from edgediff.errors import BadInput
 
 TARGETS: dict[str, str] = {
     "onnx": "edgediff.exporters.onnx",
@@ -24,40 +22,34 @@ TARGETS: dict[str, str] = {
     "tflite": "edgediff.exporters.tflite",
     "opencl": "edgediff.kernels.export",
     "fpga": "edgediff.fpga.project",
+    "openvino": "edgediff.exporters.openvino",
 }
-PRECISIONS = ("fp32", "fp16", "int8")
 
-# how an exported file's kind is recognised, for verify/profile/info
-_SUFFIXES = {".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt", ".mlpackage": "coreml",
-             ".mlmodel": "coreml", ".tflite": "tflite"}
-_BUNDLE_MARKERS = {"opencl_bundle.json": "opencl", "fpga_project.json": "fpga"}
+__all__ = ["PRECISIONS", "TARGETS", "Backend", "all_backends", "get_backend", "target_of"]
 
 
-def get_backend(target: str) -> Any:
+def get_backend(target: str) -> Backend:
+    """The backend for `target` (BadInput for a name that is not a target)."""
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
-    try:
-        mod = importlib.import_module(TARGETS[target])
-    except ModuleNotFoundError as e:
-        if e.name == TARGETS[target]:
-            raise NotBuiltYet(f"target {target!r} is not built yet") from None
-        raise
-    backend = getattr(mod, "BACKEND", None)
-    if backend is None:
-        raise NotBuiltYet(f"target {target!r} is not built yet")
+    backend = importlib.import_module(TARGETS[target]).BACKEND
+    if not isinstance(backend, Backend) or backend.target != target:
+        raise TypeError(f"{TARGETS[target]}.BACKEND must be a Backend for target {target!r}, got {backend!r}")
     return backend
 
 
+def all_backends() -> list[Backend]:
+    """Every registered backend, in TARGETS order."""
+    return [get_backend(t) for t in TARGETS]
+
+
 def target_of(path: Path) -> str:
-    """Which target produced this exported file or bundle."""
+    """Which target produced this exported file or bundle (by the suffixes and markers backends declare)."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory")
-    if path.suffix.lower() in _SUFFIXES:
-        return _SUFFIXES[path.suffix.lower()]
-    if path.is_dir():
-        for marker, target in _BUNDLE_MARKERS.items():
-            if (path / marker).is_file():
-                return target
+    for backend in all_backends():
+        if backend.owns(path):
+            return backend.target
     raise BadInput(f"{path}: not an exported model edgediff knows (.onnx, .tflite, .mlpackage, .engine, "
                    "an OpenCL bundle or an FPGA project)")

@@ -22,8 +22,8 @@ from typing import Any
 
 from edgediff.errors import BadInput, NotBuiltYet, Unavailable
 
-RUNTIMES = ("ort", "tflite", "tensorrt", "opencl")
-_DEFAULT_RUNTIME = {"onnx": "ort", "tflite": "tflite", "tensorrt": "tensorrt", "opencl": "opencl"}
+RUNTIMES = ("ort", "tflite", "tensorrt", "opencl", "openvino")
+_DEFAULT_RUNTIME = {"onnx": "ort", "tflite": "tflite", "tensorrt": "tensorrt", "opencl": "opencl", "openvino": "openvino"}
 
 
 def profile(exported: Path, runtime: str | None = None, device: str | None = None, html: Path | None = None,
@@ -122,6 +122,12 @@ def _measure(path: Path, target: str, rt: str, warmup: int, repeats: int, thread
         return profile_tensorrt(path, warmup, repeats)
     if rt == "opencl":
         return _profile_opencl(path, warmup, repeats)
+    if rt == "openvino":
+        if target != "openvino":
+            raise BadInput(f"{path}: --runtime openvino needs an OpenVINO IR (.xml + .bin)")
+        from edgediff.exporters.openvino import profile_openvino
+
+        return profile_openvino(path, warmup, repeats, threads, _tick(progress, "OpenVINO", warmup + repeats))
     raise BadInput(f"--runtime {rt!r}: expected one of {', '.join(RUNTIMES)}")
 
 
