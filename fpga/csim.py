@@ -118,7 +118,10 @@ def layer_config(layer: QLayer, x_shape: tuple[int, ...], x2_shape: tuple[int, .
     m, k, n, reps = layer.gemm_dims(x_shape, x2_shape)
     cfg = {"kind": KIND_CODES[layer.kind], "M": m, "K": k, "N": n, "reps": reps, "zp_a": layer.zp_x,
            "zp_b": layer.zp_w if layer.kind == "matmul" else 0, "has_bias": int(layer.bias is not None),
-           "requant": REQUANT_CODES[rounding if layer.out_scale is not None else None], "out_zp": layer.out_zp}
+           "requant": REQUANT_CODES[rounding if layer.out_scale is not None else None], "out_zp": layer.out_zp,
+           "a_signed": int(layer.x_signed),
+           "b_signed": int(bool(layer.x2_signed if layer.x2_signed is not None else layer.x_signed)
+                           if layer.kind == "matmul" else 1)}
     lo, hi = sim.qrange(layer.out_bits, layer.out_signed)
     cfg.update(qmin=lo, qmax=hi, per_channel=int(np.asarray(layer.s_w).size > 1))
     if layer.kind == "conv":
@@ -165,20 +168,25 @@ def write_layer_vectors(folder: Path, stem: str, layer: QLayer, x: np.ndarray, x
             _i32(shift).tofile(folder / f"{stem}.shift.bin")
 
 
-_LINE = re.compile(r"^(\S+) mismatches=(\d+) total=(\d+) cycles=(\d+) model_cycles=(\d+)$")
+_LINE = re.compile(r"^(\S+) mismatches=(\d+) total=(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(-?\d+)")
 
 
 def run_csim(exe: Path, vec_dir: Path, timeout: float | None = None) -> tuple[int, dict[str, dict[str, int]]]:
-    """Run the testbench; returns (exit status, {layer name: {mismatches, total, cycles, model_cycles}})."""
+    """Run the testbench; returns (exit status, {layer name: {mismatches, total, cycles, load, compute, drain,
+    params, jobs, tiles, words_read, words_written}}): the stages' counted clocks (see hls/tb.cpp)."""
     proc = subprocess.run([str(exe), str(vec_dir)], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode == 4:
+        raise RuntimeError(f"C-simulation refused a layer: {proc.stderr.strip()}")
     if proc.returncode == 3:
         raise RuntimeError(f"C-simulation could not read its vectors: {proc.stderr.strip()}")
     results: dict[str, dict[str, int]] = {}
     for line in proc.stdout.splitlines():
         mt = _LINE.match(line.strip())
         if mt:
-            results[mt.group(1)] = {"mismatches": int(mt.group(2)), "total": int(mt.group(3)),
-                                    "cycles": int(mt.group(4)), "model_cycles": int(mt.group(5))}
+            rec = {"mismatches": int(mt.group(2)), "total": int(mt.group(3))}
+            rec.update({k: int(v) for k, v in _FIELD.findall(mt.group(4))})
+            results[mt.group(1)] = rec
     return proc.returncode, results
 
 

@@ -13,7 +13,7 @@ QuantParams. The project holds:
     fpga_project.json    marker + report: each layer with `bit_exact` and `mismatches`, cycles,
                          host-side ops with their MACs share, estimates
 
-Verification rung (DESIGN.md): the g++ C-simulation runs here and every output of every
+Verification rung (docs/architecture.md, "Verification"): the g++ C-simulation runs here and every output of every
 quantized layer is compared bit for bit with sim.py, which itself matches ONNX Runtime's integer
 kernels (each layer is also run through ONNX Runtime here: `ort_bit_exact`). Synthesis and
 co-simulation need Vitis HLS, which is not installed here: the TCL script is written, not run.
@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgediff.exporters.base import Backend, ExportReport
 from edgediff.fpga import csim, estimate, sim
 from edgediff.fpga.sim import ConvGeom, QLayer
 
 from edgediff.artifact import atomic_dir
-from edgediff.errors import BadInput
+from edgediff.errors import BadInput, Unavailable
 
 ROUNDING_DEFAULT: sim.Rounding = "ort"
 HOST_SIDE_HINT = {
@@ -64,7 +65,22 @@ class ExtractedLayer:
                 "requant": self.layer.out_scale is not None, "weight_bits": self.layer.w_bits,
                 "params": int((self.layer.w.size if self.layer.w is not None else 0)
                               + (np.asarray(self.layer.bias).size if self.layer.bias is not None else 0)),
-                "activation": "int8" if self.layer.x_signed else "uint8"}
+                "activation": "int8" if self.layer.x_signed else "uint8", **array_geometry(self.layer, self.x_shape)}
+
+
+def array_geometry(layer: QLayer, x_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What the array's schedule needs beyond M/K/N: K in 128-bit words, groups, and a conv's geometry."""
+    if layer.kind != "conv":
+        return {"k_words": -(-int(layer.w.shape[0] if layer.kind == "gemm" and layer.w is not None
+                                  else x_shape[-1]) // estimate.VEC), "groups": 1}
+    assert layer.w is not None
+    _, c, h, w = x_shape
+    o, cg, kh, kw = layer.w.shape
+    g = layer.geom
+    ho, wo = g.out_hw(h, w, kh, kw)
+    return {"k_words": kh * kw * -(-cg // estimate.VEC), "groups": g.groups,
+            "conv": {"h": h, "w": w, "ho": ho, "wo": wo, "kh": kh, "kw": kw, "sh": g.stride[0], "sw": g.stride[1],
+                     "pt": g.pads[0], "pl": g.pads[1], "dh": g.dilation[0], "dw": g.dilation[1]}}
 
 
 @dataclass
@@ -138,6 +154,22 @@ class _Graph:
                 for a in node.attribute:
                     if a.name == "value":
                         self.inits[node.output[0]] = numpy_helper.to_array(a.t)
+        for node in model.graph.node:  # QuantizeLinear of a constant (a weight quantized in the graph): fold it
+            if node.op_type == "Identity" and node.input[0] in self.inits:
+                self.inits[node.output[0]] = self.inits[node.input[0]]
+            if node.op_type == "QuantizeLinear" and all(i in self.inits for i in node.input if i) and len(node.input) > 2:
+                x = np.asarray(self.inits[node.input[0]], np.float32)
+                scale, zp = np.asarray(self.inits[node.input[1]], np.float32), np.asarray(self.inits[node.input[2]])
+                if scale.size > 1:
+                    shape = [1] * x.ndim
+                    shape[int(_attr(node, "axis", 1)) % x.ndim] = -1
+                    scale, zpv = scale.reshape(shape), zp.reshape(shape).astype(np.int64)
+                else:
+                    zpv = zp.astype(np.int64)
+                info = np.iinfo(zp.dtype)
+                q = np.clip(np.rint(x / scale).astype(np.int64) + zpv, info.min, info.max).astype(zp.dtype)
+                self.inits[node.output[0]] = q
+                self.init_types[node.output[0]] = self.init_types.get(node.input[2], 0)
 
     def dq(self, tensor: str) -> Any | None:
         p = self.producer.get(tensor)
@@ -609,7 +641,7 @@ def _attention_layer(out: Extracted, name: str, lq: Any, qp: Any, mods: dict[str
 
 
 # ------------------------------------------------------------------ the project
-TCL = """# Vitis HLS script written by edgediff (not run here: Vitis HLS is not installed on the export machine).
+TCL = """# Vitis HLS script written by edgediff (run_hls.sh runs it where vitis_hls is on PATH).
 #   vitis_hls -f run_hls.tcl         C-simulation, synthesis, RTL co-simulation, IP export
 # The C-simulation below is the one edgediff already ran with g++ (build/csim); co-simulation of every
 # layer is slow: trim vectors/layers.txt to a few layers for cosim_design.
@@ -629,6 +661,46 @@ cosim_design -argv "$here/vectors"
 export_design -format ip_catalog
 exit
 """
+
+
+RUN_HLS_SH = """#!/bin/sh
+# csim_design, csynth_design, cosim_design and export_design of this project (run_hls.tcl) with Vitis HLS.
+# Exit 3 with the reason when vitis_hls is not on PATH.
+if ! command -v vitis_hls >/dev/null 2>&1; then
+  echo "vitis_hls is not on PATH: install AMD Vitis HLS and source its settings64.sh" >&2
+  exit 3
+fi
+cd "$(dirname "$0")" && exec vitis_hls -f run_hls.tcl
+"""
+
+
+def vitis_hls_status() -> tuple[bool, str]:
+    """(on PATH, a one-line status) for Vitis HLS, which synthesis and co-simulation need."""
+    exe = shutil.which("vitis_hls")
+    return (True, f"found: {exe}") if exe else (False, "vitis_hls is not on PATH: csynth/cosim not run")
+
+
+def synthesize(project: Path, timeout: float | None = None) -> dict[str, Any]:
+    """Run run_hls.tcl (csim, csynth, cosim, export) in `project` with Vitis HLS.
+
+    Raises Unavailable (exit 3) with the reason when vitis_hls is not on PATH, BadInput for a folder that
+    is not an FPGA project. Returns {"returncode", "log_tail", "csynth_report"} (the report path if written).
+    """
+    import subprocess
+
+    from edgediff.errors import Unavailable
+
+    project = Path(project)
+    if not (project / "run_hls.tcl").is_file():
+        raise BadInput(f"{project}: not an FPGA project (no run_hls.tcl)")
+    ok, why = vitis_hls_status()
+    if not ok:
+        raise Unavailable(why)
+    proc = subprocess.run(["vitis_hls", "-f", "run_hls.tcl"], cwd=project, capture_output=True, text=True,
+                          timeout=timeout)
+    reports = sorted(project.glob("edgediff_systolic/solution1/syn/report/*csynth.rpt"))
+    return {"returncode": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-4000:],
+            "csynth_report": str(reports[0]) if reports else None}
 
 
 def _write_vectors(ext: Extracted, vec: Path, rounding: sim.Rounding, progress: Any = None) -> list[dict[str, Any]]:
@@ -670,15 +742,28 @@ def _ort_check(e: ExtractedLayer, expect: np.ndarray, rounding: sim.Rounding) ->
     return rec
 
 
+_STAGE_KEYS = ("cycles", "load", "compute", "drain", "params", "words_read", "words_written")
+_MODEL_KEY = {"cycles": "pipeline_cycles", "load": "load_cycles", "compute": "compute_cycles", "drain": "drain_cycles",
+              "params": "param_cycles", "words_read": "words_read", "words_written": "words_written"}
+
+
 def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim.Rounding = ROUNDING_DEFAULT,
                    rows: int = 16, cols: int = 16, k_tile: int = 512, clock_mhz: float = 200.0,
-                   part: str = "xczu7ev-ffvc1156-2-e", compare_ort: bool = True, progress: Any = None) -> dict[str, Any]:
-    """Write the HLS project for `ext` at `out` (atomically), run the C-simulation, return the report."""
+                   part: str = "xczu7ev-ffvc1156-2-e", compare_ort: bool = True, progress: Any = None,
+                   board: str = "zcu104") -> dict[str, Any]:
+    """Write the HLS project for `ext` at `out` (atomically), run the C-simulation, return the report.
+
+    `board` names the DRAM bandwidth of the memory floor (estimate.DEVICES); rows/cols/clock stay as given.
+    """
     if rounding not in sim.ROUNDINGS:
         raise BadInput(f"rounding {rounding!r}: expected one of {', '.join(sim.ROUNDINGS)}")
     for v, flag in ((rows, "rows"), (cols, "cols"), (k_tile, "k_tile")):
         if int(v) <= 0:
             raise BadInput(f"{flag} must be positive, got {v}")
+    if int(cols) % estimate.VEC or int(k_tile) % estimate.VEC:
+        raise BadInput(f"cols ({cols}) and k_tile ({k_tile}) must be multiples of {estimate.VEC}: the array's words "
+                       "hold 16 int8 values")
+    dram_gbs = estimate.device(board).dram_gbs
     array = csim.ArrayConfig(int(rows), int(cols), int(k_tile))
     ok, why = csim.toolchain()
     t0 = time.perf_counter()
@@ -690,10 +775,14 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
         recs = _write_vectors(ext, tmp / "vectors", rounding, progress)
         (tmp / "run_hls.tcl").write_text(TCL.format(defines=" ".join(array.defines()), part=part,
                                                    period_ns=f"{1000.0 / clock_mhz:.3f}"))
+        (tmp / "run_hls.sh").write_text(RUN_HLS_SH)
+        (tmp / "run_hls.sh").chmod(0o755)
         layer_dicts = ext.layer_dicts()
         (tmp / "layers.json").write_text(json.dumps({"layers": layer_dicts, "host_ops": ext.host_ops}, indent=1) + "\n")
-        est = estimate.estimate_layers(layer_dicts + ext.host_ops, array.rows, array.cols, clock_mhz, array.k_tile)
-        summary = estimate.summarize(est, array.rows, array.cols, clock_mhz, array.k_tile)
+        est = estimate.estimate_layers(layer_dicts + ext.host_ops, array.rows, array.cols, clock_mhz, array.k_tile,
+                                       dram_gbs)
+        summary = estimate.summarize(est, array.rows, array.cols, clock_mhz, array.k_tile, dram_gbs,
+                                     "ort" if rounding == "ort" else "tflite")
         csim_results: dict[str, dict[str, int]] = {}
         status, csim_s = None, None
         if ok:
@@ -708,8 +797,16 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
             row: dict[str, Any] = {**d, "stem": rec["stem"], "outputs": int(np.asarray(rec["expect"]).size),
                                    "bit_exact": (r["mismatches"] == 0 and r["total"] == np.asarray(rec["expect"]).size)
                                    if r else None, "mismatches": r["mismatches"] if r else None,
-                                   "csim_cycles": r["cycles"] if r else None, "est_cycles": es["cycles"],
-                                   "utilisation": es["utilisation"], "latency_us": es["latency_us"]}
+                                   "csim_cycles": r["cycles"] if r else None,
+                                   "csim_stages": {k: r[k] for k in _STAGE_KEYS} if r else None,
+                                   "est_pipeline_cycles": es["pipeline_cycles"], "est_cycles": es["cycles"],
+                                   "dram_floor_cycles": es["dram_floor_cycles"], "bound": es["bound"],
+                                   "load_cycles": es["load_cycles"], "compute_cycles": es["compute_cycles"],
+                                   "drain_cycles": es["drain_cycles"], "param_cycles": es["param_cycles"],
+                                   "bytes_moved": es["bytes_moved"], "utilisation": es["utilisation"],
+                                   "latency_us": es["latency_us"]}
+            # the C-simulation's counted clocks per stage against the closed-form model
+            row["cycle_model_exact"] = (r is not None and all(r[k] == es[_MODEL_KEY[k]] for k in _STAGE_KEYS)) if r else None
             if compare_ort:
                 row.update(_ort_check(e, rec["expect"], rounding))
             layers_out.append(row)
@@ -730,12 +827,16 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
             "array": {"rows": array.rows, "cols": array.cols, "k_tile": array.k_tile, "dataflow": "output-stationary",
                       "clock_mhz": clock_mhz, "part": part},
             "verified": verified, "verification": "g++ C-simulation of the HLS design vs fpga/sim.py, every output, bit "
-            "for bit (rung 1); synthesis/co-simulation need Vitis HLS (not installed here): run_hls.tcl is written, not run",
+            "for bit (rung 1); synthesis/co-simulation need Vitis HLS: run_hls.sh runs run_hls.tcl where vitis_hls is "
+            "on PATH (exit 3 otherwise)",
             "exit_code": code, "layers_total": len(layers_out),
             "layers_bit_exact": sum(1 for r in layers_out if r["bit_exact"]),
             "ort_layers_bit_exact": sum(1 for r in layers_out if r.get("ort_bit_exact")),
             "ort_layers_compared": sum(1 for r in layers_out if r.get("ort_bit_exact") is not None),
             "csim_seconds": csim_s, "csim_status": status, "csim_cycles": sum(r["csim_cycles"] or 0 for r in layers_out),
+            "cycle_model_layers_exact": sum(1 for r in layers_out if r["cycle_model_exact"]), "board": board,
+            "latency_note": "estimates from the cycle model (see estimate.assumptions), not measurements",
+            "vitis_hls": vitis_hls_status()[1],
             "estimate": {k: v for k, v in summary.items()}, "array_macs": summary["array_macs"], "host_macs": host_macs,
             "layers": layers_out, "host_ops": ext.host_ops,
         }
@@ -747,41 +848,52 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
     return report
 
 
-class FpgaBackend:
-    """BACKEND for target "fpga" (see edgediff/exporters/__init__.py for the contract)."""
+class FpgaBackend(Backend):
+    """The "fpga" target: an HLS project verified by C-simulation (the contract: edgediff.exporters.base)."""
 
     target = "fpga"
-    precisions = ("int8",)
+    # fp32 is the CLI's default --precision: the FPGA target then exports the model's own int8 quantization
+    precisions = ("int8", "fp32")
+    precision_hint = " (the FPGA target runs int8 only: pass --precision int8)"
+    marker = "fpga_project.json"
+    options = frozenset({"seed", "rounding", "rows", "cols", "k_tile", "clock_mhz", "part", "compare_ort", "board"})
+    takes_onnx_source = True
 
     def available(self) -> tuple[bool, str]:
         return csim.toolchain()
 
-    def export(self, model: Any, out: Path, precision: str = "int8", force: bool = False, **options: Any) -> dict[str, Any]:
-        # fp32 is the CLI's default --precision: the FPGA target exports the model's own int8 quantization then
-        if precision not in ("int8", "fp32"):
-            raise BadInput(f"--precision {precision}: the FPGA target runs int8 only (pass --precision int8)")
-        seed = int(options.pop("seed", 0))
-        progress = options.pop("progress", None)
-        known = {"rounding", "rows", "cols", "k_tile", "clock_mhz", "part", "compare_ort"}
-        unknown = set(options) - known
-        if unknown:
-            raise BadInput(f"unknown FPGA export option(s): {', '.join(sorted(unknown))}")
+    def needs_toolchain_to_export(self) -> bool:
+        return False  # without g++ the project is written and the report says the C-simulation did not run
+
+    def _export(self, model: Any, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        opts = dict(options)
+        seed = int(opts.pop("seed", 0))
         if isinstance(model, (str, Path)):
-            p = Path(model)
-            if p.suffix.lower() != ".onnx":
-                raise BadInput(f"{p}: the FPGA target takes a QDQ-quantized .onnx or an edgediff artifact")
-            ext = extract_onnx(p, seed=seed)
+            ext = extract_onnx(Path(model), seed=seed)
         else:
             ext = extract_quantparams(model, seed=seed)
-        return export_project(ext, Path(out), force=force, progress=progress, **options)
+        tick = None
+        if progress is not None:  # export_project reports (done, total); the contract hands a rich Progress
+            task = progress.add_task("fpga: layer vectors", total=len(ext.layers))
+
+            def tick(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+        try:
+            rep = export_project(ext, Path(out), force=force, progress=tick, **opts)
+        finally:
+            if progress is not None:
+                progress.remove_task(task)
+        size = rep.pop("size_bytes", 0)
+        for k in ("target", "precision"):
+            rep.pop(k, None)
+        return ExportReport(self.target, "int8", str(out), size, extra=rep)
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
         return False, ("an FPGA project runs on an FPGA board (bitstream from Vitis HLS + Vivado, not installed here); "
                        "its layers were verified bit for bit by g++ C-simulation at export (see fpga_project.json)")
 
     def load_denoiser(self, path: Path) -> Any:
-        from edgediff.errors import Unavailable
-
         raise Unavailable(self.runtime_available(path)[1])
 
     def check(self, path: Path, reference: Any = None) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def test_export_qdq_onnx_every_layer_bit_exact(onnx_models: dict[str, Path], tmp
     for r in rep["layers"]:
         assert r["bit_exact"] is True and r["mismatches"] == 0 and r["outputs"] > 0
         assert r["ort_bit_exact"] is True  # the simulator also equals ONNX Runtime's integer kernel on this layer
-        assert r["csim_cycles"] == r["est_cycles"]
+        assert r["csim_cycles"] == r["est_pipeline_cycles"] and r["cycle_model_exact"] is True
     host = {h["op"] for h in rep["host_ops"]}
     assert {"Softmax", "Sigmoid"} <= host
     on_disk = json.loads((out / "fpga_project.json").read_text())
@@ -83,8 +83,8 @@ def test_export_qdq_onnx_every_layer_bit_exact(onnx_models: dict[str, Path], tmp
     assert "csynth_design" in (out / "run_hls.tcl").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".proj")]  # no temp dir left behind
     # the estimator reads the project and the model alike, and agrees with the C-sim's cycle count
-    assert estimate.estimate_onnx(out)["total_cycles"] == rep["csim_cycles"]
-    assert estimate.estimate_onnx(onnx_models["qdq"])["total_cycles"] == rep["csim_cycles"]
+    assert estimate.estimate_onnx(out)["pipeline_cycles"] == rep["csim_cycles"]
+    assert estimate.estimate_onnx(onnx_models["qdq"])["pipeline_cycles"] == rep["csim_cycles"]
     zcu = estimate.estimate_onnx(out, device="zcu104")
     assert zcu["fits"] is True and zcu["rows"] == 16
     info = BACKEND.info(out)
@@ -237,4 +237,5 @@ def test_export_after_the_edgediff_quant_pass(tiny_unet: DiffusionModel, tmp_pat
     rep2 = BACKEND.export(tmp_path / "q.onnx", tmp_path / "proj2", "int8")
     assert rep2["layers_bit_exact"] == rep2["layers_total"] == len(names) and rep2["verified"] is True
     assert sorted(r["kind"] for r in rep2["layers"]) == sorted(r["kind"] for r in rep["layers"])
-    assert rep2["csim_cycles"] == rep["csim_cycles"]
+    # the same array work; the drain differs where the ONNX graph requantizes (int8 out) and QuantParams do not
+    assert rep2["estimate"]["compute_cycles"] == rep["estimate"]["compute_cycles"]
