@@ -394,15 +394,29 @@ def _matmul_layer(g: _Graph, node: Any, values: dict[str, np.ndarray] | None) ->
     return layer, [dqa.input[0], dqb.input[0] if perm is None else (dqb.input[0], perm)]  # type: ignore[list-item]
 
 
+HOST_MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum")
+
+
 def _float_macs(node: Any, shapes: dict[str, tuple[int, ...]], g: _Graph) -> int:
+    """MACs of an op left on the host (float Conv/ConvTranspose/MatMul/Gemm/Einsum); 0 for others."""
+    def shape(name: str) -> tuple[int, ...]:
+        return tuple(g.inits[name].shape) if name in g.inits else shapes[name]
+
     try:
         if node.op_type == "Conv":
-            w = g.inits.get(node.input[1])
-            wshape = w.shape if w is not None else shapes[node.input[1]]
-            return int(np.prod(shapes[node.output[0]])) * int(np.prod(wshape[1:]))
+            return int(np.prod(shapes[node.output[0]])) * int(np.prod(shape(node.input[1])[1:]))
+        if node.op_type == "ConvTranspose":  # every input pixel scatters through the whole (C/g, O/g, kh, kw) kernel
+            x, w = shape(node.input[0]), shape(node.input[1])
+            return int(np.prod(x)) * int(np.prod(w[1:]))
         if node.op_type in ("MatMul", "Gemm"):
-            a = shapes[node.input[0]]
+            a = shape(node.input[0])
             return int(np.prod(shapes[node.output[0]])) * int(a[-1] if not _attr(node, "transA", 0) else a[-2])
+        if node.op_type == "Einsum":
+            from edgediff.profiling.graph import einsum_macs
+
+            eq = _attr(node, "equation", b"")
+            eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+            return einsum_macs(eq, [list(shape(i)) for i in node.input])
     except KeyError:
         return 0
     return 0
@@ -461,7 +475,7 @@ def extract_onnx(path: Path | str, with_vectors: bool = True, seed: int = 0) -> 
         raise BadInput(f"{path}: no quantized Conv/Gemm/MatMul (DequantizeLinear on both operands) found")
     wanted = sorted({t if isinstance(t, str) else t[0] for _, ins, _ in found for t in ins}
                     | {n.output[0] for n in host if n.op_type not in _SHAPE_OPS}
-                    | {n.input[0] for n in host if n.op_type in ("Conv", "MatMul", "Gemm")})
+                    | {i for n in host if n.op_type in HOST_MAC_OPS for i in n.input if i and i not in g.inits})
     values = _run_intermediates(model, wanted, seed)
     shapes = {k: tuple(v.shape) for k, v in values.items()}
     out = Extracted(str(path))
@@ -535,6 +549,23 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
         if isinstance(mod, (torch.nn.GroupNorm, torch.nn.SiLU, torch.nn.LayerNorm, torch.nn.GELU, torch.nn.Mish)):
             hooks.append(mod.register_forward_hook(
                 lambda m, _a, o, _n=n: host_elems.__setitem__(_n, (type(m).__name__, int(o.numel())))))
+    # float MAC ops left on the host: unquantized Conv2d/Linear, and the matmuls of unquantized attention
+    quantized = {n for n, lq in qp.layers.items() if lq.kind in ("conv", "linear")}
+    host_macs: dict[str, tuple[str, int]] = {}
+
+    def _mac_hook(m: Any, _a: Any, o: Any, _n: str) -> None:
+        per_out = m.in_features if isinstance(m, torch.nn.Linear) else (m.in_channels // m.groups) * int(
+            np.prod(m.kernel_size))
+        host_macs[_n] = (type(m).__name__, int(o.numel()) * int(per_out))
+
+    attn_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+    for n, mod in mods.items():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and n not in quantized:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, _n=n: _mac_hook(m, a, o, _n)))
+        if n not in attn_paths and all(hasattr(mod, p) for p in ("to_q", "to_k", "heads")):
+            for proj in ("to_q", "to_k"):
+                hooks.append(getattr(mod, proj).register_forward_hook(
+                    lambda _m, _a, o, _k=(n, proj): attn_shapes.__setitem__(_k, tuple(o.shape))))
     from edgediff.model import DenoiserModule
 
     wrapped = DenoiserModule(module, model.signature)
@@ -598,6 +629,15 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
         raise BadInput("no quantized conv/linear layer found in the model's quantization parameters")
     for n, (op, elems) in host_elems.items():
         out.host_ops.append({"name": n, "op": op, "what": HOST_SIDE_HINT.get(op, op), "macs": 0, "elements": elems})
+    for n, (op, macs) in host_macs.items():
+        out.host_ops.append({"name": n, "op": op, "what": f"float {op} (not quantized)", "macs": macs, "elements": 0})
+    for ap in sorted({k[0] for k in attn_shapes}):
+        q, k = attn_shapes.get((ap, "to_q")), attn_shapes.get((ap, "to_k"))
+        if q is None or k is None or len(q) != 3:
+            continue
+        # QK^T and softmax.V in float: B x Sq x Sk x inner multiply-adds each
+        out.host_ops.append({"name": f"{ap}:attention", "op": "MatMul", "what": "float attention matmuls (not "
+                             "quantized)", "macs": 2 * q[0] * q[1] * k[1] * q[2], "elements": 0})
     for ap in attn_paths:
         if (ap, "to_q") in qkv:
             out.host_ops.append({"name": f"{ap}:softmax", "op": "Softmax", "what": "softmax", "macs": 0,
@@ -838,6 +878,7 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
             "latency_note": "estimates from the cycle model (see estimate.assumptions), not measurements",
             "vitis_hls": vitis_hls_status()[1],
             "estimate": {k: v for k, v in summary.items()}, "array_macs": summary["array_macs"], "host_macs": host_macs,
+            "array_macs_share": summary["array_macs"] / total_macs if total_macs else 0.0,
             "layers": layers_out, "host_ops": ext.host_ops,
         }
         if reason:
@@ -912,7 +953,8 @@ class FpgaBackend(Backend):
             raise BadInput(f"{path}: not an FPGA project (no fpga_project.json)")
         rep = json.loads(marker.read_text())
         keep = ("target", "precision", "source", "rounding", "array", "verified", "layers_total", "layers_bit_exact",
-                "ort_layers_bit_exact", "csim_cycles", "array_macs", "host_macs", "estimate", "reason", "host_ops")
+                "ort_layers_bit_exact", "csim_cycles", "array_macs", "host_macs", "array_macs_share", "estimate", "reason",
+                "host_ops")
         out = {k: rep[k] for k in keep if k in rep}
         out["macs"] = rep.get("array_macs", 0) + rep.get("host_macs", 0)
         out["params"] = sum(int(r.get("params", 0)) for r in rep.get("layers", []))  # the array's weights and biases

@@ -239,3 +239,51 @@ def test_export_after_the_edgediff_quant_pass(tiny_unet: DiffusionModel, tmp_pat
     assert sorted(r["kind"] for r in rep2["layers"]) == sorted(r["kind"] for r in rep["layers"])
     # the same array work; the drain differs where the ONNX graph requantizes (int8 out) and QuantParams do not
     assert rep2["estimate"]["compute_cycles"] == rep["estimate"]["compute_cycles"]
+
+
+class EinsumAttention(nn.Module):
+    """A conv, then single-head attention written with torch.einsum (exported as ONNX Einsum, left in float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).flatten(2).transpose(1, 2)  # (B, 64, 16)
+        a = torch.einsum("bqd,bkd->bqk", self.q(t), self.k(t)).softmax(-1)
+        return self.o(torch.einsum("bqk,bkd->bqd", a, self.v(t)))
+
+
+@needs_cxx
+def test_float_einsum_attention_counts_as_host_macs(tmp_path: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgediff.profiling.graph import onnx_ops
+
+    torch.manual_seed(0)
+    fp, q = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    torch.onnx.export(EinsumAttention().eval(), (torch.randn(1, 3, 8, 8),), str(fp), input_names=["x"],
+                      output_names=["out"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    quantize_static(str(fp), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    rep = BACKEND.export(q, tmp_path / "proj", "int8", compare_ort=False)
+    einsum = [h for h in rep["host_ops"] if h["op"] == "Einsum"]
+    assert len(einsum) == 2 and all(h["macs"] == 64 * 64 * 16 for h in einsum)
+    array = 64 * 27 * 16 + 4 * 64 * 16 * 16  # the int8 conv and the four linears
+    assert rep["array_macs"] == array and rep["host_macs"] >= 2 * 64 * 64 * 16
+    assert rep["array_macs_share"] == pytest.approx(array / (array + rep["host_macs"]))
+    assert rep["array_macs_share"] < 0.5
+    est = estimate.estimate_onnx(tmp_path / "proj")
+    assert est["host_macs"] == rep["host_macs"] and est["array_macs_share"] == pytest.approx(rep["array_macs_share"])
+    # the profiler's MAC count sees the Einsums too
+    assert sorted(o.macs for o in onnx_ops(q) if o.op == "Einsum") == [64 * 64 * 16] * 2

@@ -239,7 +239,29 @@ def _onnx_gemm(node: Any, shapes: dict[str, tuple[list[int], int]]) -> tuple[int
     return None
 
 
+def einsum_macs(equation: str, operand_shapes: list[list[int]]) -> int:
+    """Multiply-adds of an Einsum: the product of every index's size, once per operand pair (0 for one operand)."""
+    lhs = equation.replace(" ", "").split("->")[0].split(",")
+    if len(lhs) != len(operand_shapes) or len(lhs) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    for term, shape in zip(lhs, operand_shapes):
+        if "..." in term:  # the ellipsis stands for the leading dims the explicit letters leave over
+            n_ell = len(shape) - (len(term) - 3)
+            term = term.replace("...", "".join(chr(0x100 + i) for i in range(n_ell)))
+        if len(term) != len(shape):
+            return 0
+        for ch, d in zip(term, shape):
+            sizes[ch] = max(sizes.get(ch, 1), int(d))
+    return int(np.prod(list(sizes.values()))) * (len(lhs) - 1)
+
+
 def _onnx_macs(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
+    if node.op_type == "Einsum":
+        eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
+        if not all(i in shapes for i in node.input):
+            return 0
+        return einsum_macs(eq, [shapes[i][0] for i in node.input])
     g = _onnx_gemm(node, shapes)
     return g[0] * g[1] * g[2] * g[3] if g else 0
 
