@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from edgediff.demo.data import split
+from edgediff.demo.judge import DigitJudge, held_out_digits
 from edgediff.loaders import DEMO_DIR, load_model
-from edgediff.metrics import DigitJudge, held_out_digits, params, size_bytes
+from edgediff.metrics import params, size_bytes
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
 

@@ -143,7 +143,8 @@ def calibration_study(model: Any, artifact: Any, work: Path, count: int, samples
     from edgediff.exporters import get_backend
     from edgediff.exporters.openvino import OpenVinoDenoiser
 
-    from edgediff.metrics import DigitJudge, held_out_digits, psnr
+    from edgediff.demo.judge import DigitJudge, held_out_digits
+    from edgediff.metrics import psnr
     from edgediff.passes.calib import CalibOptions, generate
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 

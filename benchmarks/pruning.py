@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgediff.metrics import DigitJudge, macs, params, psnr  # noqa: E402
+from edgediff.demo.judge import DigitJudge  # noqa: E402
+from edgediff.metrics import macs, params, psnr  # noqa: E402
 from edgediff.model import DiffusionModel, InputSignature  # noqa: E402
 from edgediff.passes import PassContext, get, make_options  # noqa: E402
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample  # noqa: E402

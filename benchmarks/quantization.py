@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgediff.demo.judge import DigitJudge
 from edgediff.loaders import load_model
-from edgediff.metrics import DigitJudge, psnr
+from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
 from edgediff.passes import PassContext, get, make_options
 from edgediff.quant_params import QuantParams

@@ -112,7 +112,7 @@ def write_model_files(model: DiffusionModel, folder: Path) -> None:
 
     from edgediff.serialize import save_denoiser
 
-    save_denoiser(model.denoiser, model.arch, model.config, folder / "model", model.example_inputs())
+    save_denoiser(model.denoiser, model.arch, model.config, folder / "model", model.example_inputs(batch=2))
     (folder / "scheduler_config.json").write_text(json.dumps(model.schedule.to_config(), indent=2) + "\n")
     (folder / "signature.json").write_text(json.dumps(model.signature.to_dict(), indent=2) + "\n")
     if model.extras:
@@ -125,14 +125,20 @@ def write_model_files(model: DiffusionModel, folder: Path) -> None:
                 save_file(tensors, str(folder / "extras" / f"{name}.safetensors"))
 
 
+def write_contents(model: DiffusionModel, folder: Path, manifest: dict[str, Any]) -> None:
+    """The model files and manifest.json of an artifact into `folder` (inside an atomic_dir): write_artifact's
+    body, for callers that add directories of their own (the demo's exports)."""
+    write_model_files(model, folder)
+    full = {"format_version": FORMAT_VERSION, "arch": model.arch, "signature": model.signature.to_dict(),
+            "provenance": model.provenance, "extras": sorted(model.extras), **manifest}
+    (folder / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+
+
 def write_artifact(model: DiffusionModel, dest: Path, manifest: dict[str, Any], files: dict[str, bytes | str] | None = None,
                    force: bool = False) -> Path:
     """Write a complete artifact atomically; returns `dest`."""
     with atomic_dir(dest, force=force) as tmp:
-        write_model_files(model, tmp)
-        full = {"format_version": FORMAT_VERSION, "arch": model.arch, "signature": model.signature.to_dict(),
-                "provenance": model.provenance, "extras": sorted(model.extras), **manifest}
-        (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        write_contents(model, tmp, manifest)
         for name, data in (files or {}).items():
             p = tmp / name
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -150,15 +156,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return m
 
 
-def load_artifact(folder: Path) -> DiffusionModel:
-    """Rebuild the DiffusionModel saved in an artifact (no unpickling)."""
+def load_artifact(folder: Path, trust_pickle: bool = False) -> DiffusionModel:
+    """Rebuild the DiffusionModel saved in an artifact (no unpickling unless `trust_pickle`)."""
     from edgediff.loaders import _read_json, load_safetensors
     from edgediff.passes import restore_extras
     from edgediff.serialize import load_denoiser
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    module, arch, cfg = load_denoiser(folder / "model")
+    module, arch, cfg = load_denoiser(folder / "model", trust_pickle)
     extras: dict[str, Any] = {}
     for name in manifest.get("extras", []):
         meta = _read_json(folder / "extras" / f"{name}.json")

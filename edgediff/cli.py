@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgediff.errors import BadInput, EdgediffError, NotBuiltYet
+from edgediff.errors import BadInput, EdgediffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edgediff: compress, export, verify and profile diffusion models for edge devices.")
@@ -62,15 +61,6 @@ def progress_bar() -> Iterator[Progress]:
         yield p
 
 
-def _optional_module(name: str, what: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            raise NotBuiltYet(f"`edgediff {what}` is not built yet") from None
-        raise
-
-
 def _emit(data: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         _write_json(data)
@@ -98,17 +88,15 @@ def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
     rows = []
     for name in builtin_names():
         r = load_recipe(name)
-        rows.append({"name": name, "description": r.description, "passes": [p.name for p in r.passes],
-                     "missing": r.missing_passes()})
+        rows.append({"name": name, "description": r.description, "passes": [p.name for p in r.passes]})
     if as_json:
         _write_json({"recipes": rows})
         return
     t = Table(title="built-in recipes")
-    for c in ("name", "passes", "status", "description"):
+    for c in ("name", "passes", "description"):
         t.add_column(c)
     for r in rows:
-        status = "ready" if not r["missing"] else f"needs {', '.join(r['missing'])} (not built yet)"
-        t.add_row(r["name"], " -> ".join(r["passes"]) or "(none)", status, r["description"])
+        t.add_row(r["name"], " -> ".join(r["passes"]) or "(none)", r["description"])
     out.print(t)
 
 
@@ -139,8 +127,13 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
     m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    data = None
+    if model == "demo":  # the bundled model comes with its training digits (data-driven passes use them)
+        from edgediff.demo.data import split
+
+        data = split()["train"][0]
     with progress_bar() as p:
-        _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force)
+        _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force, data=data)
     if as_json:
         _write_json(manifest)
         return
@@ -195,7 +188,8 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
            num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
     """Run the exported file in its real runtime with the sampler and compare to the reference."""
-    mod = _optional_module("edgediff.verify", "verify")
+    from edgediff import verify as mod
+
     ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
     with progress_bar() as p:
         result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p)
@@ -212,11 +206,12 @@ def profile(exported: Path = typer.Argument(..., help="An exported model."),
             adb: Optional[str] = typer.Option(None, "--adb", help="Run LiteRT's benchmark_model on this phone."),
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Per-layer latency of an exported model on a runtime here, or estimated for a device."""
-    mod = _optional_module("edgediff.profiling.run", "profile")
+    from edgediff.profiling import run as mod
+
     with progress_bar() as p:
         result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb, progress=p)
-    if as_json or not hasattr(mod, "summary_table"):
-        _emit(result, as_json, f"profile {exported}")
+    if as_json:
+        _write_json(result)
     else:
         out.print(mod.summary_table(result))
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgediff.errors import BadInput
+from edgediff.exporters import all_backends, get_backend, target_of
 from edgediff.model import DiffusionModel
 
 
@@ -25,12 +27,10 @@ def describe_model(model: DiffusionModel) -> dict[str, Any]:
 def describe(target: str, load: Callable[[], DiffusionModel]) -> dict[str, Any]:
     path = Path(target)
     if target != "demo" and path.exists() and not path.is_dir() or (path.is_dir() and _is_exported_dir(path)):
-        from edgediff.exporters import target_of
-
         suffix_kind = None
         try:
             suffix_kind = target_of(path)
-        except Exception:  # noqa: BLE001 - not an exported file: fall through to model loading
+        except BadInput:  # not an exported file: fall through to model loading
             pass
         if suffix_kind:
             return describe_exported(path, suffix_kind)
@@ -49,20 +49,12 @@ def describe(target: str, load: Callable[[], DiffusionModel]) -> dict[str, Any]:
 
 
 def _is_exported_dir(path: Path) -> bool:
-    return path.suffix == ".mlpackage" or (path / "opencl_bundle.json").is_file() or (path / "fpga_project.json").is_file()
+    return any(b.owns(path) for b in all_backends())
 
 
 def describe_exported(path: Path, target: str) -> dict[str, Any]:
-    """Exported files: the backend describes its own format where it can."""
-    from edgediff.errors import NotBuiltYet
-    from edgediff.exporters import get_backend
-
+    """Exported files: the backend describes its own format (Backend.info)."""
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     data: dict[str, Any] = {"kind": "exported", "target": target, "size_bytes": size}
-    try:
-        backend = get_backend(target)
-    except NotBuiltYet:
-        return data
-    if hasattr(backend, "info"):
-        data.update(backend.info(path))
+    data.update(get_backend(target).info(path))
     return data

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,7 @@ def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
     if (path / "manifest.json").is_file():
         from edgediff.artifact import load_artifact
 
-        return load_artifact(path)
+        return load_artifact(path, trust_pickle=opts.trust_pickle)
     if (path / "model_index.json").is_file():
         for sub in ("unet", "transformer"):
             if (path / sub / "config.json").is_file():
@@ -216,12 +215,9 @@ def _load_pt(path: Path, opts: LoadOptions) -> DiffusionModel:
 
 
 def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
-    if not zipfile.is_zipfile(path):
-        raise BadInput(f"{path}: not a torch.export archive (not a zip file; truncated or wrong kind)")
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise BadInput(f"{path}: cannot load torch.export archive ({e.__class__.__name__}: {e})") from None
+    from edgediff.safe_load import ExportedDenoiser, load_exported_program
+
+    ep = load_exported_program(path, opts.trust_pickle)  # runs nothing from the file unless trusted
     user_inputs = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     shapes = {}
     for node in ep.graph.nodes:
@@ -239,7 +235,7 @@ def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
     if len(names) >= 3 and shapes.get(names[2]) and len(shapes[names[2]]) == 3:
         cond = shapes[names[2]][1:]
     sig = apply_overrides(InputSignature(sample, cond), opts)
-    return DiffusionModel(ep.module(), _schedule_near(path.parent, opts), sig, "ExportedProgram", None,
+    return DiffusionModel(ExportedDenoiser(ep), _schedule_near(path.parent, opts), sig, "ExportedProgram", None,
                           {"source": str(path), "source_sha256": sha256_of(path)})
 
 

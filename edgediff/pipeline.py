@@ -13,7 +13,6 @@ import torch
 
 from edgediff import __version__, metrics, passes
 from edgediff.artifact import write_artifact
-from edgediff.errors import NotBuiltYet
 from edgediff.model import DiffusionModel
 from edgediff.recipe import Recipe
 
@@ -24,13 +23,9 @@ class PassRecord:
     options: dict[str, Any]
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
-    skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "options": self.options, "seconds": round(self.seconds, 3), "metrics": self.metrics}
-        if self.skipped:
-            d["skipped"] = self.skipped
-        return d
+        return {"name": self.name, "options": self.options, "seconds": round(self.seconds, 3), "metrics": self.metrics}
 
 
 def seed_everything(seed: int) -> None:
@@ -44,50 +39,45 @@ def model_stats(model: DiffusionModel) -> dict[str, int]:
     return {"params": metrics.params(mod), "macs": metrics.macs(model), "size_bytes": metrics.size_bytes(mod)}
 
 
+def plan(model: DiffusionModel, recipe: Recipe) -> list[tuple[str, dict[str, Any], Any]]:
+    """Check a recipe against a model before any work: every pass's options, then the ordering
+    rules the passes declared at registration. Returns [(name, raw options, options dataclass)]."""
+    planned = [(spec.name, spec.options, passes.make_options(spec.name, spec.options, recipe.source))
+               for spec in recipe.passes]
+    already = set(model.extras) | set(model.provenance.get("passes", []))
+    passes.check_order([name for name, _, _ in planned], already, f"recipe {recipe.name!r}")
+    return planned
+
+
 def run_recipe(model: DiffusionModel, recipe: Recipe, seed: int = 0, progress: Any = None,
-               skip_missing: bool = False, cache_dir: Path | None = None,
-               log: Any = None) -> tuple[DiffusionModel, list[PassRecord]]:
+               cache_dir: Path | None = None, log: Any = None, data: Any = None,
+               original: DiffusionModel | None = None) -> tuple[DiffusionModel, list[PassRecord]]:
     """Run every pass of `recipe` in order. Passes get a clone: the input model is never modified.
 
-    With skip_missing, passes that are not built yet are recorded as skipped instead of failing
-    (the demo uses this so it runs with whatever exists).
+    `data` reaches every pass as `ctx.data` (a caller's own images, e.g. the demo's digits);
+    `original` is `ctx.original` (teacher/reference; default: the input model).
     """
-    # validate every pass's options before any work is done
-    planned = []
-    for spec in recipe.passes:
-        try:
-            planned.append((spec, passes.make_options(spec.name, spec.options, recipe.source)))
-        except NotBuiltYet:
-            if not skip_missing:
-                raise NotBuiltYet(f"recipe {recipe.name!r} needs pass {spec.name!r}, which is not built yet") from None
-            planned.append((spec, None))
+    planned = plan(model, recipe)
     records: list[PassRecord] = []
-    original = model
+    original = original if original is not None else model
     current = model.clone()
-    for i, (spec, opts) in enumerate(planned):
-        if opts is None:
-            records.append(PassRecord(spec.name, spec.options, 0.0, skipped="not built yet"))
-            continue
-        run, _ = passes.get(spec.name)
-        ctx = passes.PassContext(seed=seed + i, progress=progress, original=original,
+    for i, (name, raw, opts) in enumerate(planned):
+        run, _ = passes.get(name)
+        ctx = passes.PassContext(seed=seed + i, progress=progress, original=original, data=data,
                                  log=log or (lambda m: None), **({"cache_dir": cache_dir} if cache_dir else {}))
         seed_everything(seed + i)
         t0 = time.perf_counter()
         current = run(current, opts, ctx)
         dt = time.perf_counter() - t0
-        current.provenance.setdefault("passes", []).append(spec.name)
-        records.append(PassRecord(spec.name, spec.options, dt, ctx.metrics))
+        current.provenance.setdefault("passes", []).append(name)
+        records.append(PassRecord(name, raw, dt, ctx.metrics))
     return current, records
 
 
-def compress(model: DiffusionModel, recipe: Recipe, out: Path, seed: int = 0, progress: Any = None,
-             force: bool = False, skip_missing: bool = False, files: dict[str, bytes | str] | None = None,
-             extra_manifest: dict[str, Any] | None = None) -> tuple[DiffusionModel, dict[str, Any]]:
-    """Run a recipe and write the artifact atomically; returns the model and its manifest."""
-    before = model_stats(model)
-    result, records = run_recipe(model, recipe, seed, progress, skip_missing)
-    after = model_stats(result)
-    manifest = {
+def manifest_of(model: DiffusionModel, result: DiffusionModel, recipe: Recipe, seed: int, records: list[PassRecord],
+                before: dict[str, int] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of an artifact made by running `recipe` on `model` (giving `result`)."""
+    return {
         "edgediff_version": __version__,
         "source": model.provenance.get("source"),
         "source_sha256": model.provenance.get("source_sha256"),
@@ -95,8 +85,18 @@ def compress(model: DiffusionModel, recipe: Recipe, out: Path, seed: int = 0, pr
         "seed": seed,
         "schedule": model.schedule.to_config(),
         "passes": [r.to_dict() for r in records],
-        "metrics": {"before": before, "after": after},
-        **(extra_manifest or {}),
+        "metrics": {"before": before or model_stats(model), "after": model_stats(result)},
+        **(extra or {}),
     }
+
+
+def compress(model: DiffusionModel, recipe: Recipe, out: Path, seed: int = 0, progress: Any = None,
+             force: bool = False, files: dict[str, bytes | str] | None = None,
+             extra_manifest: dict[str, Any] | None = None, data: Any = None,
+             log: Any = None) -> tuple[DiffusionModel, dict[str, Any]]:
+    """Run a recipe and write the artifact atomically; returns the model and its manifest."""
+    before = model_stats(model)
+    result, records = run_recipe(model, recipe, seed, progress, log=log, data=data)
+    manifest = manifest_of(model, result, recipe, seed, records, before, extra_manifest)
     write_artifact(result, out, manifest, files=files, force=force)
     return result, manifest

@@ -42,10 +42,6 @@ class Recipe:
         return {"name": self.name, "description": self.description, "source": self.source,
                 "passes": [{"name": p.name, **p.options} for p in self.passes]}
 
-    def missing_passes(self) -> list[str]:
-        """Passes this recipe needs that are not built yet."""
-        return [p.name for p in self.passes if not passes.available(p.name)]
-
 
 def parse(text: str, where: str) -> Recipe:
     try:

@@ -321,7 +321,19 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
         from edgediff.model import DenoiserModule
 
         mod = denoiser if isinstance(denoiser, DenoiserModule) else denoiser
-        ep = torch.export.export(mod, tuple(example_inputs.values()))
+        args = tuple(example_inputs.values())
+        batch = tuple({0: torch.export.Dim.AUTO} for _ in args)
+        ep = None
+        # a dynamic batch, so that exporters and samplers can call it with any batch size; a module
+        # taking *args (ExportedDenoiser) wants the specs as one tuple
+        for spec in (batch, (batch,)):
+            try:
+                ep = torch.export.export(mod, args, dynamic_shapes=spec)
+                break
+            except Exception:  # noqa: BLE001, S112 - try the next form, then a fixed batch
+                continue
+        if ep is None:
+            ep = torch.export.export(mod, args)
         torch.export.save(ep, str(folder / "denoiser.pt2"))
         return
     from edgediff.loaders import build_diffusers
@@ -336,13 +348,13 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def load_denoiser(folder: Path) -> tuple[nn.Module, str, dict[str, Any] | None]:
-    """Inverse of save_denoiser: (module, arch, config)."""
+def load_denoiser(folder: Path, trust_pickle: bool = False) -> tuple[nn.Module, str, dict[str, Any] | None]:
+    """Inverse of save_denoiser: (module, arch, config). Nothing from the folder is run."""
     from edgediff.loaders import _read_json, build_diffusers, load_safetensors
+    from edgediff.safe_load import ExportedDenoiser, load_exported_program
 
     if (folder / "denoiser.pt2").is_file():
-        ep = torch.export.load(str(folder / "denoiser.pt2"))
-        return ep.module(), "ExportedProgram", None
+        return ExportedDenoiser(load_exported_program(folder / "denoiser.pt2", trust_pickle)), "ExportedProgram", None
     cfg = _read_json(folder / "config.json")
     arch = cfg.get("_class_name", "")
     module = build_diffusers(arch, cfg, folder / "config.json")

@@ -16,8 +16,9 @@ Tolerances depend on the precision the file computes in (see TOLERANCES and docs
 An fp32/fp16 export of a quantized artifact holds the artifact's on-grid float weights but not
 its activation quantization, so it is compared against those float weights (the artifact with
 its quantization wrappers stripped), which is exactly what the file claims to compute; an int8
-export is compared against the artifact's own simulation. PTQD corrections
-(edgediff.passes.ptqd.correction_for) are applied around both denoisers.
+export is compared against the artifact's own simulation. A sampling correction a pass attached
+to the model (edgediff.passes.sampling_correction: PTQD's) is applied around both denoisers.
+The backend is used only through its contract (edgediff.exporters.base.Backend).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from typing import Any
 import torch
 
 from edgediff.errors import BadInput, Unavailable
+from edgediff.exporters import get_backend, target_of
+from edgediff.exporters.base import Backend
 from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
+from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
@@ -51,17 +55,8 @@ CHECK_TIMESTEPS = (999, 500, 50)
 
 
 def _correction(model: DiffusionModel) -> Any:
-    """PTQD's correction when that pass exists and the model carries one."""
-    import importlib
-
-    try:
-        ptqd = importlib.import_module("edgediff.passes.ptqd")
-    except ModuleNotFoundError as e:
-        if e.name != "edgediff.passes.ptqd":
-            raise
-        return None
-    fn = getattr(ptqd, "correction_for", None)
-    return fn(model) if fn is not None else None
+    """The sampling correction a pass attached to the model (PTQD's), or None."""
+    return sampling_correction(model)
 
 
 def _has_wrappers(model: DiffusionModel) -> bool:
@@ -75,13 +70,11 @@ def _float_reference(model: DiffusionModel) -> DiffusionModel:
                           model.extras)
 
 
-def _info_of(backend: Any, path: Path) -> dict[str, Any]:
-    if hasattr(backend, "info"):
-        try:
-            return dict(backend.info(path))
-        except Exception:  # noqa: BLE001 - info is best effort; the tolerance then defaults to fp32
-            return {}
-    return {}
+def _info_of(backend: Backend, path: Path) -> dict[str, Any]:
+    try:
+        return dict(backend.info(path))
+    except BadInput:  # e.g. an engine not built yet: its precision then comes from nowhere, tolerance fp32
+        return {}
 
 
 def _conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
@@ -112,8 +105,6 @@ def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, 
 
 def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str = "ddim",
            seed: int = 0, progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
-    from edgediff.exporters import get_backend, target_of
-
     exported = Path(exported)
     cfg = SamplerConfig(sampler, steps)
     if samples < 1:
@@ -126,10 +117,7 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
         target = target_of(exported)
     result: dict[str, Any] = {"target": target, "exported": str(exported), "samples": samples, "steps": steps,
                               "sampler": sampler, "seed": seed}
-    try:
-        backend = get_backend(target)
-    except Unavailable as e:
-        return {**result, "verified": False, "reason": str(e), "exit_code": 3}
+    backend = get_backend(target)
     info = _info_of(backend, exported)
     precision = info.get("precision") or "fp32"
     if target == "onnx" and info.get("made_for") == "tensorrt":
@@ -142,16 +130,13 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
 
     ok, why = backend.runtime_available(exported)
     if not ok:
-        result.update({"verified": False, "reason": f"cannot run {target} here: {why}", "exit_code": 3})
-        if hasattr(backend, "check"):
-            result["check"] = backend.check(exported, reference)
+        result.update({"verified": False, "reason": f"cannot run {target} here: {why}", "exit_code": 3,
+                       "check": backend.check(exported, reference)})
         return result
     try:
         exp = backend.load_denoiser(exported)
     except Unavailable as e:
-        result.update({"verified": False, "reason": str(e), "exit_code": 3})
-        if hasattr(backend, "check"):
-            result["check"] = backend.check(exported, reference)
+        result.update({"verified": False, "reason": str(e), "exit_code": 3, "check": backend.check(exported, reference)})
         return result
 
     ref_model = reference

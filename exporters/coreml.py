@@ -48,14 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, FixedBatchDenoiser, float_denoiser, input_names
 from torch import nn
 
 from edgediff.artifact import atomic_dir
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import DiffusionModel, InputSignature
+from edgediff.model import DenoiserModule, DiffusionModel
 from edgediff.quant_params import QuantParams
 
-PRECISIONS = ("fp32", "fp16", "int8")
 PALETTIZE_BITS = (1, 2, 3, 4, 6, 8)
 INSTALL = 'pip install -e ".[coreml]"'
 OUTPUT_NAME = "out"
@@ -68,15 +68,6 @@ def _ct() -> Any:
     except ImportError as e:
         raise Unavailable(f"the coreml target needs coremltools ({e}); install it with {INSTALL}") from None
     return ct
-
-
-def input_names(sig: InputSignature) -> list[str]:
-    names = ["sample", "timestep"]
-    if sig.cond_shape:
-        names.append("encoder_hidden_states")
-    if sig.num_classes:
-        names.append("class_labels")
-    return names
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,35 +199,9 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-class _Named(nn.Module):
-    """Named inputs (they become the Core ML input names) -> the diffusers call -> one float tensor."""
-
-    def __init__(self, inner: nn.Module, sig: InputSignature) -> None:
-        super().__init__()
-        self.inner = inner
-        self.has_cond = sig.cond_shape is not None
-        self.has_class = sig.num_classes is not None
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        extra: dict[str, Any] = {}
-        if self.has_cond:
-            extra["encoder_hidden_states"] = encoder_hidden_states
-        if self.has_class:
-            extra["class_labels"] = class_labels
-        out = self.inner(sample, timestep, **extra)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif not isinstance(out, torch.Tensor):
-            out = out.sample
-        return out.float()
-
-
 def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
                   attention: str = "ane") -> tuple[Any, dict[str, Any]]:
     """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts)."""
-    from edgediff.exporters.onnx import float_denoiser
-
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r} for coreml; expected one of {', '.join(PRECISIONS)}")
     if palettize is not None and palettize not in PALETTIZE_BITS:
@@ -260,7 +225,7 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     if precision == "int8":
         assert qp is not None
         facts["int8"] = int8_scale_agreement(den, qp)
-    wrapper = _Named(den, model.signature).eval()
+    wrapper = DenoiserModule(den, model.signature).eval()  # named inputs become the Core ML input names
     ex = model.signature.example_inputs(batch=batch)
     names = input_names(model.signature)
     if "class_labels" in ex:
@@ -431,7 +396,7 @@ def _is_macos() -> bool:
     return platform.system() == "Darwin"
 
 
-class CoreMLDenoiser:
+class CoreMLDenoiser(FixedBatchDenoiser):
     """A .mlpackage run by Core ML (macOS only), called like TorchDenoiser; fixed batch, padded."""
 
     def __init__(self, path: Path, compute_units: str = "ALL") -> None:
@@ -446,23 +411,10 @@ class CoreMLDenoiser:
         self.batch = int(self.inputs["sample"]["shape"][0])
         self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        n, b = x.shape[0], self.batch
-        outs = []
-        for i in range(0, n, b):
-            chunk = {"sample": x[i:i + b].float(), "timestep": t[i:i + b].float()}
-            if self.cond_name is not None:
-                if cond is None:
-                    raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
-                chunk[self.cond_name] = cond[i:i + b]
-            k = chunk["sample"].shape[0]
-            if k < b:
-                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
-            feed = {name: v.numpy().astype(np.int32 if name == "class_labels" else np.float32)
-                    for name, v in chunk.items()}
-            res = self.model.predict(feed)
-            outs.append(torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))[:k])
-        return torch.cat(outs)
+    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        res = self.model.predict({name: v.numpy().astype(np.int32 if name == "class_labels" else np.float32)
+                                  for name, v in feeds.items()})
+        return torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,9 +422,11 @@ class CoreMLDenoiser:
 # ------------------------------------------------------------------------------------------
 
 
-class CoreMLBackend:
+class CoreMLBackend(Backend):
     target = "coreml"
     precisions = PRECISIONS
+    suffixes = (".mlpackage",)
+    options = frozenset({"palettize", "batch", "attention"})
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -490,21 +444,10 @@ class CoreMLBackend:
             return False, str(e)
         return True, "Core ML runs .mlpackage files on this Mac"
 
-    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False,
-               palettize: int | None = None, batch: int = 1, attention: str = "ane", progress: Any = None,
-               **options: Any) -> dict[str, Any]:
-        out = Path(out)
-        if options:
-            raise BadInput(f"coreml export: unknown option(s) {', '.join(sorted(options))} "
-                           "(the coreml target takes palettize, batch and attention)")
-        if out.suffix.lower() != ".mlpackage":
-            raise BadInput(f"{out}: a Core ML export must be written to a .mlpackage directory")
-        if out.exists() and not force:
-            raise BadInput(f"{out}: output already exists (pass --force to replace it)")
-        if not isinstance(model, DiffusionModel):
-            raise BadInput(f"the coreml target exports a model or an artifact, not {type(model).__name__}")
-        t0 = time.perf_counter()
-        ml, facts = build_mlmodel(model, precision, palettize=palettize, batch=batch, attention=attention)
+    def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        ml, facts = build_mlmodel(model, precision, palettize=options.get("palettize"), batch=options.get("batch", 1),
+                                  attention=options.get("attention", "ane"))
         with atomic_dir(out, force=force) as tmp:
             pkg = tmp / out.name
             ml.save(str(pkg))
@@ -514,12 +457,10 @@ class CoreMLBackend:
             pkg.rmdir()
         info = coreml_info(out)
         runs, why = self.runtime_available(out)
-        report = {"target": self.target, "precision": precision, "path": str(out), "size_bytes": info["size_bytes"],
-                  "seconds": round(time.perf_counter() - t0, 2), "converter": "coremltools", **facts,
-                  "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
-                  "weight_dtypes": info["weight_dtypes"], "weights": info["precision"],
-                  "runs_here": runs, "runtime": why}
-        return report
+        return ExportReport(self.target, precision, str(out), info["size_bytes"], extra={
+            "converter": "coremltools", **facts, "inputs": info["inputs"], "outputs": info["outputs"],
+            "ops": info["ops"], "weight_dtypes": info["weight_dtypes"], "weights": info["precision"],
+            "runs_here": runs, "runtime": why})
 
     def load_denoiser(self, path: Path) -> CoreMLDenoiser:
         return CoreMLDenoiser(path)

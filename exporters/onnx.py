@@ -26,7 +26,6 @@ encoder_hidden_states float32 [B,S,D] / class_labels int64 [B]; output out float
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -38,15 +37,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgediff.exporters.base import (
+    PRECISIONS,
+    Backend,
+    ExportReport,
+    float_denoiser,
+    input_names,
+    threads,
+)
 from torch import nn
 
 from edgediff.artifact import atomic_file
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import DiffusionModel, InputSignature
-from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant, strip_quant_wrappers
+from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
+from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
 OPSET = 17
-PRECISIONS = ("fp32", "fp16", "int8")
 # protobuf's hard limit is 2 GiB; stay clear of it (the graph itself also takes space)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 OUTPUT_NAME = "out"
@@ -58,58 +64,19 @@ META_PREFIX = "edgediff."
 # ------------------------------------------------------------------------------------------
 
 
-def input_names(sig: InputSignature) -> list[str]:
-    names = ["sample", "timestep"]
-    if sig.cond_shape:
-        names.append("encoder_hidden_states")
-    if sig.num_classes:
-        names.append("class_labels")
-    return names
-
-
-class _ExportWrapper(nn.Module):
-    """Positional inputs in contract order -> the diffusers call; one float32 tensor out.
+class _ExportWrapper(DenoiserModule):
+    """Positional inputs in contract order (what torch.onnx.export passes) -> DenoiserModule's call.
 
     The float denoiser sits at `.inner`, so node names start with "/inner/"; the exporter
     strips that prefix and names are then module paths of `model.denoiser`.
     """
 
     def __init__(self, inner: nn.Module, sig: InputSignature) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner, sig)
         self.names = input_names(sig)
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kw = dict(zip(self.names, args))
-        extra: dict[str, Any] = {}
-        if "encoder_hidden_states" in kw:
-            extra["encoder_hidden_states"] = kw["encoder_hidden_states"]
-        if "class_labels" in kw:
-            extra["class_labels"] = kw["class_labels"]
-        out = self.inner(kw["sample"], kw["timestep"], **extra)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif not isinstance(out, torch.Tensor):
-            out = out.sample
-        return out.float()
-
-
-def float_denoiser(model: DiffusionModel) -> nn.Module:
-    """A float32 copy of the denoiser without quantization wrappers or fp16 hooks.
-
-    Works on a copy: the caller's model is never modified.
-    """
-    from edgediff.model import DenoiserModule
-
-    den = copy.deepcopy(model.denoiser)
-    if isinstance(den, DenoiserModule):
-        den = den.inner
-    strip_quant_wrappers(den)
-    for m in den.modules():
-        # the fp16 pass keeps norms in fp32 through hooks; in ONNX the graph is uniformly typed
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    return den.float().eval()
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(**dict(zip(self.names, args)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -559,16 +526,17 @@ def structural_check(path: Path, reference: DiffusionModel | None = None) -> dic
             "outputs": info["outputs"]}
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     target = "onnx"
     precisions = PRECISIONS
+    suffixes = (".onnx",)
 
     def available(self) -> tuple[bool, str]:
         try:
             import onnx  # noqa: F401
         except ImportError:
             return False, "pip install onnx"
-        return True, ""
+        return True, "onnx " + __import__("onnx").__version__
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
         try:
@@ -577,27 +545,17 @@ class OnnxBackend:
             return False, "pip install onnxruntime"
         return True, "onnxruntime " + __import__("onnxruntime").__version__
 
-    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False,
-               **options: Any) -> dict[str, Any]:
-        if options:
-            raise BadInput(f"the ONNX exporter takes no option(s) {', '.join(sorted(options))}")
-        ok, why = self.available()
-        if not ok:
-            raise Unavailable(f"ONNX export needs the onnx package: {why}")
-        out = Path(out)
-        if out.suffix.lower() != ".onnx":
-            raise BadInput(f"{out}: an ONNX export must end in .onnx")
-        if out.exists() and not force:
-            raise BadInput(f"{out}: output already exists (pass --force to replace it)")
-        proto, report = build_onnx(model, precision)
-        report.update(write_onnx(proto, out, force=force))
-        return report
+    def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        proto, facts = build_onnx(model, precision)
+        facts.update(write_onnx(proto, out, force=force))
+        return ExportReport(self.target, precision, str(out), facts.pop("size_bytes"), extra=facts)
 
     def load_denoiser(self, path: Path) -> OnnxDenoiser:
         ok, why = self.runtime_available(path)
         if not ok:
             raise Unavailable(f"running {path} needs onnxruntime: {why}")
-        return OnnxDenoiser(Path(path))
+        return OnnxDenoiser(Path(path), threads=threads())
 
     def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
         return structural_check(Path(path), reference)

@@ -25,30 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgediff.exporters.onnx import build_onnx, input_names, onnx_info, structural_check, write_onnx
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, input_names
+from edgediff.exporters.onnx import build_onnx, onnx_info, structural_check, write_onnx
+from edgediff.exporters.ops import TENSORRT_PARSER_OPS
 
 from edgediff.artifact import atomic_file
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_BATCH = 16
 DEFAULT_OPT_BATCH = 1
-
-# ONNX operators the TensorRT 8.6/10 ONNX parser implements (onnx-tensorrt operators.md),
-# restricted to the ones diffusion denoisers and their exports use, plus common neighbours.
-TRT_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
-Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
-Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool
-GlobalMaxPool Greater GreaterOrEqual GroupNormalization HardSigmoid HardSwish Identity If InstanceNormalization
-IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM MatMul Max MaxPool Mean Min
-Mish Mod Mul Neg NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike
-RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
-ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence Round ScaledTanh Scatter
-ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth
-Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
 
 
 def trt_compat(model: Any) -> list[dict[str, str]]:
@@ -68,7 +54,7 @@ def trt_compat(model: Any) -> list[dict[str, str]]:
 
     issues: list[dict[str, str]] = []
     for n in g.node:
-        if n.domain not in ("", "ai.onnx") or n.op_type not in TRT_OPS:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_PARSER_OPS:
             issues.append({"node": n.name, "op": n.op_type,
                            "problem": f"operator {n.domain + '::' if n.domain else ''}{n.op_type} is not supported "
                                       "by TensorRT's ONNX parser"})
@@ -142,7 +128,7 @@ def _paths(out: Path) -> tuple[Path, Path, Path]:
     return onnx_path, engine, out.with_name(out.stem + ".trtexec.sh")
 
 
-def build_engine(onnx_path: Path, engine_path: Path, precision: str, sig: Any, force: bool,
+def build_engine(onnx_path: Path, engine_path: Path, precision: str, force: bool,
                  max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = DEFAULT_OPT_BATCH) -> dict[str, Any]:
     """Build and save the engine with the TensorRT Python API (needs tensorrt and a GPU)."""
     trt, why = _tensorrt()
@@ -213,13 +199,15 @@ class TrtDenoiser:
         return out.cpu()
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     target = "tensorrt"
     precisions = PRECISIONS
+    suffixes = (".engine", ".plan")
+    options = frozenset({"max_batch", "opt_batch"})
 
     def available(self) -> tuple[bool, str]:
         trt, why = _tensorrt()
-        return (trt is not None), (f"needs {why}" if trt is None else "")
+        return (trt is not None), (f"needs {why}" if trt is None else f"TensorRT {trt.__version__}")
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
         trt, why = _tensorrt()
@@ -230,14 +218,16 @@ class TensorRTBackend:
             return False, f"{path} is not built yet (run sh {script})"
         return True, f"TensorRT {trt.__version__}"
 
-    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False,
-               **options: Any) -> dict[str, Any]:
-        max_batch = int(options.pop("max_batch", DEFAULT_MAX_BATCH))
-        opt_batch = int(options.pop("opt_batch", DEFAULT_OPT_BATCH))
-        if options:
-            raise BadInput(f"the TensorRT exporter takes no option(s) {', '.join(sorted(options))}")
-        if precision not in PRECISIONS:
-            raise BadInput(f"unknown precision {precision!r} for TensorRT; expected one of {', '.join(PRECISIONS)}")
+    def check_output(self, out: Path) -> None:
+        _paths(out)  # .engine/.plan, or the .onnx the engine is built from
+
+    def needs_toolchain_to_export(self) -> bool:
+        return False  # without TensorRT it writes the ONNX and the trtexec script, then says so (exit 3)
+
+    def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        max_batch = int(options.get("max_batch", DEFAULT_MAX_BATCH))
+        opt_batch = int(options.get("opt_batch", DEFAULT_OPT_BATCH))
         if not 1 <= opt_batch <= max_batch:
             raise BadInput(f"TensorRT batch profile: need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch})")
         onnx_path, engine, script = _paths(out)
@@ -261,9 +251,8 @@ class TensorRTBackend:
         with atomic_file(script, force=force) as tmp:
             tmp.write_text("\n".join(text) + "\n")
             tmp.chmod(0o755)
-        report.update({"target": "tensorrt", "precision": precision, "onnx": str(onnx_path), "trtexec": " ".join(cmd),
-                       "trtexec_script": str(script), "compat_issues": issues, "compatible": not issues,
-                       "onnx_bytes": report["size_bytes"]})
+        report.update({"onnx": str(onnx_path), "trtexec": " ".join(cmd), "trtexec_script": str(script),
+                       "compat_issues": issues, "compatible": not issues, "onnx_bytes": report["size_bytes"]})
         trt, why = _tensorrt()
         if trt is None:
             problems = f"; {len(issues)} TensorRT compatibility problem(s) listed in {script}" if issues else ""
@@ -272,9 +261,12 @@ class TensorRTBackend:
         if issues:
             raise BadInput(f"{onnx_path}: TensorRT would reject it: " + "; ".join(
                 f"{i['node']}: {i['problem']}" for i in issues[:5]))
-        report.update(build_engine(onnx_path, engine, precision, model.signature, force, max_batch, opt_batch))
-        report["size_bytes"] = engine.stat().st_size
-        return report
+        report.update(build_engine(onnx_path, engine, precision, force, max_batch, opt_batch))
+        size = engine.stat().st_size
+        report.pop("size_bytes", None)
+        report.pop("precision", None)
+        report.pop("target", None)
+        return ExportReport(self.target, precision, str(engine), size, extra=report)
 
     def load_denoiser(self, path: Path) -> TrtDenoiser:
         return TrtDenoiser(Path(path))

@@ -43,33 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, FixedBatchDenoiser, float_denoiser, input_names, threads
+from edgediff.exporters.ops import LITERT_GPU_OPS, LITERT_GPU_SOURCE
 from torch import nn
 
 from edgediff.artifact import atomic_file
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import DiffusionModel, InputSignature
+from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
-PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL = 'pip install -e ".[tflite]"'
 SIGNATURE = "serving_default"
 OUTPUT_NAME = "out"
-
-# Builtin operators the TFLite GPU delegate parses, from NewOperationParser() in
-# tensorflow/lite/delegates/gpu/common/model_builder.cc (TensorFlow 2.1x, the version whose
-# signature is NewOperationParser(registration, allow_quant_ops)). QUANTIZE/DEQUANTIZE count
-# only for quantized models (allow_quant_ops), and fp16 DEQUANTIZE nodes are skipped by
-# BuildModel (they are folded into fp16 weights). Anything else falls back to the CPU.
-GPU_DELEGATE_OPS = frozenset({
-    "ABS", "ADD", "AVERAGE_POOL_2D", "BATCH_MATMUL", "CONCATENATION", "CONV_2D", "COS", "DEPTHWISE_CONV_2D",
-    "DEQUANTIZE", "DIV", "ELU", "EXP", "FULLY_CONNECTED", "HARD_SWISH", "LOGISTIC", "LOG", "LSTM", "MAXIMUM",
-    "MAX_POOL_2D", "MEAN", "MINIMUM", "MIRROR_PAD", "MUL", "NEG", "PACK", "PAD", "POW", "REDUCE_MAX", "REDUCE_MIN",
-    "REDUCE_PROD", "QUANTIZE", "RELU", "RELU6", "LEAKY_RELU", "PRELU", "RESHAPE", "RESIZE_BILINEAR",
-    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SIN", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT_V", "SQRT", "SQUARE",
-    "SQUARED_DIFFERENCE", "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV", "CUSTOM",
-})
-GPU_DELEGATE_SOURCE = ("tensorflow/lite/delegates/gpu/common/model_builder.cc, NewOperationParser(); "
-                       "QUANTIZE/DEQUANTIZE with allow_quant_ops (quantized models); fp16 DEQUANTIZE skipped")
 
 
 # ------------------------------------------------------------------------------------------
@@ -93,15 +78,6 @@ def _interpreter_cls() -> Any:
 # ------------------------------------------------------------------------------------------
 # the module that gets converted
 # ------------------------------------------------------------------------------------------
-
-
-def input_names(sig: InputSignature) -> list[str]:
-    names = ["sample", "timestep"]
-    if sig.cond_shape:
-        names.append("encoder_hidden_states")
-    if sig.num_classes:
-        names.append("class_labels")
-    return names
 
 
 class GpuGroupNorm(nn.Module):
@@ -140,28 +116,12 @@ def gpu_friendly(den: nn.Module) -> int:
     return n
 
 
-class _Signature(nn.Module):
-    """Keyword inputs in contract order -> the diffusers call -> {"out": float32 tensor}."""
-
-    def __init__(self, inner: nn.Module, sig: InputSignature) -> None:
-        super().__init__()
-        self.inner = inner
-        self.has_cond = sig.cond_shape is not None
-        self.has_class = sig.num_classes is not None
+class _Signature(DenoiserModule):
+    """DenoiserModule's keyword call, output as {"out": tensor}: the .tflite signature's output name."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        extra: dict[str, Any] = {}
-        if self.has_cond:
-            extra["encoder_hidden_states"] = encoder_hidden_states
-        if self.has_class:
-            extra["class_labels"] = class_labels
-        out = self.inner(sample, timestep, **extra)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif not isinstance(out, torch.Tensor):
-            out = out.sample
-        return {OUTPUT_NAME: out.float()}
+                class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {OUTPUT_NAME: super().forward(sample, timestep, encoder_hidden_states, class_labels)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,8 +329,6 @@ def _float_inputs(data: bytes) -> tuple[bytes, list[str]]:
 
 def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple[bytes, dict[str, Any]]:
     """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report)."""
-    from edgediff.exporters.onnx import float_denoiser
-
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r} for tflite; expected one of {', '.join(PRECISIONS)}")
     if not isinstance(batch, int) or batch < 1:
@@ -439,11 +397,11 @@ def op_histogram(it: Any) -> dict[str, int]:
 
 def gpu_delegate_report(ops: dict[str, int], quantized: bool) -> dict[str, Any]:
     """Which ops of the graph the TFLite GPU delegate would leave to the CPU (by op type)."""
-    supported = set(GPU_DELEGATE_OPS)
+    supported = set(LITERT_GPU_OPS)
     if not quantized:
         supported.discard("QUANTIZE")  # only with allow_quant_ops
     fallback = {op: n for op, n in ops.items() if op not in supported}
-    return {"all_ops_supported": not fallback, "cpu_fallback_ops": fallback, "source": GPU_DELEGATE_SOURCE}
+    return {"all_ops_supported": not fallback, "cpu_fallback_ops": fallback, "source": LITERT_GPU_SOURCE}
 
 
 def _weight_dtypes(it: Any) -> dict[str, int]:
@@ -494,11 +452,10 @@ def tflite_info(path: Path) -> dict[str, Any]:
             "weight_dtypes": weights, "gpu_delegate": gpu_delegate_report(ops, precision == "int8")}
 
 
-class LiteRTDenoiser:
+class LiteRTDenoiser(FixedBatchDenoiser):
     """A .tflite denoiser in LiteRT's interpreter (XNNPACK on CPU), called like TorchDenoiser.
 
-    The file has a fixed batch (see the module docstring): inputs are split into chunks of
-    that size and the last chunk is padded (by repeating its last row), outputs trimmed.
+    The file has a fixed batch (see the module docstring): FixedBatchDenoiser chunks and pads.
     """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
@@ -522,21 +479,9 @@ class LiteRTDenoiser:
             return np.clip(np.round(a / s) + z, info.min, info.max).astype(d["dtype"])
         return a.astype(d["dtype"])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        n, b = x.shape[0], self.batch
-        outs = []
-        for i in range(0, n, b):
-            chunk = {"sample": x[i:i + b].float(), "timestep": t[i:i + b].float()}
-            if self.cond_name is not None:
-                if cond is None:
-                    raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
-                chunk[self.cond_name] = cond[i:i + b]
-            k = chunk["sample"].shape[0]
-            if k < b:  # pad the last chunk to the file's fixed batch
-                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
-            res = self.runner(**{name: self._feed(name, v) for name, v in chunk.items()})
-            outs.append(torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))[:k])
-        return torch.cat(outs)
+    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        res = self.runner(**{name: self._feed(name, v) for name, v in feeds.items()})
+        return torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -544,9 +489,11 @@ class LiteRTDenoiser:
 # ------------------------------------------------------------------------------------------
 
 
-class TFLiteBackend:
+class TFLiteBackend(Backend):
     target = "tflite"
     precisions = PRECISIONS
+    suffixes = (".tflite",)
+    options = frozenset({"batch"})
 
     def available(self) -> tuple[bool, str]:
         for mod in ("litert_torch", "ai_edge_litert.interpreter", "ai_edge_quantizer"):
@@ -563,31 +510,18 @@ class TFLiteBackend:
             return False, str(e)
         return True, "LiteRT interpreter (XNNPACK, CPU) runs .tflite files here"
 
-    def export(self, model: DiffusionModel, out: Path, precision: str, force: bool = False, batch: int = 1,
-               progress: Any = None, **options: Any) -> dict[str, Any]:
-        out = Path(out)
-        if options:
-            raise BadInput(f"tflite export: unknown option(s) {', '.join(sorted(options))} "
-                           "(the tflite target takes batch)")
-        if out.suffix.lower() != ".tflite":
-            raise BadInput(f"{out}: a TFLite export must be written to a .tflite file")
-        if out.exists() and not force:
-            raise BadInput(f"{out}: output already exists (pass --force to replace it)")
-        if not isinstance(model, DiffusionModel):
-            raise BadInput(f"the tflite target exports a model or an artifact, not {type(model).__name__}")
-        t0 = time.perf_counter()
-        data, facts = build_tflite(model, precision, batch=batch)
+    def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        data, facts = build_tflite(model, precision, batch=options.get("batch", 1))
         with atomic_file(out, force=force) as tmp:
             tmp.write_bytes(data)
         info = tflite_info(out)
-        report = {"target": self.target, "precision": precision, "path": str(out), "size_bytes": info["size_bytes"],
-                  "seconds": round(time.perf_counter() - t0, 2), "converter": "litert-torch", **facts,
-                  "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
-                  "weight_dtypes": info["weight_dtypes"], "gpu_delegate": info["gpu_delegate"]}
-        return report
+        return ExportReport(self.target, precision, str(out), info["size_bytes"], extra={
+            "converter": "litert-torch", **facts, "inputs": info["inputs"], "outputs": info["outputs"],
+            "ops": info["ops"], "weight_dtypes": info["weight_dtypes"], "gpu_delegate": info["gpu_delegate"]})
 
     def load_denoiser(self, path: Path) -> LiteRTDenoiser:
-        return LiteRTDenoiser(path)
+        return LiteRTDenoiser(path, threads=threads())
 
     def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
         """Structural check: loads, inputs/outputs and shapes as the reference expects, op histogram."""

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport
 
 from edgediff.artifact import atomic_dir
-from edgediff.errors import BadInput
+from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel
 
 MARKER = "opencl_bundle.json"
@@ -85,9 +86,10 @@ class OpenCLDenoiser:
         return timings
 
 
-class OpenCLBackend:
+class OpenCLBackend(Backend):
     target = "opencl"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = PRECISIONS
+    marker = MARKER
 
     def available(self) -> tuple[bool, str]:
         # writing a bundle needs only torch and safetensors; running it needs a device (runtime_available)
@@ -98,17 +100,12 @@ class OpenCLBackend:
 
         return opencl_available()
 
-    def export(self, model: DiffusionModel, out: Path, precision: str = "fp32", force: bool = False,
-               **options: Any) -> dict[str, Any]:
-        from edgediff.kernels.graph import _F32_SUFFIXES, build_schedule
+    def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
+                force: bool) -> ExportReport:
+        from edgediff.kernels.graph import F32_SUFFIXES, build_schedule
         from edgediff.kernels.runtime import kernel_sources
         from safetensors.torch import save_file
 
-        if precision not in self.precisions:
-            raise BadInput(f"opencl target: precision {precision!r} is not supported; choose one of "
-                           f"{', '.join(self.precisions)}")
-        if options:
-            raise BadInput(f"opencl target: unknown option(s) {', '.join(sorted(options))}")
         if model.signature.cond_shape or model.signature.num_classes:
             raise BadInput("opencl target: conditional denoisers (cross-attention, class labels) are not supported")
         quant = None
@@ -121,7 +118,7 @@ class OpenCLBackend:
                                "QuantParams); this one has none")
         sched, weights = build_schedule(model, quant)
         if precision == "fp16":
-            weights = {k: (v if k.endswith(_F32_SUFFIXES) else v.half()) for k, v in weights.items()}
+            weights = {k: (v if k.endswith(F32_SUFFIXES) else v.half()) for k, v in weights.items()}
         out = Path(out)
         srcs = kernel_sources()
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision,
@@ -136,30 +133,31 @@ class OpenCLBackend:
                 (tmp / "kernels" / name).write_text(text)
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
             (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
-        report = {"target": self.target, "path": str(out), "precision": precision, "size_bytes": _dir_size(out),
-                  "ops": len(sched["ops"]), "op_histogram": dict(Counter(op["op"] for op in sched["ops"])),
+        report: dict[str, Any] = {"ops": len(sched["ops"]), "op_histogram": dict(Counter(op["op"] for op in sched["ops"])),
                   "params": int(sum(v.numel() for k, v in weights.items() if not k.endswith(".freqs")))}
         if precision == "int8":
             report["integer_layers"] = meta["integer_layers"]
         elif meta["quantized_source"]:
             report["note"] = ("the model carries quantization parameters; this float bundle uses its on-grid weights "
                               "but does not quantize activations")
-        return report
+        return ExportReport(self.target, precision, str(out), _dir_size(out), extra=report)
 
-    def load_denoiser(self, path: Path, device: Any = None, conv_algo: str = "auto") -> OpenCLDenoiser:
+    def load_denoiser(self, path: Path) -> OpenCLDenoiser:
+        """The bundle on the default device (OpenCLDenoiser takes a device and a conv algorithm)."""
         ok, why = self.runtime_available(path)
         if not ok:
-            from edgediff.errors import Unavailable
-
             raise Unavailable(f"cannot run OpenCL bundle {path}: {why}")
-        return OpenCLDenoiser(Path(path), device=device, conv_algo=conv_algo)
+        return OpenCLDenoiser(Path(path))
 
-    def check(self, path: Path, reference: DiffusionModel) -> dict[str, Any]:
+    def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
         """Structural check without a device: the bundle's schedule and weights against the reference's."""
         from edgediff.kernels.graph import build_schedule
         from safetensors import safe_open
 
         meta = read_bundle(Path(path))
+        if reference is None:  # read_bundle has checked the manifest, kernels and weights file exist
+            return {"ok": True, "problems": [], "op_histogram": dict(Counter(o["op"] for o in meta["schedule"]["ops"])),
+                    "note": "no reference model given: bundle files checked, schedule not compared"}
         quant = None
         if meta["precision"] == "int8":
             from edgediff.quant_params import QuantParams

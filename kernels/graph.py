@@ -26,7 +26,7 @@ from edgediff.quant_params import strip_quant_wrappers
 
 SCHEDULE_VERSION = 1
 # float parameters kept in float32 even in fp16 bundles (small; precision matters)
-_F32_SUFFIXES = (".bias", ".gamma", ".beta", ".freqs", ".w_scale")
+F32_SUFFIXES = (".bias", ".gamma", ".beta", ".freqs", ".w_scale")
 
 
 def _unet_of(model: DiffusionModel) -> nn.Module:
@@ -337,7 +337,7 @@ class Executor:
             if a.dtype == np.int8:  # integer weights of an int8 bundle
                 self.dev[name] = rt.to_device(a, np.int8)
             else:
-                self.dev[name] = rt.to_device(a, np.float32 if name.endswith(_F32_SUFFIXES) else None)
+                self.dev[name] = rt.to_device(a, np.float32 if name.endswith(F32_SUFFIXES) else None)
         for op in self.ops:
             if op["op"] != "conv":
                 continue

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from edgediff import metrics
-from edgediff.metrics import DigitJudge, frechet_distance, held_out_digits, psnr
+from edgediff.demo.judge import DigitJudge, held_out_digits
+from edgediff.metrics import frechet_distance, psnr
 from edgediff.model import DiffusionModel, InputSignature
 from edgediff.schedule import NoiseSchedule
 

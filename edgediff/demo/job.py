@@ -1,12 +1,13 @@
 """`edgediff demo`: the main job on the bundled model, with whatever passes and targets exist.
 
 1. sample the FP32 model (reference) and score it with the digit classifier;
-2. compress it with the default `edge` recipe (passes not built yet are skipped and said so);
+2. compress it with the default `edge` recipe (the demo's training digits reach the passes as ctx.data);
 3. sample the compressed model under the same seeds and sampler: PSNR vs reference, digit
    Fréchet distance, confidence share, params/MACs/bytes;
-4. export to every target this machine can build, verify each with the sampler in the loop;
-5. profile the ONNX export where profiling exists;
-6. write DIR/ atomically as an artifact with report.html and a summary.
+4. export to every target, verify each with the sampler in the loop (a target this machine
+   cannot build or run says so: status "unavailable: ...", exit 3 of that backend);
+5. profile the ONNX export;
+6. write DIR/ atomically as an artifact (edgediff.artifact.write_contents) with report.html and a summary.
 """
 
 from __future__ import annotations
@@ -21,14 +22,22 @@ from typing import Any
 from rich.table import Table
 
 from edgediff import __version__
-from edgediff.artifact import atomic_dir, write_model_files
-from edgediff.errors import EdgediffError, NotBuiltYet
+from edgediff.artifact import atomic_dir, write_contents
+from edgediff.demo.data import split
+from edgediff.demo.judge import DigitJudge
+from edgediff.errors import EdgediffError
+from edgediff.exporters import get_backend
 from edgediff.loaders import load_model
-from edgediff.metrics import DigitJudge, grid_png, psnr
+from edgediff.metrics import grid_png, psnr
 from edgediff.pipeline import model_stats, run_recipe
+from edgediff.profiling.coverage import coverage
+from edgediff.profiling.graph import onnx_ops
+from edgediff.profiling.html import sections as profile_sections
+from edgediff.profiling.run import profile
 from edgediff.recipe import load_recipe
 from edgediff.report import image, page, table
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+from edgediff.verify import verify
 
 DEMO_RECIPE = "edge"
 # (target, precision) pairs the demo tries, in order; int8 ones only when the model is quantized
@@ -53,19 +62,16 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
 
     recipe = load_recipe(DEMO_RECIPE)
     log(f"compressing with recipe {recipe.name!r}: {' -> '.join(p.name for p in recipe.passes)}")
-    compressed, records = run_recipe(model, recipe, seed, progress, skip_missing=True)
-    skipped = [r.name for r in records if r.skipped]
-    applied = [r.name for r in records if not r.skipped]
+    compressed, records = run_recipe(model, recipe, seed, progress, data=split()["train"][0])
+    applied = [r.name for r in records]
     comp = sample(TorchDenoiser(compressed), model.schedule, model.signature.sample_shape, samples, seed, scfg,
                   progress=progress, description="sampling compressed model")
     rows.append({"step": f"compressed ({' + '.join(applied) or 'no pass available'})", **model_stats(compressed),
-                 "psnr_db": psnr(comp, ref), **judge.report(comp),
-                 "note": f"skipped (not built yet): {', '.join(skipped)}" if skipped else ""})
+                 "psnr_db": psnr(comp, ref), **judge.report(comp), "note": ""})
     grids.append(("compressed (PyTorch)", grid_png(comp)))
 
     quantized = "quant" in compressed.extras
     with atomic_dir(out, force=force) as tmp:
-        write_model_files(compressed, tmp)
         exports = _export_all(compressed, tmp / "exports", quantized, steps, min(samples, 16), seed, progress, log)
         for e in exports:
             if e.get("samples_png"):
@@ -77,12 +83,10 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
             "steps": steps, "sampler": "ddim", "rows": rows, "passes": [r.to_dict() for r in records],
             "exports": exports, "profile": profile, "wall_seconds": round(wall, 1),
         }
-        manifest = {"format_version": 1, "edgediff_version": __version__, "arch": compressed.arch,
-                    "signature": compressed.signature.to_dict(), "provenance": compressed.provenance,
-                    "extras": sorted(compressed.extras), "source": "demo", "recipe": recipe.to_dict(), "seed": seed,
-                    "schedule": model.schedule.to_config(), "passes": summary["passes"],
-                    "metrics": {"before": model_stats(model), "after": model_stats(compressed)}, "demo": summary}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        write_contents(compressed, tmp, {
+            "source": "demo", "recipe": recipe.to_dict(), "seed": seed, "schedule": model.schedule.to_config(),
+            "passes": summary["passes"], "metrics": {"before": model_stats(model), "after": model_stats(compressed)},
+            "demo": summary})
         (tmp / "report.html").write_text(render(summary, grids))
         for name, png in grids:
             (tmp / f"samples_{name.split(' ')[0]}.png").write_bytes(png) if name.startswith(("original", "compressed")) else None
@@ -91,13 +95,7 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
 
 def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: int, seed: int, progress: Any,
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from edgediff.exporters import get_backend
-
     folder.mkdir()
-    try:
-        from edgediff import verify as verify_mod
-    except ModuleNotFoundError:
-        verify_mod = None
     results = []
     for target, precision in EXPORTS:
         rec: dict[str, Any] = {"target": target, "precision": precision}
@@ -105,15 +103,11 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
         if precision == "int8" and not quantized:
             rec["status"] = "skipped: model has no quantization parameters"
             continue
-        try:
-            backend = get_backend(target)
-        except NotBuiltYet as e:
-            rec["status"] = f"skipped: {e}"
-            continue
+        backend = get_backend(target)
         path = folder / f"{target}-{precision}{_EXT[target]}"
         log(f"exporting {target} {precision}")
         try:
-            rep = backend.export(model, path, precision)
+            rep = backend.export(model, path, precision, progress=progress).to_dict()
             rec.update({k: v for k, v in rep.items() if isinstance(v, (int, float, str, bool)) or v is None})
             rec["path"] = str(Path("exports") / path.name)
             rec["status"] = "exported"
@@ -126,11 +120,8 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
             rec["status"] = f"failed: {e.__class__.__name__}: {e}"
             rec["traceback"] = traceback.format_exc(limit=3)
             continue
-        if verify_mod is None:
-            rec["verify"] = "not built yet"
-            continue
         try:
-            v = verify_mod.verify(model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
+            v = verify(model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
                                   return_samples=True)
             s = v.pop("final_samples", None)
             rec["verify"] = v
@@ -142,20 +133,13 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
 
 
 def _profile(exports: list[dict[str, Any]], log: Callable[[str], None], root: Path = Path(".")) -> dict[str, Any] | None:
-    try:
-        from edgediff.profiling import run as prof
-    except ModuleNotFoundError:
-        return {"status": "profiling not built yet"}
     onnx = next((e for e in exports if e["target"] == "onnx" and e.get("status") == "exported"), None)
     if onnx is None:
         return {"status": "no ONNX export to profile"}
     log("profiling the ONNX export on onnxruntime (+ this CPU's calibrated roofline, op coverage per target)")
     path = root / onnx["path"]  # export paths are relative to the artifact being written
     try:
-        result = prof.profile(path, runtime="ort", device="this-cpu")
-        from edgediff.profiling.coverage import coverage
-        from edgediff.profiling.graph import onnx_ops
-
+        result = profile(path, runtime="ort", device="this-cpu")
         result["coverage"] = coverage(onnx_ops(path))
     except EdgediffError as e:  # a profiling problem must not sink the demo
         return {"status": f"profiling failed: {e}"}
@@ -168,7 +152,7 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
     headers = ["step", "params", "MACs/call", "bytes", "PSNR vs fp32 (dB)", "digit Fréchet", "confident share", "note"]
     body = [[r["step"], r["params"], r["macs"], r["size_bytes"], r["psnr_db"], r["digit_frechet"], r["confidence_share"],
              r.get("note", "")] for r in rows]
-    passes = [[p["name"], p["seconds"], p.get("skipped") or json.dumps(p["metrics"], default=str)[:160]]
+    passes = [[p["name"], p["seconds"], json.dumps(p["metrics"], default=str)[:160]]
               for p in summary["passes"]]
     exp_rows = []
     for e in summary["exports"]:
@@ -183,8 +167,6 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
     ]
     prof = summary.get("profile") or {}
     if prof.get("layers"):
-        from edgediff.profiling.html import sections as profile_sections
-
         sections.extend(profile_sections(prof))
     sub = (f"DDIM {summary['steps']} steps, {summary['samples']} samples, seed {summary['seed']}; "
            f"recipe {summary['recipe']['name']}; wall time {summary['wall_seconds']} s")

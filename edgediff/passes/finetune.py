@@ -52,7 +52,7 @@ class FinetuneOptions:
     weight_decay: float = 0.0
     distill: float = 1.0  # weight of the teacher-output MSE (0 = plain denoising loss); needs a teacher
     ema: float = 0.999  # EMA decay (0 = no EMA); warmed up as in diffusers
-    data: str = "auto"  # auto | digits | samples (the teacher's own DDIM samples)
+    data: str = "auto"  # auto | given (ctx.data) | samples (the teacher's own DDIM samples)
     data_pool: int = 512  # generated samples when data = samples
     checkpoint_dir: str = ""  # "" = no checkpoints
     checkpoint_every: int = 100
@@ -154,7 +154,7 @@ def _load_checkpoint(path: Path, module: nn.Module, ema: list[torch.Tensor] | No
 
 
 def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionModel | None, seed: int = 0,
-             track: Any = None, log: Any = None) -> dict[str, Any]:
+             track: Any = None, log: Any = None, given: torch.Tensor | None = None) -> dict[str, Any]:
     """Train `model` in place (rank-aware); returns a summary. EMA weights end up in the model."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -163,9 +163,9 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
         raise BadInput(f"finetune: batch_size={opts.batch_size} is smaller than the {world} processes")
     local_bs = int(opts.batch_size) // world
     module = model.module()
-    # x0 pool (before any device move: sampling runs on the CPU): the demo digits, or the
-    # *teacher's* samples (the unpruned model's distribution)
-    src = DataSource(teacher or model, opts.data, local_bs, seed, pool=int(opts.data_pool))
+    # x0 pool (before any device move: sampling runs on the CPU): the caller's images (ctx.data),
+    # or the *teacher's* samples (the unpruned model's distribution)
+    src = DataSource(teacher or model, opts.data, local_bs, seed, pool=int(opts.data_pool), given=given)
     # one GPU per process when there are GPUs (torchrun sets LOCAL_RANK); the random draws stay
     # on the CPU generator so that CPU and GPU runs see the same batches
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -248,7 +248,7 @@ def run(model: DiffusionModel, opts: FinetuneOptions, ctx: PassContext) -> Diffu
     if model.config is None:
         check_prunable(model)  # same message: an exported graph cannot be trained here
     teacher = ctx.original if ctx.original is not None and ctx.original is not model else None
-    info = finetune(model, opts, teacher, seed=ctx.seed, track=ctx.track, log=ctx.log)
+    info = finetune(model, opts, teacher, seed=ctx.seed, track=ctx.track, log=ctx.log, given=ctx.data)
     ctx.metrics.update(info)
     return model
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgediff.artifact import write_artifact
     from edgediff.errors import EdgediffError
     from edgediff.loaders import load_model
+    from edgediff.recipe import PassSpec, Recipe
 
     ap = argparse.ArgumentParser(prog="edgediff.passes.finetune", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="artifact directory or model (anything `edgediff compress` takes)")
@@ -286,31 +287,23 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
-    rank, world = _dist()
+    rank, _ = _dist()
     try:
-        opts = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema=args.ema,
-                               distill=args.distill if args.teacher else 0.0, data=args.data, data_pool=args.data_pool,
-                               checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+        # a thin wrapper: a one-pass recipe through the pass manager, like `edgediff compress`
+        options = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+                   "distill": args.distill if args.teacher else 0.0, "data": args.data, "data_pool": args.data_pool,
+                   "checkpoint_dir": args.checkpoint_dir, "checkpoint_every": args.checkpoint_every}
+        recipe = Recipe("finetune", passes=[PassSpec("finetune", options)], source="edgediff.passes.finetune")
         model = load_model(args.model)
         out = Path(args.out)
         if out.exists() and not args.force:
             raise BadInput(f"{out}: already exists (use --force to replace it)")
-        before = pipeline.model_stats(model)
         teacher = load_model(args.teacher) if args.teacher else None
-        pipeline.seed_everything(args.seed)
         log = (lambda m: print(m, file=sys.stderr)) if rank == 0 else None
-        info = finetune(model, opts, teacher, seed=args.seed, log=log)
+        result, records = pipeline.run_recipe(model, recipe, args.seed, log=log, original=teacher)
         if rank == 0:
-            manifest: dict[str, Any] = {}
-            src_manifest = Path(args.model) / "manifest.json"
-            if src_manifest.is_file():
-                manifest = {k: v for k, v in json.loads(src_manifest.read_text()).items()
-                            if k in ("source", "source_sha256", "recipe", "seed", "passes")}
-            manifest.setdefault("passes", []).append({"name": "finetune", "options": asdict(opts), "metrics": info})
-            manifest["metrics"] = {"before": before, "after": pipeline.model_stats(model)}
-            model.provenance.setdefault("passes", []).append("finetune")
-            write_artifact(model, out, manifest, force=args.force)
-            print(json.dumps({"out": str(out), **info}))
+            write_artifact(result, out, pipeline.manifest_of(model, result, recipe, args.seed, records), force=args.force)
+            print(json.dumps({"out": str(out), **records[0].metrics}))
     except EdgediffError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

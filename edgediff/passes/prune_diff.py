@@ -57,7 +57,7 @@ class PruneDiffOptions:
     threshold: float = 0.05  # Diff-Pruning: stop accumulating at the first t with L_t < threshold * max L
     t_stride: int = 10  # visit t = 0, s, 2s, ... (1 = every training step, as in the paper; slower)
     batch_size: int = 32  # images in the fixed gradient batch
-    data: str = "auto"  # auto | digits | samples (the model's own DDIM samples)
+    data: str = "auto"  # auto | given (ctx.data) | samples (the model's own DDIM samples)
     sample_steps: int = 20  # DDIM steps when data = samples
 
     def __post_init__(self) -> None:
@@ -329,7 +329,7 @@ def accumulate_gradients(model: DiffusionModel, opts: PruneDiffOptions, ctx: Pas
         p.requires_grad_(True)
         p.grad = None
     src = DataSource(model, opts.data, opts.batch_size, ctx.seed, pool=max(opts.batch_size, 64),
-                     sample_steps=opts.sample_steps)
+                     sample_steps=opts.sample_steps, given=ctx.data)
     x0, cond = src.batch()
     g = torch.Generator().manual_seed(ctx.seed + 1)
     noise = torch.randn(x0.shape, generator=g)
@@ -363,7 +363,7 @@ def make_importance(name: str) -> Any:
     return tp.importance.RandomImportance()
 
 
-@register("prune.diff", PruneDiffOptions)
+@register("prune.diff", PruneDiffOptions, must_precede=("calib", "quant", "ptqd"))
 def run(model: DiffusionModel, opts: PruneDiffOptions, ctx: PassContext) -> DiffusionModel:
     from edgediff.metrics import macs, params
 

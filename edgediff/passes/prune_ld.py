@@ -145,7 +145,7 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
-@register("prune.ld", PruneLDOptions)
+@register("prune.ld", PruneLDOptions, must_precede=("calib", "quant", "ptqd"))
 def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> DiffusionModel:
     from edgediff.metrics import macs, params
     from edgediff.passes.prune_diff import check_prunable

@@ -29,7 +29,7 @@ import torch
 
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel
-from edgediff.passes import PassContext, register, register_restorer
+from edgediff.passes import PassContext, register, register_correction, register_restorer
 from edgediff.passes.calib import load_calibration
 from edgediff.quant.apply import call_denoiser
 from edgediff.quant.core import check_bits, set_bits_override
@@ -81,6 +81,7 @@ class PtqdCorrection:
         return float(self.res_var[self._i(t)]) if self.use_variance else 0.0
 
 
+@register_correction("ptqd")
 def correction_for(model: DiffusionModel) -> PtqdCorrection | None:
     """The PTQD correction of a model, or None if the ptqd pass has not run on it."""
     table = getattr(model, "extras", {}).get("ptqd")
@@ -141,7 +142,7 @@ def fit(d: torch.Tensor, e: torch.Tensor, with_bias: bool) -> tuple[float, torch
     return k, bias, float((r * r).mean())
 
 
-@register("ptqd", PtqdOptions)
+@register("ptqd", PtqdOptions, requires=("quant",))
 def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> DiffusionModel:
     opts.validate()
     if not model.extras.get("quant") or not any(is_quant_wrapper(m) for m in model.denoiser.modules()):

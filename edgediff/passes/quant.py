@@ -82,7 +82,7 @@ def method_name(opts: QuantOptions) -> str:
     return " ".join(parts)
 
 
-@register("quant", QuantOptions)
+@register("quant", QuantOptions, requires=("calib",))
 def run(model: DiffusionModel, opts: QuantOptions, ctx: PassContext) -> DiffusionModel:
     opts.validate()
     cfg = opts.config()
