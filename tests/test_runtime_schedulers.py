@@ -116,3 +116,11 @@ def test_torch_generator_port_matches_torch_randn(seed: int) -> None:
 
 def test_torch_generator_seed_matters() -> None:
     assert not np.allclose(TorchGenerator(0).randn(32), TorchGenerator(1).randn(32))
+
+
+def test_sampler_names_match_the_pytorch_side() -> None:
+    from edgediff import schedulers
+    from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
+
+    ported = {k: v for k, v in schedulers.SHORT_NAMES.items() if v[0] in SCHEDULERS}
+    assert SAMPLER_PRESETS == ported

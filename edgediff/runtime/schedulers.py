@@ -433,7 +433,9 @@ class DPMSolverMultistep(_Multistep):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         _unsupported(self.config, self.name, ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                                              "use_dynamic_shifting", "variance_type"))
+                                              "use_dynamic_shifting"))
+        if self.config.get("variance_type") in ("learned", "learned_range"):
+            raise BadInput(f"scheduler config: {self.name} with learned variance is not supported by the numpy runtime")
         algo = self.config.get("algorithm_type", "dpmsolver++")
         if algo != "dpmsolver++":
             raise BadInput(f"scheduler config: DPMSolverMultistepScheduler algorithm_type {algo!r} is not supported "
@@ -774,6 +776,41 @@ class FlowMatchEuler(NumpyScheduler):
 SCHEDULERS: dict[str, type[NumpyScheduler]] = {
     c.name: c for c in (DDIM, DDPM, Euler, EulerAncestral, DPMSolverMultistep, UniPC, LCM, FlowMatchEuler)
 }
+
+
+# --sampler short names -> (diffusers class, config overrides): the ported subset of the
+# PyTorch side's table (edgediff.schedulers.SHORT_NAMES; a test keeps the two equal)
+SAMPLER_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def preset_config(base: dict[str, Any], sampler: str) -> dict[str, Any]:
+    """The scheduler config for `sampler` over a model's own schedule config (what diffusers'
+    `Scheduler.from_config(base, **overrides)` would hold: the base keys, the preset's on top)."""
+    key = sampler.strip()
+    if key.lower() in SAMPLER_PRESETS:
+        cls, over = SAMPLER_PRESETS[key.lower()]
+    elif key in SCHEDULERS:
+        cls, over = key, {}
+    else:
+        raise BadInput(f"sampler {sampler!r} has no numpy port; expected one of {', '.join(SAMPLER_PRESETS)} "
+                       f"or {', '.join(sorted(SCHEDULERS))}")
+    # like diffusers' from_config: keys the base only had by default do not carry over to another class
+    defaulted = set(base.get("_use_default_values") or ()) if cls != base.get("_class_name") else set()
+    cfg = {k: v for k, v in base.items() if not k.startswith("_") and k not in defaulted}
+    cfg.update(over)
+    cfg["_class_name"] = cls
+    return cfg
 
 
 def from_config(config: dict[str, Any], class_name: str | None = None, **kwargs: Any) -> NumpyScheduler:

@@ -1,0 +1,212 @@
+"""Writing a bundle: `edgediff export ARTIFACT --target onnx -o DIR` (DIR without a file suffix).
+
+For a denoiser-only model or artifact (the demo's, a bare UNet) the ONNX bundle is the
+denoiser in optimum's layout plus its scheduler, so that onnxruntime-based tools find the
+files where they look, and edgediff's numpy runtime (edgediff.runtime) generates from it
+without PyTorch:
+
+    DIR/model_index.json                  diffusers/optimum-style index (DDPMPipeline-like)
+    DIR/unet/model.onnx                   inputs sample, timestep[, encoder_hidden_states]
+                                          [, class_labels] -> out_sample (transformer/ for DiT)
+    DIR/unet_shallow/model.onnx           DeepCache only: the shallow call; the full graph then
+                                          also outputs `cached_feature`, the shallow one takes it
+    DIR/scheduler/scheduler_config.json   the sampler's diffusers scheduler config, complete
+    DIR/edgediff_bundle.json              what is there (edgediff.runtime.bundle documents it)
+
+The scheduler config is the one the PyTorch sampler builds for the artifact's sampler
+(`extras["sampling"]`, else the model's own scheduler), serialised with every key diffusers
+fills in, so the numpy port and diffusers run the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgediff import __version__
+from edgediff.artifact import atomic_dir
+from edgediff.errors import BadInput, Unavailable
+from edgediff.model import DiffusionModel
+from edgediff.runtime.bundle import (
+    FEATURE_NAME,
+    FORMAT,
+    MANIFEST,
+    OUTPUT_NAME,
+    ROLE_FULL,
+    ROLE_SHALLOW,
+    VERSION,
+    cache_full_steps,
+)
+from edgediff.runtime.schedulers import SAMPLER_PRESETS
+
+BUNDLE_TARGETS = ("onnx",)
+
+
+def is_bundle_output(out: Path) -> bool:
+    """`-o DIR` (no file suffix, or an existing directory) asks for a bundle."""
+    out = Path(out)
+    return out.is_dir() or out.suffix == ""
+
+
+def scheduler_for(model: DiffusionModel, sampler: str | None, steps: int) -> tuple[dict[str, Any], str]:
+    """(complete diffusers scheduler config with _class_name, sampler name) as the PyTorch side builds it."""
+    from edgediff.sampling import make_scheduler
+
+    sch = make_scheduler(model.schedule, sampler, steps, tuple(model.signature.sample_shape))
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(sch.config).items()}
+    cfg["_class_name"] = type(sch).__name__
+    return cfg, (sampler or type(sch).__name__)
+
+
+def _sampling(model: DiffusionModel, sampler: str | None, steps: int | None) -> dict[str, Any]:
+    from edgediff.passes.sampling import sampling_of
+
+    rec = sampling_of(model)
+    return {"sampler": sampler if sampler is not None else rec["sampler"],
+            "steps": int(steps if steps is not None else rec["steps"]), "eta": float(rec["eta"])}
+
+
+def _io(proto: Any) -> tuple[dict[str, Any], list[str]]:
+    import onnx
+
+    def shape(v: Any) -> list[Any]:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs = {v.name: {"shape": shape(v), "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+        v.type.tensor_type.elem_type).name} for v in proto.graph.input}
+    return inputs, [v.name for v in proto.graph.output]
+
+
+def rename_output(proto: Any, old: str, new: str) -> None:
+    """Rename a graph output (and every reference to it) in place: optimum calls the UNet's output out_sample."""
+    if old == new:
+        return
+    for node in proto.graph.node:
+        for i, o in enumerate(node.output):
+            if o == old:
+                node.output[i] = new
+        for i, o in enumerate(node.input):
+            if o == old:
+                node.input[i] = new
+    for v in proto.graph.output:
+        if v.name == old:
+            v.name = new
+
+
+def _onnx_entries(model: DiffusionModel, precision: str, cache: dict[str, Any] | None) -> dict[str, tuple[Any, dict]]:
+    """{role: (ModelProto, exporter facts)} for the denoiser (and its shallow DeepCache call)."""
+    from edgediff.deepcache import FullEntry, ShallowEntry
+    from edgediff.exporters.onnx import OUTPUT_NAME as ONNX_OUT
+    from edgediff.exporters.onnx import build_onnx
+
+    if cache is None:
+        proto, facts = build_onnx(model, precision)
+        rename_output(proto, ONNX_OUT, OUTPUT_NAME)
+        return {ROLE_FULL: (proto, facts)}
+    depth = int(cache["depth"])
+
+    def full(wrapper: Any, args: tuple) -> tuple[Any, tuple, list[str], list[str]]:
+        names = list(wrapper.names)
+        return FullEntry(wrapper, depth).eval(), args, names, [OUTPUT_NAME, FEATURE_NAME]
+
+    def shallow(wrapper: Any, args: tuple) -> tuple[Any, tuple, list[str], list[str]]:
+        names = list(wrapper.names)
+        with torch.no_grad():
+            _, feat = FullEntry(wrapper, depth)(*args)
+        entry = _ShallowPositional(ShallowEntry(wrapper, depth)).eval()
+        return entry, (*args, feat), [*names, FEATURE_NAME], [OUTPUT_NAME]
+
+    return {ROLE_FULL: build_onnx(model, precision, entry=full), ROLE_SHALLOW: build_onnx(model, precision, entry=shallow)}
+
+
+class _ShallowPositional(torch.nn.Module):
+    """The shallow call with the cached feature as the last positional input (what tracing passes)."""
+
+    def __init__(self, entry: torch.nn.Module) -> None:
+        super().__init__()
+        self.entry = entry
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.entry(*args[:-1], feature=args[-1])
+
+
+def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precision: str = "fp32",
+                  force: bool = False, sampler: str | None = None, steps: int | None = None,
+                  progress: Any = None) -> dict[str, Any]:
+    """Write the bundle directory atomically; returns the export report (JSON-able)."""
+    from edgediff.deepcache import cache_config
+
+    out = Path(out)
+    if target not in BUNDLE_TARGETS:
+        raise Unavailable(f"{out}: bundles are written for {', '.join(BUNDLE_TARGETS)} so far, not {target!r} "
+                          f"(export a single file instead: -o model{'.tflite' if target == 'tflite' else '.<suffix>'})")
+    if not isinstance(model, DiffusionModel):
+        raise BadInput(f"{out}: a bundle is written from a model or an artifact")
+    samp = _sampling(model, sampler, steps)
+    sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
+    base_cfg = model.schedule.to_config()
+    others = {}
+    for name in SAMPLER_PRESETS:  # so that `generate BUNDLE --sampler X` runs what PyTorch runs for X
+        try:
+            others[name] = scheduler_for(model, name, samp["steps"])[0]
+        except BadInput:
+            continue  # not a sampler for this model's family (e.g. flow-euler on a DDPM model)
+    cache = cache_config(model)
+    task = progress.add_task(f"bundle {target} {precision}", total=None) if progress is not None else None
+    try:
+        entries = _onnx_entries(model, precision, cache)
+    finally:
+        if task is not None:
+            progress.remove_task(task)
+    comp_dir = "transformer" if "Transformer" in model.arch or "DiT" in model.arch else "unet"
+    with atomic_dir(out, force=force) as tmp:
+        import onnx
+
+        components: dict[str, Any] = {}
+        for role, (proto, facts) in entries.items():
+            name = comp_dir if role == ROLE_FULL else f"{comp_dir}_shallow"
+            (tmp / name).mkdir()
+            onnx.checker.check_model(proto)
+            onnx.save_model(proto, str(tmp / name / "model.onnx"))
+            inputs, outputs = _io(proto)
+            components[name] = {"path": f"{name}/model.onnx", "role": role, "precision": precision,
+                                "inputs": inputs, "outputs": outputs,
+                                "size_bytes": (tmp / name / "model.onnx").stat().st_size,
+                                "nodes": facts.get("nodes"), "qdq_pairs": facts.get("qdq_pairs")}
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, default=str) + "\n")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
+                 comp_dir: ["diffusers", model.arch], "scheduler": ["diffusers", sched_cfg["_class_name"]]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        cache_rec = None
+        if cache is not None:
+            cache_rec = {"depth": int(cache["depth"]), "interval": int(cache["interval"]), "feature": FEATURE_NAME,
+                         "feature_shape": cache.get("feature_shape"),
+                         "full_steps": cache_full_steps(samp["steps"], int(cache["interval"]))}
+        manifest = {
+            "format": FORMAT, "version": VERSION, "target": target, "kind": "denoiser", "precision": precision,
+            "components": components, "signature": model.signature.to_dict(), "arch": model.arch,
+            "scheduler": {"path": "scheduler/scheduler_config.json", "class": sched_cfg["_class_name"]},
+            "base_schedule": base_cfg, "samplers": others, "sampler": sampler_name, "steps": samp["steps"], "eta": samp["eta"],
+            "cache": cache_rec,
+            "source_hash": model.provenance.get("source_sha256"), "source": str(model.provenance.get("source", "")),
+            "artifact": model.provenance.get("artifact"), "edgediff_version": __version__,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"target": target, "precision": precision, "path": str(out), "size_bytes": size, "bundle": True,
+            "components": {k: {"path": v["path"], "role": v["role"], "size_bytes": v["size_bytes"]}
+                           for k, v in components.items()},
+            "sampler": sampler_name, "steps": samp["steps"], "cache": cache_rec}
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+
+        return str(diffusers.__version__)
+    except ImportError:
+        return ""

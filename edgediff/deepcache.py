@@ -1,0 +1,212 @@
+"""DeepCache on diffusers UNets: full calls that also return a deep feature, shallow calls that reuse it.
+
+DeepCache (Ma et al. 2024): a UNet's deep features change slowly between adjacent sampler
+steps. With n down/up blocks and a skip depth d (0 = the outermost branch), the full call
+runs everything and caches the hidden state entering up block n-1-d (the output of up
+block n-2-d); a shallow call runs only time embedding, conv_in, down blocks 0..d, up
+blocks n-1-d..n-1 and the output head, reading the cached feature instead of the deep
+part (down blocks d+1.., mid block, up blocks ..n-2-d).
+
+The shallow call is the model's own diffusers forward with the skipped blocks' `forward`
+swapped for stubs for the duration of the call: the stubs return correctly-shaped
+placeholders (the skip connections they would have produced are consumed only by skipped
+up blocks), and the last skipped up block returns the cached feature. So every variant of
+UNet2DModel / UNet2DConditionModel forward (class labels, SDXL added conditioning, masks)
+is covered without a copy of it, pruned and quantized blocks included; a traced shallow
+graph contains only the shallow layers (the placeholders are dead code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgediff.errors import BadInput
+from edgediff.model import DenoiserModule, DiffusionModel
+
+CACHE_KEY = "cache"  # model.extras key the cache pass writes: {"depth", "interval", ...}
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def find_unet(module: nn.Module) -> nn.Module:
+    """The diffusers UNet inside a denoiser (itself, or DenoiserModule.inner)."""
+    inner = module.inner if isinstance(module, DenoiserModule) else module
+    if type(inner).__name__ not in UNET_CLASSES or not hasattr(inner, "up_blocks"):
+        raise BadInput(f"DeepCache needs a diffusers {' or '.join(UNET_CLASSES)}, not {type(inner).__name__}")
+    return inner
+
+
+def max_depth(unet: nn.Module) -> int:
+    return len(unet.up_blocks) - 2
+
+
+def check_depth(unet: nn.Module, depth: int) -> None:
+    n = len(unet.down_blocks)
+    if len(unet.up_blocks) != n or n < 2:
+        raise BadInput(f"DeepCache: {type(unet).__name__} with {n} down / {len(unet.up_blocks)} up blocks has no "
+                       "skip branch to cache")
+    if not 0 <= depth <= n - 2:
+        raise BadInput(f"DeepCache: depth {depth} out of range for {n} blocks (0..{n - 2})")
+    for blk in list(unet.down_blocks) + list(unet.up_blocks):
+        if hasattr(blk, "skip_conv"):
+            raise BadInput(f"DeepCache: skip-sample blocks ({type(blk).__name__}) are not supported")
+
+
+def _n_res(blk: nn.Module) -> int:
+    """How many skip connections a down block emits."""
+    return len(blk.resnets) + (1 if getattr(blk, "downsamplers", None) else 0)
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capturing(unet: nn.Module, depth: int) -> Iterator[_Capture]:
+    """During the block, a full forward records the feature a shallow call will read."""
+    cap = _Capture()
+    h = unet.up_blocks[len(unet.up_blocks) - 2 - depth].register_forward_hook(cap)
+    try:
+        yield cap
+    finally:
+        h.remove()
+
+
+@contextmanager
+def shallow(unet: nn.Module, depth: int, feature: torch.Tensor) -> Iterator[None]:
+    """During the block, the UNet's forward is the shallow call reading `feature`."""
+    n = len(unet.up_blocks)
+    saved: list[tuple[nn.Module, Any]] = []
+
+    def stub_down(blk: nn.Module) -> Any:
+        k = _n_res(blk)
+
+        def fwd(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return hidden_states, (hidden_states,) * k
+        return fwd
+
+    def stub_mid(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def stub_up(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return feature
+
+    def swap(blk: nn.Module, fn: Any) -> None:
+        saved.append((blk, blk.__dict__.get("forward")))
+        blk.forward = fn  # instance attribute: nn.Module.__call__ looks it up first
+
+    try:
+        for blk in list(unet.down_blocks)[depth + 1:]:
+            swap(blk, stub_down(blk))
+        if unet.mid_block is not None:
+            swap(unet.mid_block, stub_mid)
+        for blk in list(unet.up_blocks)[: n - 1 - depth]:
+            swap(blk, stub_up)
+        yield
+    finally:
+        for blk, prev in saved:
+            if prev is None:
+                del blk.forward
+            else:
+                blk.forward = prev
+
+
+class FullEntry(nn.Module):
+    """Export/sampling view of the full call: (inputs...) -> (out, cached_feature)."""
+
+    def __init__(self, module: nn.Module, depth: int) -> None:
+        super().__init__()
+        self.module = module
+        self.depth = depth
+        self.unet = find_unet(module)
+        check_depth(self.unet, depth)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with capturing(self.unet, self.depth) as cap:
+            out = self.module(*args, **kwargs)
+        assert cap.value is not None
+        return out, cap.value.float()
+
+
+class ShallowEntry(nn.Module):
+    """Export/sampling view of the shallow call: (inputs..., cached_feature) -> out."""
+
+    def __init__(self, module: nn.Module, depth: int) -> None:
+        super().__init__()
+        self.module = module
+        self.depth = depth
+        self.unet = find_unet(module)
+        check_depth(self.unet, depth)
+
+    def forward(self, *args: torch.Tensor, feature: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        dtype = next((p.dtype for p in self.unet.parameters() if p.is_floating_point()), feature.dtype)
+        with shallow(self.unet, self.depth, feature.to(dtype)):
+            return self.module(*args, **kwargs)
+
+
+def full_steps(steps: int, interval: int) -> list[int]:
+    """Indices of the sampler steps that run the full UNet (the same rule as the bundle runtime's)."""
+    return [i for i in range(steps) if i % max(1, interval) == 0]
+
+
+class CachedDenoiser:
+    """Wraps a plain-tensor denoiser call (x, t, cond) with the DeepCache schedule.
+
+    The sampler calls it once per step per batch chunk, steps in order; a step is recognised
+    by its timestep (a new value starts the next step, a larger one starts a new run), chunks
+    by their order within the step, each chunk keeping its own cached feature.
+    """
+
+    def __init__(self, call: Any, module: nn.Module, depth: int, interval: int) -> None:
+        self.call = call  # (entry module, x, t, cond) -> output of `entry`
+        self.full = FullEntry(module, depth)
+        self.shallow = ShallowEntry(module, depth)
+        self.depth, self.interval = int(depth), int(interval)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sampling run (calls counts are per run)."""
+        self.calls = {"full": 0, "shallow": 0}
+        self._t: float | None = None
+        self._step = -1
+        self._chunk = 0
+        self._feats: list[torch.Tensor] = []
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        tv = float(t.reshape(-1)[0])
+        if self._t is None or tv > self._t:
+            self.reset()
+        if tv != self._t:
+            self._step += 1
+            self._chunk = 0
+            self._t = tv
+        else:
+            self._chunk += 1
+        c = self._chunk
+        if self._step % max(1, self.interval) == 0 or c >= len(self._feats):
+            out, feat = self.call(self.full, x, t, cond)
+            if c < len(self._feats):
+                self._feats[c] = feat
+            else:
+                self._feats.append(feat)
+            if c == 0:
+                self.calls["full"] += 1
+            return out
+        if c == 0:
+            self.calls["shallow"] += 1
+        return self.call(lambda *a, **k: self.shallow(*a, feature=self._feats[c], **k), x, t, cond)
+
+
+def cache_config(model: DiffusionModel) -> dict[str, Any] | None:
+    """The cache schedule an artifact carries (extras["cache"]), or None."""
+    c = model.extras.get(CACHE_KEY)
+    return dict(c) if c else None

@@ -1,0 +1,108 @@
+"""DeepCache: full/shallow entry points, the cache pass, the cached sampler schedule, artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgediff import passes
+from edgediff.deepcache import CachedDenoiser, FullEntry, ShallowEntry, full_steps
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample_model
+
+
+def _cache(model: DiffusionModel, **opts: int) -> DiffusionModel:
+    run, opts_cls = passes.get("cache")
+    return run(model.clone(), opts_cls(**{"check_samples": 0, **opts}), PassContext())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_unet", "tiny_cond_unet"])
+def test_shallow_call_with_its_own_feature_equals_the_full_model(fixture: str, request: pytest.FixtureRequest) -> None:
+    model: DiffusionModel = request.getfixturevalue(fixture)
+    mod = model.module().eval()
+    inputs = model.example_inputs(2)
+    with torch.no_grad():
+        ref = mod(**inputs)
+        out, feat = FullEntry(mod, 0)(**inputs)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        shallow = ShallowEntry(mod, 0)(**inputs, feature=feat)
+        torch.testing.assert_close(shallow, ref, atol=1e-5, rtol=1e-5)
+        # and the shallow call really reads the feature: another feature, another output
+        other = ShallowEntry(mod, 0)(**inputs, feature=torch.zeros_like(feat))
+    assert (other - ref).abs().max() > 1e-3
+    # stubs are restored: the plain forward is the plain forward again
+    with torch.no_grad():
+        torch.testing.assert_close(mod(**inputs), ref, atol=0, rtol=0)
+
+
+def test_cache_pass_records_schedule_and_shallow_macs(tiny_unet: DiffusionModel) -> None:
+    m = _cache(tiny_unet, depth=0, interval=3)
+    rec = m.extras["cache"]
+    assert rec["depth"] == 0 and rec["interval"] == 3
+    assert 0 < rec["macs_shallow"] < rec["macs_full"]
+    assert rec["feature_shape"][0] > 0
+    assert "cache" not in tiny_unet.extras  # the input model is untouched
+
+
+def test_cache_pass_rejects_bad_depth_and_non_unets(tiny_unet: DiffusionModel, tiny_dit: DiffusionModel) -> None:
+    with pytest.raises(BadInput, match="depth 5 out of range"):
+        _cache(tiny_unet, depth=5)
+    with pytest.raises(BadInput, match="DeepCache needs"):
+        _cache(tiny_dit)
+    with pytest.raises(BadInput, match="interval"):
+        passes.make_options("cache", {"interval": 0})
+
+
+def test_cached_sampler_follows_the_schedule_per_chunk(tiny_unet: DiffusionModel) -> None:
+    m = _cache(tiny_unet, depth=0, interval=3)
+    stats: dict = {}
+    cfg = SamplerConfig("ddim", 7, batch_size=2)
+    a = sample_model(m, 4, seed=1, cfg=cfg, stats=stats)
+    assert stats["denoiser_calls_full"] == len(full_steps(7, 3)) == 3
+    assert stats["denoiser_calls_shallow"] == 4
+    # each batch chunk keeps its own feature: chunking does not change the samples
+    b = sample_model(m, 4, seed=1, cfg=SamplerConfig("ddim", 7, batch_size=4))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # the cache changes the result (it is not silently off), interval 1 does not
+    plain = sample_model(m, 4, seed=1, cfg=cfg, denoiser=TorchDenoiser(m, use_cache=False))
+    assert (a - plain).abs().max() > 1e-4
+    every = _cache(tiny_unet, depth=0, interval=1)
+    torch.testing.assert_close(sample_model(every, 4, seed=1, cfg=cfg), plain, atol=1e-5, rtol=0)
+
+
+def test_cached_denoiser_restarts_on_a_new_run(tiny_unet: DiffusionModel) -> None:
+    m = _cache(tiny_unet, depth=0, interval=2)
+    d = TorchDenoiser(m)
+    assert isinstance(d.cache, CachedDenoiser)
+    cfg = SamplerConfig("ddim", 4)
+    first = sample_model(m, 2, seed=0, cfg=cfg, denoiser=d)
+    again = sample_model(m, 2, seed=0, cfg=cfg, denoiser=d)  # same object: the schedule restarts at step 0
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert d.cache.calls == {"full": 2, "shallow": 2}
+
+
+def test_cache_schedule_survives_the_artifact(tiny_unet: DiffusionModel, tmp_path) -> None:
+    from edgediff.artifact import load_artifact, write_artifact
+
+    m = _cache(tiny_unet, depth=0, interval=4)
+    write_artifact(m, tmp_path / "a", {"recipe": {"name": "t"}})
+    back = load_artifact(tmp_path / "a")
+    assert back.extras["cache"]["interval"] == 4
+    assert TorchDenoiser(back).cache is not None
+
+
+def test_cache_composes_with_quantization(tiny_unet: DiffusionModel) -> None:
+    from edgediff.testing import minmax_quantize
+
+    q = _cache(minmax_quantize(tiny_unet), depth=0, interval=2)
+    mod = q.module().eval()
+    inputs = q.example_inputs(2)
+    with torch.no_grad():
+        ref = mod(**inputs)
+        _, feat = FullEntry(mod, 0)(**inputs)
+        torch.testing.assert_close(ShallowEntry(mod, 0)(**inputs, feature=feat), ref, atol=1e-5, rtol=1e-5)
+    stats: dict = {}
+    x = sample_model(q, 2, seed=0, cfg=SamplerConfig("dpmpp-2m", 6), stats=stats)
+    assert torch.isfinite(x).all() and stats["denoiser_calls_shallow"] == 3
