@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,13 @@ from torch import nn
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel, InputSignature
 from edgediff.schedule import NoiseSchedule
+from edgediff.signature import DENOISER_CLASSES, infer, override
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
-DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
-                    "PixArtTransformer2DModel", "SD3Transformer2DModel")
 DEFAULT_COND_LEN = 77
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+# keys that mark an original (CompVis / Stability) single-file checkpoint rather than a diffusers layout
+_SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
 @dataclass
@@ -38,6 +41,9 @@ class LoadOptions:
     cond_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     trust_pickle: bool = False
+    variant: str | None = None  # diffusers weight variant: diffusion_pytorch_model.<variant>.safetensors
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --input NAME=SHAPE overrides
+    adapter: Path | None = None  # --adapter FILE.toml for a non-diffusers module
 
 
 def sha256_of(path: Path) -> str:
@@ -65,28 +71,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def signature_from_config(arch: str, cfg: dict[str, Any], opts: LoadOptions) -> InputSignature:
     """Infer the call signature of a diffusers denoiser from its config, then apply overrides."""
-    c = int(cfg.get("in_channels", 3) or 3)
-    size = cfg.get("sample_size") or 32
-    hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    cond = None
-    if cfg.get("cross_attention_dim") and arch in ("UNet2DConditionModel", "Transformer2DModel", "PixArtTransformer2DModel"):
-        dim = cfg["cross_attention_dim"]
-        cond = (DEFAULT_COND_LEN, int(dim[0] if isinstance(dim, (list, tuple)) else dim))
-    num_classes = None
-    if arch == "UNet2DModel" and cfg.get("num_class_embeds"):
-        num_classes = int(cfg["num_class_embeds"])
-    if arch in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm") and not cond:
-        num_classes = int(cfg["num_embeds_ada_norm"])
-    sig = InputSignature((c, *hw), cond, num_classes)
-    return apply_overrides(sig, opts)
+    return apply_overrides(infer(arch, cfg), opts)
 
 
 def apply_overrides(sig: InputSignature, opts: LoadOptions) -> InputSignature:
-    return InputSignature(
-        tuple(opts.sample_shape) if opts.sample_shape else sig.sample_shape,
-        tuple(opts.cond_shape) if opts.cond_shape else sig.cond_shape,
-        opts.num_classes if opts.num_classes is not None else sig.num_classes,
-    )
+    return override(sig, opts.sample_shape, opts.cond_shape, opts.num_classes, opts.inputs)
 
 
 def build_diffusers(arch: str, cfg: dict[str, Any], where: Path) -> nn.Module:
@@ -128,27 +117,118 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Pa
 
 
 def _schedule_near(folder: Path, opts: LoadOptions) -> NoiseSchedule:
+    """The model's own scheduler config: --scheduler-config, else the one shipped beside the model."""
     if opts.scheduler_config:
-        return NoiseSchedule.from_config(_read_json(opts.scheduler_config))
+        return NoiseSchedule.from_config(_read_json(opts.scheduler_config), str(opts.scheduler_config))
     for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json",
                  folder.parent / "scheduler_config.json"):
         if cand.is_file():
-            return NoiseSchedule.from_config(_read_json(cand))
+            return NoiseSchedule.from_config(_read_json(cand), str(cand))
     return NoiseSchedule.from_config({})
 
 
-def _from_config_and_weights(cfg_path: Path, weights: Path, opts: LoadOptions, source: Path) -> DiffusionModel:
+def _variant_of(f: Path) -> tuple[str | None, bool]:
+    """(variant, is_shard) of a diffusers weight file name: model[.fp16][-00001-of-00002].safetensors."""
+    stem = f.name[: -len(".safetensors")]
+    shard = bool(_SHARD.search(stem))
+    stem = _SHARD.sub("", stem)
+    return (stem.rsplit(".", 1)[1] if "." in stem else None), shard
+
+
+def _index_variant(f: Path) -> str | None:
+    # diffusion_pytorch_model.safetensors.index.json / ...index.fp16.json
+    parts = f.name.split(".safetensors.index.", 1)[1].split(".")
+    return parts[0] if len(parts) == 2 else None
+
+
+def single_file_check(path: Path, keys: Any) -> None:
+    """Refuse an original single-file Stable Diffusion checkpoint with the conversion to do."""
+    if any(str(k).startswith(_SINGLE_FILE_PREFIXES) for k in keys):
+        raise BadInput(f"{path}: a single-file (original layout) Stable Diffusion checkpoint; convert it with diffusers "
+                       "first, e.g. StableDiffusionPipeline.from_single_file(PATH).save_pretrained(DIR) "
+                       "(StableDiffusionXLPipeline for SDXL), then pass DIR")
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return list(fh.keys())
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by load_safetensors
+        return []
+
+
+def _pick_weights(path: Path, variant: str | None) -> tuple[list[Path], str | None]:
+    """The weight files of one variant in a diffusers model folder (several when sharded)."""
+    files = sorted(path.glob("*.safetensors"))
+    groups: dict[str | None, list[Path]] = {}
+    for f in files:
+        groups.setdefault(_variant_of(f)[0], []).append(f)
+    indexes = {_index_variant(i): i for i in sorted(path.glob("*.safetensors.index*.json"))}
+    if not files:
+        bins = sorted(path.glob("*.bin"))
+        if len(bins) > 1:
+            raise BadInput(f"{path}: several .bin weight files ({', '.join(b.name for b in bins)}); "
+                           "save the model with safetensors (save_pretrained(..., safe_serialization=True))")
+        return bins, None
+    chosen = variant
+    if variant is not None and variant not in groups:
+        have = ", ".join(sorted(v or "(none)" for v in groups))
+        raise BadInput(f"{path}: no weights of variant {variant!r} (variants here: {have})")
+    if variant is None and None not in groups:
+        if len(groups) > 1:
+            raise BadInput(f"{path}: only variant weights here ({', '.join(sorted(map(str, groups)))}); "
+                           "pick one with --variant NAME")
+        chosen = next(iter(groups))  # e.g. only diffusion_pytorch_model.fp16.safetensors: the one there is
+    picked = groups[chosen]
+    if len(picked) > 1 or any(_variant_of(f)[1] for f in picked):
+        idx = indexes.get(chosen)
+        if idx is None:
+            raise BadInput(f"{path}: sharded weights ({', '.join(f.name for f in picked)}) without their "
+                           f"*.safetensors.index{'.' + chosen if chosen else ''}.json")
+        wm = _read_json(idx).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise BadInput(f"{idx}: no weight_map")
+        names = sorted(set(map(str, wm.values())))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise BadInput(f"{idx}: names shard {missing[0]!r}, which is not in {path}")
+        picked = [path / n for n in names]
+    return picked, chosen
+
+
+def _load_weights(files: list[Path], opts: LoadOptions) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_safetensors(f))
+        else:
+            state.update(_torch_load_state(f, False))
+    return state
+
+
+def _from_config_and_weights(cfg_path: Path, weights: Path | list[Path], opts: LoadOptions, source: Path,
+                             variant: str | None = None) -> DiffusionModel:
     cfg = _read_json(cfg_path)
     arch = cfg.get("_class_name")
     if not arch:
         raise BadInput(f"{cfg_path}: config has no _class_name; is this a diffusers model config?")
+    try:
+        sig = signature_from_config(arch, cfg, opts)
+    except BadInput as e:
+        raise BadInput(f"{cfg_path}: {e}") from None
     module = build_diffusers(arch, cfg, cfg_path)
-    state = load_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load_state(weights)
-    load_state_into(module, state, weights)
+    files = weights if isinstance(weights, list) else [weights]
+    state = _load_weights(files, opts)
+    load_state_into(module, state, files[0] if len(files) == 1 else cfg_path.parent)
     module.eval()
+    prov: dict[str, Any] = {"source": str(source), "source_sha256": sha256_of(source)}
+    if variant:
+        prov["variant"] = variant
     return DiffusionModel(
-        denoiser=module, schedule=_schedule_near(cfg_path.parent, opts), signature=signature_from_config(arch, cfg, opts),
-        arch=arch, config=dict(module.config), provenance={"source": str(source), "source_sha256": sha256_of(source)},
+        denoiser=module, schedule=_schedule_near(cfg_path.parent, opts), signature=sig,
+        arch=arch, config=dict(module.config), provenance=prov,
     )
 
 
@@ -164,14 +244,14 @@ def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
         raise BadInput(f"{path}: pipeline folder has neither unet/ nor transformer/ with a config.json")
     cfg = path / "config.json"
     if not cfg.is_file():
+        lone = sorted(path.glob("*.safetensors"))
+        if len(lone) == 1:
+            single_file_check(lone[0], _safetensors_keys(lone[0]))
         raise BadInput(f"{path}: folder has no config.json, model_index.json or manifest.json")
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    weights, variant = _pick_weights(path, opts.variant)
     if not weights:
         raise BadInput(f"{path}: folder has a config.json but no .safetensors weights")
-    if len(weights) > 1:
-        names = ", ".join(w.name for w in weights)
-        raise BadInput(f"{path}: several weight files ({names}); sharded checkpoints are not supported")
-    return _from_config_and_weights(cfg, weights[0], opts, path)
+    return _from_config_and_weights(cfg, weights, opts, path, variant)
 
 
 def _torch_load_state(path: Path, trust_pickle: bool = False) -> Any:
@@ -206,6 +286,8 @@ def _load_pt(path: Path, opts: LoadOptions) -> DiffusionModel:
             raise BadInput(f"{path}: a pickled {arch} has no diffusers config to infer the input from; pass --sample-shape C,H,W")
         obj.eval()
         return DiffusionModel(obj, _schedule_near(path.parent, opts), sig, arch, cfg, prov)
+    if isinstance(obj, dict):
+        single_file_check(path, obj["state_dict"].keys() if isinstance(obj.get("state_dict"), dict) else obj.keys())
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         cfg_path = opts.config or path.parent / "config.json"
         if not cfg_path.is_file():
@@ -255,6 +337,7 @@ def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionMo
     if suffix == ".safetensors":
         cfg = opts.config or path.parent / "config.json"
         if not cfg.is_file():
+            single_file_check(path, _safetensors_keys(path))
             raise BadInput(f"{path}: a .safetensors file needs its config.json beside it or --config CONFIG.json")
         return _from_config_and_weights(cfg, path, opts, path)
     if suffix == ".pt2":

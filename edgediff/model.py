@@ -11,31 +11,115 @@ from torch import nn
 
 from edgediff.schedule import NoiseSchedule
 
+# how InputSpec.fill draws an example value (deterministic under the seed)
+FILLS = ("randn", "zeros", "const", "grid", "randint")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One extra denoiser input beyond sample/timestep/encoder_hidden_states/class_labels.
+
+    shape: without the batch axis. dtype: "float32" or "int64". route: "kwarg" passes it as
+    `inner(arg=...)`, "added_cond" inside `added_cond_kwargs` (SDXL text_embeds/time_ids,
+    PixArt resolution/aspect_ratio). unbatched: the model wants it without the batch axis
+    (Flux img_ids/txt_ids): every exported input keeps a batch axis, the first row is passed.
+    fill/value: what an example value looks like: "randn", "zeros", "const" (`value`, a list
+    broadcast to the shape), "grid" (Flux position ids of a value=[h, w] token grid), "randint"
+    (0..value-1). Missing at call time, a "const"/"grid"/"zeros" input takes its example value.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    route: str = "kwarg"
+    arg: str | None = None
+    unbatched: bool = False
+    fill: str = "randn"
+    value: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "route": self.route,
+                "arg": self.arg, "unbatched": self.unbatched, "fill": self.fill,
+                "value": list(self.value) if self.value is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(str(d["name"]), tuple(int(x) for x in d["shape"]), d.get("dtype", "float32"), d.get("route", "kwarg"),
+                   d.get("arg"), bool(d.get("unbatched", False)), d.get("fill", "randn"),
+                   tuple(d["value"]) if d.get("value") is not None else None)
+
+    def example(self, batch: int, g: torch.Generator | None = None) -> torch.Tensor:
+        dt = torch.int64 if self.dtype == "int64" else torch.float32
+        if self.fill == "randn":
+            return torch.randn(batch, *self.shape, generator=g).to(dt)
+        if self.fill == "randint":
+            return torch.randint(0, int((self.value or (2,))[0]), (batch, *self.shape), generator=g).to(dt)
+        if self.fill == "const":
+            v = torch.tensor(list(self.value or (0.0,)), dtype=torch.float64)
+            return v.expand(*self.shape).to(dt).unsqueeze(0).expand(batch, *self.shape).clone()
+        if self.fill == "grid":
+            h, w = (int(x) for x in (self.value or (1, self.shape[0])))
+            ids = torch.zeros(h, w, 3)
+            ids[..., 1] = torch.arange(h).view(-1, 1)
+            ids[..., 2] = torch.arange(w).view(1, -1)
+            return ids.view(1, h * w, 3).expand(batch, -1, -1).to(dt).clone()
+        return torch.zeros(batch, *self.shape, dtype=dt)
+
+    def has_default(self) -> bool:
+        return self.fill in ("const", "grid", "zeros")
+
 
 @dataclass
 class InputSignature:
     """What one denoiser call takes, without the batch axis.
 
-    sample_shape: (C, H, W) of x_t. cond_shape: (seq_len, dim) of encoder_hidden_states for
-    cross-attention models, else None. num_classes: class-label conditioning (DiT), else None.
+    sample_shape: shape of x_t ((C, H, W), or (tokens, C) for packed-latent models such as
+    Flux). cond_shape: (seq_len, dim) of encoder_hidden_states, else None. num_classes:
+    class-label conditioning (DiT), else None. extra: every further input (InputSpec), in
+    the order exported files carry them. timestep_scale: the model gets scheduler timestep *
+    this (Flux takes t / 1000). time_input: "timestep" (diffusers) or "sigma" (an adapter).
     """
 
     sample_shape: tuple[int, ...]
     cond_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
+    extra: tuple[InputSpec, ...] = ()
+    timestep_scale: float = 1.0
+    time_input: str = "timestep"
+
+    def input_names(self) -> list[str]:
+        """Every input in the fixed order DenoiserModule and exported files use."""
+        names = ["sample", "timestep"]
+        if self.cond_shape:
+            names.append("encoder_hidden_states")
+        if self.num_classes:
+            names.append("class_labels")
+        return names + [s.name for s in self.extra]
+
+    def input_specs(self) -> list[InputSpec]:
+        """Every input as an InputSpec (sample and timestep included), in input_names() order."""
+        specs = [InputSpec("sample", tuple(self.sample_shape)), InputSpec("timestep", ())]
+        if self.cond_shape:
+            specs.append(InputSpec("encoder_hidden_states", tuple(self.cond_shape)))
+        if self.num_classes:
+            specs.append(InputSpec("class_labels", (), "int64", fill="randint", value=(self.num_classes,)))
+        return specs + list(self.extra)
 
     def to_dict(self) -> dict[str, Any]:
         return {"sample_shape": list(self.sample_shape),
                 "cond_shape": list(self.cond_shape) if self.cond_shape else None,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "extra": [s.to_dict() for s in self.extra],
+                "timestep_scale": self.timestep_scale, "time_input": self.time_input,
+                "inputs": {s.name: {"shape": list(s.shape), "dtype": s.dtype} for s in self.input_specs()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSignature:
         return cls(tuple(d["sample_shape"]), tuple(d["cond_shape"]) if d.get("cond_shape") else None,
-                   d.get("num_classes"))
+                   d.get("num_classes"), tuple(InputSpec.from_dict(s) for s in d.get("extra") or ()),
+                   float(d.get("timestep_scale", 1.0)), d.get("time_input", "timestep"))
 
     def example_inputs(self, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Deterministic example inputs for tracing, export and MACs counting."""
+        """Deterministic example inputs for tracing, export and MACs counting, in input_names() order."""
         g = torch.Generator().manual_seed(seed)
         out = {"sample": torch.randn(batch, *self.sample_shape, generator=g).to(dtype),
                "timestep": torch.full((batch,), 500.0)}
@@ -43,33 +127,94 @@ class InputSignature:
             out["encoder_hidden_states"] = torch.randn(batch, *self.cond_shape, generator=g).to(dtype)
         if self.num_classes:
             out["class_labels"] = torch.randint(0, self.num_classes, (batch,), generator=g)
+        for s in self.extra:
+            v = s.example(batch, g)
+            out[s.name] = v.to(dtype) if v.is_floating_point() else v
         return out
+
+    def conditioning(self, n: int, seed: int = 0) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """Example conditioning for `n` samples, as samplers take it (`cond`).
+
+        None without conditioning; the tensor itself when the model has only encoder_hidden_states
+        or only class labels; otherwise a dict of every input but sample and timestep.
+        """
+        ex = self.example_inputs(n, seed)
+        cond = {k: v for k, v in ex.items() if k not in ("sample", "timestep")}
+        if self.num_classes and not self.extra and not self.cond_shape:
+            cond["class_labels"] = torch.arange(n) % self.num_classes
+        if not cond:
+            return None
+        if len(cond) == 1 and not self.extra:
+            return next(iter(cond.values()))
+        return cond
+
+
+def _route(sig: InputSignature, values: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The keyword arguments of the inner (diffusers-style) call for named plain tensors."""
+    kwargs: dict[str, Any] = {}
+    if sig.cond_shape:
+        ehs = values.get("encoder_hidden_states")
+        kwargs["encoder_hidden_states"] = ehs.to(dtype) if ehs is not None else None
+    if sig.num_classes:
+        kwargs["class_labels"] = values.get("class_labels")
+    added: dict[str, Any] = {}
+    batch = values["sample"].shape[0]
+    for s in sig.extra:
+        v = values.get(s.name)
+        if v is None:
+            if not s.has_default():
+                raise TypeError(f"denoiser input {s.name!r} is missing")
+            v = s.example(batch)
+        if v.is_floating_point():
+            v = v.to(dtype)
+        if s.unbatched:
+            v = v[0]
+        if s.route == "added_cond":
+            added[s.arg or s.name] = v
+        else:
+            kwargs[s.arg or s.name] = v
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return kwargs
+
+
+def _is_diffusers(m: nn.Module) -> bool:
+    # diffusers' transformers take the conditioning before the timestep: only keywords fit them all
+    return any(c.__module__.startswith("diffusers.") for c in type(m).__mro__)
 
 
 class DenoiserModule(nn.Module):
-    """A plain-tensor view of any denoiser: forward(sample, timestep[, cond]) -> model output.
+    """A plain-tensor view of any denoiser: forward(sample, timestep[, cond][, labels][, *extra]) -> output.
 
-    diffusers models return dataclasses and take keyword arguments; exporters, the quantizer
-    and the samplers want one tensor out. Timesteps are float32 of shape (B,) everywhere
-    (friendlier to TFLite and FPGA flows than int64).
+    diffusers models return dataclasses and take keyword arguments (PixArt, SD3, Sana and Flux
+    take the conditioning before the timestep, SDXL takes added_cond_kwargs); exporters, the
+    quantizer and the samplers want positional plain tensors in one fixed order
+    (InputSignature.input_names()) and one tensor out. Timesteps are float32 of shape (B,)
+    everywhere (friendlier to TFLite and FPGA flows than int64), in the scheduler's units.
     """
 
     def __init__(self, inner: nn.Module, signature: InputSignature) -> None:
         super().__init__()
         self.inner = inner
+        self.signature = signature
         self.has_cond = signature.cond_shape is not None
         self.has_class = signature.num_classes is not None
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        sig = self.signature
         # I/O stays float32 whatever the weights' dtype (fp16 models cast inside the graph)
         dtype = next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), sample.dtype)
-        kwargs: dict[str, Any] = {}
-        if self.has_cond:
-            kwargs["encoder_hidden_states"] = encoder_hidden_states.to(dtype) if encoder_hidden_states is not None else None
-        if self.has_class:
-            kwargs["class_labels"] = class_labels
-        out = self.inner(sample.to(dtype), timestep, **kwargs)
+        values: dict[str, Any] = {"sample": sample, "encoder_hidden_states": encoder_hidden_states,
+                                  "class_labels": class_labels}
+        values.update(dict(zip([s.name for s in sig.extra], args)))
+        values.update(kwargs)
+        call = _route(sig, values, dtype)
+        t = timestep if sig.timestep_scale == 1.0 else timestep * sig.timestep_scale
+        if _is_diffusers(self.inner):
+            out = self.inner(sample.to(dtype), timestep=t, **call)
+        else:  # plain modules (torch.export, pickled, adapters) take the time second, positionally
+            out = self.inner(sample.to(dtype), t, **call)
         if isinstance(out, (tuple, list)):
             out = out[0]
         elif not isinstance(out, torch.Tensor):

@@ -1,14 +1,23 @@
-"""DDPM and DDIM samplers that drive any denoiser behind a small call interface.
+"""PyTorch-side sampling: diffusers' own scheduler objects driving any denoiser, with edgediff's hooks.
 
-A `Denoiser` is anything callable as `denoiser(x_t, t, cond) -> model output` on float32
-torch tensors with t of shape (B,): the PyTorch model (`TorchDenoiser`), or later an ONNX
-Runtime session, a LiteRT interpreter, the OpenCL runtime. Samplers are deterministic
-under a seed: all randomness (initial noise, DDPM/DDIM noise) comes from one generator and
-is drawn for the whole set of samples at once, so batching the denoiser calls does not
-change the result.
+A `Denoiser` is anything callable as `denoiser(x, t, cond) -> model output` on float32 torch
+tensors, t of shape (B,) in the scheduler's timestep units, cond None / a tensor / a dict of
+named inputs (InputSignature.conditioning): the PyTorch model (`TorchDenoiser`), an ONNX
+Runtime session, a LiteRT interpreter, the OpenCL runtime.
 
-`EpsCorrection` lets a pass (PTQD) adjust each noise estimate and the sampler's variance
-wherever the model runs, exported or not.
+The loop is exactly a diffusers pipeline's:
+
+    scheduler.set_timesteps(steps)                     (mu for dynamically shifted flow models)
+    x = randn((n, *shape), generator=Generator().manual_seed(seed)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        on_step(i, t, x_in)                            hook: calibration capture, progress
+        out = denoiser(x_in, t, cond)                  batched; learned variance split off
+        out = correction(out)                          hook: PTQD, in eps space
+        x = scheduler.step(out, t, x, generator=g, eta=eta).prev_sample
+
+All randomness (initial noise, stochastic steps) comes from that one generator and is drawn
+for the whole set of samples at once, so batching the denoiser calls does not change the result.
 """
 
 from __future__ import annotations
@@ -19,15 +28,17 @@ from typing import Any, Protocol
 
 import torch
 
+from edgediff import schedulers
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel
 from edgediff.schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = tuple(schedulers.SHORT_NAMES)
+Cond = torch.Tensor | dict[str, torch.Tensor] | None
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
 
 
 class EpsCorrection(Protocol):
@@ -42,57 +53,138 @@ class EpsCorrection(Protocol):
 
 
 class TorchDenoiser:
-    """Runs a DiffusionModel's PyTorch module in inference mode."""
+    """Runs a DiffusionModel's PyTorch module in inference mode (cond: tensor or dict of named inputs)."""
 
-    def __init__(self, model: DiffusionModel) -> None:
+    def __init__(self, model: DiffusionModel, use_cache: bool = True) -> None:
         self.module = model.module().eval()
         self.num_classes = model.signature.num_classes
+        self.has_cond = model.signature.cond_shape is not None
+        # an artifact with a DeepCache schedule runs full and shallow calls (edgediff.deepcache)
+        self.cache: Any = None
+        cache = model.extras.get("cache") if use_cache else None
+        if cache:
+            from edgediff.deepcache import CachedDenoiser
+
+            self.cache = CachedDenoiser(self._invoke, self.module, int(cache["depth"]), int(cache["interval"]))
+
+    def _invoke(self, module: Any, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        t = t.float()
+        if isinstance(cond, dict):
+            return module(x, t, **cond)
+        if self.num_classes and not self.has_cond:
+            # class-conditional models take labels as `cond` (int64)
+            return module(x, t, None, cond)
+        return module(x, t, cond)
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes:
-            # class-conditional models take labels as `cond` (int64)
-            return self.module(x, t.float(), None, cond)
-        return self.module(x, t.float(), cond)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache(x, t, cond)
+        return self._invoke(self.module, x, t, cond)
 
 
 @dataclass
 class SamplerConfig:
-    sampler: str = "ddim"
+    """sampler: None for the model's own scheduler, else a short name (SAMPLERS) or a diffusers class."""
+
+    sampler: str | None = None
     steps: int = 50
     eta: float = 0.0
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise BadInput(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
-        if self.steps < 1:
+        if self.sampler:
+            schedulers.resolve(self.sampler)
+        if not isinstance(self.steps, int) or self.steps < 1:
             raise BadInput(f"steps must be >= 1, got {self.steps}")
         if self.eta < 0:
             raise BadInput(f"eta must be >= 0, got {self.eta}")
+        if self.batch_size < 1:
+            raise BadInput(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def timesteps_for(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """Evenly spaced integer timesteps, descending (diffusers' 'leading' spacing + offset 0)."""
-    n = schedule.num_train_timesteps
-    steps = min(steps, n)
-    stride = n // steps
-    return list(range(0, n, stride))[:steps][::-1]
+def image_seq_len(sample_shape: tuple[int, ...], patch_size: int = 2) -> int:
+    """Tokens the transformer sees (for dynamic shifting): packed (tokens, C) or (C, H, W) in patches."""
+    if len(sample_shape) == 2:
+        return int(sample_shape[0])
+    return int((sample_shape[-2] // patch_size) * (sample_shape[-1] // patch_size))
 
 
-def initial_noise(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
+def _flux_mu(cfg: dict[str, Any], seq: int) -> float:
+    # diffusers' calculate_shift: mu linear in the token count between base and max
+    b0, b1 = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
+    s0, s1 = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+    m = (s1 - s0) / (b1 - b0)
+    return seq * m + (s0 - m * b0)
 
 
-def _batched(denoiser: Denoiser, x: torch.Tensor, t: int, cond: torch.Tensor | None, bs: int) -> torch.Tensor:
+def make_scheduler(schedule: NoiseSchedule, sampler: str | None, steps: int,
+                   sample_shape: tuple[int, ...] | None = None) -> Any:
+    """The diffusers scheduler that sample() drives, with its timesteps set."""
+    sch = schedule.make_scheduler(sampler)
+    kw: dict[str, Any] = {}
+    if getattr(sch.config, "use_dynamic_shifting", False):
+        if sample_shape is None:
+            raise BadInput(f"{type(sch).__name__} uses dynamic shifting: the sample shape is needed to set mu")
+        kw["mu"] = _flux_mu(dict(sch.config), image_seq_len(tuple(sample_shape)))
+    try:
+        sch.set_timesteps(steps, **kw)
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"{type(sch).__name__}: cannot set {steps} steps ({e})") from None
+    return sch
+
+
+def init_sigma(sch: Any) -> float:
+    """The scheduler's init_noise_sigma (flow-matching schedulers have none: 1)."""
+    return float(getattr(sch, "init_noise_sigma", 1.0))
+
+
+def sampler_name(schedule: NoiseSchedule, sampler: str | None) -> str:
+    """What reports print: the diffusers class that runs (plus the short name asked for)."""
+    if not sampler:
+        return schedule.class_name
+    cls, _ = schedulers.resolve(sampler)
+    return cls if cls == sampler else f"{sampler} ({cls})"
+
+
+def _slice(cond: Cond, i: int, j: int) -> Cond:
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[i:j] for k, v in cond.items()}
+    return cond[i:j]
+
+
+def _batched(denoiser: Denoiser, x: torch.Tensor, t: float, cond: Cond, bs: int) -> torch.Tensor:
     outs = []
     for i in range(0, len(x), bs):
         xb = x[i : i + bs]
         tb = torch.full((len(xb),), float(t))
-        cb = cond[i : i + bs] if cond is not None else None
-        outs.append(denoiser(xb, tb, cb))
+        outs.append(denoiser(xb, tb, _slice(cond, i, i + bs)))
     return torch.cat(outs)
+
+
+def _t_value(t: torch.Tensor) -> int | float:
+    v = float(t)
+    return int(v) if v == int(v) and not t.is_floating_point() else v
+
+
+def _ddpm_like_sigma(sch: Any, t: int, eta: float) -> tuple[float, float, float, float] | None:
+    """(sigma, a_t, a_prev, kind) of DDPM/DDIM steps, for PTQD's variance absorption; None for others."""
+    name = type(sch).__name__
+    if name not in ("DDPMScheduler", "DDIMScheduler"):
+        return None
+    ac = sch.alphas_cumprod
+    prev = int(sch.previous_timestep(t)) if hasattr(sch, "previous_timestep") else \
+        t - sch.config.num_train_timesteps // sch.num_inference_steps
+    a_t = float(ac[t])
+    a_prev = float(ac[prev]) if prev >= 0 else float(getattr(sch, "final_alpha_cumprod", sch.one))
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    if name == "DDIMScheduler":
+        return eta * var**0.5, a_t, a_prev, 0.0
+    if sch.config.variance_type != "fixed_small" or t <= 0:
+        return None
+    return float(sch._get_variance(t)) ** 0.5, a_t, a_prev, 1.0
 
 
 def sample(
@@ -102,72 +194,110 @@ def sample(
     n: int,
     seed: int = 0,
     cfg: SamplerConfig | None = None,
-    cond: torch.Tensor | None = None,
+    cond: Cond = None,
     correction: EpsCorrection | None = None,
-    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, Any, torch.Tensor], None] | None = None,
     return_trajectory: bool = False,
     progress: Any = None,
     description: str = "sampling",
-) -> torch.Tensor | tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Generate `n` samples; returns the final x_0 (and the (t, x_t) trajectory if asked).
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]:
+    """Generate `n` samples; returns the final samples (and the (t, x_in) trajectory if asked).
 
-    on_step(i, t, x_t) is called before each denoiser call, e.g. to collect calibration data.
-    `progress` is an optional rich Progress that gets one task advancing per step.
+    on_step(i, t, x_in) is called before each denoiser call with exactly what the denoiser is
+    given (scale_model_input applied), e.g. to collect calibration data; the trajectory holds
+    the same. `progress` is an optional rich Progress; `stats` (a dict) receives
+    sampler / steps / denoiser_calls.
     """
     cfg = cfg or SamplerConfig()
     if n < 1:
         raise BadInput(f"number of samples must be >= 1, got {n}")
+    sch = make_scheduler(schedule, cfg.sampler, cfg.steps, sample_shape)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *sample_shape, generator=g)
-    ts = timesteps_for(schedule, cfg.steps)
-    ac = schedule.alphas_cumprod
-    traj: list[tuple[int, torch.Tensor]] = []
-    task = progress.add_task(f"{description} ({cfg.sampler.upper()}, {n} samples)", total=len(ts)) if progress else None
-    for i, t in enumerate(ts):
+    x = torch.randn((n, *sample_shape), generator=g) * init_sigma(sch)
+    kw = schedulers.step_kwargs(sch, g, cfg.eta)
+    timesteps = list(sch.timesteps)
+    learned = str(getattr(sch.config, "variance_type", "") or "").startswith("learned")
+    traj: list[tuple[Any, torch.Tensor]] = []
+    name = sampler_name(schedule, cfg.sampler)
+    task = progress.add_task(f"{description} ({name}, {n} samples)", total=len(timesteps)) if progress else None
+    calls = 0
+    for i, t in enumerate(timesteps):
         if task is not None:
             progress.advance(task)
+        tv = _t_value(t)
+        x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
         if on_step is not None:
-            on_step(i, t, x)
+            on_step(i, tv, x_in)
         if return_trajectory:
-            traj.append((t, x.clone()))
-        out = _batched(denoiser, x, t, cond, cfg.batch_size)
-        if out.shape[1] == 2 * x.shape[1]:
-            out = out[:, : x.shape[1]]  # learned-variance models (DiT): the second half is the variance
-        eps, x0 = schedule.to_eps_x0(out, x, t)
+            traj.append((tv, x_in.clone()))
+        out = _batched(denoiser, x_in, float(t), cond, cfg.batch_size)
+        calls += 1
+        if out.shape[1] == 2 * x.shape[1] and not learned and out.dim() == x.dim():
+            out = out[:, : x.shape[1]]  # learned-variance models (DiT, PixArt): the second half is the variance
+        ptqd = None
         if correction is not None:
-            eps = correction.correct(eps, t)
-            x0 = (x - (1 - float(ac[t])) ** 0.5 * eps) / float(ac[t]) ** 0.5
-        x0 = x0.clamp(-1, 1)
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t = float(ac[t])
-        a_prev = float(ac[t_prev]) if t_prev >= 0 else 1.0
-        if cfg.sampler == "ddim":
-            sigma = cfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        else:  # DDPM posterior variance for the (possibly strided) step
-            sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        if correction is not None and sigma > 0:
-            # PTQD: the residual quantization noise already adds variance; take it out of sigma^2.
-            # c_eps: how an error in eps reaches x_{t-1} through x0 (and, for DDIM, the direction term)
-            c_x0 = ((1 - a_t) / a_t) ** 0.5
-            if cfg.sampler == "ddim":
-                c_eps = max(1 - a_prev - sigma**2, 0.0) ** 0.5 - a_prev**0.5 * c_x0
-            else:
-                c_eps = a_prev**0.5 * (1 - a_t / a_prev) / (1 - a_t) * c_x0
-            sigma = max(sigma**2 - c_eps**2 * correction.variance_offset(t), 0.0) ** 0.5
-        if cfg.sampler == "ddim":
-            # recompute eps from the clipped x0 so that DDIM stays consistent
-            eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
-            dir_xt = max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
-            x = a_prev**0.5 * x0 + dir_xt
+            eps, _ = schedule.to_eps_x0(out, x_in, tv)
+            eps = correction.correct(eps, tv)
+            out = schedule.from_eps(eps, x_in, tv).to(out.dtype)
+            ptqd = _ddpm_like_sigma(sch, int(tv), cfg.eta) if schedule.family == "discrete" else None
+        if ptqd is not None and ptqd[0] > 0:
+            x = _step_ptqd(sch, out, t, x, g, kw, ptqd, correction.variance_offset(tv))  # type: ignore[union-attr]
         else:
-            # posterior mean of q(x_prev | x_t, x0)
-            c0 = a_prev**0.5 * (1 - a_t / a_prev) / (1 - a_t)
-            ct = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)
-            x = c0 * x0 + ct * x
-        if sigma > 0 and t_prev >= 0:
-            x = x + sigma * torch.randn(x.shape, generator=g)
+            x = sch.step(out, t, x, **kw).prev_sample
     if task is not None:
         progress.remove_task(task)
+    if stats is not None:
+        stats.update({"sampler": name, "steps": cfg.steps, "denoiser_calls": calls, "timesteps": len(timesteps)})
+        cache = getattr(denoiser, "cache", None)
+        if cache is not None:  # DeepCache: how many of the calls were full / shallow
+            stats.update({"denoiser_calls_full": cache.calls["full"], "denoiser_calls_shallow": cache.calls["shallow"]})
     if return_trajectory:
         return x, traj
     return x
+
+
+def _step_ptqd(sch: Any, out: torch.Tensor, t: torch.Tensor, x: torch.Tensor, g: torch.Generator,
+               kw: dict[str, Any], ptqd: tuple[float, float, float, float], var_offset: float) -> torch.Tensor:
+    """A DDPM/DDIM step whose added noise has its variance reduced by the residual quantization noise.
+
+    PTQD: the corrected eps still carries residual noise of variance `var_offset` (eps units), which
+    reaches x_prev with factor c_eps; that much is taken out of sigma^2 so the total stays on schedule.
+    """
+    sigma, a_t, a_prev, is_ddpm = ptqd
+    c_x0 = ((1 - a_t) / a_t) ** 0.5
+    if is_ddpm:
+        c_eps = a_prev**0.5 * (1 - a_t / a_prev) / (1 - a_t) * c_x0
+    else:
+        c_eps = max(1 - a_prev - sigma**2, 0.0) ** 0.5 - a_prev**0.5 * c_x0
+    new_sigma = max(sigma**2 - c_eps**2 * var_offset, 0.0) ** 0.5
+    if not is_ddpm:
+        z = torch.randn(out.shape, generator=g, dtype=out.dtype)
+        return sch.step(out, t, x, **{**kw, "generator": None, "variance_noise": z * (new_sigma / sigma)}).prev_sample
+    # DDPMScheduler draws its own noise from g: replay the same draw to swap sigma for new_sigma
+    peek = torch.Generator().set_state(g.get_state())
+    prev = sch.step(out, t, x, **kw).prev_sample
+    z = torch.randn(out.shape, generator=peek, dtype=out.dtype)
+    return prev + (new_sigma - sigma) * z
+
+
+# ---------------------------------------------------------------- back-compat helpers
+def timesteps_for(schedule: NoiseSchedule, steps: int, sampler: str | None = None) -> list[int | float]:
+    """The timesteps sample() visits (descending), one per denoiser call."""
+    return [_t_value(t) for t in make_scheduler(schedule, sampler, steps).timesteps]
+
+
+def initial_noise(shape: tuple[int, ...], n: int, seed: int, init_noise_sigma: float = 1.0) -> torch.Tensor:
+    """The initial noise as diffusers pipelines draw it on CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g) * init_noise_sigma
+
+
+def sample_model(model: DiffusionModel, n: int, seed: int = 0, cfg: SamplerConfig | None = None,
+                 cond: Cond = None, denoiser: Denoiser | None = None, **kw: Any) -> torch.Tensor:
+    """sample() with the model's own schedule, shape and example conditioning (when cond is None)."""
+    if cond is None:
+        cond = model.signature.conditioning(n, seed)
+    out = sample(denoiser or TorchDenoiser(model), model.schedule, tuple(model.signature.sample_shape), n, seed, cfg,
+                 cond=cond, **kw)
+    return out  # type: ignore[return-value]

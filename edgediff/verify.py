@@ -37,7 +37,7 @@ from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
-from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample, sampler_name
 
 # Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
 # fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
@@ -79,6 +79,8 @@ def _info_of(backend: Backend, path: Path) -> dict[str, Any]:
 
 def _conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
     sig = model.signature
+    if sig.extra:  # multi-input models (SDXL, SD3, Flux ...): a dict of named inputs
+        return sig.conditioning(n, seed + 1)
     if sig.num_classes:
         return torch.arange(n) % sig.num_classes
     if sig.cond_shape:
@@ -103,12 +105,19 @@ def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, 
     return err
 
 
-def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str = "ddim",
+def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str | None = None,
            seed: int = 0, progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
     exported = Path(exported)
     cfg = SamplerConfig(sampler, steps)
     if samples < 1:
         raise BadInput(f"--samples must be >= 1, got {samples}")
+    from edgediff.runtime import is_bundle
+
+    if is_bundle(exported):  # a bundle runs its own sampler loop (numpy runtime), DeepCache schedule included
+        from edgediff.bundle import verify_bundle
+
+        return verify_bundle(reference, exported, steps=steps, samples=samples, sampler=sampler, seed=seed,
+                             progress=progress, return_samples=return_samples)
     if exported.suffix.lower() in (".engine", ".plan") and not exported.exists() \
             and exported.with_suffix(".onnx").is_file():
         # `export --target tensorrt` without TensorRT wrote the ONNX and the trtexec command only
@@ -116,7 +125,7 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
     else:
         target = target_of(exported)
     result: dict[str, Any] = {"target": target, "exported": str(exported), "samples": samples, "steps": steps,
-                              "sampler": sampler, "seed": seed}
+                              "sampler": sampler_name(reference.schedule, sampler), "seed": seed}
     backend = get_backend(target)
     info = _info_of(backend, exported)
     precision = info.get("precision") or "fp32"
@@ -145,7 +154,10 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
         result["reference"] = "artifact float weights (activation quantization is not part of a float export)"
     else:
         result["reference"] = "artifact in PyTorch" + (" (quantization simulation)" if _has_wrappers(reference) else "")
-    ref = TorchDenoiser(ref_model)
+    # a single file holds the full UNet only: the reference runs without a DeepCache schedule too
+    ref = TorchDenoiser(ref_model, use_cache=False)
+    if reference.extras.get("cache"):
+        result["cache"] = "not covered by a single-file export (export -o DIR writes the cached bundle)"
     correction = _correction(reference)
     result["ptqd_correction"] = correction is not None
 

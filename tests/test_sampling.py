@@ -67,8 +67,12 @@ def test_class_conditional_dit(tiny_dit) -> None:
 
 
 def test_bad_sampler_options() -> None:
-    with pytest.raises(BadInput):
-        SamplerConfig("euler")
+    with pytest.raises(BadInput, match="unknown scheduler"):
+        SamplerConfig("eulerx")
+    with pytest.raises(BadInput, match="unknown scheduler"):
+        SamplerConfig("UNet2DModel")
+    SamplerConfig("euler")  # short names and diffusers class names both resolve
+    SamplerConfig("KDPM2DiscreteScheduler")
     with pytest.raises(BadInput):
         SamplerConfig("ddim", steps=0)
 

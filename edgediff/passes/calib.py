@@ -44,7 +44,7 @@ class CalibOptions:
     method: str = "qdiff"  # "ptq4dm" (normal timestep distribution) or "qdiff" (every c-th step)
     n_samples: int = 32  # trajectories generated (qdiff: samples per chosen step)
     steps: int = 50  # sampler steps of each trajectory
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the model's own scheduler
     interval: int = 5  # qdiff: keep every interval-th step
     count: int = 256  # ptq4dm: calibration points drawn
     mean: float = 0.4  # ptq4dm: mean of the timestep normal, as a fraction of T (< 0.5: toward x_0)

@@ -27,9 +27,12 @@ def resolve_source(given: torch.Tensor | None, data: str, option: str = "data") 
     return data
 
 
-def random_cond(model: DiffusionModel, n: int, generator: torch.Generator) -> torch.Tensor | None:
+def random_cond(model: DiffusionModel, n: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor] | None:
     """Conditioning for n samples: random text-like embeddings or random class labels."""
     sig = model.signature
+    if sig.extra:  # multi-input models (SDXL, SD3, Flux ...): every conditioning input, by name
+        ex = sig.example_inputs(n, int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        return {k: v for k, v in ex.items() if k not in ("sample", "timestep")}
     if sig.cond_shape:
         return torch.randn(n, *sig.cond_shape, generator=generator)
     if sig.num_classes:
@@ -57,7 +60,7 @@ def sampled_x0(model: DiffusionModel, n: int, seed: int, steps: int = 20) -> tup
     g = torch.Generator().manual_seed(seed + 7)
     cond = random_cond(model, n, g)
     x = sample(TorchDenoiser(model), model.schedule, tuple(model.signature.sample_shape), n, seed=seed,
-               cfg=SamplerConfig("ddim", steps=steps, batch_size=64), cond=cond)
+               cfg=SamplerConfig(None, steps=steps, batch_size=64), cond=cond)
     return x.clamp(-1, 1), cond
 
 
@@ -87,6 +90,8 @@ def call_kwargs(model: DiffusionModel, cond: torch.Tensor | None) -> dict[str, t
     """Keyword arguments for DenoiserModule.forward from a sampler-style `cond`."""
     if cond is None:
         return {}
+    if isinstance(cond, dict):  # multi-input models (SDXL, SD3, Flux ...): named inputs
+        return dict(cond)
     if model.signature.num_classes:
         return {"class_labels": cond}
     return {"encoder_hidden_states": cond}
@@ -95,9 +100,10 @@ def call_kwargs(model: DiffusionModel, cond: torch.Tensor | None) -> dict[str, t
 def denoising_loss(model: DiffusionModel, module: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor | None,
                    t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """MSE between the model output and the schedule's target (eps / v / x0) at integer steps t."""
-    xt = model.schedule.add_noise(x0, noise, t)
-    out = module(xt, t.float(), **call_kwargs(model, cond))
+    # the model's own forward process (alphas, flow sigmas or EDM preconditioning)
+    xt, t_in, target = model.schedule.training_example(x0, noise, t)
+    out = module(xt, t_in, **call_kwargs(model, cond))
     c = x0.shape[1]
     if out.shape[1] == 2 * c:
         out = out[:, :c]  # learned-variance models: only the mean part has a target here
-    return F.mse_loss(out, model.schedule.target(x0, noise, t))
+    return F.mse_loss(out, target)

@@ -112,7 +112,7 @@ def _generate(model: DiffusionModel, n: int, steps: int, seed: int, cond: torch.
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
     return sample(TorchDenoiser(model), model.schedule, tuple(model.signature.sample_shape), n, seed=seed,
-                  cfg=SamplerConfig("ddim", steps=steps, batch_size=n), cond=cond)
+                  cfg=SamplerConfig(None, steps=steps, batch_size=n), cond=cond)
 
 
 def ld_score(z_mod: torch.Tensor, z_ref: torch.Tensor) -> float:
