@@ -1,0 +1,114 @@
+// Nonlinear units in integer fixed point; see nonlinear.h for the arithmetic (fpga/nonlinear.py mirrors it).
+#include "nonlinear.h"
+
+void nl_groupnorm(const int32_t *x, int zx, int c, int hw, int groups, int64_t eps_n2, const int32_t *gamma,
+                  const int64_t *beta, const int32_t *lut, int64_t my, int zy, int qmin, int qmax, int32_t *y) {
+    const int cpg = c / groups;  // once per layer, outside the pipelined loops
+    const int64_t n = (int64_t)cpg * hw;
+groups:
+    for (int g = 0; g < groups; g++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_GROUPS
+        const int32_t *xg = x + (int64_t)g * n;
+        int64_t s = 0, ss = 0;
+    stats:
+        for (int64_t i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+            const int64_t q = xg[i] - zx;
+            s += q;
+            ss += q * q;
+        }
+        const int64_t sn = nl_isqrt(n * ss - s * s + eps_n2);
+        const int64_t recip = sn > 0 ? ((int64_t)1 << 40) / sn : 0;  // one divide per group
+        int ch = g * cpg, k = 0;
+    norm:
+        for (int64_t i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+            const int64_t z = ((n * (xg[i] - zx) - s) * recip) >> 24;
+            const int64_t t = nl_clamp(nl_rshift_round(z * gamma[ch] + beta[ch], 24), -32768, 32767);
+            int64_t v;
+            if (lut) {
+                v = lut[(t >> 4) + 2048];
+            } else {
+                v = nl_clamp(nl_rshift_round(t * my, 24) + zy, qmin, qmax);
+            }
+            y[(int64_t)g * n + i] = (int32_t)v;
+            if (++k == hw) {  // next channel: a counter, not a divide
+                k = 0;
+                ch++;
+            }
+        }
+    }
+}
+
+void nl_softmax(const int32_t *a, int rows, int len, int64_t ms, const int32_t *exp_lut, int64_t mp, int zp,
+                int qmin, int qmax, int32_t *y) {
+rows:
+    for (int r = 0; r < rows; r++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+        const int32_t *ar = a + (int64_t)r * len;
+        int64_t m = ar[0];
+    max:
+        for (int i = 1; i < len; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+            m = ar[i] > m ? ar[i] : m;
+        }
+        int64_t sum = 0;
+    exp_sum:
+        for (int i = 0; i < len; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+            const int64_t d = nl_clamp(m - ar[i], 0, 2147483647);
+            sum += exp_lut[nl_clamp((d * ms) >> 16, 0, 511)];
+        }
+        const int64_t recip = (mp << 16) / sum;  // one divide per row
+    out:
+        for (int i = 0; i < len; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+            const int64_t d = nl_clamp(m - ar[i], 0, 2147483647);
+            const int64_t e = exp_lut[nl_clamp((d * ms) >> 16, 0, 511)];
+            y[(int64_t)r * len + i] = (int32_t)nl_clamp(nl_rshift_round(e * recip, 40) + zp, qmin, qmax);
+        }
+    }
+}
+
+void nl_lut(const int32_t *x, int n, int qmin_in, const int32_t *lut, int32_t *y) {
+elems:
+    for (int i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        y[i] = lut[x[i] - qmin_in];
+    }
+}
+
+void nl_add(const int32_t *a, const int32_t *b, int n, int za, int zb, int64_t ma, int64_t mb, int zy, int qmin,
+            int qmax, int32_t *y) {
+elems:
+    for (int i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        const int64_t v = (int64_t)(a[i] - za) * ma + (int64_t)(b[i] - zb) * mb;
+        y[i] = (int32_t)nl_clamp(nl_rshift_round(v, 24) + zy, qmin, qmax);
+    }
+}
+
+void nl_upsample2x(const int32_t *x, int c, int h, int w, int32_t *y) {
+    int ch = 0, i = 0, j = 0;
+pixels:
+    for (int64_t o = 0; o < (int64_t)c * h * w * 4; o++) {
+#pragma HLS LOOP_TRIPCOUNT min = 4 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        // output (ch, i, j) of the (2h, 2w) map reads input (ch, i >> 1, j >> 1)
+        y[o] = x[((int64_t)ch * h + (i >> 1)) * w + (j >> 1)];
+        if (++j == 2 * w) {
+            j = 0;
+            if (++i == 2 * h) {
+                i = 0;
+                ch++;
+            }
+        }
+    }
+}
