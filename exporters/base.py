@@ -59,13 +59,8 @@ def threads() -> int | None:
 
 
 def input_names(sig: InputSignature) -> list[str]:
-    """The exported inputs in contract order (all targets): sample, timestep[, cond][, class_labels]."""
-    names = ["sample", "timestep"]
-    if sig.cond_shape:
-        names.append("encoder_hidden_states")
-    if sig.num_classes:
-        names.append("class_labels")
-    return names
+    """The exported inputs in contract order (all targets): sample, timestep[, cond][, class_labels][, extras]."""
+    return sig.input_names()
 
 
 def float_denoiser(model: DiffusionModel) -> nn.Module:
