@@ -145,6 +145,11 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
                           f"(export a single file instead: -o model{'.tflite' if target == 'tflite' else '.<suffix>'})")
     if not isinstance(model, DiffusionModel):
         raise BadInput(f"{out}: a bundle is written from a model or an artifact")
+    from edgediff.passes import sampling_correction
+
+    if sampling_correction(model) is not None:
+        raise Unavailable(f"{out}: bundles do not carry PTQD sampling corrections yet; export a single file "
+                          "(-o model.onnx) and drive it with edgediff's PyTorch sampler")
     samp = _sampling(model, sampler, steps)
     sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
     base_cfg = model.schedule.to_config()
@@ -210,3 +215,103 @@ def _diffusers_version() -> str:
         return str(diffusers.__version__)
     except ImportError:
         return ""
+
+
+def _reference_model(reference: DiffusionModel, precision: str) -> tuple[DiffusionModel, str]:
+    """What the bundle claims to compute: the quantization simulation for int8, else the float weights."""
+    import copy
+
+    from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
+
+    wrapped = any(is_quant_wrapper(m) for m in reference.denoiser.modules())
+    if precision != "int8" and wrapped:
+        den = strip_quant_wrappers(copy.deepcopy(reference.denoiser))
+        return (DiffusionModel(den, reference.schedule, reference.signature, reference.arch, reference.config,
+                               reference.provenance, reference.extras), "artifact float weights")
+    return reference, "artifact in PyTorch" + (" (quantization simulation)" if wrapped else "")
+
+
+def verify_bundle(reference: DiffusionModel, bundle_dir: Path, steps: int | None = None, samples: int = 16,
+                  sampler: str | None = None, seed: int = 0, progress: Any = None,
+                  return_samples: bool = False) -> dict[str, Any]:
+    """verify for a bundle: the numpy runtime's sampler loop (with the bundle's DeepCache schedule)
+    against the reference's PyTorch sampler with the same schedule, seeds and conditioning; plus
+    single calls of each graph (full, shallow) on fixed inputs. Keys and exit codes as `verify`."""
+    import math
+
+    import numpy as np
+
+    from edgediff.deepcache import FullEntry, ShallowEntry
+    from edgediff.metrics import psnr
+    from edgediff.passes import sampling_correction
+    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.generate import OrtEntry, run_bundle
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+    from edgediff.verify import TOLERANCES
+
+    b = read_bundle(bundle_dir)
+    precision = str(b.manifest.get("precision", "fp32"))
+    tol = TOLERANCES.get(precision, TOLERANCES["int8"])
+    use_sampler = sampler or str(b.manifest["sampler"])
+    n_steps = int(steps or b.manifest["steps"])
+    result: dict[str, Any] = {"target": f"{b.target} bundle", "exported": str(bundle_dir), "samples": samples,
+                              "steps": n_steps, "sampler": use_sampler, "seed": seed, "precision": precision,
+                              "tolerance": dict(tol), "cache": b.cache}
+    if sampling_correction(reference) is not None:
+        result.update({"verified": False, "exit_code": 3,
+                       "reason": "the bundle runtime does not apply PTQD corrections; verify the single-file export"})
+        return result
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        result.update({"verified": False, "exit_code": 3, "reason": "running the bundle needs onnxruntime"})
+        return result
+    ref_model, what = _reference_model(reference, precision)
+    result["reference"] = what
+    # single calls on fixed inputs: the full graph, and the shallow graph fed the reference's own feature
+    mod = ref_model.module().eval()
+    full = OrtEntry(b.file(ROLE_FULL))
+    shallow = OrtEntry(b.file(ROLE_SHALLOW)) if b.cache else None
+    err = 0.0
+    for t in (999, 500, 50):
+        t = min(t, reference.schedule.num_train_timesteps - 1)
+        inp = reference.signature.example_inputs(batch=2, seed=seed + t)
+        inp["timestep"] = torch.full((2,), float(t))
+        feeds = {k: v.numpy() for k, v in inp.items()}
+        with torch.inference_mode():
+            if b.cache:
+                depth = int(b.cache["depth"])
+                want, feat = FullEntry(mod, depth)(**inp)
+                got, got_feat = full.run([OUTPUT_NAME, FEATURE_NAME], feeds)
+                want_s = ShallowEntry(mod, depth)(**inp, feature=feat)
+                assert shallow is not None
+                got_s = shallow.run([OUTPUT_NAME], {**feeds, FEATURE_NAME: feat.numpy()})[0]
+                err = max(err, float(np.abs(got_s - want_s.numpy()).max()))
+            else:
+                want = mod(**inp)
+                got = full.run([OUTPUT_NAME], feeds)[0]
+        err = max(err, float(np.abs(got - want.numpy()).max()))
+    result["max_abs_err"] = err
+    cond = reference.signature.conditioning(samples, seed)
+    with torch.inference_mode():
+        stats: dict[str, Any] = {}
+        want_x = sample(TorchDenoiser(ref_model), reference.schedule, tuple(reference.signature.sample_shape), samples,
+                        seed, SamplerConfig(use_sampler, n_steps), cond=cond, progress=progress,
+                        description="verify bundle: reference", stats=stats)
+    got_x, run_stats = run_bundle(bundle_dir, samples=samples, seed=seed, steps=n_steps, sampler=use_sampler)
+    assert isinstance(want_x, torch.Tensor)
+    p = psnr(torch.from_numpy(got_x), want_x)
+    within = p >= tol["psnr_db"] and err <= tol["max_abs_err"]
+    result.update({"psnr_db": round(p, 3) if math.isfinite(p) else p, "verified": True,
+                   "runtime": f"onnxruntime {ort.__version__}",
+                   "denoiser_calls": run_stats["denoiser_calls"],
+                   "denoiser_calls_full": run_stats["denoiser_calls_full"],
+                   "denoiser_calls_shallow": run_stats["denoiser_calls_shallow"],
+                   "reference_calls_shallow": stats.get("denoiser_calls_shallow", 0),
+                   "within_tolerance": within, "exit_code": 0 if within else 4})
+    if not within:
+        result["reason"] = (f"out of tolerance for {precision}: psnr {p:.2f} dB (min {tol['psnr_db']}), "
+                            f"max_abs_err {err:.3g} (max {tol['max_abs_err']})")
+    if return_samples:
+        result["final_samples"] = torch.from_numpy(got_x)
+    return result

@@ -129,3 +129,21 @@ def test_bad_bundles_are_bad_input(tiny_unet: DiffusionModel, tmp_path: Path) ->
     with pytest.raises(BadInput, match="missing key"):
         read_bundle(tmp_path / "b")
     assert torch.__version__  # the PyTorch side stays importable alongside
+
+
+def test_verify_covers_the_cached_schedule(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.verify import verify
+
+    m = _with(tiny_unet, "cache", depth=0, interval=2, check_samples=0)
+    export_bundle(m, tmp_path / "b", sampler="dpmpp-2m", steps=5)
+    res = verify(m, tmp_path / "b", steps=5, samples=2)
+    assert res["verified"] and res["exit_code"] == 0, res
+    assert res["denoiser_calls_shallow"] == res["reference_calls_shallow"] == 2
+    assert res["psnr_db"] > 60 and res["max_abs_err"] < 1e-3
+    # a reference that differs (weights perturbed) is caught
+    other = m.clone()
+    with torch.no_grad():
+        for p in other.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bad = verify(other, tmp_path / "b", steps=5, samples=2)
+    assert bad["verified"] and bad["exit_code"] == 4 and "out of tolerance" in bad["reason"]
