@@ -45,6 +45,8 @@ class CalibOptions:
     n_samples: int = 32  # trajectories generated (qdiff: samples per chosen step)
     steps: int = 50  # sampler steps of each trajectory
     sampler: str | None = None  # None: the model's own scheduler
+    # use the sampler and steps the artifact will be used with (the `sampling` pass's record) when it has one
+    follow_sampling: bool = True
     interval: int = 5  # qdiff: keep every interval-th step
     count: int = 256  # ptq4dm: calibration points drawn
     mean: float = 0.4  # ptq4dm: mean of the timestep normal, as a fraction of T (< 0.5: toward x_0)
@@ -168,6 +170,12 @@ def load_calibration(model: DiffusionModel, ctx: PassContext) -> dict[str, torch
 def run(model: DiffusionModel, opts: CalibOptions, ctx: PassContext) -> DiffusionModel:
     from safetensors.torch import save_file
 
+    rec = model.extras.get("sampling")
+    if opts.follow_sampling and rec:
+        import dataclasses
+
+        opts = dataclasses.replace(opts, sampler=rec.get("sampler") or opts.sampler,
+                                   steps=int(rec.get("steps") or opts.steps))
     opts.validate()
     key = cache_key(model, opts)
     path = cache_path(ctx.cache_dir, key)
