@@ -106,3 +106,30 @@ def test_cache_composes_with_quantization(tiny_unet: DiffusionModel) -> None:
     stats: dict = {}
     x = sample_model(q, 2, seed=0, cfg=SamplerConfig("dpmpp-2m", 6), stats=stats)
     assert torch.isfinite(x).all() and stats["denoiser_calls_shallow"] == 3
+
+
+def test_fast_recipes_plan_and_fast_runs(tiny_unet: DiffusionModel) -> None:
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import load_recipe
+
+    edge_fast = load_recipe("edge-fast")
+    names = [p.name for p in edge_fast.passes]
+    assert names.index("cache") < names.index("calib") < names.index("quant") and names[0] == "sampling"
+    for spec in edge_fast.passes:
+        passes.make_options(spec.name, spec.options, "edge-fast")
+    out, records = run_recipe(tiny_unet, load_recipe("fast"))
+    assert out.extras["sampling"] == {"sampler": "dpmpp-2m", "steps": 10, "eta": 0.0}
+    assert out.extras["cache"]["interval"] == 3
+    cache_rec = next(r for r in records if r.name == "cache")
+    assert cache_rec.metrics["calls_full"] == 4 and cache_rec.metrics["calls_shallow"] == 6
+    assert "psnr_vs_uncached_db" in cache_rec.metrics
+
+
+def test_calibration_follows_the_recorded_sampler(tiny_unet: DiffusionModel, tmp_path) -> None:
+    run_s, cls_s = passes.get("sampling")
+    m = run_s(tiny_unet.clone(), cls_s(sampler="dpmpp-2m", steps=4), PassContext())
+    run_c, cls_c = passes.get("calib")
+    out = run_c(m, cls_c(method="qdiff", n_samples=2, interval=1), PassContext(cache_dir=tmp_path))
+    assert out.extras["calib"]["options"]["sampler"] == "dpmpp-2m"
+    assert out.extras["calib"]["options"]["steps"] == 4
+    assert out.extras["calib"]["count"] == 2 * 4
