@@ -43,14 +43,50 @@ def _shape(text: Optional[str], flag: str) -> Optional[tuple[int, ...]]:
     return dims
 
 
+def _inputs(items: Optional[list[str]]) -> dict[str, tuple[int, ...]]:
+    """--input NAME=D1,D2 (repeatable): per-input shape overrides (without the batch axis)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items or []:
+        name, sep, dims = item.partition("=")
+        if not sep or not name:
+            raise BadInput(f"--input {item!r}: expected NAME=D1,D2,..., e.g. text_embeds=1280")
+        out[name.strip()] = _shape(dims, f"--input {name}") or ()
+    return out
+
+
 def _load(spec: str, config: Optional[Path], sample_shape: Optional[str], cond_shape: Optional[str],
-          num_classes: Optional[int], trust_pickle: bool) -> Any:
+          num_classes: Optional[int], trust_pickle: bool, variant: Optional[str] = None,
+          adapter: Optional[Path] = None, scheduler_config: Optional[Path] = None,
+          inputs: Optional[list[str]] = None) -> Any:
     from edgediff.loaders import LoadOptions, load_model
 
     opts = LoadOptions(config=config, sample_shape=_shape(sample_shape, "--sample-shape"),
                        cond_shape=_shape(cond_shape, "--cond-shape"), num_classes=num_classes,
-                       trust_pickle=trust_pickle)
-    return load_model(spec, opts)
+                       trust_pickle=trust_pickle, variant=variant, adapter=adapter,
+                       scheduler_config=scheduler_config, inputs=_inputs(inputs))
+    if opts.sample_shape:
+        from edgediff.safety import check_config_budget
+
+        check_config_budget("", {"block_out_channels": [64]}, "--sample-shape", opts.sample_shape)
+    model = load_model(spec, opts)
+    if opts.sample_shape:
+        _check_fits(model, spec, sample_shape or "")
+    return model
+
+
+def _check_fits(model: Any, spec: str, text: str) -> None:
+    """A --sample-shape the denoiser cannot take is a one-line error, not a traceback later."""
+    import torch
+
+    from edgediff.safety import check_config_budget
+
+    check_config_budget(model.arch, model.config or {}, f"--sample-shape {text}", model.signature.sample_shape)
+    try:
+        with torch.no_grad():
+            model.module()(**model.example_inputs(batch=1))
+    except Exception as e:  # noqa: BLE001 - any failure of the trial call means the shape does not fit
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"{spec}: --sample-shape {text} does not fit this model ({first})") from None
 
 
 @contextmanager
@@ -76,6 +112,12 @@ ConfigOpt = typer.Option(None, "--config", help="config.json for a bare .safeten
 SampleOpt = typer.Option(None, "--sample-shape", help="C,H,W of x_t when it cannot be inferred.")
 CondOpt = typer.Option(None, "--cond-shape", help="SEQ,DIM of encoder_hidden_states (cross-attention).")
 ClassesOpt = typer.Option(None, "--num-classes", help="Number of class labels (class-conditional models).")
+SAMPLER_HELP = ("Scheduler (default: the model's own): ddim, ddpm, euler, euler-a, heun, dpmpp-2m, unipc, lcm, "
+                "flow-euler, edm-euler, or a diffusers class name.")
+VariantOpt = typer.Option(None, "--variant", help="diffusers weight variant, e.g. fp16 (model.fp16.safetensors).")
+AdapterOpt = typer.Option(None, "--adapter", help="TOML describing a non-diffusers denoiser (inputs, time, schedule).")
+SchedOpt = typer.Option(None, "--scheduler-config", help="A diffusers scheduler_config.json to use instead of the model's.")
+InputOpt = typer.Option(None, "--input", help="NAME=D1,D2 shape override of one denoiser input (repeatable).")
 PickleOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a .pt module (runs code from the file).")
 
 
@@ -183,7 +225,7 @@ def export(model: str = ModelOpt,
 @app.command()
 def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The exported file to check."),
            steps: int = typer.Option(20, "--steps"), samples: int = typer.Option(16, "--samples"),
-           sampler: str = typer.Option("ddim", "--sampler", help="ddim|ddpm"), seed: int = typer.Option(0, "--seed"),
+           sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP), seed: int = typer.Option(0, "--seed"),
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
            num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
@@ -214,6 +256,50 @@ def profile(exported: Path = typer.Argument(..., help="An exported model."),
         _write_json(result)
     else:
         out.print(mod.summary_table(result))
+
+
+@app.command()
+def generate(model: str = typer.Argument(..., help="A model, an artifact, or an exported bundle directory."),
+             output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG grid of the samples."),
+             save_npy: Optional[Path] = typer.Option(None, "--save-npy", help="Final samples (N, C, H, W) float32."),
+             seed: int = typer.Option(0, "--seed"), samples: int = typer.Option(4, "--samples"),
+             steps: Optional[int] = typer.Option(None, "--steps", help="Default 50 (4 for LCM)."),
+             sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP),
+             guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="Text (needs a bundle with a text encoder)."),
+             prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds",
+                                                          help=".safetensors/.npz of tensors named like the inputs."),
+             batch_size: int = typer.Option(16, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
+             config: Optional[Path] = ConfigOpt, sample_shape: Optional[str] = SampleOpt,
+             cond_shape: Optional[str] = CondOpt, num_classes: Optional[int] = ClassesOpt,
+             trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt, adapter: Optional[Path] = AdapterOpt,
+             scheduler_config: Optional[Path] = SchedOpt, inputs: Optional[list[str]] = InputOpt) -> None:
+    """Generate samples: a PNG grid and/or the final samples as .npy, with timing."""
+    if output is None and save_npy is None:
+        raise BadInput("nothing to write: pass -o OUT.png and/or --save-npy OUT.npy")
+    if Path(model).is_dir() and (Path(model) / "edgediff_bundle.json").is_file():
+        # an exported bundle runs torch-free in its own runtime (edgediff.runtime)
+        from edgediff.runtime import generate_bundle
+
+        if prompt is not None or prompt_embeds is not None or guidance is not None:
+            raise BadInput(f"{model}: this bundle generator takes no --prompt/--prompt-embeds/--guidance")
+        with progress_bar():
+            result = generate_bundle(Path(model), samples=samples, seed=seed, steps=steps, sampler=sampler,
+                                     batch_size=batch_size, save_npy=save_npy, output=output)
+        _emit(result, as_json, f"generate {model}")
+        return
+    if prompt is not None:
+        raise BadInput("--prompt needs a text encoder, which PyTorch-side generate does not load; "
+                       "encode the prompt yourself and pass --prompt-embeds FILE")
+    from edgediff.generate import generate as run_generate
+
+    m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter, scheduler_config,
+              inputs)
+    with progress_bar() as p:
+        result = run_generate(m, samples=samples, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
+                              prompt_embeds=prompt_embeds, output=output, save_npy=save_npy, batch_size=batch_size,
+                              progress=p)
+    _emit(result, as_json, f"generate {model}")
 
 
 @app.command()
