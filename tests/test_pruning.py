@@ -302,3 +302,111 @@ def test_finetune_ddp_two_cpu_processes_gloo(tiny_unet, tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["passes"][-1]["name"] == "finetune"
     assert any(not torch.equal(a, b) for a, b in zip(out.denoiser.parameters(), tiny_unet.denoiser.parameters()))
+
+
+# ------------------------------------------------------------------------------------------- selection rule
+
+
+class _FixedScores:
+    """A Torch-Pruning importance with fixed pseudo-random scores per root channel."""
+
+    def __call__(self, group) -> torch.Tensor:
+        n = len(group[0][1])
+        return torch.rand(n, generator=torch.Generator().manual_seed(n))
+
+
+def _kept_conv_in_channels(model: DiffusionModel, selection: str) -> tuple[list[int], int, int]:
+    from edgediff.passes.prune_diff import prune_structure
+
+    m = model.clone()
+    conv = m.denoiser.inner.conv_in if hasattr(m.denoiser, "inner") else m.denoiser.conv_in
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(conv.out_channels, dtype=torch.float32))  # tags the channels
+    c = conv.out_channels
+    prune_structure(m, 0.25, _FixedScores(), selection)
+    conv = m.denoiser.inner.conv_in if hasattr(m.denoiser, "inner") else m.denoiser.conv_in
+    return [int(v) for v in conv.bias.round().tolist()], c, 8
+
+
+def test_per_group_selection_drops_each_groups_own_lowest(tiny_unet) -> None:
+    """Each GroupNorm group loses its own lowest-scoring channels (Diff-Pruning's code); tied
+    selection (Torch-Pruning's) removes the same positions from every group."""
+    kept, c, groups = _kept_conv_in_channels(tiny_unet, "per_group")
+    size = c // groups
+    scores = torch.rand(c, generator=torch.Generator().manual_seed(c)).view(groups, size)
+    expect = [g * size + int(j) for g in range(groups) for j in sorted(scores[g].argsort(descending=True)[:size - 1])]
+    assert kept == expect
+    tied, _, _ = _kept_conv_in_channels(tiny_unet, "tied")
+    positions = {tuple(v % size for v in tied[g * (size - 1):(g + 1) * (size - 1)]) for g in range(groups)}
+    assert len(positions) == 1  # the same positions in every group
+    assert len({tuple(v % size for v in kept[g * (size - 1):(g + 1) * (size - 1)]) for g in range(groups)}) > 1
+
+
+def test_taylor_score_is_torch_pruning_taylor_and_squared_differs(tiny_unet) -> None:
+    import torch_pruning as tp
+
+    from edgediff.passes.prune_diff import TaylorScore, _build_pruner
+
+    m = tiny_unet.clone()
+    mod = m.module()
+    for p in mod.parameters():
+        p.requires_grad_(True)
+    mod(**m.example_inputs(2)).pow(2).mean().backward()
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    pruner = _build_pruner(m, 0.25, TaylorScore())
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                           root_module_types=pruner.root_module_types))
+    ref = tp.importance.TaylorImportance(multivariable=False)
+    checked = 0
+    for g in groups[:6]:
+        a, b = TaylorScore()(g), ref(g)
+        if a is None or b is None:
+            continue
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        sq = TaylorScore(squared=True)(g)
+        assert sq.shape == a.shape and not torch.allclose(sq, a)
+        checked += 1
+    assert checked >= 3
+    # the weights are restored after scoring
+    assert all(torch.equal(before[k], v) for k, v in mod.state_dict().items())
+
+
+def test_diff_threshold_is_checked_before_backprop(tiny_unet, monkeypatch) -> None:
+    """The step whose loss falls below the threshold is not accumulated; taylor walks every step."""
+    from edgediff.passes import prune_diff
+
+    real = prune_diff.denoising_loss
+    # an untrained model's loss is flat in t: damp it so that the walk has somewhere to stop
+    monkeypatch.setattr(prune_diff, "denoising_loss",
+                        lambda model, module, x0, cond, t, noise: real(model, module, x0, cond, t, noise)
+                        / (1 + float(t[0]) / 50))
+    common = dict(ratio=0.25, t_stride=50, batch_size=4, data="samples", sample_steps=2)
+    _, md = _run("prune.diff", tiny_unet, importance="diff", threshold=0.3, **common)
+    assert md["stopped_by_threshold"] and md["stopped_at_t"] > md["last_t"]
+    assert md["timesteps_used"] == md["stopped_at_t"] // 50
+    assert md["loss_last"] >= 0.3 * md["loss_max"]
+    _, mt = _run("prune.diff", tiny_unet, importance="taylor", score="squared", **common)
+    assert mt["timesteps_used"] == len(range(0, tiny_unet.schedule.num_train_timesteps, 50))
+    assert mt["score"] == "squared" and mt["selection"] == "per_group"
+    with pytest.raises(BadInput, match="selection"):
+        make_options("prune.diff", {"selection": "shared"})
+
+
+def test_finetune_on_teacher_trajectories(tiny_unet) -> None:
+    """A share of each batch is x_t from the teacher's DDIM trajectories with the teacher's output."""
+    from edgediff.passes.finetune import teacher_trajectories
+
+    traj = teacher_trajectories(tiny_unet, 3, 4, seed=0)
+    assert traj["x"].shape == (12, 1, 16, 16) and traj["out"].shape == (12, 1, 16, 16)
+    assert sorted(set(traj["t"].tolist())) == sorted(set(traj["t"].tolist()))[:4] and len(set(traj["t"].tolist())) == 4
+    with torch.no_grad():
+        again = tiny_unet.module()(traj["x"][:3], traj["t"][:3].float())
+    assert torch.allclose(again, traj["out"][:3], atol=1e-5)  # targets are the teacher's outputs there
+    pruned, _ = _run("prune.diff", tiny_unet, ratio=0.4, importance="magnitude")
+    opts = dict(steps=3, batch_size=4, data="samples", data_pool=4, lr=1e-3)
+    a, ma = _run("finetune", pruned, original=tiny_unet, trajectories=3, trajectory_steps=4, **opts)
+    b, mb = _run("finetune", pruned, original=tiny_unet, **opts)
+    assert ma["trajectory_points"] == 12 and mb["trajectory_points"] == 0
+    assert any(not torch.equal(x, y) for x, y in zip(a.denoiser.parameters(), b.denoiser.parameters()))
+    with pytest.raises(BadInput, match="trajectory_share"):
+        make_options("finetune", {"trajectory_share": 0.0})

@@ -51,11 +51,18 @@ class FinetuneOptions:
     lr: float = 2e-4  # AdamW learning rate
     weight_decay: float = 0.0
     distill: float = 1.0  # weight of the teacher-output MSE (0 = plain denoising loss); needs a teacher
+    denoise: float = 1.0  # weight of the denoising (data-target) MSE; 0 = pure distillation
     ema: float = 0.999  # EMA decay (0 = no EMA); warmed up as in diffusers
     data: str = "auto"  # auto | given (ctx.data) | samples (the teacher's own DDIM samples)
     data_pool: int = 512  # generated samples when data = samples
     checkpoint_dir: str = ""  # "" = no checkpoints
     checkpoint_every: int = 100
+    # distillation on the teacher's own sampling trajectories: a share of every batch is x_t taken
+    # from `trajectories` DDIM runs of the teacher (seeds disjoint from evaluation seeds), with the
+    # teacher's output there as the target, so the student learns where it will be sampled
+    trajectories: int = 0  # teacher trajectories in the pool (0 = off)
+    trajectory_steps: int = 50  # DDIM steps of each trajectory
+    trajectory_share: float = 0.5  # share of each batch drawn from the pool
 
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
@@ -66,12 +73,18 @@ class FinetuneOptions:
             raise BadInput(f"finetune: option lr={self.lr} must be > 0")
         if float(self.distill) < 0:
             raise BadInput(f"finetune: option distill={self.distill} must be >= 0")
+        if float(self.denoise) < 0:
+            raise BadInput(f"finetune: option denoise={self.denoise} must be >= 0")
         if not 0.0 <= float(self.ema) < 1.0:
             raise BadInput(f"finetune: option ema={self.ema} must lie in [0, 1)")
         if self.data not in DATA_SOURCES:
             raise BadInput(f"finetune: option data={self.data!r}; expected one of {', '.join(DATA_SOURCES)}")
         if int(self.checkpoint_every) < 1:
             raise BadInput(f"finetune: option checkpoint_every={self.checkpoint_every} must be >= 1")
+        if int(self.trajectories) < 0 or int(self.trajectory_steps) < 1:
+            raise BadInput("finetune: options trajectories must be >= 0 and trajectory_steps >= 1")
+        if not 0.0 < float(self.trajectory_share) <= 1.0:
+            raise BadInput(f"finetune: option trajectory_share={self.trajectory_share} must lie in (0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +165,24 @@ def _load_checkpoint(path: Path, module: nn.Module, ema: list[torch.Tensor] | No
 # --------------------------------------------------------------------------------------------
 # the training loop
 
+# trajectory seeds start far from the small seeds that demo/verify/benchmarks sample with, so the
+# student never trains on the exact trajectories it is scored on
+TRAJECTORY_SEED_OFFSET = 1_000_003
+
+
+def teacher_trajectories(teacher: DiffusionModel, n: int, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """(x_t, t, teacher output, cond) at every step of n DDIM trajectories of the teacher, flattened."""
+    from edgediff.passes.calib import CalibOptions, generate
+
+    d = generate(teacher, CalibOptions(method="qdiff", n_samples=n, steps=steps, interval=1,
+                                       seed=TRAJECTORY_SEED_OFFSET + int(seed)))
+    s = d["traj_x"].shape[0]
+    out = {"x": d["traj_x"].flatten(0, 1), "t": d["traj_t"].repeat_interleave(n),
+           "out": d["traj_out"].flatten(0, 1)}
+    if "traj_cond" in d:
+        out["cond"] = d["traj_cond"].repeat(s, *([1] * (d["traj_cond"].dim() - 1)))
+    return out
+
 
 def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionModel | None, seed: int = 0,
              track: Any = None, log: Any = None, given: torch.Tensor | None = None) -> dict[str, Any]:
@@ -175,6 +206,10 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
         p.requires_grad_(p.is_floating_point())
     _broadcast_params(module)
     use_teacher = teacher is not None and float(opts.distill) > 0
+    traj = (teacher_trajectories(teacher, int(opts.trajectories), int(opts.trajectory_steps), seed)
+            if teacher is not None and int(opts.trajectories) > 0 else None)
+    n_traj = max(1, round(local_bs * float(opts.trajectory_share))) if traj is not None else 0
+    n_data = local_bs - n_traj
     t_mod = teacher.module().to(device).eval() if use_teacher else None
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(opts.lr), weight_decay=float(opts.weight_decay))
@@ -189,33 +224,22 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
     train_mod = (DistributedDataParallel(module, device_ids=[local_rank] if device.type == "cuda" else None,
                                          find_unused_parameters=True) if world > 1 else module)
     module.train()
-    T = model.schedule.num_train_timesteps
     steps = range(start, int(opts.steps))
     it = track(steps, "Fine-tuning", len(steps)) if (track is not None and rank == 0) else steps
     losses: list[float] = []
     for step in it:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 1009 + rank)
-        idx = torch.randint(0, len(src.x), (local_bs,), generator=g)
-        x0 = src.x[idx]
-        if src.cond is not None:
-            cond = src.cond[idx]
-        else:
-            from edgediff.passes.prune_data import random_cond
-            cond = random_cond(model, local_bs, g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, T, (local_bs,), generator=g)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        cond = cond.to(device) if cond is not None else None
-        xt = model.schedule.add_noise(x0, noise, t)
-        kw = call_kwargs(model, cond)
-        out = train_mod(xt, t.float(), **kw)
-        c = x0.shape[1]
-        target = model.schedule.target(x0, noise, t)
-        loss = torch.nn.functional.mse_loss(out[:, :c], target)
-        if use_teacher:
-            with torch.no_grad():
-                t_out = t_mod(xt, t.float(), **kw)
-            loss = loss + float(opts.distill) * torch.nn.functional.mse_loss(out, t_out)
+        loss = torch.zeros(())
+        if n_data > 0:
+            loss = loss + _data_loss(model, train_mod, t_mod if use_teacher else None, src, n_data, g, device,
+                                     float(opts.distill), float(opts.denoise))
+        if traj is not None:
+            j = torch.randint(0, len(traj["x"]), (n_traj,), generator=g)
+            kw = call_kwargs(model, traj["cond"][j].to(device) if "cond" in traj else None)
+            out = train_mod(traj["x"][j].to(device), traj["t"][j].float().to(device), **kw)
+            # weighted by the batch share so that the two terms keep the scale of a full batch
+            t_loss = torch.nn.functional.mse_loss(out, traj["out"][j].to(device))
+            loss = loss * (n_data / local_bs) + t_loss * (n_traj / local_bs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,8 +261,38 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
     if t_mod is not None:
         t_mod.to("cpu")
     return {"steps": int(opts.steps), "resumed_from": start, "world_size": world, "data": src.source,
-            "distilled": use_teacher, "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+            "distilled": use_teacher, "trajectory_points": len(traj["x"]) if traj is not None else 0,
+            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+
+
+def _data_loss(model: DiffusionModel, train_mod: nn.Module, t_mod: nn.Module | None, src: DataSource, n: int,
+               g: torch.Generator, device: torch.device, distill: float, denoise: float = 1.0) -> torch.Tensor:
+    """Denoising loss on noised training images, plus the teacher-output MSE when distilling."""
+    idx = torch.randint(0, len(src.x), (n,), generator=g)
+    x0 = src.x[idx]
+    if src.cond is not None:
+        cond = src.cond[idx]
+    else:
+        from edgediff.passes.prune_data import random_cond
+        cond = random_cond(model, n, g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, model.schedule.num_train_timesteps, (n,), generator=g)
+    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    if isinstance(cond, dict):
+        cond = {k: v.to(device) for k, v in cond.items()}
+    elif cond is not None:
+        cond = cond.to(device)
+    # the model's own forward process (alphas, flow sigmas or EDM preconditioning)
+    xt, t_in, target = model.schedule.training_example(x0, noise, t)
+    kw = call_kwargs(model, cond)
+    out = train_mod(xt, t_in, **kw)
+    c = x0.shape[1]
+    loss = denoise * torch.nn.functional.mse_loss(out[:, :c], target)
+    if t_mod is not None:
+        with torch.no_grad():
+            t_out = t_mod(xt, t_in, **kw)
+        loss = loss + distill * torch.nn.functional.mse_loss(out, t_out)
+    return loss
 
 
 @register("finetune", FinetuneOptions)

@@ -47,6 +47,8 @@ from edgediff.passes import PassContext, register
 from edgediff.passes.prune_data import DATA_SOURCES, DataSource, denoising_loss
 
 IMPORTANCES = ("diff", "taylor", "magnitude", "random")
+SELECTIONS = ("per_group", "tied")
+SCORES = ("abs", "squared")
 
 
 @dataclass
@@ -59,6 +61,10 @@ class PruneDiffOptions:
     batch_size: int = 32  # images in the fixed gradient batch
     data: str = "auto"  # auto | given (ctx.data) | samples (the model's own DDIM samples)
     sample_steps: int = 20  # DDIM steps when data = samples
+    # per_group: every GroupNorm group / attention head drops its own lowest-scoring channels (the
+    # Diff-Pruning code); tied: the same positions in every group (Torch-Pruning's averaging)
+    selection: str = "per_group"
+    score: str = "abs"  # Taylor score per weight: abs = |w * g| (the paper), squared = (w * g)^2
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.ratio) < 1.0:
@@ -73,6 +79,10 @@ class PruneDiffOptions:
             raise BadInput("prune.diff: options t_stride, batch_size and sample_steps must be >= 1")
         if self.data not in DATA_SOURCES:
             raise BadInput(f"prune.diff: option data={self.data!r}; expected one of {', '.join(DATA_SOURCES)}")
+        if self.selection not in SELECTIONS:
+            raise BadInput(f"prune.diff: option selection={self.selection!r}; expected one of {', '.join(SELECTIONS)}")
+        if self.score not in SCORES:
+            raise BadInput(f"prune.diff: option score={self.score!r}; expected one of {', '.join(SCORES)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +110,81 @@ def _lcm_pruner_class() -> type:
             return out
 
     return _DiffusersPruner
+
+
+def _groupwise_pruner_class() -> type:
+    base = _lcm_pruner_class()
+
+    class _GroupwisePruner(base):  # type: ignore[misc, valid-type]
+        """Local pruning where each channel group picks its own channels.
+
+        Torch-Pruning averages the importance over the channel groups of a dependency group
+        (GroupNorm groups, attention heads) and removes the same positions from every group.
+        Diff-Pruning's code ranks inside each group instead: every group loses the same *number*
+        of channels (so GroupNorm groups and heads stay whole and equal-sized), but its own
+        lowest-scoring ones. Dependency graph, importance and the surgery stay Torch-Pruning's;
+        only the choice of indices differs.
+        """
+
+        def _prune(self) -> Any:
+            ratio = float(self.per_step_pruning_ratio[self.current_step])
+            chosen: list[tuple[nn.Module, Any, list[int]]] = []
+            # every importance first, then the surgery: scores must see the unpruned weights
+            for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                                root_module_types=self.root_module_types):
+                if not self._check_pruning_ratio(group):
+                    continue
+                if self._is_atten_group(group)[0]:
+                    group = self._downstream_node_as_root_if_attention(group)
+                    if group is None:
+                        continue
+                n_groups = self._get_channel_groups(group)
+                imp = self.estimate_importance(group)
+                if imp is None or len(imp) % n_groups:
+                    continue
+                size = len(imp) // n_groups
+                k = min(size - int(size * (1 - ratio)), size - 1)  # as Torch-Pruning's local count
+                if k <= 0:
+                    continue
+                low = torch.topk(imp.view(n_groups, size).cpu(), k, dim=1, largest=False).indices
+                idxs = (low + torch.arange(n_groups).view(-1, 1) * size).flatten().sort().values.tolist()
+                chosen.append((group[0].dep.target.module, group[0].dep.handler, idxs))
+            for module, fn, idxs in chosen:
+                group = self.DG.get_pruning_group(module, fn, idxs)
+                if self.DG.check_pruning_group(group):
+                    yield group
+
+    return _GroupwisePruner
+
+
+class TaylorScore:
+    """Torch-Pruning importance from the accumulated gradients: sum |w * g| or sum (w * g)^2.
+
+    Torch-Pruning's magnitude importance (p = 1 or 2, with its group reduction, normalisation
+    and per-layer handling) applied to the elementwise product w * dL/dw instead of w: with
+    p = 1 this is its TaylorImportance(multivariable=False), the Diff-Pruning score; p = 2 is
+    the squared first-order Taylor score.
+    """
+
+    def __init__(self, squared: bool = False) -> None:
+        import torch_pruning as tp
+
+        self.inner = tp.importance.GroupMagnitudeImportance(p=2 if squared else 1)
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor:
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for dep, _ in group:
+            for t in (getattr(dep.target.module, "weight", None), getattr(dep.target.module, "bias", None)):
+                if isinstance(t, nn.Parameter) and not any(t is s for s, _ in saved):
+                    saved.append((t, t.data))
+                    # a parameter the loss never reached has zero gradient, hence zero score
+                    t.data = t.data * t.grad if t.grad is not None else torch.zeros_like(t.data)
+        try:
+            return self.inner(group)
+        finally:
+            for t, d in saved:
+                t.data = d
 
 
 def _output_layers(inner: nn.Module) -> list[nn.Module]:
@@ -157,11 +242,11 @@ def _example_inputs(model: DiffusionModel) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _build_pruner(model: DiffusionModel, ratio: float, importance: Any) -> Any:
+def _build_pruner(model: DiffusionModel, ratio: float, importance: Any, selection: str = "per_group") -> Any:
     wrapper = model.module()
     inner = model.denoiser.inner if hasattr(model.denoiser, "inner") else model.denoiser
     groups, heads = _channel_groups(inner)
-    cls = _lcm_pruner_class()
+    cls = _groupwise_pruner_class() if selection == "per_group" else _lcm_pruner_class()
     return cls(
         wrapper, _example_inputs(model), importance=importance, pruning_ratio=ratio,
         ignored_layers=_ignored_layers(inner), in_channel_groups=dict(groups), out_channel_groups=dict(groups),
@@ -226,15 +311,19 @@ def check_prunable(model: DiffusionModel) -> None:
         raise BadInput("structural pruning must run before quantization (the model already has quantization wrappers)")
 
 
-def prune_structure(model: DiffusionModel, ratio: float, importance: Any) -> tuple[DiffusionModel, int]:
-    """Prune `model` in place with a Torch-Pruning importance; returns (model, groups pruned)."""
+def prune_structure(model: DiffusionModel, ratio: float, importance: Any,
+                    selection: str = "per_group") -> tuple[DiffusionModel, int]:
+    """Prune `model` in place with a Torch-Pruning importance; returns (model, groups pruned).
+
+    `selection`: "per_group" (each GroupNorm group / head ranks its own channels) or "tied".
+    """
     check_prunable(model)
     inner = _inner(model)
     dims = _attention_dims(inner)
     reference_shape = None
     with torch.no_grad():
         reference_shape = model.module()(**_example_inputs(model)).shape
-    pruner = _build_pruner(model, ratio, importance)
+    pruner = _build_pruner(model, ratio, importance, selection)
     n_groups = 0
     for group in pruner.step(interactive=True):
         group.prune()
@@ -341,23 +430,25 @@ def accumulate_gradients(model: DiffusionModel, opts: PruneDiffOptions, ctx: Pas
     for t in ctx.track(ts, label):
         tt = torch.full((len(x0),), t, dtype=torch.long)
         loss = denoising_loss(model, module, x0, cond, tt, noise)
-        loss.backward()
         lv = float(loss.detach())
-        losses.append(lv)
         max_loss = max(max_loss, lv)
+        # the paper's order: the step that falls below the threshold is not back-propagated
         if opts.importance == "diff" and lv < opts.threshold * max_loss:
             stopped_at = t
             break
+        loss.backward()
+        losses.append(lv)
     return {"data": src.source, "timesteps_used": len(losses), "last_t": ts[len(losses) - 1],
-            "stopped_by_threshold": stopped_at is not None, "loss_max": max_loss, "loss_last": losses[-1]}
+            "stopped_by_threshold": stopped_at is not None, "stopped_at_t": stopped_at, "loss_max": max_loss,
+            "loss_last": losses[-1]}
 
 
-def make_importance(name: str) -> Any:
+def make_importance(name: str, score: str = "abs") -> Any:
     import torch_pruning as tp
 
     if name in ("diff", "taylor"):
-        # multivariable=False: sum of |w * g| over each channel's weights, the paper's score
-        return tp.importance.TaylorImportance(multivariable=False)
+        # "diff" and "taylor" share the score; they differ only in the timesteps accumulated
+        return TaylorScore(squared=score == "squared")
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
     return tp.importance.RandomImportance()
@@ -373,11 +464,12 @@ def run(model: DiffusionModel, opts: PruneDiffOptions, ctx: PassContext) -> Diff
     if opts.macs_reduction > 0:
         ratio, _ = ratio_for_macs(model, float(opts.macs_reduction))
         ctx.log(f"prune.diff: ratio {ratio:.3f} meets macs_reduction={opts.macs_reduction}")
-    info: dict[str, Any] = {"importance": opts.importance, "ratio": round(ratio, 4)}
+    info: dict[str, Any] = {"importance": opts.importance, "ratio": round(ratio, 4), "selection": opts.selection,
+                            "score": opts.score}
     if opts.importance in ("diff", "taylor"):
         info.update(accumulate_gradients(model, opts, ctx))
     torch.manual_seed(ctx.seed)  # random importance draws from the global generator
-    model, n_groups = prune_structure(model, ratio, make_importance(opts.importance))
+    model, n_groups = prune_structure(model, ratio, make_importance(opts.importance, opts.score), opts.selection)
     for p in model.denoiser.parameters():
         p.requires_grad_(False)
     model.denoiser.eval()
