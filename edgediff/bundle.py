@@ -231,12 +231,13 @@ def _reference_model(reference: DiffusionModel, precision: str) -> tuple[Diffusi
     return reference, "artifact in PyTorch" + (" (quantization simulation)" if wrapped else "")
 
 
-def verify_bundle(reference: DiffusionModel, bundle_dir: Path, steps: int | None = None, samples: int = 16,
-                  sampler: str | None = None, seed: int = 0, progress: Any = None,
-                  return_samples: bool = False) -> dict[str, Any]:
+def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[str, dict[str, float]],
+                  steps: int | None = None, samples: int = 16, sampler: str | None = None, seed: int = 0,
+                  progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
     """verify for a bundle: the numpy runtime's sampler loop (with the bundle's DeepCache schedule)
     against the reference's PyTorch sampler with the same schedule, seeds and conditioning; plus
-    single calls of each graph (full, shallow) on fixed inputs. Keys and exit codes as `verify`."""
+    single calls of each graph (full, shallow) on fixed inputs. Keys and exit codes as `verify`,
+    `tolerances` its table (per precision: psnr_db, max_abs_err)."""
     import math
 
     import numpy as np
@@ -247,11 +248,10 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, steps: int | None
     from edgediff.runtime.bundle import read_bundle
     from edgediff.runtime.generate import OrtEntry, run_bundle
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
-    from edgediff.verify import TOLERANCES
 
     b = read_bundle(bundle_dir)
     precision = str(b.manifest.get("precision", "fp32"))
-    tol = TOLERANCES.get(precision, TOLERANCES["int8"])
+    tol = tolerances.get(precision, tolerances["int8"])
     use_sampler = sampler or str(b.manifest["sampler"])
     n_steps = int(steps or b.manifest["steps"])
     result: dict[str, Any] = {"target": f"{b.target} bundle", "exported": str(bundle_dir), "samples": samples,
