@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgediff.fpga.graph import VEC
+
 from edgediff.errors import BadInput
 
-VEC = 16  # int8 operands per 128-bit AXI word
 LOAD_LAT, DRAIN_LAT, PARAM_LAT = 64, 16, 64  # must match hls/systolic.h
 DEFAULT_DRAM_GBS = 19.2  # ZCU104's PS DDR4 (64-bit, 2400 MT/s), the default board
 ASSUMPTIONS = ("estimate from the cycle model of the HLS schedule (C-simulation counts the same clocks), not a board "
@@ -282,7 +283,7 @@ def estimate_onnx(path: Path | str, rows: int = 16, cols: int = 16, clock_mhz: f
         report = json.loads(marker.read_text())
         layers = report.get("layers", []) + report.get("host_ops", [])
     else:
-        from edgediff.fpga.project import extract_onnx
+        from edgediff.fpga.convert_onnx import extract_onnx
 
         ext = extract_onnx(p, with_vectors=False)
         layers = ext.layer_dicts() + ext.host_ops

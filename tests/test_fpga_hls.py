@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgediff.fpga import csim, estimate
-from edgediff.fpga.project import array_geometry
+from edgediff.fpga.graph import array_geometry
 from edgediff.fpga.sim import ConvGeom, QLayer
 
 needs_cxx = pytest.mark.skipif(not csim.toolchain()[0], reason=f"no C-simulation toolchain: {csim.toolchain()[1]}")
@@ -171,7 +171,7 @@ def test_the_design_keeps_the_hls_coding_rules() -> None:
 def test_synthesis_needs_vitis_hls_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from edgediff.fpga.project import RUN_HLS_SH, TCL, synthesize
+    from edgediff.fpga.writer import RUN_HLS_SH, TCL, synthesize
 
     from edgediff.errors import Unavailable
 
