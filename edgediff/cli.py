@@ -13,13 +13,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from edgediff.errors import BadInput, EdgediffError
+from edgediff.safety import MAX_SAMPLES, MAX_STEPS, check_count, check_output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edgediff: compress, export, verify and profile diffusion models for edge devices.")
-err = Console(stderr=True)
-out = Console()
+# markup=False: file names and user strings such as "[bold]a.pt" are printed as they are, never styled
+err = Console(stderr=True, markup=False)
+out = Console(markup=False)
 # Libraries print progress to stdout (litert-torch's converter does); main() points sys.stdout at
 # stderr while a command runs so that stdout carries only our tables and our one JSON object.
 _stdout = sys.stdout
@@ -91,7 +94,7 @@ def _check_fits(model: Any, spec: str, text: str) -> None:
 
 @contextmanager
 def progress_bar() -> Iterator[Progress]:
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=err, transient=True) as p:
         yield p
@@ -168,6 +171,7 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     r = load_recipe(recipe)
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    check_output(output, [model, recipe, config])
     m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
     data = None
     if model == "demo":  # the bundled model comes with its training digits (data-driven passes use them)
@@ -176,6 +180,9 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
         data = split()["train"][0]
     with progress_bar() as p:
         _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force, data=data)
+    from edgediff.quality import print_warning
+
+    print_warning(manifest.get("quality") or {})  # quantizing recipes: simulation vs the original model
     if as_json:
         _write_json(manifest)
         return
@@ -187,6 +194,10 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     b, a = manifest["metrics"]["before"], manifest["metrics"]["after"]
     for k in ("params", "macs", "size_bytes"):
         t.add_row(k, "", f"{b[k]:,} -> {a[k]:,} ({a[k] / max(b[k], 1):.2%})")
+    if manifest.get("quality"):
+        q = manifest["quality"]
+        t.add_row("psnr_vs_original_db", "", f"{q['psnr_vs_original_db']} dB (simulation vs the original model, "
+                  f"{q['protocol']['samples']} samples x {q['protocol']['steps']} steps)")
     out.print(t)
 
 
@@ -208,6 +219,7 @@ def export(model: str = ModelOpt,
     backend = get_backend(target)  # the backend checks the rest of the request (edgediff.exporters.base)
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    check_output(output, [model, config])
     options: dict[str, Any] = {}
     if palettize is not None:
         options["palettize"] = palettize
@@ -228,13 +240,21 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
            sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP), seed: int = typer.Option(0, "--seed"),
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
-           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt,
+           min_quality_db: float = typer.Option(25.0, "--min-quality-db",
+                                                help="Quantized artifacts: warn when the export's samples are "
+                                                     "fewer dB than this from the original model's.")) -> None:
     """Run the exported file in its real runtime with the sampler and compare to the reference."""
     from edgediff import verify as mod
+    from edgediff.quality import print_warning
 
+    check_count(samples, "--samples", MAX_SAMPLES)
+    check_count(steps, "--steps", MAX_STEPS)
     ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
     with progress_bar() as p:
-        result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p)
+        result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p,
+                            min_quality_db=min_quality_db)
+    print_warning(result)
     _emit(result, as_json, f"verify {exported}")
     if result.get("exit_code"):
         raise typer.Exit(int(result["exit_code"]))
@@ -277,6 +297,13 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
     """Generate samples: a PNG grid and/or the final samples as .npy, with timing."""
     if output is None and save_npy is None:
         raise BadInput("nothing to write: pass -o OUT.png and/or --save-npy OUT.npy")
+    check_count(samples, "--samples", MAX_SAMPLES)
+    check_count(batch_size, "--batch-size", MAX_SAMPLES)
+    if steps is not None:
+        check_count(steps, "--steps", MAX_STEPS)
+    for o in (output, save_npy):
+        if o is not None:
+            check_output(o, [model, prompt_embeds, config])
     if Path(model).is_dir() and (Path(model) / "edgediff_bundle.json").is_file():
         # an exported bundle runs torch-free in its own runtime (edgediff.runtime)
         from edgediff.runtime import generate_bundle
@@ -312,6 +339,9 @@ def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
 
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
+    check_output(output)
+    check_count(samples, "--samples", MAX_SAMPLES)
+    check_count(steps, "--steps", MAX_STEPS)
     with progress_bar() as p:
         summary = run_demo(output, samples=samples, steps=steps, seed=seed, progress=p, force=force, log=err.print)
     if as_json:
@@ -322,8 +352,46 @@ def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
     out.print(summary_table(summary))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every atomic write removes its temp files on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _pop_max_memory(args: list[str]) -> list[str]:
+    """`--max-memory SIZE` is accepted anywhere on the line, for every command (safety.py's budget)."""
+    from edgediff.safety import parse_size, set_max_memory
+
+    rest, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--max-memory" or a.startswith("--max-memory="):
+            value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            set_max_memory(parse_size(value))
+            i += 1 if "=" in a else 2
+            continue
+        rest.append(a)
+        i += 1
+    return rest
+
+
+def _print_error(message: str) -> None:
+    # one line, literally (no markup, no wrapping into several lines)
+    err.print(Text("edgediff: error: ", style="red") + Text(" ".join(str(message).split())), highlight=False,
+              soft_wrap=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: EdgediffError -> one line and its exit code; a bug -> traceback and 1."""
+    """Entry point: EdgediffError -> one line and its exit code; a bug -> traceback and 1.
+
+    Ctrl-C and SIGTERM -> "interrupted; nothing written" (atomic writes delete their temp files),
+    exit 130 / 143. A full disk or an unwritable place -> one line, exit 2.
+    """
+    import errno
+    import signal
+
     try:  # typer >= 0.25 vendors click as typer._click
         from typer._click import exceptions as cex
     except ImportError:  # pragma: no cover - older typer uses click itself
@@ -332,28 +400,44 @@ def main(argv: Optional[list[str]] = None) -> int:
     global _stdout
     _stdout = sys.stdout
     out.file = _stdout
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     if not {"--help", "-h"} & set(args):
         sys.stdout = sys.stderr
+    old_term = None
     try:
-        rc = app(args=argv, standalone_mode=False)
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        pass
+    try:
+        args = _pop_max_memory(args)
+        rc = app(args=args, standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except EdgediffError as e:
-        err.print(f"[red]edgediff: error:[/red] {e}", highlight=False, soft_wrap=True)
+        _print_error(str(e))
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
     except cex.ClickException as e:
         e.show(file=sys.stderr)
         return e.exit_code
-    except typer.Abort:
-        err.print("edgediff: interrupted")
+    except Terminated:
+        err.print("edgediff: interrupted (SIGTERM); nothing written")
+        return 143
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("edgediff: interrupted; nothing written")
         return 130
-    except KeyboardInterrupt:
-        err.print("edgediff: interrupted")
-        return 130
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            _print_error(f"{e.filename or 'output'}: {e.strerror}")
+            return 2
+        raise
+    except MemoryError:
+        _print_error("out of memory; lower --max-memory, the sample shape or the batch/sample counts")
+        return 2
     finally:
         sys.stdout = _stdout
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

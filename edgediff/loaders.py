@@ -85,6 +85,9 @@ def build_diffusers(arch: str, cfg: dict[str, Any], where: Path) -> nn.Module:
     import diffusers
 
     cls = getattr(diffusers, arch)
+    from edgediff.safety import check_build_budget
+
+    check_build_budget(cls, arch, cfg, where)  # before anything is allocated
     try:
         return cls.from_config(cfg)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds on a bad config
