@@ -6,7 +6,8 @@ stage's clocks and `tests/test_fpga_hls.py` checks that this module reproduces t
 
 A layer is `reps` GEMMs (images x groups, or heads) of M x K x N. The array computes output tiles
 of ROWS x COLS; each output tile is a sequence of jobs, one per K tile of up to KT/16 words
-(16 int8 operands per 128-bit word; a conv row of A is taps x ceil(C_group/16) words).
+(16 int8 operands per 128-bit word; a conv row of A is taps x ceil(C_group/16) words); K is split into
+ceil(K_words / (KT/16)) tiles of balanced length, so no short remainder tile breaks the overlap.
 
     load     per job:          max(ROWS, COLS) * kcw + LOAD_LAT     one word per clock from each of two ports
     compute  per job:          16 * kcw + ROWS + COLS - 2           the wavefront's fill and drain per K tile
@@ -127,7 +128,9 @@ def layer_schedule(m: int, n: int, reps: int, k_words: int, rows: int = 16, cols
         raise BadInput(f"cols ({cols}) and k_tile ({k_tile}) must be multiples of {VEC} (one 128-bit word = 16 int8)")
     ktw = k_tile // VEC
     mt, nt, kt = _cdiv(m, rows), _cdiv(n, cols), _cdiv(k_words, ktw)
-    kcws = [min(ktw, k_words - i * ktw) for i in range(kt)]
+    khi = _cdiv(k_words, kt)  # balanced K tiles: the first n_hi of khi words, the rest khi - 1
+    n_hi = k_words - (khi - 1) * kt
+    kcws = [khi if i < n_hi else khi - 1 for i in range(kt)]
     load = [max(rows, cols) * w + LOAD_LAT for w in kcws]
     comp = [VEC * w + rows + cols - 2 for w in kcws]
     wpr = cols // VEC if requant else cols // 4

@@ -2,7 +2,8 @@
 // See systolic.h for the dataflow and the memory layouts. One iteration of an II=1 pipelined loop is one
 // clock; in C-simulation each stage counts its own clocks (g_counters) so the testbench can compare them
 // with fpga/estimate.py's closed form:
-//   load, per job (output tile x K tile of kcw words):  max(ROWS, COLS) * kcw + LOAD_LAT
+//   load, per job (output tile x K tile of kcw words; K is split into ceil(Kw / (KT/16)) balanced tiles):
+//                                                       max(ROWS, COLS) * kcw + LOAD_LAT
 //   compute, per job:                                   16 * kcw + ROWS + COLS - 2   (wavefront fill and drain)
 //   drain, per output tile:                             ROWS * words per row + DRAIN_LAT
 //   parameters, per layer:                              groups * N tiles * COLS + PARAM_LAT
@@ -48,7 +49,8 @@ static word_t splat(int v) {
 // B tile share an iteration. The im2col walk keeps (ki, kj, channel word) and the row's output pixel as
 // counters, so the pipelined loop has no divides.
 static void load_stage(int kind, const word_t *x, const word_t *b, int n_img, int groups, int M, int N, int Kw,
-                       int mtiles, int ntiles, int ktiles, int h, int w, int wo, int sh, int sw, int pt, int pl, int dh,
+                       int mtiles, int ntiles, int ktiles, int khi, int n_hi, int h, int w, int wo, int sh, int sw,
+                       int pt, int pl, int dh,
                        int dw, int kwid, int cgw, int zp_a, int zp_b, hls::stream<word_t> a_s[ROWS],
                        hls::stream<word_t> b_s[COLS]) {
 #pragma HLS INLINE off
@@ -73,9 +75,9 @@ img:
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = TC_NT
                     int ki_s = 0, kj_s = 0, cb_s = 0;  // where this K tile's walk starts
                 kt:
-                    for (int kt = 0, k0w = 0; kt < ktiles; kt++, k0w += KTW) {
+                    for (int kt = 0, k0w = 0; kt < ktiles; kt++) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = TC_KT
-                        const int kcw = Kw - k0w < KTW ? Kw - k0w : KTW;
+                        const int kcw = kt < n_hi ? khi : khi - 1;  // balanced K tiles (no small remainder tile)
                         COUNT(long long cyc = LOAD_LAT);
                         int r = 0, wi = 0, ki = ki_s, kj = kj_s, cb = cb_s, oh = oh0, ow = ow0;
                     words:
@@ -133,6 +135,7 @@ img:
                             }
                         }
                         ki_s = ki, kj_s = kj, cb_s = cb;
+                        k0w += kcw;
                         COUNT(g_counters.load.push_back(cyc));
                     }
                 }
@@ -157,7 +160,7 @@ static opnd_t byte_operand(ap_uint<8> raw, int is_signed, int zp) {
 // One K tile per call of the wavefront; PE (i, j) holds acc[i][j]. A enters from the left skewed by row
 // (row i starts i clocks late), B from the top skewed by column; operands move one PE per clock. Each
 // row/column FIFO yields a word every 16 clocks, shifted out a byte per clock.
-static void compute_stage(int tiles, int ktiles, int Kw, int zp_a, int zp_b, int a_signed, int b_signed,
+static void compute_stage(int tiles, int ktiles, int khi, int n_hi, int zp_a, int zp_b, int a_signed, int b_signed,
                           hls::stream<word_t> a_s[ROWS], hls::stream<word_t> b_s[COLS], hls::stream<acc_row_t> &acc_s) {
 #pragma HLS INLINE off
     acc_t acc[ROWS][COLS];
@@ -172,9 +175,9 @@ tiles:
     for (int tile = 0; tile < tiles; tile++) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = TC_MT * TC_NT
     kt:
-        for (int kt = 0, k0w = 0; kt < ktiles; kt++, k0w += KTW) {
+        for (int kt = 0; kt < ktiles; kt++) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = TC_KT
-            const int kcw = Kw - k0w < KTW ? Kw - k0w : KTW;
+            const int kcw = kt < n_hi ? khi : khi - 1;
             const int kv = kcw * VEC;
             for (int i = 0; i < ROWS; i++) {
 #pragma HLS UNROLL
@@ -367,7 +370,7 @@ img:
 
 // ----------------------------------------------------------------------------- the layer
 static void run_layer(int kind, const word_t *x, const word_t *b, word_t *y, int n_img, int groups, int M, int N,
-                      int Kw, int mtiles, int ntiles, int ktiles, int Nw, int h, int w, int wo, int sh, int sw, int pt,
+                      int Kw, int mtiles, int ntiles, int ktiles, int khi, int n_hi, int Nw, int h, int w, int wo, int sh, int sw, int pt,
                       int pl, int dh, int dw, int kwid, int cgw, int zp_a, int zp_b, int a_signed, int b_signed,
                       int has_bias, int requant, int out_zp, int qmin, int qmax,
                       const int32_t p_bias[PARAM_TILES][COLS], const float p_multf[PARAM_TILES][COLS],
@@ -379,9 +382,9 @@ static void run_layer(int kind, const word_t *x, const word_t *b, word_t *y, int
 #pragma HLS STREAM variable = b_s depth = 2 * KTW
     hls::stream<acc_row_t> acc_s;
 #pragma HLS STREAM variable = acc_s depth = ROWS
-    load_stage(kind, x, b, n_img, groups, M, N, Kw, mtiles, ntiles, ktiles, h, w, wo, sh, sw, pt, pl, dh, dw, kwid, cgw,
+    load_stage(kind, x, b, n_img, groups, M, N, Kw, mtiles, ntiles, ktiles, khi, n_hi, h, w, wo, sh, sw, pt, pl, dh, dw, kwid, cgw,
                zp_a, zp_b, a_s, b_s);
-    compute_stage(n_img * groups * mtiles * ntiles, ktiles, Kw, zp_a, zp_b, a_signed, b_signed, a_s, b_s, acc_s);
+    compute_stage(n_img * groups * mtiles * ntiles, ktiles, khi, n_hi, zp_a, zp_b, a_signed, b_signed, a_s, b_s, acc_s);
     drain_stage(n_img, groups, M, N, mtiles, ntiles, Nw, has_bias, requant, out_zp, qmin, qmax, p_bias, p_multf, p_multq,
                 p_shift, acc_s, y);
 }
@@ -428,11 +431,13 @@ int systolic_layer(const LayerCfg &cfg, const word_t *x, const word_t *b, const 
     const int n_img = conv ? cfg.n : cfg.reps;
     const int Kw = k_words(cfg);
     const int mtiles = (cfg.M + ROWS - 1) / ROWS, ntiles = (cfg.N + COLS - 1) / COLS, ktiles = (Kw + KTW - 1) / KTW;
+    // K split into ktiles balanced tiles: n_hi of khi words, the rest khi - 1 (per layer, outside the loops)
+    const int khi = (Kw + ktiles - 1) / ktiles, n_hi = Kw - (khi - 1) * ktiles;
     const int Nw = cfg.requant != RQ_NONE ? (cfg.N + VEC - 1) / VEC : (cfg.N + 3) / 4;
     const int cgw = conv ? (cfg.c / cfg.groups + VEC - 1) / VEC : 1;
     if (groups * ntiles > PARAM_TILES) return 1;
     load_params(prm, groups * ntiles, p_bias, p_multf, p_multq, p_shift);
-    run_layer(cfg.kind, x, b, y, n_img, groups, cfg.M, cfg.N, Kw, mtiles, ntiles, ktiles, Nw, cfg.h, cfg.w,
+    run_layer(cfg.kind, x, b, y, n_img, groups, cfg.M, cfg.N, Kw, mtiles, ntiles, ktiles, khi, n_hi, Nw, cfg.h, cfg.w,
               conv ? cfg.wo : 1, cfg.sh, cfg.sw, cfg.pt, cfg.pl, cfg.dh, cfg.dw, conv ? cfg.kw : 1, conv ? cgw : 1 << 30,
               cfg.zp_a, cfg.zp_b, cfg.a_signed, cfg.b_signed, cfg.has_bias, cfg.requant, cfg.out_zp, cfg.qmin, cfg.qmax,
               p_bias, p_multf, p_multq, p_shift);
