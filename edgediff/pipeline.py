@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgediff import __version__, metrics, passes
+from edgediff import __version__, metrics, passes, quality
 from edgediff.artifact import write_artifact
 from edgediff.model import DiffusionModel
 from edgediff.recipe import Recipe
@@ -97,6 +97,11 @@ def compress(model: DiffusionModel, recipe: Recipe, out: Path, seed: int = 0, pr
     """Run a recipe and write the artifact atomically; returns the model and its manifest."""
     before = model_stats(model)
     result, records = run_recipe(model, recipe, seed, progress, log=log, data=data)
-    manifest = manifest_of(model, result, recipe, seed, records, before, extra_manifest)
+    extra = dict(extra_manifest or {})
+    if quality.is_quantized(result):
+        # a quantizing recipe ends with the simulation measured against the original model
+        # (the original's samples go into the artifact for verify, see edgediff.quality)
+        extra["quality"] = quality.attach(model, result)
+    manifest = manifest_of(model, result, recipe, seed, records, before, extra)
     write_artifact(result, out, manifest, files=files, force=force)
     return result, manifest

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from edgediff import quality
 from edgediff.errors import BadInput, Unavailable
 from edgediff.exporters import get_backend, target_of
 from edgediff.exporters.base import Backend
@@ -77,16 +78,9 @@ def _info_of(backend: Backend, path: Path) -> dict[str, Any]:
         return {}
 
 
-def _conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
-    sig = model.signature
-    if sig.extra:  # multi-input models (SDXL, SD3, Flux ...): a dict of named inputs
-        return sig.conditioning(n, seed + 1)
-    if sig.num_classes:
-        return torch.arange(n) % sig.num_classes
-    if sig.cond_shape:
-        g = torch.Generator().manual_seed(seed + 1)
-        return torch.randn(n, *sig.cond_shape, generator=g)
-    return None
+def _conditioning(model: DiffusionModel, n: int, seed: int) -> Any:
+    # one definition shared with edgediff.quality, whose stored original samples must match it
+    return quality.conditioning(model, n, seed)
 
 
 @torch.inference_mode()
@@ -106,7 +100,10 @@ def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, 
 
 
 def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str | None = None,
-           seed: int = 0, progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
+           seed: int = 0, progress: Any = None, return_samples: bool = False,
+           min_quality_db: float = quality.DEFAULT_FLOOR_DB, original: DiffusionModel | None = None) -> dict[str, Any]:
+    """Run `exported` against `reference`; for a quantized reference also against the original model
+    it was made from (psnr_vs_original_db, quality_warning under `min_quality_db`; edgediff.quality)."""
     exported = Path(exported)
     cfg = SamplerConfig(sampler, steps)
     if samples < 1:
@@ -116,8 +113,12 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
     if is_bundle(exported):  # a bundle runs its own sampler loop (numpy runtime), DeepCache schedule included
         from edgediff.bundle import verify_bundle
 
-        return verify_bundle(reference, exported, steps=steps, samples=samples, sampler=sampler, seed=seed,
-                             progress=progress, return_samples=return_samples)
+        res = verify_bundle(reference, exported, TOLERANCES, steps=steps, samples=samples, sampler=sampler,
+                            seed=seed, progress=progress, return_samples=True)
+        got_b = res.get("final_samples") if return_samples else res.pop("final_samples", None)
+        if quality.is_quantized(reference) and isinstance(got_b, torch.Tensor):
+            res.update(quality.vs_original(reference, got_b, samples, steps, sampler, seed, min_quality_db, original))
+        return res
     if exported.suffix.lower() in (".engine", ".plan") and not exported.exists() \
             and exported.with_suffix(".onnx").is_file():
         # `export --target tensorrt` without TensorRT wrote the ONNX and the trtexec command only
@@ -183,6 +184,9 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
     within = p >= tol["psnr_db"] and result["max_abs_err"] <= tol["max_abs_err"]
     result["within_tolerance"] = within
     result["exit_code"] = 0 if within else 4
+    if quality.is_quantized(reference):
+        # matching the artifact is not enough: how far is the export from the user's original model?
+        result.update(quality.vs_original(reference, got, samples, steps, sampler, seed, min_quality_db, original))
     if not within:
         result["reason"] = (f"out of tolerance for {tol_key}: psnr {p:.2f} dB (min {tol['psnr_db']}), "
                             f"max_abs_err {result['max_abs_err']:.3g} (max {tol['max_abs_err']})")

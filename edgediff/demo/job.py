@@ -71,8 +71,13 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
     grids.append(("compressed (PyTorch)", grid_png(comp)))
 
     quantized = "quant" in compressed.extras
+    if quantized:  # the artifact carries the original's samples, as `compress` writes it (edgediff.quality)
+        from edgediff.quality import attach
+
+        attach(model, compressed)
     with atomic_dir(out, force=force) as tmp:
-        exports = _export_all(compressed, tmp / "exports", quantized, steps, min(samples, 16), seed, progress, log)
+        exports = _export_all(compressed, tmp / "exports", quantized, steps, min(samples, 16), seed, progress, log,
+                              original=model)
         for e in exports:
             if e.get("samples_png"):
                 grids.append((f"{e['target']} {e['precision']} (runtime)", e.pop("samples_png")))
@@ -94,7 +99,7 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
 
 
 def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: int, seed: int, progress: Any,
-                log: Callable[[str], None]) -> list[dict[str, Any]]:
+                log: Callable[[str], None], original: Any = None) -> list[dict[str, Any]]:
     folder.mkdir()
     results = []
     for target, precision in EXPORTS:
@@ -122,7 +127,7 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
             continue
         try:
             v = verify(model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
-                                  return_samples=True)
+                       return_samples=True, original=original)
             s = v.pop("final_samples", None)
             rec["verify"] = v
             if s is not None:
@@ -158,6 +163,8 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
     for e in summary["exports"]:
         v = e.get("verify")
         vtxt = (f"verified={v.get('verified')} psnr={v.get('psnr_db')}" if isinstance(v, dict) else (v or ""))
+        if isinstance(v, dict) and "psnr_vs_original_db" in v:  # quantized: export vs the original fp32 model
+            vtxt += f" vs original fp32: {v['psnr_vs_original_db']} dB" + (" (WARNING)" if v.get("quality_warning") else "")
         exp_rows.append([e["target"], e["precision"], e.get("status", ""), e.get("size_bytes"), vtxt])
     sections = [
         ("What each step cost and bought", table(headers, body)),
