@@ -197,7 +197,7 @@ def _check_signature(sig: Any, where: str) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    from edgediff.loaders import _read_json as read_json
+    from edgediff.files import read_json
 
     where = f"{folder}/manifest.json"
     m = read_json(folder / "manifest.json")
@@ -239,8 +239,7 @@ def load_artifact(folder: Path, trust_pickle: bool = False, restore: Restorer | 
     Every name the manifest gives is a plain name inside the artifact; a symlink that leads out
     of the artifact is refused.
     """
-    from edgediff.loaders import _read_json as read_json
-    from edgediff.loaders import load_safetensors
+    from edgediff.files import load_safetensors, read_json
     from edgediff.serialize import load_denoiser
 
     folder = Path(folder)
@@ -269,10 +268,6 @@ def load_artifact(folder: Path, trust_pickle: bool = False, restore: Restorer | 
         arch=arch, config=cfg, provenance=dict(manifest.get("provenance", {}), artifact=str(folder)), extras=extras,
     )
     try:
-        if restore is None and not _restorers:
-            from edgediff.passes import restore_extras
-
-            restore = restore_extras
         for fn in [restore] if restore is not None else _restorers:
             model = fn(model)
         return model

@@ -10,7 +10,6 @@ unpickling runs arbitrary code.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput
+from edgediff.files import build_diffusers, load_safetensors, read_json
 from edgediff.model import DiffusionModel, InputSignature
 from edgediff.schedule import NoiseSchedule
 from edgediff.signature import DENOISER_CLASSES, infer, override
@@ -59,16 +59,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path}: not a readable JSON config ({e.__class__.__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a JSON object")
-    return data
-
-
 def signature_from_config(arch: str, cfg: dict[str, Any], opts: LoadOptions) -> InputSignature:
     """Infer the call signature of a diffusers denoiser from its config, then apply overrides."""
     return apply_overrides(infer(arch, cfg), opts)
@@ -76,36 +66,6 @@ def signature_from_config(arch: str, cfg: dict[str, Any], opts: LoadOptions) -> 
 
 def apply_overrides(sig: InputSignature, opts: LoadOptions) -> InputSignature:
     return override(sig, opts.sample_shape, opts.cond_shape, opts.num_classes, opts.inputs)
-
-
-def build_diffusers(arch: str, cfg: dict[str, Any], where: Path) -> nn.Module:
-    if arch not in DENOISER_CLASSES:
-        raise BadInput(f"{where}: config names {arch!r}, which is not a denoiser edgediff knows "
-                       f"({', '.join(DENOISER_CLASSES)})")
-    import diffusers
-
-    cls = getattr(diffusers, arch)
-    from edgediff.safety import check_build_budget
-
-    check_build_budget(cls, arch, cfg, where)  # before anything is allocated
-    try:
-        return cls.from_config(cfg)
-    except Exception as e:  # noqa: BLE001 - diffusers raises many kinds on a bad config
-        raise BadInput(f"{where}: cannot build {arch} from its config ({e.__class__.__name__}: {e})") from None
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise BadInput(f"{path}: file is empty")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BadInput(f"{path}: not a valid safetensors file (truncated or corrupt: {e})") from None
 
 
 def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -122,11 +82,11 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: Pa
 def _schedule_near(folder: Path, opts: LoadOptions) -> NoiseSchedule:
     """The model's own scheduler config: --scheduler-config, else the one shipped beside the model."""
     if opts.scheduler_config:
-        return NoiseSchedule.from_config(_read_json(opts.scheduler_config), str(opts.scheduler_config))
+        return NoiseSchedule.from_config(read_json(opts.scheduler_config), str(opts.scheduler_config))
     for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json",
                  folder.parent / "scheduler_config.json"):
         if cand.is_file():
-            return NoiseSchedule.from_config(_read_json(cand), str(cand))
+            return NoiseSchedule.from_config(read_json(cand), str(cand))
     return NoiseSchedule.from_config({})
 
 
@@ -190,7 +150,7 @@ def _pick_weights(path: Path, variant: str | None) -> tuple[list[Path], str | No
         if idx is None:
             raise BadInput(f"{path}: sharded weights ({', '.join(f.name for f in picked)}) without their "
                            f"*.safetensors.index{'.' + chosen if chosen else ''}.json")
-        wm = _read_json(idx).get("weight_map")
+        wm = read_json(idx).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise BadInput(f"{idx}: no weight_map")
         names = sorted(set(map(str, wm.values())))
@@ -213,7 +173,7 @@ def _load_weights(files: list[Path], opts: LoadOptions) -> dict[str, torch.Tenso
 
 def _from_config_and_weights(cfg_path: Path, weights: Path | list[Path], opts: LoadOptions, source: Path,
                              variant: str | None = None) -> DiffusionModel:
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     arch = cfg.get("_class_name")
     if not arch:
         raise BadInput(f"{cfg_path}: config has no _class_name; is this a diffusers model config?")

@@ -336,7 +336,7 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
             ep = torch.export.export(mod, args)
         torch.export.save(ep, str(folder / "denoiser.pt2"))
         return
-    from edgediff.loaders import build_diffusers
+    from edgediff.files import build_diffusers
 
     cfg = {k: v for k, v in config.items()}
     cfg["_class_name"] = arch
@@ -350,15 +350,15 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
 
 def load_denoiser(folder: Path, trust_pickle: bool = False) -> tuple[nn.Module, str, dict[str, Any] | None]:
     """Inverse of save_denoiser: (module, arch, config). Nothing from the folder is run."""
-    from edgediff.loaders import _read_json, build_diffusers, load_safetensors
+    from edgediff.files import build_diffusers, load_safetensors, read_json
     from edgediff.safe_load import ExportedDenoiser, load_exported_program
 
     if (folder / "denoiser.pt2").is_file():
         return ExportedDenoiser(load_exported_program(folder / "denoiser.pt2", trust_pickle)), "ExportedProgram", None
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     arch = cfg.get("_class_name", "")
     module = build_diffusers(arch, cfg, folder / "config.json")
-    structure = _read_json(folder / "structure.json") if (folder / "structure.json").is_file() else {}
+    structure = read_json(folder / "structure.json") if (folder / "structure.json").is_file() else {}
     state = load_safetensors(folder / "model.safetensors")
     try:
         apply_structure(module, structure, state, where=str(folder / "structure.json"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgediff.artifact import register_restorer as register_artifact_restorer
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel
 
@@ -184,3 +185,7 @@ def sampling_correction(model: DiffusionModel) -> Any:
             if corr is not None:
                 return corr
     return None
+
+
+# the artifact layer re-applies pass state on load through this (it never imports the passes)
+register_artifact_restorer(restore_extras)
