@@ -94,8 +94,10 @@ def write_vectors(ext: Extracted, vec: Path, rounding: sim.Rounding, progress: A
 
 def copy_sources(hdir: Path) -> None:
     """The design's sources into the project's hls/ folder."""
+    from edgediff.fpga.nonlinear import NL_SOURCES
+
     hdir.mkdir(parents=True, exist_ok=True)
-    for f in csim.HLS_SOURCES:
+    for f in (*csim.HLS_SOURCES, *NL_SOURCES):  # the array, and the nonlinear units beside it
         shutil.copy2(csim.hls_dir() / f, hdir / f)
 
 

@@ -78,7 +78,8 @@ def test_export_qdq_onnx_every_layer_bit_exact(onnx_models: dict[str, Path], tmp
     assert {"Softmax", "Sigmoid"} <= host
     on_disk = json.loads((out / "fpga_project.json").read_text())
     assert on_disk["layers_bit_exact"] == len(on_disk["layers"]) == 6
-    for f in ("hls/systolic.cpp", "hls/top.cpp", "hls/tb.cpp", "run_hls.tcl", "vectors/layers.txt", "build/csim"):
+    for f in ("hls/systolic.cpp", "hls/top.cpp", "hls/tb.cpp", "hls/nonlinear.cpp", "run_hls.tcl", "run_hls.sh",
+              "vectors/layers.txt", "build/csim"):
         assert (out / f).exists(), f
     assert "csynth_design" in (out / "run_hls.tcl").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".proj")]  # no temp dir left behind
