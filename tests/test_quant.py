@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,15 +111,17 @@ def test_w8a8_simulation_on_grid_and_close(tiny_unet: DiffusionModel, tmp_path: 
         qi = lq.weight.quantize(w)
         assert torch.equal(lq.weight.dequantize(qi), w), name
     assert ctx.metrics["quantized_layers"] == len([n for n in qp.layers if ":" not in n])
-    # the simulation computes exactly what the stored parameters say (what exporters emit)
+    # the simulation computes exactly what the stored parameters say (what exporters emit): the
+    # integer layers of edgediff.lowering (two int8 parts for a split layer, requantized outputs)
+    from edgediff.lowering import lower, run_layer
+
     name = "up_blocks.1.resnets.0.conv1"
     wrapper, lq = dict(q.denoiser.named_modules())[name], qp.layers[name]
+    assert lq.output is not None and lq.output2 is not None
     x = torch.randn(2, wrapper.inner.in_channels, 8, 8) * 2
-    c = lq.meta["split_at"]
-    xq = torch.cat([lq.input.dequantize(lq.input.quantize(x[:, :c])), lq.input2.dequantize(lq.input2.quantize(x[:, c:]))], 1)
-    w = lq.weight.dequantize(lq.weight.quantize(wrapper.inner.weight))
+    ref = run_layer(lower(flat, qp).layers[name], x.numpy())
     with torch.no_grad():
-        assert torch.equal(wrapper(x), wrapper.inner._conv_forward(xq, w, wrapper.inner.bias))
+        assert np.array_equal(wrapper(x).numpy(), ref)
 
 
 def test_w4a8_first_last_8bit_and_reconstruction_helps(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
@@ -306,3 +309,33 @@ def _sub_linear(lin: torch.nn.Linear, out_idx: torch.Tensor) -> torch.nn.Linear:
     n.weight.data.copy_(lin.weight.detach()[out_idx])
     n.bias.data.copy_(lin.bias.detach()[out_idx])
     return n
+
+
+def test_ptqd_applies_the_correlated_correction_only_where_k_is_positive() -> None:
+    from edgediff.passes.ptqd import fit
+
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(64, 2, 4, 4, generator=g)
+    bias = torch.tensor([0.1, -0.3])
+    d = -0.05 * e + bias.view(1, 2, 1, 1) + 0.01 * torch.randn(64, 2, 4, 4, generator=g)
+    k, b, _ = fit(d, e, True)
+    assert abs(k + 0.05) < 0.005  # the plain regression finds the negative gain
+    k0, b0, var0 = fit(d, e, True, positive_k_only=True)
+    assert k0 == 0.0 and torch.allclose(b0, d.mean((0, 2, 3)), atol=1e-6)
+    assert var0 > 0.05**2 * 0.5  # the uncorrected correlated part stays in the residual
+    kp, _, _ = fit(-d, -e, False, positive_k_only=True)
+    assert kp < 0 or kp == 0.0
+    kpos, _, _ = fit(0.05 * e, e, False, positive_k_only=True)
+    assert abs(kpos - 0.05) < 1e-4  # positive gains are applied as fitted
+
+
+def test_recipe_descriptions_match_what_runs() -> None:
+    from edgediff.passes import make_options
+    from edgediff.recipe import load_recipe
+
+    r = load_recipe("w4a8-ptqd")
+    ptqd = next(p for p in r.passes if p.name == "ptqd")
+    opts = make_options("ptqd", ptqd.options)
+    says_mp_on = "mixed precision" in r.description and "stays off" not in r.description
+    assert says_mp_on == bool(opts.mixed_precision)
+    assert opts.positive_k_only and "k > 0" in r.description

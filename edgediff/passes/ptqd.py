@@ -40,6 +40,7 @@ from edgediff.quant_params import is_quant_wrapper
 class PtqdOptions:
     samples: int = 16  # trajectories of the calibration set used for the fit
     correct_bias: bool = True  # fit the per-channel bias (else k only)
+    positive_k_only: bool = True  # apply the correlated correction only where k > 0 (the reference code)
     variance: bool = True  # absorb the residual variance into the sampler's sigma_t^2
     mixed_precision: bool = False  # step-aware activation bit-widths
     mp_bits: list[int] = field(default_factory=lambda: [6])  # candidate lower activation bit-widths
@@ -127,16 +128,25 @@ def eps_of(model: DiffusionModel, out: torch.Tensor, x: torch.Tensor, t: int) ->
     return model.schedule.to_eps_x0(out, x, t)[0]
 
 
-def fit(d: torch.Tensor, e: torch.Tensor, with_bias: bool) -> tuple[float, torch.Tensor, float]:
-    """Least squares d = k * e + bias_c + r over a batch (B, C, ...); returns k, bias (C,), Var(r)."""
+def fit(d: torch.Tensor, e: torch.Tensor, with_bias: bool,
+        positive_k_only: bool = False) -> tuple[float, torch.Tensor, float]:
+    """Least squares d = k * e + bias_c + r over a batch (B, C, ...); returns k, bias (C,), Var(r).
+
+    positive_k_only: as the PTQD reference code, a k <= 0 is not applied (k = 0, bias refitted
+    alone): dividing by (1 + k) < 1 would amplify the estimate instead of undoing a gain.
+    """
     dims = [0] + list(range(2, d.dim()))
     if with_bias:
         dm, em = d.mean(dims, keepdim=True), e.mean(dims, keepdim=True)
         dc, ec = d - dm, e - em
         k = float((dc * ec).sum() / (ec * ec).sum().clamp_min(1e-12))
+        if positive_k_only and k <= 0:
+            k = 0.0
         bias = (dm - k * em).flatten()
     else:
         k = float((d * e).sum() / (e * e).sum().clamp_min(1e-12))
+        if positive_k_only and k <= 0:
+            k = 0.0
         bias = torch.zeros(d.shape[1])
     r = d - k * e - bias.view(1, -1, *([1] * (d.dim() - 2)))
     return k, bias, float((r * r).mean())
@@ -174,7 +184,7 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
                                       cond[i:i + opts.batch_size] if cond is not None else None, model.signature.num_classes)
                         for i in range(0, len(x), opts.batch_size)]
             e_q = eps_of(model, torch.cat(outs).float(), x, t)
-            k, bias, var_r = fit(e_q - e_fp, e_fp, opts.correct_bias)
+            k, bias, var_r = fit(e_q - e_fp, e_fp, opts.correct_bias, opts.positive_k_only)
             res_var = var_r / (1 + k) ** 2
             snr = 10 * math.log10(max(1 - a_prev, 1e-12) / max(c * c * res_var, 1e-20)) if t_prev >= 0 else -math.inf
             uncorrected = float(((e_q - e_fp) ** 2).mean())
@@ -206,6 +216,7 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
     fit_res = sum(r[2][r[1]]["fit_residual"] for r in rows) / len(rows)
     ctx.metrics.update({
         "steps": len(rows), "samples": n, "k_min": round(float(ks.min()), 5), "k_max": round(float(ks.max()), 5),
+        "k_applied_steps": int((ks != 0).sum()),
         # eps MSE vs the FP model before/after correction, and the regression's own residual
         "eps_mse_uncorrected": mse_unc, "eps_mse_corrected": mse_cor, "fit_residual_mse": fit_res,
         "mean_act_bits": round(float(table["act_bits"].float().mean()), 3),
