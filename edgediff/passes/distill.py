@@ -1,0 +1,299 @@
+"""distill.steps: progressive distillation (Salimans & Ho 2022), halving the sampler steps per round.
+
+Round k has a teacher sampled with DDIM (eta 0) at 2S steps and a student, initialised from
+the teacher, that learns to take one DDIM step where the teacher takes two:
+
+    x0 ~ data, t = grid_S[j] (uniform j), z_t = alpha_t x0 + sigma_t eps
+    z_t' = DDIM_teacher(z_t, t -> t'), z_t'' = DDIM_teacher(z_t', t' -> t'')   (t' the midpoint in grid_2S)
+    x~ = (z_t'' - sigma_t''/sigma_t z_t) / (alpha_t'' - sigma_t''/sigma_t alpha_t)   (one step from z_t lands on z_t'')
+    loss = MSE(student output, the model-parameterised target of x~ at z_t)    (eps, v or x0)
+
+`grid_S` are DDIM's "trailing" timesteps (round(T - j T/S) - 1), so grid_S is every other
+point of grid_2S and the final student is sampled by diffusers' DDIMScheduler with
+timestep_spacing="trailing" at `target_steps`: the pass sets that as the model's own
+scheduler and records the step count (extras["sampling"]), so generate, verify, bundles and
+later calibration use it. The teacher steps follow diffusers' DDIM (x0 clipped when the
+schedule clips, the unclipped output as the direction term).
+
+Training reuses the finetune machinery: the same data sources (the images given to the
+pipeline, else the teacher's own samples), AdamW, diffusers-style EMA warm-up, and
+DistributedDataParallel when torch.distributed is initialised (torchrun). Resumable:
+`checkpoint_dir` holds the student and optimiser state of the running round every
+`checkpoint_every` steps and the weights of each finished round; a rerun with the same
+directory continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext, register
+from edgediff.passes.prune_data import DATA_SOURCES, DataSource, call_kwargs
+from edgediff.schedule import NoiseSchedule
+
+CKPT = "distill_running.safetensors"
+
+
+@dataclass
+class DistillOptions:
+    start_steps: int = 32  # the teacher's DDIM steps in the first round
+    target_steps: int = 4  # halve until here: start_steps / target_steps must be a power of two
+    steps_per_round: int = 600  # optimiser steps per round
+    batch_size: int = 32
+    lr: float = 2e-4
+    ema: float = 0.999  # diffusers-style warm-up (decay_t = min(ema, (1 + t) / (10 + t)))
+    data: str = "auto"  # auto | given | samples, as finetune
+    data_pool: int = 512
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for k in ("start_steps", "target_steps", "steps_per_round", "batch_size", "data_pool", "checkpoint_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BadInput(f"distill.steps: {k} must be a positive integer, got {v!r}")
+        ratio = self.start_steps / self.target_steps
+        if self.start_steps <= self.target_steps or ratio != 2 ** round(math.log2(ratio)):
+            raise BadInput(f"distill.steps: start_steps ({self.start_steps}) must be target_steps "
+                           f"({self.target_steps}) times a power of two (each round halves the steps)")
+        if not float(self.lr) > 0 or not 0.0 <= float(self.ema) < 1.0:
+            raise BadInput("distill.steps: lr must be > 0 and ema in [0, 1)")
+        if self.data not in DATA_SOURCES:
+            raise BadInput(f"distill.steps: data={self.data!r}; expected one of {', '.join(DATA_SOURCES)}")
+
+
+def grid(num_train: int, steps: int) -> list[int]:
+    """DDIM 'trailing' timesteps, descending: round(T - j*T/S) - 1."""
+    return [int(round(num_train - j * num_train / steps)) - 1 for j in range(steps)]
+
+
+def _coef(ac: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) per sample at integer steps t, with t = -1 meaning the clean end (alpha 1)."""
+    a = torch.where(t >= 0, ac[t.clamp_min(0)], torch.ones_like(ac[:1]).expand(t.shape))
+    return a.sqrt().view(-1, 1, 1, 1).float(), (1 - a).sqrt().view(-1, 1, 1, 1).float()
+
+
+def _x0_eps(pred: str, out: torch.Tensor, z: torch.Tensor, al: torch.Tensor, sg: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred == "epsilon":
+        return (z - sg * out) / al, out
+    if pred == "sample":
+        return out, (z - al * out) / sg
+    return al * z - sg * out, al * out + sg * z  # v_prediction
+
+
+def _target(pred: str, x0: torch.Tensor, z: torch.Tensor, al: torch.Tensor, sg: torch.Tensor) -> torch.Tensor:
+    if pred == "sample":
+        return x0
+    eps = (z - al * x0) / sg
+    return eps if pred == "epsilon" else al * eps - sg * x0
+
+
+def _ddim(pred: str, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, ac: torch.Tensor,
+          clip: float | None) -> torch.Tensor:
+    al, sg = _coef(ac, t)
+    al_p, sg_p = _coef(ac, t_prev)
+    x0, eps = _x0_eps(pred, out, z, al, sg)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return al_p * x0 + sg_p * eps
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from edgediff.artifact import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, force=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.is_floating_point()]
+
+
+def _set_params(module: nn.Module, values: list[torch.Tensor], where: Path) -> None:
+    params = _params(module)
+    if len(values) != len(params) or any(v.shape != p.shape for v, p in zip(values, params)):
+        raise BadInput(f"{where}: checkpoint does not fit this model (another model's checkpoint_dir?)")
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, opts: DistillOptions, src: DataSource,
+                  seed: int, ckpt_dir: Path | None, track: Any = None) -> dict[str, Any]:
+    """One halving: train `student` (in place, EMA weights at the end) to match two teacher steps of grid_2S."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = _dist()
+    sched = student.schedule
+    ac = sched.alphas_cumprod.float()
+    T = sched.num_train_timesteps
+    pred = sched.prediction_type
+    clip_cfg = sched.config.get("clip_sample", True)
+    clip = float(sched.config.get("clip_sample_range", 1.0)) if clip_cfg else None
+    g_s = torch.tensor(grid(T, steps) + [-1])  # student grid and its end
+    g_t = torch.tensor(grid(T, 2 * steps) + [-1])
+    module = student.module()
+    for p in module.parameters():
+        p.requires_grad_(p.is_floating_point())
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(opts.lr))
+    ema = [p.detach().clone() for p in params] if float(opts.ema) > 0 else None
+    start = 0
+    ck = ckpt_dir / CKPT if ckpt_dir is not None else None
+    if ck is not None and ck.is_file():
+        tens, meta = _load(ck)
+        if int(meta.get("round_steps", -1)) == steps:
+            _set_params(module, [tens[f"param.{i}"] for i in range(len(params))], ck)
+            if ema is not None:
+                for i, e in enumerate(ema):
+                    e.copy_(tens[f"ema.{i}"])
+            for i, p in enumerate(params):
+                if f"adam.exp_avg.{i}" in tens:
+                    opt.state[p] = {"step": tens[f"adam.step.{i}"].reshape(()),
+                                    "exp_avg": tens[f"adam.exp_avg.{i}"], "exp_avg_sq": tens[f"adam.exp_avg_sq.{i}"]}
+            start = int(meta["step"])
+    train = DistributedDataParallel(module, find_unused_parameters=True) if world > 1 else module
+    local_bs = max(1, int(opts.batch_size) // world)
+    module.train()
+    teacher_mod.eval()
+    losses: list[float] = []
+    it = range(start, int(opts.steps_per_round))
+    it = track(it, f"distill {2 * steps} -> {steps} steps", len(it)) if (track is not None and rank == 0) else it
+    for step in it:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + steps * 7919 + step * 1009 + rank)
+        idx = torch.randint(0, len(src.x), (local_bs,), generator=g)
+        x0 = src.x[idx]
+        cond = src.cond[idx] if src.cond is not None else None
+        if cond is None:
+            from edgediff.passes.prune_data import random_cond
+
+            cond = random_cond(student, local_bs, g)
+        kw = call_kwargs(student, cond)
+        j = torch.randint(0, steps, (local_bs,), generator=g)
+        t, t_mid, t_end = g_s[j], g_t[2 * j + 1], g_s[j + 1]
+        noise = torch.randn(x0.shape, generator=g)
+        al, sg = _coef(ac, t)
+        z = al * x0 + sg * noise
+        with torch.no_grad():
+            z_mid = _ddim(pred, teacher_mod(z, t.float(), **kw), z, t, t_mid, ac, clip)
+            z_end = _ddim(pred, teacher_mod(z_mid, t_mid.float(), **kw), z_mid, t_mid, t_end, ac, clip)
+            al_e, sg_e = _coef(ac, t_end)
+            ratio = sg_e / sg
+            x_tilde = (z_end - ratio * z) / (al_e - ratio * al)
+            target = _target(pred, x_tilde, z, al, sg)
+        out = train(z, t.float(), **kw)
+        c = x0.shape[1]
+        loss = torch.nn.functional.mse_loss(out[:, :c], target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            d = min(float(opts.ema), (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        losses.append(float(loss.detach()))
+        if ck is not None and rank == 0 and ((step + 1) % int(opts.checkpoint_every) == 0):
+            tens = {f"param.{i}": p for i, p in enumerate(params)}
+            if ema is not None:
+                tens.update({f"ema.{i}": e for i, e in enumerate(ema)})
+            for i, p in enumerate(params):
+                st = opt.state.get(p, {})
+                if "exp_avg" in st:
+                    tens.update({f"adam.exp_avg.{i}": st["exp_avg"], f"adam.exp_avg_sq.{i}": st["exp_avg_sq"],
+                                 f"adam.step.{i}": torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)})
+            _save(ck, tens, {"round_steps": steps, "step": step + 1, "options": asdict(opts)})
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                p.copy_(e)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    return {"steps": steps, "resumed_from": start,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-20:]) / len(losses[-20:]) if losses else None}
+
+
+def ddim_trailing(schedule: NoiseSchedule) -> NoiseSchedule:
+    """The schedule with DDIM 'trailing' spacing as its own scheduler (what the student is sampled with)."""
+    cfg = schedule.to_config()
+    cfg.update({"_class_name": "DDIMScheduler", "timestep_spacing": "trailing", "steps_offset": 0})
+    return NoiseSchedule.from_config(cfg, "distill.steps")
+
+
+@register("distill.steps", DistillOptions)
+def run(model: DiffusionModel, opts: DistillOptions, ctx: PassContext) -> DiffusionModel:
+    import copy
+
+    sched = model.schedule
+    if sched.family != "discrete":
+        raise BadInput(f"distill.steps: the {sched.class_name} schedule is {sched.family}; progressive distillation "
+                       "here runs DDIM on discrete (alphas_cumprod) schedules")
+    if model.config is None:
+        raise BadInput("distill.steps: the denoiser has no diffusers config (an exported graph): it cannot be trained here")
+    T = sched.num_train_timesteps
+    if T % opts.target_steps:
+        raise BadInput(f"distill.steps: target_steps {opts.target_steps} must divide num_train_timesteps {T} "
+                       "(so that DDIM's trailing schedule is the student's grid)")
+    ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
+    _, world = _dist()
+    src = DataSource(model, opts.data, max(1, int(opts.batch_size) // world), ctx.seed, pool=int(opts.data_pool),
+                     given=ctx.data)
+    rounds: list[dict[str, Any]] = []
+    steps = opts.start_steps // 2
+    teacher = model
+    while steps >= opts.target_steps:
+        done = ckpt_dir / f"distill_{steps}.safetensors" if ckpt_dir is not None else None
+        student = dataclasses.replace(teacher, denoiser=copy.deepcopy(teacher.denoiser), extras=dict(teacher.extras))
+        if done is not None and done.is_file():
+            tens, _ = _load(done)
+            _set_params(student.module(), [tens[f"param.{i}"] for i in range(len(tens))], done)
+            rounds.append({"steps": steps, "resumed": "finished round loaded"})
+        else:
+            t_mod = copy.deepcopy(teacher.module()).eval()
+            for p in t_mod.parameters():
+                p.requires_grad_(False)
+            rounds.append(distill_round(student, t_mod, steps, opts, src, ctx.seed, ckpt_dir, ctx.track))
+            if done is not None and _dist()[0] == 0:
+                _save(done, {f"param.{i}": p for i, p in enumerate(_params(student.module()))}, {"steps": steps})
+        teacher = student
+        steps //= 2
+    out = teacher
+    out.schedule = ddim_trailing(sched)
+    out.extras["sampling"] = {"sampler": None, "steps": opts.target_steps, "eta": 0.0}
+    out.extras["distill.steps"] = {"start_steps": opts.start_steps, "target_steps": opts.target_steps,
+                                   "rounds": len(rounds), "sampler": "DDIMScheduler (trailing)"}
+    ctx.metrics.update({"rounds": rounds, "target_steps": opts.target_steps, "data": src.source})
+    return out
