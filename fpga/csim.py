@@ -208,3 +208,8 @@ def csim_layers(work: Path, items: list[tuple[QLayer, np.ndarray, np.ndarray | N
     (vec / "layers.txt").write_text("".join(lines))
     exe = exe or compile_csim(hls_dir(), work / "csim", array)
     return run_csim(exe, vec)
+
+
+def read_outputs(vec_dir: Path, stem: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The outputs the C-simulation computed for layer STEM (tb.cpp writes STEM.y.bin), as int64 of `shape`."""
+    return np.fromfile(Path(vec_dir) / f"{stem}.y.bin", "<i4").astype(np.int64).reshape(shape)

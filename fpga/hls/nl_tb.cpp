@@ -61,6 +61,10 @@ int main(int argc, char **argv) {
                    qmin, qmax, y.data());
         else if (kind == 4)
             nl_upsample2x(x.data(), (int)kv["c"], (int)kv["h"], (int)kv["w"], y.data());
+        if (FILE *yf = std::fopen((base + ".y.bin").c_str(), "wb")) {  // the unit's outputs, for chaining
+            std::fwrite(y.data(), 4, y.size(), yf);
+            std::fclose(yf);
+        }
         long mism = 0;
         for (size_t i = 0; i < y.size(); i++) mism += y[i] != expect[i];
         std::printf("%s mismatches=%ld total=%zu\n", stem, mism, y.size());

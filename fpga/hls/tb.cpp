@@ -8,7 +8,8 @@
 // Prints one line per layer:
 //   "NAME mismatches=N total=T cycles=C load=L compute=X drain=D params=P jobs=J tiles=U words_read=R words_written=W"
 // where cycles is the DATAFLOW pipeline's total from the clocks each stage counted (pipeline_cycles) and
-// load/compute/drain are the stages' summed clocks; writes the same to VECTOR_DIR/results.txt.
+// load/compute/drain are the stages' summed clocks; writes the same to VECTOR_DIR/results.txt, and each
+// layer's outputs (the expected layout, int32) to STEM.y.bin so a host can chain layers on the design.
 // Exit status: 0 all bit-exact, 1 any output mismatch, 3 unreadable vectors, 4 a layer the design refuses.
 #include <cstdio>
 #include <cstdlib>
@@ -163,6 +164,7 @@ int main(int argc, char **argv) {
         const int32_t *e = (const int32_t *)expect.data();
         long mismatches = 0;
         size_t seen = 0;
+        std::vector<int32_t> got(n_out, (int32_t)0x7eadbeef);  // the outputs in the expected layout: STEM.y.bin
         for (int rep = 0; rep < nrep; rep++)
             for (int m = 0; m < c.M; m++)
                 for (int n = 0; n < c.N; n++) {
@@ -184,9 +186,14 @@ int main(int argc, char **argv) {
                         idx = ((size_t)rep * c.M + m) * c.N + n;
                     }
                     mismatches += idx >= n_out || v != e[idx];
+                    if (idx < n_out) got[idx] = v;
                     seen++;
                 }
         if (seen != n_out) mismatches += (long)(seen > n_out ? seen - n_out : n_out - seen);
+        if (FILE *yf = std::fopen((base + ".y.bin").c_str(), "wb")) {  // what the design computed, for chaining
+            std::fwrite(got.data(), 4, got.size(), yf);
+            std::fclose(yf);
+        }
         const StageCounters &s = g_counters;
         long long ls = 0, cs = 0, ds = 0;
         for (long long v : s.load) ls += v;
