@@ -86,10 +86,14 @@ class LayerQuant:
     input: TensorQuant | None = None  # the activation entering the layer (for matmuls: the left operand)
     input2: TensorQuant | None = None  # matmuls: the right operand (K^T or V)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"split_at": C1} for shortcut splitting
+    # the layer's output as the integer kernel writes it (requantized); for a shortcut-split layer
+    # output is the first half's partial sum and output2 the second's. None: float output.
+    output: TensorQuant | None = None
+    output2: TensorQuant | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "meta": self.meta}
-        for k in ("weight", "input", "input2"):
+        for k in ("weight", "input", "input2", "output", "output2"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = v.to_dict()
@@ -97,8 +101,9 @@ class LayerQuant:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> LayerQuant:
-        return cls(name, d["kind"], *(TensorQuant.from_dict(d[k]) if d.get(k) else None
-                                      for k in ("weight", "input", "input2")), meta=dict(d.get("meta", {})))
+        w, i, i2, o, o2 = (TensorQuant.from_dict(d[k]) if d.get(k) else None
+                           for k in ("weight", "input", "input2", "output", "output2"))
+        return cls(name, d["kind"], w, i, i2, dict(d.get("meta", {})), o, o2)
 
 
 @dataclass

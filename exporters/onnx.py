@@ -48,11 +48,16 @@ from edgediff.exporters.base import (
 from torch import nn
 
 from edgediff.artifact import atomic_file
+from edgediff.attention import OperandAttnProcessor
 from edgediff.errors import BadInput, Unavailable
+from edgediff.lowering import ActQ, LoweredLayer, LoweredModel, lower
 from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
 OPSET = 17
+# int8 layouts: "qlinear" (onnxruntime integer kernels: Q/DQ on inputs, weights, int32 bias and
+# outputs) and "qdq" (Q/DQ on inputs and weights only, as NVIDIA ModelOpt places them: TensorRT)
+INT8_LAYOUTS = ("qlinear", "qdq")
 # protobuf's hard limit is 2 GiB; stay clear of it (the graph itself also takes space)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 OUTPUT_NAME = "out"
@@ -91,8 +96,15 @@ class _QDQ(nn.Module):
     clip in front gives exactly clamp(round(x/s)+z, qmin, qmax).
     """
 
-    def __init__(self, tq: TensorQuant, what: str) -> None:
+    def __init__(self, tq: TensorQuant | ActQ, what: str) -> None:
         super().__init__()
+        if isinstance(tq, ActQ):
+            self.scale, self.zp = float(tq.scale), int(tq.zero_point)
+            self.lo, self.hi = (0, 255) if tq.dtype == "uint8" else (-128, 127)
+            self.clip = None
+            if (tq.qmin, tq.qmax) != (self.lo, self.hi):
+                self.clip = ((tq.qmin - self.zp) * self.scale, (tq.qmax - self.zp) * self.scale)
+            return
         if tq.bits > 8:
             raise BadInput(f"{what}: {tq.bits}-bit activations cannot be written as int8 Q/DQ")
         if tq.scale.numel() != 1:
@@ -155,67 +167,159 @@ class _QDQLayer(nn.Module):
         return F.linear(self._in(x), w, self.inner.bias)
 
 
-class _QDQAttnProcessor(nn.Module):
-    """Attention with explicit matmuls and Q/DQ on Q, K, softmax output and V.
+class _QDQAttnProcessor(OperandAttnProcessor):
+    """edgediff.attention's explicit-matmul processor with Q/DQ on Q, K, softmax output and V
+    (the operands the simulation quantizes); `quant` builds the Q/DQ module (TFLite passes its own)."""
 
-    Mirrors edgediff.quant.core.QuantAttnProcessor (diffusers' explicit-matmul AttnProcessor),
-    so that every quantized operand sits where the simulation quantizes it.
-    """
-
-    def __init__(self, qk: LayerQuant, av: LayerQuant) -> None:
-        super().__init__()
+    def __init__(self, qk: LayerQuant, av: LayerQuant, quant: Any = None) -> None:
         for lq in (qk, av):
             if lq.input is None or lq.input2 is None:
                 raise BadInput(f"quantization parameters of {lq.name!r} need both matmul operands")
-        self.q_quant, self.k_quant = _QDQ(qk.input, qk.name), _QDQ(qk.input2, qk.name)
-        self.p_quant, self.v_quant = _QDQ(av.input, av.name), _QDQ(av.input2, av.name)
+        quant = quant or _QDQ
+        super().__init__({"q": quant(qk.input, qk.name), "k": quant(qk.input2, qk.name),
+                          "p": quant(av.input, av.name), "v": quant(av.input2, av.name)})
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                **kwargs: Any) -> torch.Tensor:
-        from edgediff.fused import project_qkv
+# ------------------------------------------------------------------------------------------
+# int8 for onnxruntime: integer kernels from the lowered layers
+# ------------------------------------------------------------------------------------------
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        scores = torch.bmm(self.q_quant(query), self.k_quant(key).transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        hidden_states = torch.bmm(self.p_quant(probs), self.v_quant(value))
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+
+class _IntLayer(nn.Module):
+    """A lowered Conv2d/Linear as Q/DQ that onnxruntime fuses into QLinearConv / QGemm.
+
+    Per part (two for a shortcut-split layer): Q/DQ on the input, int8 weight -> DQ, int32
+    bias -> DQ (written by _int32_bias after tracing), the op, then Q/DQ on the output with the
+    lowered output quantization: DQ -> Conv -> Q is what ORT's QDQ transformer turns into one
+    integer kernel. Linear layers run as a 2-D Gemm (QGemm): a 3-D MatMul + Add would leave the
+    bias Add between the MatMul and its Q. Parts with a float output (the model's last layer)
+    stay DQ -> Conv.
+    """
+
+    def __init__(self, low: LoweredLayer, quant: Any = None) -> None:
+        super().__init__()
+        quant = quant or _QDQ
+        self.name, self.kind = low.name, low.kind
+        self.geometry = low.geometry
+        self.channels = [p.channels for p in low.parts]
+        self.aqs = nn.ModuleList(quant(p.input, low.name) for p in low.parts)
+        # integer kernels take input and output in one storage type (QLinearConv/QGemm: u8 -> u8)
+        self.oqs = nn.ModuleList(quant(p.output.stored_like(p.input), low.name) if p.output is not None
+                                 else nn.Identity() for p in low.parts)
+        for i, p in enumerate(low.parts):
+            self.register_buffer(f"w{i}", torch.from_numpy(p.float_weight()))
+            self.register_buffer(f"ws{i}", torch.from_numpy(p.weight_scale))
+            fb = p.float_bias()
+            self.register_buffer(f"b{i}", torch.from_numpy(fb) if fb is not None else None)
+
+    def weight(self, i: int) -> torch.Tensor:
+        w, s = getattr(self, f"w{i}"), getattr(self, f"ws{i}")
+        return torch.fake_quantize_per_channel_affine(w, s, torch.zeros(s.shape, dtype=torch.int32), 0, -128, 127)
+
+    def _op(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        w, b = self.weight(i), getattr(self, f"b{i}")
+        if self.kind == "conv":
+            g = self.geometry
+            return F.conv2d(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return F.linear(x, w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.kind == "linear" and x.dim() != 2:
+            x = x.reshape(-1, shape[-1])
+        y = None
+        for i, (a, b) in enumerate(self.channels):
+            xs = x if len(self.channels) == 1 else x[:, a:b]
+            r = self.oqs[i](self._op(self.aqs[i](xs), i))
+            y = r if y is None else y + r
+        assert y is not None
+        if self.kind == "linear" and len(shape) != 2:
+            y = y.reshape(*shape[:-1], y.shape[-1])
+        return y
+
+
+def insert_int_layers(den: nn.Module, low: LoweredModel, layer_cls: Any = None, quant: Any = None) -> dict[str, int]:
+    """Replace every lowered layer by its integer twin and every lowered attention's processor
+    by Q/DQ on its operands (plus the output requantization to to_out's input), in place.
+
+    `layer_cls(lowered_layer)` and `quant(act_q, what)` build the twins (TFLite passes its own)."""
+    layer_cls = layer_cls or _IntLayer
+    quant = quant or _QDQ
+    counts: Counter[str] = Counter()
+    for name, lay in low.layers.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(den.get_submodule(parent) if parent else den, leaf, layer_cls(lay))
+        counts[lay.kind] += 1
+        counts["split"] += lay.split
+    for path, att in low.attentions.items():
+        # an operand written by a projection keeps the projection's storage type: DQ -> reshape -> Q
+        # pairs then match exactly and onnxruntime drops them (int8 all the way)
+        stored = {w: getattr(att, w).stored_like(low.layers[att.producers[w]].parts[0].input) if w in att.producers
+                  else getattr(att, w) for w in ("q", "k", "p", "v")}
+        ops: dict[str, nn.Module] = {w: quant(stored[w], f"{path}:{w}") for w in ("q", "k", "p", "v")}
+        if att.output is not None:
+            ops["output"] = quant(att.output, f"{path}:output")
+        (den.get_submodule(path) if path else den).set_processor(OperandAttnProcessor(ops))
+        counts["attention"] += 1
+    return dict(counts)
+
+
+def _int32_bias(model: Any) -> int:
+    """Conv/Gemm fed by DQ(input) and DQ(int8 weight): float bias -> int32 initializer -> DQ.
+
+    The bias scale is s_x * s_w (float32, per output channel) and the bias already lies on that
+    grid (the lowering rounded it), so this is exact; it is the form onnxruntime's QDQ fusion
+    needs to make QLinearConv / QGemm.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def const(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        n = producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            return numpy_helper.to_array(n.attribute[0].t)
+        return None
+
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    done, new_nodes = 0, []
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        if [c.op_type for c in consumers.get(n.output[0], [])] != ["QuantizeLinear"]:
+            continue  # a float-output layer stays DQ -> Conv with its float bias (not fused anyway)
+        dq_x, dq_w = producer.get(n.input[0]), producer.get(n.input[1])
+        if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        sx, sw = const(dq_x.input[1]), const(dq_w.input[1])
+        if sx is None or sw is None or sx.size != 1:
+            continue
+        b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
+        s = np.broadcast_to(np.float32(sx.reshape(())) * sw.astype(np.float32).reshape(-1), b.shape)
+        s = np.ascontiguousarray(s, dtype=np.float32)
+        q = np.clip(np.rint(b / s), -(2**31), 2**31 - 1).astype(np.int32)
+        base = n.input[2]
+        g.initializer.extend([numpy_helper.from_array(q, base + "_int32"), numpy_helper.from_array(s, base + "_scale"),
+                              numpy_helper.from_array(np.zeros_like(q), base + "_zp")])
+        out = base + "_dq"
+        new_nodes.append((n, helper.make_node("DequantizeLinear", [base + "_int32", base + "_scale", base + "_zp"],
+                                              [out], name=n.name + "_bias_dq", axis=0)))
+        n.input[2] = out
+        done += 1
+    for consumer, dq in new_nodes:
+        g.node.insert(list(g.node).index(consumer), dq)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in list(g.initializer):
+        if init.name not in used:
+            g.initializer.remove(init)
+    return done
 
 
 def insert_qdq(den: nn.Module, qp: QuantParams, layer_cls: Any = None, attn_processor: Any = None) -> dict[str, int]:
@@ -347,8 +451,14 @@ def read_meta(model: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def build_onnx(model: DiffusionModel, precision: str, progress: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Trace and post-process; returns (onnx.ModelProto, report). Nothing is written."""
+def build_onnx(model: DiffusionModel, precision: str, progress: Any = None,
+               layout: str = "qlinear", entry: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Trace and post-process; returns (onnx.ModelProto, report). Nothing is written.
+
+    `layout` (int8 only): "qlinear" for onnxruntime's integer kernels, "qdq" for TensorRT.
+    `entry(wrapper, args) -> (module, args, input_names, output_names)` traces another entry
+    point of the same prepared denoiser instead (DeepCache's full and shallow calls).
+    """
     import onnx
 
     if precision not in PRECISIONS:
@@ -364,14 +474,24 @@ def build_onnx(model: DiffusionModel, precision: str, progress: Any = None) -> t
     report: dict[str, Any] = {"target": "onnx", "precision": precision, "opset": OPSET}
     if precision == "int8":
         assert qp is not None
-        report["quantized_layers"] = insert_qdq(den, qp)
+        if layout not in INT8_LAYOUTS:
+            raise BadInput(f"unknown int8 layout {layout!r}; expected one of {', '.join(INT8_LAYOUTS)}")
+        report["int8_layout"] = layout
+        if layout == "qlinear":
+            low = lower(den, qp)
+            report["quantized_layers"] = insert_int_layers(den, low)
+            report["lowering"] = low.summary()
+        else:
+            report["quantized_layers"] = insert_qdq(den, qp)
         report["weight_bits"], report["act_bits"] = qp.weight_bits, qp.act_bits
     wrapper = _ExportWrapper(den, model.signature).eval()
     names = input_names(model.signature)
     example = model.signature.example_inputs(batch=2)
     args = tuple(example[n] for n in names)
-    dyn = {n: {0: "batch"} for n in names}
-    dyn[OUTPUT_NAME] = {0: "batch"}
+    outputs = [OUTPUT_NAME]
+    if entry is not None:
+        wrapper, args, names, outputs = entry(wrapper, args)
+    dyn = {n: {0: "batch"} for n in [*names, *outputs]}
     import io
     import tempfile
 
@@ -379,12 +499,14 @@ def build_onnx(model: DiffusionModel, precision: str, progress: Any = None) -> t
         warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes: batch stays dynamic
         big = sum(p.numel() * 4 for p in den.parameters()) > EXTERNAL_DATA_THRESHOLD
         target: Any = os.path.join(td, "m.onnx") if big else io.BytesIO()
-        torch.onnx.export(wrapper, args, target, input_names=names, output_names=[OUTPUT_NAME], opset_version=OPSET,
+        torch.onnx.export(wrapper, args, target, input_names=names, output_names=outputs, opset_version=OPSET,
                           dynamo=False, dynamic_axes=dyn, do_constant_folding=True)
         proto = onnx.load(target) if big else onnx.load_from_string(target.getvalue())
     _rename_nodes(proto.graph)
     if precision == "int8":
         report["weights_int8"] = _fold_weight_quantize(proto)
+        if layout == "qlinear":
+            report["bias_int32"] = _int32_bias(proto)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -395,11 +517,13 @@ def build_onnx(model: DiffusionModel, precision: str, progress: Any = None) -> t
         om = OnnxModel(proto)
         om.topological_sort()  # the converter appends its I/O casts at the end of the node list
         proto = om.model
+    if precision == "int8":
+        _set_meta(proto, {"int8_layout": layout})
     _set_meta(proto, {"precision": precision, "arch": model.arch, "signature": model.signature.to_dict(),
                       "source": str(model.provenance.get("source", "")), "opset_reason": "TensorRT 8.6 parses <= 17"})
     ops = Counter(n.op_type for n in proto.graph.node)
     report.update({"nodes": len(proto.graph.node), "ops": dict(ops.most_common()),
-                   "qdq_pairs": ops.get("DequantizeLinear", 0), "inputs": names, "outputs": [OUTPUT_NAME],
+                   "qdq_pairs": ops.get("DequantizeLinear", 0), "inputs": names, "outputs": outputs,
                    "trace_seconds": round(time.perf_counter() - t0, 2)})
     return proto, report
 
@@ -500,6 +624,116 @@ def onnx_info(path: Path) -> dict[str, Any]:
             "ops": dict(ops.most_common()), "qdq_pairs": ops.get("DequantizeLinear", 0), "inputs": io(m.graph.input),
             "outputs": io(m.graph.output), "arch": meta.get("arch"), "made_for": meta.get("made_for", "onnx"),
             "external_data": any(i.data_location == 1 for i in m.graph.initializer)}
+
+
+
+# ------------------------------------------------------------------------------------------
+# which MACs run in integer kernels after onnxruntime's optimizer
+# ------------------------------------------------------------------------------------------
+
+# op -> (index of the weight/right operand, kind); kind "conv" counts numel(out) * prod(w[1:]),
+# "matmul" numel(out) * K (K: the left operand's reduced axis)
+_MAC_OPS: dict[str, tuple[int, str, bool]] = {
+    "Conv": (1, "conv", False), "FusedConv": (1, "conv", False), "NhwcConv": (1, "conv", False),
+    "ConvTranspose": (1, "convT", False),
+    "QLinearConv": (3, "conv", True), "NhwcQLinearConv": (3, "conv", True), "ConvInteger": (1, "conv", True),
+    "MatMul": (0, "matmul", False), "FusedMatMul": (0, "matmul", False), "Gemm": (0, "gemm", False),
+    "FusedGemm": (0, "gemm", False),
+    "QLinearMatMul": (0, "matmul", True), "MatMulInteger": (0, "matmul", True),
+    "MatMulIntegerToFloat": (0, "matmul", True), "DynamicQuantizeMatMul": (0, "matmul", True),
+    "QGemm": (0, "gemm", True),
+}
+
+
+def integer_macs(path: Path, threads: int = 1) -> dict[str, Any]:
+    """MACs of conv/linear/matmul nodes in onnxruntime's optimized CPU graph, integer vs float.
+
+    The file is optimized by onnxruntime (ORT_ENABLE_ALL, CPU provider) and written out with
+    SessionOptions.optimized_model_filepath; that graph is run once at batch 1 with every
+    intermediate exposed, to read the shapes, and each node's MACs are counted from them.
+    Returns macs (per call, batch 1), integer_macs, integer_macs_share and per-op counts.
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="edgediff-ortopt-") as td:
+        opt = os.path.join(td, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = opt
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BadInput(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        m = onnx.load(opt)
+        inits = {i.name: tuple(i.dims) for i in m.graph.initializer}
+        nodes = [n for n in m.graph.node if n.op_type in _MAC_OPS]
+        wanted = {o for n in nodes for o in n.output[:1]} | {n.input[_MAC_OPS[n.op_type][0]] for n in nodes}
+        wanted |= {n.input[1] for n in nodes if _MAC_OPS[n.op_type][1] == "conv"}
+        wanted |= {n.input[3] for n in nodes if n.op_type in ("QLinearMatMul", "QGemm")}
+        wanted -= set(inits)
+        graph_out = {o.name for o in m.graph.output}
+        for name in sorted(wanted - graph_out):
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+        so2 = ort.SessionOptions()
+        so2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so2.intra_op_num_threads = threads
+        so2.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), so2, providers=["CPUExecutionProvider"])
+        feed = _example_feed(sess)
+        names = [o.name for o in sess.get_outputs()]
+        shapes = {n: tuple(v.shape) for n, v in zip(names, sess.run(names, feed))}
+    shapes.update(inits)
+    total = integer = 0
+    by_op: Counter[str] = Counter()
+    float_nodes: list[dict[str, Any]] = []
+    for n in nodes:
+        idx, kind, is_int = _MAC_OPS[n.op_type]
+        out = shapes.get(n.output[0])
+        if out is None:
+            continue
+        numel = int(np.prod(out))
+        if kind in ("conv", "convT"):
+            w = shapes.get(n.input[3] if n.op_type in ("QLinearConv", "NhwcQLinearConv") else n.input[1])
+            if w is None:
+                continue
+            macs = numel * int(np.prod(w[1:])) if kind == "conv" else int(np.prod(shapes.get(n.input[0], (0,)))) * int(
+                np.prod(w[1:]))
+        else:
+            a = shapes.get(n.input[0])
+            if a is None or not a:
+                continue
+            trans_a = any(x.name == "transA" and x.i for x in n.attribute)
+            k = a[0] if (kind == "gemm" and trans_a) else a[-1]
+            macs = numel * int(k)
+        total += macs
+        by_op[n.op_type] += macs
+        if is_int:
+            integer += macs
+        else:
+            float_nodes.append({"node": n.name, "op": n.op_type, "macs": macs})
+    float_nodes.sort(key=lambda d: -d["macs"])
+    return {"macs": total, "integer_macs": integer, "integer_macs_share": round(integer / total, 4) if total else 0.0,
+            "macs_by_op": dict(by_op.most_common()), "float_mac_nodes": float_nodes[:10],
+            "measured_on": f"onnxruntime {ort.__version__} CPU optimized graph (ORT_ENABLE_ALL), batch 1"}
+
+
+def _example_feed(sess: Any) -> dict[str, np.ndarray]:
+    """Batch-1 inputs for a session: the graph's own shapes, symbolic axes as 1."""
+    feed = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        if "int" in i.type:
+            feed[i.name] = np.zeros(shape, np.int64 if "64" in i.type else np.int32)
+        else:
+            feed[i.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * (
+                100 if i.name == "timestep" else 1)
+    return feed
 
 
 def structural_check(path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:

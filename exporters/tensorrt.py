@@ -235,7 +235,7 @@ class TensorRTBackend(Backend):
             if p.exists() and not force:
                 raise BadInput(f"{p}: output already exists (pass --force to replace it)")
         # fp16 is TensorRT's job (--fp16 picks per-layer kernels), so the ONNX stays float32
-        proto, report = build_onnx(model, "int8" if precision == "int8" else "fp32")
+        proto, report = build_onnx(model, "int8" if precision == "int8" else "fp32", layout="qdq")
         meta = proto.metadata_props.add()
         meta.key, meta.value = "edgediff.made_for", "tensorrt"
         meta = proto.metadata_props.add()

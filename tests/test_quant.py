@@ -126,9 +126,11 @@ def test_w8a8_simulation_on_grid_and_close(tiny_unet: DiffusionModel, tmp_path: 
 
 def test_w4a8_first_last_8bit_and_reconstruction_helps(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
     m, ctx = _calibrated(tiny_unet, tmp_path)
-    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8, "reconstruct": True, "iters": 6, "recon_batch": 8}, ctx)
+    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8, "reconstruct": True, "iters": 6, "act_iters": 3,
+                                "recon_batch": 8}, ctx)
     rec = ctx.metrics["reconstruction"]
     assert rec["blocks"] > 5
+    assert rec["blocks_reverted"] == len(rec["reverted"]) and 0 <= rec["rounding_decided_mean"] <= 1
     # per block the kept result is never worse than nearest rounding
     assert rec["mse_after_sum"] <= rec["mse_before_sum"]
     qp = QuantParams.of(q)
@@ -277,7 +279,7 @@ def test_composes_with_a_pruned_model(tmp_path: Path) -> None:
     rb.conv2 = _sub_conv(rb.conv2, in_idx=keep)
     model = DiffusionModel(net, NoiseSchedule.from_config({}), InputSignature((1, 16, 16)), "UNet2DModel", dict(net.config))
     recipe = parse('[[pass]]\nname = "calib"\nn_samples = 4\nsteps = 8\ninterval = 2\n'
-                   '[[pass]]\nname = "quant"\nweight_bits = 4\nreconstruct = true\niters = 2\n'
+                   '[[pass]]\nname = "quant"\nweight_bits = 4\nreconstruct = true\niters = 2\nact_iters = 2\n'
                    '[[pass]]\nname = "ptqd"\nsamples = 4\n', "test")
     out, records = run_recipe(model, recipe, cache_dir=tmp_path / "cache")
     assert [r.name for r in records] == ["calib", "quant", "ptqd"]
@@ -339,3 +341,36 @@ def test_recipe_descriptions_match_what_runs() -> None:
     says_mp_on = "mixed precision" in r.description and "stays off" not in r.description
     assert says_mp_on == bool(opts.mixed_precision)
     assert opts.positive_k_only and "k > 0" in r.description
+
+
+def test_reconstruction_loss_and_two_stages(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    """Loss summed over channels, averaged over batch x H x W; stage 1 runs with float activations,
+    stage 2 learns the activation steps with the weights fixed."""
+    from edgediff.quant import reconstruct as rc
+    from edgediff.quant.core import ActQuantizer
+
+    out, tgt = torch.zeros(2, 3, 4, 5), torch.ones(2, 3, 4, 5)
+    assert float(rc.recon_loss(out, tgt)) == pytest.approx(3.0)  # C, not C x H x W, per position
+    assert float(rc.recon_loss(torch.zeros(2, 7, 6), torch.ones(2, 7, 6))) == pytest.approx(6.0)
+    assert rc.ReconConfig().iters >= 1000 and rc.ReconConfig().lr == pytest.approx(1e-3)
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "act_bits": 8}, ctx)
+    den = q.denoiser
+    name = "down_blocks.0.resnets.0"
+    block = den.get_submodule(name)
+    seen: list[str] = []
+    hooks = [a.register_forward_pre_hook(lambda mod, args: seen.append(mod.mode))
+             for a in block.modules() if isinstance(a, ActQuantizer)]
+    x = torch.randn(4, 16, 16, 16)
+    temb = torch.randn(4, 64) if block.time_emb_proj is not None else None
+    with torch.no_grad():
+        target = block(x, temb) * 1.01
+    stats = rc.reconstruct_block(block, [((x, temb), {})], [target], rc.ReconConfig(iters=5, act_iters=4))
+    for h in hooks:
+        h.remove()
+    n_act = len([a for a in block.modules() if isinstance(a, ActQuantizer)])
+    assert seen.count("off") == 5 * n_act  # stage 1: every call with float activations
+    assert seen.count("quant") >= 4 * n_act  # stage 2 (and the before/after evaluations) quantized
+    assert set(stats) >= {"mse_before", "mse_after", "reverted", "rounding_decided"}
+    assert all(a.mode in ("quant", "off") and not a.scale.requires_grad
+               for a in block.modules() if isinstance(a, ActQuantizer))

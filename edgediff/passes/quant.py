@@ -51,30 +51,36 @@ class QuantOptions:
     p: float = 2.4  # the L_p norm of the MSE search
     percentile: float = 99.99
     reconstruct: bool = False  # BRECQ block reconstruction with AdaRound
-    iters: int = 100  # reconstruction iterations per block (the CPU budget knob)
+    iters: int = 1000  # stage 1 (AdaRound weights, float activations) iterations per block
+    act_iters: int = 500  # stage 2 (activation steps, LSQ) iterations per block
+    recon_lr: float = 1e-3  # AdaRound learning rate (Q-Diffusion / BRECQ)
     recon_batch: int = 16
     learn_act: bool = True  # LSQ-style learned activation steps during reconstruction
     round_weight: float = 0.01  # AdaRound regulariser weight
     calib_limit: int = 512  # calibration points used (a prefix of the calib set, which is shuffled)
     batch_size: int = 64
+    quant_output: bool = True  # requantize layer outputs like integer kernels (false: float outputs)
 
     def config(self) -> QuantConfig:
         return QuantConfig(self.weight_bits, self.act_bits, self.softmax_bits, self.first_last_bits, self.act_symmetric,
                            self.split_shortcut, self.quant_attention, self.weight_init, self.act_init, self.p,
-                           self.percentile)
+                           self.percentile, quant_output=self.quant_output)
 
     def validate(self) -> None:
         self.config().validate()
-        for k in ("iters", "recon_batch", "calib_limit", "batch_size"):
+        for k in ("iters", "act_iters", "recon_batch", "calib_limit", "batch_size"):
             v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "iters" else 1):
-                raise BadInput(f"quant: {k} must be a {'non-negative' if k == 'iters' else 'positive'} integer, got {v!r}")
+            zero_ok = k in ("iters", "act_iters")
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if zero_ok else 1):
+                raise BadInput(f"quant: {k} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
+        if not float(self.recon_lr) > 0:
+            raise BadInput(f"quant: recon_lr must be > 0, got {self.recon_lr!r}")
 
 
 def method_name(opts: QuantOptions) -> str:
     parts = [f"W{opts.weight_bits}A{opts.act_bits}", f"init={opts.weight_init}/{opts.act_init}"]
     if opts.reconstruct:
-        parts.append(f"brecq-adaround(iters={opts.iters})")
+        parts.append(f"brecq-adaround(iters={opts.iters}+{opts.act_iters})")
     if opts.split_shortcut:
         parts.append("shortcut-split")
     if opts.quant_attention:
@@ -122,11 +128,12 @@ def run(model: DiffusionModel, opts: QuantOptions, ctx: PassContext) -> Diffusio
 
     calibrate_activations(den, run_all, cfg)
     recon_stats = {}
-    if opts.reconstruct and opts.iters > 0:
+    t_recon = time.perf_counter()
+    if opts.reconstruct and (opts.iters > 0 or opts.act_iters > 0):
         fp_model = DiffusionModel(fp_den, model.schedule, model.signature, model.arch, model.config)
         blocks = execution_order(den, find_blocks(den), next(runner(model, 2)()))
-        rc = ReconConfig(iters=opts.iters, batch_size=opts.recon_batch, round_weight=opts.round_weight,
-                         learn_act=opts.learn_act)
+        rc = ReconConfig(iters=opts.iters, act_iters=opts.act_iters, lr=float(opts.recon_lr),
+                         batch_size=opts.recon_batch, round_weight=opts.round_weight, learn_act=opts.learn_act)
         for i, name in enumerate(ctx.track(blocks, f"quant: block reconstruction ({opts.iters} it/block)")):
             qb, fb = den.get_submodule(name), fp_den.get_submodule(name)
             # inputs as the quantized model sees them, targets from the float model
@@ -155,6 +162,10 @@ def run(model: DiffusionModel, opts: QuantOptions, ctx: PassContext) -> Diffusio
             "mse_before_sum": sum(s["mse_before"] for s in recon_stats.values()),
             "mse_after_sum": sum(s["mse_after"] for s in recon_stats.values()),
             "blocks_reverted": int(sum(s["reverted"] for s in recon_stats.values())),
+            "reverted": sorted(n for n, s in recon_stats.items() if s["reverted"]),
+            "rounding_decided_mean": round(sum(s["rounding_decided"] for s in recon_stats.values())
+                                           / len(recon_stats), 4),
+            "seconds": round(time.perf_counter() - t_recon, 2),
         }
     return model
 

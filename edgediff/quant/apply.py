@@ -23,6 +23,7 @@ from edgediff.quant.core import (
     _QuantLayer,
     act_quantizers,
     check_bits,
+    link_attention_outputs,
     set_act_mode,
 )
 from edgediff.quant_params import LayerQuant, QuantParams
@@ -43,6 +44,9 @@ class QuantConfig:
     act_init: str = "mse"
     p: float = 2.4
     percentile: float = 99.99
+    # requantize conv/linear outputs as integer kernels do (all but the last layer, whose float
+    # output is the model's): see edgediff/quant/core.py _QuantLayer
+    quant_output: bool = True
 
     def validate(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -177,7 +181,8 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
              "act_bits": cfg.first_last_bits if edge else cfg.act_bits,
              "act_symmetric": cfg.act_symmetric,
              "split_at": info.split_at if cfg.split_shortcut else None,
-             "mp_eligible": not edge}
+             "mp_eligible": not edge,
+             "quant_output": cfg.quant_output and not info.last}
         m = info.module
         w = QuantConv2d.wrap(m, **q) if isinstance(m, nn.Conv2d) else QuantLinear.wrap(m, **q)
         _set_module(denoiser, name, w)
@@ -188,6 +193,7 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
                 proc = QuantAttnProcessor(cfg.act_bits, cfg.softmax_bits)
                 m.set_processor(proc)
                 wrapped[name] = proc
+        link_attention_outputs(denoiser)
     if not wrapped:
         raise BadInput("model has no quantizable layers (no Conv2d/Linear found in the denoiser)")
     return wrapped
@@ -246,8 +252,9 @@ def quant_params(denoiser: nn.Module, cfg: QuantConfig, method: str) -> QuantPar
                 meta["edge_layer"] = True
             if m.aq.disabled:
                 meta["input_unquantized"] = True
+            out = [q.tensor_quant() if q is not None and not q.disabled else None for q in (m.oq, m.oq2)]
             layers[name] = LayerQuant(name, kind, m.wq.tensor_quant(), m.aq.tensor_quant(),
-                                      m.aq2.tensor_quant() if m.aq2 is not None else None, meta)
+                                      m.aq2.tensor_quant() if m.aq2 is not None else None, meta, out[0], out[1])
         elif isinstance(m, QuantAttnProcessor):
             attn = name.rsplit(".processor", 1)[0]
             layers[f"{attn}:qk"] = LayerQuant(f"{attn}:qk", "matmul_qk", None, m.q_quant.tensor_quant(),

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgediff.attention import ExplicitAttnProcessor
 from edgediff.errors import BadInput
 from edgediff.quant_params import SUPPORTED_BITS, TensorQuant
 from edgediff.serialize import serializable
@@ -296,12 +297,30 @@ class _QuantLayer(nn.Module):
     inner: nn.Module
 
     def _setup(self, weight_bits: int, act_bits: int, act_symmetric: bool, split_at: int | None, out_ch: int,
-               mp_eligible: bool) -> None:
+               mp_eligible: bool, quant_output: bool = False, output_linked: bool = False) -> None:
         self.wq = WeightQuantizer(weight_bits, out_ch)
         self.aq = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible)
         # Q-Diffusion shortcut splitting: the two concatenated halves get their own quantizers
         self.split_at = int(split_at) if split_at else None
         self.aq2 = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible) if self.split_at else None
+        # Output requantization: integer kernels (QLinearConv, TFLite int8 CONV_2D) write int8, so
+        # the simulation rounds the output onto its grid too. A split layer runs as two integer
+        # layers on the halves, each requantizing its partial sum (oq, oq2), summed in float.
+        self.oq = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible) if quant_output else None
+        self.oq2 = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible) if quant_output and self.split_at \
+            else None
+        if self.oq is not None and output_linked:
+            self.link_output()
+
+    def link_output(self) -> None:
+        """The output is written straight into a consumer's quantization (see link_attention_outputs).
+
+        Recorded in the constructor arguments: the artifact rebuilds the layer with its output
+        quantizer off (a submodule's own saved arguments are not replayed over its parent's).
+        """
+        if self.oq is not None:
+            self.oq.disable()
+            self._edgediff_init["output_linked"] = True
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq2 is not None and self.split_at is not None and x.shape[1] > self.split_at:
@@ -309,7 +328,73 @@ class _QuantLayer(nn.Module):
         return self.aq(x)
 
     def act_quantizers(self) -> list[ActQuantizer]:
-        return [q for q in (self.aq, self.aq2) if q is not None]
+        return [q for q in (self.aq, self.aq2, self.oq, self.oq2) if q is not None]
+
+    def _int_bias(self, bias: torch.Tensor | None, aq: ActQuantizer) -> torch.Tensor | None:
+        """The bias as the integer kernel adds it: int32 at scale s_x * s_w (round half to even)."""
+        if bias is None or aq.mode != "quant" or not self.wq.enabled:
+            return bias
+        bits = aq.bits_override if (aq.bits_override and aq.mp_eligible) else aq.bits
+        s = aq._params_for(bits)[0].abs().clamp_min(1e-12) * self.wq.scale
+        return round_ste(bias / s).clamp(-(2**31), 2**31 - 1) * s
+
+    def _out_q(self) -> ActQuantizer | None:
+        """The output quantizer in force: the layer's own, or (while a quantized attention runs)
+        the operand quantizer it writes into directly (link_attention_outputs)."""
+        if self.oq is not None and self.oq.mode == "quant":
+            return self.oq
+        return self.__dict__.get("_linked_to")  # a plain attribute: not a submodule, not saved
+
+    def _exact(self) -> bool:
+        """Run the integer arithmetic literally (inference with every quantizer active)."""
+        out = self._out_q()
+        ins = [q for q in (self.aq, self.aq2) if q is not None]
+        if self.oq2 is not None:
+            if self.oq2.mode != "quant":
+                return False
+        return (not torch.is_grad_enabled() and out is not None and out.mode == "quant" and self.wq.enabled
+                and not self.wq.soft and all(q.mode == "quant" for q in ins))
+
+    def _int_part(self, x: torch.Tensor, aq: ActQuantizer, w_int: torch.Tensor, bias: torch.Tensor | None,
+                  oq: ActQuantizer | None, op: Any) -> torch.Tensor:
+        """acc = op(q_x - z_x, q_w) + bias_int32 (exact integers in float32), then float32
+        requantization round(acc * (s_x*s_w/s_y)) half to even: onnxruntime's and XNNPACK's form."""
+        bits = aq.bits_override if (aq.bits_override and aq.mp_eligible) else aq.bits
+        s_x, z_x, qmin, qmax = aq._params_for(bits)
+        s_x = s_x.abs().clamp_min(1e-12)
+        q = torch.clamp(torch.round(x / s_x) + z_x, qmin, qmax) - z_x
+        acc = op(q, w_int, None)
+        ch = (1, -1) + (1,) * (acc.dim() - 2) if acc.dim() > 2 and w_int.dim() == 4 else (-1,)
+        s_acc = (s_x * self.wq.scale).view(ch)
+        if bias is not None:
+            acc = acc + torch.round(bias.view(ch) / s_acc)
+        if oq is None:
+            return acc * s_acc
+        obits = oq.bits_override if (oq.bits_override and oq.mp_eligible) else oq.bits
+        s_y, z_y, ymin, ymax = oq._params_for(obits)
+        s_y = s_y.abs().clamp_min(1e-12)
+        return (torch.clamp(torch.round(acc * (s_acc / s_y)) + z_y, ymin, ymax) - z_y) * s_y
+
+    def _quant_forward(self, x: torch.Tensor, op: Any) -> torch.Tensor:
+        """op(x, w, b) with quantized input, weight, int32 bias and (if present) output."""
+        if self._exact():
+            w = self.inner.weight
+            w_int = torch.round(w / self.wq._s(w))
+            b = self.inner.bias
+            if self.aq2 is not None and self.split_at is not None and x.shape[1] > self.split_at:
+                c1 = self.split_at
+                return (self._int_part(x[:, :c1], self.aq, w_int[:, :c1], b, self._out_q(), op)
+                        + self._int_part(x[:, c1:], self.aq2, w_int[:, c1:], None, self.oq2, op))
+            return self._int_part(x, self.aq, w_int, b, self._out_q(), op)
+        w, b = self.wq(self.inner.weight), self.inner.bias
+        if self.oq is None:
+            return op(self.quant_input(x), w, self._int_bias(b, self.aq))
+        if self.aq2 is not None and self.split_at is not None and x.shape[1] > self.split_at:
+            c1 = self.split_at
+            y1 = op(self.aq(x[:, :c1]), w[:, :c1], self._int_bias(b, self.aq))
+            y2 = op(self.aq2(x[:, c1:]), w[:, c1:], None)
+            return self.oq(y1) + (self.oq2(y2) if self.oq2 is not None else y2)
+        return self.oq(op(self.aq(x), w, self._int_bias(b, self.aq)))
 
 
 @serializable("quant_conv2d")
@@ -317,7 +402,7 @@ class QuantConv2d(_QuantLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  weight_bits: int = 8, act_bits: int = 8, act_symmetric: bool = False, split_at: int | None = None,
-                 mp_eligible: bool = True) -> None:
+                 mp_eligible: bool = True, quant_output: bool = False, output_linked: bool = False) -> None:
         super().__init__()
         self.inner = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                                padding_mode)
@@ -328,7 +413,10 @@ class QuantConv2d(_QuantLayer):
                                "dilation": tuple(self.inner.dilation), "groups": groups, "bias": bool(bias),
                                "padding_mode": padding_mode, "weight_bits": weight_bits, "act_bits": act_bits,
                                "act_symmetric": act_symmetric, "split_at": split_at, "mp_eligible": mp_eligible}
-        self._setup(weight_bits, act_bits, act_symmetric, split_at, out_channels, mp_eligible)
+        if quant_output:  # only recorded when set: artifacts written before output requantization still load
+            self._edgediff_init["quant_output"] = True
+        self._setup(weight_bits, act_bits, act_symmetric, split_at, out_channels, mp_eligible, quant_output,
+                    output_linked)
 
     @classmethod
     def wrap(cls, conv: nn.Conv2d, **q: Any) -> QuantConv2d:
@@ -338,19 +426,22 @@ class QuantConv2d(_QuantLayer):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner._conv_forward(self.quant_input(x), self.wq(self.inner.weight), self.inner.bias)
+        return self._quant_forward(x, self.inner._conv_forward)
 
 
 @serializable("quant_linear")
 class QuantLinear(_QuantLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8,
-                 act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True) -> None:
+                 act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True,
+                 quant_output: bool = False, output_linked: bool = False) -> None:
         super().__init__()
         self.inner = nn.Linear(in_features, out_features, bias)
         self._edgediff_init = {"in_features": in_features, "out_features": out_features, "bias": bool(bias),
                                "weight_bits": weight_bits, "act_bits": act_bits, "act_symmetric": act_symmetric,
                                "split_at": split_at, "mp_eligible": mp_eligible}
-        self._setup(weight_bits, act_bits, act_symmetric, None, out_features, mp_eligible)
+        if quant_output:
+            self._edgediff_init["quant_output"] = True
+        self._setup(weight_bits, act_bits, act_symmetric, None, out_features, mp_eligible, quant_output, output_linked)
 
     @classmethod
     def wrap(cls, lin: nn.Linear, **q: Any) -> QuantLinear:
@@ -360,7 +451,7 @@ class QuantLinear(_QuantLayer):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.wq(self.inner.weight), self.inner.bias)
+        return self._quant_forward(x, F.linear)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,36 +460,22 @@ class QuantLinear(_QuantLayer):
 
 
 @serializable("float_attn_processor")
-class FloatAttnProcessor(nn.Module):
-    """diffusers' default attention as an nn.Module, so it can stand where a quantized one was.
+class FloatAttnProcessor(ExplicitAttnProcessor):
+    """Float attention (torch SDPA) as an nn.Module, so it can stand where a quantized one was.
 
     strip_quant_wrappers() swaps a QuantAttnProcessor for its `.inner`, which must be a module.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._edgediff_init: dict[str, Any] = {}
-
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-
-    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                **kwargs: Any) -> torch.Tensor:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    sdpa = True
 
 
 @serializable("quant_attn_processor")
-class QuantAttnProcessor(nn.Module):
+class QuantAttnProcessor(ExplicitAttnProcessor):
     """Attention with fake-quantized matmul operands (Q-Diffusion): Q, K, V at act_bits and the
     softmax output at softmax_bits (unsigned, range [0, 1]).
 
-    Mirrors diffusers' AttnProcessor (the explicit-matmul one) so that every operand is visible.
+    The body is edgediff.attention's explicit-matmul processor; this class only fills its
+    operand hook, so every operand sits where the exporters place their Q/DQ or integer ops.
     """
 
     _edgediff_quant_wrapper = True
@@ -416,54 +493,79 @@ class QuantAttnProcessor(nn.Module):
     def act_quantizers(self) -> list[ActQuantizer]:
         return [self.q_quant, self.k_quant, self.p_quant, self.v_quant]
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        # an explicit signature: diffusers' Attention inspects it to decide which kwargs (temb) to pass
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+    def operand(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"{which}_quant")(x)
 
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
-                **kwargs: Any) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        scores = torch.bmm(self.q_quant(query), self.k_quant(key).transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.float().softmax(dim=-1).to(query.dtype)
-        hidden_states = torch.bmm(self.p_quant(probs), self.v_quant(value))
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        from edgediff.attention import direct_producers
+
+        # projections feeding an operand requantize straight onto the operand's grid (as the
+        # integer runtimes do); the link lives only for this call
+        linked = []
+        for which, attr in direct_producers(attn).items():
+            layer = getattr(attn, attr)
+            if isinstance(layer, _QuantLayer) and layer.oq is not None and layer.oq.mode != "quant":
+                layer.__dict__["_linked_to"] = getattr(self, f"{which}_quant")
+                linked.append(layer)
+        try:
+            return super().forward(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        finally:
+            for layer in linked:
+                layer.__dict__.pop("_linked_to", None)
+
+    def _exact(self) -> bool:
+        return not torch.is_grad_enabled() and all(q.mode == "quant" for q in self.act_quantizers())
+
+    @staticmethod
+    def _ints(q: ActQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z, qmin, qmax = q._params_for(q.bits_override if (q.bits_override and q.mp_eligible) else q.bits)
+        s = s.abs().clamp_min(1e-12)
+        return torch.clamp(torch.round(x / s) + z, qmin, qmax) - z, s
+
+    def qk(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if not self._exact():
+            return super().qk(attn, q, k)
+        # exact int32 accumulator times s_q*s_k in float32 (onnxruntime's MatMulIntegerToFloat)
+        qi, sq = self._ints(self.q_quant, q)
+        ki, sk = self._ints(self.k_quant, k)
+        return torch.matmul(qi, ki.transpose(-1, -2)) * (sq * sk)
+
+    def pv(self, attn: nn.Module, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self._exact():
+            return super().pv(attn, p, v)
+        pi, sp = self._ints(self.p_quant, p)
+        vi, sv = self._ints(self.v_quant, v)
+        acc = torch.matmul(pi, vi)
+        out = attn.to_out[0]
+        aq = out.aq if isinstance(out, _QuantLayer) and out.aq2 is None else None
+        if aq is None or aq.mode != "quant":
+            return acc * (sp * sv)
+        # the matmul writes to_out's input int8 directly: requantize acc * (s_p*s_v/s_out)
+        so, zo, omin, omax = aq._params_for(aq.bits_override if (aq.bits_override and aq.mp_eligible) else aq.bits)
+        so = so.abs().clamp_min(1e-12)
+        return (torch.clamp(torch.round(acc * (sp * sv / so)) + zo, omin, omax) - zo) * so
+
+
+def link_attention_outputs(module: nn.Module) -> list[str]:
+    """Projections that feed a quantized attention operand directly write that operand's int8.
+
+    Their own output quantizer is switched off (the operand quantizer rounds the same tensor),
+    which is what the integer runtimes do: to_q's integer kernel requantizes straight to Q's
+    scale. Returns the names of the layers linked this way.
+    """
+    from edgediff.attention import direct_producers
+
+    linked = []
+    for name, m in module.named_modules():
+        if not isinstance(getattr(m, "processor", None), QuantAttnProcessor):
+            continue
+        for _, attr in direct_producers(m).items():
+            layer = getattr(m, attr)
+            if isinstance(layer, _QuantLayer) and layer.oq is not None:
+                layer.link_output()
+                linked.append(f"{name}.{attr}" if name else attr)
+    return linked
 
 
 def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
