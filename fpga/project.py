@@ -87,7 +87,8 @@ class FpgaBackend(Backend):
         return ExportReport(self.target, "int8", str(out), size, extra=rep)
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
-        return False, ("an FPGA project runs on an FPGA board (bitstream from Vitis HLS + Vivado, not installed here); "
+        return False, ("an FPGA project runs on an FPGA board (bitstream from Vitis HLS + Vivado, not installed here), and "
+                       "no whole-call integer program (array + nonlinear units) runs the sampler on its simulator yet; "
                        "its layers were verified bit for bit by g++ C-simulation at export (see fpga_project.json)")
 
     def load_denoiser(self, path: Path) -> Any:
