@@ -35,6 +35,7 @@ _MODULES: dict[str, str] = {
     "fuse": "edgediff.passes.fuse",
     "sampling": "edgediff.passes.sampling",
     "cache": "edgediff.passes.cache",
+    "distill.steps": "edgediff.passes.distill",
 }
 
 _REGISTRY: dict[str, tuple[Callable[..., DiffusionModel], type]] = {}
