@@ -356,8 +356,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every atomic write removes its temp files on the way out."""
 
 
+_signalled: list[int] = []
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _signalled.append(signum)  # typer turns KeyboardInterrupt into a plain return code 130: remember why
+    raise KeyboardInterrupt()
 
 
 def _pop_max_memory(args: list[str]) -> list[str]:
@@ -383,6 +392,14 @@ def _print_error(message: str) -> None:
               soft_wrap=True)
 
 
+def _interrupted(cause: BaseException | None) -> int:
+    if isinstance(cause, Terminated):
+        err.print("edgediff: interrupted (SIGTERM); nothing written")
+        return 143
+    err.print("edgediff: interrupted; nothing written")
+    return 130
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: EdgediffError -> one line and its exit code; a bug -> traceback and 1.
 
@@ -403,29 +420,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not {"--help", "-h"} & set(args):
         sys.stdout = sys.stderr
-    old_term = None
+    old_term = old_int = None
+    _signalled.clear()
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+        old_int = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         pass
     try:
+        from edgediff.safety import set_max_memory
+
+        set_max_memory(None)  # each invocation starts from the default (main() may be called in-process)
         args = _pop_max_memory(args)
         rc = app(args=args, standalone_mode=False)
+        if _signalled or rc == 130:
+            return _interrupted(Terminated() if signal.SIGTERM in _signalled else None)
         return rc if isinstance(rc, int) else 0
     except EdgediffError as e:
         _print_error(str(e))
         return e.exit_code
     except typer.Exit as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
+            return _interrupted(cause)
         return e.exit_code
     except cex.ClickException as e:
         e.show(file=sys.stderr)
         return e.exit_code
-    except Terminated:
-        err.print("edgediff: interrupted (SIGTERM); nothing written")
-        return 143
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("edgediff: interrupted; nothing written")
-        return 130
+    except typer.Abort as e:
+        return _interrupted(e.__cause__ or e.__context__)
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             _print_error(f"{e.filename or 'output'}: {e.strerror}")
@@ -438,6 +463,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout = _stdout
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
 
 
 if __name__ == "__main__":

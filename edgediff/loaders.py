@@ -154,6 +154,10 @@ def _pick_weights(path: Path, variant: str | None) -> tuple[list[Path], str | No
         if not isinstance(wm, dict) or not wm:
             raise BadInput(f"{idx}: no weight_map")
         names = sorted(set(map(str, wm.values())))
+        from edgediff.safety import child_path
+
+        for n in names:  # shard names come from the file: plain names inside the folder
+            child_path(path, n, str(idx), "shard")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise BadInput(f"{idx}: names shard {missing[0]!r}, which is not in {path}")
@@ -167,7 +171,7 @@ def _load_weights(files: list[Path], opts: LoadOptions) -> dict[str, torch.Tenso
         if f.suffix == ".safetensors":
             state.update(load_safetensors(f))
         else:
-            state.update(_torch_load_state(f, False))
+            state.update(_torch_load_state(f, opts.trust_pickle))  # --trust-pickle covers a folder's .bin
     return state
 
 
@@ -220,6 +224,11 @@ def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
 def _torch_load_state(path: Path, trust_pickle: bool = False) -> Any:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: file is empty")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip (PK..) or, in the legacy format, a pickle (protocol marker 0x80)
+    if not head.startswith(b"PK") and head[:1] != b"\x80":
+        raise BadInput(f"{path}: not a PyTorch file (neither torch.save's zip nor its legacy pickle format)")
     if trust_pickle:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
