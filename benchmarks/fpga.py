@@ -113,6 +113,8 @@ def summarize(name: str, rep: dict[str, Any], seconds: float) -> dict[str, Any]:
             "dram_bound_layers": est["dram_bound_layers"], "bytes_moved": est["bytes_moved"],
             "old_model_cycles": old_model_cycles(rep["layers"], est["rows"], est["cols"]),
             "est_latency_ms": est["latency_ms"], "array_macs": rep["array_macs"], "host_macs": rep["host_macs"],
+            "nonlinear_units": est["nonlinear_units"],
+            "whole_call_cycles_if_units_on_chip": est["whole_call_cycles_if_units_on_chip"],
             "array_macs_share": rep.get("array_macs_share"), "gops": est["gops"], "gops_per_dsp": est["gops_per_dsp"],
             "utilisation": est["utilisation"], "resources": est["resources"], "verified": rep["verified"],
             # layers where ONNX Runtime on this CPU (MLAS u8s8, AVX2 without VNNI) saturates int16 pairs, so its
@@ -145,6 +147,8 @@ def cifar_estimate(tdp: Path, rows: int, cols: int, clock: float, dram_gbs: floa
             "drain_cycles": summ["drain_cycles"], "param_cycles": summ["param_cycles"],
             "dram_bound_layers": summ["dram_bound_layers"], "bytes_moved": summ["bytes_moved"],
             "old_model_cycles": old_model_cycles(layers, rows, cols), "est_latency_ms": summ["latency_ms"],
+            "nonlinear_units": summ["nonlinear_units"],
+            "whole_call_cycles_if_units_on_chip": summ["whole_call_cycles_if_units_on_chip"],
             "array_macs": summ["array_macs"], "host_macs": summ["host_macs"],
             "array_macs_share": summ["array_macs_share"], "gops": summ["gops"], "gops_per_dsp": summ["gops_per_dsp"],
             "utilisation": summ["utilisation"], "resources": summ["resources"], "seconds": time.perf_counter() - t,
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{w['drain_cycles']}, params {w['param_cycles']}; DRAM-bound layers {w['dram_bound_layers']}; "
               f"{w['bytes_moved'] / 1e6:.2f} MB moved; host MACs {w['host_macs']} (array share "
               f"{w['array_macs_share']:.3f})")
+        u = w["nonlinear_units"]
+        print(f"    nonlinear units (estimate, not wired in): {u['unit_cycles']} clocks for {u['ops_on_units']} host ops; "
+              f"array + units {w['whole_call_cycles_if_units_on_chip']} clocks; no unit for {u['ops_without_unit']}")
     res = (results["workloads"] or [results.get("cifar", {})])[0].get("resources", {})
     print(f"resources (estimate from the HLS arrays/unroll factors): {res.get('dsp')} DSP, {res.get('bram18k')} BRAM18K, "
           f"{res.get('lut')} LUT, {res.get('ff')} FF")

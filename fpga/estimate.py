@@ -218,7 +218,8 @@ def estimate_layers(layers: list[dict[str, Any]], rows: int = 16, cols: int = 16
     for layer in layers:
         rec: dict[str, Any] = {"name": layer.get("name", "?"), "op": layer.get("op", "?")}
         if not all(key in layer for key in ("m", "k", "n")):
-            rec.update(on_array=False, macs=int(layer.get("macs", 0)), cycles=0, latency_us=0.0, utilisation=None)
+            rec.update(on_array=False, macs=int(layer.get("macs", 0)), elements=int(layer.get("elements", 0)), cycles=0,
+                       latency_us=0.0, utilisation=None)
             out.append(rec)
             continue
         m, k, n, reps = int(layer["m"]), int(layer["k"]), int(layer["n"]), int(layer.get("reps", 1))
@@ -241,6 +242,38 @@ def estimate_layers(layers: list[dict[str, Any]], rows: int = 16, cols: int = 16
     return out
 
 
+# passes over the data of each nonlinear unit (hls/nonlinear.cpp), one element per clock (II=1)
+UNIT_PASSES = {"GroupNorm": 2, "GroupNormalization": 2, "InstanceNormalization": 2, "LayerNorm": 2,
+               "LayerNormalization": 2, "Softmax": 3, "SiLU": 1, "Sigmoid": 1, "GELU": 1, "Add": 1, "Mul": 1,
+               "Resize": 1}
+
+
+def nonlinear_unit_cycles(host_ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clocks the nonlinear units would take for the host-side ops if they ran beside the array (an estimate:
+    the units are written and C-simulated but not wired into systolic_top): GroupNorm 2 passes (statistics,
+    normalise), softmax 3 (max, exp-sum, scale), tables / adds / upsample 1, one element per clock; the
+    per-group and per-row constants (one square root, one divide) and any overlap with the array are left out;
+    a SiLU right after a GroupNorm is folded into its table (counted once). Ops without a unit are listed."""
+    cycles, covered, missing = 0, 0, []
+    prev = None
+    for h in host_ops:
+        op = str(h.get("op", ""))
+        passes = UNIT_PASSES.get(op)
+        if passes is None:
+            if int(h.get("elements", 0)) or int(h.get("macs", 0)):
+                missing.append(op)
+            prev = op
+            continue
+        if op in ("SiLU", "Sigmoid") and prev in ("GroupNorm", "GroupNormalization"):
+            prev = op
+            covered += 1
+            continue
+        cycles += passes * int(h.get("elements", 0))
+        covered += 1
+        prev = op
+    return {"unit_cycles": cycles, "ops_on_units": covered, "ops_without_unit": sorted(set(missing))}
+
+
 def summarize(rows_out: list[dict[str, Any]], rows: int, cols: int, clock_mhz: float, k_tile: int = 512,
               dram_gbs: float = DEFAULT_DRAM_GBS, requant: str = "ort") -> dict[str, Any]:
     """Totals over estimate_layers() output: cycles, latency, utilisation, GOPS, MACs on the array and the host."""
@@ -252,7 +285,10 @@ def summarize(rows_out: list[dict[str, Any]], rows: int, cols: int, clock_mhz: f
     res = resources(rows, cols, k_tile, requant)
     secs = cycles / (clock_mhz * 1e6)
     gops = 2 * macs_arr / secs / 1e9 if secs else 0.0
+    units = nonlinear_unit_cycles([r for r in rows_out if not r["on_array"]])
     return {"rows": rows, "cols": cols, "clock_mhz": clock_mhz, "dram_gbs": dram_gbs, "total_cycles": cycles,
+            "nonlinear_units": units,
+            "whole_call_cycles_if_units_on_chip": cycles + units["unit_cycles"],
             "pipeline_cycles": sum(r["pipeline_cycles"] for r in on),
             "compute_cycles": sum(r["compute_cycles"] for r in on), "load_cycles": sum(r["load_cycles"] for r in on),
             "drain_cycles": sum(r["drain_cycles"] for r in on), "param_cycles": sum(r["param_cycles"] for r in on),

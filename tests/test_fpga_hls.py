@@ -192,3 +192,14 @@ def test_synthesis_needs_vitis_hls_and_says_so(tmp_path: Path, monkeypatch: pyte
     assert proc.returncode == 3 and "vitis_hls is not on PATH" in proc.stderr
     for step in ("csim_design", "csynth_design", "cosim_design"):
         assert step in (tmp_path / "run_hls.tcl").read_text()
+
+
+def test_nonlinear_unit_cycles_estimate() -> None:
+    ops = [{"op": "GroupNorm", "elements": 1000}, {"op": "SiLU", "elements": 1000}, {"op": "Softmax", "elements": 64},
+           {"op": "SiLU", "elements": 10}, {"op": "Einsum", "macs": 5, "elements": 0}]
+    u = estimate.nonlinear_unit_cycles(ops)
+    # GroupNorm 2 passes with its SiLU folded in, softmax 3 passes, a standalone SiLU table 1 pass
+    assert u["unit_cycles"] == 2 * 1000 + 3 * 64 + 10 and u["ops_on_units"] == 4 and u["ops_without_unit"] == ["Einsum"]
+    s = estimate.summarize(estimate.estimate_layers([{"name": "l", "op": "gemm", "m": 16, "k": 16, "n": 16}, *ops]),
+                           16, 16, 200.0)
+    assert s["whole_call_cycles_if_units_on_chip"] == s["total_cycles"] + u["unit_cycles"]
