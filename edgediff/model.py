@@ -25,7 +25,8 @@ class InputSpec:
     (Flux img_ids/txt_ids): every exported input keeps a batch axis, the first row is passed.
     fill/value: what an example value looks like: "randn", "zeros", "const" (`value`, a list
     broadcast to the shape), "grid" (Flux position ids of a value=[h, w] token grid), "randint"
-    (0..value-1). Missing at call time, a "const"/"grid"/"zeros" input takes its example value.
+    (0..value-1). Missing at call time, a "const"/"grid"/"zeros" input takes its example value,
+    any other zeros.
     """
 
     name: str
@@ -56,7 +57,8 @@ class InputSpec:
             return torch.randint(0, int((self.value or (2,))[0]), (batch, *self.shape), generator=g).to(dt)
         if self.fill == "const":
             v = torch.tensor(list(self.value or (0.0,)), dtype=torch.float64)
-            return v.expand(*self.shape).to(dt).unsqueeze(0).expand(batch, *self.shape).clone()
+            v = v.reshape(-1)[0] if not self.shape else v.expand(*self.shape)
+            return v.to(dt).unsqueeze(0).expand(batch, *self.shape).clone()
         if self.fill == "grid":
             h, w = (int(x) for x in (self.value or (1, self.shape[0])))
             ids = torch.zeros(h, w, 3)
@@ -162,9 +164,10 @@ def _route(sig: InputSignature, values: dict[str, Any], dtype: torch.dtype) -> d
     for s in sig.extra:
         v = values.get(s.name)
         if v is None:
-            if not s.has_default():
-                raise TypeError(f"denoiser input {s.name!r} is missing")
-            v = s.example(batch)
+            # callers that pass only a tensor `cond` (older passes, runtimes): constants take their value,
+            # embeddings (text_embeds, pooled_projections) zeros, i.e. an empty prompt's stand-in
+            v = s.example(batch) if s.has_default() else torch.zeros(
+                batch, *s.shape, dtype=torch.int64 if s.dtype == "int64" else torch.float32)
         if v.is_floating_point():
             v = v.to(dtype)
         if s.unbatched:

@@ -1,0 +1,142 @@
+"""The denoiser classes people deploy, built tiny with save_pretrained: signature inferred from the config,
+then load / info / generate, and compress -> export onnx -> verify where the exporters carry the class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+from edgediff.cli import main
+from edgediff.loaders import LoadOptions, load_model
+
+
+def _sdxl() -> torch.nn.Module:
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+
+
+def _pixart() -> torch.nn.Module:
+    return diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                              num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                              caption_channels=24, norm_num_groups=8)
+
+
+def _sd3() -> torch.nn.Module:
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                           num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                                           pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
+
+
+def _sana() -> torch.nn.Module:
+    return diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                            num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                            cross_attention_dim=16, caption_channels=24, sample_size=8, patch_size=1)
+
+
+def _flux() -> torch.nn.Module:
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                            pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+
+
+FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+MODELS = {  # builder, scheduler config, extra CLI args, expected input names
+    "sdxl": (_sdxl, {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"}, ["--cond-shape", "8,32"],
+             ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]),
+    "pixart": (_pixart, {"_class_name": "DPMSolverMultistepScheduler"}, ["--cond-shape", "8,24"],
+               ["sample", "timestep", "encoder_hidden_states"]),
+    "sd3": (_sd3, FLOW, ["--cond-shape", "8,24"], ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]),
+    "sana": (_sana, FLOW, ["--cond-shape", "8,24"], ["sample", "timestep", "encoder_hidden_states"]),
+    "flux": (_flux, {**FLOW, "use_dynamic_shifting": True, "base_image_seq_len": 16, "max_image_seq_len": 256},
+             ["--sample-shape", "16,16", "--cond-shape", "8,24"],
+             ["sample", "timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance"]),
+}
+
+
+def _save(tmp_path: Path, key: str) -> Path:
+    build, sched, _, _ = MODELS[key]
+    torch.manual_seed(0)
+    d = tmp_path / key
+    build().eval().save_pretrained(d)
+    (d / "scheduler_config.json").write_text(json.dumps(sched))
+    return d
+
+
+def test_signatures_inferred_from_configs(tmp_path: Path) -> None:
+    sdxl = load_model(_save(tmp_path, "sdxl"))
+    assert sdxl.signature.input_names() == MODELS["sdxl"][3]
+    assert sdxl.signature.cond_shape == (77, 32)
+    spec = {s.name: s for s in sdxl.signature.extra}
+    assert spec["text_embeds"].shape == (16,) and spec["time_ids"].shape == (6,)
+    assert spec["time_ids"].value == (64, 64, 0, 0, 64, 64)  # 8x8 latents of a 64-pixel image
+    pix = load_model(_save(tmp_path, "pixart"))
+    assert pix.signature.cond_shape == (120, 24)  # caption_channels, not cross_attention_dim
+    sd3 = load_model(_save(tmp_path, "sd3"))
+    assert sd3.signature.input_specs()[3].shape == (12,) and sd3.schedule.family == "flow"
+    flux = load_model(_save(tmp_path, "flux"), LoadOptions(sample_shape=(16, 16), cond_shape=(8, 24)))
+    ids = {s.name: s for s in flux.signature.extra}
+    assert ids["img_ids"].shape == (16, 3) and ids["img_ids"].value == (4, 4) and ids["txt_ids"].shape == (8, 3)
+    assert flux.signature.timestep_scale == pytest.approx(1e-3)
+    ex = flux.example_inputs(2)
+    assert list(ex) == MODELS["flux"][3] and all(v.shape[0] == 2 for v in ex.values())
+    # the plain-tensor module takes every input by name (exporters zip input_names with their args)
+    out = flux.module()(**ex)
+    assert out.shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_load_info_generate(tmp_path: Path, key: str, capsys) -> None:
+    d = _save(tmp_path, key)
+    args = MODELS[key][2]
+    assert main(["info", str(d), "--json", *args]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] > 0 and info["macs"] > 0
+    npy = tmp_path / "x.npy"
+    assert main(["generate", str(d), "--steps", "2", "--samples", "2", "--save-npy", str(npy), "--json", *args]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["sampler"] == MODELS[key][1]["_class_name"] and rep["denoiser_calls"] >= 2
+    import numpy as np
+
+    x = np.load(npy)
+    assert x.shape[0] == 2 and x.ndim == 4 and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("key,recipe", [("sdxl", "w8a8"), ("sd3", "none"), ("sana", "none")])
+def test_compress_export_onnx_verify(tmp_path: Path, key: str, recipe: str, capsys) -> None:
+    import onnx
+
+    d = _save(tmp_path, key)
+    args = MODELS[key][2]
+    art, onx = tmp_path / "art", tmp_path / "m.onnx"
+    assert main(["compress", str(d), "--recipe", recipe, "-o", str(art), "--json", *args]) == 0
+    capsys.readouterr()
+    reloaded = load_model(art)
+    assert reloaded.schedule.to_config()["_class_name"] == MODELS[key][1]["_class_name"]
+    assert reloaded.signature.input_names() == MODELS[key][3]
+    assert main(["export", str(art), "--target", "onnx", "-o", str(onx), "--json"]) == 0
+    capsys.readouterr()
+    assert [i.name for i in onnx.load(str(onx)).graph.input] == MODELS[key][3]  # every input carried
+    assert main(["verify", str(art), str(onx), "--steps", "2", "--samples", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["verified"] and res["sampler"] == MODELS[key][1]["_class_name"] and res["psnr_db"] > 60
+
+
+def test_unknown_denoiser_class_and_image_conditioning_are_bad_input(tmp_path: Path, capsys) -> None:
+    d = tmp_path / "vae"
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).save_pretrained(d)
+    assert main(["info", str(d)]) == 2
+    assert "AutoencoderKL" in capsys.readouterr().err
+    u = tmp_path / "img"
+    cfg = dict(_sdxl().config)
+    _sdxl().save_pretrained(u)
+    cfg["addition_embed_type"] = "image"
+    (u / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
+    assert main(["info", str(u)]) == 2
+    assert "addition_embed_type 'image'" in capsys.readouterr().err
