@@ -116,3 +116,71 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, tiny_unet, kind: str, c
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# ---------------------------------------------------------------- checkpoint layouts people have
+def _fresh_unet_dir(tiny_unet, d: Path) -> Path:
+    tiny_unet.denoiser.save_pretrained(d)
+    return d
+
+
+def test_weight_variants_pick_plain_by_default_and_fp16_on_request(tiny_unet, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    d = _fresh_unet_dir(tiny_unet, tmp_path / "v")
+    state = {k: v.half() for k, v in tiny_unet.denoiser.state_dict().items()}
+    save_file(state, str(d / "diffusion_pytorch_model.fp16.safetensors"))
+    plain = load_model(d)  # both files present: the plain one, not a "sharded" error
+    assert next(plain.denoiser.parameters()).dtype == torch.float32 and "variant" not in plain.provenance
+    half = load_model(d, LoadOptions(variant="fp16"))
+    assert half.provenance["variant"] == "fp16"
+    w = dict(half.denoiser.named_parameters())["conv_in.weight"]
+    torch.testing.assert_close(w.float(), state["conv_in.weight"].float())
+    with pytest.raises(BadInput, match="variant 'bf16'"):
+        load_model(d, LoadOptions(variant="bf16"))
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    assert load_model(d).provenance["variant"] == "fp16"  # the only weights there
+
+
+def test_sharded_checkpoint_with_index(tiny_unet, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    d = tmp_path / "s"
+    tiny_unet.denoiser.save_pretrained(d)
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in tiny_unet.denoiser.state_dict().items()}
+    keys = sorted(state)
+    half = len(keys) // 2
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    save_file({k: state[k] for k in keys[:half]}, str(d / names[0]))
+    save_file({k: state[k] for k in keys[half:]}, str(d / names[1]))
+    index = {"metadata": {}, "weight_map": {k: names[0] if i < half else names[1] for i, k in enumerate(keys)}}
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    m = load_model(d)
+    inp = tiny_unet.example_inputs(1)
+    torch.testing.assert_close(m.module()(**inp), tiny_unet.module()(**inp))
+    (d / names[1]).unlink()
+    with pytest.raises(BadInput, match="00002-of-00002"):
+        load_model(d)
+    (d / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    with pytest.raises(BadInput, match="index"):
+        load_model(d)
+
+
+def test_single_file_sd_checkpoint_says_convert_first(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    f = tmp_path / "v1-5-pruned.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2, 1, 1)}, str(f))
+    with pytest.raises(BadInput, match="convert it with diffusers first"):
+        load_model(f)
+    d = tmp_path / "dir"
+    d.mkdir()
+    f.rename(d / f.name)
+    with pytest.raises(BadInput, match="convert it with diffusers first"):
+        load_model(d)
+    ckpt = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, ckpt)
+    with pytest.raises(BadInput, match="convert it with diffusers first"):
+        load_model(ckpt)
