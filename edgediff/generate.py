@@ -153,6 +153,9 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
         raise BadInput(f"--guidance must be >= 0, got {guidance}")
     sig = model.signature
     own = model.schedule.class_name
+    rec = model.extras.get("sampling") or {}  # what the artifact is meant to be run with (the sampling pass)
+    if sampler is None and steps is None and rec:
+        sampler, steps, eta = rec.get("sampler"), int(rec.get("steps") or DEFAULT_STEPS), float(rec.get("eta") or eta)
     if steps is None:
         from edgediff import schedulers
 
@@ -201,6 +204,8 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
     report.update({"sampler": stats["sampler"], "steps": steps, "denoiser_calls": calls,
                    "seconds": round(seconds, 4), "ms_per_image": round(seconds * 1000 / n, 3),
                    "classifier_free_guidance": cfg_scale is not None})
+    if "denoiser_calls_full" in stats:  # DeepCache: full and shallow calls
+        report.update({k: stats[k] for k in ("denoiser_calls_full", "denoiser_calls_shallow")})
     arr = _unpack(model, x.float()).numpy().astype(np.float32)
     report["shape"] = list(arr.shape)
     if save_npy is not None:

@@ -59,3 +59,32 @@ def test_runtime_package_imports_no_torch() -> None:
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_cli_generate_bundle_equals_generate_artifact(tiny_unet: DiffusionModel, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from edgediff.artifact import write_artifact
+    from edgediff.cli import main
+
+    def cli(*args: str) -> dict:
+        capsys.readouterr()
+        try:
+            main([*args, "--json"])
+        except SystemExit as e:
+            assert not e.code, capsys.readouterr().err[-2000:]
+        out = capsys.readouterr().out
+        return json.loads(out)
+
+    run_s, cls_s = passes.get("sampling")
+    run_c, cls_c = passes.get("cache")
+    m = run_c(run_s(tiny_unet.clone(), cls_s(sampler="dpmpp-2m", steps=4), PassContext()),
+              cls_c(interval=2, check_samples=0), PassContext())
+    write_artifact(m, tmp_path / "art", {"recipe": {"name": "t"}})
+    assert cli("export", str(tmp_path / "art"), "--target", "onnx", "-o", str(tmp_path / "b"))["bundle"]
+    outs = {}
+    for name, src in (("art", tmp_path / "art"), ("bundle", tmp_path / "b")):
+        rep = cli("generate", str(src), "--samples", "3", "--seed", "1", "--save-npy", str(tmp_path / f"{name}.npy"))
+        # both default to the artifact's recorded sampler, steps and cache schedule
+        assert rep["steps"] == 4 and rep["denoiser_calls_full"] == 2 and rep["denoiser_calls_shallow"] == 2
+        outs[name] = np.load(tmp_path / f"{name}.npy")
+    _close(outs["bundle"], outs["art"])
