@@ -125,6 +125,12 @@ PickleOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a .pt m
 
 
 # ---------------------------------------------------------------- commands
+def _supported() -> dict[str, Any]:
+    from edgediff.signature import supported
+
+    return supported()
+
+
 @app.command()
 def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in recipes and their passes."""
@@ -135,7 +141,7 @@ def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
         r = load_recipe(name)
         rows.append({"name": name, "description": r.description, "passes": [p.name for p in r.passes]})
     if as_json:
-        _write_json({"recipes": rows})
+        _write_json({"recipes": rows, **_supported()})
         return
     t = Table(title="built-in recipes")
     for c in ("name", "passes", "description"):
@@ -143,6 +149,10 @@ def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
     for r in rows:
         t.add_row(r["name"], " -> ".join(r["passes"]) or "(none)", r["description"])
     out.print(t)
+    sup = _supported()
+    out.print("denoiser classes: " + ", ".join(sup["denoisers"]))
+    out.print("schedulers (--sampler): " + ", ".join(f"{s['name']} ({s['class']})" for s in sup["schedulers"])
+              + "; or any diffusers scheduler class name")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from typing import Any
 from edgediff.errors import BadInput
 from edgediff.exporters import all_backends, get_backend, target_of
 from edgediff.model import DiffusionModel
+from edgediff.signature import supported
 
 
 def describe_model(model: DiffusionModel) -> dict[str, Any]:
@@ -20,7 +21,10 @@ def describe_model(model: DiffusionModel) -> dict[str, Any]:
         **model_stats(model),
         "signature": model.signature.to_dict(),
         "schedule": {k: v for k, v in model.schedule.to_config().items() if k != "trained_betas"},
+        "scheduler": {"class": model.schedule.class_name, "family": model.schedule.family,
+                      "prediction_type": model.schedule.prediction_type},
         "source": model.provenance.get("source"),
+        "supported": supported(),
     }
 
 

@@ -184,3 +184,11 @@ def example_inputs(sig: InputSignature, batch: int = 1, seed: int = 0) -> dict[s
 def input_dtypes(sig: InputSignature) -> dict[str, str]:
     """name -> "float32" / "int64" for every input."""
     return {s.name: s.dtype for s in sig.input_specs()}
+
+
+def supported() -> dict[str, Any]:
+    """What `edgediff info` / `edgediff recipes` list: denoiser classes and schedulers."""
+    from edgediff import schedulers
+
+    return {"denoisers": list(DENOISER_CLASSES), "schedulers": schedulers.supported(),
+            "any_diffusers_scheduler": "other diffusers scheduler classes by name (--sampler ClassName), untested"}

@@ -140,3 +140,16 @@ def test_unknown_denoiser_class_and_image_conditioning_are_bad_input(tmp_path: P
     (u / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
     assert main(["info", str(u)]) == 2
     assert "addition_embed_type 'image'" in capsys.readouterr().err
+
+
+def test_info_and_recipes_list_denoisers_and_schedulers(tmp_path: Path, capsys) -> None:
+    assert main(["recipes", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert "FluxTransformer2DModel" in rec["denoisers"] and "SanaTransformer2DModel" in rec["denoisers"]
+    names = {s["name"]: s["class"] for s in rec["schedulers"]}
+    assert names["flow-euler"] == "FlowMatchEulerDiscreteScheduler" and names["edm-euler"] == "EDMEulerScheduler"
+    assert main(["info", str(_save(tmp_path, "sd3")), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scheduler"] == {"class": "FlowMatchEulerDiscreteScheduler", "family": "flow",
+                                 "prediction_type": "flow_prediction"}
+    assert info["schedule"]["shift"] == 3.0 and "SD3Transformer2DModel" in info["supported"]["denoisers"]
