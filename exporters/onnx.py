@@ -463,6 +463,10 @@ def build_onnx(model: DiffusionModel, precision: str, progress: Any = None,
 
     if precision not in PRECISIONS:
         raise BadInput(f"unknown precision {precision!r} for ONNX; expected one of {', '.join(PRECISIONS)}")
+    from edgediff.onnx_source import graph_proto, is_graph_model
+
+    if is_graph_model(model):  # an ONNX-in model: its (quantized) graph is already the export
+        return graph_proto(model, precision)
     if not isinstance(model, DiffusionModel):
         raise BadInput("the ONNX exporter takes a model or an artifact")
     qp = QuantParams.of(model)
@@ -804,7 +808,17 @@ class OnnxBackend(Backend):
         return structural_check(Path(path), reference)
 
     def info(self, path: Path) -> dict[str, Any]:
-        return onnx_info(Path(path))
+        data = onnx_info(Path(path))
+        ok, why = self.runtime_available(path)
+        if not ok:
+            data["macs_reason"] = f"macs and integer_macs_share come from onnxruntime's optimized graph: {why}"
+            return data
+        im = integer_macs(Path(path))
+        data["macs"] = im["macs"]
+        if data.get("precision") == "int8" or im["integer_macs"]:
+            data.update({k: im[k] for k in ("integer_macs", "integer_macs_share", "macs_by_op", "float_mac_nodes")})
+        data["macs_measured_on"] = im["measured_on"]
+        return data
 
 
 BACKEND = OnnxBackend()

@@ -229,10 +229,7 @@ def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
     """exporters.onnx's explicit-matmul attention with TFLite Q/DQ on Q, K, softmax output and V."""
     from edgediff.exporters.onnx import _QDQAttnProcessor
 
-    proc = _QDQAttnProcessor(qk, av)
-    proc.q_quant, proc.k_quant = _TflQDQ(qk.input, qk.name), _TflQDQ(qk.input2, qk.name)
-    proc.p_quant, proc.v_quant = _TflQDQ(av.input, av.name), _TflQDQ(av.input2, av.name)
-    return proc
+    return _QDQAttnProcessor(qk, av, quant=_TflQDQ)
 
 
 def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
@@ -240,6 +237,72 @@ def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
     from edgediff.exporters.onnx import insert_qdq
 
     return insert_qdq(den, qp, layer_cls=_TflQDQLayer, attn_processor=_attn_processor)
+
+
+# Full-integer layers (output Q/DQ from edgediff.lowering) are built by insert_tflite_int, but
+# litert-torch 0.10's NHWC layout pass rejects the output dequantize of the first conv
+# ("Attempting to convert non-NHWC compatible node to NHWC"), so exports keep Q/DQ on inputs
+# and weights (float kernels) until that is solved; flip this to try the integer layout.
+FULL_INTEGER = False
+
+
+class _TflActQDQ(nn.Module):
+    """A lowered activation quantization (edgediff.lowering.ActQ) as int8 PT2E quantize/dequantize."""
+
+    def __init__(self, aq: Any, what: str) -> None:
+        super().__init__()
+        a = aq.as_int8()
+        self.scale, self.zp, self.qmin, self.qmax = float(a.scale), int(a.zero_point), int(a.qmin), int(a.qmax)
+        if not -128 <= self.zp <= 127:
+            raise BadInput(f"{what}: zero point {aq.zero_point} outside the int8 range")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        q = qd.quantize_per_tensor(x, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+        return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+
+
+def _tfl_int_layer_cls() -> Any:
+    from edgediff.exporters.onnx import _IntLayer
+
+    class _TflIntLayer(_IntLayer):
+        """exporters.onnx's integer twin with PT2E ops: DQ -> CONV_2D/FULLY_CONNECTED -> Q, which
+        the TFLite converter turns into int8-in/int8-out kernels (XNNPACK QS8 on CPU)."""
+
+        def __init__(self, low: Any) -> None:
+            super().__init__(low, quant=_TflActQDQ)
+            # TFLite wants input and output in int8 storage: _TflActQDQ shifts unsigned grids
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.kind == "linear" and x.dim() == 2:
+                # time-embedding linears ([B, C]): litert-torch's NHWC layout pass rejects a 2-D
+                # dequantize feeding the 4-D broadcast add, so these (a few thousand MACs) keep a
+                # float output; their input and weights stay int8
+                oqs, self.oqs = self.oqs, nn.ModuleList(nn.Identity() for _ in self.oqs)
+                try:
+                    return super().forward(x)
+                finally:
+                    self.oqs = oqs
+            return super().forward(x)
+
+        def weight(self, i: int) -> torch.Tensor:
+            qd = _qd()
+            w, s = getattr(self, f"w{i}"), getattr(self, f"ws{i}")
+            zp = torch.zeros(s.shape, dtype=torch.int64)
+            q = qd.quantize_per_channel(w, s, zp, 0, -127, 127, torch.int8)
+            return qd.dequantize_per_channel(q, s, zp, 0, -127, 127, torch.int8)
+
+    return _TflIntLayer
+
+
+def insert_tflite_int(den: nn.Module, qp: QuantParams) -> tuple[dict[str, int], dict[str, Any]]:
+    """Integer twins from edgediff.lowering (outputs requantized as the artifact's simulation does)."""
+    from edgediff.exporters.onnx import insert_int_layers
+
+    from edgediff.lowering import lower
+
+    low = lower(den, qp)
+    return insert_int_layers(den, low, layer_cls=_tfl_int_layer_cls(), quant=_TflActQDQ), low.summary()
 
 
 def _example_kwargs(sig: InputSignature, batch: int) -> dict[str, torch.Tensor]:
@@ -345,8 +408,16 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple
     quant_config = None
     if precision == "int8":
         assert qp is not None
-        facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "weight_bits": qp.weight_bits, "act_bits": qp.act_bits,
-                         "kernels": "float kernels between int8 Q/DQ (see docs/tflite_coreml.md)"}
+        if FULL_INTEGER and any(lq.output is not None for lq in qp.layers.values()):
+            # the artifact requantizes outputs: full-integer layers from the lowering
+            layers, summary = insert_tflite_int(den, qp)
+            facts["int8"] = {"layers": layers, "weight_bits": qp.weight_bits, "act_bits": qp.act_bits,
+                             "kernels": "int8 CONV_2D / FULLY_CONNECTED / BATCH_MATMUL, int8 in and out",
+                             "lowering": summary}
+        else:
+            facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "weight_bits": qp.weight_bits,
+                             "act_bits": qp.act_bits,
+                             "kernels": "float kernels between int8 Q/DQ (artifact without output quantization)"}
         # shortcut-split layers: run as two layers (one per input half, each with its own
         # input scale) plus ADD, since an int8 CONCATENATION needs one scale for both halves
         facts["int8"]["split_layers"] = {

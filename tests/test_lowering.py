@@ -189,3 +189,26 @@ def test_one_attention_body(w8a8: DiffusionModel) -> None:
         attn.set_processor(ExplicitAttnProcessor())
         b = attn(x)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_info_reports_integer_share_and_macs(w8a8_onnx: tuple[Path, dict]) -> None:
+    from edgediff.exporters import get_backend
+
+    info = get_backend("onnx").info(w8a8_onnx[0])
+    assert info["precision"] == "int8" and info["integer_macs_share"] >= 0.95
+    assert info["macs"] > 0 and info["integer_macs"] <= info["macs"]
+
+
+def test_timing_interleaves_and_scales_per_image() -> None:
+    from edgediff.timing import per_image, time_denoisers
+
+    calls: list[str] = []
+
+    def den(name: str):  # noqa: ANN202
+        return lambda x, t, c=None: calls.append(name)
+
+    res = time_denoisers({"a": den("a"), "b": den("b")}, torch.zeros(1), torch.zeros(1), reps=3, warmup=0)
+    assert calls == ["a", "b"] * 3 and set(res) == {"a", "b"} and res["a"]["reps"] == 3
+    assert per_image(10.0, batch=2, steps=20) == 100.0
+    with pytest.raises(ValueError):
+        time_denoisers({"a": den("a")}, torch.zeros(1), torch.zeros(1), reps=0)
