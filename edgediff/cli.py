@@ -28,8 +28,19 @@ out = Console(markup=False)
 _stdout = sys.stdout
 
 
+def _json_safe(v: Any) -> Any:
+    """JSON has no NaN/Infinity: a non-finite figure is written as null (the key stays)."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def _write_json(data: Any) -> None:
-    _stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    _stdout.write(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
     _stdout.flush()
 
 

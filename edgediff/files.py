@@ -54,6 +54,10 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: file is empty")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BadInput(f"{path}: not a valid safetensors file (truncated or corrupt: {e})") from None
+    from edgediff.safety import warn_nonfinite
+
+    warn_nonfinite(state, path)  # loads, but says so: every output of such a model is NaN
+    return state

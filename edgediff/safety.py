@@ -248,3 +248,42 @@ def check_build_budget(cls: Any, arch: str, cfg: dict[str, Any], where: Path | s
     except Exception:  # noqa: BLE001 - the real build reports a bad config with its own message
         return
     check_params_budget(sum(p.numel() for p in meta.parameters()), str(where))
+
+
+_warned_cache: list[Path] = []
+
+
+def cache_dir() -> Path:
+    """Where passes cache data: EDGEDIFF_CACHE_DIR, else ~/.cache/edgediff; when that cannot be
+    written (a read-only HOME) a per-user temp folder, said once on stderr."""
+    import sys
+    import tempfile
+
+    env = os.environ.get("EDGEDIFF_CACHE_DIR")
+    preferred = Path(env) if env else Path.home() / ".cache" / "edgediff"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"edgediff-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    if fallback not in _warned_cache:
+        _warned_cache.append(fallback)
+        sys.stderr.write(f"edgediff: warning: cannot write the cache {preferred}; using {fallback} for this run\n")
+    return fallback
+
+
+def warn_nonfinite(state: dict[str, Any], where: Path | str) -> int:
+    """One warning line when weights hold NaN/Inf (the model will produce NaN); returns how many tensors."""
+    import sys
+
+    import torch
+
+    bad = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and not bool(torch.isfinite(t).all())]
+    if bad:
+        sys.stderr.write(f"edgediff: warning: {where}: {len(bad)} weight tensor(s) hold NaN or Inf "
+                         f"(e.g. {bad[0]}); outputs will not be finite\n")
+    return len(bad)

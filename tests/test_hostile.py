@@ -495,3 +495,78 @@ def test_markup_in_file_names_is_printed_literally(tmp_path: Path, name: str, mo
     monkeypatch.chdir(tmp_path)
     rc, err = cli(["info", name], capsys)
     assert_bad(rc, err, name)
+
+
+# ---------------------------------------------------------------- 7 (cont.): recipes, NaN, caches
+@pytest.mark.parametrize("option", ["steps = inf", "steps = -5", "steps = 1e30", "lr = nan"])
+def test_recipe_option_errors_name_recipe_and_pass(art: Path, tmp_path: Path, option: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    r = tmp_path / "mine.toml"
+    r.write_text(f'name = "mine"\n\n[[pass]]\nname = "finetune"\n{option}\n')
+    rc, err = cli(["compress", art, "--recipe", r, "-o", tmp_path / "out"], capsys)
+    assert_bad(rc, err, "mine.toml")
+    assert "finetune" in err and not (tmp_path / "out").exists()
+
+
+def test_nan_weights_warn_and_json_stays_valid(art: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from edgediff.cli import _json_safe
+
+    st = load_file(str(art / "model" / "model.safetensors"))
+    key = sorted(st)[0]
+    st[key] = torch.full_like(st[key], float("nan"))
+    save_file(st, str(art / "model" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    rc = main(["info", str(art), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "NaN or Inf" in cap.err and key in cap.err
+    json.loads(cap.out)
+    assert json.loads(json.dumps(_json_safe({"a": float("nan"), "b": [float("inf"), 1.0]}), allow_nan=False)) == \
+        {"a": None, "b": [None, 1.0]}
+
+
+def test_corrupt_calibration_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgediff.model import DiffusionModel, InputSignature
+    from edgediff.passes import PassContext, calib
+    from edgediff.schedule import NoiseSchedule
+
+    m = DiffusionModel(TinyNet(), NoiseSchedule.from_config({}), InputSignature((1, 8, 8)), "TinyNet", None,
+                       {"source": "test"})
+    opts = calib.CalibOptions(n_samples=2, steps=2)
+    path = calib.cache_path(tmp_path, calib.cache_key(m, opts))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not safetensors")
+    monkeypatch.setattr(calib, "generate", lambda *a, **k: {"x": torch.zeros(2, 1, 8, 8), "t": torch.tensor([1.0, 2.0])})
+    logs: list[str] = []
+    calib.run(m, opts, PassContext(cache_dir=tmp_path, log=logs.append))
+    assert any("corrupt" in x for x in logs)
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == {"x", "t"}
+
+
+def test_unwritable_cache_falls_back_to_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from edgediff import safety
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EDGEDIFF_CACHE_DIR", str(blocker / "cache"))  # below a file: cannot be created
+    monkeypatch.setattr(safety, "_warned_cache", [])
+    d = safety.cache_dir()
+    assert d.is_dir() and not str(d).startswith(str(blocker))
+    assert "cannot write the cache" in capsys.readouterr().err
+
+
+def test_shard_index_names_stay_in_folder(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(work / "art" / "model", d)
+    (d / "structure.json").unlink()
+    (d / "model.safetensors").rename(d / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    shutil.copy(d / "diffusion_pytorch_model-00001-of-00002.safetensors",
+                d / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "../../etc/passwd", "b": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+    rc, err = cli(["info", d], capsys)
+    assert_bad(rc, err, "index.json")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,18 @@ class OrderRule:
 _ORDER: dict[str, OrderRule] = {}
 
 
+def _default_cache_dir() -> Path:
+    from edgediff.safety import cache_dir
+
+    return cache_dir()  # ~/.cache/edgediff, or a temp folder when HOME is read-only
+
+
 @dataclass
 class PassContext:
     """What the pass manager gives each pass: seed, a cache dir, progress and a metrics sink."""
 
     seed: int = 0
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "edgediff")
+    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
     progress: Any = None  # a rich.progress.Progress, or None when quiet
     metrics: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = lambda msg: None
@@ -160,10 +167,19 @@ def make_options(name: str, values: dict[str, Any], where: str = "recipe") -> An
     if unknown:
         raise BadInput(f"{where}: pass {name!r} has no option(s) {', '.join(sorted(unknown))}; "
                        f"it takes {', '.join(fields) or 'none'}")
+    for k, v in values.items():  # inf/nan never make sense as a step count, ratio or rate
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadInput(f"{where}: pass {name!r}: option {k} = {v} is not a finite number")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > 1e12:
+            raise BadInput(f"{where}: pass {name!r}: option {k} = {v} is out of range")
     try:
         return opts_cls(**values)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise BadInput(f"{where}: bad options for pass {name!r}: {e}") from None
+    except BadInput as e:
+        if where in str(e):
+            raise
+        raise BadInput(f"{where}: pass {name!r}: {e}") from None
 
 
 def restore_extras(model: DiffusionModel) -> DiffusionModel:

@@ -180,13 +180,21 @@ def run(model: DiffusionModel, opts: CalibOptions, ctx: PassContext) -> Diffusio
     key = cache_key(model, opts)
     path = cache_path(ctx.cache_dir, key)
     t0 = time.perf_counter()
+    data = None
     if path.is_file():
         from safetensors.torch import load_file
 
-        data = load_file(str(path))
-        generated = False
-        ctx.log(f"calib: reusing cached calibration set {path}")
-    else:
+        try:
+            data = load_file(str(path))
+            if not {"x", "t"} <= set(data):
+                raise ValueError("missing x/t")
+            generated = False
+            ctx.log(f"calib: reusing cached calibration set {path}")
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never fatal for every later run
+            ctx.log(f"warning: calib: cached calibration set {path} is corrupt; rebuilding it")
+            path.unlink(missing_ok=True)
+            data = None
+    if data is None:
         task_progress = None
         if ctx.progress is not None:
             task = ctx.progress.add_task(f"calib: {opts.n_samples} FP trajectories x {opts.steps} steps",
