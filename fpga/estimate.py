@@ -314,12 +314,12 @@ def estimate_onnx(path: Path | str, rows: int = 16, cols: int = 16, clock_mhz: f
         rows, cols, clock_mhz, dram_gbs = dev.rows, dev.cols, dev.clock_mhz, dev.dram_gbs
     p = Path(path)
     if p.is_dir():
-        import json
-
         marker = p / "fpga_project.json"
         if not marker.is_file():
             raise BadInput(f"{p}: not an FPGA project (no fpga_project.json)")
-        report = json.loads(marker.read_text())
+        from edgediff.files import read_json
+
+        report = read_json(marker)  # BadInput naming the file on damaged JSON
         layers = report.get("layers", []) + report.get("host_ops", [])
     else:
         from edgediff.fpga.convert_onnx import extract_onnx

@@ -25,7 +25,6 @@ co-simulation need Vitis HLS, which is not installed here: the TCL script is wri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,9 @@ class FpgaBackend(Backend):
         marker = Path(path) / "fpga_project.json"
         if not marker.is_file():
             raise BadInput(f"{path}: not an FPGA project (no fpga_project.json)")
-        rep = json.loads(marker.read_text())
+        from edgediff.files import read_json
+
+        rep = read_json(marker)  # BadInput naming the file on damaged JSON
         keep = ("target", "precision", "source", "rounding", "array", "verified", "layers_total", "layers_bit_exact",
                 "ort_layers_bit_exact", "csim_cycles", "array_macs", "host_macs", "array_macs_share", "estimate", "reason",
                 "host_ops")

@@ -570,3 +570,31 @@ def test_shard_index_names_stay_in_folder(work: Path, tmp_path: Path, capsys: py
         {"weight_map": {"a": "../../etc/passwd", "b": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
     rc, err = cli(["info", d], capsys)
     assert_bad(rc, err, "index.json")
+
+
+# ---------------------------------------------------------------- 3 (cont.): bundles and FPGA projects
+@pytest.mark.parametrize("rel", ["../x.onnx", "/etc/passwd", "link.onnx"])
+def test_bundle_paths_stay_inside(tmp_path: Path, rel: str) -> None:
+    from edgediff.errors import BadInput
+    from edgediff.runtime.bundle import FORMAT, MANIFEST, ROLE_FULL, read_bundle
+
+    b = tmp_path / "bundle"
+    (b / "scheduler").mkdir(parents=True)
+    (b / "scheduler" / "scheduler_config.json").write_text("{}")
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    os.symlink(tmp_path / "outside.onnx", b / "link.onnx")
+    (b / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": 1, "signature": {"sample_shape": [1, 8, 8]},
+                                          "scheduler": {}, "steps": 2, "sampler": "ddim",
+                                          "components": {"den": {"role": ROLE_FULL, "path": rel}}}))
+    with pytest.raises(BadInput, match=MANIFEST):
+        read_bundle(b)
+
+
+def test_damaged_fpga_project_json(tmp_path: Path) -> None:
+    from edgediff.fpga.project import BACKEND
+
+    from edgediff.errors import BadInput
+
+    (tmp_path / "fpga_project.json").write_text("{truncated")
+    with pytest.raises(BadInput, match="fpga_project.json"):
+        BACKEND.info(tmp_path)

@@ -100,13 +100,21 @@ def read_bundle(path: Path | str) -> Bundle:
             raise BadInput(f"{mf}: missing key {key!r}")
     if not isinstance(manifest["components"], dict) or not manifest["components"]:
         raise BadInput(f"{mf}: 'components' must be a non-empty object")
+    from edgediff.safety import child_path  # torch-free
+
     for name, comp in manifest["components"].items():
+        if not isinstance(comp, dict):
+            raise BadInput(f"{mf}: component {name!r} must be an object")
         rel = str(comp.get("path", ""))
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BadInput(f"{mf}: component {name!r} has a path outside the bundle ({rel!r})")
+        child_path(path, rel, str(mf), f"component {name!r} path")  # also: no symlink out of the bundle
+    if not isinstance(manifest["scheduler"], dict):
+        raise BadInput(f"{mf}: 'scheduler' must be an object")
     sched_rel = str(manifest["scheduler"].get("path", "scheduler/scheduler_config.json"))
     if Path(sched_rel).is_absolute() or ".." in Path(sched_rel).parts:
         raise BadInput(f"{mf}: scheduler path outside the bundle ({sched_rel!r})")
+    child_path(path, sched_rel, str(mf), "scheduler path")
     sp = path / sched_rel
     try:
         sched = json.loads(sp.read_text())
