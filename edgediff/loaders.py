@@ -306,6 +306,15 @@ def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionMo
     if path.is_dir():
         return _load_folder(path, opts)
     suffix = path.suffix.lower()
+    if opts.adapter is not None and suffix in (".pt2", ".pt", ".pth"):
+        # a plain torch module described by an adapter: load it as it is, then wrap its call
+        from dataclasses import replace
+
+        from edgediff.adapter import apply_adapter, load_adapter
+
+        ad = load_adapter(opts.adapter)
+        base = load_model(path, replace(opts, adapter=None, sample_shape=opts.sample_shape or ad.sample_shape))
+        return apply_adapter(base, ad, opts.adapter, path, opts.trust_pickle)
     if suffix == ".safetensors":
         cfg = opts.config or path.parent / "config.json"
         if not cfg.is_file():
@@ -316,5 +325,13 @@ def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionMo
         return _load_pt2(path, opts)
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         return _load_pt(path, opts)
+    if suffix == ".onnx":
+        if opts.adapter is None:
+            raise BadInput(f"{path}: an ONNX denoiser needs --adapter FILE.toml (its input names, which is the "
+                           "sample and the time, conditioning shapes, the scheduler; see docs/onnx_in.md)")
+        from edgediff.adapter import load_adapter
+        from edgediff.onnx_source import load_onnx_model
+
+        return load_onnx_model(path, load_adapter(opts.adapter))
     raise BadInput(f"{path}: unknown model format {suffix or '(no extension)'!r}; expected a diffusers folder, "
                    ".safetensors, .pt2, .pt, an edgediff artifact or 'demo'")

@@ -39,11 +39,26 @@ def model_stats(model: DiffusionModel) -> dict[str, int]:
     return {"params": metrics.params(mod), "macs": metrics.macs(model), "size_bytes": metrics.size_bytes(mod)}
 
 
+def onnx_nodes(model: DiffusionModel) -> int | None:
+    """Nodes in the model's fp32 ONNX graph (what a runtime executes), or None if it does not export."""
+    from edgediff.exporters.onnx import build_onnx
+
+    try:
+        proto, _ = build_onnx(model, "fp32")
+    except Exception:  # noqa: BLE001 - counting is informative; a model that does not export is still run
+        return None
+    return len(proto.graph.node)
+
+
 def plan(model: DiffusionModel, recipe: Recipe) -> list[tuple[str, dict[str, Any], Any]]:
     """Check a recipe against a model before any work: every pass's options, then the ordering
     rules the passes declared at registration. Returns [(name, raw options, options dataclass)]."""
     planned = [(spec.name, spec.options, passes.make_options(spec.name, spec.options, recipe.source))
                for spec in recipe.passes]
+    from edgediff.onnx_source import check_pass
+
+    for spec in recipe.passes:
+        check_pass(model, spec.name)
     already = set(model.extras) | set(model.provenance.get("passes", []))
     passes.check_order([name for name, _, _ in planned], already, f"recipe {recipe.name!r}")
     return planned
@@ -63,7 +78,7 @@ def run_recipe(model: DiffusionModel, recipe: Recipe, seed: int = 0, progress: A
     current = model.clone()
     for i, (name, raw, opts) in enumerate(planned):
         run, _ = passes.get(name)
-        ctx = passes.PassContext(seed=seed + i, progress=progress, original=original, data=data,
+        ctx = passes.PassContext(seed=seed + i, progress=progress, original=original, data=data, graph_nodes=onnx_nodes,
                                  log=log or (lambda m: None), **({"cache_dir": cache_dir} if cache_dir else {}))
         seed_everything(seed + i)
         t0 = time.perf_counter()

@@ -315,6 +315,17 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    from edgediff.onnx_source import OnnxGraphModule, save_graph
+
+    inner = getattr(denoiser, "inner", denoiser)
+    if isinstance(inner, OnnxGraphModule):  # an ONNX-in model keeps its graphs, no torch.export
+        save_graph(inner, folder)
+        return
+    if getattr(denoiser, "_edgediff_adapted", False):  # an --adapter torch module: weights + adapter, no torch.export
+        from edgediff.adapter import save_adapted
+
+        save_adapted(denoiser, folder)  # type: ignore[arg-type]
+        return
     if config is None:
         if example_inputs is None:
             raise ValueError("a module without a diffusers config needs example inputs to be saved via torch.export")
@@ -353,6 +364,14 @@ def load_denoiser(folder: Path, trust_pickle: bool = False) -> tuple[nn.Module, 
     from edgediff.files import build_diffusers, load_safetensors, read_json
     from edgediff.safe_load import ExportedDenoiser, load_exported_program
 
+    if (folder / "graph.json").is_file():
+        from edgediff.onnx_source import load_graph
+
+        return load_graph(folder), "OnnxGraph", None
+    if (folder / "adapter.json").is_file():
+        from edgediff.adapter import load_adapted
+
+        return load_adapted(folder), "Adapted", None
     if (folder / "denoiser.pt2").is_file():
         return ExportedDenoiser(load_exported_program(folder / "denoiser.pt2", trust_pickle)), "ExportedProgram", None
     cfg = read_json(folder / "config.json")

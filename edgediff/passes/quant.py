@@ -60,6 +60,7 @@ class QuantOptions:
     calib_limit: int = 512  # calibration points used (a prefix of the calib set, which is shuffled)
     batch_size: int = 64
     quant_output: bool = True  # requantize layer outputs like integer kernels (false: float outputs)
+    graph_quantizer: str = "ort"  # ONNX-in models only: "ort" (quantize_static) or "nncf" (edgediff.onnx_source)
 
     def config(self) -> QuantConfig:
         return QuantConfig(self.weight_bits, self.act_bits, self.softmax_bits, self.first_last_bits, self.act_symmetric,
@@ -91,6 +92,16 @@ def method_name(opts: QuantOptions) -> str:
 @register("quant", QuantOptions, requires=("calib",))
 def run(model: DiffusionModel, opts: QuantOptions, ctx: PassContext) -> DiffusionModel:
     opts.validate()
+    from edgediff.onnx_source import calibration_feeds, is_graph_model, quantize_graph
+
+    if is_graph_model(model):  # an ONNX graph: quantized as a graph, fed with the same calibration set
+        if (opts.weight_bits, opts.act_bits) != (8, 8):
+            raise BadInput(f"quant: an ONNX-only model is quantized W8A8 (got W{opts.weight_bits}A{opts.act_bits})")
+        data = load_calibration(model, ctx)
+        n = min(opts.calib_limit, len(data["x"]))
+        feeds = calibration_feeds({k: v[:n] for k, v in data.items() if k in ("x", "t", "cond")}, model.signature)
+        ctx.metrics.update(quantize_graph(model, feeds, opts.graph_quantizer))
+        return model
     cfg = opts.config()
     if any(is_quant_wrapper(m) for m in model.denoiser.modules()):
         raise BadInput("quant: the model is already quantized (it has quantization wrappers)")
