@@ -170,11 +170,14 @@ def recipes(as_json: bool = typer.Option(False, "--json")) -> None:
 def info(target: str = typer.Argument(..., help="A model, an artifact, or an exported file."),
          as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
          sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
-         num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+         num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt,
+         adapter: Optional[Path] = AdapterOpt, scheduler_config: Optional[Path] = SchedOpt,
+         inputs: Optional[list[str]] = InputOpt) -> None:
     """Params, MACs per denoiser call and size of a model, artifact or exported file."""
     from edgediff.describe import describe
 
-    data = describe(target, lambda: _load(target, config, sample_shape, cond_shape, num_classes, trust_pickle))
+    data = describe(target, lambda: _load(target, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
+                       scheduler_config, inputs))
     _emit(data, as_json, f"edgediff info {target}")
 
 
@@ -184,7 +187,9 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
              force: bool = typer.Option(False, "--force", help="Replace an existing output."),
              as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
              sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
-             num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+             num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt,
+         adapter: Optional[Path] = AdapterOpt, scheduler_config: Optional[Path] = SchedOpt,
+         inputs: Optional[list[str]] = InputOpt) -> None:
     """Run a recipe of passes and write an artifact directory."""
     from edgediff.pipeline import compress as run_compress
     from edgediff.recipe import load_recipe
@@ -193,7 +198,8 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
     check_output(output, [model, recipe, config])
-    m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
+                       scheduler_config, inputs)
     data = None
     if model == "demo":  # the bundled model comes with its training digits (data-driven passes use them)
         from edgediff.demo.data import split
@@ -231,7 +237,9 @@ def export(model: str = ModelOpt,
            palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: palettize weights to BITS."),
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
-           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt) -> None:
+           num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt,
+         adapter: Optional[Path] = AdapterOpt, scheduler_config: Optional[Path] = SchedOpt,
+         inputs: Optional[list[str]] = InputOpt) -> None:
     """Export a model or artifact to a target runtime."""
     from edgediff.exporters import PRECISIONS, get_backend
 
@@ -247,7 +255,8 @@ def export(model: str = ModelOpt,
     if backend.takes_onnx_source and model.endswith(".onnx"):
         source: Any = Path(model)  # e.g. the FPGA backend also takes any QDQ-quantized ONNX
     else:
-        source = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+        source = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
+                       scheduler_config, inputs)
     with progress_bar() as p:
         report = backend.export(source, output, precision, options, p, force=force).to_dict()
     _emit(report, as_json, f"exported {target} {precision} -> {output}")
@@ -262,6 +271,8 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
            num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt,
+           variant: Optional[str] = VariantOpt, adapter: Optional[Path] = AdapterOpt,
+           scheduler_config: Optional[Path] = SchedOpt, inputs: Optional[list[str]] = InputOpt,
            min_quality_db: float = typer.Option(25.0, "--min-quality-db",
                                                 help="Quantized artifacts: warn when the export's samples are "
                                                      "fewer dB than this from the original model's.")) -> None:
@@ -271,7 +282,8 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
 
     check_count(samples, "--samples", MAX_SAMPLES)
     check_count(steps, "--steps", MAX_STEPS)
-    ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle)
+    ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
+                       scheduler_config, inputs)
     with progress_bar() as p:
         result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p,
                             min_quality_db=min_quality_db)
