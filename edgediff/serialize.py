@@ -326,11 +326,6 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
 
         save_adapted(denoiser, folder)  # type: ignore[arg-type]
         return
-    if getattr(denoiser, "_edgediff_adapted", False):  # an --adapter torch module: weights + adapter, no torch.export
-        from edgediff.adapter import save_adapted
-
-        save_adapted(denoiser, folder)  # type: ignore[arg-type]
-        return
     if config is None:
         if example_inputs is None:
             raise ValueError("a module without a diffusers config needs example inputs to be saved via torch.export")
@@ -373,10 +368,6 @@ def load_denoiser(folder: Path, trust_pickle: bool = False) -> tuple[nn.Module, 
         from edgediff.onnx_source import load_graph
 
         return load_graph(folder), "OnnxGraph", None
-    if (folder / "adapter.json").is_file():
-        from edgediff.adapter import load_adapted
-
-        return load_adapted(folder), "Adapted", None
     if (folder / "adapter.json").is_file():
         from edgediff.adapter import load_adapted
 
