@@ -33,7 +33,11 @@ def _first(v: Any) -> Any:
 
 def _hw(cfg: dict[str, Any], default: int = 32) -> tuple[int, int]:
     size = cfg.get("sample_size") or default
-    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    dims = list(size[:2]) if isinstance(size, (list, tuple)) and len(size) >= 2 else [size, size]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        # the config's own loader names the file; this check runs before any model is built
+        raise BadInput(f"config.json: sample_size {size!r} must be a positive integer or [H, W]")
+    return int(dims[0]), int(dims[1])
 
 
 def _unet_cond(cfg: dict[str, Any], hw: tuple[int, int]) -> tuple[int | None, list[InputSpec]]:

@@ -598,3 +598,28 @@ def test_damaged_fpga_project_json(tmp_path: Path) -> None:
     (tmp_path / "fpga_project.json").write_text("{truncated")
     with pytest.raises(BadInput, match="fpga_project.json"):
         BACKEND.info(tmp_path)
+
+
+def test_sample_shape_that_does_not_fit(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(work / "art" / "model", d)
+    (d / "structure.json").unlink()
+    rc, err = cli(["info", d, "--sample-shape", "3,8,8"], capsys)  # the model takes 1 channel
+    assert_bad(rc, err, "--sample-shape")
+
+
+@pytest.mark.parametrize("size", ["abc", [8, True]])
+def test_sample_size_wrong_type(work: Path, tmp_path: Path, size: object, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(work / "art" / "model", d)
+    (d / "structure.json").unlink()
+    edit_json(d / "config.json", lambda c: c.__setitem__("sample_size", size))
+    rc, err = cli(["info", d], capsys)
+    assert_bad(rc, err, "config.json")
+
+
+def test_empty_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "empty.onnx"
+    f.write_bytes(b"")
+    rc, err = cli(["info", f], capsys)
+    assert_bad(rc, err, "empty.onnx")
