@@ -17,6 +17,9 @@ from edgediff.model import DiffusionModel
 
 def params(module: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
+    graph = getattr(module, "inner", module)
+    if hasattr(graph, "stats"):  # an ONNX graph (edgediff.onnx_source): counted from its initializers
+        return graph.stats()["params"]
     seen, total = set(), 0
     for p in module.parameters():
         if id(p) not in seen:
@@ -27,6 +30,9 @@ def params(module: nn.Module) -> int:
 
 def size_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers as stored (dtype-aware)."""
+    graph = getattr(module, "inner", module)
+    if hasattr(graph, "stats"):
+        return graph.stats()["size_bytes"]
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) not in seen:
@@ -45,6 +51,9 @@ def macs(model: DiffusionModel, batch: int = 1) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    graph = getattr(model.denoiser, "inner", model.denoiser)
+    if hasattr(graph, "stats"):  # an ONNX graph: MACs from its nodes
+        return int(graph.stats()["macs"])
     mod = model.module().eval()
     inputs = model.example_inputs(batch)
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as fc:

@@ -167,6 +167,26 @@ class OnnxGraphModule(nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> OnnxGraphModule:
         return OnnxGraphModule(self.graph, self.source, copy.deepcopy(self.quant, memo))
 
+    def stats(self) -> dict[str, int]:
+        """params / size_bytes / macs of the running graph (a graph has no torch parameters to count)."""
+        onnx = _onnx()
+        from onnx import numpy_helper
+
+        m = onnx.load_from_string(self.graph)
+        params = nbytes = 0
+        for init in m.graph.initializer:
+            a = numpy_helper.to_array(init)
+            if init.data_type in (1, 10, 11, 3, 2, 16) and a.ndim >= 1 and a.size > 1:  # float and int8/uint8 tensors
+                params += int(a.size)
+            nbytes += int(a.nbytes)
+        with tempfile.TemporaryDirectory(prefix="edgediff-graphstats-") as td:
+            from edgediff.profiling.graph import onnx_ops
+
+            f = Path(td) / "g.onnx"
+            f.write_bytes(self.graph)
+            macs = sum(o.macs for o in onnx_ops(f))
+        return {"params": params, "size_bytes": nbytes, "macs": int(macs)}
+
     def session(self) -> Any:
         if self._session is None:
             import onnxruntime as ort

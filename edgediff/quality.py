@@ -50,7 +50,9 @@ def conditioning(model: DiffusionModel, n: int, seed: int) -> Any:
 
 
 def is_quantized(model: DiffusionModel) -> bool:
-    return "quant" in model.extras
+    from edgediff.onnx_source import graph_module, is_graph_model
+
+    return "quant" in model.extras or (is_graph_model(model) and bool(graph_module(model).quant))
 
 
 def final_samples(model: DiffusionModel, samples: int, steps: int, sampler: str | None = None, seed: int = 0,

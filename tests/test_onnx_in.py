@@ -60,6 +60,11 @@ def test_graph_is_normalized_and_matches_the_module(onnx_model: Path, demo_model
     got = TorchDenoiser(m)(inp["sample"], inp["timestep"])
     want = TorchDenoiser(demo_model)(inp["sample"], inp["timestep"])
     assert float((got - want).abs().max()) < 1e-4
+    from edgediff.metrics import macs, params
+
+    # counted from the graph's initializers and nodes (a graph has no torch parameters)
+    assert abs(params(m.denoiser) - params(demo_model.denoiser)) < 0.01 * params(demo_model.denoiser)
+    assert abs(macs(m) - macs(demo_model)) < 0.05 * macs(demo_model)
 
 
 def test_compress_w8a8_export_and_verify(onnx_model: Path, tmp_path: Path) -> None:
