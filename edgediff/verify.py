@@ -95,7 +95,10 @@ def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, 
         a, b = ref(inp["sample"], tt, cond), exp(inp["sample"], tt, cond)
         if a.shape != b.shape:
             raise BadInput(f"exported output shape {tuple(b.shape)} differs from the reference's {tuple(a.shape)}")
-        err = max(err, float((a - b).abs().max()))
+        d = float((a - b).abs().max())
+        if d != d:  # a NaN output: the error is NaN, never 0.0 (max(0.0, nan) is 0.0)
+            return d
+        err = max(err, d)
     return err
 
 

@@ -623,3 +623,14 @@ def test_empty_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f.write_bytes(b"")
     rc, err = cli(["info", f], capsys)
     assert_bad(rc, err, "empty.onnx")
+
+
+def test_nan_output_is_never_zero_error() -> None:
+    from edgediff.model import DiffusionModel, InputSignature
+    from edgediff.schedule import NoiseSchedule
+    from edgediff.verify import single_call_error
+
+    m = DiffusionModel(TinyNet(), NoiseSchedule.from_config({}), InputSignature((1, 8, 8)), "TinyNet", None,
+                       {"source": "test"})
+    err = single_call_error(lambda x, t, c: torch.zeros_like(x), lambda x, t, c: torch.full_like(x, float("nan")), m)
+    assert err != err  # NaN, not 0.0
