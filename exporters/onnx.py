@@ -392,8 +392,13 @@ def _fold_weight_quantize(model: Any) -> int:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    # the exporter deduplicates equal constants (a split layer's two halves share their
+    # weight scales) and reads the copy through an Identity
+    idents = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
 
     def value(name: str) -> np.ndarray | None:
+        while name in idents:
+            name = idents[name]
         if name in inits:
             return numpy_helper.to_array(inits[name])
         if name in consts:
