@@ -38,7 +38,7 @@ from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
-from edgediff.sampling import SamplerConfig, TorchDenoiser, sample, sampler_name
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample, sampler_name, timesteps_for
 
 # Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
 # fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
@@ -87,11 +87,14 @@ def _conditioning(model: DiffusionModel, n: int, seed: int) -> Any:
 def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, batch: int = 4) -> float:
     """max |exp - ref| over fixed inputs at a few noise levels."""
     err = 0.0
-    for t in CHECK_TIMESTEPS:
+    # EDM-family timesteps are c_noise = log(sigma) / 4, not indices: take three of the scheduler's own
+    checks = CHECK_TIMESTEPS if model.schedule.family != "edm" else timesteps_for(model.schedule, 3)
+    for t in checks:
         t = min(t, model.schedule.num_train_timesteps - 1)
-        inp = model.signature.example_inputs(batch=batch, seed=seed + t)
+        s = seed + (t if isinstance(t, int) else int(abs(t) * 1000))
+        inp = model.signature.example_inputs(batch=batch, seed=s)
         tt = torch.full((batch,), float(t))
-        cond = _conditioning(model, batch, seed + t)
+        cond = _conditioning(model, batch, s)
         a, b = ref(inp["sample"], tt, cond), exp(inp["sample"], tt, cond)
         if a.shape != b.shape:
             raise BadInput(f"exported output shape {tuple(b.shape)} differs from the reference's {tuple(a.shape)}")

@@ -83,6 +83,11 @@ def test_pickled_edm_module_with_adapter_generates_and_saves_without_torch_expor
     assert main(["generate", str(out), "--steps", "3", "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["sampler"] == "EDMEulerScheduler" and rep["denoiser_calls"] == 3
+    from edgediff.sampling import TorchDenoiser
+    from edgediff.verify import single_call_error
+
+    den = TorchDenoiser(back)
+    assert single_call_error(den, den, back) == 0.0  # finite: checked at the scheduler's own sigmas
     # the artifact refuses a source that changed since
     torch.save(RawEdm(), src)
     with pytest.raises(BadInput, match="changed"):
