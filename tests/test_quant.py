@@ -252,11 +252,16 @@ def test_ptqd_mixed_precision_changes_bits_by_step(tiny_unet: DiffusionModel, tm
 def test_builtin_recipes_use_real_option_names() -> None:
     from edgediff.recipe import load_recipe
 
-    for name in ("w8a8", "w4a8", "w4a8-ptqd", "edge"):
+    for name in ("w8a8", "w4a8", "w4a8-ptqd", "edge", "edge-pruned", "prune-diff"):
         r = load_recipe(name)
         for spec in r.passes:
-            if spec.name in ("calib", "quant", "ptqd"):
-                make_options(spec.name, spec.options, name)
+            make_options(spec.name, spec.options, name)
+    # the default recipe's description says what runs
+    edge = load_recipe("edge")
+    assert "no pruning" in edge.description and not any(p.name.startswith("prune") for p in edge.passes)
+    pruned = load_recipe("edge-pruned")
+    ft = next(p for p in pruned.passes if p.name == "finetune")
+    assert ft.options["trajectories"] > 0 and "trajectories" in pruned.description
 
 
 def test_composes_with_a_pruned_model(tmp_path: Path) -> None:
