@@ -11,13 +11,14 @@ from edgediff import passes
 from edgediff.artifact import load_artifact, write_artifact
 from edgediff.fused import FoldedTimesteps, PackedAttnProcessor, PackedAway
 from edgediff.passes import PassContext
+from edgediff.pipeline import onnx_nodes
 from edgediff.sampling import TorchDenoiser
 from edgediff.testing import minmax_quantize
 
 
 def _run(model, **opts):
     run, options = passes.get("fuse")
-    ctx = PassContext()
+    ctx = PassContext(graph_nodes=onnx_nodes)
     return run(model.clone(), options(**opts), ctx), ctx.metrics
 
 

@@ -288,13 +288,14 @@ def test_unknown_device_and_bad_inputs(unet_onnx: tuple[DiffusionModel, Path], t
 def test_coverage_shares() -> None:
     from edgediff.profiling.coverage import coverage
 
-    ops = [OpWork("a", "a", "Conv", 300, 0, 0, 0, "fp32"), OpWork("b", "b", "NonZero", 0, 0, 0, 0, "fp32"),
+    # Bernoulli: "N" in onnx-tensorrt operators.md (the table in edgediff.exporters.ops)
+    ops = [OpWork("a", "a", "Conv", 300, 0, 0, 0, "fp32"), OpWork("b", "b", "Bernoulli", 0, 0, 0, 0, "fp32"),
            OpWork("c", "c", "Einsum", 100, 0, 0, 0, "fp32"), OpWork("d", "d", "InstanceNormalization", 0, 0, 0, 0, "fp32")]
     c = coverage(ops)
     assert c["tensorrt"]["ops_fallback"] == 1 and c["tensorrt"]["macs_share_fallback"] == 0
     assert c["opencl"]["macs_share_fallback"] == pytest.approx(0.25)  # Einsum has no OpenCL kernel
     # the array takes the conv (after int8 quantization); einsum, nonzero and the norm stay on the host
-    assert {f["op"] for f in c["fpga"]["fallback_ops"]} == {"NonZero", "Einsum", "InstanceNormalization"}
+    assert {f["op"] for f in c["fpga"]["fallback_ops"]} == {"Bernoulli", "Einsum", "InstanceNormalization"}
     assert c["fpga"]["macs_share_fallback"] == pytest.approx(0.25)
     int8 = coverage([OpWork("a", "a", "Conv", 10, 0, 0, 0, "int8")])
     assert int8["litert-gpu"]["macs_share_fallback"] == 1.0  # GPU delegate needs float tensors

@@ -75,6 +75,9 @@ class PassContext:
     original: DiffusionModel | None = None
     # data the caller supplies for data-driven passes (the demo's digits, a user's images), or None
     data: Any = None
+    # nodes of the model's exported graph, or None when it does not export (the pipeline supplies an
+    # ONNX count; passes report graph sizes without importing a backend)
+    graph_nodes: Callable[[DiffusionModel], int | None] | None = None
 
     def track(self, iterable: Any, description: str, total: int | None = None) -> Any:
         """Iterate with a progress bar when one is attached."""

@@ -176,17 +176,6 @@ def drop_dropout(den: nn.Module) -> int:
     return n
 
 
-def onnx_nodes(model: DiffusionModel) -> int | None:
-    """Nodes in the fp32 ONNX graph (what a runtime executes), or None if it does not export."""
-    from edgediff.exporters.onnx import build_onnx
-
-    try:
-        proto, _ = build_onnx(model, "fp32")
-    except Exception:  # noqa: BLE001 - counting is informative; a model that does not export still fuses
-        return None
-    return len(proto.graph.node)
-
-
 @torch.no_grad()
 def _outputs(model: DiffusionModel) -> list[torch.Tensor]:
     from edgediff.sampling import TorchDenoiser
@@ -203,7 +192,9 @@ def _outputs(model: DiffusionModel) -> list[torch.Tensor]:
 @register("fuse", FuseOptions)
 def fuse(model: DiffusionModel, opts: FuseOptions, ctx: PassContext) -> DiffusionModel:
     before_out = _outputs(model)
-    before_nodes = onnx_nodes(model) if opts.count_ops else None
+    # the graph-size counter comes from the pass manager (an ONNX trace): a pass never imports a backend
+    count = ctx.graph_nodes if opts.count_ops else None
+    before_nodes = count(model) if count is not None else None
     den = model.denoiser
     quantized = _quantized(model)
     done: dict[str, int] = {}
@@ -222,7 +213,7 @@ def fuse(model: DiffusionModel, opts: FuseOptions, ctx: PassContext) -> Diffusio
     diff = max(float((a - b).abs().max()) for a, b in zip(before_out, after_out))
     if diff > opts.tolerance * scale:
         raise RuntimeError(f"fuse changed the outputs by {diff:.3g} (> {opts.tolerance} x {scale:.3g}); this is a bug")
-    after_nodes = onnx_nodes(model) if opts.count_ops else None
+    after_nodes = count(model) if count is not None else None
     ctx.metrics.update(done)
     ctx.metrics["max_abs_diff"] = diff
     ctx.metrics["quantized_input"] = quantized

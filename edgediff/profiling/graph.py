@@ -59,6 +59,26 @@ class OpWork:
 
 
 # ----------------------------------------------------------------------------- names
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def feeds_for(session: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs per the exported I/O contract: sample/cond float32 randn, timestep 500, class labels 0."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dt = _NP.get(i.type, np.float32)
+        if i.name == "timestep" or "timestep" in i.name:
+            feeds[i.name] = np.full(shape, 500.0, dtype=dt)
+        elif np.issubdtype(dt, np.integer):
+            feeds[i.name] = np.zeros(shape, dtype=dt)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(dt)
+    return feeds
+
+
 def strip_wrapper(path: str) -> str:
     """`inner.down_blocks.0` -> `down_blocks.0` (module path in the float denoiser)."""
     if path == _WRAPPER:
@@ -189,8 +209,6 @@ def _ort_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
         so.log_severity_level = 3
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        from edgediff.profiling.ort import feeds_for
-
         names = [o.name for o in sess.get_outputs()]
         vals = sess.run(names, feeds_for(sess))
     except Exception:  # noqa: BLE001 - fall back to static shape inference

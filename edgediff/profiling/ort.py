@@ -23,25 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgediff.errors import BadInput
-from edgediff.profiling.graph import load_onnx, module_of_onnx_node
-
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def feeds_for(session: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs per the exported I/O contract: sample/cond float32 randn, timestep 500, class labels 0."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        dt = _NP.get(i.type, np.float32)
-        if i.name == "timestep" or "timestep" in i.name:
-            feeds[i.name] = np.full(shape, 500.0, dtype=dt)
-        elif np.issubdtype(dt, np.integer):
-            feeds[i.name] = np.zeros(shape, dtype=dt)
-        else:
-            feeds[i.name] = rng.standard_normal(shape).astype(dt)
-    return feeds
+from edgediff.profiling.graph import feeds_for, load_onnx, module_of_onnx_node
 
 
 def timing_stats(times_s: list[float]) -> dict[str, float]:
