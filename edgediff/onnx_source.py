@@ -21,14 +21,16 @@ import copy
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgediff.adapter import Adapter
 from edgediff.errors import BadInput
+
+if TYPE_CHECKING:  # the adapter module loads models (loaders -> here): a type only, no import cycle
+    from edgediff.adapter import Adapter
 
 # passes that work on a graph (the rest need torch modules)
 GRAPH_PASSES = ("calib", "quant", "sampling")
@@ -253,10 +255,11 @@ def load_onnx_model(path: Path, adapter: Adapter) -> Any:
     data = norm.SerializeToString()
     schedule = NoiseSchedule.from_config(adapter.scheduler, where=f"{adapter.path} [scheduler]")
     sig = signature_of(adapter)
-    from edgediff.loaders import sha256_of
+    import hashlib
 
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     model = DiffusionModel(OnnxGraphModule(data), schedule, sig, "OnnxGraph", None,
-                           {"source": str(path), "source_sha256": sha256_of(Path(path)), "adapter": adapter.to_dict()})
+                           {"source": str(path), "source_sha256": digest, "adapter": adapter.to_dict()})
     # a first call proves the adapter fits: wrong shapes fail here with onnxruntime's reason
     try:
         ex = sig.example_inputs(1)
