@@ -276,6 +276,8 @@ class TensorRTBackend(Backend):
         import onnx
 
         onnx_path = Path(path) if Path(path).suffix == ".onnx" else Path(path).with_suffix(".onnx")
+        if not onnx_path.is_file() and not Path(path).is_file():
+            raise BadInput(f"{path}: no such engine, and no {onnx_path.name} beside it")
         if not onnx_path.is_file():
             return {"ok": False, "problems": [f"{onnx_path}: the ONNX beside the engine is missing; cannot check"]}
         res = structural_check(onnx_path, reference)
@@ -288,6 +290,8 @@ class TensorRTBackend(Backend):
         path = Path(path)
         data: dict[str, Any] = {"format": "tensorrt engine"}
         onnx_path = path.with_suffix(".onnx")
+        if not path.is_file() and not onnx_path.is_file():
+            raise BadInput(f"{path}: no such engine, and no {onnx_path.name} beside it")
         if onnx_path.is_file():
             oi = onnx_info(onnx_path)
             data.update({k: oi[k] for k in ("params", "inputs", "outputs", "opset")})

@@ -56,7 +56,8 @@ class FpgaBackend(Backend):
     takes_onnx_source = True
 
     def available(self) -> tuple[bool, str]:
-        return csim.toolchain()
+        ok, why = csim.toolchain()
+        return ok, why or "g++ found: the C-simulation runs here"
 
     def needs_toolchain_to_export(self) -> bool:
         return False  # without g++ the project is written and the report says the C-simulation did not run
