@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edgediff.exporters import get_backend, target_of
+from edgediff.exporters import (
+    coreml,  # noqa: E402
+    get_backend,
+    target_of,
+    tflite,  # noqa: E402
+)
 
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel, InputSignature
@@ -21,9 +26,6 @@ from edgediff.quant_params import QuantParams
 from edgediff.sampling import TorchDenoiser
 from edgediff.schedule import NoiseSchedule
 from edgediff.testing import minmax_quantize
-
-tflite = pytest.importorskip("edgediff.exporters.tflite")
-coreml = pytest.importorskip("edgediff.exporters.coreml")
 
 
 def _tiny_unet() -> DiffusionModel:
@@ -131,7 +133,7 @@ def test_tflite_int8_uses_the_artifacts_scales(unet, unet_w8a8, int8_tflite) -> 
 
 
 def test_verify_runs_the_sampler_through_litert(unet, fp32_tflite) -> None:
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(unet, fp32_tflite[0], steps=4, samples=2)
     assert res["target"] == "tflite" and res["verified"] is True and res["exit_code"] == 0
     assert res["psnr_db"] > 60
@@ -232,7 +234,7 @@ def test_coreml_verify_on_linux_is_structural_and_exit_3(unet, fp16_mlpackage) -
     assert not ok and "macOS" in why
     with pytest.raises(Unavailable, match="macOS"):
         be.load_denoiser(fp16_mlpackage[0])
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(unet, fp16_mlpackage[0], steps=2, samples=2)
     assert res["verified"] is False and res["exit_code"] == 3 and "macOS" in res["reason"]
     assert res["check"]["ok"] and res["check"]["precision"] == "fp16"
@@ -240,7 +242,7 @@ def test_coreml_verify_on_linux_is_structural_and_exit_3(unet, fp16_mlpackage) -
 
 @pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML prediction needs macOS")
 def test_coreml_verify_runs_on_macos(unet, fp16_mlpackage) -> None:
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(unet, fp16_mlpackage[0], steps=4, samples=2)
     assert res["verified"] is True and res["psnr_db"] > 30
 

@@ -210,7 +210,6 @@ def test_export_quantparams_model(tiny_unet: DiffusionModel, tmp_path: Path) -> 
 @needs_cxx
 def test_export_after_the_edgediff_quant_pass(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
     """The real quant pass (shortcut splitting, attention matmuls) with a tiny calibration budget."""
-    pytest.importorskip("edgediff.passes.quant")
     from edgediff.pipeline import run_recipe
     from edgediff.recipe import parse
 

@@ -16,6 +16,7 @@ from edgediff.sampling import TorchDenoiser
 
 pytest.importorskip("pyopencl")
 from edgediff.kernels import runtime as clrt  # noqa: E402
+from edgediff.kernels.export import OpenCLDenoiser  # noqa: E402
 
 HAS_CL = clrt.opencl_available()[0]
 needs_cl = pytest.mark.skipif(not HAS_CL, reason="no OpenCL device")
@@ -38,7 +39,7 @@ def bundle(tiny_unet: DiffusionModel, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("algo", ["gemm", "winograd", "auto"])
 def test_bundle_matches_pytorch(tiny_unet: DiffusionModel, bundle: Path, algo: str) -> None:
     assert target_of(bundle) == "opencl"
-    den = get_backend("opencl").load_denoiser(bundle, conv_algo=algo)
+    den = OpenCLDenoiser(bundle, conv_algo=algo)
     x, t = _inputs(tiny_unet)
     want = TorchDenoiser(tiny_unet)(x, t)
     got = den(x, t)
@@ -105,14 +106,14 @@ def test_no_opencl_device_means_unavailable(tiny_unet: DiffusionModel, bundle: P
     monkeypatch.setattr(clrt, "list_devices", lambda: [])
     ok, why = get_backend("opencl").runtime_available(bundle)
     assert not ok and "pocl-binary-distribution" in why
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(tiny_unet, bundle, steps=2, samples=2)
     assert res["verified"] is False and res["exit_code"] == 3 and res["check"]["ok"]
 
 
 @needs_cl
 def test_verify_drives_the_bundle_with_the_sampler(tiny_unet: DiffusionModel, bundle: Path) -> None:
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(tiny_unet, bundle, steps=3, samples=2)
     assert res["verified"] is True and res["exit_code"] == 0, res
     assert res["psnr_db"] > 60 and res["max_abs_err"] < 1e-3
@@ -127,7 +128,7 @@ def test_demo_model_end_to_end(tmp_path: Path) -> None:
         demo = load_model("demo")
     except Exception as e:  # noqa: BLE001 - weights not trained yet in this checkout
         pytest.skip(f"demo model not available: {e}")
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     get_backend("opencl").export(demo, tmp_path / "demo", "fp32")
     res = verify.verify(demo, tmp_path / "demo", steps=4, samples=4)
     assert res["verified"] is True and res["exit_code"] == 0, res
@@ -142,6 +143,29 @@ def test_profile_names_layers_by_module(bundle: Path) -> None:
     assert {la["op"] for la in res["layers"]} <= {"conv", "group_norm", "flash_attention", "silu", "concat", "upsample2x",
                                                    "timestep_embedding", "affine"}
     assert {"Conv", "QLinearConv", "GroupNormalization"} <= clrt.SUPPORTED_OPS and "LSTM" not in clrt.SUPPORTED_OPS
+    # per-op times are OpenCL event timestamps, with the op's kernels listed
+    assert "event timestamps" in res["layer_timing"] and res["kernels_per_call"] >= len(res["layers"])
+    gn = next(la for la in res["layers"] if la["op"] == "group_norm")
+    assert gn["kernels"] and set(gn["kernels"]) <= {"group_norm", "group_partial_stats", "group_norm_split_apply"}
+    conv = next(la for la in res["layers"] if la["name"] == "conv_in")
+    assert conv["ms"] > 0 and conv["kernels"] in (["conv2d"], ["winograd_input", "gemm_batched", "winograd_output"])
+    if not res["gpu"]:
+        assert "did not run on a GPU" in res["note"]
+
+
+@needs_cl
+def test_event_times_come_from_the_profiling_queue() -> None:
+    rt = clrt.CLRuntime(profiling=True)
+    x = rt.to_device(torch.randn(4, 1000))
+    rt.label = "a"
+    rt.silu(x)
+    rt.label = "b"
+    rt.softmax(x)
+    rt.finish()
+    times = rt.event_times()
+    assert [(lab, k) for lab, k, _ in times] == [("a", "silu"), ("b", "softmax_rows")]
+    assert all(ms > 0 for _, _, ms in times) and rt.event_times() == []
+    assert not clrt.CLRuntime().profiling
 
 
 @needs_cl
@@ -199,7 +223,7 @@ def test_bad_inputs_are_one_line_errors(bundle: Path, tiny_unet: DiffusionModel)
     with pytest.raises(BadInput, match="no conditioning"):
         den(torch.zeros(1, 1, 16, 16), torch.zeros(1), torch.zeros(1, 2, 3))
     with pytest.raises(BadInput, match="not found"):
-        get_backend("opencl").load_denoiser(bundle, device="no-such-device-xyz")
+        OpenCLDenoiser(bundle, device="no-such-device-xyz")
     meta = json.loads((bundle / "opencl_bundle.json").read_text())
     meta["format_version"] = 99
     (bundle / "opencl_bundle.json").write_text(json.dumps(meta))
@@ -225,7 +249,7 @@ def test_int8_bundle_runs_integer_convs_and_matches_the_simulation(tiny_unet: Di
     x, t = _inputs(tiny_unet)
     want = TorchDenoiser(q)(x, t)
     assert float((den(x, t) - want).abs().max()) < 0.05 * max(1.0, float(want.abs().max()))
-    verify = pytest.importorskip("edgediff.verify")
+    from edgediff import verify
     res = verify.verify(q, tmp_path / "q8", steps=3, samples=2)
     assert res["precision"] == "int8" and res["verified"] is True and res["exit_code"] == 0, res
 

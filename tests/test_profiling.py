@@ -236,7 +236,6 @@ def test_device_estimate_is_labelled_and_roofline(unet_onnx: tuple[DiffusionMode
 
 
 def test_fpga_estimate_uses_the_array_cycle_model(unet_onnx: tuple[DiffusionModel, Path]) -> None:
-    pytest.importorskip("edgediff.fpga.estimate")
     from edgediff.fpga.estimate import gemm_cycles
 
     from edgediff.profiling.graph import onnx_ops
