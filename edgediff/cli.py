@@ -23,6 +23,48 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # markup=False: file names and user strings such as "[bold]a.pt" are printed as they are, never styled
 err = Console(stderr=True, markup=False)
 out = Console(markup=False)
+
+# Third-party loggers and progress bars (LiteRT/TF/absl, coremltools, torch, onnxruntime, tqdm) are
+# silenced unless --verbose: our own progress and tables are what a run prints.
+_NOISY_LOGGERS = ("absl", "tensorflow", "tf2onnx", "coremltools", "torch", "torch._dynamo", "torch.export",
+                  "torch.onnx", "onnxruntime", "onnxscript", "litert_torch", "ai_edge_torch", "ai_edge_quantizer",
+                  "diffusers", "nncf", "openvino", "hls4ml", "pyopencl", "urllib3", "PIL")
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Capture other libraries' logs and progress bars unless `verbose` (set before they are imported)."""
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        return
+    for k, v in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("GLOG_minloglevel", "2"), ("ABSL_MIN_LOG_LEVEL", "2"),
+                 ("TQDM_DISABLE", "1"), ("ORT_LOGGING_LEVEL", "3"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(k, v)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _device_help() -> str:
+    """--device's help with the device names of the estimator's table."""
+    from edgediff.profiling.estimate import device_names
+
+    return "Estimate for a device that is not attached: " + ", ".join(device_names()) + "."
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="Show third-party logs, warnings and progress bars (hidden by default)."),
+             threads: Optional[int] = typer.Option(None, "--threads", min=1, help=(
+                 "Threads for every runtime a command drives (torch, onnxruntime, LiteRT, OpenVINO); default: all "
+                 "cores. On a shared machine pass a small number, e.g. --threads 2."))) -> None:
+    """edgediff: compress, export, verify and profile diffusion models for edge devices."""
+    from edgediff.exporters.base import set_threads
+
+    quiet_third_party(verbose)
+    set_threads(threads)
 # Libraries print progress to stdout (litert-torch's converter does); main() points sys.stdout at
 # stderr while a command runs so that stdout carries only our tables and our one JSON object.
 _stdout = sys.stdout
@@ -296,7 +338,7 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
 @app.command()
 def profile(exported: Path = typer.Argument(..., help="An exported model."),
             runtime: Optional[str] = typer.Option(None, "--runtime", help="ort|tflite|tensorrt|opencl|openvino"),
-            device: Optional[str] = typer.Option(None, "--device", help="Estimate for a device that is not attached."),
+            device: Optional[str] = typer.Option(None, "--device", help=_device_help()),
             html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report here."),
             adb: Optional[str] = typer.Option(None, "--adb", help="Run LiteRT's benchmark_model on this phone."),
             as_json: bool = typer.Option(False, "--json")) -> None:
