@@ -1,4 +1,4 @@
-"""The command line (DESIGN.md's contract). Progress and tables go to stderr; --json to stdout."""
+"""The command line (contract: docs/architecture.md, "Command line"). Tables and --json to stdout, the rest to stderr."""
 
 from __future__ import annotations
 

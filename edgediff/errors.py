@@ -1,4 +1,4 @@
-"""Errors that map onto the command line's exit codes (DESIGN.md)."""
+"""Errors that map onto the command line's exit codes (docs/architecture.md, "Exit codes")."""
 
 from __future__ import annotations
 

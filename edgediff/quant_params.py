@@ -7,7 +7,7 @@ Stored in `DiffusionModel.extras["quant"]` (and so in the artifact's extras/quan
 
 NAME is the module path inside the *float* denoiser (`model.denoiser`, e.g.
 "down_blocks.0.resnets.0.conv1"); attention matmuls use "<attention module path>:qk" and
-"<attention module path>:av". Integer arithmetic follows DESIGN.md:
+"<attention module path>:av". Integer arithmetic follows docs/architecture.md ("Integer arithmetic"):
     q = clamp(round(x / scale) + zero_point, qmin, qmax),  x ~ (q - zero_point) * scale
 Weights are per-channel symmetric (zero_point 0) along `axis` (0 = output channels for conv
 and linear). The float weights kept in the model already lie on that grid (AdaRound's

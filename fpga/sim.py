@@ -1,6 +1,6 @@
 """Bit-accurate integer model of the quantized layers the FPGA array runs (NumPy).
 
-What "bit-accurate" means here (DESIGN.md, integer arithmetic):
+What "bit-accurate" means here (docs/architecture.md, "Integer arithmetic"):
 
     acc = sum((q_x - zp_x) * (q_w - zp_w)) + bias_int32          exact, int64 on the host, int32 on the array
     y   = clamp(zp_y + round(acc * M), qmin, qmax)                 M = s_x * s_w / s_y

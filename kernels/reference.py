@@ -59,7 +59,7 @@ def timestep_freqs(dim: int, freq_shift: float, max_period: int = 10000) -> torc
 
 
 def quantize(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> torch.Tensor:
-    """DESIGN.md: q = clamp(round(x / s) + zp), round half to even (torch.round), float32 throughout."""
+    """q = clamp(round(x / s) + zp), round half to even (torch.round), float32 (docs/architecture.md)."""
     s = torch.tensor(scale, dtype=torch.float32)
     return torch.clamp(torch.round(x / s) + zp, qmin, qmax).to(torch.int32)
 

@@ -132,7 +132,7 @@ def _measure(path: Path, target: str, rt: str, warmup: int, repeats: int, thread
 
 
 def _profile_opencl(path: Path, warmup: int, repeats: int) -> dict[str, Any]:
-    """The OpenCL runtime (issue 8) profiles itself with OpenCL event timestamps when it offers
+    """The OpenCL runtime profiles itself with OpenCL event timestamps when it offers
     `edgediff.kernels.runtime.profile(bundle, warmup=, repeats=) -> {total_ms, layers[{name, op, ms}]}`."""
     try:
         from edgediff.kernels import runtime as clrt

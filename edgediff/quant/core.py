@@ -6,7 +6,7 @@ its constructor arguments in `_edgediff_init`, so that edgediff/serialize.py can
 rebuild it without pickling. Quantizer state (scales, zero points) lives in buffers/params so
 it travels in the artifact's safetensors.
 
-Arithmetic is the one DESIGN.md describes: q = clamp(round(x / s) + z, qmin, qmax) and
+Arithmetic is the one docs/architecture.md ("Integer arithmetic") describes: q = clamp(round(x / s) + z, qmin, qmax) and
 x ~ (q - z) * s; torch.round rounds half to even like ONNX Runtime.
 """
 
