@@ -61,4 +61,25 @@ def describe_exported(path: Path, target: str) -> dict[str, Any]:
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     data: dict[str, Any] = {"kind": "exported", "target": target, "size_bytes": size}
     data.update(get_backend(target).info(path))
+    data.update(graph_facts(path, target, data.get("precision")))
     return data
+
+
+def graph_facts(path: Path, target: str, precision: str | None) -> dict[str, Any]:
+    """MACs per denoiser call from the graph itself (conv, gemm, MatMul/Einsum attention) and the
+    precision the file computes in when its metadata does not say (a foreign int8 QDQ file).
+
+    The place to add more per-file facts (e.g. the share of MACs in integer kernels)."""
+    from edgediff.profiling.graph import onnx_ops, tflite_ops
+
+    if target == "onnx" or path.suffix.lower() == ".onnx":
+        ops = onnx_ops(path)
+    elif target == "tflite":
+        ops = tflite_ops(path)
+    else:
+        return {}
+    facts: dict[str, Any] = {"macs": int(sum(o.macs for o in ops))}
+    if not precision:
+        kinds = {o.precision for o in ops if o.macs}
+        facts["precision"] = next((p for p in ("int8", "fp16", "fp32") if p in kinds), "fp32")
+    return facts

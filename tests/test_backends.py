@@ -76,3 +76,22 @@ def test_every_pass_loads_and_registers_under_its_own_name() -> None:
         passes.order_rule(name)  # declared at registration
     with pytest.raises(BadInput, match="unknown pass"):
         passes.get("warp.drive")
+
+
+def test_info_reports_macs_and_the_precision_of_a_foreign_int8_file(tiny_unet, tmp_path: Path) -> None:
+    import onnx
+
+    from edgediff.describe import describe
+    from edgediff.metrics import macs
+    from edgediff.testing import minmax_quantize
+
+    out = tmp_path / "m.onnx"
+    get_backend("onnx").export(tiny_unet, out, "fp32")
+    info = describe(str(out), lambda: tiny_unet)
+    assert info["macs"] == macs(tiny_unet) and info["precision"] == "fp32"
+    q = tmp_path / "q.onnx"
+    get_backend("onnx").export(minmax_quantize(tiny_unet), q, "int8")
+    proto = onnx.load(str(q))
+    del proto.metadata_props[:]  # as a file from another tool: no edgediff metadata
+    onnx.save(proto, str(q))
+    assert describe(str(q), lambda: tiny_unet)["precision"] == "int8"
