@@ -133,3 +133,10 @@ def test_calibration_follows_the_recorded_sampler(tiny_unet: DiffusionModel, tmp
     assert out.extras["calib"]["options"]["sampler"] == "dpmpp-2m"
     assert out.extras["calib"]["options"]["steps"] == 4
     assert out.extras["calib"]["count"] == 2 * 4
+
+
+def test_calibration_key_depends_on_the_cache_schedule(tiny_unet: DiffusionModel) -> None:
+    from edgediff.passes.calib import CalibOptions, cache_key
+
+    a, b = _cache(tiny_unet, interval=2), _cache(tiny_unet, interval=3)
+    assert cache_key(a, CalibOptions()) != cache_key(b, CalibOptions())

@@ -84,6 +84,8 @@ def cache_key(model: DiffusionModel, opts: CalibOptions) -> str:
     h = hashlib.sha256()
     h.update(model_hash(model).encode())
     h.update(json.dumps({"v": CACHE_VERSION, **asdict(opts)}, sort_keys=True).encode())
+    if model.extras.get("cache"):  # a DeepCache schedule changes the trajectories
+        h.update(json.dumps(model.extras["cache"], sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
 
