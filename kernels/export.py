@@ -53,7 +53,8 @@ def read_bundle(path: Path) -> dict[str, Any]:
 class OpenCLDenoiser:
     """A bundle on an OpenCL device, callable as denoiser(x, t, cond) -> eps (float32 torch tensors)."""
 
-    def __init__(self, path: Path, device: Any = None, conv_algo: str = "auto") -> None:
+    def __init__(self, path: Path, device: Any = None, conv_algo: str = "auto", profiling: bool = False,
+                 profile: Any = None) -> None:
         from edgediff.kernels.graph import Executor
         from edgediff.kernels.runtime import CLRuntime
         from safetensors.numpy import load_file
@@ -63,7 +64,8 @@ class OpenCLDenoiser:
         sources = {n: (path / "kernels" / n).read_text() for n in meta["kernels"]}
         self.meta = meta
         # int8 bundles keep float activations between integer convs: an fp32 runtime
-        self.rt = CLRuntime(device, precision="fp16" if meta["precision"] == "fp16" else "fp32", sources=sources)
+        self.rt = CLRuntime(device, precision="fp16" if meta["precision"] == "fp16" else "fp32", sources=sources,
+                            profiling=profiling, profile=profile)
         try:
             weights = load_file(str(path / meta["weights"]))
         except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -80,10 +82,20 @@ class OpenCLDenoiser:
         return self.executor.run(x, t)
 
     def profile(self, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, str, float]]:
-        """Per-op wall times (ms) of one call, each op synchronised: [(module name, op, ms)]."""
+        """Per-op times (ms) of one call, [(module name, op, ms)]: with a profiling queue, the sum of
+        the op's kernels' OpenCL event times (CL_PROFILING_COMMAND_END - START), the queue never
+        drained in between; otherwise wall time with the queue drained after every op."""
         timings: list[tuple[str, str, float]] = []
         self.executor.run(x, t, timings)
         return timings
+
+    def kernel_times(self, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, str, float]]:
+        """Every kernel of one call: [(module name, kernel name, ms)] from event timestamps (profiling=True)."""
+        if not self.rt.profiling:
+            raise BadInput("opencl bundle: kernel_times needs OpenCLDenoiser(..., profiling=True)")
+        self.rt.event_times()
+        self.executor.run(x, t)
+        return self.rt.event_times()
 
 
 class OpenCLBackend(Backend):

@@ -400,7 +400,12 @@ class Executor:
 
     def run(self, sample: torch.Tensor, timestep: torch.Tensor, timings: list[tuple[str, str, float]] | None = None
             ) -> torch.Tensor:
-        """One denoiser call. With `timings` (a list), each op is synchronised and its wall time appended."""
+        """One denoiser call. With `timings` (a list), each op's time is appended: from its kernels'
+        OpenCL event timestamps when the runtime's queue profiles, else wall time with the queue
+        drained after the op."""
+        events = timings is not None and self.rt.profiling
+        if events:
+            self.rt.event_times()  # drop what was queued before
         exp = tuple(self.schedule["sample_shape"])
         if sample.dim() != 4 or tuple(sample.shape[1:]) != exp:
             raise BadInput(f"opencl runtime: sample must be (B, {', '.join(map(str, exp))}), got {tuple(sample.shape)}")
@@ -411,12 +416,18 @@ class Executor:
                "timestep": self.rt.to_device(t.contiguous(), np.float32)}
         for op, frees in zip(self.ops, self.frees):
             t0 = time.perf_counter() if timings is not None else 0.0
+            self.rt.label = op["name"]
             env[op["out"]] = self._op(op, env)
-            if timings is not None:
+            if timings is not None and not events:
                 self.rt.finish()
                 timings.append((op["name"], op["op"], (time.perf_counter() - t0) * 1e3))
             for name in frees:
                 if name != op["out"]:
                     env.pop(name, None)
         out = env["out"].get()
+        if events:
+            per_op: dict[str, float] = {}
+            for label, _, ms in self.rt.event_times():
+                per_op[label] = per_op.get(label, 0.0) + ms
+            timings.extend((op["name"], op["op"], per_op.get(op["name"], 0.0)) for op in self.ops)  # type: ignore[union-attr]
         return torch.from_numpy(out.astype(np.float32))

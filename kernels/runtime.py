@@ -1,11 +1,14 @@
 """pyopencl host runtime: device choice, program builds, work-group sizes, and one method per kernel.
 
 Every op takes and returns `pyopencl.array.Array`s (NCHW, storage dtype float32 or float16) and
-queues its kernel; nothing is read back until the caller asks. Work-group sizes come from the
-device's limits (max work-group size, max work-item sizes, local memory), never from constants
-tuned for one GPU. A device without cl_khr_fp16 still runs fp16 bundles: half storage through
-vload_half/vstore_half (core OpenCL 1.2) with float arithmetic, and the runtime says so in
-`notes`.
+queues its kernel; nothing is read back until the caller asks. A device profile
+(edgediff.kernels.device) selects the kernel variants (half arithmetic, vector width, local
+tiles or not, int8 dot products, checked build options); work-group sizes come from the device's
+limits and from each compiled kernel's CL_KERNEL_WORK_GROUP_SIZE and preferred multiple, never
+from constants tuned for one GPU. A device without cl_khr_fp16 still runs fp16 bundles: half
+storage through vload_half/vstore_half (core OpenCL 1.2) with float arithmetic, and the runtime
+says so in `notes`. With profiling=True every kernel's event is kept and `event_times()` reads
+its CL_PROFILING_COMMAND_START/END timestamps.
 """
 
 from __future__ import annotations
@@ -72,8 +75,11 @@ def pick_device(name: str | None = None) -> Any:
         if not hits:
             raise BadInput(f"OpenCL device {name!r} not found; available: {', '.join(d.name.strip() for d in devs)}")
         return hits[0]
-    gpus = [d for d in devs if d.type & cl.device_type.GPU]
-    return (gpus or devs)[0]
+    # a simulator (oclgrind, which reports itself as a GPU) runs kernels thousands of times slower:
+    # only when asked for by name
+    real = [d for d in devs if "oclgrind" not in (d.name + d.platform.name).lower()] or devs
+    gpus = [d for d in real if d.type & cl.device_type.GPU]
+    return (gpus or real)[0]
 
 
 def _source(name: str) -> str:
@@ -92,6 +98,12 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
 
+def weight_sums(wq: np.ndarray, split: int) -> np.ndarray:
+    """int32 (Co, 2): each output channel's int8 weight sum over input channels [0, split) and [split, Ci)."""
+    w = np.asarray(wq).astype(np.int64)
+    return np.stack([w[:, :split].sum(axis=(1, 2, 3)), w[:, split:].sum(axis=(1, 2, 3))], 1).astype(np.int32)
+
+
 def winograd_weights(w: np.ndarray) -> np.ndarray:
     """U[e, co, ci] = (G g G^T)[e // 4, e % 4] for a (Co, Ci, 3, 3) weight, in float64 then float32."""
     u = np.einsum("ik,ockl,jl->ijoc", _WG, w.astype(np.float64), _WG)  # (4, 4, Co, Ci)
@@ -102,7 +114,7 @@ class CLRuntime:
     """One OpenCL context + queue, the compiled programs, and the kernels as methods."""
 
     def __init__(self, device: Any = None, precision: str = "fp32", profiling: bool = False,
-                 sources: dict[str, str] | None = None) -> None:
+                 sources: dict[str, str] | None = None, profile: Any = None) -> None:
         if precision not in ("fp32", "fp16"):
             raise BadInput(f"OpenCL runtime precision must be fp32 or fp16, got {precision!r}")
         cl = _cl()
@@ -120,10 +132,25 @@ class CLRuntime:
         self.half = precision == "fp16"
         self.dtype = np.float16 if self.half else np.float32
         self.notes: list[str] = []
-        self.native_half = "cl_khr_fp16" in self.device.extensions
+        self.profiling = profiling
+        self.events: list[tuple[str, str, Any]] = []  # (label, kernel, event) of every kernel queued while profiling
+        self.label = ""  # what the executor is running (the model's module name), for event_times
+        from edgediff.kernels.device import DeviceProfile, select_variants
+
+        prof = profile if profile is not None else os.environ.get("EDGEDIFF_OPENCL_PROFILE") or None
+        self.profile = DeviceProfile.from_device(self.device)
+        if isinstance(prof, str):
+            self.profile = self.profile.with_preset(prof)
+        elif prof is not None:
+            self.profile = prof
+        self.variants = select_variants(self.profile, precision)
+        self.notes.extend(self.variants.notes)
+        self.native_half = self.profile.has("cl_khr_fp16")
         if self.half and not self.native_half:
             self.notes.append(f"{self.device.name.strip()} lacks cl_khr_fp16: fp16 runs as half storage "
                               "(vload_half/vstore_half) with fp32 arithmetic")
+        self._kinfo: dict[Any, tuple[int, int]] = {}
+        self._wsum: dict[tuple[int, int], Any] = {}
         # work-group limits
         self.max_wg = int(self.device.max_work_group_size)
         sizes = list(self.device.max_work_item_sizes)
@@ -141,6 +168,8 @@ class CLRuntime:
                           or 2 * 16 * wg * rb * 4 > self.local_mem):
             wg //= 2
         self.gemm_wg, self.gemm_rb, self.gemm_tk = wg, rb, 16
+        if not self.variants.local_tiles:
+            self.gemm_rb = 4  # no tiles: each work-item a 4 x 4 block read from global memory
         self.gemm_block = wg * rb
         self.wg1d = _pow2_floor(min(256, self.max_wg, sizes[0]))  # elementwise and reduction work-groups
         self._programs: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
@@ -153,7 +182,58 @@ class CLRuntime:
         return {"device": d.name.strip(), "platform": d.platform.name.strip(), "version": d.version.strip(),
                 "max_work_group_size": self.max_wg, "local_mem_size": self.local_mem,
                 "gemm_workgroup": [self.gemm_wg, self.gemm_wg], "gemm_block": self.gemm_block,
-                "cl_khr_fp16": self.native_half, "precision": self.precision, "notes": list(self.notes)}
+                "cl_khr_fp16": self.native_half, "precision": self.precision, "profile": self.profile.to_dict(),
+                "variants": self.variants.to_dict(), "notes": list(self.notes)}
+
+    def build_options(self, name: str, defines: dict[str, Any]) -> list[str]:
+        """-D defines of the variant plus the compiler options this device supports (checked)."""
+        defs = {**self.variants.defines(), **defines}
+        if not self.half:
+            defs["HALF_ARITH"] = 0
+        if self.half:
+            defs["VEC"] = 8 if defs["HALF_ARITH"] else 4
+        else:
+            defs["VEC"] = 4
+        opts = [f"-D{k}={v}" for k, v in sorted(defs.items())]
+        if self.half:
+            opts.append("-DUSE_HALF=1")
+        if name == "int8":
+            opts.extend(o for o in self.variants.build_options if o == "-cl-fp32-correctly-rounded-divide-sqrt")
+            if self.variants.int8_dot == "khr" and self.profile.opencl_c_version.split()[2:3] >= ["3.0"]:
+                opts.append("-cl-std=CL3.0")  # the Khronos dot() builtins are OpenCL C 3.0 features
+        return opts
+
+    def kernel_limits(self, k: Any) -> tuple[int, int]:
+        """(CL_KERNEL_WORK_GROUP_SIZE, CL_KERNEL_PREFERRED_WORK_GROUP_SIZE_MULTIPLE) of a built kernel:
+        what this kernel, with its register use, can launch with on this device."""
+        got = self._kinfo.get(k)
+        if got is None:
+            cl = self.cl
+            wg = int(k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, self.device))
+            try:
+                mult = int(k.get_work_group_info(cl.kernel_work_group_info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE,
+                                                 self.device))
+            except cl.Error:
+                mult = 1
+            got = self._kinfo[k] = (max(1, min(wg, self.max_wg)), max(1, mult))
+        return got
+
+    def local_1d(self, k: Any, n: int, cap: int = 256) -> int:
+        """A 1-D work-group size for `k` over n work-items: a power of two <= the kernel's limit,
+        at least the preferred multiple where n allows."""
+        wg, _ = self.kernel_limits(k)
+        return max(1, min(_pow2_floor(min(wg, cap, int(self.device.max_work_item_sizes[0]))), _pow2_floor(max(n, 1))))
+
+    def event_times(self, clear: bool = True) -> list[tuple[str, str, float]]:
+        """(label, kernel name, ms from CL_PROFILING_COMMAND_START to _END) of every kernel queued since
+        the last call; the queue must have finished."""
+        out = []
+        for label, kname, ev in self.events:
+            ev.wait()
+            out.append((label, kname, (ev.profile.end - ev.profile.start) * 1e-6))
+        if clear:
+            self.events = []
+        return out
 
     def program(self, name: str, **defines: Any) -> Any:
         defs = dict(defines)
@@ -161,13 +241,7 @@ class CLRuntime:
         key = (name, tuple(sorted(defs.items())))
         prg = self._programs.get(key)
         if prg is None:
-            opts = [f"-D{k}={v}" for k, v in sorted(defs.items())]
-            if self.half:
-                opts.append("-DUSE_HALF=1")
-                if self.native_half:
-                    opts.append("-DNATIVE_HALF=1")
-            if name == "int8":
-                opts.append("-cl-fp32-correctly-rounded-divide-sqrt")
+            opts = self.build_options(name, defs)
             try:
                 src = (self.sources["common.h.cl"] + "\n" + self.sources[f"{name}.cl"]) if self.sources else _source(name)
                 prg = self.cl.Program(self.ctx, src).build(options=opts)
@@ -179,10 +253,20 @@ class CLRuntime:
     def kernel(self, name: str, kname: str, **defines: Any) -> Any:
         if name == "conv":
             defines = {"WG": self.gemm_wg, "RB": self.gemm_rb, "TK": self.gemm_tk, **defines}
+        if name == "int8":
+            defines = {"QT_SIGNED": int(defines.get("QT", "char") == "char"), **defines}
         prg = self.program(name, **defines)
         k = self._kernels.get((prg, kname))
         if k is None:
-            k = self._kernels[(prg, kname)] = getattr(prg, kname)
+            k = self._kernels[(prg, kname)] = self.cl.Kernel(prg, kname)
+            if name == "conv" and self.variants.local_tiles and self.gemm_wg > 1 \
+                    and self.kernel_limits(k)[0] < self.gemm_wg ** 2:
+                # this kernel's registers do not allow WG x WG work-items here: rebuild smaller
+                self.gemm_wg //= 2
+                self.gemm_block = self.gemm_wg * self.gemm_rb
+                self.notes.append(f"{kname}: CL_KERNEL_WORK_GROUP_SIZE {self.kernel_limits(k)[0]} < the tile's "
+                                  f"work-group; using {self.gemm_wg}x{self.gemm_wg}")
+                return self.kernel(name, kname, **{k2: v for k2, v in defines.items() if k2 != "WG"})
         return k
 
     def empty(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
@@ -201,37 +285,54 @@ class CLRuntime:
     def _run(self, k: Any, gsize: tuple[int, ...], lsize: tuple[int, ...] | None, *args: Any) -> Any:
         if lsize is not None:
             gsize = tuple(-(-g // ls) * ls for g, ls in zip(gsize, lsize))
-        return k(self.queue, gsize, lsize, *[a.data if hasattr(a, "data") and hasattr(a, "queue") else a for a in args])
+        ev = k(self.queue, gsize, lsize, *[a.data if hasattr(a, "data") and hasattr(a, "queue") else a for a in args])
+        if self.profiling:
+            self.events.append((self.label, k.function_name, ev))
+        return ev
 
-    def _gemm_grid(self, M: int, N: int, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    def _gemm_grid(self, M: int, N: int, batch: int, k: Any = None) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        if not self.variants.local_tiles:  # one 4x4 block per work-item, a 1-D work-group along N
+            rb = self.gemm_rb
+            gn = -(-N // rb)
+            return (gn, -(-M // rb), batch), (self.local_1d(k, gn, 64) if k is not None else 1, 1, 1)
         bl, wg = self.gemm_block, self.gemm_wg
         return (-(-N // bl) * wg, -(-M // bl) * wg, batch), (wg, wg, 1)
 
-    def _ew(self, n: int) -> tuple[tuple[int], tuple[int]]:
+    def _ew(self, n: int, k: Any = None) -> tuple[tuple[int], tuple[int]]:
+        if k is not None:
+            return (n,), (self.local_1d(k, n, self.wg1d),)
         return (n,), (min(self.wg1d, _pow2_floor(n)),)
+
+    def _vec(self) -> int:
+        return 8 if (self.half and self.variants.half_arith) else 4
+
+    def _ewv(self, kname: str, n: int, *args: Any) -> Any:
+        """A vectorised elementwise kernel: ceil(n / VEC) work-items, VEC elements each."""
+        k = self.kernel("elementwise", kname)
+        nv = -(-n // self._vec())
+        return self._run(k, *self._ew(nv, k), *args)
 
     # ------------------------------------------------------------------ elementwise
     def silu(self, x: Any) -> Any:
         y = self.empty(x.shape)
-        self._run(self.kernel("elementwise", "silu"), *self._ew(x.size), x, y, np.int32(x.size))
+        self._ewv("silu", x.size, x, y, np.int32(x.size))
         return y
 
     def gelu(self, x: Any) -> Any:
         y = self.empty(x.shape)
-        self._run(self.kernel("elementwise", "gelu"), *self._ew(x.size), x, y, np.int32(x.size))
+        self._ewv("gelu", x.size, x, y, np.int32(x.size))
         return y
 
     def add(self, a: Any, b: Any, scale: float = 1.0) -> Any:
         if a.shape != b.shape:
             raise ValueError(f"add: shapes differ {a.shape} vs {b.shape}")
         y = self.empty(a.shape)
-        self._run(self.kernel("elementwise", "add"), *self._ew(a.size), a, b, y, np.int32(a.size), np.float32(scale))
+        self._ewv("add", a.size, a, b, y, np.int32(a.size), np.float32(scale))
         return y
 
     def affine(self, a: Any, alpha: float, beta: float) -> Any:
         y = self.empty(a.shape)
-        self._run(self.kernel("elementwise", "affine"), *self._ew(a.size), a, y, np.int32(a.size), np.float32(alpha),
-                  np.float32(beta))
+        self._ewv("affine", a.size, a, y, np.int32(a.size), np.float32(alpha), np.float32(beta))
         return y
 
     def concat(self, a: Any, b: Any) -> Any:
@@ -269,11 +370,40 @@ class CLRuntime:
             raise ValueError(f"group_norm: {C} channels not divisible by {groups} groups")
         hw = int(np.prod(x.shape[2:]))
         y = self.empty(x.shape)
-        L = self._reduce_local((C // groups) * hw)
+        n = (C // groups) * hw
+        S = self.group_norm_splits(B * groups, n)
+        if S > 1:
+            return self.group_norm_split(x, gamma, beta, groups, eps, silu, S)
+        k = self.kernel("norm", "group_norm")
+        L = self.local_1d(k, n)
         loc = self.cl.LocalMemory(4 * L)
-        self._run(self.kernel("norm", "group_norm"), (B * groups * L,), (L,), x, gamma, beta, y, np.int32(C), np.int32(hw),
+        self._run(k, (B * groups * L,), (L,), x, gamma, beta, y, np.int32(C), np.int32(hw),
                   np.int32(groups), np.float32(eps), np.int32(1 if silu else 0), loc, self.cl.LocalMemory(4 * L),
                   self.cl.LocalMemory(4 * L))
+        return y
+
+    def group_norm_splits(self, n_groups: int, n: int) -> int:
+        """Work-groups per (batch, group): enough that every compute unit has 4 work-groups, each
+        chunk still at least 256 elements (1 when the variant is off)."""
+        if not self.variants.groupnorm_split:
+            return 1
+        want = -(-4 * max(1, self.profile.compute_units) // max(1, n_groups))
+        return int(max(1, min(want, n // 256, 64)))
+
+    def group_norm_split(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool, S: int) -> Any:
+        """GroupNorm (+SiLU) as two passes over B x groups x S work-groups (see norm.cl)."""
+        B, C = x.shape[:2]
+        hw = int(np.prod(x.shape[2:]))
+        n = (C // groups) * hw
+        part = self.empty((B * groups * S * 3,), np.float32)
+        k1, k2 = self.kernel("norm", "group_partial_stats"), self.kernel("norm", "group_norm_split_apply")
+        L = self.local_1d(k1, -(-n // S))
+        lm = [self.cl.LocalMemory(4 * L) for _ in range(3)]
+        self._run(k1, (B * groups * S * L,), (L,), x, part, np.int32(C), np.int32(hw), np.int32(groups), np.int32(S), *lm)
+        y = self.empty(x.shape)
+        L2 = self.local_1d(k2, -(-n // S))
+        self._run(k2, (B * groups * S * L2,), (L2,), x, part, gamma, beta, y, np.int32(C), np.int32(hw),
+                  np.int32(groups), np.int32(S), np.float32(eps), np.int32(1 if silu else 0))
         return y
 
     def group_norm_unfused(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool = False) -> Any:
@@ -303,8 +433,8 @@ class CLRuntime:
     def attention_tiles(self, head_dim: int) -> tuple[int, int]:
         """(BQ queries per work-group, BKV keys per tile) for this device: K and V tiles must fit in
         half the local memory (the rest is left for the runtime/other work-groups)."""
-        esize = 4
-        bkv = 64
+        esize = 2 if (self.half and self.variants.half_arith) else 4
+        bkv = 64 if self.variants.local_tiles else 16  # without tiles BKV only sizes the score buffer
         while bkv > 1 and 2 * bkv * head_dim * esize > self.local_mem // 2:
             bkv //= 2
         bq = _pow2_floor(min(64, self.max_wg, int(self.device.max_work_item_sizes[0])))
@@ -312,28 +442,35 @@ class CLRuntime:
 
     def flash_attention(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int,
                         q_off: int = 0, k_off: int = 0, v_off: int = 0, scale: float | None = None,
-                        q_bstride: int | None = None, kv_bstride: int | None = None) -> Any:
+                        q_bstride: int | None = None, kv_bstride: int | None = None, d_chunk: int | None = None) -> Any:
         """Channels-first multi-head attention: q (B, *, N) with head h, channel j at row q_off + h*D + j.
-        Returns o (B, heads*D, N)."""
+        Returns o (B, heads*D, N). d_chunk: output channels per work-group (default: the device rule,
+        head_dim up to 64 unsplit)."""
         B = q.shape[0]
         C = heads * head_dim
         q_bstride = q_bstride if q_bstride is not None else int(np.prod(q.shape[1:]))
         kv_bstride = kv_bstride if kv_bstride is not None else int(np.prod(k.shape[1:]))
         o = self.empty((B, C, n))
         bq, bkv = self.attention_tiles(head_dim)
-        bq = min(bq, _pow2_floor(n))
-        knl = self.kernel("attention", "flash_attention", HEAD_DIM=head_dim, BKV=bkv)
+        from edgediff.kernels.device import attention_d_chunk
+
+        dc = attention_d_chunk(head_dim) if d_chunk is None else int(d_chunk)
+        nch = -(-head_dim // dc)
+        knl = self.kernel("attention", "flash_attention", HEAD_DIM=head_dim, BKV=bkv, DC=dc)
+        bq = min(bq, self.kernel_limits(knl)[0], _pow2_floor(n))
         s = scale if scale is not None else head_dim**-0.5
-        self._run(knl, (n, B * heads), (bq, 1), q, k, v, o, np.int32(n), np.int32(m), np.int32(heads),
+        es = 2 if (self.half and self.variants.half_arith) else 4
+        self._run(knl, (n, B * heads * nch), (bq, 1), q, k, v, o, np.int32(n), np.int32(m), np.int32(heads),
                   np.int32(q_bstride), np.int32(kv_bstride), np.int32(C * n), np.int32(q_off), np.int32(k_off),
-                  np.int32(v_off), np.float32(s), self.cl.LocalMemory(4 * bkv * head_dim),
-                  self.cl.LocalMemory(4 * bkv * head_dim))
+                  np.int32(v_off), np.float32(s), self.cl.LocalMemory(es * bkv * head_dim),
+                  self.cl.LocalMemory(es * bkv * dc))
         return o
 
     def gemm_batched(self, a: Any, b: Any, M: int, N: int, K: int, batch: int, a_mod: int, a_trans: bool = False,
                      b_trans: bool = False, alpha: float = 1.0) -> Any:
         c = self.empty((batch, M, N))
-        self._run(self.kernel("conv", "gemm_batched"), *self._gemm_grid(M, N, batch), a, b, c, np.int32(M), np.int32(N),
+        kg = self.kernel("conv", "gemm_batched")
+        self._run(kg, *self._gemm_grid(M, N, batch, kg), a, b, c, np.int32(M), np.int32(N),
                   np.int32(K), np.int32(a_mod), np.int32(1 if a_trans else 0), np.int32(1 if b_trans else 0), np.float32(alpha))
         return c
 
@@ -371,7 +508,8 @@ class CLRuntime:
         y = self.empty((B, Co, Ho, Wo))
         flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
         d = self._dummy
-        self._run(self.kernel("conv", "conv2d"), *self._gemm_grid(Co, Ho * Wo, B), x, w,
+        kc = self.kernel("conv", "conv2d")
+        self._run(kc, *self._gemm_grid(Co, Ho * Wo, B, kc), x, w,
                   bias if bias is not None else d, chan_add if chan_add is not None else d, res if res is not None else d,
                   y, np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH),
                   np.int32(KW), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(flags), np.float32(out_scale))
@@ -434,6 +572,12 @@ class CLRuntime:
 
 
     # ------------------------------------------------------------------ int8 bundles (float around integer convs)
+    @property
+    def use_int8_dot(self) -> bool:
+        """The packed 4-wide dot-product int8 conv: where the device has a dot-product extension, and on
+        devices without dedicated local memory (the tiled kernel's int tiles would live in main memory)."""
+        return self.variants.int8_dot != "emulated" or not self.variants.local_tiles
+
     @staticmethod
     def qrange(bits: int, signed: bool) -> tuple[int, int]:
         return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -466,8 +610,10 @@ class CLRuntime:
 
     def conv2d_int8_dq(self, xq: Any, wq: Any, w_scale: Any, bias: Any | None, split: int, zp1: int, zp2: int, s1: float,
                        s2: float, stride: int = 1, pad: tuple[int, int, int, int] = (0, 0, 0, 0),
-                       chan_add: Any | None = None, res: Any | None = None, out_scale: float = 1.0) -> Any:
-        """Integer conv of quantized input xq (two channel parts) and int8 weights wq (Co, Ci, KH, KW), float output."""
+                       chan_add: Any | None = None, res: Any | None = None, out_scale: float = 1.0,
+                       wsum: Any | None = None) -> Any:
+        """Integer conv of quantized input xq (two channel parts) and int8 weights wq (Co, Ci, KH, KW), float output.
+        wsum: int32 (Co, 2) weight row sums per part (weight_sums), for the packed-dot variant."""
         B, Ci, H, W = xq.shape
         Co, _, KH, KW = wq.shape
         pt, pl, pb, pr = pad
@@ -476,8 +622,23 @@ class CLRuntime:
         y = self.empty((B, Co, Ho, Wo), np.float32)
         flags = (1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
         d = self._dummy
+        qt = "char" if xq.dtype == np.int8 else "uchar"
+        if self.use_int8_dot:
+            if wsum is None:  # computed once per weight buffer
+                key = (int(wq.base_data.int_ptr) + int(wq.offset), split)
+                wsum = self._wsum.get(key)
+                if wsum is None:
+                    wsum = self._wsum[key] = self.to_device(weight_sums(wq.get(), split), np.int32)
+            k = self.kernel("int8", "conv2d_int8_dq_dot", QT=qt)
+            self._run(k, (Ho * Wo, Co, B), (self.local_1d(k, Ho * Wo, 64), 1, 1), xq, wq, wsum, w_scale,
+                      bias if bias is not None else d, chan_add if chan_add is not None else d,
+                      res if res is not None else d, y, np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co),
+                      np.int32(Ho), np.int32(Wo), np.int32(KH), np.int32(KW), np.int32(stride), np.int32(pt),
+                      np.int32(pl), np.int32(split), np.int32(zp1), np.int32(zp2), np.float32(s1), np.float32(s2),
+                      np.int32(flags), np.float32(out_scale))
+            return y
         ts = self.ts
-        self._run(self.kernel("int8", "conv2d_int8_dq", QT="char" if xq.dtype == np.int8 else "uchar"),
+        self._run(self.kernel("int8", "conv2d_int8_dq", QT=qt),
                   (Ho * Wo, Co, B), (ts, ts, 1), xq, wq, w_scale, bias if bias is not None else d,
                   chan_add if chan_add is not None else d, res if res is not None else d, y, np.int32(Ci), np.int32(H),
                   np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH), np.int32(KW), np.int32(stride),
@@ -502,10 +663,12 @@ SUPPORTED_OPS = frozenset({
 
 
 def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, device: Any = None) -> dict[str, Any]:
-    """Time an OpenCL bundle on the device: total_ms is the median of `repeats` whole calls (queue
-    drained once per call); layers [{name, op, ms}] come from up to 5 runs with the queue drained
-    after every op (their sum exceeds total_ms by the synchronisation), names are the model's
-    module names."""
+    """Time an OpenCL bundle on the device: total_ms is the median of `repeats` whole calls (wall
+    time, queue drained once per call); layers [{name, op, ms, kernels}] are medians over up to 5
+    calls of the op's kernels' OpenCL event times (CL_QUEUE_PROFILING_ENABLE queue,
+    CL_PROFILING_COMMAND_END - START per kernel, the queue not drained between ops); names are
+    the model's module names. `gpu` says whether the device is a GPU; when it is not, `note`
+    says that this profile did not run on one."""
     import statistics
     import time
     from pathlib import Path
@@ -513,7 +676,7 @@ def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, dev
     import torch
     from edgediff.kernels.export import OpenCLDenoiser
 
-    den = OpenCLDenoiser(Path(bundle), device=device)
+    den = OpenCLDenoiser(Path(bundle), device=device, profiling=True)
     shape = den.meta["signature"]["sample_shape"]
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), 500.0)
@@ -525,7 +688,18 @@ def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, dev
         den(x, t)  # returns after reading the output back, i.e. after the queue drained
         totals.append((time.perf_counter() - t0) * 1e3)
     runs = [den.profile(x, t) for _ in range(max(1, min(repeats, 5)))]
-    layers = [{"name": name, "op": op, "ms": statistics.median(r[i][2] for r in runs)}
+    kern = den.kernel_times(x, t)
+    layers = [{"name": name, "op": op, "ms": statistics.median(r[i][2] for r in runs),
+               "kernels": [k for lab, k, _ in kern if lab == name]}
               for i, (name, op, _) in enumerate(runs[0])]
-    return {"runtime": "opencl", "device": den.rt.describe()["device"], "precision": den.rt.precision,
-            "total_ms": statistics.median(totals), "batch": batch, "layers": layers, "notes": den.notes}
+    d = den.rt.describe()
+    gpu = bool(den.rt.device.type & den.rt.cl.device_type.GPU)
+    out = {"runtime": "opencl", "device": d["device"], "platform": d["platform"], "gpu": gpu,
+           "precision": den.rt.precision, "total_ms": statistics.median(totals), "batch": batch, "layers": layers,
+           "layer_timing": "OpenCL event timestamps (CL_PROFILING_COMMAND_START/END), summed per op, median of "
+                           f"{len(runs)} calls", "kernels_per_call": len(kern),
+           "variants": d["variants"], "notes": den.notes}
+    if not gpu:
+        out["note"] = (f"did not run on a GPU: {d['device']} ({d['platform']}) is not a GPU device; "
+                       "per-kernel times are that device's")
+    return out

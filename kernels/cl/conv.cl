@@ -3,7 +3,8 @@
  * unfused baseline). Register-blocked: a work-group of WG x WG work-items computes a BM x BN
  * block (BM = BN = WG * RB), each work-item an RB x RB sub-block strided by WG (so that local
  * reads do not conflict and stores stay coalesced); K advances in steps of TK through local
- * memory. WG, RB and TK are -D constants the host picks from the device's work-group limits.
+ * memory. WG, RB and TK are -D constants the host picks from the device's work-group limits and
+ * the compiled kernel's CL_KERNEL_WORK_GROUP_SIZE. Tiles hold R (half with HALF_ARITH), sums are float.
  *
  * conv2d: y[b, m, n] = (sum_k w[m, k] * col[b, k, n] + bias[m] + chan_add[b, m] + res[b, m, n]) * out_scale
  * with M = Cout, N = Ho * Wo, K = Cin * KH * KW; the epilogue carries the UNet's fusions: the
@@ -21,13 +22,14 @@
 #define BM (WG * RB)
 #define BN (WG * RB)
 
+#if LOCAL_TILES
 __kernel void conv2d(__global const T* x, __global const T* w, __global const float* bias,
                      __global const T* chan_add, __global const T* res, __global T* y,
                      const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
                      const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
                      const int flags, const float out_scale) {
-    __local float As[TK][BM];
-    __local float Bs[TK][BN];
+    __local R As[TK][BM];
+    __local R Bs[TK][BN];
     /* im2col index tables, so that the inner loads do no integer division: per output column the
      * top-left input row/col, per k of the current tile the channel offset and the kernel tap */
     __local int n_iy[BN], n_ix[BN];
@@ -45,7 +47,7 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
         n_iy[e] = n < N ? oy * stride - pad_t : FAR;
         n_ix[e] = ox * stride - pad_l;
     }
-    float acc[RB][RB];
+    ACC acc[RB][RB];
     for (int i = 0; i < RB; ++i)
         for (int j = 0; j < RB; ++j) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += TK) {
@@ -59,21 +61,21 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
         for (int e = lid; e < TK * BM; e += WG * WG) {  /* k fastest: contiguous weight rows */
             const int kk = e % TK, mm = e / TK;
             const int m = m0 + mm, k = k0 + kk;
-            As[kk][mm] = (m < Cout && k < K) ? LD(w, m * K + k) : 0.0f;
+            As[kk][mm] = (m < Cout && k < K) ? LDR(w, m * K + k) : (R)0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int e = lid; e < TK * BN; e += WG * WG) {  /* n fastest: neighbouring output pixels */
             const int nn = e % BN, kk = e / BN;
             const int iy = n_iy[nn] + k_y[kk], ix = n_ix[nn] + k_x[kk];
-            Bs[kk][nn] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? LD(x, xb + k_off[kk] + iy * W + ix) : 0.0f;
+            Bs[kk][nn] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? LDR(x, xb + k_off[kk] + iy * W + ix) : (R)0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int kk = 0; kk < TK; ++kk) {
-            float a[RB], bv[RB];
+            R a[RB], bv[RB];
             for (int i = 0; i < RB; ++i) a[i] = As[kk][ty + i * WG];
             for (int j = 0; j < RB; ++j) bv[j] = Bs[kk][tx + j * WG];
             for (int i = 0; i < RB; ++i)
-                for (int j = 0; j < RB; ++j) acc[i][j] += a[i] * bv[j];
+                for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
@@ -99,14 +101,14 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
 __kernel void gemm_batched(__global const T* A, __global const T* B, __global T* C,
                            const int M, const int N, const int K, const int a_mod, const int a_trans, const int b_trans,
                            const float alpha) {
-    __local float As[TK][BM];
-    __local float Bs[TK][BN];
+    __local R As[TK][BM];
+    __local R Bs[TK][BN];
     const int tx = get_local_id(0), ty = get_local_id(1);
     const int lid = ty * WG + tx;
     const int n0 = get_group_id(0) * BN, m0 = get_group_id(1) * BM;
     const int bt = get_global_id(2);
     const int ab = (bt % a_mod) * M * K, bb = bt * K * N;
-    float acc[RB][RB];
+    ACC acc[RB][RB];
     for (int i = 0; i < RB; ++i)
         for (int j = 0; j < RB; ++j) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < K; k0 += TK) {
@@ -114,21 +116,21 @@ __kernel void gemm_batched(__global const T* A, __global const T* B, __global T*
             int kk, mm;
             if (a_trans) { mm = e % BM; kk = e / BM; } else { kk = e % TK; mm = e / TK; }
             const int m = m0 + mm, k = k0 + kk;
-            As[kk][mm] = (m < M && k < K) ? (a_trans ? LD(A, ab + k * M + m) : LD(A, ab + m * K + k)) : 0.0f;
+            As[kk][mm] = (m < M && k < K) ? (a_trans ? LDR(A, ab + k * M + m) : LDR(A, ab + m * K + k)) : (R)0.0f;
         }
         for (int e = lid; e < TK * BN; e += WG * WG) {
             int kk, nn;
             if (b_trans) { kk = e % TK; nn = e / TK; } else { nn = e % BN; kk = e / BN; }
             const int n = n0 + nn, k = k0 + kk;
-            Bs[kk][nn] = (k < K && n < N) ? (b_trans ? LD(B, bb + n * K + k) : LD(B, bb + k * N + n)) : 0.0f;
+            Bs[kk][nn] = (k < K && n < N) ? (b_trans ? LDR(B, bb + n * K + k) : LDR(B, bb + k * N + n)) : (R)0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int kk = 0; kk < TK; ++kk) {
-            float a[RB], bv[RB];
+            R a[RB], bv[RB];
             for (int i = 0; i < RB; ++i) a[i] = As[kk][ty + i * WG];
             for (int j = 0; j < RB; ++j) bv[j] = Bs[kk][tx + j * WG];
             for (int i = 0; i < RB; ++i)
-                for (int j = 0; j < RB; ++j) acc[i][j] += a[i] * bv[j];
+                for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
@@ -141,3 +143,82 @@ __kernel void gemm_batched(__global const T* A, __global const T* B, __global T*
         }
     }
 }
+#else
+/* No-local-memory variant (Mali-class devices, whose "local" memory is main memory): the same
+ * register blocking, operands read straight from global memory through the cache. Each
+ * work-item computes RB output channels x RB consecutive output positions. */
+__kernel void conv2d(__global const T* x, __global const T* w, __global const float* bias,
+                     __global const T* chan_add, __global const T* res, __global T* y,
+                     const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
+                     const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
+                     const int flags, const float out_scale) {
+    const int n0 = get_global_id(0) * RB, m0 = get_global_id(1) * RB, b = get_global_id(2);
+    const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
+    if (n0 >= N || m0 >= Cout) return;
+    int iy0[RB], ix0[RB];
+    for (int j = 0; j < RB; ++j) {
+        const int n = min(n0 + j, N - 1);  /* clamped: duplicates are computed, not stored */
+        const int oy = n / Wo;
+        iy0[j] = oy * stride - pad_t;
+        ix0[j] = (n - oy * Wo) * stride - pad_l;
+    }
+    ACC acc[RB][RB];
+    for (int i = 0; i < RB; ++i)
+        for (int j = 0; j < RB; ++j) acc[i][j] = 0.0f;
+    const int xb = b * Cin * H * W;
+    for (int ci = 0; ci < Cin; ++ci)
+        for (int ky = 0; ky < KH; ++ky)
+            for (int kx = 0; kx < KW; ++kx) {
+                const int k = (ci * KH + ky) * KW + kx;
+                R a[RB], bv[RB];
+                for (int i = 0; i < RB; ++i) a[i] = m0 + i < Cout ? LDR(w, (m0 + i) * K + k) : (R)0.0f;
+                for (int j = 0; j < RB; ++j) {
+                    const int iy = iy0[j] + ky, ix = ix0[j] + kx;
+                    bv[j] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? LDR(x, xb + ci * H * W + iy * W + ix) : (R)0.0f;
+                }
+                for (int i = 0; i < RB; ++i)
+                    for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
+            }
+    for (int i = 0; i < RB; ++i) {
+        const int m = m0 + i;
+        if (m >= Cout) break;
+        float add = 0.0f;
+        if (flags & 1) add += bias[m];
+        if (flags & 2) add += LD(chan_add, b * Cout + m);
+        for (int j = 0; j < RB; ++j) {
+            const int n = n0 + j;
+            if (n >= N) break;
+            const int yi = (b * Cout + m) * N + n;
+            float v = acc[i][j] + add;
+            if (flags & 4) v += LD(res, yi);
+            ST(y, yi, v * out_scale);
+        }
+    }
+}
+
+__kernel void gemm_batched(__global const T* A, __global const T* B, __global T* C,
+                           const int M, const int N, const int K, const int a_mod, const int a_trans, const int b_trans,
+                           const float alpha) {
+    const int n0 = get_global_id(0) * RB, m0 = get_global_id(1) * RB, bt = get_global_id(2);
+    if (n0 >= N || m0 >= M) return;
+    const int ab = (bt % a_mod) * M * K, bb = bt * K * N;
+    ACC acc[RB][RB];
+    for (int i = 0; i < RB; ++i)
+        for (int j = 0; j < RB; ++j) acc[i][j] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        R a[RB], bv[RB];
+        for (int i = 0; i < RB; ++i) {
+            const int m = min(m0 + i, M - 1);
+            a[i] = a_trans ? LDR(A, ab + k * M + m) : LDR(A, ab + m * K + k);
+        }
+        for (int j = 0; j < RB; ++j) {
+            const int n = min(n0 + j, N - 1);
+            bv[j] = b_trans ? LDR(B, bb + n * K + k) : LDR(B, bb + k * N + n);
+        }
+        for (int i = 0; i < RB; ++i)
+            for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
+    }
+    for (int i = 0; i < RB && m0 + i < M; ++i)
+        for (int j = 0; j < RB && n0 + j < N; ++j) ST(C, bt * M * N + (m0 + i) * N + n0 + j, acc[i][j] * alpha);
+}
+#endif

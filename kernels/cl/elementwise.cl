@@ -1,29 +1,34 @@
 /* Elementwise, resampling and embedding ops of a UNet. One work-item per output element. */
 
+/* silu, gelu, add, affine: each work-item handles VEC consecutive elements with one 128-bit
+ * vector load/store (vload4/vload8, or vload_half4 for half storage without cl_khr_fp16) in
+ * R arithmetic; the last work-item finishes the n % VEC tail with scalar accesses. */
+#define VEC_LOOP(SCALAR_BODY, VECTOR_BODY)                          \
+    const int i = get_global_id(0);                                 \
+    if ((i + 1) * VEC <= n) { VECTOR_BODY; }                        \
+    else for (int j = i * VEC; j < n; ++j) { SCALAR_BODY; }
+
 __kernel void silu(__global const T* x, __global T* y, const int n) {
-    const int i = get_global_id(0);
-    if (i < n) ST(y, i, silu_f(LD(x, i)));
+    VEC_LOOP(ST(y, j, silu_f(LD(x, j))),
+             const VR v = VLD(i, x); VST(v / ((R)1.0f + exp(-v)), i, y))
 }
 
 /* exact (erf) GELU, as torch.nn.functional.gelu(approximate="none") */
 __kernel void gelu(__global const T* x, __global T* y, const int n) {
-    const int i = get_global_id(0);
-    if (i < n) {
-        const float v = LD(x, i);
-        ST(y, i, 0.5f * v * (1.0f + erf(v * 0.7071067811865476f)));
-    }
+    VEC_LOOP(const float v = LD(x, j); ST(y, j, 0.5f * v * (1.0f + erf(v * 0.7071067811865476f))),
+             const VR v = VLD(i, x); VST((R)0.5f * v * ((R)1.0f + erf(v * (R)0.7071067811865476f)), i, y))
 }
 
 /* y = (a + b) * scale */
 __kernel void add(__global const T* a, __global const T* b, __global T* y, const int n, const float scale) {
-    const int i = get_global_id(0);
-    if (i < n) ST(y, i, (LD(a, i) + LD(b, i)) * scale);
+    VEC_LOOP(ST(y, j, (LD(a, j) + LD(b, j)) * scale),
+             VST((VLD(i, a) + VLD(i, b)) * (R)scale, i, y))
 }
 
 /* y = a * alpha + beta (the UNet's centre_input_sample: 2x - 1) */
 __kernel void affine(__global const T* a, __global T* y, const int n, const float alpha, const float beta) {
-    const int i = get_global_id(0);
-    if (i < n) ST(y, i, LD(a, i) * alpha + beta);
+    VEC_LOOP(ST(y, j, LD(a, j) * alpha + beta),
+             VST(VLD(i, a) * (R)alpha + (R)beta, i, y))
 }
 
 /* channel concat of NCHW tensors: y = cat([a (B,ca,HW), b (B,cb,HW)], dim=1) */

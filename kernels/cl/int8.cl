@@ -1,15 +1,25 @@
-/* Integer kernels following DESIGN.md's arithmetic, ONNX Runtime convention:
+/* Integer kernels following the ONNX Runtime convention (docs/architecture.md):
  *   q = clamp(rint(x / s) + zp)                                       (QuantizeLinear)
  *   acc = sum((q_x - zp_x) * q_w) + bias_int32        (int32; weights symmetric per channel)
  *   y = clamp(zp_y + rint((float)acc * mult[m]))        mult = float32(s_x * s_w[m] / s_y)
  * rint() rounds half to even in the default rounding mode, as ORT's nearbyintf does. Built with
- * -cl-fp32-correctly-rounded-divide-sqrt so that x / s matches the host bit for bit.
+ * -cl-fp32-correctly-rounded-divide-sqrt where the device supports it, so that x / s matches the
+ * host bit for bit (elsewhere the runtime says it may not).
  * QT is the activation type: char (signed) or uchar (asymmetric uint8); weights are always char. */
 #ifndef QT
 #define QT char
 #endif
 #ifndef TS
 #define TS 16
+#endif
+#ifndef QT_SIGNED
+#define QT_SIGNED 1
+#endif
+#ifndef DOT_KHR
+#define DOT_KHR 0
+#endif
+#ifndef DOT_ARM
+#define DOT_ARM 0
 #endif
 
 __kernel void quantize(__global const float* x, __global QT* q, const int n, const float scale, const int zp,
@@ -146,4 +156,67 @@ __kernel void conv2d_int8_dq(__global const QT* x, __global const char* w, __glo
         if (flags & 4) v += res[yi];
         y[yi] = v * out_scale;
     }
+}
+
+/* The same integer conv with 4-wide packed int8 dot products, no local memory: each work-item
+ * one output (m, n); 4 consecutive k of a weight row come in one char4 load, the matching 4
+ * input taps are gathered into a QT4, and DOT4 adds their products in int32:
+ * cl_khr_integer_dot_product's dot() (any signedness), cl_arm_integer_dot_product_int8's
+ * arm_dot() (same signedness only) or, without either extension, the four products spelled
+ * out (the variant every device can run and the tests check). Raw values go into the dot,
+ * padding reads as the zero point, and the zero-point term is taken off with the weight row
+ * sums per part: acc_p = sum(q_x * q_w) - zp_p * wsum[m, p]. */
+#if DOT_KHR && defined(__opencl_c_integer_dot_product_input_4x8bit)
+#define DOT4(a, b) dot((a), (b))
+#elif DOT_ARM && QT_SIGNED
+#pragma OPENCL EXTENSION cl_arm_integer_dot_product_int8 : enable
+#define DOT4(a, b) arm_dot((a), (b))
+#else
+#define DOT4(a, b) ((int)(a).x * (b).x + (int)(a).y * (b).y + (int)(a).z * (b).z + (int)(a).w * (b).w)
+#endif
+#define QT4 CAT4(QT)
+#define CAT4(t) CAT4_(t)
+#define CAT4_(t) t##4
+
+inline QT tap(__global const QT* x, const int xb, const int k, const int KK, const int KW, const int H, const int W,
+              const int iy0, const int ix0, const int zp) {
+    const int ci = k / KK, r = k - (k / KK) * KK;
+    const int ky = r / KW, kx = r - (r / KW) * KW;
+    const int iy = iy0 + ky, ix = ix0 + kx;
+    return (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[xb + (ci * H + iy) * W + ix] : (QT)zp;
+}
+
+__kernel void conv2d_int8_dq_dot(__global const QT* x, __global const char* w, __global const int* wsum,
+                                 __global const float* w_scale, __global const float* bias,
+                                 __global const float* chan_add, __global const float* res, __global float* y,
+                                 const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
+                                 const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
+                                 const int split, const int zp1, const int zp2, const float s1, const float s2,
+                                 const int flags, const float out_scale) {
+    const int n = get_global_id(0), m = get_global_id(1), b = get_global_id(2);
+    const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
+    if (n >= N || m >= Cout) return;
+    const int oy = n / Wo, ox = n - (n / Wo) * Wo;
+    const int iy0 = oy * stride - pad_t, ix0 = ox * stride - pad_l;
+    const int xb = b * Cin * H * W;
+    __global const char* wr = w + m * K;
+    int accp[2];
+    for (int p = 0; p < 2; ++p) {
+        const int k_lo = p == 0 ? 0 : split * KK, k_hi = p == 0 ? split * KK : K, zp = p == 0 ? zp1 : zp2;
+        int acc = 0, k = k_lo;
+        for (; k + 4 <= k_hi; k += 4) {
+            const char4 wv = vload4(0, wr + k);
+            const QT4 xv = (QT4)(tap(x, xb, k, KK, KW, H, W, iy0, ix0, zp), tap(x, xb, k + 1, KK, KW, H, W, iy0, ix0, zp),
+                                 tap(x, xb, k + 2, KK, KW, H, W, iy0, ix0, zp), tap(x, xb, k + 3, KK, KW, H, W, iy0, ix0, zp));
+            acc += DOT4(xv, wv);
+        }
+        for (; k < k_hi; ++k) acc += (int)tap(x, xb, k, KK, KW, H, W, iy0, ix0, zp) * (int)wr[k];
+        accp[p] = acc - zp * wsum[2 * m + p];
+    }
+    float v = w_scale[m] * (s1 * (float)accp[0] + s2 * (float)accp[1]);
+    if (flags & 1) v += bias[m];
+    if (flags & 2) v += chan_add[b * Cout + m];
+    const int yi = (b * Cout + m) * N + n;
+    if (flags & 4) v += res[yi];
+    y[yi] = v * out_scale;
 }

@@ -84,3 +84,72 @@ __kernel void group_norm_apply(__global const T* x, __global const float* stats,
     const int bg = (i / (HW * C)) * G + c / (C / G);
     ST(y, i, (LD(x, i) - stats[2 * bg]) * stats[2 * bg + 1] * gamma[c] + beta[c]);
 }
+
+/* GroupNorm split across work-groups (two passes), for when B x G work-groups would leave most
+ * compute units idle (a batch-1 UNet level has 32 groups, a mobile GPU 8-16 cores x several
+ * resident work-groups each). Pass 1: work-group (bg, s) reduces chunk s of group bg to a
+ * Welford partial (count, mean, M2) in `part`. Pass 2: work-group (bg, s) merges the S partials
+ * of its group (each work-item, from global memory: 3 x S floats, cached) and normalises chunk s.
+ * Every element is read twice and written once, as in the one-group kernel. */
+__kernel void group_partial_stats(__global const T* x, __global float* part, const int C, const int HW, const int G,
+                                  const int S, __local float* lc, __local float* lmean, __local float* lm2) {
+    const int bgs = get_group_id(0);
+    const int bg = bgs / S, s = bgs - (bgs / S) * S;
+    const int b = bg / G, g = bg - (bg / G) * G;
+    const int cpg = C / G, n = cpg * HW;
+    const int chunk = (n + S - 1) / S, start = s * chunk, end = min(n, start + chunk);
+    const int base = (b * C + g * cpg) * HW;
+    const int lid = get_local_id(0), L = get_local_size(0);
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int i = start + lid; i < end; i += L) {
+        const float v = LD(x, base + i);
+        cnt += 1.0f;
+        const float d = v - mean;
+        mean += d / cnt;
+        m2 += d * (v - mean);
+    }
+    lc[lid] = cnt; lmean[lid] = mean; lm2[lid] = m2;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int k = L / 2; k > 0; k >>= 1) {
+        if (lid < k) {
+            const float na = lc[lid], nb = lc[lid + k];
+            const float nab = na + nb;
+            if (nb > 0.0f) {
+                const float d = lmean[lid + k] - lmean[lid];
+                lmean[lid] = lmean[lid] + d * (nb / nab);
+                lm2[lid] = lm2[lid] + lm2[lid + k] + d * d * (na * nb / nab);
+                lc[lid] = nab;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0) { part[3 * bgs] = lc[0]; part[3 * bgs + 1] = lmean[0]; part[3 * bgs + 2] = lm2[0]; }
+}
+
+__kernel void group_norm_split_apply(__global const T* x, __global const float* part, __global const float* gamma,
+                                     __global const float* beta, __global T* y, const int C, const int HW, const int G,
+                                     const int S, const float eps, const int apply_silu) {
+    const int bgs = get_group_id(0);
+    const int bg = bgs / S, s = bgs - (bgs / S) * S;
+    const int b = bg / G, g = bg - (bg / G) * G;
+    const int cpg = C / G, n = cpg * HW;
+    const int chunk = (n + S - 1) / S, start = s * chunk, end = min(n, start + chunk);
+    const int base = (b * C + g * cpg) * HW;
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int j = 0; j < S; ++j) {  /* Chan et al. merge, in the same order in every work-item */
+        const float nb = part[3 * (bg * S + j)];
+        if (nb > 0.0f) {
+            const float nab = cnt + nb, d = part[3 * (bg * S + j) + 1] - mean;
+            mean += d * (nb / nab);
+            m2 += part[3 * (bg * S + j) + 2] + d * d * (cnt * nb / nab);
+            cnt = nab;
+        }
+    }
+    const float rstd = 1.0f / sqrt(m2 / cnt + eps);
+    for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
+        const int c = g * cpg + i / HW;
+        float v = (LD(x, base + i) - mean) * rstd * gamma[c] + beta[c];
+        if (apply_silu) v = silu_f(v);
+        ST(y, base + i, v);
+    }
+}
