@@ -270,6 +270,21 @@ def e2e_rows(name: str, repeat: int, folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def bytes_model_rows() -> list[dict[str, Any]]:
+    """Bytes moved per kernel, fused vs unfused (edgediff.kernels.cost, fp16 storage): the demo's
+    shapes and an SD-1.x UNet's levels (computed, not run)."""
+    from edgediff.kernels import cost
+
+    rows = []
+    for kind, shape, c in (("GroupNorm+SiLU", "1x64x16x16", cost.group_norm_silu(1, 64, 256)),
+                           ("self-attention h2 d32", "1x64x8x8", cost.attention(1, 2, 32, 64, 64))):
+        rows.append({"model": "demo", "kernel": kind, "shape": shape, "fused_bytes": cost.total(c["fused"]),
+                     "unfused_bytes": cost.total(c["unfused"]),
+                     "ratio": round(cost.total(c["unfused"]) / cost.total(c["fused"]), 2), "flops": c["fused"]["flops"]})
+    rows += [{"model": "sd15", **r} for r in cost.sd15_block_rows()]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer kernel shapes, demo model only")
@@ -277,7 +292,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions per kernel (best of); e2e uses min(3, this)")
     ap.add_argument("--threads", type=int, default=1, help="threads for PoCL, onnxruntime and PyTorch alike")
     ap.add_argument("--out", type=Path, default=Path("bench-out/kernels.json"))
+    ap.add_argument("--bytes-only", action="store_true", help="print the bytes-moved model (fused vs unfused) and exit")
     args = ap.parse_args()
+    if args.bytes_only:
+        rows = bytes_model_rows()
+        print(json.dumps(rows, indent=1))
+        for r in rows:
+            print(f"{r['model']:6s} {r['kernel']:30s} {r['shape']:14s} fused {r['fused_bytes'] / 1e6:9.2f} MB  "
+                  f"unfused {r['unfused_bytes'] / 1e6:9.2f} MB  x{r['ratio']}", file=sys.stderr)
+        return
     torch.set_num_threads(args.threads)
     import os
 
@@ -303,7 +326,8 @@ def main() -> None:
                           "threads": args.threads,
                           "pocl_max_pthread_count": os.environ.get("POCL_MAX_PTHREAD_COUNT"),
                           "gpu": "none lent to this task; OpenCL ran on PoCL (CPU)"},
-              "opencl": rt.describe(), "kernels": krows, "end_to_end": erows, "seconds": round(time.time() - t0, 1)}
+              "opencl": rt.describe(), "kernels": krows, "end_to_end": erows, "bytes_model": bytes_model_rows(),
+              "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     # the table
