@@ -40,3 +40,24 @@ def test_profile_help_lists_device_names(capsys: pytest.CaptureFixture[str]) -> 
     text = " ".join(capsys.readouterr().out.split())
     for name in device_names():
         assert name in text
+
+
+def test_demo_summary_table_fits_80_columns() -> None:
+    from rich.console import Console
+
+    from edgediff.demo.job import summary_table
+
+    row = {"params": 35_746_307, "macs": 6_065_000_000, "size_bytes": 143_000_000, "digit_frechet": 12.34,
+           "confidence_share": 0.5}
+    summary = {"wall_seconds": 1234.5, "rows": [
+        {"step": "original (fp32)", "psnr_db": None, **row},
+        {"step": "compressed (prune.diff + finetune + fuse + calib + quant)", "psnr_db": 23.1, **row}],
+        "exports": [{"target": "tensorrt", "precision": "fp16", "size_bytes": None,
+                     "status": "unavailable: wrote x.onnx and x.trtexec.sh; the engine was not built " * 3},
+                    {"target": "tflite", "precision": "int8", "size_bytes": 1_234_567, "status": "exported",
+                     "verify": {"verified": True, "psnr_db": 31.25, "exit_code": 0}}]}
+    c = Console(width=80, record=True)
+    c.print(summary_table(summary))
+    text = c.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "65.7M" not in text and "6.07G" in text and "31.25 dB" in text

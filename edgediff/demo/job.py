@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from edgediff import __version__
@@ -180,17 +182,35 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
     return page("edgediff demo report", sub, sections)
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    t = Table(title=f"edgediff demo ({summary['wall_seconds']} s)")
-    for c in ("step", "params", "MACs", "bytes", "PSNR dB", "digit FD", "conf>=0.9"):
-        t.add_column(c, justify="right")
+def _si(n: float | None) -> str:
+    """1234567 -> 1.23M: the summary table fits an 80-column terminal."""
+    if n is None:
+        return ""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def summary_table(summary: dict[str, Any]) -> Group:
+    """The demo's result for a terminal: cost/benefit per step, then each export (fits 80 columns)."""
+    t = Table(title=f"edgediff demo ({summary['wall_seconds']} s)", box=box.SIMPLE, pad_edge=False)
+    # FD: Fréchet distance of the digit classifier's features; conf: share with confidence >= 0.9
+    for c in ("step", "params", "MACs", "bytes", "PSNR dB", "FD", "conf"):
+        step = c == "step"
+        t.add_column(c, justify="left" if step else "right", overflow="ellipsis", no_wrap=True,
+                     max_width=24 if step else None, min_width=None if step else max(len(c), 6))
     for r in summary["rows"]:
         p = "ref" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
-        t.add_row(r["step"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['size_bytes']:,}", p,
-                  f"{r['digit_frechet']:.2f}", f"{r['confidence_share']:.2%}")
+        t.add_row(r["step"], _si(r["params"]), _si(r["macs"]), _si(r["size_bytes"]), p,
+                  f"{r['digit_frechet']:.2f}", f"{r['confidence_share']:.0%}")
+    e_t = Table(box=box.SIMPLE, pad_edge=False)
+    for c in ("export", "bytes", "status", "verify"):
+        e_t.add_column(c, overflow="ellipsis", no_wrap=True, max_width={"export": 16, "bytes": 7, "status": 34}.get(c, 16))
     for e in summary["exports"]:
         v = e.get("verify")
-        extra = f" psnr {v.get('psnr_db')}" if isinstance(v, dict) and "psnr_db" in v else ""
-        t.add_row(f"export {e['target']} {e['precision']}", "", "", str(e.get("size_bytes", "")), "", "",
-                  f"{e.get('status', '')}{extra}"[:60])
-    return t
+        vt = ""
+        if isinstance(v, dict):
+            vt = f"{v.get('psnr_db')} dB" if v.get("verified") else f"exit {v.get('exit_code')}"
+        e_t.add_row(f"{e['target']} {e['precision']}", _si(e.get("size_bytes")), str(e.get("status", "")), vt)
+    return Group(t, e_t)
