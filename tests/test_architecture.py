@@ -26,8 +26,8 @@ TORCH_LIBS = ("torch", "diffusers", "torch_pruning", "torchvision")
 KNOWN_CYCLES: list[list[str]] = [
     # kernels.runtime.profile builds an OpenCLDenoiser (kernels.export) that uses the runtime
     ["edgediff.kernels.export", "edgediff.kernels.graph", "edgediff.kernels.runtime"],
-    # the adapter/ONNX-in loaders call load_model for their base model, and serialize rebuilds them
-    ["edgediff.adapter", "edgediff.artifact", "edgediff.loaders", "edgediff.onnx_source", "edgediff.serialize"],
+    # the adapter loader calls load_model for its base model, and serialize rebuilds adapted modules
+    ["edgediff.adapter", "edgediff.artifact", "edgediff.loaders", "edgediff.serialize"],
 ]
 KNOWN_PRIVATE = {
     ("edgediff.exporters.tflite", "edgediff.exporters.onnx"),  # _QDQAttnProcessor: moves to edgediff.lowering
