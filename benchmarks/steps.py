@@ -4,9 +4,10 @@
                                [--edge-fast ARTIFACT] [--distilled ARTIFACT] [--out bench-out/steps.json]
 
 Rows (every one an `edgediff export ... -o DIR` bundle run by the torch-free numpy runtime):
-DDIM 50 fp32 (the reference), DDIM 10, DPM-Solver++ 10 and 6, DeepCache N=3 and N=5 on
+DDIM 50 fp32 (the reference), DDIM 10, DPM-Solver++ 10 and 6, DeepCache N=2, 3 and 5 on
 DPM-Solver++ 10, the progressively distilled model at 4 steps (`distill` recipe), and the
-`edge-fast` composition (prune + finetune + cache + W8A8) exported to ONNX int8.
+`edge-fast` composition (prune + finetune + cache + W8A8) exported to ONNX int8, and the same
+bundle with its cache switched off (row key edgefast_nocache, not in the default --rows).
 Without --edge-fast / --distilled the recipes are run here first (minutes).
 
 Columns: denoiser calls per image (full/shallow), ORT ms per image (1 thread, denoiser and
@@ -92,6 +93,8 @@ def main() -> None:
         ("dpm6", "DPM-Solver++ 6", lambda: plain, "dpmpp-2m", 6),
         ("cache3", "DPM-Solver++ 10 + DeepCache N=3",
          lambda: _bundle(cached(3), work / "b-cache3", sampler="dpmpp-2m", steps=10), None, None),
+        ("cache2", "DPM-Solver++ 10 + DeepCache N=2",
+         lambda: _bundle(cached(2), work / "b-cache2", sampler="dpmpp-2m", steps=10), None, None),
         ("cache5", "DPM-Solver++ 10 + DeepCache N=5",
          lambda: _bundle(cached(5), work / "b-cache5", sampler="dpmpp-2m", steps=10), None, None),
         ("distilled", "distilled, DDIM 4 (trailing)",
@@ -101,13 +104,19 @@ def main() -> None:
                          precision="int8"), None, None),
     ]
     rows = [(label, make(), sampler, steps) for key, label, make, sampler, steps in specs if key in want]
+    if "edgefast_nocache" in want:  # the same int8 bundle with its cache schedule switched off
+        b = work / "b-edge-fast"
+        if not b.is_dir():
+            _bundle(load_artifact(args.edge_fast or _build("edge-fast", work)), b, precision="int8")
+        rows.append(("edge-fast without DeepCache, ONNX int8", b, None, None))
 
     # latency: rows take turns, one 64-image batch per round, 1 thread
     lat: dict[str, list[float]] = {r[0]: [] for r in rows}
     calls: dict[str, tuple[int, int]] = {}
     for _ in range(args.rounds):
         for label, b, sampler, steps in rows:
-            _, st = run_bundle(b, samples=64, seed=100, steps=steps, sampler=sampler, threads=1)
+            _, st = run_bundle(b, samples=64, seed=100, steps=steps, sampler=sampler, threads=1,
+                               cache="without DeepCache" not in label)
             lat[label].append(st["sampling_ms_per_image"])
             calls[label] = (st["denoiser_calls_full"], st["denoiser_calls_shallow"])
     print("latency done", flush=True)
@@ -129,7 +138,8 @@ def main() -> None:
             if label.endswith("(reference)"):
                 xt = ref_x[seed]
             else:
-                x, _ = run_bundle(b, samples=args.samples, seed=seed, steps=steps, sampler=sampler, threads=1)
+                x, _ = run_bundle(b, samples=args.samples, seed=seed, steps=steps, sampler=sampler, threads=1,
+                                  cache="without DeepCache" not in label)
                 xt = torch.from_numpy(x)
             fds.append(judge.frechet(xt, held))
             confs.append(judge.confidence_share(xt))
