@@ -299,8 +299,14 @@ def export(model: str = ModelOpt,
     else:
         source = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
                        scheduler_config, inputs)
+    from edgediff.bundle import BUNDLE_TARGETS, export_bundle, is_bundle_output
+
     with progress_bar() as p:
-        report = backend.export(source, output, precision, options, p, force=force).to_dict()
+        if target in BUNDLE_TARGETS and is_bundle_output(output) and not options:
+            # -o DIR: the denoiser with its scheduler (and DeepCache's shallow graph) as a bundle
+            report = export_bundle(source, output, target, precision, force=force, progress=p)
+        else:
+            report = backend.export(source, output, precision, options, p, force=force).to_dict()
     _emit(report, as_json, f"exported {target} {precision} -> {output}")
     if report.get("exit_code"):
         raise typer.Exit(int(report["exit_code"]))
