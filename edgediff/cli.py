@@ -68,6 +68,7 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
 # Libraries print progress to stdout (litert-torch's converter does); main() points sys.stdout at
 # stderr while a command runs so that stdout carries only our tables and our one JSON object.
 _stdout = sys.stdout
+_in_main = False  # main() redirects sys.stdout; `app` invoked directly (typer's CliRunner) does not
 
 
 def _json_safe(v: Any) -> Any:
@@ -82,8 +83,9 @@ def _json_safe(v: Any) -> Any:
 
 
 def _write_json(data: Any) -> None:
-    _stdout.write(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
-    _stdout.flush()
+    stream = _stdout if _in_main else sys.stdout
+    stream.write(json.dumps(_json_safe(data), indent=2, default=str, allow_nan=False) + "\n")
+    stream.flush()
 
 
 # ---------------------------------------------------------------- helpers
@@ -495,8 +497,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:  # pragma: no cover - older typer uses click itself
         from click import exceptions as cex
 
-    global _stdout
+    global _stdout, _in_main
     _stdout = sys.stdout
+    _in_main = True
     out.file = _stdout
     args = sys.argv[1:] if argv is None else list(argv)
     if not {"--help", "-h"} & set(args):
@@ -542,6 +545,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     finally:
         sys.stdout = _stdout
+        _in_main = False
+        out.file = None  # back to "whatever sys.stdout is" (rich), not this invocation's stream
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         if old_int is not None:

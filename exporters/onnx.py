@@ -682,6 +682,10 @@ def integer_macs(path: Path, threads: int = 1) -> dict[str, Any]:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = opt
+        # a model with external data: the optimized copy keeps its own beside it (else it would
+        # point at the original's .data name relative to this temp dir)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
         try:
