@@ -165,12 +165,24 @@ class OnnxGraphModule(nn.Module):
         self.quant = quant
         self._session: Any = None
         self._inputs: list[str] = []
+        self._stats: dict[str, int] | None = None
+
+    def set_graph(self, graph: bytes, quant: dict[str, Any] | None) -> None:
+        """Replace what runs (the quantized graph); the session and the counts follow it."""
+        self.graph, self.quant = graph, quant
+        self._session = self._stats = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OnnxGraphModule:
         return OnnxGraphModule(self.graph, self.source, copy.deepcopy(self.quant, memo))
 
     def stats(self) -> dict[str, int]:
-        """params / size_bytes / macs of the running graph (a graph has no torch parameters to count)."""
+        """params / size_bytes / macs of the running graph (a graph has no torch parameters to count);
+        computed once per graph, since info asks for each of the three."""
+        if self._stats is None:
+            self._stats = self._count()
+        return self._stats
+
+    def _count(self) -> dict[str, int]:
         onnx = _onnx()
         from onnx import numpy_helper
 
@@ -311,7 +323,7 @@ def calibration_feeds(data: dict[str, torch.Tensor], sig: Any) -> list[dict[str,
             f["class_labels" if sig.num_classes and not sig.cond_shape else "encoder_hidden_states"] = \
                 cond[i:i + 1].numpy()
         for spec in getattr(sig, "extra", ()):
-            f[spec.name] = spec.example(1).numpy() if hasattr(spec, "example") else np.zeros((1, *spec.shape))
+            f[spec.name] = spec.example(1).numpy()
         feeds.append(f)
     return feeds
 
@@ -359,11 +371,9 @@ def quantize_graph(model: Any, feeds: list[dict[str, np.ndarray]], quantizer: st
     ops: dict[str, int] = {}
     for n in q.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    mod.graph = q.SerializeToString()
-    mod._session = None
     report = {"quantizer": quantizer, "points": len(feeds), "per_channel": per_channel,
               "qdq_pairs": ops.get("DequantizeLinear", 0), "ignored": list(ignored or [])}
-    mod.quant = report
+    mod.set_graph(q.SerializeToString(), report)
     return report
 
 

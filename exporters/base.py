@@ -63,6 +63,33 @@ def input_names(sig: InputSignature) -> list[str]:
     return sig.input_names()
 
 
+def contract_feed(inputs: list[str], x: torch.Tensor, t: torch.Tensor, cond: Any, where: Path) -> dict[str, Any]:
+    """numpy feeds by the exported-file contract for a runtime whose file declares `inputs`.
+
+    `cond` is a tensor (encoder_hidden_states or class_labels, whichever the file takes) or a dict
+    of named inputs (multi-input models); integer tensors and class_labels go in as int64.
+    """
+    feed = {"sample": x.detach().float().cpu().numpy(), "timestep": t.detach().float().cpu().numpy()}
+    if isinstance(cond, dict):
+        for name in inputs:
+            if name in ("sample", "timestep"):
+                continue
+            if name not in cond:
+                raise BadInput(f"{where}: the model needs {name}")
+            v = cond[name].detach().cpu()
+            feed[name] = (v.long() if name == "class_labels" or not v.is_floating_point() else v.float()).numpy()
+        return feed
+    if "encoder_hidden_states" in inputs:
+        if cond is None:
+            raise BadInput(f"{where}: the model needs encoder_hidden_states")
+        feed["encoder_hidden_states"] = cond.detach().float().cpu().numpy()
+    if "class_labels" in inputs:
+        if cond is None:
+            raise BadInput(f"{where}: the model needs class_labels")
+        feed["class_labels"] = cond.detach().long().cpu().numpy()
+    return feed
+
+
 def float_denoiser(model: DiffusionModel) -> nn.Module:
     """A float32 copy of the denoiser without quantization wrappers or fp16 hooks (the caller's model is untouched).
 

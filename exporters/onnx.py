@@ -41,6 +41,7 @@ from edgediff.exporters.base import (
     PRECISIONS,
     Backend,
     ExportReport,
+    contract_feed,
     float_denoiser,
     input_names,
     threads,
@@ -589,24 +590,7 @@ class OnnxDenoiser:
         self.path = Path(path)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        feed = {"sample": x.detach().float().cpu().numpy(), "timestep": t.detach().float().cpu().numpy()}
-        if isinstance(cond, dict):  # multi-input models: every named input the file declares
-            for name in self.inputs:
-                if name in ("sample", "timestep"):
-                    continue
-                if name not in cond:
-                    raise BadInput(f"{self.path}: the model needs {name}")
-                v = cond[name].detach().cpu()
-                feed[name] = (v.long() if name == "class_labels" or not v.is_floating_point() else v.float()).numpy()
-            return torch.from_numpy(self.session.run([OUTPUT_NAME], feed)[0]).float()
-        if "encoder_hidden_states" in self.inputs:
-            if cond is None:
-                raise BadInput(f"{self.path}: the model needs encoder_hidden_states")
-            feed["encoder_hidden_states"] = cond.detach().float().cpu().numpy()
-        if "class_labels" in self.inputs:
-            if cond is None:
-                raise BadInput(f"{self.path}: the model needs class_labels")
-            feed["class_labels"] = cond.detach().long().cpu().numpy()
+        feed = contract_feed(self.inputs, x, t, cond, self.path)
         return torch.from_numpy(self.session.run([OUTPUT_NAME], feed)[0]).float()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, input_names, threads
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, contract_feed, input_names, threads
 
 from edgediff.errors import BadInput, Unavailable
 
@@ -205,21 +205,7 @@ class OpenVinoDenoiser:
         self.inputs = [port_name(p) for p in self.compiled.inputs]
 
     def feed(self, x: Any, t: Any, cond: Any = None) -> dict[str, np.ndarray]:
-        def arr(v: Any, dtype: Any) -> np.ndarray:
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-            return v.astype(dtype)
-
-        f = {"sample": arr(x, np.float32), "timestep": arr(t, np.float32)}
-        extra = [n for n in self.inputs if n not in f]
-        if extra and cond is None:
-            raise BadInput(f"{self.path}: the model needs {', '.join(extra)}")
-        if isinstance(cond, dict):
-            for n in extra:
-                f[n] = arr(cond[n], np.int64 if n == "class_labels" else np.float32)
-        elif extra:
-            n = extra[0]
-            f[n] = arr(cond, np.int64 if n == "class_labels" else np.float32)
-        return f
+        return contract_feed(self.inputs, x, t, cond, self.path)
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         res = self.request.infer(feed)
