@@ -20,6 +20,7 @@ import numpy as np
 
 from edgediff.errors import BadInput
 from edgediff.runtime.rng import TorchGenerator
+from edgediff.schedulers import SHORT_NAMES
 
 F32 = np.float32
 
@@ -96,9 +97,11 @@ class NumpyScheduler:
 
     name = ""
     stochastic = False
+    unsupported: tuple[str, ...] = ()  # config options the port refuses with a BadInput
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = {k: v for k, v in config.items() if not k.startswith("_")}
+        _unsupported(self.config, self.name, self.unsupported)
         self.num_train_timesteps = int(self.config.get("num_train_timesteps", 1000))
         self.prediction_type = self.config.get("prediction_type", "epsilon")
         self.timesteps = np.zeros(0)
@@ -128,6 +131,12 @@ class NumpyScheduler:
     def _init_step_index(self, timestep: Any) -> None:
         if self._step_index is None:
             self._step_index = self._index_for_timestep(timestep)
+
+    def _step_at(self, timestep: Any) -> int:
+        """The index of this step (found from `timestep` on the first step)."""
+        self._init_step_index(timestep)
+        assert self._step_index is not None
+        return self._step_index
 
     def _check_steps(self, n: int) -> None:
         if n < 1:
@@ -167,6 +176,23 @@ class _Discrete(NumpyScheduler):
         self.betas = _betas(self.config)
         self.alphas_cumprod = np.cumprod((1.0 - self.betas).astype(F32), dtype=F32)
 
+    def _set_spaced(self, num_inference_steps: int) -> None:
+        """DDIM's and DDPM's integer timesteps ("leading" spacing by default)."""
+        self._check_steps(num_inference_steps)
+        if num_inference_steps > self.num_train_timesteps:
+            raise BadInput(f"steps ({num_inference_steps}) cannot exceed num_train_timesteps ({self.num_train_timesteps})")
+        self.num_inference_steps = num_inference_steps
+        spacing = self.config.get("timestep_spacing", "leading")
+        ts = _spaced_timesteps(self.config, self.num_train_timesteps, num_inference_steps, "leading")
+        self.timesteps = (ts.round() if spacing == "linspace" else ts).astype(np.int64)
+
+    def _clip(self, x0: np.ndarray, default: bool) -> np.ndarray:
+        """clip_sample (on by default for DDIM/DDPM, off for LCM)."""
+        if self.config.get("clip_sample", default):
+            r = float(self.config.get("clip_sample_range", 1.0))
+            x0 = np.clip(x0, -r, r)
+        return x0
+
 
 class DDIM(_Discrete):
     name = "DDIMScheduler"
@@ -179,13 +205,7 @@ class DDIM(_Discrete):
         self.final_alpha_cumprod = F32(1.0) if set_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        self._check_steps(num_inference_steps)
-        if num_inference_steps > self.num_train_timesteps:
-            raise BadInput(f"steps ({num_inference_steps}) cannot exceed num_train_timesteps ({self.num_train_timesteps})")
-        self.num_inference_steps = num_inference_steps
-        spacing = self.config.get("timestep_spacing", "leading")
-        ts = _spaced_timesteps(self.config, self.num_train_timesteps, num_inference_steps, "leading")
-        self.timesteps = (ts.round() if spacing == "linspace" else ts).astype(np.int64)
+        self._set_spaced(num_inference_steps)
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
@@ -195,9 +215,7 @@ class DDIM(_Discrete):
         a_t = float(self.alphas_cumprod[t])
         a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
         x0, eps = _x0_from(self.prediction_type, model_output, sample, a_t)
-        if self.config.get("clip_sample", True):
-            r = float(self.config.get("clip_sample_range", 1.0))
-            x0 = np.clip(x0, -r, r)
+        x0 = self._clip(x0, True)
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = self.eta * var**0.5
         direction = F32((1 - a_prev - std**2) ** 0.5) * eps
@@ -221,13 +239,7 @@ class DDPM(_Discrete):
                            "is not supported by the numpy runtime")
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        self._check_steps(num_inference_steps)
-        if num_inference_steps > self.num_train_timesteps:
-            raise BadInput(f"steps ({num_inference_steps}) cannot exceed num_train_timesteps ({self.num_train_timesteps})")
-        self.num_inference_steps = num_inference_steps
-        spacing = self.config.get("timestep_spacing", "leading")
-        ts = _spaced_timesteps(self.config, self.num_train_timesteps, num_inference_steps, "leading")
-        self.timesteps = (ts.round() if spacing == "linspace" else ts).astype(np.int64)
+        self._set_spaced(num_inference_steps)
 
     def _prev(self, t: int) -> int:
         idx = int(np.nonzero(self.timesteps == t)[0][0])
@@ -243,9 +255,7 @@ class DDPM(_Discrete):
         cur_a = F32(a_t / a_prev)
         cur_b = F32(1) - cur_a
         x0, _ = _x0_from(self.prediction_type, model_output, sample, float(a_t))
-        if self.config.get("clip_sample", True):
-            r = float(self.config.get("clip_sample_range", 1.0))
-            x0 = np.clip(x0, -r, r)
+        x0 = self._clip(x0, True)
         c0 = F32(a_prev**0.5 * cur_b / b_t)
         ct = F32(cur_a**0.5 * b_prev / b_t)
         prev = c0 * x0 + ct * sample
@@ -287,13 +297,33 @@ class _Sigma(_Discrete):
             return 0.0
         raise BadInput(f"scheduler config: final_sigmas_type {kind!r} is not supported")
 
+    def _euler_timesteps(self, n: int) -> np.ndarray:
+        """Euler's and Euler-ancestral's float timesteps ("linspace" spacing by default)."""
+        self._check_steps(n)
+        self.num_inference_steps = n
+        spacing = self.config.get("timestep_spacing", "linspace")
+        if spacing == "linspace":
+            return np.linspace(0, self.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
+        return _spaced_timesteps(self.config, self.num_train_timesteps, n, spacing).astype(np.float32)
+
+    def _denoised(self, model_output: np.ndarray, sample: np.ndarray, sigma: float, who: str = "",
+                  sample_prediction: bool = True) -> np.ndarray:
+        """x0 from the model output at `sigma` (Euler-type; `who` names the scheduler in the error)."""
+        if sample_prediction and self.prediction_type in ("original_sample", "sample"):
+            return model_output
+        if self.prediction_type == "epsilon":
+            return sample - sigma * model_output
+        if self.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        raise BadInput(f"scheduler config: {who}prediction_type {self.prediction_type!r} is not supported")
+
 
 class Euler(_Sigma):
     name = "EulerDiscreteScheduler"
+    unsupported = ("use_exponential_sigmas", "use_beta_sigmas")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        _unsupported(self.config, self.name, ("use_exponential_sigmas", "use_beta_sigmas"))
         if self.config.get("timestep_type", "discrete") == "continuous" and self.prediction_type == "v_prediction":
             raise BadInput("scheduler config: EulerDiscreteScheduler continuous v-prediction timesteps are not supported")
 
@@ -305,14 +335,8 @@ class Euler(_Sigma):
         return float((F32(m) ** 2 + 1) ** 0.5)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        self._check_steps(num_inference_steps)
         n = num_inference_steps
-        self.num_inference_steps = n
-        spacing = self.config.get("timestep_spacing", "linspace")
-        if spacing == "linspace":
-            ts = np.linspace(0, self.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
-        else:
-            ts = _spaced_timesteps(self.config, self.num_train_timesteps, n, spacing).astype(np.float32)
+        ts = self._euler_timesteps(n)
         sig = np.array(self.train_sigmas)
         log_sigmas = np.log(sig)
         interp = self.config.get("interpolation_type", "linear")
@@ -336,19 +360,10 @@ class Euler(_Sigma):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         sigma = self.sigmas[i]
         sigma_hat = sigma  # s_churn = 0 as in the pipelines
-        if self.prediction_type in ("original_sample", "sample"):
-            x0 = model_output
-        elif self.prediction_type == "epsilon":
-            x0 = sample - sigma_hat * model_output
-        elif self.prediction_type == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            raise BadInput(f"scheduler config: prediction_type {self.prediction_type!r} is not supported")
+        x0 = self._denoised(model_output, sample, sigma_hat)
         derivative = (sample - x0) / sigma_hat
         dt = self.sigmas[i + 1] - sigma_hat
         self._step_index = i + 1
@@ -360,14 +375,8 @@ class EulerAncestral(Euler):
     stochastic = True
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        self._check_steps(num_inference_steps)
         n = num_inference_steps
-        self.num_inference_steps = n
-        spacing = self.config.get("timestep_spacing", "linspace")
-        if spacing == "linspace":
-            ts = np.linspace(0, self.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
-        else:
-            ts = _spaced_timesteps(self.config, self.num_train_timesteps, n, spacing).astype(np.float32)
+        ts = self._euler_timesteps(n)
         sig = np.array(self.train_sigmas)
         sigmas = np.interp(ts, np.arange(0, len(sig)), sig)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
@@ -376,16 +385,9 @@ class EulerAncestral(Euler):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         sigma = self.sigmas[i]
-        if self.prediction_type == "epsilon":
-            x0 = sample - sigma * model_output
-        elif self.prediction_type == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            raise BadInput(f"scheduler config: EulerAncestral prediction_type {self.prediction_type!r} is not supported")
+        x0 = self._denoised(model_output, sample, sigma, "EulerAncestral ", sample_prediction=False)
         s_from, s_to = self.sigmas[i], self.sigmas[i + 1]
         s_up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
         s_down = (s_to**2 - s_up**2) ** 0.5
@@ -396,6 +398,20 @@ class EulerAncestral(Euler):
         prev = prev + generator.randn(model_output.shape) * s_up
         self._step_index = i + 1
         return prev.astype(F32)
+
+
+def _multistep_timesteps(cfg: dict[str, Any], last: int, n_train: int, n: int) -> np.ndarray:
+    """DPM-Solver++/UniPC spacing: `n` integer timesteps below `last` (lambda-clipped end)."""
+    spacing = cfg.get("timestep_spacing", "linspace")
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(cfg.get("steps_offset", 0))
+    if spacing == "trailing":
+        ratio = n_train / n
+        return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+    raise BadInput(f"scheduler config: timestep_spacing {spacing!r} is not supported")
 
 
 class _Multistep(_Sigma):
@@ -410,6 +426,14 @@ class _Multistep(_Sigma):
     def _lam(self, sigma: float) -> float:
         a, s = self._alpha_sigma(float(sigma))
         return math.log(a) - math.log(s)
+
+    def _step_h(self, sigma_t: float, sigma_s0: float) -> tuple[float, float, float, float, float]:
+        """(alpha_t, sigma_t, sigma_s0, lambda_s0, h) of the step sigma_s0 -> sigma_t (h = inf into sigma 0)."""
+        a_t, s_t = self._alpha_sigma(sigma_t)
+        a_s0, s_s0 = self._alpha_sigma(sigma_s0)
+        lam_t = math.log(a_t) - math.log(s_t) if s_t > 0 else math.inf
+        lam_s0 = math.log(a_s0) - math.log(s_s0)
+        return a_t, s_t, s_s0, lam_s0, lam_t - lam_s0
 
     def _x0(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         assert self._step_index is not None
@@ -429,11 +453,10 @@ class _Multistep(_Sigma):
 
 class DPMSolverMultistep(_Multistep):
     name = "DPMSolverMultistepScheduler"
+    unsupported = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_dynamic_shifting")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        _unsupported(self.config, self.name, ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                                              "use_dynamic_shifting"))
         if self.config.get("variance_type") in ("learned", "learned_range"):
             raise BadInput(f"scheduler config: {self.name} with learned variance is not supported by the numpy runtime")
         algo = self.config.get("algorithm_type", "dpmsolver++")
@@ -455,17 +478,7 @@ class DPMSolverMultistep(_Multistep):
         cfg = self.config
         clipped_idx = int(np.searchsorted(self.lambda_t[::-1], float(cfg.get("lambda_min_clipped", -math.inf)), side="left"))
         last = self.num_train_timesteps - clipped_idx
-        spacing = cfg.get("timestep_spacing", "linspace")
-        if spacing == "linspace":
-            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = last // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(cfg.get("steps_offset", 0))
-        elif spacing == "trailing":
-            ratio = self.num_train_timesteps / n
-            ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
-        else:
-            raise BadInput(f"scheduler config: timestep_spacing {spacing!r} is not supported")
+        ts = _multistep_timesteps(cfg, last, self.num_train_timesteps, n)
         sig = np.array(self.train_sigmas)
         log_sigmas = np.log(sig)
         if cfg.get("use_karras_sigmas"):
@@ -490,9 +503,7 @@ class DPMSolverMultistep(_Multistep):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         n = len(self.timesteps)
         cfg = self.config
         lower_final = i == n - 1 and (cfg.get("euler_at_final", False) or (cfg.get("lower_order_final", True) and n < 15)
@@ -500,12 +511,7 @@ class DPMSolverMultistep(_Multistep):
         lower_second = i == n - 2 and cfg.get("lower_order_final", True) and n < 15
         m = self._x0(model_output, sample)
         self.model_outputs = self.model_outputs[1:] + [m]
-        s_t, s_s0 = float(self.sigmas[i + 1]), float(self.sigmas[i])
-        a_t, sg_t = self._alpha_sigma(s_t)
-        a_s0, sg_s0 = self._alpha_sigma(s_s0)
-        lam_t = math.log(a_t) - math.log(sg_t) if sg_t > 0 else math.inf
-        lam_s0 = math.log(a_s0) - math.log(sg_s0)
-        h = lam_t - lam_s0
+        a_t, sg_t, sg_s0, lam_s0, h = self._step_h(float(self.sigmas[i + 1]), float(self.sigmas[i]))
         emh = math.exp(-h)  # exp(-inf) = 0 at the final zero sigma
         if self.order == 1 or self.lower_order_nums < 1 or lower_final:
             x = F32(sg_t / sg_s0) * sample - F32(a_t * (emh - 1.0)) * m
@@ -538,11 +544,10 @@ class DPMSolverMultistep(_Multistep):
 
 class UniPC(_Multistep):
     name = "UniPCMultistepScheduler"
+    unsupported = ("use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting", "use_flow_sigmas", "solver_p")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        _unsupported(self.config, self.name, ("use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting",
-                                              "use_flow_sigmas", "solver_p"))
         if not self.config.get("predict_x0", True):
             raise BadInput("scheduler config: UniPCMultistepScheduler predict_x0=false is not supported by the numpy runtime")
         self.order = int(self.config.get("solver_order", 2))
@@ -554,17 +559,7 @@ class UniPC(_Multistep):
         self._check_steps(num_inference_steps)
         n = num_inference_steps
         cfg = self.config
-        spacing = cfg.get("timestep_spacing", "linspace")
-        if spacing == "linspace":
-            ts = np.linspace(0, self.num_train_timesteps - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = self.num_train_timesteps // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(cfg.get("steps_offset", 0))
-        elif spacing == "trailing":
-            ratio = self.num_train_timesteps / n
-            ts = np.arange(self.num_train_timesteps, 0, -ratio).round().copy().astype(np.int64) - 1
-        else:
-            raise BadInput(f"scheduler config: timestep_spacing {spacing!r} is not supported")
+        ts = _multistep_timesteps(cfg, self.num_train_timesteps, self.num_train_timesteps, n)
         sig = np.array(self.train_sigmas)
         if cfg.get("use_karras_sigmas"):
             log_sigmas = np.log(sig)
@@ -598,27 +593,28 @@ class UniPC(_Multistep):
             h_phi_k = h_phi_k / hh - 1 / fact
         return h_phi_1, b_h, np.stack(rows), np.array(b)
 
+    def _differences(self, m0: np.ndarray, lam_s0: float, h: float, at: int,
+                     order: int) -> tuple[list[float], list[np.ndarray]]:
+        """UniPC's r_k and D1_k over the previous model outputs (the step ends at sigma index `at`)."""
+        rks, d1s = [], []
+        for k in range(1, order):
+            mk = self.model_outputs[-(k + 1)]
+            assert mk is not None
+            rk = (self._lam(float(self.sigmas[at - k])) - lam_s0) / h
+            rks.append(rk)
+            d1s.append((mk - m0) / F32(rk))
+        return rks, d1s
+
     def _predict(self, sample: np.ndarray, order: int) -> np.ndarray:
         i = self._step_index
         assert i is not None
-        mo = self.model_outputs
-        m0 = mo[-1]
+        m0 = self.model_outputs[-1]
         assert m0 is not None
-        a_t, s_t = self._alpha_sigma(float(self.sigmas[i + 1]))
-        a_s0, s_s0 = self._alpha_sigma(float(self.sigmas[i]))
-        lam_t = math.log(a_t) - math.log(s_t) if s_t > 0 else math.inf
-        lam_s0 = math.log(a_s0) - math.log(s_s0)
-        h = lam_t - lam_s0
+        a_t, s_t, s_s0, lam_s0, h = self._step_h(float(self.sigmas[i + 1]), float(self.sigmas[i]))
         if math.isinf(h):
             # final step to sigma 0 (first order there): the phi terms collapse to x_t = x0 estimate
             return (F32(s_t / s_s0) * sample + F32(a_t) * m0).astype(F32)
-        rks, d1s = [], []
-        for k in range(1, order):
-            mk = mo[-(k + 1)]
-            assert mk is not None
-            rk = (self._lam(float(self.sigmas[i - k])) - lam_s0) / h
-            rks.append(rk)
-            d1s.append((mk - m0) / F32(rk))
+        rks, d1s = self._differences(m0, lam_s0, h, i, order)
         h_phi_1, b_h, rr, b = self._coeffs(h, rks, order)
         x = F32(s_t / s_s0) * sample - F32(a_t * h_phi_1) * m0
         if d1s:
@@ -630,21 +626,10 @@ class UniPC(_Multistep):
     def _correct(self, model_t: np.ndarray, last_sample: np.ndarray, this_sample: np.ndarray, order: int) -> np.ndarray:
         i = self._step_index
         assert i is not None
-        mo = self.model_outputs
-        m0 = mo[-1]
+        m0 = self.model_outputs[-1]
         assert m0 is not None
-        a_t, s_t = self._alpha_sigma(float(self.sigmas[i]))
-        a_s0, s_s0 = self._alpha_sigma(float(self.sigmas[i - 1]))
-        lam_t = math.log(a_t) - math.log(s_t)
-        lam_s0 = math.log(a_s0) - math.log(s_s0)
-        h = lam_t - lam_s0
-        rks, d1s = [], []
-        for k in range(1, order):
-            mk = mo[-(k + 1)]
-            assert mk is not None
-            rk = (self._lam(float(self.sigmas[i - (k + 1)])) - lam_s0) / h
-            rks.append(rk)
-            d1s.append((mk - m0) / F32(rk))
+        a_t, s_t, s_s0, lam_s0, h = self._step_h(float(self.sigmas[i]), float(self.sigmas[i - 1]))
+        rks, d1s = self._differences(m0, lam_s0, h, i - 1, order)
         h_phi_1, b_h, rr, b = self._coeffs(h, rks, order)
         rhos = np.array([0.5]) if order == 1 else np.linalg.solve(rr, b)
         x = F32(s_t / s_s0) * last_sample - F32(a_t * h_phi_1) * m0
@@ -654,9 +639,7 @@ class UniPC(_Multistep):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         use_corr = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None
         m = self._x0(model_output, sample)
         if use_corr:
@@ -704,9 +687,7 @@ class LCM(_Discrete):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         t = int(timestep)
         prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
         a_t = float(self.alphas_cumprod[t])
@@ -716,9 +697,7 @@ class LCM(_Discrete):
         c_skip = sd**2 / (st**2 + sd**2)
         c_out = st / (st**2 + sd**2) ** 0.5
         x0, _ = _x0_from(self.prediction_type, model_output, sample, a_t)
-        if self.config.get("clip_sample", False):
-            r = float(self.config.get("clip_sample_range", 1.0))
-            x0 = np.clip(x0, -r, r)
+        x0 = self._clip(x0, False)
         denoised = F32(c_out) * x0 + F32(c_skip) * sample
         self._step_index = i + 1
         if i != self.num_inference_steps - 1:
@@ -731,11 +710,11 @@ class LCM(_Discrete):
 
 class FlowMatchEuler(NumpyScheduler):
     name = "FlowMatchEulerDiscreteScheduler"
+    unsupported = ("use_dynamic_shifting", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling",
+                   "invert_sigmas")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        _unsupported(self.config, self.name, ("use_dynamic_shifting", "use_exponential_sigmas", "use_beta_sigmas",
-                                              "stochastic_sampling", "invert_sigmas"))
         n = self.num_train_timesteps
         self.shift = float(self.config.get("shift", 1.0))
         ts = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
@@ -765,9 +744,7 @@ class FlowMatchEuler(NumpyScheduler):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
              generator: TorchGenerator | None = None) -> np.ndarray:
-        self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
+        i = self._step_at(timestep)
         dt = self.sigmas[i + 1] - self.sigmas[i]
         self._step_index = i + 1
         return (sample + dt * model_output).astype(F32)
@@ -779,18 +756,9 @@ SCHEDULERS: dict[str, type[NumpyScheduler]] = {
 
 
 # --sampler short names -> (diffusers class, config overrides): the ported subset of the
-# PyTorch side's table (edgediff.schedulers.SHORT_NAMES; a test keeps the two equal)
+# PyTorch side's table, read from it (edgediff.schedulers imports no torch at module level)
 SAMPLER_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    k: v for k, v in SHORT_NAMES.items() if v[0] in SCHEDULERS
 }
 
 
