@@ -181,6 +181,32 @@ def print_table(res: dict[str, Any]) -> None:
         print(line)
 
 
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """model -> method -> figure -> [mean, std (ddof 1), n] over the seeds' runs."""
+    acc: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for res in results:
+        for row in res["rows"]:
+            figs: dict[str, float] = {"ort_ms": row["ort_ms"]}
+            for stage in ("quality", "before_ft", "after_ft"):
+                for k, v in (row.get(stage) or {}).items():
+                    figs[f"{stage}.{k}"] = v
+            for k, v in figs.items():
+                acc.setdefault(res["model"], {}).setdefault(row["method"], {}).setdefault(k, []).append(float(v))
+    return {m: {meth: {k: [round(float(np.mean(v)), 4), round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 4),
+                           len(v)] for k, v in figs.items()} for meth, figs in by.items()} for m, by in acc.items()}
+
+
+def print_spread(spread: dict[str, Any], seeds: list[int]) -> None:
+    keys = ("before_ft.psnr_db", "before_ft.digit_frechet", "after_ft.psnr_db", "after_ft.digit_frechet",
+            "after_ft.confidence_share")
+    for model, by in spread.items():
+        print(f"\n{model}: mean ± std over seeds {seeds}")
+        print(f"{'method':<10} " + " ".join(f"{k:>22}" for k in keys))
+        for meth, figs in by.items():
+            cells = [f"{figs[k][0]:.2f} ± {figs[k][1]:.2f}" if k in figs else "-" for k in keys]
+            print(f"{meth:<10} " + " ".join(f"{c:>22}" for c in cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,cifar")
@@ -193,20 +219,31 @@ def main() -> None:
     ap.add_argument("--t-stride", type=int, default=20, help="demo: timestep stride of the gradient walk")
     ap.add_argument("--grad-batch", type=int, default=32, help="demo: images in the gradient batch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (e.g. 0,1,2): one full run per seed, "
+                    "then mean ± std of every quality figure; overrides --seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench-out/pruning.json"))
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [args.seed]
     torch.set_num_threads(args.threads)
-    np.random.seed(args.seed)
     judge = DigitJudge()
     t0 = time.perf_counter()
-    results = [bench_model(name, args, judge) for name in args.models.split(",") if name]
-    for res in results:
-        print_table(res)
+    per_seed = []
+    for seed in seeds:
+        args.seed = seed
+        np.random.seed(seed)
+        results = [bench_model(name, args, judge) for name in args.models.split(",") if name]
+        for res in results:
+            res["seed"] = seed
+            print_table(res)
+        per_seed.append(results)
+    spread = summarize([r for results in per_seed for r in results])
+    print_spread(spread, seeds)
     out = {"macs_reduction_target": args.macs_reduction, "t_stride": args.t_stride, "grad_batch": args.grad_batch,
-           "samples": args.samples, "ddim_steps": args.steps,
-           "finetune_steps": args.finetune_steps, "torch_threads": args.threads, "results": results,
+           "samples": args.samples, "ddim_steps": args.steps, "seeds": seeds,
+           "finetune_steps": args.finetune_steps, "torch_threads": args.threads,
+           "results": [r for results in per_seed for r in results], "mean_std": spread,
            "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

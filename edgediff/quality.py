@@ -15,6 +15,12 @@ How the original is found (the artifact never needs the original weights beside 
   settings it reloads the original from the recorded source path if its sha256 still matches,
   or takes an original handed to it (the demo has it in memory); otherwise it says it cannot
   measure, which is itself a warning (never a silent pass).
+
+The PSNR's data range is the REFERENCE's peak-to-peak (max - min of the original's samples),
+not a fixed 2: a latent-space model's samples span several units, and a fixed range of 2 gave
+negative dB there. Image-space models sample in [-1, 1]; their references span close to 2,
+so their figures stay comparable with fixed-range ones (the demo's: see docs/quantization.md).
+Every result carries the range used (`psnr_data_range`).
 """
 
 from __future__ import annotations
@@ -69,6 +75,17 @@ def final_samples(model: DiffusionModel, samples: int, steps: int, sampler: str 
     return x
 
 
+def data_range(ref: torch.Tensor) -> float:
+    """The PSNR data range for a reference: its peak-to-peak (2, the [-1, 1] span, if it is constant)."""
+    r = float(ref.double().max() - ref.double().min()) if ref.numel() else 0.0
+    return r if r > 0 and math.isfinite(r) else 2.0
+
+
+def psnr_vs(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR of `x` against the reference samples `ref`, over the reference's own range."""
+    return psnr(x, ref, data_range(ref))
+
+
 def _round(p: float) -> float | None:
     return round(p, 3) if math.isfinite(p) else p
 
@@ -93,9 +110,9 @@ def attach(original: DiffusionModel, compressed: DiffusionModel, floor: float = 
     ref = final_samples(original, proto["samples"], proto["steps"], proto["sampler"], proto["seed"],
                         with_correction=False)
     sim = final_samples(compressed, proto["samples"], proto["steps"], proto["sampler"], proto["seed"])
-    p = psnr(sim, ref)
-    summary = {"psnr_vs_original_db": _round(p), "min_quality_db": floor, "protocol": proto,
-               "quality_warning": warning_for(p, floor, "simulation")}
+    p = psnr_vs(sim, ref)
+    summary = {"psnr_vs_original_db": _round(p), "psnr_data_range": round(data_range(ref), 4),
+               "min_quality_db": floor, "protocol": proto, "quality_warning": warning_for(p, floor, "simulation")}
     compressed.extras[EXTRA] = {
         "protocol": proto, "original_samples": ref.contiguous(), "simulation_psnr_db": _round(p),
         "source": original.provenance.get("source"), "source_sha256": original.provenance.get("source_sha256"),
@@ -152,10 +169,10 @@ def vs_original(model: DiffusionModel, got: torch.Tensor, samples: int, steps: i
     ref, how = original_samples(model, samples, steps, sampler, seed, original)
     if ref is None:
         return {"psnr_vs_original_db": None, "quality_warning": warning_for(None, floor, what, how),
-                "original_reference": how, "min_quality_db": floor}
-    p = psnr(got, ref)
+                "original_reference": how, "min_quality_db": floor, "psnr_data_range": None}
+    p = psnr_vs(got, ref)
     return {"psnr_vs_original_db": _round(p), "quality_warning": warning_for(p, floor, what),
-            "original_reference": how, "min_quality_db": floor}
+            "original_reference": how, "min_quality_db": floor, "psnr_data_range": round(data_range(ref), 4)}
 
 
 def print_warning(result: dict[str, Any]) -> None:

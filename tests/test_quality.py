@@ -122,3 +122,19 @@ def test_warning_text_names_the_figure_and_the_floor(floor: float) -> None:
     assert w is not None and "12.3 dB" in w and "floor 25 dB" in w
     assert quality.warning_for(30.0, floor, "export") is None
     assert "not measured (why)" in (quality.warning_for(None, floor, "export", "why") or "")
+
+
+def test_psnr_uses_the_references_range_so_latent_scale_models_are_not_negative() -> None:
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4, 4, 8, 8, generator=g) * 3  # latent-like: spans ~20 units
+    x = ref + 0.3 * torch.randn(ref.shape, generator=g)  # 10% noise relative to the signal
+    from edgediff.metrics import psnr
+
+    assert psnr(x, ref) < 20  # the old fixed range of 2 understates by 20 log10(range / 2)
+    r = quality.data_range(ref)
+    assert r == pytest.approx(float(ref.max() - ref.min()))
+    assert quality.psnr_vs(x, ref) == pytest.approx(psnr(x, ref) + 20 * torch.log10(torch.tensor(r / 2)).item())
+    # an image-space reference spanning [-1, 1] keeps the fixed-range figure
+    img = torch.linspace(-1, 1, 256).view(1, 1, 16, 16)
+    assert quality.psnr_vs(img * 0.99, img) == pytest.approx(psnr(img * 0.99, img))
+    assert quality.data_range(torch.zeros(2, 3)) == 2.0
