@@ -316,7 +316,9 @@ def export(model: str = ModelOpt,
 
 @app.command()
 def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The exported file to check."),
-           steps: int = typer.Option(20, "--steps"), samples: int = typer.Option(16, "--samples"),
+           steps: Optional[int] = typer.Option(None, "--steps", help="Default: the sampling the artifact or bundle "
+                                               "records, else 20."),
+           samples: int = typer.Option(16, "--samples"),
            sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP), seed: int = typer.Option(0, "--seed"),
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
@@ -331,7 +333,8 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
     from edgediff.quality import print_warning
 
     check_count(samples, "--samples", MAX_SAMPLES)
-    check_count(steps, "--steps", MAX_STEPS)
+    if steps is not None:
+        check_count(steps, "--steps", MAX_STEPS)
     ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
                        scheduler_config, inputs)
     with progress_bar() as p:

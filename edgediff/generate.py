@@ -24,7 +24,7 @@ import torch
 
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel
-from edgediff.sampling import Cond, SamplerConfig, TorchDenoiser, sample
+from edgediff.sampling import Cond, SamplerConfig, TorchDenoiser, recorded_sampling, sample
 
 DEFAULT_STEPS = 50
 FEW_STEP = {"LCMScheduler": 4, "TCDScheduler": 4}
@@ -153,9 +153,9 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
         raise BadInput(f"--guidance must be >= 0, got {guidance}")
     sig = model.signature
     own = model.schedule.class_name
-    rec = model.extras.get("sampling") or {}  # what the artifact is meant to be run with (the sampling pass)
-    if sampler is None and steps is None and rec:
-        sampler, steps, eta = rec.get("sampler"), int(rec.get("steps") or DEFAULT_STEPS), float(rec.get("eta") or eta)
+    # unset sampler/steps/eta: what the artifact is meant to be run with (the sampling pass)
+    sampler, steps, rec_eta = recorded_sampling(model, sampler, steps, None)
+    eta = rec_eta if rec_eta is not None and eta == 0.0 else eta
     if steps is None:
         from edgediff import schedulers
 

@@ -147,6 +147,22 @@ def sampler_name(schedule: NoiseSchedule, sampler: str | None) -> str:
     return cls if cls == sampler else f"{sampler} ({cls})"
 
 
+def recorded_sampling(model: DiffusionModel, sampler: str | None = None, steps: int | None = None,
+                      eta: float | None = None) -> tuple[str | None, int | None, float | None]:
+    """Fill what the caller left unset from the sampling the artifact records (extras["sampling"],
+    written by the sampling and distill.steps passes), so a model calibrated, cached or distilled
+    for a schedule is generated and verified with it. The recorded steps and eta apply only with
+    the recorded sampler (another sampler keeps its own default); unset stays None."""
+    rec = model.extras.get("sampling") or {}
+    if not rec:
+        return sampler, steps, eta
+    if sampler is not None and sampler != rec.get("sampler"):
+        return sampler, steps, eta
+    steps = steps if steps is not None else (int(rec["steps"]) if rec.get("steps") else None)
+    eta = eta if eta is not None else (float(rec["eta"]) if rec.get("eta") is not None else None)
+    return rec.get("sampler"), steps, eta
+
+
 def _slice(cond: Cond, i: int, j: int) -> Cond:
     if cond is None:
         return None

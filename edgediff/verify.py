@@ -38,7 +38,7 @@ from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
-from edgediff.sampling import SamplerConfig, TorchDenoiser, sample, sampler_name, timesteps_for
+from edgediff.sampling import SamplerConfig, TorchDenoiser, recorded_sampling, sample, sampler_name, timesteps_for
 
 # Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
 # fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
@@ -53,6 +53,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "int8": {"psnr_db": 25.0, "max_abs_err": 0.5},
 }
 CHECK_TIMESTEPS = (999, 500, 50)
+DEFAULT_STEPS = 20  # a model that records no sampling
 
 
 def _correction(model: DiffusionModel) -> Any:
@@ -105,13 +106,14 @@ def single_call_error(ref: Any, exp: Any, model: DiffusionModel, seed: int = 0, 
     return err
 
 
-def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: int = 16, sampler: str | None = None,
-           seed: int = 0, progress: Any = None, return_samples: bool = False,
+def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, samples: int = 16,
+           sampler: str | None = None, seed: int = 0, progress: Any = None, return_samples: bool = False,
            min_quality_db: float = quality.DEFAULT_FLOOR_DB, original: DiffusionModel | None = None) -> dict[str, Any]:
     """Run `exported` against `reference`; for a quantized reference also against the original model
-    it was made from (psnr_vs_original_db, quality_warning under `min_quality_db`; edgediff.quality)."""
+    it was made from (psnr_vs_original_db, quality_warning under `min_quality_db`; edgediff.quality).
+    Unset sampler/steps: the sampling the artifact records (a bundle: its manifest's), else
+    the model's own scheduler at DEFAULT_STEPS."""
     exported = Path(exported)
-    cfg = SamplerConfig(sampler, steps)
     if samples < 1:
         raise BadInput(f"--samples must be >= 1, got {samples}")
     from edgediff.runtime import is_bundle
@@ -123,7 +125,8 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
                             seed=seed, progress=progress, return_samples=True)
         got_b = res.get("final_samples") if return_samples else res.pop("final_samples", None)
         if quality.is_quantized(reference) and isinstance(got_b, torch.Tensor):
-            res.update(quality.vs_original(reference, got_b, samples, steps, sampler, seed, min_quality_db, original))
+            res.update(quality.vs_original(reference, got_b, samples, int(res["steps"]), res.get("sampler"), seed,
+                                           min_quality_db, original))
         return res
     if exported.suffix.lower() in (".engine", ".plan") and not exported.exists() \
             and exported.with_suffix(".onnx").is_file():
@@ -131,6 +134,9 @@ def verify(reference: DiffusionModel, exported: Path, steps: int = 20, samples: 
         target = "tensorrt"
     else:
         target = target_of(exported)
+    sampler, rec_steps, eta = recorded_sampling(reference, sampler, steps)
+    steps = rec_steps or DEFAULT_STEPS
+    cfg = SamplerConfig(sampler, steps, eta or 0.0)
     result: dict[str, Any] = {"target": target, "exported": str(exported), "samples": samples, "steps": steps,
                               "sampler": sampler_name(reference.schedule, sampler), "seed": seed}
     backend = get_backend(target)

@@ -1,0 +1,63 @@
+"""`generate` and `verify` default to the sampler, steps and cache schedule the artifact records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from edgediff.exporters import get_backend
+
+from edgediff import passes
+from edgediff.generate import generate
+from edgediff.model import DiffusionModel
+from edgediff.passes import PassContext
+from edgediff.sampling import recorded_sampling
+from edgediff.verify import verify
+
+
+def _sampled(model: DiffusionModel, sampler: str = "dpmpp-2m", steps: int = 3, cache: int = 0) -> DiffusionModel:
+    run, opts = passes.get("sampling")
+    m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
+    if cache:
+        run_c, opts_c = passes.get("cache")
+        m = run_c(m, opts_c(depth=0, interval=cache, check_samples=0), PassContext())
+    return m
+
+
+def test_recorded_sampling_fills_only_what_is_unset(tiny_unet: DiffusionModel) -> None:
+    m = _sampled(tiny_unet, "unipc", 7)
+    assert recorded_sampling(m) == ("unipc", 7, 0.0)
+    assert recorded_sampling(m, steps=4) == ("unipc", 4, 0.0)
+    # another sampler keeps its own default step count (None), not the recorded one
+    assert recorded_sampling(m, "euler") == ("euler", None, None)
+    assert recorded_sampling(tiny_unet) == (None, None, None)
+
+
+def test_generate_defaults_to_the_recorded_schedule_and_cache(tiny_unet: DiffusionModel) -> None:
+    m = _sampled(tiny_unet, "dpmpp-2m", 4, cache=2)
+    r = generate(m, samples=2)
+    assert r["steps"] == 4 and r["sampler"].startswith("dpmpp-2m")
+    assert (r["denoiser_calls_full"], r["denoiser_calls_shallow"]) == (2, 2)
+    r = generate(m, samples=2, steps=6)  # the recorded sampler, with the steps asked for
+    assert r["steps"] == 6 and r["sampler"].startswith("dpmpp-2m")
+    assert generate(tiny_unet, samples=1, steps=2)["sampler"] == tiny_unet.schedule.class_name
+
+
+def test_verify_defaults_to_the_recorded_schedule(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m = _sampled(tiny_unet, "euler", 3)
+    out = tmp_path / "u.onnx"
+    get_backend("onnx").export(m, out, "fp32")
+    r = verify(m, out, samples=2)
+    assert r["steps"] == 3 and r["sampler"].startswith("euler") and r["exit_code"] == 0
+    assert verify(tiny_unet, out, samples=1)["steps"] == 20  # no record: the old default
+
+
+@pytest.mark.slow
+def test_verify_of_a_cached_bundle_uses_its_manifest(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.bundle import export_bundle
+
+    m = _sampled(tiny_unet, "dpmpp-2m", 4, cache=2)
+    export_bundle(m, tmp_path / "b", "onnx", "fp32")
+    r = verify(m, tmp_path / "b", samples=2)
+    assert r["steps"] == 4 and r["exit_code"] == 0
+    assert r["cache"]["interval"] == 2
