@@ -38,6 +38,7 @@ from torch import nn
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel
 from edgediff.passes import PassContext, register
+from edgediff.passes.finetune import finish_training, train_step
 from edgediff.passes.prune_data import DATA_SOURCES, DataSource, call_kwargs
 from edgediff.schedule import NoiseSchedule
 
@@ -215,14 +216,7 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
         out = train(z, t.float(), **kw)
         c = x0.shape[1]
         loss = torch.nn.functional.mse_loss(out[:, :c], target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            d = min(float(opts.ema), (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        train_step(opt, loss, ema, params, step, float(opts.ema))
         losses.append(float(loss.detach()))
         if ck is not None and rank == 0 and ((step + 1) % int(opts.checkpoint_every) == 0):
             tens = {f"param.{i}": p for i, p in enumerate(params)}
@@ -234,13 +228,7 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
                     tens.update({f"adam.exp_avg.{i}": st["exp_avg"], f"adam.exp_avg_sq.{i}": st["exp_avg_sq"],
                                  f"adam.step.{i}": torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)})
             _save(ck, tens, {"round_steps": steps, "step": step + 1, "options": asdict(opts)})
-    if ema is not None:
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                p.copy_(e)
-    for p in module.parameters():
-        p.requires_grad_(False)
-    module.eval()
+    finish_training(module, ema, params)
     return {"steps": steps, "resumed_from": start,
             "loss_first": losses[0] if losses else None,
             "loss_last": sum(losses[-20:]) / len(losses[-20:]) if losses else None}

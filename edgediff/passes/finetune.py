@@ -240,29 +240,42 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
             # weighted by the batch share so that the two terms keep the scale of a full batch
             t_loss = torch.nn.functional.mse_loss(out, traj["out"][j].to(device))
             loss = loss * (n_data / local_bs) + t_loss * (n_traj / local_bs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            d = min(float(opts.ema), (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        train_step(opt, loss, ema, params, step, float(opts.ema))
         losses.append(float(loss.detach()))
         if ckpt is not None and rank == 0 and ((step + 1) % int(opts.checkpoint_every) == 0 or step + 1 == opts.steps):
             _save_checkpoint(ckpt, step + 1, module, ema, opt, opts)
+    finish_training(module, ema, params)
+    module.to("cpu")
+    if t_mod is not None:
+        t_mod.to("cpu")
+    return {"steps": int(opts.steps), "resumed_from": start, "world_size": world, "data": src.source,
+            "distilled": use_teacher, "trajectory_points": len(traj["x"]) if traj is not None else 0,
+            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+
+
+def train_step(opt: torch.optim.Optimizer, loss: torch.Tensor, ema: list[torch.Tensor] | None,
+               params: list[nn.Parameter], step: int, ema_decay: float) -> None:
+    """One optimiser step, then the EMA update (its decay warmed up as min(ema, (1+step)/(10+step)));
+    shared with distill.steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if ema is not None:
+        d = min(float(ema_decay), (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def finish_training(module: nn.Module, ema: list[torch.Tensor] | None, params: list[nn.Parameter]) -> None:
+    """The EMA weights copied in (when kept), the module frozen and in eval mode."""
     if ema is not None:
         with torch.no_grad():
             for e, p in zip(ema, params):
                 p.copy_(e)
     for p in module.parameters():
         p.requires_grad_(False)
-    module.to("cpu").eval()
-    if t_mod is not None:
-        t_mod.to("cpu")
-    return {"steps": int(opts.steps), "resumed_from": start, "world_size": world, "data": src.source,
-            "distilled": use_teacher, "trajectory_points": len(traj["x"]) if traj is not None else 0,
-            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
+    module.eval()
 
 
 def _data_loss(model: DiffusionModel, train_mod: nn.Module, t_mod: nn.Module | None, src: DataSource, n: int,

@@ -22,7 +22,41 @@
 #define BM (WG * RB)
 #define BN (WG * RB)
 
+/* conv2d's epilogue for a work-item's RB x RB block, outputs m = m_first + i * m_step and
+ * n = n_first + j * n_step (both variants): acc + bias[m] + chan_add[b, m] (flags 1, 2; summed
+ * first, as before), + res[b, m, n] (flag 4), times out_scale. */
+void conv_epilogue(ACC acc[RB][RB], __global const float* bias, __global const T* chan_add, __global const T* res,
+                   __global T* y, const int b, const int Cout, const int N, const int m_first, const int m_step,
+                   const int n_first, const int n_step, const int flags, const float out_scale) {
+    for (int i = 0; i < RB; ++i) {
+        const int m = m_first + i * m_step;
+        if (m >= Cout) break;  /* m grows with i: the rest are out of range too */
+        float add = 0.0f;
+        if (flags & 1) add += bias[m];
+        if (flags & 2) add += LD(chan_add, b * Cout + m);
+        for (int j = 0; j < RB; ++j) {
+            const int n = n_first + j * n_step;
+            if (n >= N) break;
+            const int yi = (b * Cout + m) * N + n;
+            float v = acc[i][j] + add;
+            if (flags & 4) v += LD(res, yi);
+            ST(y, yi, v * out_scale);
+        }
+    }
+}
+
 #if LOCAL_TILES
+/* acc[i][j] += As[kk][ty + i * WG] * Bs[kk][tx + j * WG] over the TK rows of the local tiles */
+void tile_product(__local R (*As)[BM], __local R (*Bs)[BN], ACC acc[RB][RB], const int tx, const int ty) {
+    for (int kk = 0; kk < TK; ++kk) {
+        R a[RB], bv[RB];
+        for (int i = 0; i < RB; ++i) a[i] = As[kk][ty + i * WG];
+        for (int j = 0; j < RB; ++j) bv[j] = Bs[kk][tx + j * WG];
+        for (int i = 0; i < RB; ++i)
+            for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
+    }
+}
+
 __kernel void conv2d(__global const T* x, __global const T* w, __global const float* bias,
                      __global const T* chan_add, __global const T* res, __global T* y,
                      const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
@@ -70,30 +104,10 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
             Bs[kk][nn] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? LDR(x, xb + k_off[kk] + iy * W + ix) : (R)0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int kk = 0; kk < TK; ++kk) {
-            R a[RB], bv[RB];
-            for (int i = 0; i < RB; ++i) a[i] = As[kk][ty + i * WG];
-            for (int j = 0; j < RB; ++j) bv[j] = Bs[kk][tx + j * WG];
-            for (int i = 0; i < RB; ++i)
-                for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
-        }
+        tile_product(As, Bs, acc, tx, ty);
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    for (int i = 0; i < RB; ++i) {
-        const int m = m0 + ty + i * WG;
-        if (m >= Cout) continue;
-        float add = 0.0f;
-        if (flags & 1) add += bias[m];
-        if (flags & 2) add += LD(chan_add, b * Cout + m);
-        for (int j = 0; j < RB; ++j) {
-            const int n = n0 + tx + j * WG;
-            if (n >= N) continue;
-            const int yi = (b * Cout + m) * N + n;
-            float v = acc[i][j] + add;
-            if (flags & 4) v += LD(res, yi);
-            ST(y, yi, v * out_scale);
-        }
-    }
+    conv_epilogue(acc, bias, chan_add, res, y, b, Cout, N, m0 + ty, WG, n0 + tx, WG, flags, out_scale);
 }
 
 /* C[bt] (M x N) = alpha * A[bt % a_mod] (M x K) . B[bt] (K x N), row-major; a_trans / b_trans read
@@ -125,13 +139,7 @@ __kernel void gemm_batched(__global const T* A, __global const T* B, __global T*
             Bs[kk][nn] = (k < K && n < N) ? (b_trans ? LDR(B, bb + n * K + k) : LDR(B, bb + k * N + n)) : (R)0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int kk = 0; kk < TK; ++kk) {
-            R a[RB], bv[RB];
-            for (int i = 0; i < RB; ++i) a[i] = As[kk][ty + i * WG];
-            for (int j = 0; j < RB; ++j) bv[j] = Bs[kk][tx + j * WG];
-            for (int i = 0; i < RB; ++i)
-                for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
-        }
+        tile_product(As, Bs, acc, tx, ty);
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     for (int i = 0; i < RB; ++i) {
@@ -179,21 +187,7 @@ __kernel void conv2d(__global const T* x, __global const T* w, __global const fl
                 for (int i = 0; i < RB; ++i)
                     for (int j = 0; j < RB; ++j) acc[i][j] += (ACC)(a[i] * bv[j]);
             }
-    for (int i = 0; i < RB; ++i) {
-        const int m = m0 + i;
-        if (m >= Cout) break;
-        float add = 0.0f;
-        if (flags & 1) add += bias[m];
-        if (flags & 2) add += LD(chan_add, b * Cout + m);
-        for (int j = 0; j < RB; ++j) {
-            const int n = n0 + j;
-            if (n >= N) break;
-            const int yi = (b * Cout + m) * N + n;
-            float v = acc[i][j] + add;
-            if (flags & 4) v += LD(res, yi);
-            ST(y, yi, v * out_scale);
-        }
-    }
+    conv_epilogue(acc, bias, chan_add, res, y, b, Cout, N, m0, 1, n0, 1, flags, out_scale);
 }
 
 __kernel void gemm_batched(__global const T* A, __global const T* B, __global T* C,

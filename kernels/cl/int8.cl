@@ -33,23 +33,22 @@ __kernel void dequantize(__global const QT* q, __global float* x, const int n, c
     if (i < n) x[i] = (float)((int)q[i] - zp) * scale;
 }
 
-/* Implicit-GEMM int8 convolution (a linear layer / GEMM is the 1x1 case), int32 accumulation,
- * padding contributes q = zp_x, i.e. zero after the zero-point shift. */
-__kernel void conv2d_int8(__global const QT* x, __global const char* w, __global const int* bias,
-                          __global const float* mult, __global QT* y,
-                          const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
-                          const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
-                          const int zp_x, const int zp_y, const int qmin, const int qmax) {
-    __local int As[TS][TS + 1];
-    __local int Bs[TS][TS + 1];
+/* The tiled int8 implicit GEMM both int8 convolutions share: this work-item's output (m, n)
+ * sums w[m, k] * (x_col[k, n] - zp) over input channels [0, split) into *acc1 (zp = zp1) and
+ * [split, Cin) into *acc2 (zp = zp2); padding contributes 0. As, Bs: the kernel's local tiles. */
+void int8_conv_sums(__local int (*As)[TS + 1], __local int (*Bs)[TS + 1], __global const QT* x, __global const char* w,
+                    const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
+                    const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
+                    const int split, const int zp1, const int zp2, int* acc1, int* acc2) {
     const int tx = get_local_id(0), ty = get_local_id(1);
     const int n = get_group_id(0) * TS + tx;
     const int m = get_group_id(1) * TS + ty;
     const int b = get_global_id(2);
     const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
+    const int ksplit = split * KK;  /* k index where the second part starts */
     const int oy = n / Wo, ox = n - (n / Wo) * Wo;
     const int iy0 = oy * stride - pad_t, ix0 = ox * stride - pad_l;
-    int acc = 0;
+    int a1 = 0, a2 = 0;
     for (int k0 = 0; k0 < K; k0 += TS) {
         const int ka = k0 + tx;
         As[ty][tx] = (m < Cout && ka < K) ? (int)w[m * K + ka] : 0;
@@ -59,13 +58,35 @@ __kernel void conv2d_int8(__global const QT* x, __global const char* w, __global
             const int ci = kb / KK, r = kb - (kb / KK) * KK;
             const int ky = r / KW, kx = r - (r / KW) * KW;
             const int iy = iy0 + ky, ix = ix0 + kx;
-            if (iy >= 0 && iy < H && ix >= 0 && ix < W) bv = (int)x[((b * Cin + ci) * H + iy) * W + ix] - zp_x;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                bv = (int)x[((b * Cin + ci) * H + iy) * W + ix] - (ci < split ? zp1 : zp2);
         }
         Bs[ty][tx] = bv;
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int kk = 0; kk < TS; ++kk) acc += As[ty][kk] * Bs[kk][tx];
+        for (int kk = 0; kk < TS; ++kk) {
+            const int p = As[ty][kk] * Bs[kk][tx];
+            if (k0 + kk < ksplit) a1 += p; else a2 += p;
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
+    *acc1 = a1;
+    *acc2 = a2;
+}
+
+/* Implicit-GEMM int8 convolution (a linear layer / GEMM is the 1x1 case), int32 accumulation,
+ * padding contributes q = zp_x, i.e. zero after the zero-point shift. */
+__kernel void conv2d_int8(__global const QT* x, __global const char* w, __global const int* bias,
+                          __global const float* mult, __global QT* y,
+                          const int Cin, const int H, const int W, const int Cout, const int Ho, const int Wo,
+                          const int KH, const int KW, const int stride, const int pad_t, const int pad_l,
+                          const int zp_x, const int zp_y, const int qmin, const int qmax) {
+    __local int As[TS][TS + 1];
+    __local int Bs[TS][TS + 1];
+    const int n = get_group_id(0) * TS + get_local_id(0);
+    const int m = get_group_id(1) * TS + get_local_id(1);
+    const int b = get_global_id(2), N = Ho * Wo;
+    int acc = 0, none = 0;  /* one part: every input channel shifted by zp_x */
+    int8_conv_sums(As, Bs, x, w, Cin, H, W, Cout, Ho, Wo, KH, KW, stride, pad_t, pad_l, Cin, zp_x, zp_x, &acc, &none);
     if (m < Cout && n < N) {
         acc += bias[m];
         const float v = rint((float)acc * mult[m]) + (float)zp_y;
@@ -119,35 +140,11 @@ __kernel void conv2d_int8_dq(__global const QT* x, __global const char* w, __glo
                              const int flags, const float out_scale) {
     __local int As[TS][TS + 1];
     __local int Bs[TS][TS + 1];
-    const int tx = get_local_id(0), ty = get_local_id(1);
-    const int n = get_group_id(0) * TS + tx;
-    const int m = get_group_id(1) * TS + ty;
-    const int b = get_global_id(2);
-    const int N = Ho * Wo, KK = KH * KW, K = Cin * KK;
-    const int ksplit = split * KK;  /* k index where the second part starts */
-    const int oy = n / Wo, ox = n - (n / Wo) * Wo;
-    const int iy0 = oy * stride - pad_t, ix0 = ox * stride - pad_l;
+    const int n = get_group_id(0) * TS + get_local_id(0);
+    const int m = get_group_id(1) * TS + get_local_id(1);
+    const int b = get_global_id(2), N = Ho * Wo;
     int acc1 = 0, acc2 = 0;
-    for (int k0 = 0; k0 < K; k0 += TS) {
-        const int ka = k0 + tx;
-        As[ty][tx] = (m < Cout && ka < K) ? (int)w[m * K + ka] : 0;
-        const int kb = k0 + ty;
-        int bv = 0;
-        if (kb < K && n < N) {
-            const int ci = kb / KK, r = kb - (kb / KK) * KK;
-            const int ky = r / KW, kx = r - (r / KW) * KW;
-            const int iy = iy0 + ky, ix = ix0 + kx;
-            if (iy >= 0 && iy < H && ix >= 0 && ix < W)
-                bv = (int)x[((b * Cin + ci) * H + iy) * W + ix] - (ci < split ? zp1 : zp2);
-        }
-        Bs[ty][tx] = bv;
-        barrier(CLK_LOCAL_MEM_FENCE);
-        for (int kk = 0; kk < TS; ++kk) {
-            const int p = As[ty][kk] * Bs[kk][tx];
-            if (k0 + kk < ksplit) acc1 += p; else acc2 += p;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
+    int8_conv_sums(As, Bs, x, w, Cin, H, W, Cout, Ho, Wo, KH, KW, stride, pad_t, pad_l, split, zp1, zp2, &acc1, &acc2);
     if (m < Cout && n < N) {
         float v = w_scale[m] * (s1 * (float)acc1 + s2 * (float)acc2);
         if (flags & 1) v += bias[m];

@@ -4,6 +4,37 @@
  * variance come from a single read and stay accurate. Pass 2 reads again and writes
  * silu(gamma * (x - mean) * rstd + beta): no intermediate tensor, one kernel launch.
  * The local size must be a power of two. */
+/* Welford (count, mean, M2) of x[base + i] for i in [start, end), each work-item over a strided
+ * slice, merged pairwise across the work-group (Chan et al.) into lc[0], lmean[0], lm2[0].
+ * The local size must be a power of two. */
+void welford_work_group(__global const T* x, const int base, const int start, const int end,
+                        __local float* lc, __local float* lmean, __local float* lm2) {
+    const int lid = get_local_id(0), L = get_local_size(0);
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int i = start + lid; i < end; i += L) {
+        const float v = LD(x, base + i);
+        cnt += 1.0f;
+        const float d = v - mean;
+        mean += d / cnt;
+        m2 += d * (v - mean);
+    }
+    lc[lid] = cnt; lmean[lid] = mean; lm2[lid] = m2;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int k = L / 2; k > 0; k >>= 1) {
+        if (lid < k) {
+            const float na = lc[lid], nb = lc[lid + k];
+            const float nab = na + nb;
+            if (nb > 0.0f) {
+                const float d = lmean[lid + k] - lmean[lid];
+                lmean[lid] = lmean[lid] + d * (nb / nab);
+                lm2[lid] = lm2[lid] + lm2[lid + k] + d * d * (na * nb / nab);
+                lc[lid] = nab;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+}
+
 __kernel void group_norm(__global const T* x, __global const float* gamma, __global const float* beta,
                          __global T* y, const int C, const int HW, const int G, const float eps,
                          const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2) {
@@ -13,29 +44,7 @@ __kernel void group_norm(__global const T* x, __global const float* gamma, __glo
     const int n = cpg * HW;
     const int base = (b * C + g * cpg) * HW;  /* a group's channels are contiguous in NCHW */
     const int lid = get_local_id(0), L = get_local_size(0);
-    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int i = lid; i < n; i += L) {
-        const float v = LD(x, base + i);
-        cnt += 1.0f;
-        const float d = v - mean;
-        mean += d / cnt;
-        m2 += d * (v - mean);
-    }
-    lc[lid] = cnt; lmean[lid] = mean; lm2[lid] = m2;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = L / 2; s > 0; s >>= 1) {
-        if (lid < s) {
-            const float na = lc[lid], nb = lc[lid + s];
-            const float nab = na + nb;
-            if (nb > 0.0f) {
-                const float d = lmean[lid + s] - lmean[lid];
-                lmean[lid] = lmean[lid] + d * (nb / nab);
-                lm2[lid] = lm2[lid] + lm2[lid + s] + d * d * (na * nb / nab);
-                lc[lid] = nab;
-            }
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
+    welford_work_group(x, base, 0, n, lc, lmean, lm2);
     const float mu = lmean[0];
     const float rstd = 1.0f / sqrt(lm2[0] / lc[0] + eps);
     for (int i = lid; i < n; i += L) {
@@ -85,6 +94,20 @@ __kernel void group_norm_apply(__global const T* x, __global const float* stats,
     ST(y, i, (LD(x, i) - stats[2 * bg]) * stats[2 * bg + 1] * gamma[c] + beta[c]);
 }
 
+/* The chunk work-group (bg, s) of the split kernels covers: elements [start, end) of group bg,
+ * which starts at x[base]; returns bg. */
+int split_chunk(const int C, const int HW, const int G, const int S, int* start, int* end, int* base) {
+    const int bgs = get_group_id(0);
+    const int bg = bgs / S, s = bgs - (bgs / S) * S;
+    const int b = bg / G, g = bg - (bg / G) * G;
+    const int cpg = C / G, n = cpg * HW;
+    const int chunk = (n + S - 1) / S;
+    *start = s * chunk;
+    *end = min(n, *start + chunk);
+    *base = (b * C + g * cpg) * HW;
+    return bg;
+}
+
 /* GroupNorm split across work-groups (two passes), for when B x G work-groups would leave most
  * compute units idle (a batch-1 UNet level has 32 groups, a mobile GPU 8-16 cores x several
  * resident work-groups each). Pass 1: work-group (bg, s) reduces chunk s of group bg to a
@@ -93,48 +116,19 @@ __kernel void group_norm_apply(__global const T* x, __global const float* stats,
  * Every element is read twice and written once, as in the one-group kernel. */
 __kernel void group_partial_stats(__global const T* x, __global float* part, const int C, const int HW, const int G,
                                   const int S, __local float* lc, __local float* lmean, __local float* lm2) {
+    int start, end, base;
+    split_chunk(C, HW, G, S, &start, &end, &base);
+    welford_work_group(x, base, start, end, lc, lmean, lm2);
     const int bgs = get_group_id(0);
-    const int bg = bgs / S, s = bgs - (bgs / S) * S;
-    const int b = bg / G, g = bg - (bg / G) * G;
-    const int cpg = C / G, n = cpg * HW;
-    const int chunk = (n + S - 1) / S, start = s * chunk, end = min(n, start + chunk);
-    const int base = (b * C + g * cpg) * HW;
-    const int lid = get_local_id(0), L = get_local_size(0);
-    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int i = start + lid; i < end; i += L) {
-        const float v = LD(x, base + i);
-        cnt += 1.0f;
-        const float d = v - mean;
-        mean += d / cnt;
-        m2 += d * (v - mean);
-    }
-    lc[lid] = cnt; lmean[lid] = mean; lm2[lid] = m2;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int k = L / 2; k > 0; k >>= 1) {
-        if (lid < k) {
-            const float na = lc[lid], nb = lc[lid + k];
-            const float nab = na + nb;
-            if (nb > 0.0f) {
-                const float d = lmean[lid + k] - lmean[lid];
-                lmean[lid] = lmean[lid] + d * (nb / nab);
-                lm2[lid] = lm2[lid] + lm2[lid + k] + d * d * (na * nb / nab);
-                lc[lid] = nab;
-            }
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    if (lid == 0) { part[3 * bgs] = lc[0]; part[3 * bgs + 1] = lmean[0]; part[3 * bgs + 2] = lm2[0]; }
+    if (get_local_id(0) == 0) { part[3 * bgs] = lc[0]; part[3 * bgs + 1] = lmean[0]; part[3 * bgs + 2] = lm2[0]; }
 }
 
 __kernel void group_norm_split_apply(__global const T* x, __global const float* part, __global const float* gamma,
                                      __global const float* beta, __global T* y, const int C, const int HW, const int G,
                                      const int S, const float eps, const int apply_silu) {
-    const int bgs = get_group_id(0);
-    const int bg = bgs / S, s = bgs - (bgs / S) * S;
-    const int b = bg / G, g = bg - (bg / G) * G;
-    const int cpg = C / G, n = cpg * HW;
-    const int chunk = (n + S - 1) / S, start = s * chunk, end = min(n, start + chunk);
-    const int base = (b * C + g * cpg) * HW;
+    int start, end, base;
+    const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
+    const int g = bg % G, cpg = C / G;
     float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
     for (int j = 0; j < S; ++j) {  /* Chan et al. merge, in the same order in every work-item */
         const float nb = part[3 * (bg * S + j)];
