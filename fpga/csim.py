@@ -22,7 +22,7 @@ from edgediff.fpga.sim import QLayer
 
 from edgediff.errors import Unavailable
 
-HLS_SOURCES = ("systolic.h", "systolic.cpp", "top.cpp", "tb.cpp")
+HLS_SOURCES = ("systolic.h", "systolic.cpp", "top.cpp", "tb.cpp", "host.h")
 REQUANT_CODES = {None: 0, "ort": 1, "tflite": 2, "tflite_single": 3}
 KIND_CODES = {"conv": 0, "gemm": 1, "matmul": 2}
 

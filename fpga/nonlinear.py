@@ -1,6 +1,6 @@
 """Nonlinear units beside the array in integer fixed point: the bit-accurate twins of hls/nonlinear.cpp.
 
-GroupNorm (+SiLU by a 4096-entry table), softmax over attention logits (exp by a 512-entry table,
+GroupNorm (+SiLU by a 4096-entry table), softmax over attention logits (exp by a 4096-entry table at 1/256,
 one divide per row), GELU (or any function of one int8 code) by a 256-entry table, residual add
 of two int8 tensors, 2x nearest upsample. `*_params` turn float parameters (scales, gamma, beta,
 eps) into the integer constants the units take; `*_float` are the float references, and
@@ -28,7 +28,7 @@ from edgediff.errors import Unavailable
 
 GN, SOFTMAX, LUT, ADD, UPSAMPLE = 0, 1, 2, 3, 4
 NL_SOURCES = ("nonlinear.h", "nonlinear.cpp", "nl_tb.cpp")
-EXP_ENTRIES, SILU_ENTRIES = 512, 4096
+EXP_ENTRIES, SILU_ENTRIES = 4096, 4096
 
 
 def _rshift_round(v: np.ndarray, s: int) -> np.ndarray:
@@ -112,15 +112,17 @@ class SoftmaxParams:
 
 def softmax_params(s_logit: float, s_p: float, zp: int, qmin: int, qmax: int) -> SoftmaxParams:
     """Integer constants of a softmax of int32 logits at scale s_logit, quantized to (s_p, zp)."""
-    lut = np.rint(np.exp(-np.arange(EXP_ENTRIES) / 32.0) * 65536).astype(np.int32)
-    return SoftmaxParams(int(round(s_logit * 32 * 65536)), lut, int(round(2**24 / s_p)), zp, qmin, qmax)
+    if not 1e-6 <= s_logit <= 0.0625:  # d < 2^24 codes must cover the table (16 units) and d * ms fit an int64
+        raise ValueError(f"softmax logit scale {s_logit:g} outside [1e-6, 0.0625]")
+    lut = np.rint(np.exp(-np.arange(EXP_ENTRIES) / 256.0) * 65536).astype(np.int32)
+    return SoftmaxParams(int(round(s_logit * 256 * 2**32)), lut, int(round(2**24 / s_p)), zp, qmin, qmax)
 
 
 def softmax_int(a: np.ndarray, p: SoftmaxParams) -> np.ndarray:
     """(rows, len) int32 logits -> probability codes; the arithmetic of nl_softmax."""
     a = _i64(a)
-    d = np.clip(a.max(1, keepdims=True) - a, 0, 2**31 - 1)
-    e = _i64(p.exp_lut)[np.clip((d * p.ms) >> 16, 0, EXP_ENTRIES - 1)]
+    d = np.clip(a.max(1, keepdims=True) - a, 0, 2**24 - 1)
+    e = _i64(p.exp_lut)[np.clip((d * p.ms + (np.int64(1) << 31)) >> 32, 0, EXP_ENTRIES - 1)]
     recip = (np.int64(p.mp) << 16) // e.sum(1, keepdims=True)
     return np.clip(_rshift_round(e * recip, 40) + p.zy, p.qmin, p.qmax).astype(np.int32)
 
@@ -153,6 +155,49 @@ def add_int(a: np.ndarray, b: np.ndarray, za: int, zb: int, ma: int, mb: int, zy
 
 def upsample2x_int(x: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(np.asarray(x), 2, axis=-2), 2, axis=-1).astype(np.int32)
+
+
+# ------------------------------------------------------------------ the whole-call units (fpga/program.py)
+Q8 = 256  # nl_groupnorm's Q8 output: the real value t / 256 (my = 2^24, zy = 0, int16 range)
+ACT_HALF = 2048  # nl_act_q8's table covers t in [-2048, 2048): real values in [-8, 8) at the full 1/256 step
+
+
+def requant_mult(s_x: float, s_y: float) -> int:
+    return int(round(s_x / s_y * 2**24))
+
+
+def requant_int(x: np.ndarray, zx: int, m: int, zy: int, qmin: int, qmax: int) -> np.ndarray:
+    """nl_requant: a change of grid, clamp(round((x - zx) * m / 2^24) + zy)."""
+    return np.clip(_rshift_round((_i64(x) - zx) * m, 24) + zy, qmin, qmax).astype(np.int32)
+
+
+def add_bcast_int(a: np.ndarray, b: np.ndarray, za: int, zb: int, ma: int, mb: int, zy: int, qmin: int,
+                  qmax: int) -> np.ndarray:
+    """nl_add_bcast: a (C, HW) plus b (C,) broadcast over HW."""
+    v = (_i64(a) - za) * ma + (_i64(b)[:, None] - zb) * mb
+    return np.clip(_rshift_round(v, 24) + zy, qmin, qmax).astype(np.int32)
+
+
+def act_q8_params(fn: Any, s_y: float, zy: int, qmin: int, qmax: int) -> tuple[np.ndarray, int]:
+    """(table, my) of nl_act_q8 for fn (SiLU, GELU, identity) onto the output grid (s_y, zy)."""
+    v = (np.arange(2 * ACT_HALF) - ACT_HALF) / Q8
+    lut = np.clip(np.rint(fn(v) / s_y) + zy, qmin, qmax).astype(np.int32)
+    return lut, int(round(2**24 / (Q8 * s_y)))
+
+
+def act_q8_int(t: np.ndarray, lut: np.ndarray, my: int, zy: int, qmin: int, qmax: int) -> np.ndarray:
+    """nl_act_q8: the table inside [-8, 8), the linear tail above, lut[0] below."""
+    t = _i64(t)
+    idx = np.clip(t + ACT_HALF, 0, 2 * ACT_HALF - 1)
+    tail = np.clip(_rshift_round(t * my, 24) + zy, qmin, qmax)
+    return np.where(t >= ACT_HALF, tail, _i64(lut)[idx]).astype(np.int32)
+
+
+PERMS = {0: (1, 0, 2), 1: (1, 2, 0), 2: (0, 2, 1)}
+
+
+def permute3_int(x: np.ndarray, d: tuple[int, int, int], perm: int) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).reshape(d).transpose(PERMS[perm])).astype(np.int32)
 
 
 # ------------------------------------------------------------------ accuracy of the fixed point

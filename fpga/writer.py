@@ -97,7 +97,7 @@ def copy_sources(hdir: Path) -> None:
     from edgediff.fpga.nonlinear import NL_SOURCES
 
     hdir.mkdir(parents=True, exist_ok=True)
-    for f in (*csim.HLS_SOURCES, *NL_SOURCES):  # the array, and the nonlinear units beside it
+    for f in (*csim.HLS_SOURCES, *NL_SOURCES, "call_tb.cpp"):  # the array, the units beside it, the whole call
         shutil.copy2(csim.hls_dir() / f, hdir / f)
 
 

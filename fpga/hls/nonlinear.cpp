@@ -60,16 +60,16 @@ rows:
         for (int i = 0; i < len; i++) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
 #pragma HLS PIPELINE II = 1
-            const int64_t d = nl_clamp(m - ar[i], 0, 2147483647);
-            sum += exp_lut[nl_clamp((d * ms) >> 16, 0, 511)];
+            const int64_t d = nl_clamp(m - ar[i], 0, 16777215);  // d * ms stays in int64
+            sum += exp_lut[nl_clamp((d * ms + ((int64_t)1 << 31)) >> 32, 0, 4095)];
         }
         const int64_t recip = (mp << 16) / sum;  // one divide per row
     out:
         for (int i = 0; i < len; i++) {
 #pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
 #pragma HLS PIPELINE II = 1
-            const int64_t d = nl_clamp(m - ar[i], 0, 2147483647);
-            const int64_t e = exp_lut[nl_clamp((d * ms) >> 16, 0, 511)];
+            const int64_t d = nl_clamp(m - ar[i], 0, 16777215);  // d * ms stays in int64
+            const int64_t e = exp_lut[nl_clamp((d * ms + ((int64_t)1 << 31)) >> 32, 0, 4095)];
             y[(int64_t)r * len + i] = (int32_t)nl_clamp(nl_rshift_round(e * recip, 40) + zp, qmin, qmax);
         }
     }
@@ -108,6 +108,70 @@ pixels:
             if (++i == 2 * h) {
                 i = 0;
                 ch++;
+            }
+        }
+    }
+}
+
+void nl_requant(const int32_t *x, int n, int zx, int64_t m, int zy, int qmin, int qmax, int32_t *y) {
+elems:
+    for (int i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        y[i] = (int32_t)nl_clamp(nl_rshift_round((int64_t)(x[i] - zx) * m, 24) + zy, qmin, qmax);
+    }
+}
+
+void nl_add_bcast(const int32_t *a, const int32_t *b, int c, int hw, int za, int zb, int64_t ma, int64_t mb, int zy,
+                  int qmin, int qmax, int32_t *y) {
+    int ch = 0, k = 0;
+elems:
+    for (int64_t i = 0; i < (int64_t)c * hw; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        const int64_t v = (int64_t)(a[i] - za) * ma + (int64_t)(b[ch] - zb) * mb;
+        y[i] = (int32_t)nl_clamp(nl_rshift_round(v, 24) + zy, qmin, qmax);
+        if (++k == hw) {  // next channel: a counter, not a divide
+            k = 0;
+            ch++;
+        }
+    }
+}
+
+void nl_act_q8(const int32_t *x, int n, const int32_t *lut, int64_t my, int zy, int qmin, int qmax, int32_t *y) {
+elems:
+    for (int i = 0; i < n; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        const int64_t t = x[i];
+        int64_t v;
+        if (t >= 2048)
+            v = nl_clamp(nl_rshift_round(t * my, 24) + zy, qmin, qmax);
+        else
+            v = lut[t < -2048 ? 0 : t + 2048];
+        y[i] = (int32_t)v;
+    }
+}
+
+void nl_permute3(const int32_t *x, int d0, int d1, int d2, int perm, int32_t *y) {
+    int i = 0, j = 0, k = 0;  // the input index (i, j, k) of element o, kept by counters
+elems:
+    for (int64_t o = 0; o < (int64_t)d0 * d1 * d2; o++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TC_ELEMS
+#pragma HLS PIPELINE II = 1
+        int64_t dst;
+        if (perm == 0)
+            dst = ((int64_t)j * d0 + i) * d2 + k;
+        else if (perm == 1)
+            dst = ((int64_t)j * d2 + k) * d0 + i;
+        else
+            dst = ((int64_t)i * d2 + k) * d1 + j;
+        y[dst] = x[o];
+        if (++k == d2) {
+            k = 0;
+            if (++j == d1) {
+                j = 0;
+                i++;
             }
         }
     }

@@ -41,9 +41,9 @@ isqrt:
 void nl_groupnorm(const int32_t *x, int zx, int c, int hw, int groups, int64_t eps_n2, const int32_t *gamma,
                   const int64_t *beta, const int32_t *lut, int64_t my, int zy, int qmin, int qmax, int32_t *y);
 
-// Softmax over `rows` rows of `len` int32 logits (real scale s_l): d = max - a; u = min(d * ms >> 16, 511)
-// (units of 1/32); e = exp_lut[u] (Q16); per row recip = (mp << 16) / sum(e) (mp = round(2^24 / s_p));
-// out = clamp(round(e * recip / 2^40) + zp).
+// Softmax over `rows` rows of `len` int32 logits (real scale s_l): d = min(max - a, 2^24 - 1); u = min(round(d * ms / 2^32),
+// 4095) (units of 1/256, ms = round(s_l * 256 * 2^32)); e = exp_lut[u] (Q16); per row recip = (mp << 16) / sum(e)
+// (mp = round(2^24 / s_p)); out = clamp(round(e * recip / 2^40) + zp).
 void nl_softmax(const int32_t *a, int rows, int len, int64_t ms, const int32_t *exp_lut, int64_t mp, int zp,
                 int qmin, int qmax, int32_t *y);
 
@@ -56,5 +56,22 @@ void nl_add(const int32_t *a, const int32_t *b, int n, int za, int zb, int64_t m
 
 // 2x nearest upsample of (c, h, w) codes.
 void nl_upsample2x(const int32_t *x, int c, int h, int w, int32_t *y);
+
+// Requantize n codes: y = clamp(round((x - zx) * m / 2^24) + zy), m = round(s_x / s_y * 2^24) (a change of grid,
+// e.g. a 16-bit residual stream onto a conv's int8 input grid).
+void nl_requant(const int32_t *x, int n, int zx, int64_t m, int zy, int qmin, int qmax, int32_t *y);
+
+// a (c, hw) plus b (c) broadcast over hw (the time embedding added to a conv's output), as nl_add.
+void nl_add_bcast(const int32_t *a, const int32_t *b, int c, int hw, int za, int zb, int64_t ma, int64_t mb, int zy,
+                  int qmin, int qmax, int32_t *y);
+
+// An activation of Q8 codes t (real t / 256, what nl_groupnorm emits with my = 2^24): -2048 <= t < 2048 reads
+// lut[t + 2048] (4096 entries at the full 1/256 step: SiLU, GELU or identity with the output quantizer folded in);
+// t >= 2048 is the linear tail clamp(round(t * my / 2^24) + zy) (SiLU(v) = v there to 3e-4); t < -2048 reads lut[0].
+void nl_act_q8(const int32_t *x, int n, const int32_t *lut, int64_t my, int zy, int qmin, int qmax, int32_t *y);
+
+// Axis permutation of a (d0, d1, d2) tensor: perm 0 -> (d1, d0, d2) (heads split / merged), 1 -> (d1, d2, d0)
+// (K^T per head), 2 -> (d0, d2, d1) (a transpose per batch: (C, HW) <-> (HW, C)). Address counters, no divides.
+void nl_permute3(const int32_t *x, int d0, int d1, int d2, int perm, int32_t *y);
 
 #endif
