@@ -119,8 +119,8 @@ def shallow(unet: nn.Module, depth: int, feature: torch.Tensor) -> Iterator[None
                 blk.forward = prev
 
 
-class FullEntry(nn.Module):
-    """Export/sampling view of the full call: (inputs...) -> (out, cached_feature)."""
+class _Entry(nn.Module):
+    """A DeepCache entry point over `module` (the UNet inside it cached at `depth`)."""
 
     def __init__(self, module: nn.Module, depth: int) -> None:
         super().__init__()
@@ -128,6 +128,10 @@ class FullEntry(nn.Module):
         self.depth = depth
         self.unet = find_unet(module)
         check_depth(self.unet, depth)
+
+
+class FullEntry(_Entry):
+    """Export/sampling view of the full call: (inputs...) -> (out, cached_feature)."""
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with capturing(self.unet, self.depth) as cap:
@@ -136,15 +140,8 @@ class FullEntry(nn.Module):
         return out, cap.value.float()
 
 
-class ShallowEntry(nn.Module):
+class ShallowEntry(_Entry):
     """Export/sampling view of the shallow call: (inputs..., cached_feature) -> out."""
-
-    def __init__(self, module: nn.Module, depth: int) -> None:
-        super().__init__()
-        self.module = module
-        self.depth = depth
-        self.unet = find_unet(module)
-        check_depth(self.unet, depth)
 
     def forward(self, *args: torch.Tensor, feature: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         dtype = next((p.dtype for p in self.unet.parameters() if p.is_floating_point()), feature.dtype)

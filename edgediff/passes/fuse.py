@@ -78,6 +78,13 @@ def fold_timesteps(den: nn.Module) -> int:
     return n
 
 
+def _scale(layers: tuple[nn.Module, ...], k: float) -> None:
+    for c in layers:
+        c.weight.mul_(k)
+        if c.bias is not None:
+            c.bias.mul_(k)
+
+
 @torch.no_grad()
 def fold_scales(den: nn.Module) -> int:
     """1/output_scale_factor into the convs that feed the residual sum (both branches must be convs)."""
@@ -89,21 +96,14 @@ def fold_scales(den: nn.Module) -> int:
         if isinstance(m, ResnetBlock2D) and float(m.output_scale_factor) != 1.0 and m.conv_shortcut is not None:
             if not all(isinstance(c, nn.Conv2d) for c in (m.conv2, m.conv_shortcut)):
                 continue
-            k = 1.0 / float(m.output_scale_factor)
-            for c in (m.conv2, m.conv_shortcut):
-                c.weight.mul_(k)
-                if c.bias is not None:
-                    c.bias.mul_(k)
+            _scale((m.conv2, m.conv_shortcut), 1.0 / float(m.output_scale_factor))
             m.output_scale_factor = 1.0
             n += 1
         elif isinstance(m, Attention) and float(m.rescale_output_factor) != 1.0 and not m.residual_connection:
             out = m.to_out[0]
             if not isinstance(out, nn.Linear):
                 continue
-            k = 1.0 / float(m.rescale_output_factor)
-            out.weight.mul_(k)
-            if out.bias is not None:
-                out.bias.mul_(k)
+            _scale((out,), 1.0 / float(m.rescale_output_factor))
             m.rescale_output_factor = 1.0
             n += 1
     return n
@@ -141,12 +141,10 @@ def pack_qkv(den: nn.Module) -> int:
 def one_sdpa(den: nn.Module) -> int:
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    n = 0
-    for m in den.modules():
-        if isinstance(m, Attention) and type(m.processor) is AttnProcessor:
-            m.set_processor(AttnProcessor2_0())
-            n += 1
-    return n
+    plain = [m for m in den.modules() if isinstance(m, Attention) and type(m.processor) is AttnProcessor]
+    for m in plain:
+        m.set_processor(AttnProcessor2_0())
+    return len(plain)
 
 
 def mark_groupnorm_silu(den: nn.Module) -> int:

@@ -62,25 +62,25 @@ class SkipAttention(nn.Module):
         return hidden_states
 
 
-@serializable("zero_branch")
-class ZeroBranch(nn.Module):
-    """An attention inside a transformer block: the block adds our output to its residual, so 0."""
+class _NoArgs(nn.Module):
+    """A stand-in built without arguments (nothing to record for serialization)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._edgediff_init: dict[str, Any] = {}
+
+
+@serializable("zero_branch")
+class ZeroBranch(_NoArgs):
+    """An attention inside a transformer block: the block adds our output to its residual, so 0."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
 
 
 @serializable("skip_block")
-class SkipBlock(nn.Module):
+class SkipBlock(_NoArgs):
     """A whole (pre-norm, residual) transformer block: identity on the hidden states."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._edgediff_init: dict[str, Any] = {}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states
