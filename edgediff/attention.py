@@ -47,6 +47,32 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor,
     return query, attn.to_k(ctx), attn.to_v(ctx)
 
 
+def is_joint(attn: nn.Module) -> bool:
+    """SD3-style joint attention (diffusers' JointAttnProcessor2_0): the context has its own
+    add_q/add_k/add_v projections and attends together with the sample tokens."""
+    return isinstance(getattr(attn, "add_q_proj", None), nn.Module)
+
+
+# diffusers processors whose arithmetic the explicit body reproduces; any other (Sana's linear
+# attention, added-K/V, IP-adapter...) computes something else and must stay in place
+_REPRODUCED = ("AttnProcessor", "AttnProcessor2_0", "JointAttnProcessor2_0")
+
+
+def explicit_supports(attn: nn.Module) -> bool:
+    """Whether ExplicitAttnProcessor computes what `attn`'s current processor computes."""
+    proc = getattr(attn, "processor", None)
+    if isinstance(proc, ExplicitAttnProcessor):
+        return True
+    name = type(proc).__name__
+    if name == "SanaAttnProcessor2_0":  # plain SDPA, but its q/k norms act before the head split
+        return getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
+    return name in _REPRODUCED and type(proc).__module__.startswith("diffusers.")
+
+
+def _heads(x: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
+    return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+
+
 def direct_producers(attn: nn.Module) -> dict[str, str]:
     """Operand -> projection attribute whose output reaches that matmul operand unchanged
     (only reshapes in between), e.g. {"q": "to_q", "k": "to_k", "v": "to_v"}.
@@ -56,6 +82,8 @@ def direct_producers(attn: nn.Module) -> dict[str, str]:
     between. Packed projections (one output split three ways) and Q/K norms break the link.
     """
     if isinstance(getattr(attn, "to_qkv", None), nn.Module) or isinstance(getattr(attn, "to_kv", None), nn.Module):
+        return {}
+    if is_joint(attn):  # each operand is a concatenation of two projections: no single producer
         return {}
     out = {}
     for which, attr in (("q", "to_q"), ("k", "to_k"), ("v", "to_v")):
@@ -124,15 +152,29 @@ class ExplicitAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is not None and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
+        # joint attention: the sample and the context are projected separately, then attend as one sequence
+        joint = encoder_hidden_states is not None and is_joint(attn)
+        query, key, value = project_qkv(attn, hidden_states, None if joint else encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query = _heads(query, batch_size, attn.heads, head_dim)
+        key = _heads(key, batch_size, attn.heads, head_dim)
+        value = _heads(value, batch_size, attn.heads, head_dim)
         if getattr(attn, "norm_q", None) is not None:
             query = attn.norm_q(query)
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
+        if joint:
+            assert encoder_hidden_states is not None
+            cq = _heads(attn.add_q_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+            ck = _heads(attn.add_k_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+            cv = _heads(attn.add_v_proj(encoder_hidden_states), batch_size, attn.heads, head_dim)
+            if getattr(attn, "norm_added_q", None) is not None:
+                cq = attn.norm_added_q(cq)
+            if getattr(attn, "norm_added_k", None) is not None:
+                ck = attn.norm_added_k(ck)
+            n_sample = query.shape[2]
+            query, key, value = (torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2),
+                                 torch.cat([value, cv], dim=2))
         if self.sdpa and not self._hooked():
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                            is_causal=False, scale=attn.scale)
@@ -144,6 +186,12 @@ class ExplicitAttnProcessor(nn.Module):
             probs = scores.float().softmax(dim=-1).to(query.dtype)
             hidden_states = self.output(self.pv(attn, self.operand("p", probs), self.operand("v", value)))
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if joint:  # sample tokens first, then the context's (diffusers' order)
+            hidden_states, context = hidden_states[:, :n_sample], hidden_states[:, n_sample:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            return hidden_states, context  # type: ignore[return-value]
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

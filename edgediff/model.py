@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +183,56 @@ def _route(sig: InputSignature, values: dict[str, Any], dtype: torch.dtype) -> d
     return kwargs
 
 
+def _rms_norm(x: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None,
+              eps: float | None = None) -> torch.Tensor:
+    """RMSNorm from primitive ops: the TorchScript ONNX exporter has no aten::rms_norm at opset 17."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+@contextlib.contextmanager
+def trace_friendly() -> Iterator[None]:
+    """While a tracer records the graph: ops the TorchScript exporters cannot carry, rewritten.
+
+    - `squeeze(dim)` of a non-batch axis whose size is not 1 is a no-op in PyTorch, but traced
+      with a dynamic batch it becomes an If(size == 1) whose Squeeze branch onnxruntime rejects
+      at load (PixArt's output `squeeze(1)`): it is recorded as nothing.
+    - `F.rms_norm` (Flux, SD3 and Sana q/k norms) is decomposed into pow/mean/rsqrt/mul.
+    - `Tensor.unflatten` becomes a reshape of the traced sizes: the exporter's constant folding
+      otherwise bakes the example batch into the next reshape's shape (Flux's rotary embedding
+      then fails at any other batch).
+    Only the batch axis is dynamic in exported files, so the rewrite holds for every batch.
+    """
+    import torch.nn.functional as F
+
+    orig_squeeze, orig_rms, orig_unflatten = torch.Tensor.squeeze, F.rms_norm, torch.Tensor.unflatten
+
+    def squeeze(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dim = args[0] if len(args) == 1 and not kwargs else kwargs.get("dim") if list(kwargs) == ["dim"] and not args else None
+        if isinstance(dim, int) and self.dim() > 0 and dim % self.dim() != 0 and self.shape[dim] != 1:
+            return self
+        return orig_squeeze(self, *args, **kwargs)
+
+    def unflatten(self: torch.Tensor, dim: Any, sizes: Any) -> torch.Tensor:
+        if not isinstance(dim, int):  # named dimensions: left to PyTorch
+            return orig_unflatten(self, dim, sizes)
+        d = dim % self.dim()
+        return self.reshape(*self.shape[:d], *sizes, *self.shape[d + 1:])
+
+    torch.Tensor.squeeze = squeeze  # type: ignore[method-assign]
+    torch.Tensor.unflatten = unflatten  # type: ignore[method-assign]
+    F.rms_norm = _rms_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.squeeze = orig_squeeze  # type: ignore[method-assign]
+        torch.Tensor.unflatten = orig_unflatten  # type: ignore[method-assign]
+        F.rms_norm = orig_rms  # type: ignore[assignment]
+
+
 def _is_diffusers(m: nn.Module) -> bool:
     # diffusers' transformers take the conditioning before the timestep: only keywords fit them all
     return any(c.__module__.startswith("diffusers.") for c in type(m).__mro__)
@@ -214,10 +266,11 @@ class DenoiserModule(nn.Module):
         values.update(kwargs)
         call = _route(sig, values, dtype)
         t = timestep if sig.timestep_scale == 1.0 else timestep * sig.timestep_scale
-        if _is_diffusers(self.inner):
-            out = self.inner(sample.to(dtype), timestep=t, **call)
-        else:  # plain modules (torch.export, pickled, adapters) take the time second, positionally
-            out = self.inner(sample.to(dtype), t, **call)
+        with trace_friendly() if torch.jit.is_tracing() else contextlib.nullcontext():
+            if _is_diffusers(self.inner):
+                out = self.inner(sample.to(dtype), timestep=t, **call)
+            else:  # plain modules (torch.export, pickled, adapters) take the time second, positionally
+                out = self.inner(sample.to(dtype), t, **call)
         if isinstance(out, (tuple, list)):
             out = out[0]
         elif not isinstance(out, torch.Tensor):

@@ -108,7 +108,8 @@ def test_load_info_generate(tmp_path: Path, key: str, capsys) -> None:
     assert x.shape[0] == 2 and x.ndim == 4 and np.isfinite(x).all()
 
 
-@pytest.mark.parametrize("key,recipe", [("sdxl", "w8a8"), ("sd3", "none"), ("sana", "none")])
+@pytest.mark.parametrize("key,recipe", [("sdxl", "w8a8"), ("sd3", "w8a8"), ("sana", "none"), ("pixart", "none"),
+                                        ("flux", "none")])
 def test_compress_export_onnx_verify(tmp_path: Path, key: str, recipe: str, capsys) -> None:
     import onnx
 
@@ -153,3 +154,28 @@ def test_info_and_recipes_list_denoisers_and_schedulers(tmp_path: Path, capsys) 
     assert info["scheduler"] == {"class": "FlowMatchEulerDiscreteScheduler", "family": "flow",
                                  "prediction_type": "flow_prediction"}
     assert info["schedule"]["shift"] == 3.0 and "SD3Transformer2DModel" in info["supported"]["denoisers"]
+
+
+def test_explicit_attention_reproduces_joint_and_leaves_others_alone() -> None:
+    """SD3's joint attention through edgediff's explicit processor equals diffusers'; Sana's linear
+    attention is not one the explicit body reproduces, so quantization leaves it in place."""
+    from edgediff.attention import ExplicitAttnProcessor, explicit_supports
+    from edgediff.quant.apply import QuantConfig, quantize_module
+
+    torch.manual_seed(0)
+    sd3 = _sd3().eval()
+    x, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 24)
+    kw = {"timestep": torch.tensor([3.0, 700.0]), "pooled_projections": torch.randn(2, 12), "return_dict": False}
+    with torch.no_grad():
+        ref = sd3(x, encoder_hidden_states=ehs, **kw)[0]
+        attn = sd3.transformer_blocks[0].attn
+        assert explicit_supports(attn)
+        attn.set_processor(ExplicitAttnProcessor())
+        out = sd3(x, encoder_hidden_states=ehs, **kw)[0]
+    assert (out - ref).abs().max() < 1e-5
+    sana = _sana().eval()
+    lin = sana.transformer_blocks[0].attn1
+    assert type(lin.processor).__name__ == "SanaLinearAttnProcessor2_0" and not explicit_supports(lin)
+    wrapped = quantize_module(sana, {}, QuantConfig())  # attention processors only
+    assert type(lin.processor).__name__ == "SanaLinearAttnProcessor2_0"
+    assert "transformer_blocks.0.attn2" in wrapped  # Sana's plain cross-attention is quantized

@@ -193,14 +193,21 @@ class LoweredModel:
 # ------------------------------------------------------------------------------------------
 
 
-def _int_weight(w: torch.Tensor, tq: TensorQuant, what: str) -> tuple[np.ndarray, np.ndarray]:
-    if tq.axis != 0 or tq.scale.numel() != w.shape[0]:
-        raise BadInput(f"{what}: weights must be quantized per output channel (axis 0, {w.shape[0]} scales)")
+def int8_weight_scale(tq: TensorQuant, out_channels: int, what: str, why_symmetric: str = "",
+                      too_wide: str = "cannot be written as int8") -> torch.Tensor:
+    """The per-output-channel weight scale (clamped away from 0) of a quantizer an int8 backend can
+    write: axis 0, symmetric, at most 8 bits; BadInput naming `what` otherwise (every int8 writer)."""
+    if tq.axis != 0 or tq.scale.numel() != out_channels:
+        raise BadInput(f"{what}: weights must be quantized per output channel (axis 0, {out_channels} scales)")
     if not tq.symmetric:
-        raise BadInput(f"{what}: weight zero points must be 0 (symmetric)")
+        raise BadInput(f"{what}: weight zero points must be 0 (symmetric){why_symmetric}")
     if tq.bits > 8:
-        raise BadInput(f"{what}: {tq.bits}-bit weights have no int8 kernel")
-    s = tq.scale.float().clamp_min(1e-12)
+        raise BadInput(f"{what}: {tq.bits}-bit weights {too_wide}")
+    return tq.scale.clamp_min(1e-12)
+
+
+def _int_weight(w: torch.Tensor, tq: TensorQuant, what: str) -> tuple[np.ndarray, np.ndarray]:
+    s = int8_weight_scale(tq, w.shape[0], what, too_wide="have no int8 kernel").float()
     q = torch.clamp(torch.round(w.detach().float() / s.view(-1, *([1] * (w.dim() - 1)))), tq.qmin, tq.qmax)
     return q.to(torch.int8).numpy(), s.numpy().astype(np.float32)
 
@@ -230,7 +237,7 @@ def lower(den: nn.Module, qp: QuantParams, int_outputs: bool = True) -> LoweredM
     every output stays float (the accumulator times s_x*s_w): the layout of artifacts made
     without output requantization, and of TensorRT-style Q/DQ graphs.
     """
-    from edgediff.attention import direct_producers
+    from edgediff.attention import direct_producers, is_joint
 
     modules = dict(den.named_modules())
     # who writes an attention operand directly: "attn.to_q" -> (Q's quantization, "attn:q")
@@ -264,7 +271,8 @@ def lower(den: nn.Module, qp: QuantParams, int_outputs: bool = True) -> LoweredM
         out_layer = f"{path}.to_out.0" if path else "to_out.0"
         out_lay = layers.get(out_layer)
         out_q = out_lay.parts[0].input if (int_outputs and out_lay is not None and not out_lay.split
-                                           and not qp.layers[out_layer].meta.get("input_unquantized")) else None
+                                           and not qp.layers[out_layer].meta.get("input_unquantized")
+                                           and not is_joint(attn)) else None
         producers = {w: f"{path}.{a}" if path else a for w, a in direct_producers(attn).items()
                      if (f"{path}.{a}" if path else a) in layers and int_outputs}
         attentions[path] = LoweredAttention(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgediff.attention import explicit_supports
 from edgediff.errors import BadInput
 from edgediff.quant.core import (
     QuantAttnProcessor,
@@ -189,7 +190,8 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
         wrapped[name] = w
     if cfg.quant_attention:
         for name, m in list(denoiser.named_modules()):
-            if type(m).__name__ == "Attention" and hasattr(m, "set_processor") and hasattr(m, "head_to_batch_dim"):
+            if (type(m).__name__ == "Attention" and hasattr(m, "set_processor") and hasattr(m, "head_to_batch_dim")
+                    and explicit_supports(m)):
                 proc = QuantAttnProcessor(cfg.act_bits, cfg.softmax_bits)
                 m.set_processor(proc)
                 wrapped[name] = proc

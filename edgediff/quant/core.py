@@ -537,9 +537,12 @@ class QuantAttnProcessor(ExplicitAttnProcessor):
         pi, sp = self._ints(self.p_quant, p)
         vi, sv = self._ints(self.v_quant, v)
         acc = torch.matmul(pi, vi)
+        from edgediff.attention import is_joint
+
         out = attn.to_out[0]
         aq = out.aq if isinstance(out, _QuantLayer) and out.aq2 is None else None
-        if aq is None or aq.mode != "quant":
+        # joint attention: part of the result goes to to_add_out, so no single consumer grid
+        if aq is None or aq.mode != "quant" or is_joint(attn):
             return acc * (sp * sv)
         # the matmul writes to_out's input int8 directly: requantize acc * (s_p*s_v/s_out)
         so, zo, omin, omax = aq._params_for(aq.bits_override if (aq.bits_override and aq.mp_eligible) else aq.bits)
