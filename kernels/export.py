@@ -76,25 +76,23 @@ class OpenCLDenoiser:
     def describe(self) -> dict[str, Any]:
         return self.rt.describe()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is not None:
-            raise BadInput("opencl bundle: this denoiser takes no conditioning")
-        return self.executor.run(x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.executor.run(x, t, cond=cond)
 
-    def profile(self, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, str, float]]:
+    def profile(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> list[tuple[str, str, float]]:
         """Per-op times (ms) of one call, [(module name, op, ms)]: with a profiling queue, the sum of
         the op's kernels' OpenCL event times (CL_PROFILING_COMMAND_END - START), the queue never
         drained in between; otherwise wall time with the queue drained after every op."""
         timings: list[tuple[str, str, float]] = []
-        self.executor.run(x, t, timings)
+        self.executor.run(x, t, timings, cond=cond)
         return timings
 
-    def kernel_times(self, x: torch.Tensor, t: torch.Tensor) -> list[tuple[str, str, float]]:
+    def kernel_times(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> list[tuple[str, str, float]]:
         """Every kernel of one call: [(module name, kernel name, ms)] from event timestamps (profiling=True)."""
         if not self.rt.profiling:
             raise BadInput("opencl bundle: kernel_times needs OpenCLDenoiser(..., profiling=True)")
         self.rt.event_times()
-        self.executor.run(x, t)
+        self.executor.run(x, t, cond=cond)
         return self.rt.event_times()
 
 
@@ -118,8 +116,6 @@ class OpenCLBackend(Backend):
         from edgediff.kernels.runtime import kernel_sources
         from safetensors.torch import save_file
 
-        if model.signature.cond_shape or model.signature.num_classes:
-            raise BadInput("opencl target: conditional denoisers (cross-attention, class labels) are not supported")
         quant = None
         if precision == "int8":
             from edgediff.quant_params import QuantParams
@@ -187,7 +183,12 @@ class OpenCLBackend(Backend):
                 elif tuple(f.get_slice(k).get_shape()) != tuple(v.shape):
                     problems.append(f"weight {k} has shape {f.get_slice(k).get_shape()}, reference {list(v.shape)}")
         sig = reference.signature
-        return {"inputs": {"sample": ["B", *sig.sample_shape], "timestep": ["B"]},
+        inputs: dict[str, list[Any]] = {"sample": ["B", *sig.sample_shape], "timestep": ["B"]}
+        if "encoder_hidden_states" in meta["schedule"]["inputs"]:
+            inputs["encoder_hidden_states"] = ["B", *meta["schedule"]["cond_shape"]]
+        if "class_labels" in meta["schedule"]["inputs"]:
+            inputs["class_labels"] = ["B"]
+        return {"inputs": inputs,
                 "outputs": {"out": ["B", meta["schedule"]["out_channels"], *sig.sample_shape[1:]]},
                 "dtypes": {"activations": "float16" if meta["precision"] == "fp16" else "float32",
                            "weights": "int8 (integer layers)" if meta["precision"] == "int8" else meta["precision"]},

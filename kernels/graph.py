@@ -29,15 +29,16 @@ SCHEDULE_VERSION = 1
 F32_SUFFIXES = (".bias", ".gamma", ".beta", ".freqs", ".w_scale")
 
 
+ARCHS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
 def _unet_of(model: DiffusionModel) -> nn.Module:
     den = model.denoiser
     if isinstance(den, DenoiserModule):
         den = den.inner
-    from diffusers import UNet2DModel
-
-    if not isinstance(den, UNet2DModel):
-        raise BadInput(f"opencl target: runs diffusers UNet2DModel denoisers; this model is {type(den).__name__} "
-                       "(export it to onnx/tflite instead)")
+    if type(den).__name__ not in ARCHS:
+        raise BadInput(f"opencl target: runs diffusers {', '.join(ARCHS)} denoisers; this model is "
+                       f"{type(den).__name__} (export it to onnx/tflite instead)")
     if any(getattr(m, "_edgediff_quant_wrapper", False) for m in den.modules()):
         den = strip_quant_wrappers(copy.deepcopy(den))  # on-grid float weights; never modify the input
     return den
@@ -199,6 +200,92 @@ class _Builder:
         o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads, scale=float(mod.scale))
         return self.conv(mod.to_out[0], f"{name}.to_out.0", o, res=x, out_scale=1.0 / float(mod.rescale_output_factor))
 
+    # ---- transformer blocks: tokens stay channels-first (B, C, H, W), a Linear is a 1x1 conv
+    def layer_norm(self, mod: nn.Module, name: str, x: str, mod_buf: str | None = None, scale_off: int = 0,
+                   shift_off: int = 0) -> str:
+        if not isinstance(mod, nn.LayerNorm) or len(mod.normalized_shape) != 1:
+            raise BadInput(f"opencl target: {name}: expected a LayerNorm over channels, got {type(mod).__name__}")
+        affine = mod.weight is not None
+        gamma = self.w(f"{name}.gamma", mod.weight) if affine else None
+        beta = None
+        if affine:
+            beta = self.w(f"{name}.beta", mod.bias if mod.bias is not None else torch.zeros_like(mod.weight))
+        ins = [x] + ([mod_buf] if mod_buf else [])
+        return self.emit("layer_norm", name, ins, gamma=gamma, beta=beta, eps=float(mod.eps), mod=mod_buf,
+                         scale_off=int(scale_off), shift_off=int(shift_off))
+
+    def attention_tokens(self, mod: nn.Module, name: str, h: str, res: str | None, ctx: str | None) -> str:
+        """diffusers Attention over channels-first tokens h: self-attention (ctx None: Q, K, V one
+        stacked 1x1 conv) or cross-attention (Q from h; K and V one stacked conv over the
+        channels-first context ctx). The output projection adds `res`."""
+        proc = type(mod.processor).__name__
+        if proc not in ("AttnProcessor2_0", "AttnProcessor"):
+            raise BadInput(f"opencl target: {name}: attention processor {proc} is not supported")
+        if mod.group_norm is not None or mod.spatial_norm is not None or mod.norm_cross is not None \
+                or getattr(mod, "norm_q", None) is not None or getattr(mod, "norm_k", None) is not None \
+                or mod.residual_connection or getattr(mod, "added_kv_proj_dim", None):
+            raise BadInput(f"opencl target: {name}: attention with norms, added KV or an inner residual is not supported")
+        C, heads = mod.to_q.out_features, int(mod.heads)
+        if C % heads or mod.to_k.out_features != C or mod.to_v.out_features != C:
+            raise BadInput(f"opencl target: {name}: q/k/v widths {C}/{mod.to_k.out_features}/{mod.to_v.out_features} "
+                           f"with {heads} heads are not supported")
+
+        def stacked(mods: tuple[nn.Linear, ...], tag: str, src: str) -> str:
+            w = torch.cat([m.weight for m in mods])[:, :, None, None]
+            bias = None
+            if any(m.bias is not None for m in mods):
+                bias = self.w(f"{name}.{tag}.bias", torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                                                              for m in mods]))
+            return self.emit("conv", f"{name}.{tag}", [src], weight=self.w(f"{name}.{tag}.weight", w), bias=bias, stride=1,
+                             pad=[0, 0, 0, 0], chan_add=None, res=None, out_scale=1.0, kernel=[1, 1])
+
+        if ctx is None:
+            qkv = stacked((mod.to_q, mod.to_k, mod.to_v), "to_qkv", h)
+            o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads, scale=float(mod.scale))
+        else:
+            q = self.conv(mod.to_q, f"{name}.to_q", h)
+            kv = stacked((mod.to_k, mod.to_v), "to_kv", ctx)
+            o = self.emit("cross_attention", f"{name}.attn", [q, kv], heads=heads, head_dim=C // heads,
+                          scale=float(mod.scale))
+        return self.conv(mod.to_out[0], f"{name}.to_out.0", o, res=res, out_scale=1.0 / float(mod.rescale_output_factor))
+
+    def feed_forward(self, mod: nn.Module, name: str, h: str, res: str | None) -> str:
+        act = mod.net[0]
+        kind = type(act).__name__
+        if kind == "GEGLU":
+            u = self.conv(act.proj, f"{name}.net.0.proj", h)
+            u = self.emit("geglu", f"{name}.net.0.geglu", [u])
+        elif kind == "GELU":
+            u = self.conv(act.proj, f"{name}.net.0.proj", h)
+            u = self.emit("gelu_tanh" if act.approximate == "tanh" else "gelu", f"{name}.net.0.act", [u])
+        else:
+            raise BadInput(f"opencl target: {name}: feed-forward activation {kind} is not supported (GEGLU, GELU)")
+        if len(mod.net) > 3 or not isinstance(mod.net[2], nn.Linear):
+            raise BadInput(f"opencl target: {name}: feed-forward layout not supported")
+        return self.conv(mod.net[2], f"{name}.net.2", u, res=res)
+
+    def transformer2d(self, mod: nn.Module, name: str, x: str, ctx: str) -> str:
+        """Transformer2DModel with continuous input (SD-1.x/2.x): GroupNorm, proj_in, per block
+        LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> feed-forward
+        (each with its residual folded into the output projection), proj_out + the block input."""
+        if not getattr(mod, "is_input_continuous", False):
+            raise BadInput(f"opencl target: {name}: only continuous-input Transformer2DModel is supported")
+        h = self.group_norm(mod.norm, f"{name}.norm", x, silu=False)
+        h = self.conv(mod.proj_in, f"{name}.proj_in", h)  # Conv2d 1x1 or Linear: the same op channels-first
+        for j, blk in enumerate(mod.transformer_blocks):
+            bn = f"{name}.transformer_blocks.{j}"
+            if blk.norm_type != "layer_norm" or blk.only_cross_attention or blk.pos_embed is not None \
+                    or getattr(blk, "use_ada_layer_norm", False) or blk.attn2 is None \
+                    or getattr(blk, "fuser", None) is not None:
+                raise BadInput(f"opencl target: {bn}: only the layer_norm self-attn -> cross-attn -> FF block is supported")
+            n1 = self.layer_norm(blk.norm1, f"{bn}.norm1", h)
+            h = self.attention_tokens(blk.attn1, f"{bn}.attn1", n1, h, None)
+            n2 = self.layer_norm(blk.norm2, f"{bn}.norm2", h)
+            h = self.attention_tokens(blk.attn2, f"{bn}.attn2", n2, h, ctx)
+            n3 = self.layer_norm(blk.norm3, f"{bn}.norm3", h)
+            h = self.feed_forward(blk.ff, f"{bn}.ff", n3, h)
+        return self.conv(mod.proj_out, f"{name}.proj_out", h, res=x)
+
     def downsample(self, mod: nn.Module, name: str, x: str) -> str:
         if not mod.use_conv or mod.norm is not None:
             raise BadInput(f"opencl target: {name}: only conv Downsample2D without norm is supported")
@@ -216,49 +303,74 @@ class _Builder:
         return h
 
 
-def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The op schedule (JSON-able) and the weights (name -> tensor) of a UNet2DModel denoiser.
+def _time_embedding(b: _Builder, tp: nn.Module, te: nn.Module, name_p: str, name_e: str,
+                    cache: dict[tuple[int, float, bool], str] | None = None) -> str:
+    """Timesteps (sinusoidal, frequencies from the host) -> TimestepEmbedding(linear, SiLU, linear)."""
+    from edgediff.kernels.reference import timestep_freqs
 
-    With `quant` (edgediff.quant_params.QuantParams) every conv/linear it lists becomes an integer
-    conv (`qconv`) and attention with quantized matmul operands an `attention_fq`."""
-    unet = _unet_of(model)
-    cfg = unet.config
-    if cfg.time_embedding_type != "positional":
-        raise BadInput(f"opencl target: time_embedding_type {cfg.time_embedding_type!r} is not supported (positional only)")
-    if unet.class_embedding is not None:
-        raise BadInput("opencl target: class-conditional UNet2DModel is not supported")
-    te = unet.time_embedding
     if getattr(te, "cond_proj", None) is not None or getattr(te, "post_act", None) is not None \
             or not isinstance(te.act, nn.SiLU):
         raise BadInput("opencl target: only TimestepEmbedding(linear, SiLU, linear) is supported")
-    b = _Builder(quant)
+    dim = int(tp.num_channels)
+    key = (dim, float(tp.downscale_freq_shift) * float(getattr(tp, "scale", 1)), bool(tp.flip_sin_to_cos))
+    temb = (cache or {}).get(key)
+    if temb is None:
+        freqs = timestep_freqs(dim, float(tp.downscale_freq_shift)) * float(getattr(tp, "scale", 1))
+        temb = b.emit("timestep_embedding", name_p, ["timestep"], freqs=b.w(f"{name_p}.freqs", freqs), dim=dim,
+                      flip=bool(tp.flip_sin_to_cos))
+        if cache is not None:
+            cache[key] = temb
+    temb = b.conv(te.linear_1, f"{name_e}.linear_1", temb)
+    temb = b.emit("silu", f"{name_e}.act", [temb])
+    return b.conv(te.linear_2, f"{name_e}.linear_2", temb)
+
+
+def _unet_schedule(b: _Builder, unet: nn.Module, cond: bool) -> str:
+    """UNet2DModel, or UNet2DConditionModel (cond: cross-attention transformers reading the
+    channels-first encoder_hidden_states buffer "context")."""
+    cfg = unet.config
+    if not cond and cfg.time_embedding_type != "positional":
+        raise BadInput(f"opencl target: time_embedding_type {cfg.time_embedding_type!r} is not supported (positional only)")
+    if unet.class_embedding is not None:
+        raise BadInput("opencl target: class-conditional UNets are not supported")
+    if cond:
+        for attr in ("encoder_hid_proj", "add_embedding", "time_embed_act"):
+            if getattr(unet, attr, None) is not None:
+                raise BadInput(f"opencl target: UNet2DConditionModel with {attr} (SDXL-style added conditioning) is not "
+                               "supported")
+        if cfg.time_embedding_type != "positional":
+            raise BadInput(f"opencl target: time_embedding_type {cfg.time_embedding_type!r} is not supported")
     x = "sample"
     if cfg.center_input_sample:
         x = b.emit("affine", "center_input_sample", [x], alpha=2.0, beta=-1.0)
-    tp = unet.time_proj
-    from edgediff.kernels.reference import timestep_freqs
-
-    dim = int(tp.num_channels)
-    freqs = timestep_freqs(dim, float(tp.downscale_freq_shift)) * float(getattr(tp, "scale", 1))
-    temb = b.emit("timestep_embedding", "time_proj", ["timestep"], freqs=b.w("time_proj.freqs", freqs), dim=dim,
-                  flip=bool(tp.flip_sin_to_cos))
-    temb = b.conv(te.linear_1, "time_embedding.linear_1", temb)
-    temb = b.emit("silu", "time_embedding.act", [temb])
-    temb = b.conv(te.linear_2, "time_embedding.linear_2", temb)
+    temb = _time_embedding(b, unet.time_proj, unet.time_embedding, "time_proj", "time_embedding")
     # every ResnetBlock2D applies SiLU to the same embedding first: do it once
     temb_act = b.emit("silu", "resnets.time_act", [temb])
+    down_kinds = ("DownBlock2D", "AttnDownBlock2D") + (("CrossAttnDownBlock2D",) if cond else ())
+    up_kinds = ("UpBlock2D", "AttnUpBlock2D") + (("CrossAttnUpBlock2D",) if cond else ())
+    mid_kinds = ("UNetMidBlock2DCrossAttn",) if cond else ("UNetMidBlock2D",)
+
+    def attend(att: nn.Module, name: str, h: str) -> str:
+        if type(att).__name__ == "Transformer2DModel":
+            return b.transformer2d(att, name, h, "context")
+        if type(att).__name__ == "DualTransformer2DModel":
+            raise BadInput(f"opencl target: {name}: dual cross-attention is not supported")
+        return b.attention(att, name, h)
+
+    def layers(blk: nn.Module, where: str, kinds: tuple[str, ...]) -> list[tuple[nn.Module, nn.Module | None]]:
+        """(resnet, attention or None) pairs of a down/up block of a supported kind."""
+        kind = type(blk).__name__
+        if kind not in kinds:
+            raise BadInput(f"opencl target: {where} block {kind} is not supported ({', '.join(kinds)})")
+        return list(zip(blk.resnets, getattr(blk, "attentions", None) or [None] * len(blk.resnets)))
 
     h = b.conv(unet.conv_in, "conv_in", x)
     skips = [h]
     for i, blk in enumerate(unet.down_blocks):
-        kind = type(blk).__name__
-        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
-            raise BadInput(f"opencl target: down block {kind} is not supported (DownBlock2D, AttnDownBlock2D)")
-        attns = getattr(blk, "attentions", None) or [None] * len(blk.resnets)
-        for j, (res, att) in enumerate(zip(blk.resnets, attns)):
+        for j, (res, att) in enumerate(layers(blk, "down", down_kinds)):
             h = b.resnet(res, f"down_blocks.{i}.resnets.{j}", h, temb_act)
             if att is not None:
-                h = b.attention(att, f"down_blocks.{i}.attentions.{j}", h)
+                h = attend(att, f"down_blocks.{i}.attentions.{j}", h)
             skips.append(h)
         for j, ds in enumerate(blk.downsamplers or []):
             if type(ds).__name__ != "Downsample2D":
@@ -267,23 +379,19 @@ def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, 
             skips.append(h)
     if unet.mid_block is not None:
         mb = unet.mid_block
-        if type(mb).__name__ != "UNetMidBlock2D":
-            raise BadInput(f"opencl target: mid block {type(mb).__name__} is not supported")
+        if type(mb).__name__ not in mid_kinds:
+            raise BadInput(f"opencl target: mid block {type(mb).__name__} is not supported ({', '.join(mid_kinds)})")
         h = b.resnet(mb.resnets[0], "mid_block.resnets.0", h, temb_act)
         for j, (att, res) in enumerate(zip(mb.attentions, mb.resnets[1:])):
             if att is not None:
-                h = b.attention(att, f"mid_block.attentions.{j}", h)
+                h = attend(att, f"mid_block.attentions.{j}", h)
             h = b.resnet(res, f"mid_block.resnets.{j + 1}", h, temb_act)
     for i, blk in enumerate(unet.up_blocks):
-        kind = type(blk).__name__
-        if kind not in ("UpBlock2D", "AttnUpBlock2D"):
-            raise BadInput(f"opencl target: up block {kind} is not supported (UpBlock2D, AttnUpBlock2D)")
-        attns = getattr(blk, "attentions", None) or [None] * len(blk.resnets)
-        for j, (res, att) in enumerate(zip(blk.resnets, attns)):
+        for j, (res, att) in enumerate(layers(blk, "up", up_kinds)):
             h = b.emit("concat", f"up_blocks.{i}.cat.{j}", [h, skips.pop()])
             h = b.resnet(res, f"up_blocks.{i}.resnets.{j}", h, temb_act)
             if att is not None:
-                h = b.attention(att, f"up_blocks.{i}.attentions.{j}", h)
+                h = attend(att, f"up_blocks.{i}.attentions.{j}", h)
         for j, us in enumerate(blk.upsamplers or []):
             if type(us).__name__ != "Upsample2D":
                 raise BadInput(f"opencl target: upsampler {type(us).__name__} is not supported (upsample_type 'conv')")
@@ -292,11 +400,96 @@ def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, 
         if not isinstance(unet.conv_act, nn.SiLU):
             raise BadInput("opencl target: only SiLU after conv_norm_out is supported")
         h = b.group_norm(unet.conv_norm_out, "conv_norm_out", h, silu=True)
-    h = b.conv(unet.conv_out, "conv_out", h)
-    b.ops[-1]["out"] = "out"
+    return b.conv(unet.conv_out, "conv_out", h)
+
+
+def _dit_schedule(b: _Builder, dit: nn.Module, sample_shape: tuple[int, ...]) -> str:
+    """DiTTransformer2DModel: patchify (a PxP stride-P conv) + the fixed positional embedding, per
+    block adaLN-Zero (its own timestep + class-label embedding -> SiLU -> linear -> 6 chunks:
+    shift/scale/gate for attention and for the MLP), final adaLN (proj_out_1) + proj_out_2,
+    unpatchify."""
+    cfg = dit.config
+    if cfg.norm_type != "ada_norm_zero":
+        raise BadInput(f"opencl target: DiT norm_type {cfg.norm_type!r} is not supported (ada_norm_zero)")
+    pe = dit.pos_embed
+    p = int(cfg.patch_size)
+    if getattr(pe, "layer_norm", None) or getattr(pe, "pos_embed_max_size", None) or pe.pos_embed is None:
+        raise BadInput("opencl target: DiT patch embedding with a layer norm or cropped positional table is not supported")
+    H, W = sample_shape[1], sample_shape[2]
+    if H % p or W % p or (H // p, W // p) != (int(pe.height), int(pe.width)):
+        raise BadInput(f"opencl target: DiT sample {H}x{W} does not match its positional table "
+                       f"({pe.height}x{pe.width} patches of {p})")
+    h = b.conv(pe.proj, "pos_embed.proj", "sample")
+    D = int(pe.proj.out_channels)
+    pos = pe.pos_embed[0].detach().float().t().contiguous()  # (N, D) -> channels-first (D, N)
+    h = b.emit("add_broadcast", "pos_embed.add", [h], table=b.w("pos_embed.pos_embed", pos))
+    tcache: dict[tuple[int, float, bool], str] = {}
+    cond0 = None
+    for i, blk in enumerate(dit.transformer_blocks):
+        bn = f"transformer_blocks.{i}"
+        if blk.norm_type != "ada_norm_zero" or blk.attn2 is not None or blk.pos_embed is not None:
+            raise BadInput(f"opencl target: {bn}: only adaLN-Zero self-attention blocks are supported")
+        n1 = blk.norm1
+        emb = n1.emb
+        if type(emb).__name__ != "CombinedTimestepLabelEmbeddings":
+            raise BadInput(f"opencl target: {bn}: adaLN embedding {type(emb).__name__} is not supported")
+        te = _time_embedding(b, emb.time_proj, emb.timestep_embedder, f"{bn}.norm1.emb.time_proj",
+                             f"{bn}.norm1.emb.timestep_embedder", tcache)
+        table = emb.class_embedder.embedding_table.weight
+        ce = b.emit("embedding", f"{bn}.norm1.emb.class_embedder", ["class_labels"],
+                    table=b.w(f"{bn}.norm1.emb.class_embedder.table", table), rows=int(table.shape[0]))
+        cond = b.emit("add", f"{bn}.norm1.emb.add", [te, ce])
+        cond0 = cond0 or cond
+        mod = b.conv(n1.linear, f"{bn}.norm1.linear", b.emit("silu", f"{bn}.norm1.silu", [cond]))
+        # chunks of mod: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        x1 = b.layer_norm(n1.norm, f"{bn}.norm1.norm", h, mod, scale_off=D, shift_off=0)
+        a = b.attention_tokens(blk.attn1, f"{bn}.attn1", x1, None, None)
+        h = b.emit("gate_residual", f"{bn}.attn1.gate", [a, h, mod], off=2 * D)
+        x3 = b.layer_norm(blk.norm3, f"{bn}.norm3", h, mod, scale_off=4 * D, shift_off=3 * D)
+        f = b.feed_forward(blk.ff, f"{bn}.ff", x3, None)
+        h = b.emit("gate_residual", f"{bn}.ff.gate", [f, h, mod], off=5 * D)
+    assert cond0 is not None
+    so = b.conv(dit.proj_out_1, "proj_out_1", b.emit("silu", "proj_out_1.silu", [cond0]))  # shift, scale
+    h = b.layer_norm(dit.norm_out, "norm_out", h, so, scale_off=D, shift_off=0)
+    h = b.conv(dit.proj_out_2, "proj_out_2", h)
+    return b.emit("unpatchify", "unpatchify", [h], patch=p, out_channels=int(cfg.out_channels))
+
+
+def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The op schedule (JSON-able) and the weights (name -> tensor) of a UNet2DModel,
+    UNet2DConditionModel (SD-1.x/2.x cross-attention; encoder_hidden_states a runtime input) or
+    DiTTransformer2DModel (class labels a runtime input) denoiser.
+
+    With `quant` (edgediff.quant_params.QuantParams) every conv/linear it lists becomes an integer
+    conv (`qconv`) and attention with quantized matmul operands an `attention_fq` (UNet2DModel)."""
+    den = _unet_of(model)
+    arch = type(den).__name__
     sig = model.signature
-    sched = {"version": SCHEDULE_VERSION, "arch": "UNet2DModel", "inputs": ["sample", "timestep"], "output": "out",
-             "sample_shape": list(sig.sample_shape), "out_channels": int(cfg.out_channels), "ops": b.ops}
+    if quant is not None and arch != "UNet2DModel":
+        raise BadInput(f"opencl target: int8 bundles of {arch} are not supported (UNet2DModel only); export fp32 or fp16")
+    if sig.timestep_scale != 1.0 or sig.extra:
+        raise BadInput("opencl target: denoisers with extra inputs or a scaled timestep are not supported")
+    b = _Builder(quant)
+    inputs = ["sample", "timestep"]
+    if arch == "DiTTransformer2DModel":
+        if not sig.num_classes:
+            raise BadInput("opencl target: DiT without class labels is not supported")
+        inputs.append("class_labels")
+        _dit_schedule(b, den, tuple(sig.sample_shape))
+        out_channels = int(den.config.out_channels)
+    else:
+        cond = arch == "UNet2DConditionModel"
+        if cond:
+            if not sig.cond_shape:
+                raise BadInput("opencl target: UNet2DConditionModel without encoder_hidden_states is not supported")
+            inputs.append("encoder_hidden_states")
+        _unet_schedule(b, den, cond)
+        out_channels = int(den.config.out_channels)
+    b.ops[-1]["out"] = "out"
+    sched = {"version": SCHEDULE_VERSION, "arch": arch, "inputs": inputs, "output": "out",
+             "sample_shape": list(sig.sample_shape), "out_channels": out_channels, "ops": b.ops}
+    if sig.cond_shape:
+        sched["cond_shape"] = list(sig.cond_shape)
     return sched, b.weights
 
 
@@ -388,6 +581,34 @@ class Executor:
             n = H * W
             o = rt.flash_attention(x, x, x, op["heads"], op["head_dim"], n, n, 0, C * n, 2 * C * n, op["scale"])
             return o.reshape(B, C, H, W)
+        if kind == "cross_attention":  # q (B, C, H, W), kv: K then V over the M context tokens (B, 2C, M, 1)
+            kv = env[op["in"][1]]
+            B, C, H, W = x.shape
+            m = int(np.prod(kv.shape[2:]))
+            o = rt.flash_attention(x, kv, kv, op["heads"], op["head_dim"], H * W, m, 0, 0, C * m, op["scale"],
+                                   q_bstride=C * H * W, kv_bstride=2 * C * m)
+            return o.reshape(B, C, H, W)
+        if kind == "layer_norm":
+            mod = env[op["mod"]] if op.get("mod") else None
+            return rt.layer_norm_channels(x, self.dev[op["gamma"]] if op.get("gamma") else None,
+                                          self.dev[op["beta"]] if op.get("beta") else None, op["eps"], mod,
+                                          op["scale_off"], op["shift_off"])
+        if kind == "geglu":
+            return rt.geglu(x)
+        if kind == "gelu":
+            return rt.gelu(x)
+        if kind == "gelu_tanh":
+            return rt.gelu_tanh(x)
+        if kind == "gate_residual":
+            return rt.gate_residual(x, env[op["in"][1]], env[op["in"][2]], op["off"])
+        if kind == "add":
+            return rt.add(x, env[op["in"][1]])
+        if kind == "add_broadcast":
+            return rt.add_broadcast(x, self.dev[op["table"]])
+        if kind == "embedding":
+            return rt.embedding_rows(x, self.dev[op["table"]])
+        if kind == "unpatchify":
+            return rt.unpatchify(x, op["patch"], op["out_channels"])
         if kind == "concat":
             return rt.concat(x, env[op["in"][1]])
         if kind == "upsample2x":
@@ -398,11 +619,45 @@ class Executor:
             return rt.affine(x, op["alpha"], op["beta"])
         raise BadInput(f"opencl schedule: unknown op {kind!r} ({op['name']})")
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor, timings: list[tuple[str, str, float]] | None = None
-            ) -> torch.Tensor:
-        """One denoiser call. With `timings` (a list), each op's time is appended: from its kernels'
-        OpenCL event timestamps when the runtime's queue profiles, else wall time with the queue
-        drained after the op."""
+    def _inputs(self, sample: torch.Tensor, cond: Any) -> dict[str, Any]:
+        """The conditioning inputs the schedule names, checked and on the device: the context
+        (encoder_hidden_states (B, M, D)) uploaded channels-first (B, D, M, 1), as every kernel
+        reads tokens; class labels as int32, each checked against the embedding table."""
+        want = [n for n in self.schedule["inputs"] if n not in ("sample", "timestep")]
+        if not want:
+            if cond is not None:
+                raise BadInput("opencl bundle: this denoiser takes no conditioning")
+            return {}
+        B = sample.shape[0]
+        out: dict[str, Any] = {}
+        for name in want:
+            v = cond.get(name) if isinstance(cond, dict) else cond
+            if v is None:
+                raise BadInput(f"opencl bundle: this denoiser needs {name}")
+            v = torch.as_tensor(v)
+            if v.shape[0] == 1 and B > 1:
+                v = v.expand(B, *v.shape[1:])
+            if v.shape[0] != B:
+                raise BadInput(f"opencl bundle: {name} has batch {v.shape[0]}, the sample {B}")
+            if name == "encoder_hidden_states":
+                dim = self.schedule.get("cond_shape", [None, None])[-1]
+                if v.dim() != 3 or (dim is not None and v.shape[2] != dim):
+                    raise BadInput(f"opencl bundle: encoder_hidden_states must be (B, M, {dim}), got {tuple(v.shape)}")
+                out["context"] = self.rt.to_device(v.detach().float().transpose(1, 2).contiguous()[..., None])
+            else:
+                rows = min(int(op["rows"]) for op in self.ops if op["op"] == "embedding")
+                lab = v.detach().reshape(B).long()
+                if bool(((lab < 0) | (lab >= rows)).any()):
+                    raise BadInput(f"opencl bundle: class_labels must be in [0, {rows}), got {lab.tolist()}")
+                out[name] = self.rt.to_device(lab.to(torch.int32).numpy(), np.int32)
+        return out
+
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor, timings: list[tuple[str, str, float]] | None = None,
+            cond: Any = None) -> torch.Tensor:
+        """One denoiser call; `cond` is what the schedule's extra inputs need (encoder_hidden_states
+        or class_labels: the tensor, or a dict by name). With `timings` (a list), each op's time is
+        appended: from its kernels' OpenCL event timestamps when the runtime's queue profiles, else
+        wall time with the queue drained after the op."""
         events = timings is not None and self.rt.profiling
         if events:
             self.rt.event_times()  # drop what was queued before
@@ -413,7 +668,7 @@ class Executor:
         if t.numel() == 1 and sample.shape[0] > 1:
             t = t.expand(sample.shape[0])
         env = {"sample": self.rt.to_device(sample.detach().float()),
-               "timestep": self.rt.to_device(t.contiguous(), np.float32)}
+               "timestep": self.rt.to_device(t.contiguous(), np.float32), **self._inputs(sample, cond)}
         for op, frees in zip(self.ops, self.frees):
             t0 = time.perf_counter() if timings is not None else 0.0
             self.rt.label = op["name"]

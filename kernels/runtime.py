@@ -21,7 +21,7 @@ import numpy as np
 
 from edgediff.errors import BadInput, Unavailable
 
-PROGRAMS = ("elementwise", "norm", "softmax", "attention", "conv", "winograd", "int8")
+PROGRAMS = ("elementwise", "norm", "softmax", "attention", "conv", "winograd", "int8", "transformer")
 INSTALL_HINT = "pip install 'edgediff[opencl]' (pyopencl and pocl-binary-distribution, a CPU OpenCL driver)"
 
 # Winograd F(2x2, 3x3) weight transform G (Lavin & Gray 2016)
@@ -360,6 +360,82 @@ class CLRuntime:
                   np.int32(freqs.shape[0]), np.int32(dim), np.int32(1 if flip else 0), np.int32(y.size))
         return y
 
+    def gelu_tanh(self, x: Any) -> Any:
+        y = self.empty(x.shape)
+        self._ewv("gelu_tanh", x.size, x, y, np.int32(x.size))
+        return y
+
+    # ------------------------------------------------------------------ transformer blocks (channels-first tokens)
+    def layer_norm_channels(self, x: Any, gamma: Any | None, beta: Any | None, eps: float, mod: Any | None = None,
+                            scale_off: int = 0, shift_off: int = 0) -> Any:
+        """LayerNorm over the channels of each position of x (B, C, ...): [* gamma + beta] (affine), then
+        [* (1 + mod[b, scale_off + c]) + mod[b, shift_off + c]] with mod (B, K, ...) (adaLN)."""
+        B, C = x.shape[:2]
+        N = int(np.prod(x.shape[2:]))
+        y = self.empty(x.shape)
+        flags = (1 if gamma is not None else 0) | (2 if mod is not None else 0)
+        d = self._dummy
+        ms = int(np.prod(mod.shape[1:])) if mod is not None else 0
+        k = self.kernel("transformer", "layer_norm_channels")
+        dummy32 = self._dummy32()
+        self._run(k, *self._ew(B * N, k), x, gamma if gamma is not None else dummy32,
+                  beta if beta is not None else dummy32, mod if mod is not None else d, y, np.int32(C), np.int32(N),
+                  np.int32(B * N), np.float32(eps), np.int32(flags), np.int32(ms), np.int32(scale_off),
+                  np.int32(shift_off))
+        return y
+
+    def _dummy32(self) -> Any:
+        got = getattr(self, "_d32", None)
+        if got is None:
+            got = self._d32 = self.empty((1,), np.float32)
+        return got
+
+    def geglu(self, x: Any) -> Any:
+        """x (B, 2F, ...) -> value * gelu(gate), (B, F, ...)."""
+        B, C2 = x.shape[:2]
+        if C2 % 2:
+            raise ValueError(f"geglu: {C2} channels is odd")
+        y = self.empty((B, C2 // 2, *x.shape[2:]))
+        k = self.kernel("transformer", "geglu")
+        self._run(k, *self._ew(y.size, k), x, y, np.int32(y.size // B), np.int32(y.size))
+        return y
+
+    def gate_residual(self, x: Any, res: Any, mod: Any, off: int) -> Any:
+        """res + mod[b, off + c] * x over (B, C, ...)."""
+        B, C = x.shape[:2]
+        N = int(np.prod(x.shape[2:]))
+        y = self.empty(x.shape)
+        k = self.kernel("transformer", "gate_residual")
+        self._run(k, *self._ew(y.size, k), x, res, mod, y, np.int32(C), np.int32(N),
+                  np.int32(int(np.prod(mod.shape[1:]))), np.int32(off), np.int32(y.size))
+        return y
+
+    def add_broadcast(self, x: Any, p: Any) -> Any:
+        """x (B, ...) + p (...), p broadcast over the batch."""
+        y = self.empty(x.shape)
+        k = self.kernel("transformer", "add_broadcast")
+        self._run(k, *self._ew(y.size, k), x, p, y, np.int32(p.size), np.int32(y.size))
+        return y
+
+    def embedding_rows(self, labels: Any, table: Any) -> Any:
+        """labels int32 (B,) on the device, table (rows, D) -> (B, D, 1, 1)."""
+        B, D = labels.shape[0], table.shape[1]
+        y = self.empty((B, D, 1, 1))
+        k = self.kernel("transformer", "embedding_rows")
+        self._run(k, *self._ew(y.size, k), labels, table, y, np.int32(D), np.int32(y.size))
+        return y
+
+    def unpatchify(self, x: Any, patch: int, out_channels: int) -> Any:
+        """(B, P*P*Co, h, w) -> (B, Co, h*P, w*P), DiT's feature order (P, P, Co)."""
+        B, F, h, w = x.shape
+        if F != patch * patch * out_channels:
+            raise ValueError(f"unpatchify: {F} features != {patch}^2 x {out_channels}")
+        y = self.empty((B, out_channels, h * patch, w * patch))
+        k = self.kernel("transformer", "unpatchify")
+        self._run(k, *self._ew(y.size, k), x, y, np.int32(patch), np.int32(out_channels), np.int32(h), np.int32(w),
+                  np.int32(y.size))
+        return y
+
     # ------------------------------------------------------------------ normalisation, softmax
     def _reduce_local(self, n: int) -> int:
         return max(1, min(self.wg1d, _pow2_floor(n)))
@@ -680,15 +756,20 @@ def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, dev
     shape = den.meta["signature"]["sample_shape"]
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), 500.0)
+    from edgediff.model import InputSignature
+
+    cond = InputSignature.from_dict(den.meta["signature"]).conditioning(batch)  # None for unconditional UNets
+    if isinstance(cond, dict):
+        cond = {k: v for k, v in cond.items() if k in den.meta["schedule"]["inputs"]}
     for _ in range(max(warmup, 1)):
-        den(x, t)
+        den(x, t, cond)
     totals = []
     for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
-        den(x, t)  # returns after reading the output back, i.e. after the queue drained
+        den(x, t, cond)  # returns after reading the output back, i.e. after the queue drained
         totals.append((time.perf_counter() - t0) * 1e3)
-    runs = [den.profile(x, t) for _ in range(max(1, min(repeats, 5)))]
-    kern = den.kernel_times(x, t)
+    runs = [den.profile(x, t, cond) for _ in range(max(1, min(repeats, 5)))]
+    kern = den.kernel_times(x, t, cond)
     layers = [{"name": name, "op": op, "ms": statistics.median(r[i][2] for r in runs),
                "kernels": [k for lab, k, _ in kern if lab == name]}
               for i, (name, op, _) in enumerate(runs[0])]

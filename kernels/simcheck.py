@@ -85,6 +85,45 @@ def _cases(rt: Any) -> Iterator[Case]:
     yield "conv2d epilogue", rt.conv2d(rt.to_device(x), rt.to_device(wt), args[0], 1, 1, *args[1:]), want, tol
     u = rt.to_device(winograd_weights(wt.numpy()))
     yield "conv2d_winograd", rt.conv2d_winograd(rt.to_device(x), u, *args), want, 2 * tol
+    # transformer-block ops of conditional denoisers (channels-first tokens (B, C, N))
+    import torch.nn.functional as F
+
+    x = _t(2, 6, 5, 3, seed=30, scale=2) + 1.0
+    g, be = _t(6, seed=31), _t(6, seed=32)
+    mod = _t(2, 18, 1, 1, seed=33, scale=0.5)
+    ln = F.layer_norm(x.permute(0, 2, 3, 1), (6,), g, be, 1e-5).permute(0, 3, 1, 2)
+    yield "layer_norm_channels affine", rt.layer_norm_channels(rt.to_device(x), rt.to_device(g, f32),
+                                                               rt.to_device(be, f32), 1e-5), ln, tol
+    plain = F.layer_norm(x.permute(0, 2, 3, 1), (6,), eps=1e-6).permute(0, 3, 1, 2)
+    want = plain * (1 + mod[:, 12:18]) + mod[:, 6:12]
+    yield ("layer_norm_channels adaLN", rt.layer_norm_channels(rt.to_device(x), None, None, 1e-6, rt.to_device(mod), 12,
+                                                               6), want, tol)
+    u = _t(2, 10, 7, 1, seed=34, scale=2)
+    yield "geglu", rt.geglu(rt.to_device(u)), u[:, :5] * F.gelu(u[:, 5:]), tol
+    yield "gelu_tanh", rt.gelu_tanh(rt.to_device(a)), F.gelu(a, approximate="tanh"), tol
+    r = _t(2, 6, 5, 3, seed=35)
+    yield ("gate_residual", rt.gate_residual(rt.to_device(x), rt.to_device(r), rt.to_device(mod), 6),
+           r + mod[:, 6:12] * x, tol)
+    pe = _t(6, 5, 3, seed=36)
+    yield "add_broadcast", rt.add_broadcast(rt.to_device(x), rt.to_device(pe)), x + pe, tol
+    table = _t(11, 7, seed=37)
+    lab = torch.tensor([3, 10, 0])
+    yield ("embedding_rows", rt.embedding_rows(rt.to_device(lab.numpy(), np.int32), rt.to_device(table)),
+           table[lab].reshape(3, 7, 1, 1), tol)
+    pt, co, hh, ww = 2, 3, 3, 2
+    xp = _t(2, pt * pt * co, hh, ww, seed=38)
+    want = torch.einsum("nhwpqc->nchpwq", xp.permute(0, 2, 3, 1).reshape(2, hh, ww, pt, pt, co)).reshape(
+        2, co, hh * pt, ww * pt)
+    yield "unpatchify", rt.unpatchify(rt.to_device(xp), pt, co), want, tol
+    # cross-attention: K and V one stacked projection of a context of another length (M = 7)
+    for heads, d, dc in ((2, 8, None), (1, 12, 5)):
+        C, n, m = heads * d, 10, 7
+        q, kv = _t(2, C, n, seed=39), _t(2, 2 * C, m, seed=40)
+        want = ref.attention(q, kv[:, :C], kv[:, C:], heads)
+        dkv = rt.to_device(kv)
+        yield (f"cross_attention h{heads}d{d}" + (f"/dc{dc}" if dc else ""),
+               rt.flash_attention(rt.to_device(q), dkv, dkv, heads, d, n, m, 0, 0, C * m, q_bstride=C * n,
+                                  kv_bstride=2 * C * m, d_chunk=dc), want, tol)
     if rt.half:
         return  # the integer kernels take float32 inputs in every bundle
     # int8: exact integer results (tolerance 0) for the requantizing conv, float rounding for the rest

@@ -19,6 +19,13 @@ __kernel void gelu(__global const T* x, __global T* y, const int n) {
              const VR v = VLD(i, x); VST((R)0.5f * v * ((R)1.0f + erf(v * (R)0.7071067811865476f)), i, y))
 }
 
+/* tanh-approximated GELU, as torch.nn.functional.gelu(approximate="tanh") (DiT's feed-forward) */
+__kernel void gelu_tanh(__global const T* x, __global T* y, const int n) {
+    VEC_LOOP(const float v = LD(x, j); ST(y, j, 0.5f * v * (1.0f + tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))),
+             const VR v = VLD(i, x);
+             VST((R)0.5f * v * ((R)1.0f + tanh((R)0.7978845608028654f * (v + (R)0.044715f * v * v * v))), i, y))
+}
+
 /* y = (a + b) * scale */
 __kernel void add(__global const T* a, __global const T* b, __global T* y, const int n, const float scale) {
     VEC_LOOP(ST(y, j, (LD(a, j) + LD(b, j)) * scale),
