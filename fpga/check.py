@@ -4,6 +4,7 @@ against the stages' counted clocks, and the project report."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,12 @@ _MODEL_KEY = {"cycles": "pipeline_cycles", "load": "load_cycles", "compute": "co
 def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim.Rounding = ROUNDING_DEFAULT,
                    rows: int = 16, cols: int = 16, k_tile: int = 512, clock_mhz: float = 200.0,
                    part: str = "xczu7ev-ffvc1156-2-e", compare_ort: bool = True, progress: Any = None,
-                   board: str = "zcu104") -> dict[str, Any]:
+                   board: str = "zcu104", call: Any = None) -> dict[str, Any]:
     """Write the HLS project for `ext` at `out` (atomically), run the C-simulation, return the report.
 
     `board` names the DRAM bandwidth of the memory floor (estimate.DEVICES); rows/cols/clock stay as given.
+    `call`: (Program, sample codes, temb codes) of the whole denoiser call (fpga/program.py): the program is
+    saved under call/ (what `verify` runs) and one image's call runs in the C-simulation against the simulator.
     """
     if rounding not in sim.ROUNDINGS:
         raise BadInput(f"rounding {rounding!r}: expected one of {', '.join(sim.ROUNDINGS)}")
@@ -135,9 +138,35 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
             "array_macs_share": summary["array_macs"] / total_macs if total_macs else 0.0,
             "layers": layers_out, "host_ops": ext.host_ops,
         }
+        if call is not None:
+            report["whole_call"] = _whole_call(call, tmp / "call", ok, why, array)
+            if report["whole_call"].get("bit_exact") is False and verified:
+                report.update(verified=False, exit_code=4)
+                reason = "the whole-call C-simulation differs from the simulator"
         if reason:
             report["reason"] = reason
         report["export_seconds"] = time.perf_counter() - t0
         (tmp / "fpga_project.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     return report
+
+
+def _whole_call(call: Any, folder: Path, ok: bool, why: str, array: csim.ArrayConfig) -> dict[str, Any]:
+    """Save the whole-call program and run one image's call in the C-simulation (every buffer compared)."""
+    from edgediff.fpga import callsim
+    from edgediff.fpga.program import save_program
+
+    if isinstance(call, str):  # the program does not cover this model: say why
+        return {"program": None, "bit_exact": None, "reason": call}
+    prog, s_codes, e_codes = call
+    save_program(prog, folder)
+    rec: dict[str, Any] = {**prog.summary(), "program": "call/program.json", "calibrated_int16": len(prog.calibrated)}
+    if not ok:
+        rec.update(bit_exact=None, reason=f"C-simulation not run: {why}")
+        return rec
+    r = callsim.csim_call(prog, folder / "csim", s_codes[:1], e_codes[:1],
+                          exe=callsim.compile_call(folder / "csim" / "call_tb", array))
+    r.pop("output")
+    shutil.rmtree(folder / "csim" / "buffers", ignore_errors=True)  # every intermediate of the call: not kept
+    rec.update(r)
+    return rec

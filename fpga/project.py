@@ -66,10 +66,12 @@ class FpgaBackend(Backend):
                 force: bool) -> ExportReport:
         opts = dict(options)
         seed = int(opts.pop("seed", 0))
+        call = None
         if isinstance(model, (str, Path)):
             ext = extract_onnx(Path(model), seed=seed)
         else:
             ext = extract_quantparams(model, seed=seed)
+            call = _whole_call_program(model, seed)
         tick = None
         if progress is not None:  # export_project reports (done, total); the contract hands a rich Progress
             task = progress.add_task("fpga: layer vectors", total=len(ext.layers))
@@ -77,7 +79,7 @@ class FpgaBackend(Backend):
             def tick(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
         try:
-            rep = export_project(ext, Path(out), force=force, progress=tick, **opts)
+            rep = export_project(ext, Path(out), force=force, progress=tick, call=call, **opts)
         finally:
             if progress is not None:
                 progress.remove_task(task)
@@ -87,12 +89,24 @@ class FpgaBackend(Backend):
         return ExportReport(self.target, "int8", str(out), size, extra=rep)
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
-        return False, ("an FPGA project runs on an FPGA board (bitstream from Vitis HLS + Vivado, not installed here), and "
-                       "no whole-call integer program (array + nonlinear units) runs the sampler on its simulator yet; "
-                       "its layers were verified bit for bit by g++ C-simulation at export (see fpga_project.json)")
+        if path is not None and (Path(path) / "call" / "program.json").is_file():
+            return True, ("every call through the bit-accurate simulator of the whole-call integer program (array "
+                          "layers + nonlinear units, fpga/program.py), the first calls also through the g++ "
+                          "C-simulation of the design, compared bit for bit (no FPGA board: rung 1)")
+        return False, ("this project has no whole-call program (call/program.json): it is written for an edgediff "
+                       "int8 UNet2DModel artifact; a QDQ ONNX source gets its layers verified one by one only "
+                       "(see fpga_project.json), and the board itself needs Vitis HLS + Vivado")
 
     def load_denoiser(self, path: Path) -> Any:
-        raise Unavailable(self.runtime_available(path)[1])
+        ok, why = self.runtime_available(path)
+        if not ok:
+            raise Unavailable(why)
+        from edgediff.fpga.runtime import FpgaCallDenoiser
+
+        rep = self.info(path)
+        arr = rep.get("array") or {}
+        array = csim.ArrayConfig(int(arr.get("rows", 16)), int(arr.get("cols", 16)), int(arr.get("k_tile", 512)))
+        return FpgaCallDenoiser(Path(path), array=array)
 
     def check(self, path: Path, reference: Any = None) -> dict[str, Any]:
         """Structural check of an exported project (+ the C-sim results recorded at export)."""
@@ -101,8 +115,8 @@ class FpgaBackend(Backend):
         missing = [f for f in csim.HLS_SOURCES if not (hls / f).is_file()]
         return {"target": "fpga", "hls_sources_present": not missing, "missing": missing,
                 "layers_total": rep.get("layers_total"), "layers_bit_exact": rep.get("layers_bit_exact"),
-                "csim_verified": rep.get("verified"), "ops": {"array": rep.get("layers_total"),
-                                                              "host": len(rep.get("host_ops", []))}}
+                "csim_verified": rep.get("verified"), "whole_call": rep.get("whole_call"),
+                "ops": {"array": rep.get("layers_total"), "host": len(rep.get("host_ops", []))}}
 
     def info(self, path: Path) -> dict[str, Any]:
         marker = Path(path) / "fpga_project.json"
@@ -112,13 +126,30 @@ class FpgaBackend(Backend):
 
         rep = read_json(marker)  # BadInput naming the file on damaged JSON
         keep = ("target", "precision", "source", "rounding", "array", "verified", "layers_total", "layers_bit_exact",
-                "ort_layers_bit_exact", "csim_cycles", "array_macs", "host_macs", "array_macs_share", "estimate", "reason",
+                "ort_layers_bit_exact", "csim_cycles", "whole_call",
+                "array_macs", "host_macs", "array_macs_share", "estimate", "reason",
                 "host_ops")
         out = {k: rep[k] for k in keep if k in rep}
         out["macs"] = rep.get("array_macs", 0) + rep.get("host_macs", 0)
         out["params"] = sum(int(r.get("params", 0)) for r in rep.get("layers", []))  # the array's weights and biases
         out["size_bytes"] = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
         return out
+
+
+def _whole_call_program(model: Any, seed: int) -> Any:
+    """(Program, sample codes, temb codes) of one call at t = 500 on the model's example input, or the reason the
+    program does not cover the model (its layers are still exported and checked one by one)."""
+    import torch
+    from edgediff.fpga.program import build_program, call_inputs
+
+    try:
+        prog = build_program(model, seed)
+    except Unavailable as e:
+        return str(e)
+    inp = model.example_inputs(batch=1, seed=seed)
+    t = min(500, int(model.schedule.num_train_timesteps) - 1)
+    s, e = call_inputs(prog, inp["sample"].float().numpy(), torch.full((1,), float(t)).numpy())
+    return prog, s, e
 
 
 BACKEND = FpgaBackend()
