@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput
+from edgediff.model import cond_unflatten
 
 if TYPE_CHECKING:  # the adapter module loads models (loaders -> here): a type only, no import cycle
     from edgediff.adapter import Adapter
@@ -316,21 +317,30 @@ def calibration_feeds(data: dict[str, torch.Tensor], sig: Any) -> list[dict[str,
     """The calib pass's points (x, t, cond) as onnxruntime feeds, one point per feed."""
     feeds = []
     n = int(data["x"].shape[0])
-    cond = data.get("cond")
+    cond = cond_unflatten(data, "cond")
     for i in range(n):
         f = {"sample": data["x"][i:i + 1].float().numpy(), "timestep": data["t"][i:i + 1].float().numpy()}
-        if cond is not None:
-            f["class_labels" if sig.num_classes and not sig.cond_shape else "encoder_hidden_states"] = \
-                cond[i:i + 1].numpy()
         for spec in getattr(sig, "extra", ()):
             f[spec.name] = spec.example(1).numpy()
+        if isinstance(cond, dict):  # named inputs recorded by calib replace the examples
+            f.update({k: v[i:i + 1].numpy() for k, v in cond.items()})
+        elif cond is not None:
+            f["class_labels" if sig.num_classes and not sig.cond_shape else "encoder_hidden_states"] = \
+                cond[i:i + 1].numpy()
         feeds.append(f)
     return feeds
 
 
 def quantize_graph(model: Any, feeds: list[dict[str, np.ndarray]], quantizer: str = "ort", per_channel: bool = True,
-                   ignored: list[str] | None = None) -> dict[str, Any]:
-    """Quantize the model's graph in place with `quantizer` fed with `feeds`; returns a report."""
+                   ignored: list[str] | None = None, split_shortcut: bool = True,
+                   float_time_mlp: bool = True) -> dict[str, Any]:
+    """Quantize the model's graph in place with `quantizer` fed with `feeds`; returns a report.
+
+    Before the quantizer runs, the diffusion-aware rewrites of edgediff/graph_quant.py apply:
+    convs reading a shortcut concat are split per half (`split_shortcut`) and the
+    timestep-embedding MLP stays float (`float_time_mlp`)."""
+    from edgediff.graph_quant import split_concat_convs, time_only_nodes
+
     if quantizer not in QUANTIZERS:
         raise BadInput(f"quant: quantizer {quantizer!r} for an ONNX graph: expected one of {', '.join(QUANTIZERS)}")
     if not feeds:
@@ -338,6 +348,8 @@ def quantize_graph(model: Any, feeds: list[dict[str, np.ndarray]], quantizer: st
     onnx = _onnx()
     mod = graph_module(model)
     src = onnx.load_from_string(mod.source)
+    split = split_concat_convs(src) if split_shortcut else []
+    ignored = list(ignored or []) + (time_only_nodes(src) if float_time_mlp else [])
     with tempfile.TemporaryDirectory(prefix="edgediff-onnxq-") as td:
         if quantizer == "ort":
             from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -364,15 +376,18 @@ def quantize_graph(model: Any, feeds: list[dict[str, np.ndarray]], quantizer: st
         else:
             import nncf
 
-            kwargs: dict[str, Any] = {"subset_size": len(feeds)}
-            if ignored:
-                kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=False)
-            q = nncf.quantize(src, nncf.Dataset(feeds), **kwargs)
+            # the same coverage as for torch models (convs and matmuls, asymmetric activations):
+            # NNCF's default also quantizes the Adds/Reshapes/Transposes between them and uses
+            # symmetric activations; on the trained demo (DDIM 20, 32 samples) that measured
+            # 30.3 dB vs fp32, these choices 32.2 dB
+            other = sorted({n.op_type for n in src.graph.node} - set(GRAPH_OPS))
+            q = nncf.quantize(src, nncf.Dataset(feeds), subset_size=len(feeds), preset=nncf.QuantizationPreset.MIXED,
+                              ignored_scope=nncf.IgnoredScope(names=list(ignored), types=other, validate=False))
     ops: dict[str, int] = {}
     for n in q.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     report = {"quantizer": quantizer, "points": len(feeds), "per_channel": per_channel,
-              "qdq_pairs": ops.get("DequantizeLinear", 0), "ignored": list(ignored or [])}
+              "qdq_pairs": ops.get("DequantizeLinear", 0), "ignored": ignored, "split_convs": len(split)}
     mod.set_graph(q.SerializeToString(), report)
     return report
 
