@@ -19,10 +19,11 @@ files have a fixed batch) and the process-wide thread count set by `--threads`.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ from torch import nn
 
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
-from edgediff.quant_params import strip_quant_wrappers
+from edgediff.quant_params import QuantParams, strip_quant_wrappers
 
 # every precision a target can be asked for; each backend declares the subset it builds
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -136,6 +137,47 @@ class ExportReport(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.to_dict())
+
+
+def check_precision(target: str, precision: str) -> None:
+    """BadInput unless `precision` is one edgediff knows (the backend's own list is checked by export)."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown precision {precision!r} for {target}; expected one of {', '.join(PRECISIONS)}")
+
+
+def check_batch(target: str, batch: Any) -> None:
+    """BadInput unless the fixed batch option is a positive integer."""
+    if not isinstance(batch, int) or batch < 1:
+        raise BadInput(f"{target} option batch={batch!r}: expected a positive integer")
+
+
+def int8_quant_params(model: DiffusionModel, precision: str, other: str = "") -> QuantParams | None:
+    """The model's QuantParams; BadInput when int8 is asked of a model without them (`other`: an
+    alternative the target offers, said in the message)."""
+    qp = QuantParams.of(model)
+    if precision == "int8" and qp is None:
+        raise BadInput("int8 export needs quantization parameters: compress the model with a quantizing recipe "
+                       f"(e.g. --recipe w8a8) and export the artifact{other}")
+    return qp
+
+
+def probe(load: Callable[[], Any], ok: str | Callable[[Any], str]) -> tuple[bool, str]:
+    """An `available`/`runtime_available` answer: (True, ok) when load() works, (False, its
+    reason) when it raises Unavailable; `ok` may be a function of what load returned (a version)."""
+    try:
+        got = load()
+    except Unavailable as e:
+        return False, str(e)
+    return True, ok(got) if callable(ok) else ok
+
+
+def probe_import(module: str, missing: str) -> tuple[bool, str]:
+    """(True, "module version") when `module` imports, else (False, `missing`: what to install)."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False, missing
+    return True, f"{module} {mod.__version__}"
 
 
 def _size(path: Path) -> int:

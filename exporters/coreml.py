@@ -48,7 +48,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, FixedBatchDenoiser, float_denoiser, input_names
+from edgediff.exporters.base import (
+    PRECISIONS,
+    Backend,
+    ExportReport,
+    FixedBatchDenoiser,
+    check_batch,
+    check_precision,
+    float_denoiser,
+    input_names,
+    int8_quant_params,
+    probe,
+)
 from torch import nn
 
 from edgediff.artifact import atomic_dir
@@ -202,8 +213,7 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
 def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
                   attention: str = "ane") -> tuple[Any, dict[str, Any]]:
     """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts)."""
-    if precision not in PRECISIONS:
-        raise BadInput(f"unknown precision {precision!r} for coreml; expected one of {', '.join(PRECISIONS)}")
+    check_precision("coreml", precision)
     if palettize is not None and palettize not in PALETTIZE_BITS:
         raise BadInput(f"--palettize {palettize}: Core ML palettizes to {', '.join(map(str, PALETTIZE_BITS))} bits")
     if palettize is not None and precision == "int8":
@@ -211,12 +221,8 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
                        "(palettize with --precision fp16)")
     if attention not in ("ane", "sdpa"):
         raise BadInput(f"coreml option attention={attention!r}: expected 'ane' or 'sdpa'")
-    if not isinstance(batch, int) or batch < 1:
-        raise BadInput(f"coreml option batch={batch!r}: expected a positive integer")
-    qp = QuantParams.of(model)
-    if precision == "int8" and qp is None:
-        raise BadInput("int8 export needs quantization parameters: compress the model with a quantizing recipe "
-                       "(e.g. --recipe w8a8) and export the artifact, or use --palettize BITS")
+    check_batch("coreml", batch)
+    qp = int8_quant_params(model, precision, ", or use --palettize BITS")
     ct = _ct()
     den = float_denoiser(model)
     facts: dict[str, Any] = {"batch": batch, "attention": attention}
@@ -438,11 +444,7 @@ class CoreMLBackend(Backend):
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
         if not _is_macos():
             return False, NOT_MACOS.format(system=platform.system() or "an unknown OS")
-        try:
-            _ct()
-        except Unavailable as e:
-            return False, str(e)
-        return True, "Core ML runs .mlpackage files on this Mac"
+        return probe(_ct, "Core ML runs .mlpackage files on this Mac")
 
     def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
                 force: bool) -> ExportReport:

@@ -44,6 +44,7 @@ from edgediff.exporters.base import (
     contract_feed,
     float_denoiser,
     input_names,
+    probe_import,
     threads,
 )
 from torch import nn
@@ -52,6 +53,7 @@ from edgediff.artifact import atomic_file
 from edgediff.attention import OperandAttnProcessor
 from edgediff.errors import BadInput, Unavailable
 from edgediff.lowering import ActQ, LoweredLayer, LoweredModel, lower
+from edgediff.lowering.layers import int8_weight_scale
 from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
@@ -129,13 +131,7 @@ class _QDQ(nn.Module):
 
 
 def _weight_qdq(w: torch.Tensor, tq: TensorQuant, what: str) -> torch.Tensor:
-    if tq.axis != 0 or tq.scale.numel() != w.shape[0]:
-        raise BadInput(f"{what}: weights must be quantized per output channel (axis 0, {w.shape[0]} scales)")
-    if not tq.symmetric:
-        raise BadInput(f"{what}: weight zero points must be 0 (symmetric), as TensorRT requires")
-    if tq.bits > 8:
-        raise BadInput(f"{what}: {tq.bits}-bit weights cannot be written as int8")
-    scale = tq.scale.clamp_min(1e-12)
+    scale = int8_weight_scale(tq, w.shape[0], what, ", as TensorRT requires")
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(tq.zero_point), 0, -128, 127)
 
 
@@ -772,18 +768,10 @@ class OnnxBackend(Backend):
     suffixes = (".onnx",)
 
     def available(self) -> tuple[bool, str]:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            return False, "pip install onnx"
-        return True, "onnx " + __import__("onnx").__version__
+        return probe_import("onnx", "pip install onnx")
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False, "pip install onnxruntime"
-        return True, "onnxruntime " + __import__("onnxruntime").__version__
+        return probe_import("onnxruntime", "pip install onnxruntime")
 
     def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
                 force: bool) -> ExportReport:

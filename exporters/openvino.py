@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, contract_feed, input_names, threads
+from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, contract_feed, input_names, probe, threads
 
 from edgediff.errors import BadInput, Unavailable
 
@@ -317,11 +317,7 @@ class OpenVinoBackend(Backend):
     suffixes = (".xml",)
 
     def available(self) -> tuple[bool, str]:
-        try:
-            ov = _ov()
-        except Unavailable as e:
-            return False, str(e)
-        return True, "OpenVINO " + ov.__version__
+        return probe(_ov, lambda ov: "OpenVINO " + ov.__version__)
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
         ok, why = self.available()

@@ -174,13 +174,9 @@ class _TflQDQLayer(nn.Module):
         if wq is None:
             raise BadInput(f"quantization parameters of {lq.name!r} have no weight quantizer")
         w = inner.weight.detach().float()
-        if wq.axis != 0 or wq.scale.numel() != w.shape[0]:
-            raise BadInput(f"{lq.name}: weights must be quantized per output channel (axis 0, {w.shape[0]} scales)")
-        if not wq.symmetric:
-            raise BadInput(f"{lq.name}: weight zero points must be 0 (symmetric): TFLite int8 weights are symmetric")
-        if wq.bits > 8:
-            raise BadInput(f"{lq.name}: {wq.bits}-bit weights cannot be written as int8")
-        scale = wq.scale.clamp_min(1e-12)
+        from edgediff.lowering.layers import int8_weight_scale
+
+        scale = int8_weight_scale(wq, w.shape[0], lq.name, ": TFLite int8 weights are symmetric")
         self.register_buffer("w_scale", scale.clone())
         self.register_buffer("w_zp", torch.zeros(w.shape[0], dtype=torch.int64))
         # TFLite's int8 weights use [-127, 127] (symmetric); a 4-bit grid is a subset of it
@@ -392,14 +388,11 @@ def _float_inputs(data: bytes) -> tuple[bytes, list[str]]:
 
 def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple[bytes, dict[str, Any]]:
     """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report)."""
-    if precision not in PRECISIONS:
-        raise BadInput(f"unknown precision {precision!r} for tflite; expected one of {', '.join(PRECISIONS)}")
-    if not isinstance(batch, int) or batch < 1:
-        raise BadInput(f"tflite option batch={batch!r}: expected a positive integer")
-    qp = QuantParams.of(model)
-    if precision == "int8" and qp is None:
-        raise BadInput("int8 export needs quantization parameters: compress the model with a quantizing recipe "
-                       "(e.g. --recipe w8a8) and export the artifact")
+    from edgediff.exporters.base import check_batch, check_precision, int8_quant_params
+
+    check_precision("tflite", precision)
+    check_batch("tflite", batch)
+    qp = int8_quant_params(model, precision)
     litert_torch = _require("litert_torch")
     facts: dict[str, Any] = {"batch": batch}
     den = float_denoiser(model)
@@ -575,11 +568,9 @@ class TFLiteBackend(Backend):
         return True, "litert-torch and ai-edge-litert are installed"
 
     def runtime_available(self, path: Path | None = None) -> tuple[bool, str]:
-        try:
-            _interpreter_cls()
-        except Unavailable as e:
-            return False, str(e)
-        return True, "LiteRT interpreter (XNNPACK, CPU) runs .tflite files here"
+        from edgediff.exporters.base import probe
+
+        return probe(_interpreter_cls, "LiteRT interpreter (XNNPACK, CPU) runs .tflite files here")
 
     def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
                 force: bool) -> ExportReport:
