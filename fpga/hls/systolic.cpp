@@ -157,6 +157,17 @@ static opnd_t byte_operand(ap_uint<8> raw, int is_signed, int zp) {
     return (opnd_t)(v - zp);
 }
 
+// The operand entering the array at its edge on this clock: byte k of the row's (column's)
+// stream, a new VEC-byte word read every VEC bytes; 0 before the wavefront reaches it and after.
+static opnd_t edge_operand(hls::stream<word_t> &s, word_t &word, int k, int kv, int is_signed, int zp) {
+#pragma HLS INLINE
+    if (k < 0 || k >= kv) return 0;
+    if ((k & (VEC - 1)) == 0) word = s.read();
+    const opnd_t v = byte_operand(word(7, 0), is_signed, zp);
+    word >>= 8;
+    return v;
+}
+
 // One K tile per call of the wavefront; PE (i, j) holds acc[i][j]. A enters from the left skewed by row
 // (row i starts i clocks late), B from the top skewed by column; operands move one PE per clock. Each
 // row/column FIFO yields a word every 16 clocks, shifted out a byte per clock.
@@ -198,28 +209,8 @@ tiles:
                     for (int j = COLS - 1; j >= 0; j--) {
 #pragma HLS UNROLL
                         opnd_t a_in, b_in;
-                        if (j == 0) {
-                            const int k = t - i;
-                            a_in = 0;
-                            if (k >= 0 && k < kv) {
-                                if ((k & (VEC - 1)) == 0) a_word[i] = a_s[i].read();
-                                a_in = byte_operand(a_word[i](7, 0), a_signed, zp_a);
-                                a_word[i] >>= 8;
-                            }
-                        } else {
-                            a_in = a_reg[i][j - 1];
-                        }
-                        if (i == 0) {
-                            const int k = t - j;
-                            b_in = 0;
-                            if (k >= 0 && k < kv) {
-                                if ((k & (VEC - 1)) == 0) b_word[j] = b_s[j].read();
-                                b_in = byte_operand(b_word[j](7, 0), b_signed, zp_b);
-                                b_word[j] >>= 8;
-                            }
-                        } else {
-                            b_in = b_reg[i - 1][j];
-                        }
+                        a_in = j == 0 ? edge_operand(a_s[i], a_word[i], t - i, kv, a_signed, zp_a) : a_reg[i][j - 1];
+                        b_in = i == 0 ? edge_operand(b_s[j], b_word[j], t - j, kv, b_signed, zp_b) : b_reg[i - 1][j];
                         acc[i][j] += (prod_t)(a_in * b_in);
                         a_reg[i][j] = a_in;
                         b_reg[i][j] = b_in;
