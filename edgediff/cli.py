@@ -61,10 +61,16 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
                  "Threads for every runtime a command drives (torch, onnxruntime, LiteRT, OpenVINO); default: all "
                  "cores. On a shared machine pass a small number, e.g. --threads 2."))) -> None:
     """edgediff: compress, export, verify and profile diffusion models for edge devices."""
-    from edgediff.exporters.base import set_threads
-
     quiet_third_party(verbose)
+    _bundle_threads[0] = threads
+    try:
+        from edgediff.exporters.base import set_threads
+    except ImportError:  # no torch installed: only bundles run (edgediff.runtime), they take the count themselves
+        return
     set_threads(threads)
+
+
+_bundle_threads: list[Optional[int]] = [None]  # --threads for torch-free bundle runs
 # Libraries print progress to stdout (litert-torch's converter does); main() points sys.stdout at
 # stderr while a command runs so that stdout carries only our tables and our one JSON object.
 _stdout = sys.stdout
@@ -233,12 +239,21 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
              sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
              num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt,
          adapter: Optional[Path] = AdapterOpt, scheduler_config: Optional[Path] = SchedOpt,
-         inputs: Optional[list[str]] = InputOpt) -> None:
+         inputs: Optional[list[str]] = InputOpt,
+         min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Quality floor in dB for the recipe's "
+                                                  "quant pass (min_psnr_db): the most sensitive layers stay float "
+                                                  "until the final samples reach it.")) -> None:
     """Run a recipe of passes and write an artifact directory."""
     from edgediff.pipeline import compress as run_compress
     from edgediff.recipe import load_recipe
 
     r = load_recipe(recipe)
+    if min_psnr is not None:
+        quants = [p for p in r.passes if p.name == "quant"]
+        if not quants:
+            raise BadInput(f"{recipe}: --min-psnr needs a recipe with a quant pass (recipe {r.name!r} has none)")
+        for spec in quants:
+            spec.options["min_psnr_db"] = float(min_psnr)
     if output.exists() and not force:
         raise BadInput(f"{output}: output already exists (pass --force to replace it)")
     check_output(output, [model, recipe, config])
@@ -373,6 +388,10 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
              sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP),
              guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
              prompt: Optional[str] = typer.Option(None, "--prompt", help="Text (needs a bundle with a text encoder)."),
+             negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt",
+                                                           help="Pipeline bundles: the unconditional branch's text."),
+             low_memory: bool = typer.Option(False, "--low-memory",
+                                             help="Pipeline bundles: load one component at a time."),
              prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds",
                                                           help=".safetensors/.npz of tensors named like the inputs."),
              batch_size: int = typer.Option(16, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
@@ -394,11 +413,13 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
         # an exported bundle runs torch-free in its own runtime (edgediff.runtime)
         from edgediff.runtime import generate_bundle
 
-        if prompt is not None or prompt_embeds is not None or guidance is not None:
-            raise BadInput(f"{model}: this bundle generator takes no --prompt/--prompt-embeds/--guidance")
+        if prompt_embeds is not None:
+            raise BadInput(f"{model}: bundles take --prompt (their own text encoder), not --prompt-embeds")
         with progress_bar():
             result = generate_bundle(Path(model), samples=samples, seed=seed, steps=steps, sampler=sampler,
-                                     batch_size=batch_size, save_npy=save_npy, output=output)
+                                     batch_size=batch_size, save_npy=save_npy, output=output, prompt=prompt,
+                                     negative_prompt=negative_prompt, guidance=guidance, low_memory=low_memory,
+                                     threads=_bundle_threads[0])
         _emit(result, as_json, f"generate {model}")
         return
     if prompt is not None:
