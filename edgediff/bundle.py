@@ -40,7 +40,7 @@ from edgediff.runtime.bundle import (
     VERSION,
     cache_full_steps,
 )
-from edgediff.runtime.schedulers import SAMPLER_PRESETS
+from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
 BUNDLE_TARGETS = ("onnx",)
 
@@ -67,17 +67,6 @@ def _sampling(model: DiffusionModel, sampler: str | None, steps: int | None) -> 
     rec = sampling_of(model)
     return {"sampler": sampler if sampler is not None else rec["sampler"],
             "steps": int(steps if steps is not None else rec["steps"]), "eta": float(rec["eta"])}
-
-
-def _io(proto: Any) -> tuple[dict[str, Any], list[str]]:
-    import onnx
-
-    def shape(v: Any) -> list[Any]:
-        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-
-    inputs = {v.name: {"shape": shape(v), "dtype": onnx.helper.tensor_dtype_to_np_dtype(
-        v.type.tensor_type.elem_type).name} for v in proto.graph.input}
-    return inputs, [v.name for v in proto.graph.output]
 
 
 def rename_output(proto: Any, old: str, new: str) -> None:
@@ -150,8 +139,18 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     if sampling_correction(model) is not None:
         raise Unavailable(f"{out}: bundles do not carry PTQD sampling corrections yet; export a single file "
                           "(-o model.onnx) and drive it with edgediff's PyTorch sampler")
+    from edgediff.pipelines import pipeline_of
+
+    pipe = pipeline_of(model)
     samp = _sampling(model, sampler, steps)
     sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
+    sampler_note = None
+    if sched_cfg["_class_name"] not in SCHEDULERS and samp["sampler"] is None:
+        # the model's own scheduler has no numpy port (e.g. SD-1.x's PNDM): the bundle runs DPM-Solver++ 2M,
+        # which diffusers users swap in for the same schedule; verify compares under the same sampler
+        sampler_note = f"{sched_cfg['_class_name']} has no numpy port; the bundle samples with dpmpp-2m"
+        samp["sampler"] = "dpmpp-2m"
+        sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
     base_cfg = model.schedule.to_config()
     others = {}
     for name in SAMPLER_PRESETS:  # so that `generate BUNDLE --sampler X` runs what PyTorch runs for X
@@ -167,8 +166,13 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         if task is not None:
             progress.remove_task(task)
     comp_dir = "transformer" if "Transformer" in model.arch or "DiT" in model.arch else "unet"
+    if pipe is not None:
+        comp_dir = pipe.denoiser_name
+    extra_graphs = _pipeline_graphs(pipe, model, precision, progress) if pipe is not None else {}
     with atomic_dir(out, force=force) as tmp:
         import onnx
+
+        from edgediff.exporters.bundle_onnx import graph_io
 
         components: dict[str, Any] = {}
         for role, (proto, facts) in entries.items():
@@ -176,7 +180,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             (tmp / name).mkdir()
             onnx.checker.check_model(proto)
             onnx.save_model(proto, str(tmp / name / "model.onnx"))
-            inputs, outputs = _io(proto)
+            inputs, outputs = graph_io(proto)
             components[name] = {"path": f"{name}/model.onnx", "role": role, "precision": precision,
                                 "inputs": inputs, "outputs": outputs,
                                 "size_bytes": (tmp / name / "model.onnx").stat().st_size,
@@ -185,6 +189,11 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, default=str) + "\n")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
                  comp_dir: ["diffusers", model.arch], "scheduler": ["diffusers", sched_cfg["_class_name"]]}
+        pipeline_rec = None
+        if pipe is not None:
+            from edgediff.pipelines.bundle import write_pipeline_components
+
+            pipeline_rec = write_pipeline_components(pipe, model, tmp, extra_graphs, components, index, comp_dir)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         cache_rec = None
         if cache is not None:
@@ -192,7 +201,8 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
                          "feature_shape": cache.get("feature_shape"),
                          "full_steps": cache_full_steps(samp["steps"], int(cache["interval"]))}
         manifest = {
-            "format": FORMAT, "version": VERSION, "target": target, "kind": "denoiser", "precision": precision,
+            "format": FORMAT, "version": VERSION, "target": target, "kind": "pipeline" if pipe else "denoiser",
+            "precision": precision, "pipeline": pipeline_rec, "sampler_note": sampler_note,
             "components": components, "signature": model.signature.to_dict(), "arch": model.arch,
             "scheduler": {"path": "scheduler/scheduler_config.json", "class": sched_cfg["_class_name"]},
             "base_schedule": base_cfg, "samplers": others, "sampler": sampler_name, "steps": samp["steps"], "eta": samp["eta"],
@@ -205,7 +215,19 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     return {"target": target, "precision": precision, "path": str(out), "size_bytes": size, "bundle": True,
             "components": {k: {"path": v["path"], "role": v["role"], "size_bytes": v["size_bytes"]}
                            for k, v in components.items()},
-            "sampler": sampler_name, "steps": samp["steps"], "cache": cache_rec}
+            "sampler": sampler_name, "steps": samp["steps"], "cache": cache_rec, "kind": manifest["kind"],
+            **({"sampler_note": sampler_note} if sampler_note else {})}
+
+
+def _pipeline_graphs(pipe: Any, model: DiffusionModel, precision: str, progress: Any) -> dict[str, Any]:
+    from edgediff.pipelines.bundle import component_graphs
+
+    task = progress.add_task("bundle: text encoder and VAE", total=None) if progress is not None else None
+    try:
+        return component_graphs(pipe, model, precision)
+    finally:
+        if task is not None:
+            progress.remove_task(task)
 
 
 def _diffusers_version() -> str:
@@ -315,3 +337,45 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     if return_samples:
         result["final_samples"] = torch.from_numpy(got_x)
     return result
+
+
+def describe_bundle(path: Path) -> dict[str, Any]:
+    """`edgediff info BUNDLE`: the manifest's components with bytes, precision, I/O and MACs per call from the graph."""
+    from edgediff.runtime.bundle import read_bundle
+
+    b = read_bundle(path)
+    comps: dict[str, Any] = {}
+    for name, c in b.manifest["components"].items():
+        keys = ("role", "precision", "path", "size_bytes", "shapes", "inputs", "outputs")
+        row = {k: c.get(k) for k in keys if c.get(k) is not None}
+        f = b.path / str(c["path"])
+        if f.suffix == ".onnx" and f.is_file():
+            row["macs"] = _graph_macs(f, c.get("shapes"))
+        comps[name] = row
+    size = sum(p.stat().st_size for p in b.path.rglob("*") if p.is_file())
+    den = b.component(ROLE_FULL)
+    return {"kind": "bundle", "bundle_kind": b.manifest.get("kind"), "target": b.target,
+            "precision": b.manifest.get("precision"), "size_bytes": size,
+            "macs": comps[den[0]].get("macs") if den else None, "components": comps,
+            "pipeline": b.manifest.get("pipeline"), "sampler": b.manifest.get("sampler"), "steps": b.manifest.get("steps"),
+            "signature": b.signature, "source_hash": b.manifest.get("source_hash")}
+
+
+def _graph_macs(f: Path, shapes: dict[str, list[int]] | None) -> int:
+    """MACs of one call of graph `f`, its dynamic input dims set to `shapes` first (counting needs concrete H/W)."""
+    from edgediff.profiling.graph import onnx_ops
+
+    if not shapes:
+        return int(sum(o.macs for o in onnx_ops(f)))
+    import tempfile
+
+    import onnx
+
+    proto = onnx.load(str(f))
+    for vi in proto.graph.input:
+        for d, v in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name) or []):
+            if d.dim_param:
+                d.dim_value = int(v)
+    with tempfile.TemporaryDirectory(prefix="edgediff-macs-") as td:
+        onnx.save_model(proto, str(Path(td) / f.name))
+        return int(sum(o.macs for o in onnx_ops(Path(td) / f.name)))

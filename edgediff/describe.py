@@ -30,6 +30,12 @@ def describe_model(model: DiffusionModel) -> dict[str, Any]:
 
 def describe(target: str, load: Callable[[], DiffusionModel]) -> dict[str, Any]:
     path = Path(target)
+    from edgediff.runtime import is_bundle
+
+    if is_bundle(path):  # an exported bundle: every component (edgediff.bundle)
+        from edgediff.bundle import describe_bundle
+
+        return describe_bundle(path)
     if target != "demo" and path.exists() and not path.is_dir() or (path.is_dir() and _is_exported_dir(path)):
         suffix_kind = None
         try:
@@ -40,6 +46,13 @@ def describe(target: str, load: Callable[[], DiffusionModel]) -> dict[str, Any]:
             return describe_exported(path, suffix_kind)
     model = load()
     data = describe_model(model)
+    from edgediff.pipelines import pipeline_of
+
+    pipe = pipeline_of(model)
+    if pipe is not None:  # a pipeline folder (or an artifact made from one): every component
+        from edgediff.pipelines.encode import component_stats
+
+        data.update({"kind": "pipeline", "pipeline": pipe.class_name, "components": component_stats(pipe)})
     if path.is_dir() and (path / "manifest.json").is_file():
         from edgediff.artifact import read_manifest
 

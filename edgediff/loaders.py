@@ -207,7 +207,9 @@ def _load_folder(path: Path, opts: LoadOptions) -> DiffusionModel:
     if (path / "model_index.json").is_file():
         for sub in ("unet", "transformer"):
             if (path / sub / "config.json").is_file():
-                return _load_folder(path / sub, opts)
+                from edgediff.pipelines.components import attach  # the other components, read when asked for
+
+                return attach(_load_folder(path / sub, opts), path, sha256_of, cond_override=opts.cond_shape is not None)
         raise BadInput(f"{path}: pipeline folder has neither unet/ nor transformer/ with a config.json")
     cfg = path / "config.json"
     if not cfg.is_file():

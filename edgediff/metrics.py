@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +77,16 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 _EXTRA_FLOPS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+
+
+@torch.no_grad()
+def macs_of_call(fn: Any, *args: Any) -> int:
+    """MACs of one call `fn(*args)` of any torch code (pipeline components: text encoders, VAEs), counted as `macs`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as fc:
+        fn(*args)
+    return int(fc.get_total_flops() // 2)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:

@@ -32,6 +32,8 @@ from edgediff.runtime.rng import TorchGenerator
 from edgediff.runtime.schedulers import NumpyScheduler, from_config, preset_config
 
 F32 = np.float32
+# graph input types the bundles use -> numpy (text encoders take int32 ids, optimum's convention)
+_NP_OF = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float16)": np.float16, "tensor(float)": F32}
 
 
 class OrtEntry:
@@ -65,7 +67,7 @@ class OrtEntry:
         for k, v in feeds.items():
             if k not in self.input_types:
                 continue
-            typed[k] = v.astype(np.int64) if "int64" in self.input_types[k] else v.astype(F32)
+            typed[k] = v.astype(_NP_OF.get(self.input_types[k], F32))
         absent = [k for k in self.input_types if k not in typed]
         if absent:
             raise BadInput(f"{self.path}: no value for graph input(s) {absent}")
@@ -85,11 +87,10 @@ def _entry(bundle: Bundle, role: str, threads: int | None) -> OrtEntry:
 
 def conditioning(signature: dict[str, Any], n: int, seed: int) -> dict[str, np.ndarray]:
     """Example conditioning as edgediff's PyTorch side draws it for a model without its own
-    encoder (InputSignature.conditioning): its own generator seeded with `seed`, a sample-shaped
-    draw first, then encoder states; class labels cycle 0..num_classes-1."""
+    encoder (InputSignature.conditioning): its own generator seeded with `seed`, encoder states
+    first; class labels cycle 0..num_classes-1."""
     out: dict[str, np.ndarray] = {}
     g = TorchGenerator(seed)
-    g.randn((n, *signature["sample_shape"]))
     if signature.get("cond_shape"):
         out["encoder_hidden_states"] = g.randn((n, *signature["cond_shape"]))
     if signature.get("num_classes"):
@@ -206,12 +207,16 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
 def generate_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | None = None,
                     sampler: str | None = None, eta: float | None = None, batch_size: int = 64,
                     threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
-                    cache: bool = True) -> dict[str, Any]:
-    """Generate from a bundle; writes `save_npy` (N, C, H, W) float32 and/or a PNG grid `output`.
+                    cache: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
+                    guidance: float | None = None, low_memory: bool = False) -> dict[str, Any]:
+    """Generate from a denoiser bundle; writes `save_npy` (N, C, H, W) float32 and/or a PNG grid `output`.
+    (Pipeline bundles with a text encoder or VAE: edgediff.runtime.pipeline.generate_pipeline.)
 
     Returns the JSON-able report: sampler, steps, denoiser_calls (full/shallow), seconds,
     ms_per_image, component_ms, peak_rss_mb.
     """
+    if prompt is not None or negative_prompt is not None or guidance is not None:
+        raise BadInput(f"{path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt/--guidance")
     x, stats = run_bundle(path, samples=samples, seed=seed, steps=steps, sampler=sampler, eta=eta,
                           batch_size=batch_size, threads=threads, cache=cache)
     if save_npy is not None:

@@ -1,0 +1,144 @@
+"""The pipeline part of a bundle (edgediff.bundle writes the denoiser and the manifest):
+text_encoder/, vae_decoder/, vae_encoder/ as ONNX graphs with optimum's names, tokenizer/
+(tokenizer.json for the `tokenizers` library, vocab.json/merges.txt for Swift/other runtimes),
+each component's config.json, and the manifest's `pipeline` record the numpy runtime reads.
+
+Precision per component: the denoiser's is the export's (fp32/fp16/int8 from the artifact);
+the text encoder and VAE follow fp16 when the export is fp16 and stay fp32 otherwise (their
+own quantization is not done yet; the manifest says which each is).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgediff.errors import BadInput
+from edgediff.model import DiffusionModel
+from edgediff.pipelines.components import Pipeline
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "spiece.model", "added_tokens.json")
+
+
+def component_precision(precision: str) -> str:
+    return "fp16" if precision == "fp16" else "fp32"
+
+
+def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> dict[str, tuple[Any, str, str]]:
+    """{bundle folder: (ModelProto, role, precision)} for the text encoder(s) and the VAE."""
+    from edgediff.exporters import bundle_onnx as bo
+
+    prec = component_precision(precision)
+    out: dict[str, tuple[Any, str, str]] = {}
+    sig = model.signature
+    for name in pipe.names("text_encoder"):
+        if name != "text_encoder":
+            raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
+                           "are not bundled yet; export the denoiser and pass precomputed --prompt-embeds")
+        seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
+        out[name] = (bo.text_encoder_graph(pipe.load(name), seq), "text_encoder", prec)
+    if pipe.has("vae"):
+        vae = pipe.load("vae")
+        f = pipe.vae_scale_factor()
+        c, h, w = (int(v) for v in sig.sample_shape[-3:])
+        out["vae_decoder"] = (bo.vae_decoder_graph(vae, (c, h, w)), "vae_decoder", prec)
+        out["vae_encoder"] = (bo.vae_encoder_graph(vae, (int(vae.config.in_channels), h * f, w * f)), "vae_encoder", prec)
+    if prec == "fp16":
+        out = {k: (bo.to_fp16(p), r, q) for k, (p, r, q) in out.items()}
+    return out
+
+
+def example_shapes(pipe: Pipeline, model: DiffusionModel) -> dict[str, dict[str, list[int]]]:
+    """{component: {input: shape at batch 1}}: the shapes the pipeline runs (the graphs' H/W are dynamic)."""
+    sig = model.signature
+    c, h, w = (int(v) for v in sig.sample_shape[-3:])
+    shapes: dict[str, dict[str, list[int]]] = {}
+    if pipe.has("text_encoder"):
+        shapes["text_encoder"] = {"input_ids": [1, int(sig.cond_shape[0]) if sig.cond_shape else 77]}
+    if pipe.has("vae"):
+        f = pipe.vae_scale_factor()
+        shapes["vae_decoder"] = {"latent_sample": [1, c, h, w]}
+        shapes["vae_encoder"] = {"sample": [1, int(pipe.load("vae").config.in_channels), h * f, w * f]}
+    return shapes
+
+
+def _tokenizer_files(pipe: Pipeline, name: str, dest: Path) -> None:
+    """Copy the tokenizer's text files; write tokenizer.json (the `tokenizers` library's format) when missing."""
+    src = pipe.path / name
+    dest.mkdir()
+    for fn in TOKENIZER_FILES:
+        if (src / fn).is_file():
+            shutil.copyfile(src / fn, dest / fn)
+    if not (dest / "tokenizer.json").is_file():
+        tok = pipe.load(name)
+        tmp = dest / "_saved"
+        tok.save_pretrained(str(tmp))
+        if not (tmp / "tokenizer.json").is_file():
+            shutil.rmtree(tmp)
+            raise BadInput(f"{src}: cannot write a tokenizer.json for it (the runtime tokenizes with `tokenizers`)")
+        shutil.copyfile(tmp / "tokenizer.json", dest / "tokenizer.json")
+        shutil.rmtree(tmp)
+    model = json.loads((dest / "tokenizer.json").read_text()).get("model") or {}
+    if model.get("type") == "BPE" and not (dest / "vocab.json").is_file():
+        # vocab.json + merges.txt: what runtimes without the `tokenizers` library read (Apple's Swift package)
+        (dest / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+
+
+def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, graphs: dict[str, tuple[Any, str, str]],
+                              components: dict[str, Any], index: dict[str, Any], denoiser_dir: str) -> dict[str, Any]:
+    """Write the components beside the denoiser; fills `components` and `index`; returns manifest['pipeline']."""
+    import onnx
+
+    from edgediff.exporters import bundle_onnx as bo
+
+    for name, (proto, role, prec) in graphs.items():
+        (tmp / name).mkdir()
+        onnx.checker.check_model(proto)
+        bo.save(proto, str(tmp / name / "model.onnx"))
+        src_cfg = pipe.path / ("vae" if role.startswith("vae") else name) / "config.json"
+        if src_cfg.is_file():
+            shutil.copyfile(src_cfg, tmp / name / "config.json")  # optimum's ORT pipeline reads it
+        inputs, outputs = bo.graph_io(proto)
+        components[name] = {"path": f"{name}/model.onnx", "role": role, "precision": prec, "inputs": inputs,
+                            "outputs": outputs,
+                            "size_bytes": sum(p.stat().st_size for p in (tmp / name).glob("model.onnx*")),
+                            "shapes": example_shapes(pipe, model).get(name)}
+    (tmp / denoiser_dir / "config.json").write_text(json.dumps(model.config or {}, indent=2, default=str) + "\n")
+    for name in pipe.names("tokenizer"):
+        _tokenizer_files(pipe, name, tmp / name)
+        components[name] = {"path": f"{name}/tokenizer.json", "role": "tokenizer", "precision": None,
+                            "size_bytes": sum(p.stat().st_size for p in (tmp / name).iterdir())}
+    src_index = json.loads((pipe.path / "model_index.json").read_text())
+    index.clear()
+    for k, v in src_index.items():
+        if k == "vae" or (not k.startswith("_") and isinstance(v, list) and v and v[0] is None):
+            continue  # the VAE ships as vae_decoder/ + vae_encoder/; absent components are left out
+        index[k] = v
+    index[denoiser_dir] = ["diffusers", model.arch]
+    if "vae_decoder" in graphs:
+        # what optimum's exported folders list: the split VAE under its ONNX class names
+        index["vae_decoder"] = ["optimum", "ORTModelVaeDecoder"]
+        index["vae_encoder"] = ["optimum", "ORTModelVaeEncoder"]
+    index["scheduler"] = ["diffusers", json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())["_class_name"]]
+    rec: dict[str, Any] = {"class": pipe.class_name, "default_guidance": pipe.default_guidance,
+                           "denoiser": denoiser_dir, "text_encoder": "text_encoder" if "text_encoder" in graphs else None,
+                           "tokenizer": "tokenizer" if pipe.has("tokenizer") else None,
+                           "vae_decoder": "vae_decoder" if "vae_decoder" in graphs else None,
+                           "vae_encoder": "vae_encoder" if "vae_encoder" in graphs else None,
+                           "source_components_sha256": (model.extras.get("pipeline") or {}).get("component_sha256")}
+    if pipe.has("vae"):
+        c, h, w = (int(v) for v in model.signature.sample_shape[-3:])
+        f = pipe.vae_scale_factor()
+        rec.update({"vae_scaling_factor": pipe.vae_scaling_factor(), "vae_shift_factor": pipe.vae_shift_factor(),
+                    "vae_scale_factor": f, "image_shape": [3, h * f, w * f]})
+    if pipe.has("tokenizer"):
+        tok = pipe.load("tokenizer")
+        seq = int(model.signature.cond_shape[0]) if model.signature.cond_shape else int(tok.model_max_length)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rec["tokenizer_config"] = {"max_length": seq, "pad_token_id": int(pad) if pad is not None else 0}
+    return rec

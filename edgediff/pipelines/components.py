@@ -1,0 +1,219 @@
+"""A diffusers pipeline folder (model_index.json) as a set of named components.
+
+The denoiser (unet/ or transformer/) is loaded by edgediff.loaders as a DiffusionModel, which
+gets `extras["pipeline"]` (the folder, its class and components: JSON, so it survives the
+artifact); the other components are read from the pipeline folder when asked for, each from a
+closed table of classes (never an import path taken from the file) and from safetensors only.
+
+Component kinds: denoiser, text_encoder (text_encoder, text_encoder_2, ...), tokenizer
+(tokenizer, tokenizer_2, ...), vae, scheduler. Anything else (safety_checker,
+feature_extractor, image_encoder) is listed as not bundled.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgediff.errors import BadInput
+from edgediff.files import read_json
+from edgediff.model import DiffusionModel
+
+KEY = "pipeline"  # DiffusionModel.extras key
+DENOISER_DIRS = ("unet", "transformer")
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+VAES = ("AutoencoderKL",)
+DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's, when the pipeline class is unknown to diffusers here
+
+
+def kind_of(name: str, entry: Any) -> str | None:
+    """The component kind of a model_index.json entry, or None for a missing (null) component."""
+    if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        return None
+    if name in DENOISER_DIRS:
+        return "denoiser"
+    if name == "scheduler":
+        return "scheduler"
+    if name == "vae":
+        return "vae"
+    if name.startswith("text_encoder"):
+        return "text_encoder"
+    if name.startswith("tokenizer"):
+        return "tokenizer"
+    return "other"
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    idx = read_json(folder / "model_index.json")
+    if not isinstance(idx, dict) or not idx.get("_class_name"):
+        raise BadInput(f"{folder / 'model_index.json'}: no _class_name; is this a diffusers pipeline folder?")
+    return idx
+
+
+def default_guidance(class_name: str) -> float | None:
+    """The guidance_scale default of the diffusers pipeline class's __call__ (None: it takes none)."""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+    except ImportError:
+        cls = None
+    if cls is None:
+        return None if class_name == "DDPMPipeline" else DEFAULT_GUIDANCE
+    p = inspect.signature(cls.__call__).parameters.get("guidance_scale")
+    return float(p.default) if p is not None and isinstance(p.default, (int, float)) else None
+
+
+def describe_index(folder: Path, hasher: Callable[[Path], str]) -> dict[str, Any]:
+    """The JSON record kept in extras["pipeline"]: folder, class, components {name: {kind, library, class}}."""
+    idx = read_index(folder)
+    comps: dict[str, Any] = {}
+    for name, entry in sorted(idx.items()):
+        if name.startswith("_"):
+            continue
+        kind = kind_of(name, entry)
+        if kind is None:
+            continue
+        comps[name] = {"kind": kind, "library": entry[0], "class": entry[1]}
+    hashes = {n: hasher(folder / n) for n in comps if (folder / n).is_dir()}
+    return {"path": str(folder.resolve()), "class": str(idx["_class_name"]), "components": comps,
+            "default_guidance": default_guidance(str(idx["_class_name"])), "component_sha256": hashes}
+
+
+def cond_shape_of(folder: Path, rec: dict[str, Any]) -> tuple[int, int] | None:
+    """(sequence length, hidden size) the first text encoder gives the denoiser, from the configs."""
+    te = folder / "text_encoder" / "config.json"
+    if "text_encoder" not in rec["components"] or not te.is_file():
+        return None
+    cfg = read_json(te)
+    hidden = cfg.get("hidden_size") or cfg.get("d_model")
+    seq = None
+    tok = folder / "tokenizer" / "tokenizer_config.json"
+    if tok.is_file():
+        m = read_json(tok).get("model_max_length")
+        if isinstance(m, int) and 0 < m <= 4096:
+            seq = m
+    seq = seq or cfg.get("max_position_embeddings")
+    if not isinstance(hidden, int) or not isinstance(seq, int):
+        return None
+    return seq, hidden
+
+
+def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], cond_override: bool = False
+           ) -> DiffusionModel:
+    """Mark a denoiser loaded from a pipeline folder as that pipeline's; its conditioning shape
+    follows the text encoder (sequence length of the tokenizer, hidden size) unless overridden."""
+    from dataclasses import replace
+
+    rec = describe_index(folder, hasher)
+    model.extras[KEY] = rec
+    model.provenance["pipeline"] = rec["path"]
+    cs = cond_shape_of(folder, rec)
+    if cs is not None and not cond_override and model.signature.cond_shape is not None:
+        if model.signature.cond_shape[-1] != cs[1]:
+            raise BadInput(f"{folder}: text_encoder hidden size {cs[1]} does not match the denoiser's "
+                           f"conditioning width {model.signature.cond_shape[-1]}")
+        model.signature = replace(model.signature, cond_shape=tuple(cs))
+    return model
+
+
+def _safetensors_only(folder: Path, name: str) -> None:
+    if not any(folder.glob("*.safetensors")):
+        raise BadInput(f"{folder}: component {name!r} has no .safetensors weights (edgediff loads no pickles "
+                       "from pipeline folders; save it with safe_serialization=True)")
+
+
+@dataclass
+class Pipeline:
+    """A loaded pipeline: the denoiser as a DiffusionModel plus lazily loaded torch components."""
+
+    denoiser: DiffusionModel
+    path: Path
+    class_name: str
+    components: dict[str, dict[str, Any]]
+    default_guidance: float | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def denoiser_name(self) -> str:
+        return next((n for n, c in self.components.items() if c["kind"] == "denoiser"), "unet")
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for n, c in self.components.items() if c["kind"] == kind)
+
+    def has(self, kind: str) -> bool:
+        return bool(self.names(kind))
+
+    def _dir(self, name: str) -> Path:
+        d = self.path / name
+        if not d.is_dir():
+            raise BadInput(f"{self.path / 'model_index.json'}: lists {name!r} but {d} is missing")
+        return d
+
+    def load(self, name: str) -> Any:
+        """The torch module (or tokenizer) of component `name`."""
+        if name in self._cache:
+            return self._cache[name]
+        comp = self.components.get(name)
+        if comp is None:
+            raise BadInput(f"{self.path}: the pipeline has no component {name!r}")
+        cls, kind, d = comp["class"], comp["kind"], self._dir(name)
+        if kind == "text_encoder":
+            if cls not in TEXT_ENCODERS:
+                raise BadInput(f"{d}: text encoder class {cls!r} is not supported (supported: {', '.join(TEXT_ENCODERS)})")
+            _safetensors_only(d, name)
+            import transformers
+
+            obj = getattr(transformers, cls).from_pretrained(str(d), use_safetensors=True).eval()
+        elif kind == "tokenizer":
+            if cls not in TOKENIZERS:
+                raise BadInput(f"{d}: tokenizer class {cls!r} is not supported (supported: {', '.join(TOKENIZERS)})")
+            import transformers
+
+            obj = getattr(transformers, cls).from_pretrained(str(d))
+        elif kind == "vae":
+            if cls not in VAES:
+                raise BadInput(f"{d}: VAE class {cls!r} is not supported (supported: {', '.join(VAES)})")
+            _safetensors_only(d, name)
+            import diffusers
+
+            obj = getattr(diffusers, cls).from_pretrained(str(d), use_safetensors=True).eval()
+        elif kind == "denoiser":
+            obj = self.denoiser.module()
+        else:
+            raise BadInput(f"{d}: component {name!r} ({cls}) is not one edgediff loads")
+        self._cache[name] = obj
+        return obj
+
+    def scheduler_config(self) -> dict[str, Any]:
+        p = self.path / "scheduler" / "scheduler_config.json"
+        return dict(read_json(p)) if p.is_file() else self.denoiser.schedule.to_config()
+
+    def vae_scale_factor(self) -> int:
+        cfg = read_json(self._dir("vae") / "config.json")
+        return 2 ** (len(cfg.get("block_out_channels") or [1]) - 1)
+
+    def vae_scaling_factor(self) -> float:
+        cfg = read_json(self._dir("vae") / "config.json")
+        return float(cfg.get("scaling_factor", 0.18215))
+
+    def vae_shift_factor(self) -> float:
+        cfg = read_json(self._dir("vae") / "config.json")
+        return float(cfg.get("shift_factor") or 0.0)
+
+
+def pipeline_of(model: DiffusionModel) -> Pipeline | None:
+    """The pipeline a denoiser (or an artifact made from one) belongs to, or None."""
+    rec = model.extras.get(KEY)
+    if not isinstance(rec, dict):
+        return None
+    path = Path(str(rec.get("path", "")))
+    if not (path / "model_index.json").is_file():
+        where = model.provenance.get("artifact") or model.provenance.get("source")
+        raise BadInput(f"{where}: made from the pipeline folder {path}, which is gone (its text encoder, tokenizer "
+                       "and VAE are read from there)")
+    return Pipeline(model, path, str(rec.get("class")), dict(rec.get("components") or {}), rec.get("default_guidance"))

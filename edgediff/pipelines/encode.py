@@ -1,0 +1,121 @@
+"""PyTorch side of a pipeline: prompt encoding with its own tokenizer and text encoder, the
+classifier-free-guidance conditioning calibration and verify use, VAE decoding, and the
+per-component numbers `info` shows.
+
+Prompt encoding follows diffusers' StableDiffusionPipeline.encode_prompt: pad to the
+tokenizer's model_max_length, truncate, take the text encoder's last_hidden_state; the
+unconditional branch encodes the negative prompt ("" by default) padded the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgediff.errors import BadInput
+from edgediff.pipelines.components import Pipeline
+
+
+def token_ids(pipe: Pipeline, prompts: list[str], name: str = "tokenizer") -> torch.Tensor:
+    tok = pipe.load(name)
+    seq = pipe.denoiser.signature.cond_shape[0] if pipe.denoiser.signature.cond_shape else tok.model_max_length
+    enc = tok(list(prompts), padding="max_length", max_length=int(seq), truncation=True, return_tensors="pt")
+    return enc.input_ids
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str], batch: int = 16) -> torch.Tensor:
+    """(N, seq, hidden) float32 encoder states of `prompts` (the text encoder's last_hidden_state)."""
+    if not pipe.has("text_encoder") or not pipe.has("tokenizer"):
+        raise BadInput(f"{pipe.path}: this pipeline has no text encoder and tokenizer to encode prompts with")
+    te = pipe.load("text_encoder")
+    ids = token_ids(pipe, prompts)
+    outs = [te(ids[i:i + batch])[0].float() for i in range(0, len(ids), batch)]
+    return torch.cat(outs)
+
+
+def guided_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional, unconditional) encoder states for classifier-free guidance."""
+    neg = negative if negative is not None else [""] * len(prompts)
+    if len(neg) != len(prompts):
+        raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+    both = encode_prompts(pipe, list(prompts) + list(neg))
+    return both[: len(prompts)], both[len(prompts):]
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance around a sampler Denoiser: one batch [uncond; cond], then
+    out = u + g (c - u), as diffusers pipelines step. `cond` passed by the sampler is the
+    conditional encoder states of the rows; the unconditional rows come from `uncond` (same rows)."""
+
+    def __init__(self, inner: Any, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> None:
+        self.inner, self.uncond, self.cond, self.scale = inner, uncond, cond, float(scale)
+        self.rows = 0  # where the next call's rows start (the sampler walks the batch in order)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        c = cond if isinstance(cond, torch.Tensor) else self.cond[: x.shape[0]]
+        u = _match_rows(self.uncond, self.cond, c)
+        out = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))
+        ou, oc = out.chunk(2)
+        return ou + self.scale * (oc - ou)
+
+
+def _match_rows(uncond: torch.Tensor, cond_all: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    # the unconditional states are identical per row for one negative prompt; otherwise find the rows
+    if uncond.shape[0] == 1 or bool((uncond == uncond[:1]).all()):
+        return uncond[:1].expand(c.shape[0], *uncond.shape[1:])
+    for i in range(cond_all.shape[0] - c.shape[0] + 1):
+        if torch.equal(cond_all[i:i + c.shape[0]], c):
+            return uncond[i:i + c.shape[0]]
+    raise BadInput("guidance: cannot match the conditional rows to their negative prompts")
+
+
+@torch.no_grad()
+def decode_latents(pipe: Pipeline, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """VAE decode as diffusers does: vae.decode(latents / scaling_factor + shift) -> images in [-1, 1]."""
+    vae = pipe.load("vae")
+    z = latents.float() / pipe.vae_scaling_factor() + pipe.vae_shift_factor()
+    return torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
+
+
+def component_stats(pipe: Pipeline) -> dict[str, dict[str, Any]]:
+    """{name: {kind, class, params, macs (one call, batch 1), size_bytes}} for every component."""
+    from edgediff import metrics
+    from edgediff.pipeline import model_stats
+
+    out: dict[str, dict[str, Any]] = {}
+    sig = pipe.denoiser.signature
+    for name, comp in sorted(pipe.components.items()):
+        row: dict[str, Any] = {"kind": comp["kind"], "class": comp["class"]}
+        kind = comp["kind"]
+        if kind == "denoiser":
+            row.update(model_stats(pipe.denoiser))
+            row["macs_note"] = "per denoiser call (x2 per step with guidance)"
+        elif kind == "text_encoder":
+            te = pipe.load(name)
+            seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
+            ids = torch.zeros(1, seq, dtype=torch.long)
+            row.update({"params": metrics.params(te), "macs": metrics.macs_of_call(te, ids),
+                        "size_bytes": metrics.size_bytes(te), "sequence_length": seq})
+        elif kind == "vae":
+            vae = pipe.load(name)
+            f = pipe.vae_scale_factor()
+            c, h, w = (int(v) for v in sig.sample_shape[-3:])
+            z = torch.zeros(1, c, h, w)
+            img = torch.zeros(1, int(vae.config.in_channels), h * f, w * f)
+            dec_params = metrics.params(vae.decoder) + metrics.params(vae.post_quant_conv or torch.nn.Identity())
+            row.update({"params": metrics.params(vae), "size_bytes": metrics.size_bytes(vae),
+                        "decoder_params": dec_params,
+                        "macs_decode": metrics.macs_of_call(vae.decode, z),
+                        "macs_encode": metrics.macs_of_call(vae.encode, img), "image_shape": [img.shape[1], h * f, w * f]})
+        elif kind == "tokenizer":
+            d = pipe.path / name
+            row["size_bytes"] = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
+        elif kind == "scheduler":
+            row["config"] = {k: v for k, v in pipe.scheduler_config().items() if k != "trained_betas"}
+        else:
+            row["bundled"] = False
+        out[name] = row
+    return out

@@ -1,0 +1,216 @@
+"""Text-to-image from a pipeline bundle with numpy, onnxruntime and `tokenizers` only (no torch).
+
+The loop is diffusers' StableDiffusionPipeline's: tokenize (pad to max_length) -> text encoder
+last_hidden_state for the prompts and, with guidance > 1, for the negative prompts ("" by
+default); latents `randn((n, C, h, w)) * init_noise_sigma` from a torch-compatible generator;
+per timestep one denoiser batch [uncond; cond] on scale_model_input(latents), then
+noise = u + g (c - u) and scheduler.step (stochastic steps draw from the same generator);
+VAE decode of latents / scaling_factor + shift; images clipped to [-1, 1].
+
+`low_memory`: each component's session is created right before its stage and released after it
+(text encoder, then denoiser, then VAE decoder), so peak memory is the largest component's, as
+phones must run it; otherwise all sessions are created first.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import BadInput, Unavailable
+from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL, Bundle, read_bundle
+from edgediff.runtime.generate import OrtEntry, make_scheduler, write_grid
+from edgediff.runtime.rng import TorchGenerator
+from edgediff.runtime.tokenizer import BundleTokenizer
+
+F32 = np.float32
+
+
+def is_text_pipeline(bundle: Bundle) -> bool:
+    p = bundle.manifest.get("pipeline") or {}
+    return bool(p.get("text_encoder") or p.get("vae_decoder"))
+
+
+def _rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)
+
+
+class _Sessions:
+    """Creates component sessions on demand (and releases them in low-memory mode), timing the loads."""
+
+    def __init__(self, bundle: Bundle, threads: int | None, low_memory: bool) -> None:
+        self.bundle, self.threads, self.low_memory = bundle, threads, low_memory
+        self.open: dict[str, OrtEntry] = {}
+        self.load_ms = 0.0
+        self.ms: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def get(self, role: str) -> OrtEntry:
+        if role not in self.open:
+            if self.bundle.target != "onnx":
+                raise Unavailable(f"{self.bundle.path}: generating from a {self.bundle.target!r} bundle is not "
+                                  "supported by the numpy runtime yet (onnx is)")
+            t0 = time.perf_counter()
+            self.open[role] = OrtEntry(self.bundle.file(role), self.threads)
+            self.load_ms += (time.perf_counter() - t0) * 1e3
+        return self.open[role]
+
+    def done(self, role: str) -> None:
+        e = self.open.get(role)
+        if e is None:
+            return
+        self.ms[role] = self.ms.get(role, 0.0) + e.ms
+        self.calls[role] = self.calls.get(role, 0) + e.calls
+        e.ms, e.calls = 0.0, 0
+        if self.low_memory:
+            del self.open[role]
+            del e
+            gc.collect()
+
+    def preload(self, roles: list[str]) -> None:
+        if not self.low_memory:
+            for r in roles:
+                self.get(r)
+
+
+def encode(bundle: Bundle, sessions: _Sessions, prompts: list[str]) -> tuple[np.ndarray, float]:
+    """(N, seq, hidden) float32 text encoder states of `prompts`, tokenizer ms."""
+    p = bundle.manifest["pipeline"]
+    tc = p.get("tokenizer_config") or {}
+    t0 = time.perf_counter()
+    name = p.get("tokenizer") or "tokenizer"
+    comp = (bundle.manifest["components"].get(name) or {})
+    tok = BundleTokenizer(bundle.path / str(comp.get("path", f"{name}/tokenizer.json")), int(tc.get("max_length", 77)),
+                          int(tc.get("pad_token_id", 0)))
+    ids = tok(prompts)
+    tok_ms = (time.perf_counter() - t0) * 1e3
+    te = sessions.get("text_encoder")
+    states = te.run(["last_hidden_state"], {"input_ids": ids})[0].astype(F32)
+    return states, tok_ms
+
+
+def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None,
+                 samples: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                 sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
+                 threads: int | None = None, low_memory: bool = False, decode: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(latents (N, C, h, w), images (N, 3, H, W) in [-1, 1] or None, stats)."""
+    t_start = time.perf_counter()
+    bundle = read_bundle(path)
+    pipe = bundle.manifest.get("pipeline") or {}
+    if samples < 1:
+        raise BadInput(f"number of samples must be >= 1, got {samples}")
+    prompts = [prompt] * samples if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != samples:
+        prompts = [prompts[i % len(prompts)] for i in range(samples)]
+    g_scale = float(pipe.get("default_guidance") or 1.0) if guidance is None else float(guidance)
+    if g_scale < 0:
+        raise BadInput(f"--guidance must be >= 0, got {g_scale}")
+    has_text = bool(pipe.get("text_encoder"))
+    if not has_text and (any(prompts) or negative_prompt):
+        raise BadInput(f"{bundle.path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt")
+    cfg = has_text and g_scale > 1.0
+    sessions = _Sessions(bundle, threads, low_memory)
+    sessions.preload([r for r, on in (("text_encoder", has_text), (ROLE_FULL, True),
+                                      ("vae_decoder", decode and bool(pipe.get("vae_decoder")))) if on])
+    tok_ms = 0.0
+    cond: np.ndarray | None = None
+    uncond: np.ndarray | None = None
+    if has_text:
+        negs = [negative_prompt] * samples if isinstance(negative_prompt, str) or negative_prompt is None \
+            else list(negative_prompt)
+        negs = ["" if n is None else n for n in negs]
+        if len(negs) != samples:
+            raise BadInput(f"{len(negs)} negative prompts for {samples} samples")
+        states, tok_ms = encode(bundle, sessions, prompts + (negs if cfg else []))
+        cond, uncond = states[:samples], (states[samples:] if cfg else None)
+        sessions.done("text_encoder")
+    n_steps = int(bundle.manifest["steps"] if steps is None else steps)
+    sched, sampler_name = make_scheduler(bundle, sampler, eta)
+    sched.set_timesteps(n_steps)
+    shape = tuple(int(s) for s in bundle.signature["sample_shape"])
+    g = TorchGenerator(seed)
+    x = (g.randn((samples, *shape)) * F32(sched.init_noise_sigma)).astype(F32)
+    den = sessions.get(ROLE_FULL)
+    sched_ms = 0.0
+    for t in sched.timesteps:
+        ts0 = time.perf_counter()
+        xin = sched.scale_model_input(x, t)
+        sched_ms += (time.perf_counter() - ts0) * 1e3
+        outs = []
+        for a in range(0, samples, batch_size):
+            b = min(a + batch_size, samples)
+            if cfg:
+                assert cond is not None and uncond is not None
+                xb = np.concatenate([xin[a:b], xin[a:b]])
+                feeds = {"sample": xb, "timestep": np.full((2 * (b - a),), float(t), F32),
+                         "encoder_hidden_states": np.concatenate([uncond[a:b], cond[a:b]])}
+                o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
+                ou, oc = o[: b - a], o[b - a:]
+                o = ou + F32(g_scale) * (oc - ou)
+            else:
+                feeds = {"sample": xin[a:b], "timestep": np.full((b - a,), float(t), F32)}
+                if cond is not None:
+                    feeds["encoder_hidden_states"] = cond[a:b]
+                o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
+            outs.append(o)
+        out = np.concatenate(outs)
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned-variance models: the second half is the variance
+        ts0 = time.perf_counter()
+        x = sched.step(out, t, x, generator=g)
+        sched_ms += (time.perf_counter() - ts0) * 1e3
+    sessions.done(ROLE_FULL)
+    images = None
+    if decode and pipe.get("vae_decoder"):
+        z = (x / F32(pipe.get("vae_scaling_factor", 1.0)) + F32(pipe.get("vae_shift_factor") or 0.0)).astype(F32)
+        vae = sessions.get("vae_decoder")
+        images = np.concatenate([vae.run(["sample"], {"latent_sample": z[a:a + batch_size]})[0]
+                                 for a in range(0, samples, batch_size)]).astype(F32)
+        images = np.clip(images, -1.0, 1.0)
+        sessions.done("vae_decoder")
+    seconds = time.perf_counter() - t_start
+    comp_ms = {k: round(v, 2) for k, v in sessions.ms.items()}
+    comp_ms.update({"tokenizer": round(tok_ms, 2), "scheduler": round(sched_ms, 2), "load": round(sessions.load_ms, 2)})
+    n_ts = len(sched.timesteps)
+    stats: dict[str, Any] = {
+        "bundle": str(bundle.path), "runtime": "onnxruntime", "kind": "pipeline", "pipeline": pipe.get("class"),
+        "sampler": sampler_name, "steps": n_ts, "samples": samples, "seed": seed,
+        "guidance": g_scale if has_text else None, "classifier_free_guidance": cfg,
+        "prompt": prompts[0] if len(set(prompts)) == 1 else prompts,
+        "negative_prompt": negative_prompt,
+        # denoiser evaluations per image batch, counted as the PyTorch generate counts them (x2 with guidance)
+        "denoiser_calls": n_ts * (2 if cfg else 1), "denoiser_calls_full": n_ts * (2 if cfg else 1),
+        "denoiser_calls_shallow": 0, "cache": None,
+        "seconds": round(seconds, 3), "ms_per_image": round(seconds * 1e3 / samples, 3),
+        "sampling_ms_per_image": round((sum(sessions.ms.values()) + sched_ms + tok_ms) / samples, 3),
+        "component_ms": comp_ms, "low_memory": low_memory, "peak_rss_mb": _rss_mb(),
+        "torch_imported": "torch" in sys.modules and sys.modules["torch"] is not None,
+    }
+    return x, images, stats
+
+
+def generate_pipeline(path: Path | str, samples: int = 1, seed: int = 0, steps: int | None = None,
+                      sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
+                      threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
+                      prompt: str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
+                      low_memory: bool = False, **_: Any) -> dict[str, Any]:
+    """`edgediff generate BUNDLE --prompt ...`: the PNG holds the decoded images, `save_npy` the final latents
+    (model space, as for every bundle). Returns the JSON-able report of run_pipeline."""
+    x, images, stats = run_pipeline(path, prompt or "", negative_prompt, samples=samples, seed=seed, steps=steps,
+                                    guidance=guidance, sampler=sampler, eta=eta, batch_size=batch_size,
+                                    threads=threads, low_memory=low_memory)
+    if save_npy is not None:
+        np.save(str(save_npy), x)
+        stats["save_npy"] = str(save_npy)
+    if output is not None:
+        write_grid(images if images is not None else x, Path(output))
+        stats["output"] = str(output)
+    return stats

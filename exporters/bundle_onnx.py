@@ -1,0 +1,132 @@
+"""ONNX graphs of a pipeline's non-denoiser components, with optimum's names and dynamic axes.
+
+    text_encoder/model.onnx   input_ids int32 [batch_size, sequence_length]
+                              -> last_hidden_state [batch_size, sequence_length, hidden], pooler_output
+    vae_decoder/model.onnx    latent_sample [batch_size, C, height_latent, width_latent]
+                              -> sample [batch_size, 3, height, width]   (post_quant_conv + decoder; the caller
+                              divides by scaling_factor first, as optimum's and diffusers' pipelines do)
+    vae_encoder/model.onnx    sample -> latent_parameters (the Gaussian's mean and log-variance, quant_conv's output)
+
+input_ids are int32 because diffusers' ONNX pipeline feeds int32 and optimum casts to what the session declares.
+The denoiser graph comes from the denoiser exporter (exporters/onnx.py), not from here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+OPSET = 17  # the denoiser exporter's opset, so one runtime version runs every graph of a bundle
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB limit, with margin: larger graphs keep weights beside them
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, te: nn.Module) -> None:
+        super().__init__()
+        self.te = te
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.te(input_ids.long(), return_dict=True)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = getattr(out, "text_embeds", None)
+        if pooled is None:  # T5: no pooled output; the mean keeps the optimum output list complete
+            pooled = out.last_hidden_state.mean(1)
+        return out.last_hidden_state, pooled
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VaeEncoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        h = self.vae.encoder(sample)
+        qc = getattr(self.vae, "quant_conv", None)
+        return qc(h) if qc is not None else h
+
+
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dyn: dict[str, dict[int, str]]) -> Any:
+    import onnx
+
+    big = sum(p.numel() * 4 for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(prefix="edgediff-onnx-") as td, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on python branches over shapes
+        target: Any = os.path.join(td, "m.onnx") if big else io.BytesIO()
+        with torch.no_grad():
+            torch.onnx.export(module.eval(), args, target, input_names=inputs, output_names=outputs,
+                              opset_version=OPSET, dynamo=False, dynamic_axes=dyn, do_constant_folding=True)
+        return onnx.load(target) if big else onnx.load_from_string(target.getvalue())
+
+
+def text_encoder_graph(te: nn.Module, seq: int) -> Any:
+    ids = torch.zeros(2, seq, dtype=torch.int32)
+    ids[:, 0] = int(getattr(te.config, "bos_token_id", 0) or 0)
+    ids[:, -1] = int(getattr(te.config, "eos_token_id", 0) or 0)
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+           "last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}}
+    return _export(_TextEncoder(te), (ids,), ["input_ids"], ["last_hidden_state", "pooler_output"], dyn)
+
+
+def vae_decoder_graph(vae: nn.Module, latent_shape: tuple[int, int, int]) -> Any:
+    z = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))
+    dyn = {"latent_sample": {0: "batch_size", 2: "height_latent", 3: "width_latent"},
+           "sample": {0: "batch_size", 2: "height", 3: "width"}}
+    return _export(_VaeDecoder(vae), (z,), ["latent_sample"], ["sample"], dyn)
+
+
+def vae_encoder_graph(vae: nn.Module, image_shape: tuple[int, int, int]) -> Any:
+    x = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"},
+           "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}
+    return _export(_VaeEncoder(vae), (x,), ["sample"], ["latent_parameters"], dyn)
+
+
+def to_fp16(proto: Any) -> Any:
+    """fp16 weights and arithmetic, float32 I/O (the converter casts at the edges)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=big)
+    om = OnnxModel(proto)
+    om.topological_sort()
+    return om.model
+
+
+def save(proto: Any, path: str) -> None:
+    """Save a graph; weights go to model.onnx_data beside it when the graph is large (optimum's convention)."""
+    import onnx
+
+    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + "_data")
+    else:
+        onnx.save_model(proto, path)
+
+
+def graph_io(proto: Any) -> tuple[dict[str, Any], list[str]]:
+    """({input: {shape, dtype}}, [output names]) of a graph, as the bundle manifest lists them."""
+    import onnx
+
+    def shape(v: Any) -> list[Any]:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs = {v.name: {"shape": shape(v), "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+        v.type.tensor_type.elem_type).name} for v in proto.graph.input}
+    return inputs, [v.name for v in proto.graph.output]

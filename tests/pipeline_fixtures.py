@@ -1,0 +1,100 @@
+"""Tiny random-weight diffusers pipelines written with save_pretrained, shared by the pipeline tests.
+
+`build_tiny_sd(folder)`: an SD-1.x-style StableDiffusionPipeline (CLIPTextModel 2 layers x 32, a
+byte-level CLIP BPE tokenizer whose vocab.json/merges.txt the test writes, AutoencoderKL with a
+2x down-scale, UNet2DConditionModel on 4x8x8 latents, the SD-1.x PNDM scheduler config), 16-token
+prompts. Import the fixtures into a test module: `from pipeline_fixtures import tiny_sd  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SEQ = 16
+MERGES = [("a", "t</w>"), ("t", "h"), ("th", "e</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>"),
+          ("r", "e"), ("e", "d</w>"), ("re", "d</w>")]
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer(folder: Path, seq: int = SEQ) -> dict[str, int]:
+    """vocab.json + merges.txt of a small CLIP BPE (every byte, with and without </w>, a few merges)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    chars = _bytes_to_unicode()
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for a, b in MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n")
+    return vocab
+
+
+def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder.parent / f"{folder.name}-vocab"
+    vocab = write_clip_tokenizer(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=SEQ,
+                                      bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1)
+    sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                        steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_ddpm(folder: Path, seed: int = 0) -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(folder))
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-1.x pipeline folder (built once per test session; tests must not modify it)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_ddpm(tmp_path_factory.mktemp("pipelines") / "tiny-ddpm")

@@ -1,0 +1,202 @@
+"""Pipelines as input and as bundles: a tiny SD-1.x pipeline folder loads with its components, exports in
+optimum's ONNX layout, and generates text-to-image on onnxruntime without torch, equal to diffusers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import SEQ, tiny_ddpm, tiny_sd  # noqa: F401
+
+from edgediff.bundle import export_bundle
+from edgediff.errors import BadInput
+from edgediff.loaders import load_model
+
+ort = pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
+    from edgediff.cli import main
+
+    capsys.readouterr()
+    rc = main([*args, "--json"])
+    out = capsys.readouterr().out
+    return rc, (json.loads(out) if out.strip() else {})
+
+
+@pytest.fixture(scope="module")
+def sd_bundle(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("bundles") / "sd"
+    export_bundle(load_model(tiny_sd), out, steps=6)
+    return out
+
+
+def _diffusers(folder: Path, bundle: Path, prompt: str, n: int, seed: int, steps: int, guidance: float,
+               output_type: str, negative: str | None = None) -> np.ndarray:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    cfg = json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+               num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type=output_type).images
+    return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+
+
+def test_pipeline_folder_is_a_pipeline_with_components(tiny_sd: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    m = load_model(tiny_sd)
+    assert m.signature.cond_shape == (SEQ, 32)  # from the tokenizer and text encoder, not the default 77
+    assert m.extras["pipeline"]["class"] == "StableDiffusionPipeline"
+    rc, info = _cli(capsys, "info", str(tiny_sd))
+    assert rc == 0 and info["kind"] == "pipeline"
+    comps = info["components"]
+    assert set(comps) == {"unet", "text_encoder", "tokenizer", "vae", "scheduler"}
+    for name in ("unet", "text_encoder", "vae"):
+        assert comps[name]["params"] > 0 and comps[name]["size_bytes"] > 0
+    assert comps["text_encoder"]["macs"] > 0 and comps["vae"]["macs_decode"] > comps["vae"]["macs_encode"] > 0
+    assert comps["unet"]["macs"] == info["macs"]
+
+
+def test_onnx_bundle_has_optimums_layout_and_io_names(tiny_sd: Path, sd_bundle: Path,  # noqa: F811
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    for rel in ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/model.onnx", "unet/model.onnx",
+                "vae_decoder/model.onnx", "vae_encoder/model.onnx", "tokenizer/tokenizer.json", "tokenizer/vocab.json",
+                "tokenizer/merges.txt", "unet/config.json", "vae_decoder/config.json", "text_encoder/config.json",
+                "edgediff_bundle.json"):
+        assert (sd_bundle / rel).is_file(), rel
+
+    def io(name: str) -> tuple[dict, list]:
+        g = onnx.load(str(sd_bundle / name / "model.onnx")).graph
+        ins = {i.name: ([d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim], i.type.tensor_type.elem_type)
+               for i in g.input}
+        return ins, [o.name for o in g.output]
+
+    # optimum's documented ONNX Stable Diffusion I/O (exporters/onnx/model_configs.py)
+    ins, outs = io("text_encoder")
+    assert list(ins) == ["input_ids"] and ins["input_ids"][1] == onnx.TensorProto.INT32
+    assert ins["input_ids"][0] == ["batch_size", "sequence_length"] and outs == ["last_hidden_state", "pooler_output"]
+    ins, outs = io("unet")
+    assert list(ins) == ["sample", "timestep", "encoder_hidden_states"] and outs == ["out_sample"]
+    assert isinstance(ins["sample"][0][0], str)  # dynamic batch
+    ins, outs = io("vae_decoder")
+    assert list(ins) == ["latent_sample"] and outs == ["sample"]
+    assert all(isinstance(d, str) for i, d in enumerate(ins["latent_sample"][0]) if i != 1)  # dynamic batch, H, W
+    ins, outs = io("vae_encoder")
+    assert list(ins) == ["sample"] and outs == ["latent_parameters"]
+    index = json.loads((sd_bundle / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and "vae" not in index
+    assert {"text_encoder", "tokenizer", "unet", "scheduler", "vae_decoder", "vae_encoder"} <= set(index)
+    mf = json.loads((sd_bundle / "edgediff_bundle.json").read_text())
+    assert mf["kind"] == "pipeline" and mf["source_hash"]
+    roles = {c["role"] for c in mf["components"].values()}
+    assert roles == {"denoiser", "text_encoder", "vae_decoder", "vae_encoder", "tokenizer"}
+    assert mf["pipeline"]["vae_scaling_factor"] == pytest.approx(0.18215) and mf["pipeline"]["default_guidance"] == 7.5
+    assert mf["sampler"] == "dpmpp-2m" and "PNDMScheduler" in mf["sampler_note"]  # no numpy PNDM port
+    rc, info = _cli(capsys, "info", str(sd_bundle))
+    assert rc == 0 and info["kind"] == "bundle"
+    # graph MACs at the pipeline's shapes equal the PyTorch count of each component
+    _, src = _cli(capsys, "info", str(tiny_sd))
+    assert info["components"]["vae_decoder"]["macs"] == src["components"]["vae"]["macs_decode"]
+    assert info["components"]["text_encoder"]["macs"] == src["components"]["text_encoder"]["macs"]
+
+
+_CHILD = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from edgediff.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}),
+      file=sys.stderr)
+"""
+
+
+def test_generate_from_the_bundle_without_torch_equals_diffusers(tiny_sd: Path, sd_bundle: Path,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    npy, png = tmp_path / "lat.npy", tmp_path / "img.png"
+    args = ["--threads", "1", "generate", str(sd_bundle), "--prompt", "a red cat", "--negative-prompt", "the dog",
+            "--seed", "3", "--steps", "6", "--samples", "2", "--guidance", "5", "-o", str(png), "--save-npy", str(npy),
+            "--json"]
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tail = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert tail["rc"] == 0 and tail["torch"] == ["torch"]  # nothing imported torch
+    rep = json.loads(proc.stdout)
+    assert rep["torch_imported"] is False and rep["classifier_free_guidance"] and rep["denoiser_calls"] == 12
+    for key in ("text_encoder", "denoiser", "vae_decoder", "tokenizer", "scheduler"):
+        assert rep["component_ms"][key] >= 0
+    assert rep["ms_per_image"] > 0 and rep["peak_rss_mb"] > 0
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * 18, 18)  # two 16x16 RGB images in a grid with borders
+    want = _diffusers(tiny_sd, sd_bundle, "a red cat", 2, 3, 6, 5.0, "latent", negative="the dog")
+    got = np.load(npy)
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+
+
+def test_images_equal_diffusers_and_low_memory_is_the_same(tiny_sd: Path, sd_bundle: Path) -> None:  # noqa: F811
+    from edgediff.runtime.pipeline import run_pipeline
+
+    want = _diffusers(tiny_sd, sd_bundle, "the dog", 2, 1, 6, 7.5, "np")  # (N, H, W, 3) in [0, 1]
+    _, img, st = run_pipeline(sd_bundle, "the dog", samples=2, seed=1, threads=1)
+    _, img_low, st_low = run_pipeline(sd_bundle, "the dog", samples=2, seed=1, threads=1, low_memory=True)
+    got = ((img + 1) / 2).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(img_low, img)
+    assert st["guidance"] == 7.5 and st_low["low_memory"] and st["steps"] == 6  # the pipeline's default guidance
+
+
+def test_runtime_tokenizer_equals_transformers(tiny_sd: Path, sd_bundle: Path) -> None:  # noqa: F811
+    from transformers import CLIPTokenizer
+
+    from edgediff.pipelines import PROMPTS
+    from edgediff.runtime.tokenizer import BundleTokenizer
+
+    ref = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
+    tok = BundleTokenizer(sd_bundle / "tokenizer" / "tokenizer.json", SEQ, ref.pad_token_id)
+    prompts = [*PROMPTS, "A  RED\tCat!!  the dog's", "the " * 40]
+    want = ref(prompts, padding="max_length", max_length=SEQ, truncation=True, return_tensors="np").input_ids
+    np.testing.assert_array_equal(tok(prompts), want)
+
+
+def test_optimum_loads_the_bundle(sd_bundle: Path) -> None:
+    try:
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+    except ImportError as e:
+        pytest.skip(f"optimum is not installable beside this transformers ({e.__class__.__name__}); the layout and "
+                    "I/O names are checked against optimum's documented ones in the test above")
+    pipe = ORTStableDiffusionPipeline.from_pretrained(str(sd_bundle))
+    assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape[-1] == 3
+
+
+def test_denoiser_only_pipeline_bundle(tiny_ddpm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    rc, rep = _cli(capsys, "export", str(tiny_ddpm), "--target", "onnx", "-o", str(tmp_path / "b"))
+    assert rc == 0 and rep["kind"] == "pipeline" and set(rep["components"]) == {"unet"}
+    rc, g = _cli(capsys, "generate", str(tmp_path / "b"), "--samples", "2", "--steps", "3",
+                 "--save-npy", str(tmp_path / "x.npy"))
+    assert rc == 0 and g["denoiser_calls"] == 3 and np.load(tmp_path / "x.npy").shape == (2, 1, 16, 16)
+    rc, _ = _cli(capsys, "generate", str(tmp_path / "b"), "--prompt", "a cat", "--save-npy", str(tmp_path / "y.npy"))
+    assert rc == 2  # no text encoder: a clear refusal
+
+
+def test_broken_pipeline_folders_are_bad_input(tiny_sd: Path, tmp_path: Path) -> None:  # noqa: F811
+    from edgediff.pipelines import pipeline_of
+
+    bad = tmp_path / "p"
+    shutil.copytree(tiny_sd, bad)
+    idx = json.loads((bad / "model_index.json").read_text())
+    idx["text_encoder"] = ["transformers", "SomethingElse"]
+    (bad / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(BadInput, match="not supported"):
+        pipeline_of(load_model(bad)).load("text_encoder")
+    shutil.rmtree(bad / "vae")
+    with pytest.raises(BadInput, match="missing"):
+        pipeline_of(load_model(bad)).load("vae")
