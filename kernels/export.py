@@ -31,14 +31,10 @@ def _dir_size(p: Path) -> int:
 
 
 def read_bundle(path: Path) -> dict[str, Any]:
+    from edgediff.runtime.bundle import read_manifest
+
     path = Path(path)
-    mf = path / MARKER
-    if not mf.is_file():
-        raise BadInput(f"{path}: not an OpenCL bundle (no {MARKER})")
-    try:
-        meta = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"{mf}: unreadable bundle manifest ({e})") from None
+    mf, meta = read_manifest(path, MARKER, "an OpenCL bundle")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise BadInput(f"{mf}: unsupported bundle format {meta.get('format')!r} v{meta.get('format_version')!r} "
                        f"(this edgediff reads {FORMAT} v{FORMAT_VERSION})")

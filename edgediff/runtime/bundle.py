@@ -81,16 +81,22 @@ class Bundle:
         return p
 
 
+def read_manifest(folder: Path, name: str, what: str = "a bundle") -> tuple[Path, Any]:
+    """(path, parsed JSON) of the manifest `name` in `folder`; BadInput naming the file when the
+    folder is not `what` (no manifest) or the manifest is not JSON. Shared with the OpenCL bundle."""
+    mf = folder / name
+    if not mf.is_file():
+        raise BadInput(f"{folder}: not {what} (no {name})")
+    try:
+        return mf, json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"{mf}: not valid JSON ({e})") from None
+
+
 def read_bundle(path: Path | str) -> Bundle:
     """Parse and check a bundle directory (BadInput naming the file and the problem)."""
     path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise BadInput(f"{path}: not a bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"{mf}: not valid JSON ({e})") from None
+    mf, manifest = read_manifest(path, MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BadInput(f"{mf}: not an edgediff bundle manifest (format must be {FORMAT!r})")
     if int(manifest.get("version", 0)) > VERSION:
