@@ -164,7 +164,7 @@ class _QDQLayer(nn.Module):
         return F.linear(self._in(x), w, self.inner.bias)
 
 
-class _QDQAttnProcessor(OperandAttnProcessor):
+class QDQAttnProcessor(OperandAttnProcessor):
     """edgediff.attention's explicit-matmul processor with Q/DQ on Q, K, softmax output and V
     (the operands the simulation quantizes); `quant` builds the Q/DQ module (TFLite passes its own)."""
 
@@ -182,7 +182,7 @@ class _QDQAttnProcessor(OperandAttnProcessor):
 # ------------------------------------------------------------------------------------------
 
 
-class _IntLayer(nn.Module):
+class IntLayer(nn.Module):
     """A lowered Conv2d/Linear as Q/DQ that onnxruntime fuses into QLinearConv / QGemm.
 
     Per part (two for a shortcut-split layer): Q/DQ on the input, int8 weight -> DQ, int32
@@ -240,7 +240,7 @@ def insert_int_layers(den: nn.Module, low: LoweredModel, layer_cls: Any = None, 
     by Q/DQ on its operands (plus the output requantization to to_out's input), in place.
 
     `layer_cls(lowered_layer)` and `quant(act_q, what)` build the twins (TFLite passes its own)."""
-    layer_cls = layer_cls or _IntLayer
+    layer_cls = layer_cls or IntLayer
     quant = quant or _QDQ
     counts: Counter[str] = Counter()
     for name, lay in low.layers.items():
@@ -326,7 +326,7 @@ def insert_qdq(den: nn.Module, qp: QuantParams, layer_cls: Any = None, attn_proc
     (TFLite) pass their own so that every target places Q/DQ where the simulation quantizes.
     """
     layer_cls = layer_cls or _QDQLayer
-    attn_processor = attn_processor or _QDQAttnProcessor
+    attn_processor = attn_processor or QDQAttnProcessor
     counts: Counter[str] = Counter()
     modules = dict(den.named_modules())
     attn_pairs: dict[str, dict[str, LayerQuant]] = {}

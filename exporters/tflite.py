@@ -223,9 +223,9 @@ class _TflQDQLayer(nn.Module):
 
 def _attn_processor(qk: LayerQuant, av: LayerQuant) -> nn.Module:
     """exporters.onnx's explicit-matmul attention with TFLite Q/DQ on Q, K, softmax output and V."""
-    from edgediff.exporters.onnx import _QDQAttnProcessor
+    from edgediff.exporters.onnx import QDQAttnProcessor
 
-    return _QDQAttnProcessor(qk, av, quant=_TflQDQ)
+    return QDQAttnProcessor(qk, av, quant=_TflQDQ)
 
 
 def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
@@ -259,9 +259,9 @@ class _TflActQDQ(nn.Module):
 
 
 def _tfl_int_layer_cls() -> Any:
-    from edgediff.exporters.onnx import _IntLayer
+    from edgediff.exporters.onnx import IntLayer
 
-    class _TflIntLayer(_IntLayer):
+    class _TflIntLayer(IntLayer):
         """exporters.onnx's integer twin with PT2E ops: DQ -> CONV_2D/FULLY_CONNECTED -> Q, which
         the TFLite converter turns into int8-in/int8-out kernels (XNNPACK QS8 on CPU)."""
 

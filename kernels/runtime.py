@@ -82,7 +82,7 @@ def pick_device(name: str | None = None) -> Any:
     return (gpus or real)[0]
 
 
-def _source(name: str) -> str:
+def kernel_source(name: str) -> str:
     base = resources.files("edgediff.kernels") / "cl"
     return (base / "common.h.cl").read_text() + "\n" + (base / f"{name}.cl").read_text()
 
@@ -243,7 +243,7 @@ class CLRuntime:
         if prg is None:
             opts = self.build_options(name, defs)
             try:
-                src = (self.sources["common.h.cl"] + "\n" + self.sources[f"{name}.cl"]) if self.sources else _source(name)
+                src = (self.sources["common.h.cl"] + "\n" + self.sources[f"{name}.cl"]) if self.sources else kernel_source(name)
                 prg = self.cl.Program(self.ctx, src).build(options=opts)
             except self.cl.RuntimeError as e:  # a kernel that does not compile is our bug: show the log
                 raise RuntimeError(f"OpenCL build of {name}.cl failed on {self.device.name.strip()}: {e}") from None

@@ -185,7 +185,7 @@ def compile_half(device: Any) -> list[dict[str, Any]]:
     """Build every program with half arithmetic (HALF_ARITH=1) and each layout variant, without
     running anything: [{program, defines, ok, error}]. For compilers that accept `half`."""
     import pyopencl as cl
-    from edgediff.kernels.runtime import PROGRAMS, _source
+    from edgediff.kernels.runtime import PROGRAMS, kernel_source
 
     ctx = cl.Context([device])
     out = []
@@ -196,7 +196,7 @@ def compile_half(device: Any) -> list[dict[str, Any]]:
             extra = ["-DHEAD_DIM=80", "-DDC=32", "-DBKV=16"] if name == "attention" else []
             opts = ["-DUSE_HALF=1", "-DHALF_ARITH=1", "-DVEC=8", f"-DLOCAL_TILES={local}", *extra]
             try:
-                cl.Program(ctx, _source(name)).build(options=opts)
+                cl.Program(ctx, kernel_source(name)).build(options=opts)
                 out.append({"program": name, "defines": opts, "ok": True, "error": ""})
             except cl.RuntimeError as e:
                 out.append({"program": name, "defines": opts, "ok": False, "error": str(e)[-400:]})

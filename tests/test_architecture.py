@@ -29,12 +29,6 @@ KNOWN_CYCLES: list[list[str]] = [
     # the adapter loader calls load_model for its base model, and serialize rebuilds adapted modules
     ["edgediff.adapter", "edgediff.artifact", "edgediff.loaders", "edgediff.serialize"],
 ]
-KNOWN_PRIVATE = {
-    ("edgediff.exporters.tflite", "edgediff.exporters.onnx"),  # _QDQAttnProcessor: moves to edgediff.lowering
-    ("edgediff.kernels.simcheck", "edgediff.kernels.runtime"),  # _source
-    ("edgediff.quant.apply", "edgediff.quant.core"),  # _QuantLayer
-    ("edgediff.quant.reconstruct", "edgediff.quant.core"),  # _QuantLayer
-}
 
 
 @lru_cache(maxsize=1)
@@ -177,18 +171,13 @@ def test_no_private_names_across_modules() -> None:
     """`from edgediff.x import _helper` in another module: make it public or keep it where it is."""
     mods = modules()
 
-    seen: set[tuple[str, str]] = set()
-
     def rule(m: str, target: str, names: tuple[str, ...]) -> str | None:
         private = [n for n in names if n.startswith("_") and not n.startswith("__") and f"{target}.{n}" not in mods]
         if _under(target, "edgediff") and target != m and private:
-            seen.add((m, target))
-            if (m, target) not in KNOWN_PRIVATE:
-                return f"private name(s) {', '.join(private)}"
+            return f"private name(s) {', '.join(private)}"
         return None
 
     assert not _violations(rule)
-    assert not KNOWN_PRIVATE - seen, "fixed: remove it from KNOWN_PRIVATE"
 
 
 def test_storage_never_imports_passes() -> None:

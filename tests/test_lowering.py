@@ -82,7 +82,7 @@ def test_actq_storage_types_keep_the_grid() -> None:
 
 
 def test_lowering_is_what_the_simulation_computes(w8a8: DiffusionModel) -> None:
-    from edgediff.quant.core import _QuantLayer
+    from edgediff.quant.core import QuantLayer
 
     qp = QuantParams.of(w8a8)
     assert qp is not None
@@ -104,7 +104,7 @@ def test_lowering_is_what_the_simulation_computes(w8a8: DiffusionModel) -> None:
             caps.setdefault(name, (args[0].detach(), out.detach()))
         return fn
 
-    hs = [m.register_forward_hook(hook(n)) for n, m in sim.named_modules() if isinstance(m, _QuantLayer)]
+    hs = [m.register_forward_hook(hook(n)) for n, m in sim.named_modules() if isinstance(m, QuantLayer)]
     inp = w8a8.example_inputs(batch=2, seed=0)
     with torch.no_grad():
         w8a8.module()(**inp)

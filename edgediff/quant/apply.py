@@ -21,7 +21,7 @@ from edgediff.quant.core import (
     QuantAttnProcessor,
     QuantConv2d,
     QuantLinear,
-    _QuantLayer,
+    QuantLayer,
     act_quantizers,
     check_bits,
     link_attention_outputs,
@@ -46,7 +46,7 @@ class QuantConfig:
     p: float = 2.4
     percentile: float = 99.99
     # requantize conv/linear outputs as integer kernels do (all but the last layer, whose float
-    # output is the model's): see edgediff/quant/core.py _QuantLayer
+    # output is the model's): see edgediff/quant/core.py QuantLayer
     quant_output: bool = True
 
     def validate(self) -> None:
@@ -204,14 +204,14 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
 @torch.no_grad()
 def init_weights(denoiser: nn.Module, cfg: QuantConfig) -> None:
     for m in denoiser.modules():
-        if isinstance(m, _QuantLayer):
+        if isinstance(m, QuantLayer):
             m.wq.init(m.inner.weight, cfg.weight_init, cfg.p, cfg.percentile)
 
 
 @torch.no_grad()
 def calibrate_activations(denoiser: nn.Module, run_all: Any, cfg: QuantConfig) -> None:
     """Observe every activation quantizer over the calibration set (float weights), then set ranges."""
-    weights_were = [(m.wq, m.wq.enabled) for m in denoiser.modules() if isinstance(m, _QuantLayer)]
+    weights_were = [(m.wq, m.wq.enabled) for m in denoiser.modules() if isinstance(m, QuantLayer)]
     for wq, _ in weights_were:
         wq.enabled = False
     for q in act_quantizers(denoiser):
@@ -236,7 +236,7 @@ def calibrate_activations(denoiser: nn.Module, run_all: Any, cfg: QuantConfig) -
 def bake_weights(denoiser: nn.Module) -> None:
     """Write the fake-quantized (on-grid) weights into each wrapper's float module."""
     for m in denoiser.modules():
-        if isinstance(m, _QuantLayer):
+        if isinstance(m, QuantLayer):
             w = m.inner.weight
             on_grid = m.wq.finish_adaround(w) if m.wq.alpha is not None else m.wq(w)
             w.copy_(on_grid)
@@ -245,7 +245,7 @@ def bake_weights(denoiser: nn.Module) -> None:
 def quant_params(denoiser: nn.Module, cfg: QuantConfig, method: str) -> QuantParams:
     layers: dict[str, LayerQuant] = {}
     for name, m in denoiser.named_modules():
-        if isinstance(m, _QuantLayer):
+        if isinstance(m, QuantLayer):
             kind = "conv" if isinstance(m, QuantConv2d) else "linear"
             meta: dict[str, Any] = {}
             if m.split_at:

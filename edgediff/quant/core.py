@@ -290,7 +290,7 @@ class ActQuantizer(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class _QuantLayer(nn.Module):
+class QuantLayer(nn.Module):
     """Common part of the Conv2d/Linear wrappers: weight quantizer, input quantizer(s)."""
 
     _edgediff_quant_wrapper = True
@@ -398,7 +398,7 @@ class _QuantLayer(nn.Module):
 
 
 @serializable("quant_conv2d")
-class QuantConv2d(_QuantLayer):
+class QuantConv2d(QuantLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  weight_bits: int = 8, act_bits: int = 8, act_symmetric: bool = False, split_at: int | None = None,
@@ -430,7 +430,7 @@ class QuantConv2d(_QuantLayer):
 
 
 @serializable("quant_linear")
-class QuantLinear(_QuantLayer):
+class QuantLinear(QuantLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8,
                  act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True,
                  quant_output: bool = False, output_linked: bool = False) -> None:
@@ -505,7 +505,7 @@ class QuantAttnProcessor(ExplicitAttnProcessor):
         linked = []
         for which, attr in direct_producers(attn).items():
             layer = getattr(attn, attr)
-            if isinstance(layer, _QuantLayer) and layer.oq is not None and layer.oq.mode != "quant":
+            if isinstance(layer, QuantLayer) and layer.oq is not None and layer.oq.mode != "quant":
                 layer.__dict__["_linked_to"] = getattr(self, f"{which}_quant")
                 linked.append(layer)
         try:
@@ -540,7 +540,7 @@ class QuantAttnProcessor(ExplicitAttnProcessor):
         from edgediff.attention import is_joint
 
         out = attn.to_out[0]
-        aq = out.aq if isinstance(out, _QuantLayer) and out.aq2 is None else None
+        aq = out.aq if isinstance(out, QuantLayer) and out.aq2 is None else None
         # joint attention: part of the result goes to to_add_out, so no single consumer grid
         if aq is None or aq.mode != "quant" or is_joint(attn):
             return acc * (sp * sv)
@@ -565,7 +565,7 @@ def link_attention_outputs(module: nn.Module) -> list[str]:
             continue
         for _, attr in direct_producers(m).items():
             layer = getattr(m, attr)
-            if isinstance(layer, _QuantLayer) and layer.oq is not None:
+            if isinstance(layer, QuantLayer) and layer.oq is not None:
                 layer.link_output()
                 linked.append(f"{name}.{attr}" if name else attr)
     return linked
@@ -577,7 +577,7 @@ def act_quantizers(module: nn.Module) -> list[ActQuantizer]:
 
 def quant_layers(module: nn.Module) -> dict[str, nn.Module]:
     """name -> wrapper (QuantConv2d/QuantLinear/QuantAttnProcessor) inside `module`."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, (_QuantLayer, QuantAttnProcessor))}
+    return {n: m for n, m in module.named_modules() if isinstance(m, (QuantLayer, QuantAttnProcessor))}
 
 
 def set_act_mode(module: nn.Module, mode: str) -> None:

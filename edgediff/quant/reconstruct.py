@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgediff.quant.core import ActQuantizer, _QuantLayer
+from edgediff.quant.core import ActQuantizer, QuantLayer
 
 BLOCK_CLASSES = {"ResnetBlock2D", "Attention", "BasicTransformerBlock", "Downsample2D", "Upsample2D",
                  "TimestepEmbedding", "FeedForward"}
@@ -49,7 +49,7 @@ def find_blocks(denoiser: nn.Module) -> list[str]:
     """Outermost block-class modules holding a quant wrapper, plus wrappers outside any block."""
     names = [n for n, m in denoiser.named_modules() if n and type(m).__name__ in BLOCK_CLASSES]
     outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-    wrappers = [n for n, m in denoiser.named_modules() if isinstance(m, _QuantLayer)]
+    wrappers = [n for n, m in denoiser.named_modules() if isinstance(m, QuantLayer)]
     blocks = [b for b in outer if any(w.startswith(b + ".") for w in wrappers)]
     blocks += [w for w in wrappers if not any(w.startswith(b + ".") for b in blocks)]
     return blocks
@@ -144,7 +144,7 @@ def reconstruct_block(qblock: nn.Module, inputs: list[Any], targets: list[torch.
     If the block ends worse than nearest rounding with the initial steps, that is restored
     ("reverted", counted by the caller).
     """
-    layers = [m for m in qblock.modules() if isinstance(m, _QuantLayer)]
+    layers = [m for m in qblock.modules() if isinstance(m, QuantLayer)]
     all_acts = [q for q in qblock.modules() if isinstance(q, ActQuantizer)]
 
     def loss_on(i: int) -> torch.Tensor:
