@@ -139,7 +139,7 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
             "layers": layers_out, "host_ops": ext.host_ops,
         }
         if call is not None:
-            report["whole_call"] = _whole_call(call, tmp / "call", ok, why, array)
+            report["whole_call"] = _whole_call(call, tmp / "call", ok, why, array, clock_mhz, dram_gbs)
             if report["whole_call"].get("bit_exact") is False and verified:
                 report.update(verified=False, exit_code=4)
                 reason = "the whole-call C-simulation differs from the simulator"
@@ -151,22 +151,30 @@ def export_project(ext: Extracted, out: Path, force: bool = False, rounding: sim
     return report
 
 
-def _whole_call(call: Any, folder: Path, ok: bool, why: str, array: csim.ArrayConfig) -> dict[str, Any]:
+def _whole_call(call: Any, folder: Path, ok: bool, why: str, array: csim.ArrayConfig, clock_mhz: float,
+                dram_gbs: float) -> dict[str, Any]:
     """Save the whole-call program and run one image's call in the C-simulation (every buffer compared)."""
     from edgediff.fpga import callsim
     from edgediff.fpga.program import save_program
 
     if isinstance(call, str):  # the program does not cover this model: say why
         return {"program": None, "bit_exact": None, "reason": call}
+    from edgediff.fpga.program import call_estimate
+
     prog, s_codes, e_codes = call
     save_program(prog, folder)
-    rec: dict[str, Any] = {**prog.summary(), "program": "call/program.json", "calibrated_int16": len(prog.calibrated)}
+    est = call_estimate(prog, array.rows, array.cols, clock_mhz, array.k_tile, dram_gbs)
+    est.pop("layers")
+    rec: dict[str, Any] = {**prog.summary(), "program": "call/program.json", "calibrated_int16": len(prog.calibrated),
+                           "estimate": est}
     if not ok:
         rec.update(bit_exact=None, reason=f"C-simulation not run: {why}")
         return rec
     r = callsim.csim_call(prog, folder / "csim", s_codes[:1], e_codes[:1],
                           exe=callsim.compile_call(folder / "csim" / "call_tb", array))
     r.pop("output")
+    # the C-simulation's counted array clocks against the model's (the units are modelled, not counted)
+    r["array_cycles_model_exact"] = r["array_cycles"] == est["array_pipeline_cycles"]
     shutil.rmtree(folder / "csim" / "buffers", ignore_errors=True)  # every intermediate of the call: not kept
     rec.update(r)
     return rec

@@ -22,7 +22,7 @@ from edgediff.fpga.sim import QLayer
 
 from edgediff.errors import Unavailable
 
-HLS_SOURCES = ("systolic.h", "systolic.cpp", "top.cpp", "tb.cpp", "host.h")
+HLS_SOURCES = ("systolic.h", "systolic.cpp", "top.cpp", "tb.cpp", "host.h", "nonlinear.h", "nonlinear.cpp")
 REQUANT_CODES = {None: 0, "ort": 1, "tflite": 2, "tflite_single": 3}
 KIND_CODES = {"conv": 0, "gemm": 1, "matmul": 2}
 
@@ -78,7 +78,8 @@ def compile_csim(src_dir: Path, out_exe: Path, array: ArrayConfig = ArrayConfig(
     assert inc is not None
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-O2", "-std=c++14", "-w", *array.defines(), f"-I{src_dir}", f"-I{inc}",
-           str(src_dir / "systolic.cpp"), str(src_dir / "top.cpp"), str(src_dir / "tb.cpp"), "-o", str(out_exe)]
+           str(src_dir / "systolic.cpp"), str(src_dir / "top.cpp"), str(src_dir / "nonlinear.cpp"),
+           str(src_dir / "tb.cpp"), "-o", str(out_exe)]
     # the key leaves paths out (every project has its own copy of the sources): compiler, flags, source bytes
     key = " ".join([cxx, *cmd[2:5], *array.defines(), str(inc)]).encode()
     stamp = hashlib.sha256(key + b"".join((src_dir / f).read_bytes() for f in HLS_SOURCES)).hexdigest()

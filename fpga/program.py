@@ -184,13 +184,14 @@ class _Builder:
         n = self.sizes[v] - off if n is None else n
         lut, my = nl.act_q8_params(fn, grid.scale, grid.zp, grid.qmin, grid.qmax)
         return self.emit("act", name, [v], shape or (n,), grid,
-                         {"off": off, "my": my, "zy": grid.zp, "qmin": grid.qmin, "qmax": grid.qmax}, {"lut": lut})
+                         {"off": off, "my": my, "zy": grid.zp, "qmin": grid.qmin, "qmax": grid.qmax, "ntab": lut.size},
+                         {"lut": lut})
 
     def lut(self, v: int, fn: Any, grid: Grid, name: str) -> int:
         src = self.grids[v]
         assert src is not None
         lut = nl.lut_params(fn, src.scale, src.zp, src.qmin, src.qmax, grid.scale, grid.zp, grid.qmin, grid.qmax)
-        return self.emit("lut", name, [v], self.shapes[v], grid, {"qmin_in": src.qmin}, {"lut": lut})
+        return self.emit("lut", name, [v], self.shapes[v], grid, {"qmin_in": src.qmin, "ntab": lut.size}, {"lut": lut})
 
     def add(self, a: int, b: int, grid: Grid, name: str, factor: float = 1.0, bcast: bool = False) -> int:
         ga, gb = self.grids[a], self.grids[b]
@@ -276,7 +277,7 @@ def _require(cond: bool, what: str) -> None:
 
 
 def _resnet(b: _Builder, mod: Any, path: str, segs: list[tuple[int, int]], shape: tuple[int, int, int],
-            temb: int) -> int:
+            temb: int) -> tuple[int, tuple[int, int, int]]:
     import torch
 
     _require(mod.upsample is None and mod.downsample is None, f"{path}: a resampling ResnetBlock2D")
@@ -307,7 +308,7 @@ def _resnet(b: _Builder, mod: Any, path: str, segs: list[tuple[int, int]], shape
     c2p = b.layer(f"{path}.conv2").parts
     _require(len(c2p) == 1, f"{path}.conv2 split")
     a2 = b.act(t2, _silu, Grid.of(c2p[0].input), f"{path}.norm2.silu", shape=oshape)
-    c2, _ = b.conv_part(f"{path}.conv2", c2p[0], a2, oshape)
+    c2, oshape = b.conv_part(f"{path}.conv2", c2p[0], a2, oshape)
     g_out = b.g16(f"out:{path}")
     if mod.conv_shortcut is not None:
         _require(mod.use_in_shortcut is not False, f"{path}: conv_shortcut")
@@ -315,7 +316,7 @@ def _resnet(b: _Builder, mod: Any, path: str, segs: list[tuple[int, int]], shape
     else:
         _require(len(segs) == 1, f"{path}: a concatenated input without conv_shortcut")
         sc = x
-    return b.add(sc, c2, g_out, f"{path}.residual", factor=float(mod.output_scale_factor))
+    return b.add(sc, c2, g_out, f"{path}.residual", factor=float(mod.output_scale_factor)), oshape
 
 
 def _attention(b: _Builder, mod: Any, path: str, x: int, shape: tuple[int, int, int]) -> int:
@@ -355,7 +356,7 @@ def _attention(b: _Builder, mod: Any, path: str, x: int, shape: tuple[int, int, 
     sp = nl.softmax_params(s_logit, gp.scale, gp.zp, gp.qmin, gp.qmax)
     probs = b.emit("softmax", f"{path}.softmax", [logits], (heads, s, s), gp,
                    {"rows": heads * s, "len": s, "ms": sp.ms, "mp": sp.mp, "zy": sp.zy, "qmin": sp.qmin,
-                    "qmax": sp.qmax}, {"lut": sp.exp_lut})
+                    "qmax": sp.qmax, "ntab": sp.exp_lut.size}, {"lut": sp.exp_lut})
     pv = QLayer(f"{path}:av", "matmul", gp.scale, gp.zp, np.asarray(gv.scale, np.float32), zp_w=gv.zp,
                 out_scale=go.scale, out_zp=go.zp, out_signed=go.qmin < 0, x_signed=gp.qmin < 0,
                 x2_signed=gv.qmin < 0, op_type="MatMul")
@@ -451,8 +452,7 @@ def build_program(model: Any, seed: int = 0) -> Program:
         p = f"down_blocks.{i}"
         attns = getattr(blk, "attentions", None)
         for j, res in enumerate(blk.resnets):
-            x = _resnet(b, res, f"{p}.resnets.{j}", [(x, shape[0])], shape, temb)
-            shape = (int(res.out_channels), shape[1], shape[2])
+            x, shape = _resnet(b, res, f"{p}.resnets.{j}", [(x, shape[0])], shape, temb)
             if attns is not None:
                 x = _attention(b, attns[j], f"{p}.attentions.{j}", x, shape)
             skips.append((x, shape))
@@ -462,19 +462,18 @@ def build_program(model: Any, seed: int = 0) -> Program:
             skips.append((x, shape))
     mid = unet.mid_block
     if mid is not None:
-        x = _resnet(b, mid.resnets[0], "mid_block.resnets.0", [(x, shape[0])], shape, temb)
+        x, shape = _resnet(b, mid.resnets[0], "mid_block.resnets.0", [(x, shape[0])], shape, temb)
         for j, (att, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
             if att is not None:
                 x = _attention(b, att, f"mid_block.attentions.{j}", x, shape)
-            x = _resnet(b, res, f"mid_block.resnets.{j + 1}", [(x, shape[0])], shape, temb)
+            x, shape = _resnet(b, res, f"mid_block.resnets.{j + 1}", [(x, shape[0])], shape, temb)
     for i, blk in enumerate(unet.up_blocks):
         p = f"up_blocks.{i}"
         attns = getattr(blk, "attentions", None)
         for j, res in enumerate(blk.resnets):
             sv, sshape = skips.pop()
-            x = _resnet(b, res, f"{p}.resnets.{j}", [(x, shape[0]), (sv, sshape[0])],
-                        (shape[0] + sshape[0], shape[1], shape[2]), temb)
-            shape = (int(res.out_channels), shape[1], shape[2])
+            x, shape = _resnet(b, res, f"{p}.resnets.{j}", [(x, shape[0]), (sv, sshape[0])],
+                               (shape[0] + sshape[0], shape[1], shape[2]), temb)
             if attns is not None:
                 x = _attention(b, attns[j], f"{p}.attentions.{j}", x, shape)
         for j, us in enumerate(blk.upsamplers or []):
@@ -494,6 +493,58 @@ def build_program(model: Any, seed: int = 0) -> Program:
     out, oshape = b.conv_part("conv_out", co[0], a, shape)
     return Program(b.ops, b.sizes, b.grids, sample, temb_in, out, b.grids[sample], (c_in, h, w), oshape,  # type: ignore[arg-type]
                    np.asarray(co[0].acc_scale, np.float32), table.astype(np.int32), b.calibrated)
+
+
+# ------------------------------------------------------------------ the cycle model of a whole call (an estimate)
+UNIT_LAT = 8  # pipeline fill charged per unit invocation (assumption)
+ISQRT_CLK, DIV_CLK = 32, 64  # nl_isqrt's 32 iterations; a 64-bit divide per group / row (assumption)
+CALL_ASSUMPTIONS = ("array layers: the DATAFLOW cycle model (equal to the C-simulation's counted clocks) with the DRAM "
+                    "floor; units: one element per clock per pass (II=1: GroupNorm 2 passes, softmax 3), a table "
+                    "copied on chip per invocation (one entry per clock), 32 clocks per square root, 64 per divide, "
+                    f"{UNIT_LAT} clocks of pipeline fill per invocation; ops run one after another through "
+                    "edgediff_top (no overlap of the units with the array); concatenations counted as a copy")
+
+
+def unit_cycles(o: Op, n: int) -> int:
+    """Clocks of one unit op with n output elements (the model above)."""
+    c = o.cfg
+    base = {"gn": 2 * n + c.get("groups", 0) * (ISQRT_CLK + DIV_CLK),
+            "softmax": 3 * n + c.get("rows", 0) * DIV_CLK}.get(o.op, n)
+    return base + int(c.get("ntab", 0)) + UNIT_LAT
+
+
+def call_estimate(prog: Program, rows: int = 16, cols: int = 16, clock_mhz: float = 200.0, k_tile: int = 512,
+                  dram_gbs: float | None = None) -> dict[str, Any]:
+    """Estimated clocks of one call (one image): per array layer and per unit kind, the total and ms."""
+    from edgediff.fpga import estimate
+    from edgediff.fpga.graph import ExtractedLayer
+
+    dram = estimate.DEFAULT_DRAM_GBS if dram_gbs is None else dram_gbs
+    arr = [o for o in prog.ops if o.op == "array"]
+    dicts = [ExtractedLayer(o.layer, o.name, o.layer.op_type or o.layer.kind, None, None, o.x_shape,  # type: ignore[arg-type]
+                            o.x2_shape).as_dict() for o in arr]
+    est = estimate.estimate_layers(dicts, rows, cols, clock_mhz, k_tile, dram)
+    array_cycles = sum(int(e["cycles"]) for e in est)
+    units: dict[str, dict[str, int]] = {}
+    for o in prog.ops:
+        if o.op == "array":
+            continue
+        u = units.setdefault(o.op, {"ops": 0, "elements": 0, "cycles": 0})
+        u["ops"] += 1
+        u["elements"] += prog.sizes[o.out]
+        u["cycles"] += unit_cycles(o, prog.sizes[o.out])
+    unit_total = sum(u["cycles"] for u in units.values())
+    total = array_cycles + unit_total
+    macs = sum(int(e["macs"]) for e in est)
+    secs = total / (clock_mhz * 1e6)
+    return {"latency_is": "estimate", "assumptions": CALL_ASSUMPTIONS, "clock_mhz": clock_mhz, "rows": rows,
+            "cols": cols, "dram_gbs": dram, "array_cycles": array_cycles,
+            "array_pipeline_cycles": sum(int(e["pipeline_cycles"]) for e in est), "unit_cycles": unit_total,
+            "units": units, "table_copy_cycles": sum(int(o.cfg.get("ntab", 0)) for o in prog.ops),
+            "total_cycles": total, "ms_per_call": round(total / clock_mhz / 1000.0, 4),
+            "array_share": array_cycles / total if total else 0.0, "macs": macs,
+            "gops": round(2 * macs / secs / 1e9, 2) if secs else 0.0,
+            "utilisation_whole_call": macs / (total * rows * cols) if total else 0.0, "layers": est}
 
 
 # ------------------------------------------------------------------ the bit-accurate simulator of a call
@@ -579,9 +630,33 @@ def _step(o: Op, bufs: dict[int, np.ndarray], sizes: dict[int, int]) -> np.ndarr
     raise ValueError(f"unknown program op {o.op!r}")
 
 
+def _ideal_step(o: Op, bufs: dict[int, np.ndarray], prog: Program) -> np.ndarray:
+    """GroupNorm / softmax in float64 from the dequantized input, rounded onto the op's own output grid: what the
+    unit would give without its fixed-point arithmetic (for measuring what that arithmetic costs)."""
+    c, x = o.cfg, bufs[o.ins[0]]
+    gin, gout = prog.grids[o.ins[0]], prog.grids[o.out]
+    assert gout is not None
+    nb = x.shape[0]
+    if o.op == "gn":
+        assert gin is not None
+        n = (c["c"] // c["groups"]) * c["hw"]
+        eps = c["eps_n2"] * gin.scale**2 / n**2
+        v = (x.reshape(nb, c["c"], c["hw"]) - gin.zp) * gin.scale
+        y = np.stack([nl.groupnorm_float(vi, o.arrays["gamma"] / 2**16, o.arrays["beta"] / 2**32, c["groups"], eps,
+                                         False) for vi in v])
+    else:
+        logits = x.reshape(nb, c["rows"], c["len"]) * (c["ms"] / (256 * 2.0**32))
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        y = e / e.sum(-1, keepdims=True)
+    return np.clip(np.rint(y / gout.scale) + gout.zp, gout.qmin, gout.qmax).astype(np.int64).reshape(nb, -1)
+
+
 def run_program(prog: Program, sample_codes: np.ndarray, temb_codes: np.ndarray,
-                keep: bool = False) -> dict[int, np.ndarray]:
-    """Run the call for a batch: inputs (B, ...) int codes; returns the buffers (B, elements) (all with keep)."""
+                keep: bool = False, ideal: frozenset[str] = frozenset()) -> dict[int, np.ndarray]:
+    """Run the call for a batch: inputs (B, ...) int codes; returns the buffers (B, elements) (all with keep).
+
+    `ideal` ("gn", "softmax"): those units in float (_ideal_step), to measure their fixed point's cost.
+    """
     nb = sample_codes.shape[0]
     bufs = {prog.sample: np.asarray(sample_codes, np.int64).reshape(nb, -1),
             prog.temb: np.asarray(temb_codes, np.int64).reshape(nb, -1)}
@@ -590,7 +665,7 @@ def run_program(prog: Program, sample_codes: np.ndarray, temb_codes: np.ndarray,
         for j in o.ins:
             last_use[j] = i
     for i, o in enumerate(prog.ops):
-        bufs[o.out] = _step(o, bufs, prog.sizes)
+        bufs[o.out] = _ideal_step(o, bufs, prog) if o.op in ideal else _step(o, bufs, prog.sizes)
         if not keep:  # free what no later op reads
             for j in o.ins:
                 if last_use.get(j) == i and j != prog.output:

@@ -21,6 +21,7 @@ set_top systolic_top
 set flags "-I$here/hls {defines}"
 add_files $here/hls/systolic.cpp -cflags $flags
 add_files $here/hls/top.cpp -cflags $flags
+add_files $here/hls/nonlinear.cpp -cflags $flags
 add_files -tb $here/hls/tb.cpp -cflags $flags
 open_solution -reset solution1 -flow_target vivado
 set_part {{{part}}}
@@ -29,6 +30,24 @@ csim_design -argv "$here/vectors"
 csynth_design
 cosim_design -argv "$here/vectors"
 export_design -format ip_catalog
+# The whole-call top: the array and the nonlinear units behind one register file, driven op by op through a
+# whole denoiser call (call/csim/program, written at export for an int8 UNet2DModel artifact).
+if {{[file exists $here/call/csim/program/program.txt]}} {{
+  file mkdir $here/call/csim/buffers
+  open_project -reset edgediff_call
+  set_top edgediff_top
+  add_files $here/hls/systolic.cpp -cflags $flags
+  add_files $here/hls/top.cpp -cflags $flags
+  add_files $here/hls/nonlinear.cpp -cflags $flags
+  add_files -tb $here/hls/call_tb.cpp -cflags $flags
+  open_solution -reset solution1 -flow_target vivado
+  set_part {{{part}}}
+  create_clock -period {period_ns} -name default
+  csim_design -argv "$here/call/csim/program $here/call/csim/buffers"
+  csynth_design
+  cosim_design -argv "$here/call/csim/program $here/call/csim/buffers"
+  export_design -format ip_catalog
+}}
 exit
 """
 

@@ -170,7 +170,10 @@ def test_the_design_keeps_the_hls_coding_rules() -> None:
         assert re.search(rf"static void {stage}\([^)]*\) \{{\n#pragma HLS INLINE off", src), stage
         assert "LayerCfg" not in re.search(rf"static void {stage}\(([^)]*)\)", src).group(1)  # flat arguments
     assert "ap_uint<128>" in (csim.hls_dir() / "systolic.h").read_text()
-    assert top.count("m_axi") == 4 and "max_read_burst_length" in top
+    array_top, call_top = top.split("int edgediff_top(")
+    assert array_top.count("m_axi") == 4 and "max_read_burst_length" in array_top
+    # the whole-call top: the array's four ports plus the units' code streams and constants, one register file
+    assert call_top.count("m_axi") == 10 and "nl_unit(" in call_top and "systolic_layer(" in call_top
 
 
 def test_synthesis_needs_vitis_hls_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,8 +73,11 @@ static void pack_rows(const int32_t *src, long rows, long cols, long row_stride,
 // multipliers (any may be null when unused), run systolic_top, unpack every output into `got` in the layout
 // fpga/sim.py uses (conv: N x O x Ho x Wo, gemm: M x N, matmul: reps x M x N), `n_out` values. Returns the
 // number of outputs the design wrote (n_out when complete), or -1 when the design refuses the layer.
+typedef int (*array_top_t)(LayerCfg, const word_t *, const word_t *, const word_t *, word_t *);
+
 static long run_array_layer(const LayerCfg &c, const int32_t *x, const int32_t *b, const int32_t *bias, const float *mf,
-                            const int32_t *mq, const int32_t *sh, size_t n_out, std::vector<int32_t> &got) {
+                            const int32_t *mq, const int32_t *sh, size_t n_out, std::vector<int32_t> &got,
+                            array_top_t top = systolic_top) {
     const bool conv = c.kind == KIND_CONV;
     const int groups = conv ? c.groups : 1;
     const int nrep = conv ? c.n * groups : c.reps;
@@ -118,7 +121,7 @@ static long run_array_layer(const LayerCfg &c, const int32_t *x, const int32_t *
     const int Nw = c.requant != RQ_NONE ? (c.N + VEC - 1) / VEC : (c.N + 3) / 4;
     std::vector<word_t> yp((size_t)nrep * c.M * Nw, splat_tb(0x7e));  // a sentinel for unwritten words
     g_counters.clear();
-    if (systolic_top(c, xp.data(), bp.data(), pp.data(), yp.data()) != 0) return -1;
+    if (top(c, xp.data(), bp.data(), pp.data(), yp.data()) != 0) return -1;
     got.assign(n_out, (int32_t)0x7eadbeef);
     long seen = 0;
     for (int rep = 0; rep < nrep; rep++)

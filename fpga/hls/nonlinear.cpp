@@ -176,3 +176,49 @@ elems:
         }
     }
 }
+
+int nl_unit(const NlCfg &u, const int32_t *x, const int32_t *x2, const int32_t *lut_in, const int32_t *gamma,
+            const int64_t *beta, int32_t *y) {
+    // the table (SiLU / GELU / exp / a code map) is read at random: copy it on chip first, one entry per clock
+    static int32_t tab[NL_TAB];
+    if (u.ntab > NL_TAB) return 1;
+table:
+    for (int i = 0; i < u.ntab; i++) {
+#pragma HLS LOOP_TRIPCOUNT min = 1 max = NL_TAB
+#pragma HLS PIPELINE II = 1
+        tab[i] = lut_in[i];
+    }
+    const int32_t *lut = tab;
+    switch (u.kind) {
+        case U_GN:
+            nl_groupnorm(x, u.zx, u.c, u.hw, u.groups, u.eps_n2, gamma, beta, u.n ? lut : nullptr, u.my, u.zy, u.qmin,
+                         u.qmax, y);
+            return 0;
+        case U_SOFTMAX:
+            nl_softmax(x, u.rows, u.len, u.ms, lut, u.mp, u.zy, u.qmin, u.qmax, y);
+            return 0;
+        case U_LUT:
+            nl_lut(x, u.n, u.qmin_in, lut, y);
+            return 0;
+        case U_ADD:
+            nl_add(x, x2, u.n, u.za, u.zb, u.ma, u.mb, u.zy, u.qmin, u.qmax, y);
+            return 0;
+        case U_UPSAMPLE:
+            nl_upsample2x(x, u.c, u.h, u.w, y);
+            return 0;
+        case U_REQUANT:
+            nl_requant(x, u.n, u.zx, u.m, u.zy, u.qmin, u.qmax, y);
+            return 0;
+        case U_ADD_BCAST:
+            nl_add_bcast(x, x2, u.c, u.hw, u.za, u.zb, u.ma, u.mb, u.zy, u.qmin, u.qmax, y);
+            return 0;
+        case U_ACT:
+            nl_act_q8(x, u.n, lut, u.my, u.zy, u.qmin, u.qmax, y);
+            return 0;
+        case U_PERMUTE:
+            nl_permute3(x, u.d0, u.d1, u.d2, u.perm, y);
+            return 0;
+        default:
+            return 1;
+    }
+}

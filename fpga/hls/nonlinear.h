@@ -9,6 +9,7 @@
 
 #define NL_TC_ELEMS 16384  // LOOP_TRIPCOUNT bound: elements of one group / row
 #define NL_TC_GROUPS 32
+#define NL_TAB 4096  // on-chip table capacity (entries)
 
 // round half up: (v + 2^(s-1)) >> s, arithmetic shift
 static inline int64_t nl_rshift_round(int64_t v, int s) { return (v + ((int64_t)1 << (s - 1))) >> s; }
@@ -73,5 +74,20 @@ void nl_act_q8(const int32_t *x, int n, const int32_t *lut, int64_t my, int zy, 
 // Axis permutation of a (d0, d1, d2) tensor: perm 0 -> (d1, d0, d2) (heads split / merged), 1 -> (d1, d2, d0)
 // (K^T per head), 2 -> (d0, d2, d1) (a transpose per batch: (C, HW) <-> (HW, C)). Address counters, no divides.
 void nl_permute3(const int32_t *x, int d0, int d1, int d2, int perm, int32_t *y);
+
+// One unit invocation behind the top's AXI-Lite registers (top.cpp: edgediff_top): which unit and its constants.
+enum UnitKind { U_GN = 0, U_SOFTMAX = 1, U_LUT = 2, U_ADD = 3, U_UPSAMPLE = 4, U_REQUANT = 5, U_ADD_BCAST = 6,
+                U_ACT = 7, U_PERMUTE = 8 };
+struct NlCfg {
+    int kind;
+    int n, c, hw, groups, h, w, rows, len, d0, d1, d2, perm, qmin_in;
+    int ntab;  // entries of the unit's table (copied on chip before the unit streams)
+    int zx, za, zb, zy, qmin, qmax;
+    long long eps_n2, my, ms, mp, ma, mb, m;
+};
+// Dispatch to one unit with flat arguments (x2: the second operand of an add; lut: the unit's table; gamma/beta:
+// GroupNorm's affine constants). Returns 0, or 1 for an unknown unit.
+int nl_unit(const NlCfg &u, const int32_t *x, const int32_t *x2, const int32_t *lut, const int32_t *gamma,
+            const int64_t *beta, int32_t *y);
 
 #endif

@@ -92,6 +92,11 @@ int k_words(const LayerCfg &cfg);
 // {bias, multiplier (float32 bits or int32), shift, 0} in [group][N tile][COLS] order, y: packed outputs.
 // Returns 0, or 1 when the layer exceeds the on-chip parameter capacity.
 int systolic_top(LayerCfg cfg, const word_t *x, const word_t *b, const word_t *prm, word_t *y);
+// The whole-call top (top.cpp): op 0 a layer on the array, op 1 a nonlinear unit (nonlinear.h's NlCfg, nl_unit).
+struct NlCfg;
+int edgediff_top(int op, LayerCfg cfg, NlCfg ucfg, const word_t *x, const word_t *b, const word_t *prm, word_t *y,
+                 const int32_t *ux, const int32_t *ux2, const int32_t *ulut, const int32_t *ugamma,
+                 const int64_t *ubeta, int32_t *uy);
 // The layer behind the top's interfaces (inlined into it: the non-inlined stages take flat arguments).
 int systolic_layer(const LayerCfg &cfg, const word_t *x, const word_t *b, const word_t *prm, word_t *y);
 
