@@ -455,6 +455,16 @@ def _dit_schedule(b: _Builder, dit: nn.Module, sample_shape: tuple[int, ...]) ->
     return b.emit("unpatchify", "unpatchify", [h], patch=p, out_channels=int(cfg.out_channels))
 
 
+def level_schedule(resnet: nn.Module, transformer: nn.Module) -> tuple[list[dict[str, Any]], dict[str, tuple[int, ...]]]:
+    """The ops of one conditional-UNet level, a ResnetBlock2D (its input "sample", time embedding
+    "temb") then a Transformer2DModel over the context "context", and the weight shapes: what the
+    bundle builder emits for it, for the cost model (edgediff.kernels.cost) at shapes never run."""
+    b = _Builder()
+    h = b.resnet(resnet.eval(), "resnets.0", "sample", "temb")
+    b.transformer2d(transformer.eval(), "attentions.0", h, "context")
+    return b.ops, {k: tuple(v.shape) for k, v in b.weights.items()}
+
+
 def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The op schedule (JSON-able) and the weights (name -> tensor) of a UNet2DModel,
     UNet2DConditionModel (SD-1.x/2.x cross-attention; encoder_hidden_states a runtime input) or

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgediff.errors import BadInput, NotBuiltYet, Unavailable
+from edgediff.errors import BadInput, Unavailable
 
 RUNTIMES = ("ort", "tflite", "tensorrt", "opencl", "openvino")
 _DEFAULT_RUNTIME = {"onnx": "ort", "tflite": "tflite", "tensorrt": "tensorrt", "opencl": "opencl", "openvino": "openvino"}
@@ -132,16 +132,11 @@ def _measure(path: Path, target: str, rt: str, warmup: int, repeats: int, thread
 
 
 def _profile_opencl(path: Path, warmup: int, repeats: int) -> dict[str, Any]:
-    """The OpenCL runtime profiles itself with OpenCL event timestamps when it offers
+    """The OpenCL runtime profiles itself with OpenCL event timestamps:
     `edgediff.kernels.runtime.profile(bundle, warmup=, repeats=) -> {total_ms, layers[{name, op, ms}]}`."""
-    try:
-        from edgediff.kernels import runtime as clrt
-    except ModuleNotFoundError:
-        raise NotBuiltYet("the OpenCL runtime (edgediff.kernels.runtime) is not built yet") from None
-    fn = getattr(clrt, "profile", None)
-    if fn is None:
-        raise NotBuiltYet("the OpenCL runtime's per-kernel profiler (edgediff.kernels.runtime.profile) is not built yet")
-    res = dict(fn(path, warmup=warmup, repeats=repeats))
+    from edgediff.kernels.runtime import profile
+
+    res = dict(profile(path, warmup=warmup, repeats=repeats))
     total = sum(la["ms"] for la in res.get("layers", [])) or 1.0
     for la in res.get("layers", []):
         la.setdefault("share", la["ms"] / total)
@@ -172,6 +167,12 @@ def _graph_ops(path: Path, target: str) -> list[Any]:
         return onnx_ops(path)
     if target == "tflite":
         return tflite_ops(path)
+    if target == "opencl" and path.is_dir():
+        # what the bundle's fused kernels read and write (edgediff.kernels.cost), not an exporter's op graph
+        from edgediff.kernels.cost import bundle_work
+        from edgediff.profiling.graph import OpWork
+
+        return [OpWork(**w) for w in bundle_work(path)]
     for name in ("model.onnx", "graph.onnx"):  # bundles that carry their source graph
         if path.is_dir() and (path / name).is_file():
             return onnx_ops(path / name)
@@ -230,23 +231,11 @@ def _profile_model(spec: str, runtime: str | None, device: str | None, html: Pat
 
 
 def export_onnx(model: Any, out: Path) -> str:
-    """The project's ONNX exporter when it is built, else torch.onnx.export (dynamo) directly."""
-    try:
-        from edgediff.exporters import get_backend
+    """`model` as fp32 ONNX through the project's exporter; returns which exporter wrote it."""
+    from edgediff.exporters import get_backend
 
-        backend = get_backend("onnx")
-        backend.export(model, out, "fp32")
-        return "edgediff.exporters.onnx"
-    except NotBuiltYet:
-        pass
-    import torch
-
-    mod = model.module().eval()
-    ex = model.example_inputs(1)
-    with torch.no_grad():
-        torch.onnx.export(mod, tuple(ex.values()), str(out), input_names=list(ex), output_names=["out"], dynamo=True,
-                          external_data=False, verbose=False)
-    return f"torch.onnx.export (dynamo, torch {torch.__version__})"
+    get_backend("onnx").export(model, out, "fp32")
+    return "edgediff.exporters.onnx"
 
 
 def summary_table(result: dict[str, Any], top: int = 15) -> Any:
