@@ -346,6 +346,16 @@ def test_recipe_descriptions_match_what_runs() -> None:
     says_mp_on = "mixed precision" in r.description and "stays off" not in r.description
     assert says_mp_on == bool(opts.mixed_precision)
     assert opts.positive_k_only and "k > 0" in r.description
+    # a quality floor is claimed exactly where the quant pass sets one, with its value
+    from edgediff.recipe import builtin_names
+
+    for name in builtin_names():
+        rec = load_recipe(name)
+        for spec in (p for p in rec.passes if p.name == "quant"):
+            floor = make_options("quant", spec.options).min_psnr_db
+            assert ("quality floor" in rec.description) == bool(floor), name
+            if floor:
+                assert f"{floor:g} dB quality floor" in rec.description, name
 
 
 def test_reconstruction_loss_and_two_stages(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
