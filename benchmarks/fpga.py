@@ -122,7 +122,43 @@ def summarize(name: str, rep: dict[str, Any], seconds: float) -> dict[str, Any]:
             "ort_saturating_layers": sum(1 for r in rep["layers"] if r.get("array_vs_ort_differing")),
             "ort_saturated_outputs": sum(r.get("array_vs_ort_differing") or 0 for r in rep["layers"]),
             "outputs": sum(r["outputs"] for r in rep["layers"]),
+            "whole_call": rep.get("whole_call"),
             "per_layer": per_layer_rows(rep["layers"], est["clock_mhz"])}
+
+
+def call_accuracy(q: Any, timesteps: tuple[int, ...] = (999, 500, 50), batch: int = 4) -> dict[str, Any]:
+    """Single-call SNR (dB) of the whole-call integer program against the artifact's own simulation, as built
+    and with the GroupNorm / softmax units replaced by float math rounded onto the same grids (what their fixed
+    point costs), and with 128x coarser 16-bit grids for the tensors the artifact keeps in float."""
+    import torch
+    from edgediff.fpga import nonlinear as nl
+    from edgediff.fpga import program as P
+
+    from edgediff.sampling import TorchDenoiser
+
+    ref = TorchDenoiser(q, use_cache=False)
+    inputs = [(q.example_inputs(batch=batch, seed=t)["sample"], float(t)) for t in timesteps]
+    want = [ref(x, torch.full((batch,), t)).numpy() for x, t in inputs]
+
+    def snrs(prog: Any, ideal: frozenset[str] = frozenset()) -> list[float]:
+        out = []
+        for (x, t), r in zip(inputs, want):
+            s, e = P.call_inputs(prog, x.numpy(), np.full(batch, t))
+            y = P.dequantize_output(prog, P.run_program(prog, s, e, ideal=ideal)[prog.output])
+            out.append(round(nl.snr_db(r, y), 2))
+        return out
+
+    prog = P.build_program(q)
+    res = {"timesteps": list(timesteps), "as_built": snrs(prog), "float_groupnorm": snrs(prog, frozenset({"gn"})),
+           "float_softmax": snrs(prog, frozenset({"softmax"})),
+           "float_groupnorm_and_softmax": snrs(prog, frozenset({"gn", "softmax"}))}
+    margin = P.CALIB_MARGIN
+    try:
+        P.CALIB_MARGIN = margin * 64  # 16-bit grids 64x coarser than built
+        res["int16_grids_64x_coarser"] = snrs(P.build_program(q))
+    finally:
+        P.CALIB_MARGIN = margin
+    return res
 
 
 def cifar_estimate(tdp: Path, rows: int, cols: int, clock: float, dram_gbs: float) -> dict[str, Any]:
@@ -200,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             rep = BACKEND.export(q, tdp / "edgediff-proj", "int8", **opts)
             results["workloads"].append(summarize(f"edgediff {recipe.name}", rep, time.perf_counter() - t))
+            results["whole_call_accuracy"] = call_accuracy(q)
         except Exception as e:  # noqa: BLE001 - the QDQ workload still runs; say why this one did not
             results["edgediff_error"] = f"{type(e).__name__}: {e}"
         # 2) onnxruntime quantize_static QDQ (the peer tool), + ORT CPU latency of float and int8
@@ -239,8 +276,28 @@ def main(argv: list[str] | None = None) -> int:
               f"{w['bytes_moved'] / 1e6:.2f} MB moved; host MACs {w['host_macs']} (array share "
               f"{w['array_macs_share']:.3f})")
         u = w["nonlinear_units"]
-        print(f"    nonlinear units (estimate, not wired in): {u['unit_cycles']} clocks for {u['ops_on_units']} host ops; "
+        print(f"    nonlinear units, per-layer project view (estimate from its host-op list): {u['unit_cycles']} clocks for "
+              f"{u['ops_on_units']} host ops; "
               f"array + units {w['whole_call_cycles_if_units_on_chip']} clocks; no unit for {u['ops_without_unit']}")
+    for w in results["workloads"]:
+        wc = w.get("whole_call")
+        if not wc or not wc.get("estimate"):
+            continue
+        ce = wc["estimate"]
+        print(f"[{w['workload']}] WHOLE CALL (array + nonlinear units through edgediff_top, one image): "
+              f"C-sim = simulator on {wc.get('buffers_compared')} buffers: {wc.get('bit_exact')} "
+              f"({wc.get('csim_seconds')} s); array clocks C-sim {wc.get('array_cycles')} = model "
+              f"{ce['array_pipeline_cycles']}: {wc.get('array_cycles_model_exact')}")
+        print(f"    ESTIMATE: array {ce['array_cycles']} + units {ce['unit_cycles']} = {ce['total_cycles']} clocks, "
+              f"{ce['ms_per_call']:.3f} ms per call at {ce['clock_mhz']:.0f} MHz; array share {ce['array_share']:.2f}; "
+              f"{ce['gops']:.1f} GOPS, {ce['gops_per_dsp']:.3f} GOPS/DSP ({ce['dsp']} DSP incl. units); "
+              f"utilisation {ce['utilisation_whole_call']:.2f}")
+        print("    units: " + ", ".join(f"{k} {u['ops']}x {u['cycles']} clk" for k, u in
+                                        sorted(ce["units"].items(), key=lambda kv: -kv[1]["cycles"])))
+    if "whole_call_accuracy" in results:
+        a = results["whole_call_accuracy"]
+        print(f"whole-call SNR vs the artifact's simulation, one call at t={a['timesteps']} (dB): " +
+              "; ".join(f"{k} {v}" for k, v in a.items() if k != "timesteps"))
     res = (results["workloads"] or [results.get("cifar", {})])[0].get("resources", {})
     print(f"resources (estimate from the HLS arrays/unroll factors): {res.get('dsp')} DSP, {res.get('bram18k')} BRAM18K, "
           f"{res.get('lut')} LUT, {res.get('ff')} FF")

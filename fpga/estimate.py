@@ -203,6 +203,26 @@ def resources(rows: int = 16, cols: int = 16, k_tile: int = 512, requant: str = 
                       "not a csynth report (Vitis HLS not run)"}
 
 
+# multiplies per unit in hls/nonlinear.cpp (operand widths -> DSP48E2 slices, 27x18 each) and the on-chip table
+_UNIT_DSP = {"groupnorm": 10,  # q*q (1), n*q (1), (n q - S) * recip 28x30 (4), z * gamma 33x18 (2), t * my (2)
+             "softmax": 6,  # d * ms 24x34 (4), e * recip 17x33 (2)
+             "add": 4, "add_bcast": 4,  # two 17x33 multiplies
+             "requant": 2, "act": 2,  # one 17x33 multiply
+             "permute": 4}  # two runtime address multiplies
+_UNIT_LUT = {"divider64": 3000, "axi32": 600, "control": 2500}
+
+
+def unit_resources() -> dict[str, Any]:
+    """DSP/BRAM18K/LUT of the nonlinear units beside the array (edgediff_top's nl_unit), from their multiplies
+    and arrays: each unit kind is its own hardware (a switch, no sharing); the on-chip table NL_TAB x 32 bits;
+    two 64-bit dividers (GroupNorm, softmax) and four 32-bit AXI adapters in LUTs. Rule-of-thumb costs, not csynth."""
+    dsp = sum(_UNIT_DSP.values())
+    bram = _cdiv(4096 * 32, _BRAM18K_BITS)
+    lut = 2 * _UNIT_LUT["divider64"] + 4 * _UNIT_LUT["axi32"] + _UNIT_LUT["control"]
+    return {"dsp": dsp, "dsp_breakdown": dict(_UNIT_DSP), "bram18k": bram, "lut": lut,
+            "method": "derived from the units' multiplies and table (hls/nonlinear.cpp); not a csynth report"}
+
+
 def estimate_layers(layers: list[dict[str, Any]], rows: int = 16, cols: int = 16, clock_mhz: float = 200.0,
                     k_tile: int = 512, dram_gbs: float = DEFAULT_DRAM_GBS) -> list[dict[str, Any]]:
     """Per-layer estimates. Each input dict has `name`, `op` and, for layers on the array, the GEMM
@@ -249,8 +269,8 @@ UNIT_PASSES = {"GroupNorm": 2, "GroupNormalization": 2, "InstanceNormalization":
 
 
 def nonlinear_unit_cycles(host_ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """Clocks the nonlinear units would take for the host-side ops if they ran beside the array (an estimate:
-    the units are written and C-simulated but not wired into systolic_top): GroupNorm 2 passes (statistics,
+    """Clocks the nonlinear units would take for the host-side ops of a per-layer project (an estimate from the
+    host-op list; fpga/program.py's call_estimate is the schedule of the whole-call program): GroupNorm 2 passes (statistics,
     normalise), softmax 3 (max, exp-sum, scale), tables / adds / upsample 1, one element per clock; the
     per-group and per-row constants (one square root, one divide) and any overlap with the array are left out;
     a SiLU right after a GroupNorm is folded into its table (counted once). Ops without a unit are listed."""

@@ -218,8 +218,14 @@ class _Builder:
         return self.emit("array", layer.name, [x] if x2 is None else [x, x2], out_shape, grid, layer=layer,
                          x_shape=x_shape, x2_shape=x2_shape)
 
+    def _int8_out(self, path: str, part: Any) -> None:
+        if part.output is None and path != "conv_out":
+            raise Unavailable(f"FPGA program: layer {path} has a float output (quantization parameters without output "
+                              "requantization, made before it existed): the next unit needs its int8 grid")
+
     def conv_part(self, path: str, part: Any, x: int, shape: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]]:
         lay = self.layer(path)
+        self._int8_out(path, part)
         q = _qlayer(path if len(lay.parts) == 1 else f"{path}[{part.channels[0]}:{part.channels[1]}]", "conv",
                     part, lay.geometry)
         c, h, w = shape
@@ -232,6 +238,7 @@ class _Builder:
         lay = self.layer(path)
         if len(lay.parts) != 1:
             raise Unavailable(f"FPGA program: linear {path} has a split input")
+        self._int8_out(path, lay.parts[0])
         q = _qlayer(path, "gemm", lay.parts[0], {})
         assert q.w is not None
         return self.array(q, x, (m, q.w.shape[0]), (m, q.w.shape[1]))
@@ -537,13 +544,17 @@ def call_estimate(prog: Program, rows: int = 16, cols: int = 16, clock_mhz: floa
     total = array_cycles + unit_total
     macs = sum(int(e["macs"]) for e in est)
     secs = total / (clock_mhz * 1e6)
+    res, ures = estimate.resources(rows, cols, k_tile), estimate.unit_resources()
+    dsp = int(res["dsp"]) + int(ures["dsp"])
+    gops = 2 * macs / secs / 1e9 if secs else 0.0
     return {"latency_is": "estimate", "assumptions": CALL_ASSUMPTIONS, "clock_mhz": clock_mhz, "rows": rows,
             "cols": cols, "dram_gbs": dram, "array_cycles": array_cycles,
             "array_pipeline_cycles": sum(int(e["pipeline_cycles"]) for e in est), "unit_cycles": unit_total,
             "units": units, "table_copy_cycles": sum(int(o.cfg.get("ntab", 0)) for o in prog.ops),
             "total_cycles": total, "ms_per_call": round(total / clock_mhz / 1000.0, 4),
-            "array_share": array_cycles / total if total else 0.0, "macs": macs,
-            "gops": round(2 * macs / secs / 1e9, 2) if secs else 0.0,
+            "array_share": array_cycles / total if total else 0.0, "macs": macs, "gops": round(gops, 2),
+            "dsp": dsp, "gops_per_dsp": round(gops / dsp, 4) if dsp else 0.0,
+            "resources": {"array": res, "units": ures},
             "utilisation_whole_call": macs / (total * rows * cols) if total else 0.0, "layers": est}
 
 
