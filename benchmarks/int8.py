@@ -12,9 +12,12 @@ google/ddpm-cifar10-32's config, RANDOMLY INITIALISED: speed, size and integer s
                   int8 weights, uint8 activations, min-max, calibrated on the SAME x_t/t points
                   the w8a8 recipe's calib pass drew
   nncf            nncf.quantize in OpenVINO's runtime, when `openvino` is importable
-  tflite-fp32 / tflite-int8   LiteRT (XNNPACK) on the litert-torch exports (demo only by default)
+  tflite-fp32 / tflite-int8   LiteRT (XNNPACK) on the litert-torch exports (demo only with --quick);
+                  tflite-int8 is the full-integer layout (exporters.tflite.integerize)
+  aeq-int8        ai-edge-quantizer's static_wi8_ai8 recipe on the fp32 .tflite, same calibration points
 Columns: ms/call (batch 1, median of --reps interleaved calls, per thread count), ratio to the
-fp32 of the same runtime, file bytes, integer_macs_share (ORT optimized graph), final-sample
+fp32 of the same runtime, file bytes, integer_macs_share (ORT optimized graph; for .tflite the
+conv/FC/matmul ops with int8 activation and weight inputs), final-sample
 PSNR vs the fp32 model (demo only: DDIM 20, same seeds).
 Measured on whatever machine runs it; the figures in docs/int8.md name theirs.
 """
@@ -87,6 +90,21 @@ def ort_quantize_static(fp32: Path, out: Path, data: dict[str, torch.Tensor]) ->
     return time.perf_counter() - t0
 
 
+def aeq_static(fp32: Path, out: Path, data: dict[str, torch.Tensor]) -> float:
+    """ai-edge-quantizer's static int8 recipe (static_wi8_ai8: every supported op, min-max),
+    calibrated on the same x_t/t points, on the fp32 .tflite; returns seconds."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    feeds = [{"sample": data["x"][i:i + 1].numpy(), "timestep": data["t"][i:i + 1].float().numpy().reshape(1)}
+             for i in range(len(data["x"]))]
+    t0 = time.perf_counter()
+    qt = quantizer.Quantizer(str(fp32))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    calib = qt.calibrate({"serving_default": feeds}, num_threads=1)
+    out.write_bytes(bytes(qt.quantize(calib).quantized_model))
+    return time.perf_counter() - t0
+
+
 class OvDenoiser:
     def __init__(self, model: Any, threads: int) -> None:
         import openvino as ov
@@ -143,15 +161,30 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         rows["nncf"] = {"skipped": f"openvino/nncf unavailable here ({type(e).__name__}: {str(e)[:150]})"}
     tfl = {}
     if args.tflite and (name == "demo" or not args.quick):
+        from edgediff.exporters.tflite import integer_macs as tfl_integer_macs
+
         tb = get_backend("tflite")
         for prec, src in (("fp32", model), ("int8", q)):
             p = tmp / f"{name}-{prec}.tflite"
             try:
-                tb.export(src, p, prec)
+                rep = tb.export(src, p, prec)
                 tfl[f"tflite-{prec}"] = p
                 rows[f"tflite-{prec}"] = {"runtime": "litert", "bytes": p.stat().st_size}
+                if prec == "int8":
+                    rows["tflite-int8"]["layout"] = rep["int8"].get("layout")
             except Exception as e:  # noqa: BLE001 - a peer/converter failure is a row, not a crash
                 rows[f"tflite-{prec}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        if "tflite-fp32" in tfl:
+            p = tmp / f"{name}-aeq.tflite"
+            try:
+                rows["aeq-int8"] = {"runtime": "litert", "calib_quant_s": round(aeq_static(tfl["tflite-fp32"], p, data), 1),
+                                    "bytes": p.stat().st_size}
+                tfl["aeq-int8"] = p
+            except Exception as e:  # noqa: BLE001 - a peer failure is a row, not a crash
+                rows["aeq-int8"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        for k, p in tfl.items():
+            im = tfl_integer_macs(p)
+            rows[k]["integer_macs_share"], rows[k]["macs"] = im["integer_macs_share"], im["macs"]
     x = model.signature.example_inputs(batch=1)
     for th in args.threads:
         dens: dict[str, Any] = {k: OnnxDenoiser(p, threads=th) for k, p in files.items()}
@@ -166,7 +199,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         for k, r in res.items():
             rows[k][f"ms_{th}t"] = r["ms_per_call"]
         for k in res:
-            base = "tflite-fp32" if k.startswith("tflite") else "ort-fp32"
+            base = "tflite-fp32" if k.startswith(("tflite", "aeq")) else "ort-fp32"
             if base in res:
                 rows[k][f"ratio_{th}t"] = round(res[k]["ms_per_call"] / res[base]["ms_per_call"], 3)
     torch.set_num_threads(1)

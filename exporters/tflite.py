@@ -235,11 +235,18 @@ def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
     return insert_qdq(den, qp, layer_cls=_TflQDQLayer, attn_processor=_attn_processor)
 
 
-# Full-integer layers (output Q/DQ from edgediff.lowering) are built by insert_tflite_int, but
-# litert-torch 0.10's NHWC layout pass rejects the output dequantize of the first conv
-# ("Attempting to convert non-NHWC compatible node to NHWC"), so exports keep Q/DQ on inputs
-# and weights (float kernels) until that is solved; flip this to try the integer layout.
-FULL_INTEGER = False
+# ------------------------------------------------------------------------------------------
+# int8, full-integer: float twins from edgediff.lowering, integerized in the flatbuffer
+# ------------------------------------------------------------------------------------------
+#
+# litert-torch 0.10's NHWC layout pass rejects a dequantize on a conv's output ("Attempting to
+# convert non-NHWC compatible node to NHWC"), so output scales cannot be placed through PT2E.
+# Instead the lowered layers are converted as plain float convs/linears whose weights and bias
+# are the lowering's dequantized integers (exact), and `integerize` then rewrites each such op
+# in the .tflite itself: int8 input (QUANTIZE in front, or the producer's int8 directly), int8
+# per-channel weights, int32 bias at s_x*s_w, int8 output with the lowered output quantization
+# and a DEQUANTIZE behind it for float consumers. Attention operands keep PT2E Q/DQ (float
+# BATCH_MATMUL on on-grid operands: what the simulation computes; ~2% of the demo's MACs).
 
 
 class _TflActQDQ(nn.Module):
@@ -258,47 +265,241 @@ class _TflActQDQ(nn.Module):
         return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
 
 
-def _tfl_int_layer_cls() -> Any:
+def _no_quant(aq: Any, what: str) -> nn.Module:
+    return nn.Identity()
+
+
+def _tfl_float_twin_cls() -> Any:
     from edgediff.exporters.onnx import IntLayer
 
-    class _TflIntLayer(IntLayer):
-        """exporters.onnx's integer twin with PT2E ops: DQ -> CONV_2D/FULLY_CONNECTED -> Q, which
-        the TFLite converter turns into int8-in/int8-out kernels (XNNPACK QS8 on CPU)."""
+    class _TflFloatTwin(IntLayer):
+        """exporters.onnx's integer twin without any Q/DQ: one float conv/linear per lowered part on
+        its input channels, weights and bias exactly the lowering's dequantized integers (so
+        `integerize` recognises each op by its weights and writes the integers back)."""
 
         def __init__(self, low: Any) -> None:
-            super().__init__(low, quant=_TflActQDQ)
-            # TFLite wants input and output in int8 storage: _TflActQDQ shifts unsigned grids
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.kind == "linear" and x.dim() == 2:
-                # time-embedding linears ([B, C]): litert-torch's NHWC layout pass rejects a 2-D
-                # dequantize feeding the 4-D broadcast add, so these (a few thousand MACs) keep a
-                # float output; their input and weights stay int8
-                oqs, self.oqs = self.oqs, nn.ModuleList(nn.Identity() for _ in self.oqs)
-                try:
-                    return super().forward(x)
-                finally:
-                    self.oqs = oqs
-            return super().forward(x)
+            super().__init__(low, quant=_no_quant)
 
         def weight(self, i: int) -> torch.Tensor:
-            qd = _qd()
-            w, s = getattr(self, f"w{i}"), getattr(self, f"ws{i}")
-            zp = torch.zeros(s.shape, dtype=torch.int64)
-            q = qd.quantize_per_channel(w, s, zp, 0, -127, 127, torch.int8)
-            return qd.dequantize_per_channel(q, s, zp, 0, -127, 127, torch.int8)
+            return getattr(self, f"w{i}")
 
-    return _TflIntLayer
+    return _TflFloatTwin
 
 
-def insert_tflite_int(den: nn.Module, qp: QuantParams) -> tuple[dict[str, int], dict[str, Any]]:
-    """Integer twins from edgediff.lowering (outputs requantized as the artifact's simulation does)."""
+def full_integer_ok(qp: QuantParams) -> tuple[bool, str]:
+    """Whether the artifact's quantization has an int8-in/int8-out TFLite form."""
+    if not any(lq.output is not None for lq in qp.layers.values()):
+        return False, "the artifact has no output quantization (made before output requantization)"
+    for lq in qp.layers.values():
+        for t in (lq.input, lq.input2, lq.output, lq.output2):
+            if t is not None and t.bits != 8:
+                return False, f"{lq.name}: {t.bits}-bit activations (TFLite int8 tensors clamp at 8 bits)"
+    return True, "8-bit activations with output quantization"
+
+
+def insert_tflite_int(den: nn.Module, qp: QuantParams) -> tuple[dict[str, int], Any]:
+    """Float twins of the lowered layers and PT2E Q/DQ on attention operands, in place; returns
+    (counts, LoweredModel) for `integerize`."""
     from edgediff.exporters.onnx import insert_int_layers
 
     from edgediff.lowering import lower
 
     low = lower(den, qp)
-    return insert_int_layers(den, low, layer_cls=_tfl_int_layer_cls(), quant=_TflActQDQ), low.summary()
+    return insert_int_layers(den, low, layer_cls=_tfl_float_twin_cls(), quant=_TflActQDQ), low
+
+
+_INT_VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "QUANTIZE": 2, "DEQUANTIZE": 2}
+
+
+def _weight_keys(low: Any) -> dict[bytes, tuple[str, int, str]]:
+    """float32 weight bytes in each TFLite filter layout -> (layer, part index, op kind)."""
+    keys: dict[bytes, tuple[str, int, str]] = {}
+    for name, lay in low.layers.items():
+        for i, p in enumerate(lay.parts):
+            w = p.float_weight()
+            if lay.kind == "linear":
+                keys[np.ascontiguousarray(w).tobytes()] = (name, i, "FULLY_CONNECTED")
+                continue
+            keys[np.ascontiguousarray(w.transpose(0, 2, 3, 1)).tobytes()] = (name, i, "CONV_2D")  # OHWI
+            if w.shape[1] == 1:  # a conv with one input channel per group may become DEPTHWISE [1, kh, kw, O]
+                keys[np.ascontiguousarray(w.transpose(1, 2, 3, 0)).tobytes()] = (name, i, "DEPTHWISE_CONV_2D")
+    return keys
+
+
+def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
+    """Rewrite the lowered layers' float CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED ops of a
+    .tflite into int8-in, int8-weight, int32-bias, int8-out ops (see the section comment).
+
+    An op is recognised by its float32 filter, which equals the lowering's dequantized weights
+    bit for bit. A part with a float output (the model's last layer) keeps a float kernel behind
+    QUANTIZE -> DEQUANTIZE of its input (TFLite has no int8-in/float-out conv). Returns the new
+    bytes and a report (ops rewritten, float-output layers, layers not found).
+    """
+    schema = _require("ai_edge_litert.schema_py_generated")
+    import flatbuffers
+
+    TT, BO = schema.TensorType, schema.BuiltinOperator
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    if any(getattr(b, "offset", 0) for b in m.buffers or []):
+        raise BadInput("the converted .tflite stores buffers outside the flatbuffer (> 2 GB model): "
+                       "full-integer rewriting is not supported for it")
+    sg = m.subgraphs[0]
+    names = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
+    code_name = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?") for c in m.operatorCodes]
+    keys = _weight_keys(low)
+
+    def opcode(name: str) -> int:
+        want = getattr(BO, name)
+        for i, c in enumerate(m.operatorCodes):
+            if max(c.builtinCode, c.deprecatedBuiltinCode) == want:
+                c.version = max(int(c.version), _INT_VERSIONS.get(name, 1))
+                return i
+        oc = schema.OperatorCodeT()
+        oc.builtinCode = want
+        oc.deprecatedBuiltinCode = min(want, 127)
+        oc.version = _INT_VERSIONS.get(name, 1)
+        m.operatorCodes.append(oc)
+        code_name.append(name)
+        return len(m.operatorCodes) - 1
+
+    def const(ti: int) -> np.ndarray | None:
+        t = sg.tensors[ti]
+        buf = m.buffers[t.buffer]
+        if buf.data is None or len(buf.data) == 0 or t.type != TT.FLOAT32:
+            return None
+        return np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.float32)
+
+    def qparams(scale: Any, zp: Any, dim: int = 0) -> Any:
+        q = schema.QuantizationParametersT()
+        q.scale = [float(s) for s in np.atleast_1d(scale)]
+        q.zeroPoint = [int(z) for z in np.atleast_1d(zp)]
+        q.quantizedDimension = dim
+        return q
+
+    def new_tensor(like: Any, name: str, ttype: int, quant: Any, payload: bytes | None = None,
+                   shape: Any = None) -> int:
+        t = schema.TensorT()
+        t.shape = list(like.shape) if shape is None else list(shape)
+        t.shapeSignature = like.shapeSignature if shape is None else None
+        t.type, t.name, t.quantization = ttype, name.encode(), quant
+        b = schema.BufferT()
+        if payload is not None:
+            b.data = np.frombuffer(payload, np.uint8).copy()
+        m.buffers.append(b)
+        t.buffer = len(m.buffers) - 1
+        sg.tensors.append(t)
+        return len(sg.tensors) - 1
+
+    def simple_op(name: str, inp: int, out: int) -> Any:
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = opcode(name), [inp], [out]
+        if name == "QUANTIZE":
+            op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.QuantizeOptions, schema.QuantizeOptionsT()
+        else:
+            op.builtinOptionsType = schema.BuiltinOptions.DequantizeOptions
+            op.builtinOptions = schema.DequantizeOptionsT()
+        return op
+
+    def grid(t: Any) -> tuple[float, int] | None:
+        q = t.quantization
+        if t.type != TT.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            return None
+        return float(np.float32(q.scale[0])), int(q.zeroPoint[0])
+
+    # float tensor -> its int8 source, for tensors that are a DEQUANTIZE's output
+    dq_source: dict[int, int] = {}
+    for op in sg.operators:
+        if code_name[op.opcodeIndex] == "DEQUANTIZE" and grid(sg.tensors[op.inputs[0]]) is not None:
+            dq_source[int(op.outputs[0])] = int(op.inputs[0])
+    quantized: dict[tuple[int, float, int], int] = {}  # (float tensor, scale, zp) -> int8 tensor
+    report: dict[str, Any] = {"integer_ops": Counter(), "float_output_layers": [], "quantize_ops": 0,
+                              "dequantize_ops": 0, "round_trips_removed": 0}
+    found: set[tuple[str, int]] = set()
+    ops: list[Any] = []
+
+    def int8_input(x: int, aq: Any) -> int:
+        a = aq.as_int8()
+        key = (x, float(np.float32(a.scale)), int(a.zero_point))
+        if key in quantized:
+            return quantized[key]
+        src = dq_source.get(x)
+        if src is not None and grid(sg.tensors[src]) == key[1:]:
+            report["round_trips_removed"] += 1  # the producer already wrote this grid: no DQ -> Q
+            quantized[key] = src
+            return src
+        xt = sg.tensors[x]
+        xq = new_tensor(xt, f"{xt.name.decode() if isinstance(xt.name, bytes) else xt.name}_q{len(sg.tensors)}",
+                        TT.INT8, qparams(a.scale, a.zero_point))
+        ops.append(simple_op("QUANTIZE", x, xq))
+        report["quantize_ops"] += 1
+        quantized[key] = xq
+        return xq
+
+    for op in sg.operators:
+        kind = code_name[op.opcodeIndex]
+        if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2:
+            ops.append(op)
+            continue
+        w = const(int(op.inputs[1]))
+        hit = keys.get(w.tobytes()) if w is not None else None
+        if hit is None or hit[2] != kind:
+            ops.append(op)
+            continue
+        name, i, _ = hit
+        part = low.layers[name].parts[i]
+        x, y = int(op.inputs[0]), int(op.outputs[0])
+        bias_i = int(op.inputs[2]) if len(op.inputs) > 2 else -1
+        fb = part.float_bias()
+        have = const(bias_i) if bias_i >= 0 else None
+        if fb is None and have is not None and not np.any(have):
+            have = None  # the converter gives bias-free convs a shared zero bias
+        if (fb is None) != (have is None) or (fb is not None and not np.array_equal(have, fb.reshape(-1))):
+            ops.append(op)  # the converter changed the bias (folded something in): leave it float
+            continue
+        found.add((name, i))
+        op.inputs = [int(v) for v in op.inputs]
+        if part.output is None:
+            # float output: int8 input grid as QUANTIZE -> DEQUANTIZE, float kernel on exact weights
+            xq = int8_input(x, part.input)
+            xt = sg.tensors[x]
+            xf = new_tensor(xt, f"{xt.name.decode()}_dq{len(sg.tensors)}", TT.FLOAT32, None)
+            ops.append(simple_op("DEQUANTIZE", xq, xf))
+            report["dequantize_ops"] += 1
+            op.inputs[0] = xf
+            ops.append(op)
+            report["float_output_layers"].append(name)
+            continue
+        op.inputs[0] = int8_input(x, part.input)
+        wt = sg.tensors[op.inputs[1]]
+        dim = 3 if kind == "DEPTHWISE_CONV_2D" else 0
+        wi = part.weight.transpose(0, 2, 3, 1) if kind == "CONV_2D" else (
+            part.weight.transpose(1, 2, 3, 0) if kind == "DEPTHWISE_CONV_2D" else part.weight)
+        op.inputs[1] = new_tensor(wt, f"{name}.weight{i}_int8", TT.INT8,
+                                  qparams(part.weight_scale, np.zeros(len(part.weight_scale), np.int64), dim),
+                                  np.ascontiguousarray(wi, np.int8).tobytes(), shape=list(wt.shape))
+        if bias_i >= 0:
+            bq = part.bias if part.bias is not None else np.zeros(len(part.weight_scale), np.int32)
+            op.inputs[2] = new_tensor(sg.tensors[bias_i], f"{name}.bias{i}_int32", TT.INT32,
+                                      qparams(part.acc_scale, np.zeros(len(bq), np.int64)),
+                                      np.ascontiguousarray(bq, np.int32).tobytes(), shape=[len(bq)])
+        o = part.output.as_int8()
+        yt = sg.tensors[y]
+        yq = new_tensor(yt, f"{yt.name.decode() if isinstance(yt.name, bytes) else yt.name}_int8", TT.INT8,
+                        qparams(o.scale, o.zero_point))
+        op.outputs = [yq]
+        opcode(kind)  # bumps the op's version to its int8 form
+        ops.append(op)
+        ops.append(simple_op("DEQUANTIZE", yq, y))
+        report["dequantize_ops"] += 1
+        dq_source[y] = yq
+        report["integer_ops"][kind] += 1
+    sg.operators = ops
+    want = {(n, i) for n, lay in low.layers.items() for i in range(len(lay.parts))}
+    report["not_found"] = sorted(f"{n}[{i}]" if len(low.layers[n].parts) > 1 else n for n, i in want - found)
+    report["integer_ops"] = dict(report["integer_ops"])
+    b = flatbuffers.Builder(len(data) + (1 << 20))
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output()), report
 
 
 def _example_kwargs(sig: InputSignature, batch: int) -> dict[str, torch.Tensor]:
@@ -399,23 +600,27 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple
     facts["groupnorms_rewritten"] = gpu_friendly(den)
     wrapper = _Signature(den, model.signature).eval()
     quant_config = None
+    low = None
     if precision == "int8":
         assert qp is not None
-        if FULL_INTEGER and any(lq.output is not None for lq in qp.layers.values()):
-            # the artifact requantizes outputs: full-integer layers from the lowering
-            layers, summary = insert_tflite_int(den, qp)
+        full, why = full_integer_ok(qp)
+        if full:
+            layers, low = insert_tflite_int(den, qp)
             facts["int8"] = {"layers": layers, "weight_bits": qp.weight_bits, "act_bits": qp.act_bits,
-                             "kernels": "int8 CONV_2D / FULLY_CONNECTED / BATCH_MATMUL, int8 in and out",
-                             "lowering": summary}
+                             "layout": "full-integer",
+                             "kernels": "int8-in/int8-out CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED (XNNPACK QS8); "
+                                        "attention BATCH_MATMUL float on int8-grid operands",
+                             "lowering": low.summary()}
+            split = low.summary()["split_layers"]
         else:
             facts["int8"] = {"layers": insert_tflite_qdq(den, qp), "weight_bits": qp.weight_bits,
-                             "act_bits": qp.act_bits,
-                             "kernels": "float kernels between int8 Q/DQ (artifact without output quantization)"}
+                             "act_bits": qp.act_bits, "layout": "qdq",
+                             "kernels": f"float kernels between int8 Q/DQ ({why})"}
+            split = sorted(m.name for m in den.modules() if isinstance(m, _TflQDQLayer) and m.split)
         # shortcut-split layers: run as two layers (one per input half, each with its own
         # input scale) plus ADD, since an int8 CONCATENATION needs one scale for both halves
         facts["int8"]["split_layers"] = {
-            "layers": sorted(m.name for m in den.modules() if isinstance(m, _TflQDQLayer) and m.split),
-            "as": "layer(x[:, :C1], W[:, :C1]) + layer(x[:, C1:], W[:, C1:]) + bias"}
+            "layers": split, "as": "layer(x[:, :C1], W[:, :C1]) + layer(x[:, C1:], W[:, C1:]) + bias"}
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize import quant_config as qc
 
@@ -435,6 +640,8 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple
     if precision == "fp16":
         data = _fp16_weights(data)
     if precision == "int8":
+        if low is not None:
+            data, facts["int8"]["integerized"] = integerize(data, low)
         data, facts["int8"]["float_inputs_restored"] = _float_inputs(data)
     return data, facts
 
@@ -497,6 +704,37 @@ def _precision(weights: dict[str, int]) -> str:
     return "fp32"
 
 
+_MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL")
+
+
+def integer_macs(path: Path, interpreter: Any = None) -> dict[str, Any]:
+    """MACs of the conv/linear/matmul ops of a .tflite, integer vs float.
+
+    An op counts as integer when its activation input and its weight (second input) are int8
+    tensors: int8 kernels (XNNPACK QS8/QC8 on CPU). A float op fed by DEQUANTIZE, or a hybrid op
+    (float activations, int8 weights), counts as float. Returns macs, integer_macs,
+    integer_macs_share and the float MAC ops (name, op, macs).
+    """
+    from edgediff.profiling.graph import tflite_ops
+
+    it = interpreter or _interpreter(path)
+    types = {d["index"]: np.dtype(d["dtype"]) for d in it.get_tensor_details()}
+    by_index = {f"{o['op_name']}_{o['index']}": o for o in it._get_ops_details()}
+    total = integer = 0
+    floats: list[dict[str, Any]] = []
+    for w in tflite_ops(Path(path), interpreter=it):
+        if w.op not in _MAC_OPS or not w.macs:
+            continue
+        total += w.macs
+        ins = [int(i) for i in by_index[w.node]["inputs"]]
+        if len(ins) >= 2 and all(types.get(i) == np.dtype(np.int8) for i in ins[:2]):
+            integer += w.macs
+        else:
+            floats.append({"name": w.name, "op": w.op, "macs": int(w.macs)})
+    return {"macs": int(total), "integer_macs": int(integer),
+            "integer_macs_share": round(integer / total, 4) if total else 0.0, "float_mac_ops": floats}
+
+
 def tflite_info(path: Path) -> dict[str, Any]:
     it = _interpreter(path)
     sig = it.get_signature_list().get(SIGNATURE, {})
@@ -513,7 +751,8 @@ def tflite_info(path: Path) -> dict[str, Any]:
     return {"kind": "exported", "target": "tflite", "path": str(path), "size_bytes": Path(path).stat().st_size,
             "precision": precision, "signature": SIGNATURE, "inputs": inputs, "outputs": outputs,
             "batch": inputs.get("sample", {}).get("shape", [None])[0], "ops": ops, "num_ops": sum(ops.values()),
-            "weight_dtypes": weights, "gpu_delegate": gpu_delegate_report(ops, precision == "int8")}
+            "weight_dtypes": weights, "gpu_delegate": gpu_delegate_report(ops, precision == "int8"),
+            **integer_macs(path, it)}
 
 
 class LiteRTDenoiser(FixedBatchDenoiser):

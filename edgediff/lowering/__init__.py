@@ -16,7 +16,8 @@ from edgediff.lowering.layers import (
     lower,
     lower_model,
 )
-from edgediff.lowering.reference import run_attention, run_layer
+from edgediff.lowering.reference import run_attention, run_layer, run_part
 
 __all__ = ["ROUNDINGS", "ActQ", "IntPart", "LoweredAttention", "LoweredLayer", "LoweredModel", "lower", "lower_model",
-           "multiplier", "quantize_multiplier", "quantize_multipliers", "requantize", "run_attention", "run_layer"]
+           "multiplier", "quantize_multiplier", "quantize_multipliers", "requantize", "run_attention", "run_layer",
+           "run_part"]

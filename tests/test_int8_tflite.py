@@ -1,0 +1,185 @@
+"""TFLite full-integer int8: the lowering written into the .tflite (exporters.tflite.integerize).
+
+One conversion per module (tens of seconds): a tiny UNet through the real calib + quant passes
+with output quantization and shortcut splitting, exported int8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from edgediff.exporters import get_backend, tflite
+
+from edgediff.lowering import lower_model
+from edgediff.model import DiffusionModel
+from edgediff.quant_params import QuantParams
+from edgediff.sampling import TorchDenoiser
+
+
+def _quantized_tiny(tmp: Path) -> DiffusionModel:
+    from diffusers import UNet2DModel
+
+    from edgediff.model import InputSignature
+    from edgediff.passes import PassContext, get, make_options
+    from edgediff.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                    norm_num_groups=8, attention_head_dim=8).eval()
+    model = DiffusionModel(m, NoiseSchedule.from_config({}), InputSignature((1, 16, 16)), "UNet2DModel",
+                           dict(m.config), {"source": "test"})
+    ctx = PassContext(cache_dir=tmp / "cache")
+    for name, opts in (("calib", {"n_samples": 4, "steps": 8, "interval": 2}),
+                       ("quant", {"weight_bits": 8, "act_bits": 8, "split_shortcut": True, "calib_limit": 16,
+                                  "weight_init": "minmax", "act_init": "minmax"})):
+        fn, _ = get(name)
+        ctx.metrics = {}
+        model = fn(model.clone(), make_options(name, opts), ctx)
+    return model
+
+
+@pytest.fixture(scope="module")
+def full_int(tmp_path_factory: pytest.TempPathFactory) -> tuple[DiffusionModel, Path, dict]:
+    tmp = tmp_path_factory.mktemp("tflint")
+    model = _quantized_tiny(tmp)
+    out = tmp / "q.tflite"
+    rep = get_backend("tflite").export(model, out, "int8")
+    return model, out, rep
+
+
+def test_every_lowered_layer_becomes_an_int8_kernel(full_int) -> None:
+    model, out, rep = full_int
+    qp = QuantParams.of(model)
+    assert qp is not None and any(lq.meta.get("split_at") for lq in qp.layers.values())
+    assert rep["int8"]["layout"] == "full-integer"
+    done = rep["int8"]["integerized"]
+    assert done["not_found"] == [] and done["float_output_layers"] == ["conv_out"]
+    _, low = lower_model(model)
+    parts = sum(len(lay.parts) for lay in low.layers.values())
+    assert sum(done["integer_ops"].values()) == parts - 1  # every part but conv_out's float output
+    info = get_backend("tflite").info(out)
+    assert info["integer_macs_share"] >= 0.9, info["float_mac_ops"]
+    # what stays float: the attention matmuls (float on int8-grid operands) and conv_out
+    assert {o["op"] for o in info["float_mac_ops"]} <= {"BATCH_MATMUL", "CONV_2D"}
+    assert [o["name"] for o in info["float_mac_ops"] if o["op"] == "CONV_2D"] == ["conv_out"]
+    # the file's interface stays float32
+    assert info["inputs"]["sample"]["dtype"] == "float32" and info["outputs"]["out"]["dtype"] == "float32"
+
+
+def test_int8_ops_carry_the_lowered_integers(full_int) -> None:
+    """int8 in / int8 weights / int32 bias / int8 out, with the lowering's scales and integers."""
+    model, out, _ = full_int
+    _, low = lower_model(model)
+    it = tflite._interpreter(out)
+    det = {d["index"]: d for d in it.get_tensor_details()}
+    want = {}
+    for lay in low.layers.values():
+        for p in lay.parts:
+            if p.output is not None and lay.kind == "conv" and p.weight.shape[1] > 1:
+                want[p.weight.transpose(0, 2, 3, 1).tobytes()] = p
+    seen = 0
+    for o in it._get_ops_details():
+        if o["op_name"] not in ("CONV_2D", "FULLY_CONNECTED"):
+            continue
+        x, w = det[o["inputs"][0]], det[o["inputs"][1]]
+        if w["dtype"] != np.int8:
+            continue
+        y = det[o["outputs"][0]]
+        assert x["dtype"] == np.int8 and y["dtype"] == np.int8, o
+        if o["op_name"] != "CONV_2D":
+            continue
+        p = want.get(it.get_tensor(w["index"]).tobytes())
+        assert p is not None, "an int8 conv whose weights are not the lowering's"
+        a, b = p.input.as_int8(), p.output.as_int8()
+        assert x["quantization"] == (pytest.approx(a.scale, rel=1e-6), a.zero_point)
+        assert y["quantization"] == (pytest.approx(b.scale, rel=1e-6), b.zero_point)
+        np.testing.assert_allclose(w["quantization_parameters"]["scales"], p.weight_scale, rtol=1e-6)
+        if p.bias is not None:
+            bias = det[o["inputs"][2]]
+            assert bias["dtype"] == np.int32
+            np.testing.assert_array_equal(it.get_tensor(bias["index"]), p.bias)
+        seen += 1
+    assert seen == len(want)
+
+
+def test_litert_int8_layers_are_bit_exact(full_int) -> None:
+    """Every int8 kernel of the file, fed its own int8 input, writes exactly what the lowering's
+    reference kernel (float32 requantization, round half even) computes: XNNPACK QS8 and the
+    simulation do the same integer arithmetic."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgediff.lowering import run_part
+
+    model, out, _ = full_int
+    _, low = lower_model(model)
+    by_weight = {}
+    for lay in low.layers.values():
+        for p in lay.parts:
+            w = p.weight.transpose(0, 2, 3, 1) if lay.kind == "conv" else p.weight
+            by_weight[w.tobytes()] = (lay, p)
+            if lay.kind == "conv" and p.weight.shape[1] == 1:  # conv_in (1 channel): DEPTHWISE [1, kh, kw, O]
+                by_weight[p.weight.transpose(1, 2, 3, 0).tobytes()] = (lay, p)
+    it = Interpreter(model_path=str(out), experimental_preserve_all_tensors=True, num_threads=1)
+    it.allocate_tensors()
+    inp = model.signature.example_inputs(1, seed=3)
+    it.get_signature_runner("serving_default")(sample=inp["sample"].numpy(), timestep=inp["timestep"].numpy())
+    det = {d["index"]: d for d in it.get_tensor_details()}
+    checked = 0
+    for o in it._get_ops_details():
+        if o["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") \
+                or det[o["inputs"][1]]["dtype"] != np.int8:
+            continue
+        lay, p = by_weight[it.get_tensor(o["inputs"][1]).tobytes()]
+        q_x = it.get_tensor(o["inputs"][0]).astype(np.int64) - (p.input.as_int8().zero_point - p.input.zero_point)
+        q_y = it.get_tensor(o["outputs"][0]).astype(np.int64) - (p.output.as_int8().zero_point - p.output.zero_point)
+        if lay.kind == "conv":  # NHWC in the file (a 1-channel input reads the same either way)
+            q_x, q_y = q_x.transpose(0, 3, 1, 2), q_y.transpose(0, 3, 1, 2)
+            if lay.geometry["stride"] != (1, 1):  # the converter writes asymmetric padding as PAD + VALID conv
+                lay = dataclasses.replace(lay, geometry={**lay.geometry, "padding": (0, 0)})
+        want = run_part(lay, p, q_x)
+        assert np.array_equal(want, q_y), (lay.name, int(np.abs(want - q_y).max()))
+        checked += 1
+    assert checked == sum(len(lay.parts) for lay in low.layers.values()) - 1  # all but conv_out
+
+
+def test_litert_output_close_to_the_simulation(full_int) -> None:
+    """End to end the float ops between the kernels (GroupNorm, SiLU, softmax) round differently
+    in LiteRT and torch, which flips a quantizer's rounding now and then: close, not exact."""
+    model, out, _ = full_int
+    den = get_backend("tflite").load_denoiser(out)
+    inp = model.signature.example_inputs(2, seed=3)
+    with torch.no_grad():
+        sim = TorchDenoiser(model)(inp["sample"], inp["timestep"])
+    got = den(inp["sample"], inp["timestep"])
+    err = float((got - sim).pow(2).mean())
+    psnr = 10 * np.log10(float(sim.abs().max()) ** 2 / max(err, 1e-30))
+    assert psnr > 35, psnr
+
+
+def test_integerize_leaves_unknown_ops_float(full_int) -> None:
+    """An op whose weights are not the lowering's is not touched (nothing is guessed)."""
+    model, out, _ = full_int
+    _, low = lower_model(model)
+    data = out.read_bytes()
+    low.layers = {}  # nothing to recognise
+    new, rep = tflite.integerize(data, low)
+    assert rep["integer_ops"] == {} and rep["quantize_ops"] == 0 and len(new) > 0
+
+
+def test_full_integer_needs_8_bit_outputs(full_int) -> None:
+    model, _, _ = full_int
+    qp = QuantParams.of(model)
+    ok, why = tflite.full_integer_ok(qp)
+    assert ok, why
+    name = next(n for n, lq in qp.layers.items() if lq.output is not None)
+    qp.layers[name].output.bits = 6
+    ok, why = tflite.full_integer_ok(qp)
+    assert not ok and name in why
+    for lq in qp.layers.values():
+        lq.output = lq.output2 = None
+    assert tflite.full_integer_ok(qp)[0] is False
