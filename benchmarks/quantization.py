@@ -1,6 +1,6 @@
 """Post-training quantization of the demo model: edgediff vs onnxruntime and NNCF, same calibration set.
 
-    python benchmarks/quantization.py [--samples 64] [--steps 20] [--calib 256] [--iters 100]
+    python benchmarks/quantization.py [--samples 64] [--steps 20] [--calib 256] [--iters 100] [--seeds 0,1,2]
                                       [--model demo] [--out bench-out/quantization.json]
 
 Rows (all on the same model, all calibrated on the same number of x_t from the FP model's own
@@ -10,6 +10,7 @@ DDIM trajectories; the peers get exactly the points edgediff's w8a8 uses, for fr
                              weights, uint8 activations, on an ONNX from torch.onnx.export
   nncf                       nncf.quantize on the same ONNX (MIXED preset: asymmetric activations)
   edgediff-w8a8              recipe w8a8 (PTQ4DM calibration, L_p init, shortcut split, attention)
+  edgediff-w8a8-smooth       the same + SmoothQuant migration (quant option smooth = true)
   plain-w4a8                 W4A8 min-max, no reconstruction, no shortcut split (the collapse case)
   edgediff-w4a8              recipe w4a8 (Q-Diffusion calibration, BRECQ/AdaRound, split)
   edgediff-w4a8-ptqd         the w4a8 model + the ptqd pass (correction applied in the sampler)
@@ -125,8 +126,45 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (e.g. 0,1,2): one full run per seed "
+                    "(calibration set, sampling noise), then mean ± std per row; overrides --seed")
     ap.add_argument("--out", type=Path, default=Path("bench-out/quantization.json"))
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [args.seed]
+    out = args.out
+    results = []
+    for seed in seeds:
+        args.seed = seed
+        args.out = out if len(seeds) == 1 else out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
+        results.append(run_once(args))
+    if len(seeds) > 1:
+        spread = mean_std(results)
+        print(f"\nmean ± std over seeds {seeds} ({args.samples} samples, {args.steps} steps)")
+        for name, figs in spread.items():
+            print(f"{name:22s} " + "  ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in figs.items()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"seeds": seeds, "samples": args.samples, "steps": args.steps,
+                                   "mean_std": spread, "per_seed": results}, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+FIGURES = ("psnr_ddim", "psnr_ddpm", "digit_frechet", "confidence_share", "weight_bytes")
+
+
+def mean_std(results: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """row name -> figure -> [mean, std (ddof 1), n] over the runs that have it."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for res in results:
+        for row in res["rows"]:
+            for k in FIGURES:
+                if row.get(k) is not None:
+                    acc.setdefault(row["name"], {}).setdefault(k, []).append(float(row[k]))
+    return {n: {k: [round(float(np.mean(v)), 4), round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 4), len(v)]
+                for k, v in figs.items()} for n, figs in acc.items()}
+
+
+def run_once(args: argparse.Namespace) -> dict[str, Any]:
+    """One run of every requested row at args.seed; returns the result written to args.out."""
     torch.set_num_threads(args.threads)
     only = set(filter(None, args.only.split(",")))
     want = lambda name: not only or name in only or name == "fp32"  # noqa: E731
@@ -169,10 +207,12 @@ def main() -> None:
 
     # --- calibration sets: PTQ4DM for w8a8 (and the peers), Q-Diffusion for w4a8, same size
     n_traj, cs = args.calib_traj, args.calib_steps
-    w8_calib = {**recipe_opts("w8a8", "calib"), "n_samples": n_traj, "steps": cs, "count": args.calib}
+    w8_calib = {**recipe_opts("w8a8", "calib"), "n_samples": n_traj, "steps": cs, "count": args.calib,
+                "seed": args.seed}
     w8_cal_model, w8_calib_s, _ = run_pass("calib", model, w8_calib, ctx)
     interval = max(1, (cs * n_traj) // args.calib)
-    w4_calib = {**recipe_opts("w4a8", "calib"), "n_samples": n_traj, "steps": cs, "interval": interval}
+    w4_calib = {**recipe_opts("w4a8", "calib"), "n_samples": n_traj, "steps": cs, "interval": interval,
+                "seed": args.seed}
     from edgediff.passes.calib import load_calibration
 
     calib_data = load_calibration(w8_cal_model, ctx)
@@ -228,6 +268,12 @@ def main() -> None:
         q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), "iters": args.iters}, ctx)
         evaluate("edgediff-w8a8", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
                  note=f"{met.get('method')}; calib {w8_calib_s:.0f} s incl. FP trajectories")
+    if want("edgediff-w8a8-smooth"):  # SmoothQuant migration on a model without injected outliers
+        q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), "smooth": True}, ctx)
+        sm = met.get("smoothing") or {}
+        evaluate("edgediff-w8a8-smooth", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
+                 note=f"{met.get('method')}; {len(sm.get('smoothed', []))} norms smoothed, "
+                      f"{len(sm.get('reverted', []))} reverted")
     w4_cal_model, w4_calib_s, _ = run_pass("calib", model, w4_calib, ctx)
     if want("plain-w4a8"):
         plain = {"weight_bits": 4, "act_bits": 8, "weight_init": "minmax", "act_init": "minmax", "split_shortcut": False,
@@ -267,6 +313,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":
