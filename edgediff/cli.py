@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,20 +32,62 @@ _NOISY_LOGGERS = ("absl", "tensorflow", "tf2onnx", "coremltools", "torch", "torc
                   "diffusers", "nncf", "openvino", "hls4ml", "pyopencl", "urllib3", "PIL")
 
 
+class _Captured(logging.Handler):
+    """Third-party log records and Python warnings kept in memory (the last 20,000 lines), not
+    printed; commands with an output folder write them to OUTPUT/edgediff.log (write_captured_log)."""
+
+    MAX = 20_000
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - a library's bad log call must not fail a command
+            return
+        del self.lines[: -self.MAX]
+
+
+CAPTURED = _Captured()
+
+
 def quiet_third_party(verbose: bool) -> None:
-    """Capture other libraries' logs and progress bars unless `verbose` (set before they are imported)."""
-    import logging
+    """Capture other libraries' logs and warnings unless `verbose` (set before they are imported):
+    their loggers and `py.warnings` go to CAPTURED instead of stderr; the env variables of the
+    C++ libraries (TF/absl/glog, onnxruntime) and tqdm turn their console output off."""
     import os
     import warnings
 
     if verbose:
+        for name in (*_NOISY_LOGGERS, "py.warnings"):
+            lg = logging.getLogger(name)
+            lg.removeHandler(CAPTURED)
+            lg.propagate = True
+        logging.captureWarnings(False)
         return
     for k, v in (("TF_CPP_MIN_LOG_LEVEL", "3"), ("GLOG_minloglevel", "2"), ("ABSL_MIN_LOG_LEVEL", "2"),
                  ("TQDM_DISABLE", "1"), ("ORT_LOGGING_LEVEL", "3"), ("TRANSFORMERS_VERBOSITY", "error")):
         os.environ.setdefault(k, v)
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    for name in (*_NOISY_LOGGERS, "py.warnings"):
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.INFO if name == "py.warnings" else logging.WARNING)
+        if CAPTURED not in lg.handlers:
+            lg.addHandler(CAPTURED)
+        lg.propagate = False
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each warning once per place, into the log
+
+
+def write_captured_log(folder: Path) -> Path | None:
+    """OUTPUT/edgediff.log: the third-party logs and warnings this run captured (None when none)."""
+    if not CAPTURED.lines or not folder.is_dir():
+        return None
+    path = folder / "edgediff.log"
+    path.write_text("\n".join(CAPTURED.lines) + "\n")
+    return path
 
 
 def _device_help() -> str:
@@ -266,6 +309,7 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
         data = split()["train"][0]
     with progress_bar() as p:
         _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force, data=data)
+    write_captured_log(output)
     from edgediff.quality import print_warning
 
     print_warning(manifest.get("quality") or {})  # quantizing recipes: simulation vs the original model
@@ -451,6 +495,7 @@ def demo(output: Path = typer.Option(Path("edgediff-demo"), "-o", "--output"),
     check_count(steps, "--steps", MAX_STEPS)
     with progress_bar() as p:
         summary = run_demo(output, samples=samples, steps=steps, seed=seed, progress=p, force=force, log=err.print)
+    write_captured_log(output)
     if as_json:
         _write_json(summary)
         return

@@ -21,10 +21,6 @@ class Unavailable(EdgediffError):
     exit_code = 3
 
 
-class NotBuiltYet(Unavailable):
-    """A command or pass that exists in the contract but is not implemented yet (exit 3)."""
-
-
 class OutOfTolerance(EdgediffError):
     """Verification ran and the result is outside tolerance (exit 4)."""
 

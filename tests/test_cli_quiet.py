@@ -24,13 +24,31 @@ def test_threads_option_reaches_the_runtimes(capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
 
 
-def test_third_party_logs_hidden_unless_verbose() -> None:
-    log = logging.getLogger("coremltools")
-    log.setLevel(logging.NOTSET)
-    quiet_third_party(verbose=True)
-    assert log.getEffectiveLevel() < logging.ERROR or log.level == logging.NOTSET
-    quiet_third_party(verbose=False)
-    assert log.level == logging.ERROR and logging.getLogger("absl").level == logging.ERROR
+def test_third_party_logs_go_to_the_log_file_not_stderr(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    from edgediff.cli import CAPTURED, write_captured_log
+
+    try:
+        logging.captureWarnings(False)  # pytest restored showwarning after an earlier main(): install afresh
+        quiet_third_party(verbose=False)
+        CAPTURED.lines.clear()
+        logging.getLogger("coremltools").warning("Missing quantization parameter for op 7")
+        logging.getLogger("absl").error("I0000 delegate applied")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("TracerWarning: converting a tensor to a Python boolean", stacklevel=1)
+        assert write_captured_log(tmp_path) == tmp_path / "edgediff.log"
+        text = (tmp_path / "edgediff.log").read_text()
+        assert "coremltools: Missing quantization parameter" in text and "absl: I0000" in text
+        assert "TracerWarning" in text
+        assert capfd.readouterr().err == ""  # none of it on the terminal
+        quiet_third_party(verbose=True)  # --verbose: the library's own handlers/stderr again
+        assert CAPTURED not in logging.getLogger("coremltools").handlers
+        assert logging.getLogger("coremltools").propagate
+    finally:
+        logging.captureWarnings(False)
+        CAPTURED.lines.clear()
 
 
 def test_profile_help_lists_device_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgediff.errors import BadInput, EdgediffError, Unavailable
+from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel, InputSignature
 from edgediff.profiling.graph import OpWork
 from edgediff.schedule import NoiseSchedule
@@ -364,20 +364,11 @@ def test_tensorrt_unavailable_here_exits_3(unet_onnx: tuple[DiffusionModel, Path
     assert e.value.exit_code == 3 and ("tensorrt" in str(e.value) or "CUDA" in str(e.value))
 
 
-def test_opencl_runtime_profile_or_not_built(unet_onnx: tuple[DiffusionModel, Path], tmp_path: Path) -> None:
-    """With the kernels engineer's runtime: a real per-kernel profile of the OpenCL bundle (PoCL here)."""
-    from edgediff.profiling.run import profile
-
-    try:
-        from edgediff.kernels import runtime as clrt
-    except ImportError:
-        clrt = None
-    if clrt is None or not hasattr(clrt, "profile"):
-        with pytest.raises(EdgediffError) as e:
-            profile(unet_onnx[1], runtime="opencl")
-        assert e.value.exit_code == 3 and "not built yet" in str(e.value)
-        return
+def test_opencl_runtime_profile(unet_onnx: tuple[DiffusionModel, Path], tmp_path: Path) -> None:
+    """A real per-kernel profile of the OpenCL bundle from the OpenCL runtime (PoCL here)."""
     from edgediff.exporters import get_backend
+
+    from edgediff.profiling.run import profile
 
     backend = get_backend("opencl")
     ok, why = backend.available()
