@@ -239,23 +239,9 @@ def _diffusers_version() -> str:
         return ""
 
 
-def _reference_model(reference: DiffusionModel, precision: str) -> tuple[DiffusionModel, str]:
-    """What the bundle claims to compute: the quantization simulation for int8, else the float weights."""
-    import copy
-
-    from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
-
-    wrapped = any(is_quant_wrapper(m) for m in reference.denoiser.modules())
-    if precision != "int8" and wrapped:
-        den = strip_quant_wrappers(copy.deepcopy(reference.denoiser))
-        return (DiffusionModel(den, reference.schedule, reference.signature, reference.arch, reference.config,
-                               reference.provenance, reference.extras), "artifact float weights")
-    return reference, "artifact in PyTorch" + (" (quantization simulation)" if wrapped else "")
-
-
 def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[str, dict[str, float]],
                   steps: int | None = None, samples: int = 16, sampler: str | None = None, seed: int = 0,
-                  progress: Any = None, return_samples: bool = False) -> dict[str, Any]:
+                  progress: Any = None, return_samples: bool = False, prompts: list[str] | None = None) -> dict[str, Any]:
     """verify for a bundle: the numpy runtime's sampler loop (with the bundle's DeepCache schedule)
     against the reference's PyTorch sampler with the same schedule, seeds and conditioning; plus
     single calls of each graph (full, shallow) on fixed inputs. Keys and exit codes as `verify`,
@@ -267,11 +253,16 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     from edgediff.deepcache import FullEntry, ShallowEntry
     from edgediff.metrics import psnr
     from edgediff.passes import sampling_correction
+    from edgediff.pipelines.verify import reference_model, verify_pipeline_bundle
     from edgediff.runtime.bundle import read_bundle
     from edgediff.runtime.generate import OrtEntry, run_bundle
+    from edgediff.runtime.pipeline import is_text_pipeline
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
     b = read_bundle(bundle_dir)
+    if is_text_pipeline(b):  # text encoder / VAE: the whole pipeline with prompts and guidance
+        return verify_pipeline_bundle(reference, bundle_dir, tolerances, steps=steps, samples=samples, sampler=sampler,
+                                      seed=seed, progress=progress, prompts=prompts)
     precision = str(b.manifest.get("precision", "fp32"))
     tol = tolerances.get(precision, tolerances["int8"])
     use_sampler = sampler or str(b.manifest["sampler"])
@@ -288,7 +279,7 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     except ImportError:
         result.update({"verified": False, "exit_code": 3, "reason": "running the bundle needs onnxruntime"})
         return result
-    ref_model, what = _reference_model(reference, precision)
+    ref_model, what = reference_model(reference, precision)
     result["reference"] = what
     # single calls on fixed inputs: the full graph, and the shallow graph fed the reference's own feature
     mod = ref_model.module().eval()

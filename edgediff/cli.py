@@ -226,6 +226,8 @@ AdapterOpt = typer.Option(None, "--adapter", help="TOML describing a non-diffuse
 SchedOpt = typer.Option(None, "--scheduler-config", help="A diffusers scheduler_config.json to use instead of the model's.")
 InputOpt = typer.Option(None, "--input", help="NAME=D1,D2 shape override of one denoiser input (repeatable).")
 PickleOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a .pt module (runs code from the file).")
+PromptsOpt = typer.Option(None, "--prompts", help="Text pipelines: prompts (one a line) for calibration/verify "
+                          "instead of the built-in 64.")
 
 
 # ---------------------------------------------------------------- commands
@@ -285,7 +287,8 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
          inputs: Optional[list[str]] = InputOpt,
          min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Quality floor in dB for the recipe's "
                                                   "quant pass (min_psnr_db): the most sensitive layers stay float "
-                                                  "until the final samples reach it.")) -> None:
+                                                  "until the final samples reach it."),
+         prompts_file: Optional[Path] = PromptsOpt) -> None:
     """Run a recipe of passes and write an artifact directory."""
     from edgediff.pipeline import compress as run_compress
     from edgediff.recipe import load_recipe
@@ -302,6 +305,10 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
     check_output(output, [model, recipe, config])
     m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
                        scheduler_config, inputs)
+    if prompts_file is not None:  # text pipelines: calibrate on these prompts (edgediff.pipelines)
+        from edgediff.pipelines.prompts import use_prompts
+
+        use_prompts(m, prompts_file)
     data = None
     if model == "demo":  # the bundled model comes with its training digits (data-driven passes use them)
         from edgediff.demo.data import split
@@ -386,7 +393,8 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
            scheduler_config: Optional[Path] = SchedOpt, inputs: Optional[list[str]] = InputOpt,
            min_quality_db: float = typer.Option(25.0, "--min-quality-db",
                                                 help="Quantized artifacts: warn when the export's samples are "
-                                                     "fewer dB than this from the original model's.")) -> None:
+                                                     "fewer dB than this from the original model's."),
+           prompts_file: Optional[Path] = PromptsOpt) -> None:
     """Run the exported file in its real runtime with the sampler and compare to the reference."""
     from edgediff import verify as mod
     from edgediff.quality import print_warning
@@ -396,6 +404,10 @@ def verify(model: str = ModelOpt, exported: Path = typer.Argument(..., help="The
         check_count(steps, "--steps", MAX_STEPS)
     ref = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter,
                        scheduler_config, inputs)
+    if prompts_file is not None:
+        from edgediff.pipelines.prompts import use_prompts
+
+        use_prompts(ref, prompts_file)
     with progress_bar() as p:
         result = mod.verify(ref, exported, steps=steps, samples=samples, sampler=sampler, seed=seed, progress=p,
                             min_quality_db=min_quality_db)

@@ -86,6 +86,10 @@ def cache_key(model: DiffusionModel, opts: CalibOptions) -> str:
     h.update(json.dumps({"v": CACHE_VERSION, **asdict(opts)}, sort_keys=True).encode())
     if model.extras.get("cache"):  # a DeepCache schedule changes the trajectories
         h.update(json.dumps(model.extras["cache"], sort_keys=True, default=str).encode())
+    if model.extras.get("pipeline"):  # text pipelines calibrate on their prompts with guidance
+        from edgediff.pipelines.conditioning import prompts_key
+
+        h.update(prompts_key(model).encode())
     return h.hexdigest()[:32]
 
 
@@ -120,7 +124,12 @@ def generate(model: DiffusionModel, opts: CalibOptions, progress: Any = None) ->
     """Sample FP trajectories and pick the calibration points."""
     n = opts.n_samples
     cond = make_conditioning(model, n, opts.seed)
-    rec = _Recorder(TorchDenoiser(model))
+    from edgediff.pipelines.conditioning import prompt_conditioning
+
+    guided = prompt_conditioning(model, n, opts.seed)  # text pipelines: encoded prompts with guidance
+    if guided is not None:
+        cond = guided.cond
+    rec = _Recorder(guided.wrap(TorchDenoiser(model)) if guided is not None else TorchDenoiser(model))
     cfg = SamplerConfig(opts.sampler, opts.steps, batch_size=opts.batch_size)
     step_ids: list[int] = []
     # one on_step call per sampler step, before the denoiser calls of that step
@@ -145,6 +154,8 @@ def generate(model: DiffusionModel, opts: CalibOptions, progress: Any = None) ->
         xs = traj_x[step, which]
         ts = traj_t[step]
         cs = cond[which] if cond is not None else None
+    if guided is not None:
+        xs, ts, cs = guided.both(xs, ts, cs)  # each guided call runs its prompt and the empty prompt
     perm = torch.randperm(len(xs), generator=g)  # mix timesteps so that any prefix covers them all
     data = {"x": xs[perm].contiguous(), "t": ts[perm].to(torch.float32).contiguous(),
             "traj_t": traj_t, "traj_x": traj_x.contiguous(), "traj_out": traj_out.contiguous()}

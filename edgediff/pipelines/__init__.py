@@ -8,6 +8,6 @@ folder and its components, so artifacts made from it still find their text encod
 from __future__ import annotations
 
 from edgediff.pipelines.components import KEY, Pipeline, attach, pipeline_of
-from edgediff.pipelines.prompts import PROMPTS, prompts_for, read_prompts
+from edgediff.pipelines.prompts import PROMPTS, prompts_for, read_prompts, use_prompts
 
-__all__ = ["KEY", "PROMPTS", "Pipeline", "attach", "pipeline_of", "prompts_for", "read_prompts"]
+__all__ = ["KEY", "PROMPTS", "Pipeline", "attach", "pipeline_of", "prompts_for", "read_prompts", "use_prompts"]

@@ -83,7 +83,6 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor, batch: int = 8) -> tor
 def component_stats(pipe: Pipeline) -> dict[str, dict[str, Any]]:
     """{name: {kind, class, params, macs (one call, batch 1), size_bytes}} for every component."""
     from edgediff import metrics
-    from edgediff.pipeline import model_stats
 
     out: dict[str, dict[str, Any]] = {}
     sig = pipe.denoiser.signature
@@ -91,7 +90,9 @@ def component_stats(pipe: Pipeline) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {"kind": comp["kind"], "class": comp["class"]}
         kind = comp["kind"]
         if kind == "denoiser":
-            row.update(model_stats(pipe.denoiser))
+            mod = pipe.denoiser.module()
+            row.update({"params": metrics.params(mod), "macs": metrics.macs(pipe.denoiser),
+                        "size_bytes": metrics.size_bytes(mod)})
             row["macs_note"] = "per denoiser call (x2 per step with guidance)"
         elif kind == "text_encoder":
             te = pipe.load(name)

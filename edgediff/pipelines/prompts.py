@@ -8,6 +8,7 @@ prompt a line, `#` comments and blank lines skipped) replaces it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgediff.errors import BadInput
 
@@ -98,3 +99,15 @@ def prompts_for(n: int, prompts: list[str] | tuple[str, ...] | None = None) -> l
     """n prompts, cycling through the list (built-in when None)."""
     src = list(prompts if prompts is not None else PROMPTS)
     return [src[i % len(src)] for i in range(n)]
+
+
+def use_prompts(model: Any, path: Path | str) -> list[str]:
+    """`--prompts FILE`: the prompts a text pipeline's passes and verify use instead of the built-in list
+    (kept in extras["pipeline"], so an artifact carries them)."""
+    rec = getattr(model, "extras", {}).get("pipeline")
+    if not isinstance(rec, dict) or "text_encoder" not in (rec.get("components") or {}):
+        raise BadInput(f"{path}: --prompts needs a text-to-image pipeline (a folder with model_index.json and a "
+                       "text encoder, or an artifact made from one)")
+    prompts = read_prompts(path)
+    rec["prompts"] = prompts
+    return prompts

@@ -1,0 +1,189 @@
+"""`edgediff verify PIPELINE_OR_ARTIFACT BUNDLE` for text-to-image bundles.
+
+The same prompts (the built-in list, cycled), seeds, scheduler, steps and guidance run in
+PyTorch (the pipeline's text encoder and VAE, the reference denoiser through edgediff's
+sampler with classifier-free guidance) and on the bundle's runtime (edgediff.runtime.pipeline);
+reported: PSNR and max error of each component on single calls with fixed inputs, and PSNR of
+the final images and latents. The PyTorch loop is tested equal to diffusers' own
+StableDiffusionPipeline (tests/test_pipelines_verify.py).
+
+A quantized artifact's reference denoiser is its simulation (int8 bundles) or its float weights
+(fp32/fp16 bundles); the images are also compared with the original pipeline's
+(`psnr_vs_original_db`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgediff.model import DiffusionModel
+from edgediff.pipelines.components import Pipeline, pipeline_of
+from edgediff.pipelines.encode import GuidedDenoiser, decode_latents, guided_conditioning, token_ids
+from edgediff.pipelines.prompts import prompts_for
+
+
+def reference_model(reference: DiffusionModel, precision: str) -> tuple[DiffusionModel, str]:
+    """What a bundle's denoiser claims to compute: the quantization simulation for int8, else the float weights."""
+    from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
+
+    wrapped = any(is_quant_wrapper(m) for m in reference.denoiser.modules())
+    if precision != "int8" and wrapped:
+        den = strip_quant_wrappers(copy.deepcopy(reference.denoiser))
+        return (DiffusionModel(den, reference.schedule, reference.signature, reference.arch, reference.config,
+                               reference.provenance, reference.extras), "artifact float weights")
+    return reference, "artifact in PyTorch" + (" (quantization simulation)" if wrapped else "")
+
+
+def _psnr(got: np.ndarray, want: np.ndarray) -> float:
+    """PSNR over the reference's own range (components' outputs are not in [-1, 1])."""
+    rng = float(want.max() - want.min()) or 1.0
+    mse = float(np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else round(10 * math.log10(rng * rng / mse), 3)
+
+
+def _row(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
+    return {"psnr_db": _psnr(got, want), "max_abs_err": float(np.abs(got - want).max())}
+
+
+@torch.no_grad()
+def reference_images(pipe: Pipeline, model: DiffusionModel, prompts: list[str], seed: int, sampler: str,
+                     steps: int, guidance: float, negative: list[str] | None = None,
+                     progress: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latents, images in [-1, 1] or None) of the PyTorch pipeline with `model` as its denoiser."""
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+    n = len(prompts)
+    den: Any = TorchDenoiser(model)
+    cond = None
+    if pipe.has("text_encoder"):
+        c, u = guided_conditioning(pipe, prompts, negative)
+        cond = c
+        if guidance > 1.0:
+            den = GuidedDenoiser(den, u, c, guidance)
+    x = sample(den, model.schedule, tuple(model.signature.sample_shape), n, seed, SamplerConfig(sampler, steps),
+               cond=cond, progress=progress, description="verify pipeline: reference")
+    assert isinstance(x, torch.Tensor)
+    return x, (decode_latents(pipe, x) if pipe.has("vae") else None)
+
+
+@torch.no_grad()
+def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts: list[str], seed: int,
+                     threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Single calls of each graph on fixed inputs vs the PyTorch component."""
+    from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL
+    from edgediff.runtime.generate import OrtEntry
+
+    out: dict[str, dict[str, Any]] = {}
+    man = bundle.manifest["pipeline"]
+    g = torch.Generator().manual_seed(seed + 11)
+    states = None
+    if man.get("text_encoder"):
+        ids = token_ids(pipe, prompts[:4])
+        want = pipe.load("text_encoder")(ids)[0].float().numpy()
+        got = OrtEntry(bundle.file("text_encoder"), threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+        out["text_encoder"] = _row(got, want)
+        states = torch.from_numpy(want)
+    mod = model.module().eval()
+    sig = model.signature
+    n = 2
+    x = torch.randn(n, *sig.sample_shape, generator=g)
+    ehs = states[:n] if states is not None and states.shape[0] >= n else (
+        torch.randn(n, *sig.cond_shape, generator=g) if sig.cond_shape else None)
+    den = OrtEntry(bundle.file(ROLE_FULL), threads)
+    errs = []
+    for t in (999, 500, 50):
+        t = min(t, model.schedule.num_train_timesteps - 1)
+        inp: dict[str, torch.Tensor] = {"sample": x, "timestep": torch.full((n,), float(t))}
+        if ehs is not None:
+            inp["encoder_hidden_states"] = ehs
+        want = mod(**inp).numpy()
+        got = den.run([OUTPUT_NAME], {k: v.numpy() for k, v in inp.items()})[0]
+        errs.append(_row(got, want))
+    out[bundle.component(ROLE_FULL)[0]] = {"psnr_db": min(e["psnr_db"] for e in errs),
+                                           "max_abs_err": max(e["max_abs_err"] for e in errs)}
+    if man.get("vae_decoder"):
+        vae = pipe.load("vae")
+        z = torch.randn(n, *sig.sample_shape, generator=g)
+        want = vae.decode(z).sample.numpy()
+        got = OrtEntry(bundle.file("vae_decoder"), threads).run(["sample"], {"latent_sample": z.numpy()})[0]
+        out["vae_decoder"] = _row(got, want)
+    if man.get("vae_encoder"):
+        vae = pipe.load("vae")
+        img = torch.rand(n, *man["image_shape"], generator=g) * 2 - 1
+        h = vae.encoder(img)
+        want = (vae.quant_conv(h) if vae.quant_conv is not None else h).numpy()
+        got = OrtEntry(bundle.file("vae_encoder"), threads).run(["latent_parameters"], {"sample": img.numpy()})[0]
+        out["vae_encoder"] = _row(got, want)
+    return out
+
+
+def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[str, dict[str, float]],
+                           steps: int | None = None, samples: int = 4, sampler: str | None = None, seed: int = 0,
+                           progress: Any = None, prompts: list[str] | None = None) -> dict[str, Any]:
+    """verify's result for a text-to-image bundle (keys and exit codes as `verify`)."""
+    from edgediff.metrics import psnr
+    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.pipeline import run_pipeline
+
+    b = read_bundle(bundle_dir)
+    man = b.manifest["pipeline"]
+    precision = str(b.manifest.get("precision", "fp32"))
+    tol = tolerances.get(precision, tolerances["int8"])
+    use_sampler = sampler or str(b.manifest["sampler"])
+    n_steps = int(steps or b.manifest["steps"])
+    guidance = float(man.get("default_guidance") or 1.0)
+    texts = prompts_for(samples, prompts or (reference.extras.get("pipeline") or {}).get("prompts"))
+    result: dict[str, Any] = {"target": f"{b.target} bundle", "kind": "pipeline", "exported": str(bundle_dir),
+                              "samples": samples, "steps": n_steps, "sampler": use_sampler, "seed": seed,
+                              "guidance": guidance, "precision": precision, "tolerance": dict(tol),
+                              "prompts": texts}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        result.update({"verified": False, "exit_code": 3, "reason": "running the bundle needs onnxruntime"})
+        return result
+    pipe = pipeline_of(reference)
+    assert pipe is not None
+    ref_model, what = reference_model(reference, precision)
+    result["reference"] = what + " with the pipeline's text encoder and VAE"
+    comps = component_checks(pipe, ref_model, b, texts, seed)
+    result["components"] = comps
+    want_x, want_img = reference_images(pipe, ref_model, texts, seed, use_sampler, n_steps, guidance, progress=progress)
+    got_x, got_img, stats = run_pipeline(bundle_dir, texts, samples=samples, seed=seed, steps=n_steps,
+                                         guidance=guidance, sampler=use_sampler)
+    p_lat = psnr(torch.from_numpy(got_x), want_x, data_range=float(want_x.max() - want_x.min()) or 1.0)
+    p_img = psnr(torch.from_numpy(got_img), want_img) if got_img is not None and want_img is not None else None
+    p = p_img if p_img is not None else p_lat
+    den_name = b.component("denoiser")[0]
+    err = comps[den_name]["max_abs_err"]
+    # every float component against its own precision's floor; the denoiser's error as for single files
+    bad = [f"{k} {v['psnr_db']} dB" for k, v in comps.items() if k != den_name
+           and v["psnr_db"] < tolerances.get(str(b.manifest["components"][k].get("precision")), tol)["psnr_db"]]
+    within = p >= tol["psnr_db"] and err <= tol["max_abs_err"] and not bad
+    result.update({"psnr_db": round(p, 3) if math.isfinite(p) else p,
+                   "psnr_images_db": (round(p_img, 3) if p_img is not None and math.isfinite(p_img) else p_img),
+                   "psnr_latents_db": round(p_lat, 3) if math.isfinite(p_lat) else p_lat,
+                   "max_abs_err": err, "verified": True, "runtime": f"onnxruntime {ort.__version__}",
+                   "denoiser_calls": stats["denoiser_calls"], "ms_per_image": stats["ms_per_image"],
+                   "within_tolerance": within, "exit_code": 0 if within else 4})
+    if not within:
+        result["reason"] = (f"out of tolerance for {precision}: images {p:.2f} dB (min {tol['psnr_db']}), denoiser "
+                            f"max_abs_err {err:.3g} (max {tol['max_abs_err']})" + (f"; {', '.join(bad)}" if bad else ""))
+    from edgediff import quality
+
+    if quality.is_quantized(reference) and want_img is not None:
+        from edgediff.loaders import load_model
+
+        original = load_model(pipe.path)
+        _, orig_img = reference_images(pipe, original, texts, seed, use_sampler, n_steps, guidance)
+        assert orig_img is not None and got_img is not None
+        po = psnr(torch.from_numpy(got_img), orig_img)
+        result["psnr_vs_original_db"] = round(po, 3) if math.isfinite(po) else po
+        result["original"] = str(pipe.path)
+    return result
