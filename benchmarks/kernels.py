@@ -63,6 +63,54 @@ def median_ms(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] | Non
     return min(times)
 
 
+def pair_ms(a: Callable[[], Any], b: Callable[[], Any], repeat: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Best-of-`repeat` ms of a and of b, measured interleaved (a, b, a, b, ...) after a warm-up of
+    each, so that load from other processes hits both alike and their ratio stays meaningful."""
+    ta, tb = [], []
+    a(), sync(), b(), sync()
+    for _ in range(repeat):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return min(ta), min(tb)
+
+
+def transformer_rows(rt: Any, repeat: int, add: Callable[..., None]) -> None:
+    """The conditional denoisers' kernels at SD-1.x-like token shapes scaled down (320 channels, 16x16
+    latents, head_dim 40, 77 context tokens), OpenCL and PyTorch interleaved."""
+    g = torch.Generator().manual_seed(1)
+    C, n, m, heads = 320, 256, 77, 8
+    d = C // heads
+    x = torch.randn(1, C, 16, 16, generator=g)
+    gm, bt = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    dx, dg, dbt = rt.to_device(x), rt.to_device(gm, np.float32), rt.to_device(bt, np.float32)
+    xt = x.flatten(2).transpose(1, 2).contiguous()
+    cl, tt = pair_ms(lambda: rt.layer_norm_channels(dx, dg, dbt, 1e-5),
+                     lambda: F.layer_norm(xt, (C,), gm, bt, 1e-5), repeat, lambda: rt.finish())
+    add("layer_norm over channels", f"1x{C}x16x16", cl, tt, nbytes=3 * x.numel() * 4, note="interleaved")
+    u = torch.randn(1, 2 * 4 * C, 16, 16, generator=g)
+    du = rt.to_device(u)
+    ut = u.flatten(2).transpose(1, 2).contiguous()
+
+    def tgeglu() -> Any:
+        a, b = ut.chunk(2, -1)
+        return a * F.gelu(b)
+
+    cl, tt = pair_ms(lambda: rt.geglu(du), tgeglu, repeat, lambda: rt.finish())
+    add("geglu", f"1x{8 * C}x16x16 -> {4 * C}", cl, tt, nbytes=1.5 * u.numel() * 4, note="interleaved")
+    q, kv = torch.randn(1, C, n, generator=g), torch.randn(1, 2 * C, m, generator=g)
+    dq, dkv = rt.to_device(q), rt.to_device(kv)
+    qh = q.reshape(1, heads, d, n).transpose(-1, -2).contiguous()
+    kh = kv[:, :C].reshape(1, heads, d, m).transpose(-1, -2).contiguous()
+    vh = kv[:, C:].reshape(1, heads, d, m).transpose(-1, -2).contiguous()
+    cl, tt = pair_ms(lambda: rt.flash_attention(dq, dkv, dkv, heads, d, n, m, 0, 0, C * m, q_bstride=C * n,
+                                                kv_bstride=2 * C * m),
+                     lambda: F.scaled_dot_product_attention(qh, kh, vh), repeat, lambda: rt.finish())
+    add("cross-attention flash", f"h{heads} d{d} N{n} M{m}", cl, tt, 4.0 * heads * n * m * d, note="interleaved")
+
+
 def kernel_rows(rt: Any, repeat: int, quick: bool) -> list[dict[str, Any]]:
     from edgediff.kernels.runtime import winograd_weights
 
@@ -115,8 +163,8 @@ def kernel_rows(rt: Any, repeat: int, quick: bool) -> list[dict[str, Any]]:
         size = x.numel() * np.dtype(rt.dtype).itemsize
         tt = median_ms(lambda: F.silu(F.group_norm(x, G, gm, bt, 1e-5)), repeat)
         shape = f"{B}x{C}x{hw}x{hw} g{G}"
-        fused = median_ms(lambda: rt.group_norm(dx, dg, dbt, G, 1e-5, True), repeat, sync)
-        unfused = median_ms(lambda: rt.group_norm_unfused(dx, dg, dbt, G, 1e-5, True), repeat, sync)
+        fused, unfused = pair_ms(lambda: rt.group_norm(dx, dg, dbt, G, 1e-5, True),
+                                 lambda: rt.group_norm_unfused(dx, dg, dbt, G, 1e-5, True), repeat, sync)
         # fused: statistics read + normalise read + write; unfused: 2 statistics reads, normalise R+W, SiLU R+W
         add("group_norm+silu fused", shape, fused, tt, nbytes=3 * size, launches=1)
         add("group_norm+silu unfused", shape, unfused, tt, nbytes=6 * size, launches=3,
@@ -142,8 +190,8 @@ def kernel_rows(rt: Any, repeat: int, quick: bool) -> list[dict[str, Any]]:
         # unfused: Q, K read; S (N x N) written; softmax reads S, writes P; P and V read; O written
         ub = e * B * heads * (2 * n * d + n * n + 2 * n * n + n * n + n * d + n * d)
         shape = f"B{B} h{heads} d{d} N{n}"
-        fl = median_ms(lambda: rt.flash_attention(dq, dk, dv, heads, d, n, n), repeat, sync)
-        un = median_ms(lambda: rt.attention_unfused(dq, dk, dv, heads, d, n, n), repeat, sync)
+        fl, un = pair_ms(lambda: rt.flash_attention(dq, dk, dv, heads, d, n, n),
+                         lambda: rt.attention_unfused(dq, dk, dv, heads, d, n, n), repeat, sync)
         add("attention flash (tiled)", shape, fl, tt, flops, fb, score_matrix_bytes=0)
         add("attention unfused", shape, un, tt, flops, ub, score_matrix_bytes=e * B * heads * n * n,
             fused_speedup=round(un / fl, 3))
@@ -163,6 +211,7 @@ def kernel_rows(rt: Any, repeat: int, quick: bool) -> list[dict[str, Any]]:
     dxs = rt.to_device(xs)
     add("upsample nearest 2x", "2x256x16x16", median_ms(lambda: rt.upsample2x(dxs), repeat, sync),
         median_ms(lambda: F.interpolate(xs, scale_factor=2.0, mode="nearest"), repeat), nbytes=5 * xs.numel() * 4)
+    transformer_rows(rt, repeat, add)
     # --- int8 conv vs onnxruntime QLinearConv (same integers; 7-bit weights, see the tests)
     try:
         rows.append(int8_row(rt, repeat))
@@ -270,19 +319,51 @@ def e2e_rows(name: str, repeat: int, folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def bytes_model_rows() -> list[dict[str, Any]]:
-    """Bytes moved per kernel, fused vs unfused (edgediff.kernels.cost, fp16 storage): the demo's
-    shapes and an SD-1.x UNet's levels (computed, not run)."""
+def bytes_model_rows(demo_bundle: Path | None = None) -> list[dict[str, Any]]:
+    """Bytes moved per kernel kind, fused vs unfused (edgediff.kernels.cost, fp16 storage, batch 1,
+    computed, not run): the demo bundle's schedule (if given) and one SD-1.x UNet level per
+    resolution (320/640/1280 channels at 64/32/16 latents, 8 heads: head_dim 40/80/160, 77 tokens)."""
     from edgediff.kernels import cost
 
     rows = []
-    for kind, shape, c in (("GroupNorm+SiLU", "1x64x16x16", cost.group_norm_silu(1, 64, 256)),
-                           ("self-attention h2 d32", "1x64x8x8", cost.attention(1, 2, 32, 64, 64))):
-        rows.append({"model": "demo", "kernel": kind, "shape": shape, "fused_bytes": cost.total(c["fused"]),
-                     "unfused_bytes": cost.total(c["unfused"]),
-                     "ratio": round(cost.total(c["unfused"]) / cost.total(c["fused"]), 2), "flops": c["fused"]["flops"]})
-    rows += [{"model": "sd15", **r} for r in cost.sd15_block_rows()]
+    if demo_bundle is not None:
+        for a in cost.summarize(cost.bundle_costs(demo_bundle)):
+            rows.append({"model": "demo", "kernel": a["op"], "count": a["count"], "shape": "whole UNet",
+                         **{k: a[k] for k in ("fused_bytes", "unfused_bytes", "ratio", "fused_launches",
+                                              "unfused_launches", "macs")}})
+    for C, hw in ((320, 64), (640, 32), (1280, 16)):
+        lv = cost.sd15_level_costs(C, hw)
+        for a in cost.summarize(lv):
+            rows.append({"model": f"sd15 level d{C // 8}", "kernel": a["op"], "count": a["count"],
+                         "shape": f"1x{C}x{hw}x{hw}",
+                         **{k: a[k] for k in ("fused_bytes", "unfused_bytes", "ratio", "fused_launches",
+                                              "unfused_launches", "macs")}})
     return rows
+
+
+def demo_bundle(folder: Path) -> Path | None:
+    """The bundled demo model as an fp16 OpenCL bundle (None when its weights are not there)."""
+    from edgediff.exporters import get_backend
+
+    from edgediff.loaders import load_model
+
+    try:
+        demo = load_model("demo")
+    except Exception:  # noqa: BLE001 - a checkout without the trained demo weights
+        return None
+    out = folder / "demo-fp16"
+    if not out.exists():
+        get_backend("opencl").export(demo, out, "fp16")
+    return out
+
+
+def print_bytes(rows: list[dict[str, Any]]) -> None:
+    print(f"{'model':18s} {'kernel':18s} {'n':>3s} {'shape':14s} {'fused MB':>10s} {'unfused MB':>10s} {'x':>6s} "
+          f"{'launches':>9s}", file=sys.stderr)
+    for r in rows:
+        print(f"{r['model']:18s} {r['kernel']:18s} {r['count']:3d} {r['shape']:14s} {r['fused_bytes'] / 1e6:10.2f} "
+              f"{r['unfused_bytes'] / 1e6:10.2f} {r['ratio'] or 0:6.2f} {r['fused_launches']:4d}/{r['unfused_launches']:<4d}",
+              file=sys.stderr)
 
 
 def main() -> None:
@@ -293,13 +374,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads for PoCL, onnxruntime and PyTorch alike")
     ap.add_argument("--out", type=Path, default=Path("bench-out/kernels.json"))
     ap.add_argument("--bytes-only", action="store_true", help="print the bytes-moved model (fused vs unfused) and exit")
+    ap.add_argument("--oclgrind", action="store_true", help="with the bytes model, oclgrind's counted global bytes "
+                    "of a few kernels next to the model's (needs oclgrind)")
     args = ap.parse_args()
-    if args.bytes_only:
-        rows = bytes_model_rows()
-        print(json.dumps(rows, indent=1))
-        for r in rows:
-            print(f"{r['model']:6s} {r['kernel']:30s} {r['shape']:14s} fused {r['fused_bytes'] / 1e6:9.2f} MB  "
-                  f"unfused {r['unfused_bytes'] / 1e6:9.2f} MB  x{r['ratio']}", file=sys.stderr)
+    if args.bytes_only or args.oclgrind:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bytes_model_rows(demo_bundle(Path(tmp)))
+        out: dict[str, Any] = {"bytes_model": rows}
+        print_bytes(rows)
+        if args.oclgrind:
+            from edgediff.kernels.cost import measure_oclgrind
+
+            out["oclgrind_counts"] = measure_oclgrind()
+            for r in out["oclgrind_counts"]:
+                print(f"{r['case']:36s} model {r['model_bytes']:8d} B  oclgrind {r['oclgrind_bytes']:8d} B  "
+                      f"x{r['oclgrind_over_model']}  kernels {r['oclgrind_kernels']}", file=sys.stderr)
+        print(json.dumps(out, indent=1))
         return
     torch.set_num_threads(args.threads)
     import os
