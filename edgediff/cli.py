@@ -83,10 +83,16 @@ def quiet_third_party(verbose: bool) -> None:
 
 def write_captured_log(folder: Path) -> Path | None:
     """OUTPUT/edgediff.log: the third-party logs and warnings this run captured (None when none)."""
-    if not CAPTURED.lines or not folder.is_dir():
+    try:
+        from edgediff.exporters.base import NATIVE_LOG
+    except ImportError:  # no torch: nothing native was captured
+        NATIVE_LOG = []
+    lines = CAPTURED.lines + (["-- native libraries (stdout/stderr of exports and runtime loads):", *NATIVE_LOG]
+                              if NATIVE_LOG else [])
+    if not lines or not folder.is_dir():
         return None
     path = folder / "edgediff.log"
-    path.write_text("\n".join(CAPTURED.lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -107,10 +113,11 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
     quiet_third_party(verbose)
     _bundle_threads[0] = threads
     try:
-        from edgediff.exporters.base import set_threads
+        from edgediff.exporters.base import capture_native_output, set_threads
     except ImportError:  # no torch installed: only bundles run (edgediff.runtime), they take the count themselves
         return
     set_threads(threads)
+    capture_native_output(not verbose)
 
 
 _bundle_threads: list[Optional[int]] = [None]  # --threads for torch-free bundle runs

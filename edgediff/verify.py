@@ -33,7 +33,7 @@ import torch
 from edgediff import quality
 from edgediff.errors import BadInput, Unavailable
 from edgediff.exporters import get_backend, target_of
-from edgediff.exporters.base import Backend
+from edgediff.exporters.base import Backend, native_output_captured
 from edgediff.metrics import psnr
 from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
@@ -156,7 +156,8 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
                        "check": backend.check(exported, reference)})
         return result
     try:
-        exp = backend.load_denoiser(exported)
+        with native_output_captured():  # the runtime's native start-up messages go to the log
+            exp = backend.load_denoiser(exported)
     except Unavailable as e:
         result.update({"verified": False, "reason": str(e), "exit_code": 3, "check": backend.check(exported, reference)})
         return result

@@ -24,6 +24,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +58,55 @@ def set_threads(n: int | None) -> None:
 def threads() -> int | None:
     """The thread count set by `--threads` (None: the runtime's default, all cores)."""
     return _threads
+
+
+# Native libraries write to the file descriptors themselves (LiteRT/TF's C++ logs, the XNNPACK
+# delegate, litert-torch's converter stages): unless --verbose, exports and runtime loads run with
+# fds 1 and 2 pointed at a temporary file whose lines land in NATIVE_LOG (OUTPUT/edgediff.log).
+_capture_native = [False]
+NATIVE_LOG: list[str] = []
+
+
+def capture_native_output(on: bool) -> None:
+    """Whether `native_output_captured` captures (the CLI turns it on unless --verbose)."""
+    _capture_native[0] = on
+
+
+@contextmanager
+def native_output_captured() -> Iterator[None]:
+    """Run the block with what native code prints to fds 1/2 captured into NATIVE_LOG (when on)."""
+    if not _capture_native[0]:
+        yield
+        return
+    import sys
+    import tempfile
+
+    def flush() -> None:
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    with tempfile.TemporaryFile() as tmp, open(tmp.fileno(), "w", closefd=False, buffering=1) as text:
+        flush()
+        saved = os.dup(1), os.dup(2)
+        py = sys.stdout, sys.stderr
+        try:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            sys.stdout = sys.stderr = text  # Python-level prints too (sys.stdout may not be fd 1)
+            yield
+        finally:
+            flush()
+            sys.stdout, sys.stderr = py
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            NATIVE_LOG.extend(ln for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip())
+            del NATIVE_LOG[:-20_000]
 
 
 def input_names(sig: InputSignature) -> list[str]:
@@ -243,7 +293,8 @@ class Backend(ABC):
         task = progress.add_task(f"export {self.target} {precision}", total=None) if progress is not None else None
         t0 = time.perf_counter()
         try:
-            report = self._export(model, out, precision, opts, progress, force)
+            with native_output_captured():
+                report = self._export(model, out, precision, opts, progress, force)
         finally:
             if task is not None:
                 progress.remove_task(task)

@@ -79,3 +79,24 @@ def test_demo_summary_table_fits_80_columns() -> None:
     text = c.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "65.7M" not in text and "6.07G" in text and "31.25 dB" in text
+
+
+def test_native_output_of_exports_is_captured(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    base.NATIVE_LOG.clear()
+    try:
+        base.capture_native_output(True)
+        with base.native_output_captured():
+            os.write(2, b"I0000 00:00 port.cc:153] oneDNN custom operations are on\n")
+            os.write(1, b"(00:00) [START] LiteRT-Torch Convert\n")
+            print("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.")
+        assert capfd.readouterr() == ("", "")
+        assert any("oneDNN" in ln for ln in base.NATIVE_LOG) and any("XNNPACK" in ln for ln in base.NATIVE_LOG)
+        base.capture_native_output(False)  # --verbose: straight through
+        with base.native_output_captured():
+            os.write(2, b"shown\n")
+        assert capfd.readouterr().err == "shown\n"
+    finally:
+        base.capture_native_output(False)
+        base.NATIVE_LOG.clear()
