@@ -165,6 +165,14 @@ def _init_kwargs(m: nn.Module, name: str) -> dict[str, Any]:
                     "of constructor arguments")
 
 
+def _same_init(m: nn.Module, init: dict[str, Any]) -> bool:
+    """Whether `m`'s own constructor arguments equal the saved (checked) ones."""
+    own = getattr(m, "_edgediff_init", None)
+    if not isinstance(own, dict):
+        return True  # nothing to compare: the parent's constructor is the only record
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()} == init
+
+
 def _check_value(v: Any, where: str, what: str, nested: bool = False) -> Any:
     """A JSON scalar or a flat list of scalars (shapes, kernel sizes); ints and lengths bounded."""
     if isinstance(v, list) and not nested:
@@ -277,8 +285,9 @@ def apply_structure(module: nn.Module, structure: dict[str, Any], state: dict[st
         parent_name, _, leaf = name.rpartition(".")
         parent = _submodule(module, parent_name, where)
         cur = parent._modules.get(leaf)
-        if cur is not None and type(cur) is cls:
-            continue  # built by its parent's constructor already
+        if cur is not None and type(cur) is cls and _same_init(cur, init):
+            continue  # built by its parent's constructor already, with the saved arguments
+        # (a child built by its parent but changed afterwards, e.g. a disabled quantizer, is rebuilt)
         if cur is None and hasattr(type(parent), leaf):
             # instance data (an attention processor) may become a module; a method or property may not
             raise BadInput(f"{where}: {name!r} would replace a method or property of {type(parent).__name__}")

@@ -214,3 +214,20 @@ def test_timing_interleaves_and_scales_per_image() -> None:
     assert per_image(10.0, batch=2, steps=20) == 100.0
     with pytest.raises(ValueError):
         time_denoisers({"a": den("a")}, torch.zeros(1), torch.zeros(1), reps=0)
+
+
+def test_disabled_quantizer_stays_disabled_after_reload(w8a8: DiffusionModel, tmp_path: Path) -> None:
+    """A quantizer its parent's constructor built enabled, disabled afterwards, comes back disabled
+    (serialize rebuilds a child whose saved constructor arguments differ from the parent's)."""
+    from edgediff.artifact import load_artifact, write_artifact
+    from edgediff.quant.core import ActQuantizer
+
+    m = w8a8.clone()
+    name, q = next((n, q) for n, q in m.denoiser.named_modules() if isinstance(q, ActQuantizer) and not q.disabled)
+    q.disable()
+    write_artifact(m, tmp_path / "a", {})
+    back = dict(load_artifact(tmp_path / "a").denoiser.named_modules())
+    assert back[name].disabled and back[name].mode == "off"
+    # the others kept their state
+    others = [n for n, x in m.denoiser.named_modules() if isinstance(x, ActQuantizer) and n != name]
+    assert all(back[n].mode == dict(m.denoiser.named_modules())[n].mode for n in others)
