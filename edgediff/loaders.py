@@ -20,7 +20,7 @@ from torch import nn
 
 from edgediff.errors import BadInput
 from edgediff.files import build_diffusers, load_safetensors, read_json
-from edgediff.model import DiffusionModel, InputSignature
+from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
 from edgediff.schedule import NoiseSchedule
 from edgediff.signature import DENOISER_CLASSES, infer, override
 
@@ -270,7 +270,7 @@ def _load_pt(path: Path, opts: LoadOptions) -> DiffusionModel:
     raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
 
 
-def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
+def _load_pt2(path: Path, opts: LoadOptions, default_call: bool = True) -> DiffusionModel:
     from edgediff.safe_load import ExportedDenoiser, load_exported_program
 
     ep = load_exported_program(path, opts.trust_pickle)  # runs nothing from the file unless trusted
@@ -281,6 +281,8 @@ def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
             val = node.meta.get("val")
             shapes[node.name] = tuple(int(d) if isinstance(d, int) else -1 for d in val.shape) if val is not None else None
     names = [s.arg.name for s in user_inputs]
+    if default_call:
+        _pt2_fits_statically(path, names, shapes)
     if opts.sample_shape:
         sample = tuple(opts.sample_shape)
     elif names and shapes.get(names[0]) and len(shapes[names[0]]) == 4 and min(shapes[names[0]][1:]) > 0:
@@ -291,8 +293,57 @@ def _load_pt2(path: Path, opts: LoadOptions) -> DiffusionModel:
     if len(names) >= 3 and shapes.get(names[2]) and len(shapes[names[2]]) == 3:
         cond = shapes[names[2]][1:]
     sig = apply_overrides(InputSignature(sample, cond), opts)
-    return DiffusionModel(ExportedDenoiser(ep), _schedule_near(path.parent, opts), sig, "ExportedProgram", None,
+    den = ExportedDenoiser(ep)
+    if default_call:
+        _pt2_probe(path, den, sig, names)
+    return DiffusionModel(den, _schedule_near(path.parent, opts), sig, "ExportedProgram", None,
                           {"source": str(path), "source_sha256": sha256_of(path)})
+
+
+# without an adapter a .pt2 is called as forward(sample, timestep[, encoder_hidden_states=...])
+_PT2_CALL = "forward(sample (B,C,H,W), timestep (B,)[, encoder_hidden_states (B,S,D)])"
+_ADAPTER_HINT = "describe its inputs with --adapter FILE.toml (docs/onnx_in.md, edgediff/adapter.py)"
+
+
+def _pt2_fits_statically(path: Path, names: list[str], shapes: dict[str, tuple[int, ...] | None]) -> None:
+    """Exit 2 naming the first archive input that the default call cannot fill."""
+    if len(names) < 2:
+        raise BadInput(f"{path}: the archive takes {len(names)} input(s) {names}; without an adapter edgediff calls "
+                       f"{_PT2_CALL}: no input for the timestep; {_ADAPTER_HINT}")
+    rank = {n: len(shapes[n]) if shapes.get(n) is not None else None for n in names}  # type: ignore[arg-type]
+    if rank[names[0]] not in (None, 4):
+        raise BadInput(f"{path}: input {names[0]!r} (1st, where edgediff passes the sample, rank 4) has rank "
+                       f"{rank[names[0]]}; without an adapter edgediff calls {_PT2_CALL}; {_ADAPTER_HINT}")
+    if rank[names[1]] not in (None, 0, 1):
+        raise BadInput(f"{path}: input {names[1]!r} (2nd, where edgediff passes the timestep, shape (B,)) has rank "
+                       f"{rank[names[1]]}; without an adapter edgediff calls {_PT2_CALL}; {_ADAPTER_HINT}")
+    if len(names) >= 3 and (names[2] != "encoder_hidden_states" or rank[names[2]] not in (None, 3)):
+        raise BadInput(f"{path}: input {names[2]!r} (3rd) does not fit: without an adapter the 3rd input is "
+                       f"encoder_hidden_states (B,S,D), passed by that name; {_ADAPTER_HINT}")
+    if len(names) > 3:
+        raise BadInput(f"{path}: input {names[3]!r} (4th) has no place in the default call {_PT2_CALL}; {_ADAPTER_HINT}")
+
+
+def _pt2_probe(path: Path, den: nn.Module, sig: InputSignature, names: list[str]) -> None:
+    """One call with example inputs: a forward that rejects them is exit 2 naming the argument."""
+    import re
+
+    batch = getattr(den, "fixed_batch", None) or 2
+    ex = sig.example_inputs(batch)
+    try:
+        with torch.no_grad():
+            DenoiserModule(den, sig)(**ex)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.export's guards raise several exception types
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        m = re.search(r"args\[0\]\[(\d+)\]|\*args\[(\d+)\]|args\[(\d+)\]", str(e))
+        idx = next((int(g) for g in m.groups() if g is not None), None) if m else None
+        hit = [n for n in names if re.search(rf"\b{re.escape(n)}\b", str(e))]
+        arg = names[idx] if idx is not None and idx < len(names) else hit[0] if hit else names[0]
+        shape = tuple(ex[list(ex)[names.index(arg)]].shape) if names.index(arg) < len(ex) else None
+        raise BadInput(f"{path}: the archive's forward rejects argument {arg!r} of the default call {_PT2_CALL}"
+                       f"{f' (given shape {shape})' if shape else ''}: {msg}; {_ADAPTER_HINT}") from None
 
 
 def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionModel:
@@ -315,7 +366,9 @@ def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionMo
         from edgediff.adapter import apply_adapter, load_adapter
 
         ad = load_adapter(opts.adapter)
-        base = load_model(path, replace(opts, adapter=None, sample_shape=opts.sample_shape or ad.sample_shape))
+        bare = replace(opts, adapter=None, sample_shape=opts.sample_shape or ad.sample_shape)
+        # the adapter says how to call an archive: the default-call checks do not apply
+        base = _load_pt2(path, bare, default_call=False) if suffix == ".pt2" else load_model(path, bare)
         return apply_adapter(base, ad, opts.adapter, path, opts.trust_pickle)
     if suffix == ".safetensors":
         cfg = opts.config or path.parent / "config.json"

@@ -136,21 +136,82 @@ class InputSignature:
             out[s.name] = v.to(dtype) if v.is_floating_point() else v
         return out
 
-    def conditioning(self, n: int, seed: int = 0) -> torch.Tensor | dict[str, torch.Tensor] | None:
-        """Example conditioning for `n` samples, as samplers take it (`cond`).
+    def conditioning(self, n: int, seed: int = 0, labels: str = "cycle",
+                     generator: torch.Generator | None = None) -> Cond:
+        """THE conditioning generator for n samples (verify, calibration, pruning data), as samplers take it.
 
         None without conditioning; the tensor itself when the model has only encoder_hidden_states
-        or only class labels; otherwise a dict of every input but sample and timestep.
+        or only class labels; otherwise a dict of every input but sample and timestep (SDXL
+        text_embeds/time_ids, SD3/Flux pooled_projections, ids, guidance). Embeddings are seeded
+        normal draws, constants take their value. labels: "cycle" (0, 1, ..., every class
+        covered) or "random". `generator`, when given, is drawn from instead of `seed`.
         """
-        ex = self.example_inputs(n, seed)
-        cond = {k: v for k, v in ex.items() if k not in ("sample", "timestep")}
-        if self.num_classes and not self.extra and not self.cond_shape:
-            cond["class_labels"] = torch.arange(n) % self.num_classes
+        if labels not in ("cycle", "random"):
+            raise ValueError(f"labels must be 'cycle' or 'random', got {labels!r}")
+        g = generator if generator is not None else torch.Generator().manual_seed(seed)
+        cond: dict[str, torch.Tensor] = {}
+        if self.cond_shape:
+            cond["encoder_hidden_states"] = torch.randn(n, *self.cond_shape, generator=g)
+        if self.num_classes:
+            cond["class_labels"] = (torch.arange(n) % self.num_classes if labels == "cycle"
+                                    else torch.randint(0, self.num_classes, (n,), generator=g))
+        for s in self.extra:
+            cond[s.name] = s.example(n, g)
         if not cond:
             return None
         if len(cond) == 1 and not self.extra:
             return next(iter(cond.values()))
         return cond
+
+
+# what samplers, passes and runtimes take as conditioning: nothing, one tensor, or named inputs
+Cond = torch.Tensor | dict[str, torch.Tensor] | None
+
+
+def cond_take(cond: Cond, idx: Any) -> Cond:
+    """cond[idx] along the batch axis, for a tensor or each tensor of a dict."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[idx] for k, v in cond.items()}
+    return cond[idx]
+
+
+def cond_cat(conds: list[Cond]) -> Cond:
+    """Concatenate conditionings along the batch axis (every item of the same kind)."""
+    if not conds or conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}  # type: ignore[index]
+    return torch.cat(conds)  # type: ignore[arg-type]
+
+
+def cond_flatten(cond: Cond, key: str) -> dict[str, torch.Tensor]:
+    """Tensors to store (safetensors holds flat names): `key` for a tensor, `key.NAME` for a dict."""
+    if cond is None:
+        return {}
+    if isinstance(cond, dict):
+        return {f"{key}.{k}": v.contiguous() for k, v in cond.items()}
+    return {key: cond.contiguous()}
+
+
+def cond_unflatten(data: dict[str, torch.Tensor], key: str) -> Cond:
+    """The inverse of cond_flatten on a loaded dict (None when neither form is there)."""
+    if key in data:
+        return data[key]
+    named = {k[len(key) + 1:]: v for k, v in data.items() if k.startswith(key + ".")}
+    return named or None
+
+
+def cond_kwargs(sig: InputSignature, cond: Cond) -> dict[str, torch.Tensor]:
+    """Keyword arguments of DenoiserModule.forward for a sampler-style `cond`."""
+    if cond is None:
+        return {}
+    if isinstance(cond, dict):
+        return dict(cond)
+    if sig.num_classes and not sig.cond_shape:
+        return {"class_labels": cond}
+    return {"encoder_hidden_states": cond}
 
 
 def _route(sig: InputSignature, values: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

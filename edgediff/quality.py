@@ -42,17 +42,9 @@ EXTRA = "quality"
 
 
 def conditioning(model: DiffusionModel, n: int, seed: int) -> Any:
-    """The conditioning verify uses for n samples: labels 0, 1, ..., seeded random states, or a
-    dict of named inputs for multi-input models."""
-    sig = model.signature
-    if sig.extra:
-        return sig.conditioning(n, seed + 1)
-    if sig.num_classes:
-        return torch.arange(n) % sig.num_classes
-    if sig.cond_shape:
-        g = torch.Generator().manual_seed(seed + 1)
-        return torch.randn(n, *sig.cond_shape, generator=g)
-    return None
+    """The conditioning verify uses for n samples (the signature's generator): labels 0, 1, ...,
+    seeded random states, or a dict of named inputs for multi-input models."""
+    return model.signature.conditioning(n, seed + 1)
 
 
 def is_quantized(model: DiffusionModel) -> bool:

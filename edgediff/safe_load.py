@@ -225,6 +225,11 @@ class ExportedDenoiser(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs and set(kwargs) <= set(self.input_names[len(args):]):
+            # the unlifted module of a positionally exported program refuses keywords: place them by name
+            vals = {**dict(zip(self.input_names, args)), **kwargs}
+            if all(n in vals for n in self.input_names):
+                args, kwargs = tuple(vals[n] for n in self.input_names), {}
         n = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
         if self.fixed_batch is None or n is None or n == self.fixed_batch:
             return self.program(*args, **kwargs)

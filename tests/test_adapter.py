@@ -131,3 +131,47 @@ def test_bad_adapter_exits_2_naming_the_field(tmp_path: Path, text: str, field: 
     rc = main(["info", str(tmp_path / "edm.pt"), "--adapter", str(tmp_path / "a.toml"), "--trust-pickle"])
     err = capsys.readouterr().err
     assert rc == 2 and field in err and "a.toml" in err
+
+
+class _Named(nn.Module):
+    """A plain denoiser taking (x, t, <third>): the third input's name decides whether it fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.lin = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * (1 + t.view(-1, 1, 1, 1)) + self.lin(encoder_hidden_states).mean(1).view(-1, 2, 1, 1)
+
+
+class _Context(_Named):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, t, context)
+
+
+def _pt2(tmp_path: Path, net: nn.Module, name: str) -> Path:
+    b = torch.export.Dim("batch")
+    args = (torch.zeros(2, 2, 8, 8), torch.zeros(2), torch.zeros(2, 3, 5))
+    ep = torch.export.export(net.eval(), args, dynamic_shapes=tuple({0: b} for _ in args))
+    torch.export.save(ep, str(tmp_path / name))
+    return tmp_path / name
+
+
+def test_pt2_without_adapter_fits_or_exits_2_naming_the_argument(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    net = _Named()
+    m = load_model(_pt2(tmp_path, net, "ok.pt2"))  # the third input is passed by name, positionally placed
+    assert m.signature.cond_shape == (3, 5)
+    x, t, c = torch.randn(3, 2, 8, 8), torch.tensor([1.0, 2.0, 3.0]), torch.randn(3, 3, 5)
+    torch.testing.assert_close(m.module()(x, t, c), net(x, t, c))
+    bad = _pt2(tmp_path, _Context(), "ctx.pt2")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'context'" in err and "--adapter" in err and len(err.splitlines()) == 1
+    # a shape the archive's guards reject: the argument it choked on is named
+    assert main(["info", str(tmp_path / "ok.pt2"), "--cond-shape", "3,4"]) == 2
+    err = capsys.readouterr().err
+    assert "rejects argument 'encoder_hidden_states'" in err and "(2, 3, 4)" in err
+    assert main(["info", str(tmp_path / "ok.pt2"), "--sample-shape", "3,8,8"]) == 2
+    assert "rejects argument 'x'" in capsys.readouterr().err

@@ -179,3 +179,35 @@ def test_explicit_attention_reproduces_joint_and_leaves_others_alone() -> None:
     wrapped = quantize_module(sana, {}, QuantConfig())  # attention processors only
     assert type(lin.processor).__name__ == "SanaLinearAttnProcessor2_0"
     assert "transformer_blocks.0.attn2" in wrapped  # Sana's plain cross-attention is quantized
+
+
+def test_calibration_and_verify_use_the_signature_conditioning(tmp_path: Path) -> None:
+    """Calibration draws every named input (SD3's pooled projections, not zeros), stores them per
+    name, and the quantizer's batches hand them back to the denoiser; flow timesteps stay fractional."""
+    from edgediff import quality
+    from edgediff.model import cond_unflatten
+    from edgediff.passes.calib import CalibOptions, generate
+    from edgediff.quant.apply import batches
+
+    m = load_model(_save(tmp_path, "sd3"), LoadOptions(cond_shape=(8, 24)))
+    data = generate(m, CalibOptions(n_samples=2, steps=3, interval=1))
+    assert data["cond.pooled_projections"].shape == (6, 12) and data["cond.pooled_projections"].abs().min() > 0
+    assert data["cond.encoder_hidden_states"].shape == (6, 8, 24) and "cond" not in data
+    want = m.signature.conditioning(2, 7919, labels="random")
+    assert torch.equal(cond_unflatten(data, "traj_cond")["pooled_projections"], want["pooled_projections"])
+    assert data["traj_t"].dtype == torch.float32 and not all(float(t).is_integer() for t in data["traj_t"])
+    _, _, c = next(batches(data, 4))
+    assert set(c) == {"encoder_hidden_states", "pooled_projections"} and len(c["pooled_projections"]) == 4
+    # verify's conditioning is the same generator (labels cycle through the classes)
+    v = quality.conditioning(m, 2, 0)
+    assert torch.equal(v["pooled_projections"], m.signature.conditioning(2, 1)["pooled_projections"])
+    dit = load_model(_save_dit(tmp_path))
+    assert torch.equal(quality.conditioning(dit, 5, 0), torch.arange(5) % 3)
+
+
+def _save_dit(tmp_path: Path) -> Path:
+    d = tmp_path / "dit"
+    torch.manual_seed(0)
+    diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                    num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=3).save_pretrained(d)
+    return d

@@ -31,7 +31,7 @@ import torch
 
 from edgediff.artifact import atomic_file
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import Cond, DiffusionModel, cond_cat, cond_flatten, cond_take
 from edgediff.passes import PassContext, register
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
@@ -84,6 +84,8 @@ def cache_key(model: DiffusionModel, opts: CalibOptions) -> str:
     h = hashlib.sha256()
     h.update(model_hash(model).encode())
     h.update(json.dumps({"v": CACHE_VERSION, **asdict(opts)}, sort_keys=True).encode())
+    if model.signature.extra:  # every named input is drawn and stored (older sets zeroed them)
+        h.update(b"named-conditioning")
     if model.extras.get("cache"):  # a DeepCache schedule changes the trajectories
         h.update(json.dumps(model.extras["cache"], sort_keys=True, default=str).encode())
     if model.extras.get("pipeline"):  # text pipelines calibrate on their prompts with guidance
@@ -97,14 +99,10 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / "calib" / f"{key}.safetensors"
 
 
-def make_conditioning(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
-    g = torch.Generator().manual_seed(seed + 7919)
-    sig = model.signature
-    if sig.num_classes:
-        return torch.randint(0, sig.num_classes, (n,), generator=g)
-    if sig.cond_shape:
-        return torch.randn(n, *sig.cond_shape, generator=g)
-    return None
+def make_conditioning(model: DiffusionModel, n: int, seed: int) -> Cond:
+    """The calibration conditioning: the signature's generator, random labels, every named input
+    (SDXL text_embeds/time_ids, SD3/Flux pooled_projections, ids, guidance) drawn, not zeroed."""
+    return model.signature.conditioning(n, seed + 7919, labels="random")
 
 
 class _Recorder:
@@ -136,15 +134,17 @@ def generate(model: DiffusionModel, opts: CalibOptions, progress: Any = None) ->
     on_step = (lambda i, t, x: step_ids.append(t)) if progress is None else (lambda i, t, x: (step_ids.append(t), progress(i)))
     _, traj = sample(rec, model.schedule, model.signature.sample_shape, n, seed=opts.seed, cfg=cfg, cond=cond,
                      on_step=on_step, return_trajectory=True)
-    traj_t = torch.tensor([t for t, _ in traj], dtype=torch.int64)
+    # integer steps stay int64; Euler/flow/EDM timesteps are fractional and must not be truncated
+    fractional = any(not float(t).is_integer() for t, _ in traj)
+    traj_t = torch.tensor([float(t) for t, _ in traj], dtype=torch.float32 if fractional else torch.int64)
     traj_x = torch.stack([x for _, x in traj])  # (S, N, C, H, W)
     traj_out = torch.cat(rec.outs).view(len(traj), n, *rec.outs[0].shape[1:])
     g = torch.Generator().manual_seed(opts.seed + 1)
     if opts.method == "qdiff":
         idx = list(range(0, len(traj), opts.interval))
         xs = torch.cat([traj_x[i] for i in idx])
-        ts = torch.cat([torch.full((n,), int(traj_t[i])) for i in idx])
-        cs = torch.cat([cond for _ in idx]) if cond is not None else None
+        ts = torch.cat([torch.full((n,), traj_t[i].item()) for i in idx])
+        cs = cond_cat([cond for _ in idx])
     else:
         T = model.schedule.num_train_timesteps
         want = (torch.randn(opts.count, generator=g) * opts.std * T + opts.mean * T).round().clamp(0, T - 1)
@@ -153,15 +153,15 @@ def generate(model: DiffusionModel, opts: CalibOptions, progress: Any = None) ->
         which = torch.randint(0, n, (opts.count,), generator=g)
         xs = traj_x[step, which]
         ts = traj_t[step]
-        cs = cond[which] if cond is not None else None
+        cs = cond_take(cond, which)
     if guided is not None:
         xs, ts, cs = guided.both(xs, ts, cs)  # each guided call runs its prompt and the empty prompt
     perm = torch.randperm(len(xs), generator=g)  # mix timesteps so that any prefix covers them all
     data = {"x": xs[perm].contiguous(), "t": ts[perm].to(torch.float32).contiguous(),
             "traj_t": traj_t, "traj_x": traj_x.contiguous(), "traj_out": traj_out.contiguous()}
-    if cs is not None:
-        data["cond"] = cs[perm].contiguous()
-        data["traj_cond"] = cond.contiguous()
+    # dict conditioning is stored as cond.NAME / traj_cond.NAME (model.cond_unflatten reads it back)
+    data.update(cond_flatten(cond_take(cs, perm), "cond"))
+    data.update(cond_flatten(cond, "traj_cond"))
     return data
 
 

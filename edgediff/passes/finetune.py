@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, cond_cat, cond_take, cond_unflatten
 from edgediff.passes import PassContext, register
 from edgediff.passes.prune_data import DATA_SOURCES, DataSource, call_kwargs
 
@@ -179,8 +179,9 @@ def teacher_trajectories(teacher: DiffusionModel, n: int, steps: int, seed: int)
     s = d["traj_x"].shape[0]
     out = {"x": d["traj_x"].flatten(0, 1), "t": d["traj_t"].repeat_interleave(n),
            "out": d["traj_out"].flatten(0, 1)}
-    if "traj_cond" in d:
-        out["cond"] = d["traj_cond"].repeat(s, *([1] * (d["traj_cond"].dim() - 1)))
+    tc = cond_unflatten(d, "traj_cond")
+    if tc is not None:  # one copy per step, in the order of traj_x.flatten(0, 1)
+        out["cond"] = cond_cat([tc] * s)
     return out
 
 
@@ -235,7 +236,9 @@ def finetune(model: DiffusionModel, opts: FinetuneOptions, teacher: DiffusionMod
                                      float(opts.distill), float(opts.denoise))
         if traj is not None:
             j = torch.randint(0, len(traj["x"]), (n_traj,), generator=g)
-            kw = call_kwargs(model, traj["cond"][j].to(device) if "cond" in traj else None)
+            c = cond_take(traj.get("cond"), j)
+            kw = call_kwargs(model, {k: v.to(device) for k, v in c.items()} if isinstance(c, dict)
+                             else c.to(device) if c is not None else None)
             out = train_mod(traj["x"][j].to(device), traj["t"][j].float().to(device), **kw)
             # weighted by the batch share so that the two terms keep the scale of a full batch
             t_loss = torch.nn.functional.mse_loss(out, traj["out"][j].to(device))

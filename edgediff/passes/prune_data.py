@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import Cond, DiffusionModel, cond_kwargs, cond_take
 
 DATA_SOURCES = ("auto", "given", "samples")
 
@@ -27,17 +27,9 @@ def resolve_source(given: torch.Tensor | None, data: str, option: str = "data") 
     return data
 
 
-def random_cond(model: DiffusionModel, n: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor] | None:
-    """Conditioning for n samples: random text-like embeddings or random class labels."""
-    sig = model.signature
-    if sig.extra:  # multi-input models (SDXL, SD3, Flux ...): every conditioning input, by name
-        ex = sig.example_inputs(n, int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        return {k: v for k, v in ex.items() if k not in ("sample", "timestep")}
-    if sig.cond_shape:
-        return torch.randn(n, *sig.cond_shape, generator=generator)
-    if sig.num_classes:
-        return torch.randint(0, sig.num_classes, (n,), generator=generator)
-    return None
+def random_cond(model: DiffusionModel, n: int, generator: torch.Generator) -> Cond:
+    """Conditioning for n samples drawn from `generator` (the signature's one generator, random labels)."""
+    return model.signature.conditioning(n, labels="random", generator=generator)
 
 
 def given_x0(model: DiffusionModel, given: torch.Tensor) -> torch.Tensor:
@@ -53,7 +45,7 @@ def given_x0(model: DiffusionModel, given: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sampled_x0(model: DiffusionModel, n: int, seed: int, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sampled_x0(model: DiffusionModel, n: int, seed: int, steps: int = 20) -> tuple[torch.Tensor, Cond]:
     """n final samples of the model's own DDIM sampler (and the conditioning used)."""
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
@@ -80,21 +72,15 @@ class DataSource:
         else:
             self.x, self.cond = sampled_x0(model, pool, seed, sample_steps)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self) -> tuple[torch.Tensor, Cond]:
         idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.g)
-        cond = self.cond[idx] if self.cond is not None else random_cond(self.model, self.batch_size, self.g)
+        cond = cond_take(self.cond, idx) if self.cond is not None else random_cond(self.model, self.batch_size, self.g)
         return self.x[idx], cond
 
 
-def call_kwargs(model: DiffusionModel, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def call_kwargs(model: DiffusionModel, cond: Cond) -> dict[str, torch.Tensor]:
     """Keyword arguments for DenoiserModule.forward from a sampler-style `cond`."""
-    if cond is None:
-        return {}
-    if isinstance(cond, dict):  # multi-input models (SDXL, SD3, Flux ...): named inputs
-        return dict(cond)
-    if model.signature.num_classes:
-        return {"class_labels": cond}
-    return {"encoder_hidden_states": cond}
+    return cond_kwargs(model.signature, cond)
 
 
 def denoising_loss(model: DiffusionModel, module: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor | None,

@@ -17,6 +17,7 @@ from torch import nn
 
 from edgediff.attention import explicit_supports
 from edgediff.errors import BadInput
+from edgediff.model import cond_take, cond_unflatten
 from edgediff.quant.core import (
     QuantAttnProcessor,
     QuantConv2d,
@@ -65,7 +66,9 @@ class QuantConfig:
 
 def call_denoiser(module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                   num_classes: int | None) -> torch.Tensor:
-    """Call a DenoiserModule the way TorchDenoiser does (class labels vs encoder states)."""
+    """Call a DenoiserModule the way TorchDenoiser does (class labels vs encoder states, or named inputs)."""
+    if isinstance(cond, dict):  # multi-input models (SDXL, SD3, Flux ...)
+        return module(x, t.float(), **cond)
     if num_classes:
         return module(x, t.float(), None, cond)
     return module(x, t.float(), cond)
@@ -75,7 +78,7 @@ def batches(data: dict[str, torch.Tensor], bs: int, limit: int | None = None) ->
     n = len(data["x"]) if limit is None else min(limit, len(data["x"]))
     for i in range(0, n, bs):
         j = min(i + bs, n)
-        yield data["x"][i:j], data["t"][i:j], (data["cond"][i:j] if data.get("cond") is not None else None)
+        yield data["x"][i:j], data["t"][i:j], cond_take(cond_unflatten(data, "cond"), slice(i, j))
 
 
 @dataclass
