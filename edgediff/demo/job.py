@@ -6,8 +6,14 @@
    Fréchet distance, confidence share, params/MACs/bytes;
 4. export to every target, verify each with the sampler in the loop (a target this machine
    cannot build or run says so: status "unavailable: ...", exit 3 of that backend);
-5. profile the ONNX export;
-6. write DIR/ atomically as an artifact (edgediff.artifact.write_contents) with report.html and a summary.
+5. the fast composition: the compressed model with the `fast` recipe's passes (DPM-Solver++ 10
+   steps + DeepCache), sampled in PyTorch and exported as an ONNX int8 bundle (full and shallow
+   graphs) that is verified on onnxruntime with the cached schedule;
+6. one time table, measured interleaved in the same run: ms per denoiser call and per image
+   (steps x calls) on each runtime the demo ran, for the original fp32, the compressed fp32,
+   the compressed int8 and the fast schedule (edgediff.timing);
+7. profile the ONNX export;
+8. write DIR/ atomically as an artifact (edgediff.artifact.write_contents) with report.html and a summary.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from edgediff.demo.data import split
 from edgediff.demo.judge import DigitJudge
 from edgediff.errors import EdgediffError
 from edgediff.exporters import get_backend
+from edgediff.exporters.base import threads
 from edgediff.loaders import load_model
 from edgediff.metrics import grid_png, psnr
 from edgediff.pipeline import model_stats, run_recipe
@@ -38,10 +45,18 @@ from edgediff.profiling.html import sections as profile_sections
 from edgediff.profiling.run import profile
 from edgediff.recipe import load_recipe
 from edgediff.report import image, page, table
-from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+from edgediff.sampling import SamplerConfig, TorchDenoiser, recorded_sampling, sample
+from edgediff.timing import per_image, time_denoisers
 from edgediff.verify import verify
 
 DEMO_RECIPE = "edge"
+FAST_RECIPE = "fast"  # training-free (sampling + cache): appended to the compressed model
+TIME_BATCH, TIME_REPS = 8, 10  # images per timed call, interleaved rounds (median)
+# runtimes whose load_denoiser is not a latency: the FPGA target runs a bit-accurate simulation
+NOT_TIMED = {"fpga": "bit-accurate simulation, not a device latency"}
+# the original fp32 is exported again for the time table only where that costs seconds (a LiteRT or
+# Core ML conversion costs minutes here: those runtimes show the compressed rows only, with a note)
+RETIME_ORIGINAL = ("onnx", "opencl")
 # (target, precision) pairs the demo tries, in order; int8 ones only when the model is quantized
 EXPORTS = [("onnx", "fp32"), ("onnx", "int8"), ("tensorrt", "fp16"), ("tflite", "fp32"), ("tflite", "int8"),
            ("coreml", "fp16"), ("opencl", "fp32"), ("fpga", "int8")]
@@ -72,6 +87,23 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
                  "psnr_db": psnr(comp, ref), **judge.report(comp), "note": ""})
     grids.append(("compressed (PyTorch)", grid_png(comp)))
 
+    fast_recipe = load_recipe(FAST_RECIPE)
+    log(f"fast composition: compressed + recipe {fast_recipe.name!r}: {' -> '.join(p.name for p in fast_recipe.passes)}")
+    fast_model, fast_records = run_recipe(compressed, fast_recipe, seed, progress)
+    fsamp, fsteps, feta = recorded_sampling(fast_model)
+    fcfg = SamplerConfig(fsamp, int(fsteps or steps), float(feta or 0.0))
+    fstats: dict[str, Any] = {}
+    fast = sample(TorchDenoiser(fast_model), model.schedule, model.signature.sample_shape, samples, seed, fcfg,
+                  progress=progress, description="sampling the fast composition", stats=fstats)
+    fast_calls = (int(fstats.get("denoiser_calls_full", fstats["denoiser_calls"])),
+                  int(fstats.get("denoiser_calls_shallow", 0)))
+    cache = fast_model.extras.get("cache") or {}
+    rows.append({"step": f"fast {fsamp} {fcfg.steps}" + (f" N={cache['interval']}" if cache else ""),
+                 **model_stats(fast_model), "psnr_db": psnr(fast, ref), **judge.report(fast),
+                 "note": f"compressed + {' + '.join(r.name for r in fast_records)}: {fast_calls[0]} full + "
+                         f"{fast_calls[1]} shallow calls per image; PSNR vs the DDIM {steps} fp32 reference"})
+    grids.append(("fast (PyTorch)", grid_png(fast)))
+
     quantized = "quant" in compressed.extras
     if quantized:  # the artifact carries the original's samples, as `compress` writes it (edgediff.quality)
         from edgediff.quality import attach
@@ -80,15 +112,20 @@ def run_demo(out: Path, samples: int = 64, steps: int = 25, seed: int = 0, progr
     with atomic_dir(out, force=force) as tmp:
         exports = _export_all(compressed, tmp / "exports", quantized, steps, min(samples, 16), seed, progress, log,
                               original=model)
+        exports.append(_export_fast(fast_model, tmp / "exports", quantized, min(samples, 16), seed, progress, log))
         for e in exports:
             if e.get("samples_png"):
                 grids.append((f"{e['target']} {e['precision']} (runtime)", e.pop("samples_png")))
+        timing = _time_table(model, compressed, fast_model, exports, tmp, steps, fast_calls, log)
         profile = _profile(exports, log, tmp)
         wall = time.perf_counter() - t_start
         summary = {
             "edgediff_version": __version__, "recipe": recipe.to_dict(), "seed": seed, "samples": samples,
             "steps": steps, "sampler": "ddim", "rows": rows, "passes": [r.to_dict() for r in records],
-            "exports": exports, "profile": profile, "wall_seconds": round(wall, 1),
+            "fast": {"recipe": fast_recipe.to_dict(), "sampler": fsamp, "steps": fcfg.steps,
+                     "calls_full": fast_calls[0], "calls_shallow": fast_calls[1],
+                     "passes": [r.to_dict() for r in fast_records]},
+            "exports": exports, "timing": timing, "profile": profile, "wall_seconds": round(wall, 1),
         }
         write_contents(compressed, tmp, {
             "source": "demo", "recipe": recipe.to_dict(), "seed": seed, "schedule": model.schedule.to_config(),
@@ -127,16 +164,155 @@ def _export_all(model: Any, folder: Path, quantized: bool, steps: int, samples: 
             rec["status"] = f"failed: {e.__class__.__name__}: {e}"
             rec["traceback"] = traceback.format_exc(limit=3)
             continue
-        try:
-            v = verify(model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
-                       return_samples=True, original=original)
-            s = v.pop("final_samples", None)
-            rec["verify"] = v
-            if s is not None:
-                rec["samples_png"] = grid_png(s)
-        except EdgediffError as e:
-            rec["verify"] = {"verified": False, "reason": str(e)}
+        _verify_into(rec, model, path, steps=steps, samples=samples, sampler="ddim", seed=seed, progress=progress,
+                     original=original)
     return results
+
+
+def _verify_into(rec: dict[str, Any], model: Any, path: Path, **kw: Any) -> None:
+    """rec["verify"] (and the grid of the final samples) from verifying `path`; a verify that cannot run says why."""
+    try:
+        v = verify(model, path, return_samples=True, **kw)
+        s = v.pop("final_samples", None)
+        rec["verify"] = v
+        if s is not None:
+            rec["samples_png"] = grid_png(s)
+    except EdgediffError as e:
+        rec["verify"] = {"verified": False, "reason": str(e)}
+
+
+def _export_fast(model: Any, folder: Path, quantized: bool, samples: int, seed: int, progress: Any,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """The fast composition as an ONNX bundle (full + shallow graphs), verified with its own schedule."""
+    from edgediff.bundle import export_bundle
+
+    precision = "int8" if quantized else "fp32"
+    path = folder / f"onnx-{precision}-fast"
+    rec: dict[str, Any] = {"target": "onnx bundle", "precision": precision, "fast": True,
+                           "path": str(Path("exports") / path.name)}
+    log(f"exporting the fast composition: ONNX {precision} bundle")
+    try:
+        rep = export_bundle(model, path, "onnx", precision, progress=progress)
+        rec["size_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        rec["status"] = "exported"
+        rec["cache"] = rep.get("cache")
+    except EdgediffError as e:
+        rec["status"] = f"unavailable: {e}" if e.exit_code == 3 else f"failed: {e}"
+        return rec
+    _verify_into(rec, model, path, samples=samples, seed=seed, progress=progress)
+    return rec
+
+
+class _OrtCall:
+    """A bundle graph as a (x, t, cond) denoiser for timing; the shallow one is fed a cached feature."""
+
+    def __init__(self, path: Path, outputs: list[str], feature: Any = None) -> None:
+        from edgediff.runtime.generate import OrtEntry
+
+        self.entry, self.outputs, self.feature = OrtEntry(path, threads=threads()), outputs, feature
+
+    def __call__(self, x: Any, t: Any, cond: Any = None) -> Any:
+        from edgediff.runtime.bundle import FEATURE_NAME
+
+        feeds = {"sample": x.numpy(), "timestep": t.float().numpy()}
+        if self.feature is not None:
+            feeds[FEATURE_NAME] = self.feature
+        return self.entry.run(self.outputs, feeds)
+
+
+def _time_table(original: Any, compressed: Any, fast_model: Any, exports: list[dict[str, Any]], root: Path,
+                steps: int, fast_calls: tuple[int, int], log: Callable[[str], None]) -> dict[str, Any]:
+    """ms per denoiser call and per image on each runtime the demo ran, all calls interleaved in one run.
+
+    Rows: original fp32, compressed fp32, compressed int8 (each at the demo's DDIM steps) and the
+    fast schedule (full and shallow calls at their own counts). The original is exported for each
+    runtime that ran a compressed export, so every runtime compares like with like.
+    """
+    import torch
+
+    from edgediff.deepcache import capturing, find_unet, shallow
+    from edgediff.runtime.bundle import FEATURE_NAME, OUTPUT_NAME, ROLE_FULL, ROLE_SHALLOW, read_bundle
+
+    log("timing denoiser calls (original fp32, compressed fp32/int8, fast schedule), interleaved")
+    dens: dict[str, Callable[..., Any]] = {}
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+
+    def add(key: str, config: str, runtime: str, precision: str, den: Any, calls: tuple[int, int],
+            shallow_key: str | None = None) -> None:
+        dens[key] = den
+        rows.append({"config": config, "runtime": runtime, "precision": precision, "key": key,
+                     "shallow_key": shallow_key, "calls_full": calls[0], "calls_shallow": calls[1]})
+
+    plain = (steps, 0)
+    add("pt-orig", "original fp32", "pytorch", "fp32", TorchDenoiser(original, use_cache=False), plain)
+    add("pt-comp", "compressed (simulation)", "pytorch", "int8 sim" if "quant" in compressed.extras else "fp32",
+        TorchDenoiser(compressed, use_cache=False), plain)
+    x = torch.randn((TIME_BATCH, *original.signature.sample_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.full((TIME_BATCH,), 500.0)
+    cache = fast_model.extras.get("cache")
+    fast_td = TorchDenoiser(fast_model, use_cache=False)  # the full call; shallow calls swap blocks below
+    if cache:
+        unet, depth = find_unet(fast_td.module), int(cache["depth"])
+        with torch.inference_mode(), capturing(unet, depth) as cap:
+            fast_td(x, t)
+        feat = cap.value
+
+        def shallow_call(x_: Any, t_: Any, c_: Any = None) -> Any:
+            with shallow(unet, depth, feat):
+                return fast_td(x_, t_, c_)
+        dens["pt-fast-s"] = shallow_call
+    add("pt-fast", "fast schedule", "pytorch", rows[-1]["precision"], fast_td, fast_calls,
+        "pt-fast-s" if cache else None)
+
+    ran = [e for e in exports if isinstance(e.get("verify"), dict) and e["verify"].get("verified")
+           and e.get("path") and not e.get("fast")]
+    for e in exports:
+        if e["target"] in NOT_TIMED and e in ran:
+            notes[e["target"]] = NOT_TIMED[e["target"]]
+    ran = [e for e in ran if e["target"] not in NOT_TIMED]
+    for target in dict.fromkeys(e["target"] for e in ran):
+        backend = get_backend(target)
+        orig_path = root / "exports" / f"original-{target}-fp32{_EXT.get(target, '')}"
+        try:
+            if target not in RETIME_ORIGINAL:
+                raise EdgediffError(f"a second {target} conversion costs minutes; the compressed rows are timed")
+            backend.export(original, orig_path, "fp32")
+            add(f"{target}-orig", "original fp32", target, "fp32", backend.load_denoiser(orig_path), plain)
+        except EdgediffError as ex:
+            notes[f"{target} original fp32"] = f"not timed: {ex}"
+        for e in (e for e in ran if e["target"] == target):
+            try:
+                add(f"{target}-{e['precision']}", f"compressed {e['precision']}", target, e["precision"],
+                    backend.load_denoiser(root / e["path"]), plain)
+            except EdgediffError as ex:
+                notes[f"{target} compressed {e['precision']}"] = f"not timed: {ex}"
+    fast_e = next((e for e in exports if e.get("fast") and e.get("status") == "exported"), None)
+    if fast_e is not None:
+        b = read_bundle(root / fast_e["path"])
+        if b.cache:
+            full = _OrtCall(b.file(ROLE_FULL), [OUTPUT_NAME, FEATURE_NAME])
+            feat_np = full(x, t)[1]
+            dens["ort-fast-s"] = _OrtCall(b.file(ROLE_SHALLOW), [OUTPUT_NAME], feat_np)
+            add("ort-fast", "fast schedule", "onnx", fast_e["precision"], full, fast_calls, "ort-fast-s")
+        else:
+            add("ort-fast", "fast schedule", "onnx", fast_e["precision"], _OrtCall(b.file(ROLE_FULL), [OUTPUT_NAME]),
+                fast_calls)
+    res = time_denoisers(dens, x, t, reps=TIME_REPS)
+    base = {r["runtime"]: r for r in rows if r["config"] == "original fp32"}
+    for r in rows:
+        r["ms_per_call"] = res[r["key"]]["ms_per_call"]
+        r["ms_per_call_shallow"] = res[r.pop("shallow_key")]["ms_per_call"] if r.get("shallow_key") else None
+        r["ms_per_image"] = round(per_image(r["ms_per_call"], TIME_BATCH, r["calls_full"])
+                                  + per_image(r["ms_per_call_shallow"] or 0.0, TIME_BATCH, r["calls_shallow"]), 3)
+        r.pop("key")
+    for r in rows:
+        b0 = base.get(r["runtime"])
+        r["speedup_vs_original"] = round(b0["ms_per_image"] / r["ms_per_image"], 2) if b0 and r["ms_per_image"] else None
+    return {"batch": TIME_BATCH, "rounds": TIME_REPS, "threads": threads(), "statistic": "median",
+            "rows": rows, "notes": notes,
+            "what": f"ms per denoiser call on a batch of {TIME_BATCH} (median of {TIME_REPS} interleaved rounds); "
+                    "ms per image = calls per image x ms per call / batch"}
 
 
 def _profile(exports: list[dict[str, Any]], log: Callable[[str], None], root: Path = Path(".")) -> dict[str, Any] | None:
@@ -174,11 +350,25 @@ def render(summary: dict[str, Any], grids: list[tuple[str, bytes]]) -> str:
         ("Passes", table(["pass", "seconds", "metrics"], passes)),
         ("Exports and verification", table(["target", "precision", "status", "bytes", "verify"], exp_rows)),
     ]
+    tim = summary.get("timing") or {}
+    if tim.get("rows"):
+        t_rows = [[r["config"], r["runtime"], r["precision"], r["ms_per_call"], r["ms_per_call_shallow"],
+                   f"{r['calls_full']}/{r['calls_shallow']}", r["ms_per_image"], r["speedup_vs_original"]]
+                  for r in tim["rows"]]
+        notes = "".join(f"<p>{k}: {v}</p>" for k, v in (tim.get("notes") or {}).items())
+        sections.insert(1, ("Time per denoiser call and per image", f"<p>{tim['what']}; threads: "
+                            f"{tim.get('threads') or 'runtime default'}</p>" + table(
+                                ["configuration", "runtime", "precision", "ms/call (full)", "ms/call (shallow)",
+                                 "calls/image (full/shallow)", "ms/image", "speedup vs original fp32 (same runtime)"],
+                                t_rows) + notes))
     prof = summary.get("profile") or {}
     if prof.get("layers"):
         sections.extend(profile_sections(prof))
+    fast = summary.get("fast") or {}
     sub = (f"DDIM {summary['steps']} steps, {summary['samples']} samples, seed {summary['seed']}; "
-           f"recipe {summary['recipe']['name']}; wall time {summary['wall_seconds']} s")
+           f"recipe {summary['recipe']['name']}"
+           + (f"; fast: {fast['sampler']} {fast['steps']} steps, {fast['calls_full']} full + {fast['calls_shallow']} "
+              "shallow calls" if fast else "") + f"; wall time {summary['wall_seconds']} s")
     return page("edgediff demo report", sub, sections)
 
 
@@ -213,4 +403,18 @@ def summary_table(summary: dict[str, Any]) -> Group:
         if isinstance(v, dict):
             vt = f"{v.get('psnr_db')} dB" if v.get("verified") else f"exit {v.get('exit_code')}"
         e_t.add_row(f"{e['target']} {e['precision']}", _si(e.get("size_bytes")), str(e.get("status", "")), vt)
-    return Group(t, e_t)
+    parts = [t, e_t]
+    tim = summary.get("timing") or {}
+    if tim.get("rows"):  # ms per call and per image, interleaved in one run
+        m_t = Table(box=box.SIMPLE, pad_edge=False, title=f"time (batch {tim['batch']}, median)")
+        for c in ("config", "runtime", "ms/call", "calls", "ms/img", "x"):
+            m_t.add_column(c, justify="left" if c in ("config", "runtime") else "right", overflow="ellipsis",
+                           no_wrap=True, max_width={"config": 24, "runtime": 10}.get(c))
+        for r in tim["rows"]:
+            call = f"{r['ms_per_call']:.3g}" + (f"/{r['ms_per_call_shallow']:.3g}" if r["ms_per_call_shallow"] else "")
+            sp = r["speedup_vs_original"]
+            m_t.add_row(f"{r['config']} {r['precision']}" if r["config"].startswith("fast") else r["config"],
+                        r["runtime"], call, f"{r['calls_full']}/{r['calls_shallow']}", f"{r['ms_per_image']:.3g}",
+                        "" if sp is None else f"{sp:.2f}")
+        parts.append(m_t)
+    return Group(*parts)
