@@ -249,6 +249,30 @@ def test_ptqd_mixed_precision_changes_bits_by_step(tiny_unet: DiffusionModel, tm
     assert set(strict.extras["ptqd"]["act_bits"].tolist()) == {8}
 
 
+def test_ptqd_recalibrates_ranges_per_width(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 8, "act_bits": 8}, ctx)
+    opts = {"samples": 4, "mixed_precision": True, "mp_bits": [4], "mp_min_snr_db": -1e9}
+    same = _run("ptqd", q, {**opts, "mp_recalibrate": False}, ctx)
+    same_mse = ctx.metrics["eps_mse_by_width"]
+    assert ctx.metrics["recalibrated_widths"] == [] and "width_names" not in same.extras["ptqd"]
+    p = _run("ptqd", q, opts, ctx)
+    assert ctx.metrics["recalibrated_widths"] == [4]
+    # the 8-bit figures are untouched, the 4-bit ones better with their own ranges
+    assert ctx.metrics["eps_mse_by_width"][8] == pytest.approx(same_mse[8])
+    assert ctx.metrics["eps_mse_by_width"][4] < 0.8 * same_mse[4]
+    table = p.extras["ptqd"]
+    assert len(table["width_names"]) == table["width_scale"].shape[1] > 0
+    # the per-width ranges survive the artifact (re-attached by the restorer)
+    write_artifact(p, tmp_path / "art", {"passes": []})
+    back = load_artifact(tmp_path / "art")
+    inp = p.example_inputs(batch=2)
+    inp["timestep"] = torch.full((2,), float(table["timesteps"][0]))
+    with torch.no_grad():
+        a, b, c = p.module()(**inp), back.module()(**inp), same.module()(**inp)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_builtin_recipes_use_real_option_names() -> None:
     from edgediff.recipe import load_recipe
 

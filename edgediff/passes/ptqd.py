@@ -13,6 +13,10 @@ the residual noise after correction is measured and turned into an SNR against t
 x_{t-1} is meant to carry anyway, SNR = 10 log10((1 - abar_{t-1}) / (c_t^2 Var(r_t))), c_t the
 DDIM factor of eps in x_{t-1}. Each step gets the lowest bit-width whose SNR reaches
 `mp_min_snr_db`; early, noisy steps tolerate fewer bits, the last steps keep the base width.
+With `mp_recalibrate` (default) every lower width gets its own activation ranges: each
+mixed-precision-eligible quantizer's clipping range is searched again at that width (the same
+L_p search as the quant pass, p = 2.4, over the activations of the calibration set), instead of
+keeping the base width's range on a coarser grid.
 
 model.extras["ptqd"] holds per-timestep tables; `correction_for(model)` turns them into an
 EpsCorrection that the verifier applies around any denoiser, exported ones included.
@@ -28,11 +32,11 @@ from typing import Any
 import torch
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, cond_take, cond_unflatten
 from edgediff.passes import PassContext, register, register_correction, register_restorer
 from edgediff.passes.calib import load_calibration
 from edgediff.quant.apply import call_denoiser
-from edgediff.quant.core import check_bits, set_bits_override
+from edgediff.quant.core import ActQuantizer, check_bits, lp_error, set_act_mode, set_bits_override
 from edgediff.quant_params import is_quant_wrapper
 
 
@@ -45,6 +49,8 @@ class PtqdOptions:
     mixed_precision: bool = False  # step-aware activation bit-widths
     mp_bits: list[int] = field(default_factory=lambda: [6])  # candidate lower activation bit-widths
     mp_min_snr_db: float = 20.0
+    mp_recalibrate: bool = True  # activation ranges searched again for each lower width
+    mp_calib_points: int = 256  # calibration points observed for that search
     batch_size: int = 64
 
     def validate(self) -> None:
@@ -57,6 +63,9 @@ class PtqdOptions:
             check_bits(b, "ptqd: mp_bits")
         if self.batch_size < 1:
             raise BadInput(f"ptqd: batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.mp_calib_points, int) or isinstance(self.mp_calib_points, bool) \
+                or self.mp_calib_points < 1:
+            raise BadInput(f"ptqd: mp_calib_points must be a positive integer, got {self.mp_calib_points!r}")
 
 
 class PtqdCorrection:
@@ -104,9 +113,81 @@ class _StepBits:
         set_bits_override(mod, None if b == self.base else b)
 
 
+def _grid(q: ActQuantizer, lo: float, hi: float, bits: int) -> tuple[float, float]:
+    """(scale, zero point) of q's kind of grid over [lo, hi] at `bits` (as ActQuantizer._set_range)."""
+    qmin, qmax = q._qrange(bits)
+    if q.symmetric:
+        return max(abs(lo), abs(hi), 1e-8) / qmax, 0.0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s = max(hi - lo, 1e-8) / (qmax - qmin)
+    return s, float(min(max(round(qmin - lo / s), qmin), qmax))
+
+
+def width_quantizers(den: torch.nn.Module) -> dict[str, ActQuantizer]:
+    """The activation quantizers step-aware precision acts on (eligible, calibrated, own range)."""
+    return {n: q for n, q in den.named_modules() if isinstance(q, ActQuantizer) and q.mp_eligible
+            and q.fixed_range is None and not q.disabled}
+
+
+@torch.no_grad()
+def recalibrate_widths(model: DiffusionModel, data: dict[str, Any], widths: list[int], points: int,
+                       batch_size: int, p: float = 2.4) -> dict[str, Any]:
+    """Per-width activation ranges: observe the calibration set, then an L_p range search per
+    quantizer and width. Returns the table entries (names, bits, scale, zero point)."""
+    den, mod = model.denoiser, model.module()
+    qs = width_quantizers(den)
+    for q in qs.values():
+        q.reset_stats()
+    set_act_mode(den, "observe")  # every activation float while observing (weights stay on the grid)
+    try:
+        n = min(points, len(data["x"]))
+        for i in range(0, n, batch_size):
+            j = min(i + batch_size, n)
+            c = data.get("cond")
+            call_denoiser(mod, data["x"][i:j], data["t"][i:j], c[i:j] if c is not None else None,
+                          model.signature.num_classes)
+    finally:
+        set_act_mode(den, "quant")
+    scale = torch.ones(len(widths), len(qs))
+    zero = torch.zeros(len(widths), len(qs))
+    for k, q in enumerate(qs.values()):
+        if not q._reservoir:
+            continue
+        x = torch.cat(q._reservoir)
+        for w, b in enumerate(widths):
+            qmin, qmax = q._qrange(b)
+            best, best_err = None, float("inf")
+            for r in torch.linspace(0.2, 1.0, 81).tolist():
+                s_b, z_b = _grid(q, q._min * r, q._max * r, b)
+                xq = (torch.clamp(torch.round(x / s_b) + z_b, qmin, qmax) - z_b) * s_b
+                err = float(lp_error(x, xq, p))
+                if err < best_err:
+                    best, best_err = (s_b, z_b), err
+            scale[w, k], zero[w, k] = best
+        q.reset_stats()
+    return {"width_names": list(qs), "width_bits": torch.tensor(widths, dtype=torch.int64),
+            "width_scale": scale, "width_zero": zero}
+
+
+def attach_widths(den: torch.nn.Module, table: dict[str, Any]) -> int:
+    """Give each quantizer its recalibrated per-width (scale, zero point); returns how many."""
+    mods = dict(den.named_modules())
+    bits = [int(b) for b in torch.as_tensor(table["width_bits"]).tolist()]
+    done = 0
+    for k, name in enumerate(table["width_names"]):
+        q = mods.get(name)
+        if isinstance(q, ActQuantizer):
+            q.__dict__["width_params"] = {b: (table["width_scale"][w, k].clone(), table["width_zero"][w, k].clone())
+                                          for w, b in enumerate(bits)}
+            done += 1
+    return done
+
+
 def install_step_bits(model: DiffusionModel) -> DiffusionModel:
     table = model.extras["ptqd"]
     den = model.denoiser
+    if table.get("width_names"):
+        attach_widths(den, table)
     for h in list(getattr(den, "_edgediff_ptqd_hooks", [])):
         h.remove()
     den._edgediff_ptqd_hooks = []
@@ -162,11 +243,15 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
     cands = sorted({int(b) for b in opts.mp_bits if int(b) < base}) if opts.mixed_precision else []
     n = min(opts.samples, data["traj_x"].shape[1])
     traj_t, traj_x, traj_out = data["traj_t"], data["traj_x"][:, :n], data["traj_out"][:, :n]
-    cond = data["traj_cond"][:n] if "traj_cond" in data else None
+    cond = cond_take(cond_unflatten(data, "traj_cond"), slice(None, n))
     den = model.denoiser.eval()
     mod = model.module()
     ac = model.schedule.alphas_cumprod
     t0 = time.perf_counter()
+    widths: dict[str, Any] = {}
+    if cands and opts.mp_recalibrate:
+        widths = recalibrate_widths(model, data, cands, opts.mp_calib_points, opts.batch_size)
+        attach_widths(den, widths)
     rows = []
     for s in ctx.track(range(len(traj_t)), f"ptqd: fitting {len(traj_t)} steps x {1 + len(cands)} bit-widths"):
         t = int(traj_t[s])
@@ -181,7 +266,7 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
             set_bits_override(den, None if b == base else b)
             with torch.no_grad():
                 outs = [call_denoiser(mod, x[i:i + opts.batch_size], torch.full((len(x[i:i + opts.batch_size]),), float(t)),
-                                      cond[i:i + opts.batch_size] if cond is not None else None, model.signature.num_classes)
+                                      cond_take(cond, slice(i, i + opts.batch_size)), model.signature.num_classes)
                         for i in range(0, len(x), opts.batch_size)]
             e_q = eps_of(model, torch.cat(outs).float(), x, t)
             k, bias, var_r = fit(e_q - e_fp, e_fp, opts.correct_bias, opts.positive_k_only)
@@ -206,7 +291,7 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
         "residual_var": torch.tensor([r[2][r[1]]["res_var"] for r in rows], dtype=torch.float32),
         "snr_db": torch.tensor([r[2][r[1]]["snr_db"] if math.isfinite(r[2][r[1]]["snr_db"]) else -1.0 for r in rows],
                                dtype=torch.float32),
-        "samples": n, "sampler_steps": len(rows),
+        "samples": n, "sampler_steps": len(rows), **widths,
     }
     model.extras["ptqd"] = table
     install_step_bits(model)
@@ -221,5 +306,8 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
         "eps_mse_uncorrected": mse_unc, "eps_mse_corrected": mse_cor, "fit_residual_mse": fit_res,
         "mean_act_bits": round(float(table["act_bits"].float().mean()), 3),
         "low_bit_steps": int((table["act_bits"] < base).sum()), "seconds": round(time.perf_counter() - t0, 2),
+        # eps MSE vs the FP model at each candidate width over all steps (before correction)
+        "eps_mse_by_width": {b: sum(r[2][b]["mse_uncorrected"] for r in rows) / len(rows) for b in [base] + cands},
+        "recalibrated_widths": [int(b) for b in cands] if widths else [],
     })
     return model

@@ -255,8 +255,13 @@ class ActQuantizer(nn.Module):
         if bits == self.bits:
             qmin, qmax = self.qmin, self.qmax
             return self.scale, self.zero_point, qmin, qmax
-        # mixed precision: same clipping range, coarser grid
         qmin, qmax = self._qrange(bits)
+        # mixed precision: a range recalibrated for this width (set by the ptqd pass from its
+        # table; a plain attribute, not state), else the same clipping range on a coarser grid
+        per_width = self.__dict__.get("width_params")
+        if per_width and bits in per_width:
+            s_b, z_b = per_width[bits]
+            return s_b, z_b, qmin, qmax
         if self.symmetric:
             return self.scale * self.qmax / qmax, torch.zeros_like(self.zero_point), qmin, qmax
         lo = (self.qmin - self.zero_point) * self.scale
