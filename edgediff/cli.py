@@ -435,7 +435,15 @@ def profile(exported: Path = typer.Argument(..., help="An exported model."),
     from edgediff.profiling import run as mod
 
     with progress_bar() as p:
-        result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb, progress=p)
+        if Path(exported).is_dir() and (Path(exported) / "edgediff_bundle.json").is_file():
+            # a bundle: every component, and the per-image total at its steps (edgediff.pipelines.profile)
+            from edgediff.pipelines.profile import profile_bundle
+
+            if html is not None or adb is not None:
+                raise BadInput(f"{exported}: --html/--adb take one exported file; profile a component's file for them")
+            result = profile_bundle(exported, runtime=runtime, device=device, progress=p)
+        else:
+            result = mod.profile(exported, runtime=runtime, device=device, html=html, adb=adb, progress=p)
     if as_json:
         _write_json(result)
     else:

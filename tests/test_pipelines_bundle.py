@@ -200,3 +200,17 @@ def test_broken_pipeline_folders_are_bad_input(tiny_sd: Path, tmp_path: Path) ->
     shutil.rmtree(bad / "vae")
     with pytest.raises(BadInput, match="missing"):
         pipeline_of(load_model(bad)).load("vae")
+
+
+def test_profile_bundle_per_component_and_per_image(sd_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, res = _cli(capsys, "--threads", "1", "profile", str(sd_bundle))
+    assert rc == 0 and res["kind"] == "bundle" and res["runtime"] == "ort" and not res["estimated"]
+    comps = res["components"]
+    assert set(comps) == {"unet", "text_encoder", "vae_decoder", "vae_encoder"}
+    assert res["calls_per_image"] == {"unet": 12, "text_encoder": 2, "vae_decoder": 1}  # 6 steps x CFG
+    assert all(c["total_ms"] > 0 and c["macs"] > 0 for c in comps.values())
+    want = sum(c["total_ms"] * c["calls_per_image"] for c in comps.values())
+    assert res["total_ms"] == pytest.approx(want, rel=1e-3)
+    assert any(la["name"].startswith("vae_decoder/") for la in res["layers"])
+    rc, est = _cli(capsys, "profile", str(sd_bundle), "--device", "a17pro-gpu")
+    assert rc == 0 and est["estimated"] and est["components"]["unet"]["total_ms"] > 0
