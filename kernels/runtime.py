@@ -530,7 +530,9 @@ class CLRuntime:
         bq, bkv = self.attention_tiles(head_dim)
         from edgediff.kernels.device import attention_d_chunk
 
-        dc = attention_d_chunk(head_dim) if d_chunk is None else int(d_chunk)
+        # head_dim tiling exists for GPU register files; on a CPU driver (PoCL) the per-work-item
+        # arrays live in cache and the recomputed scores cost 6-8x at d 160-256 (measured): unsplit
+        dc = (attention_d_chunk(head_dim) if self.profile.is_gpu else head_dim) if d_chunk is None else int(d_chunk)
         nch = -(-head_dim // dc)
         knl = self.kernel("attention", "flash_attention", HEAD_DIM=head_dim, BKV=bkv, DC=dc)
         bq = min(bq, self.kernel_limits(knl)[0], _pow2_floor(n))

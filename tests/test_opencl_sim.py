@@ -133,6 +133,21 @@ def test_build_options_follow_the_device_and_work_groups_the_kernel(monkeypatch:
     assert rt.local_1d(k, 10_000) == 8
 
 
+@pytest.mark.skipif(not clrt.opencl_available()[0], reason="no OpenCL device")
+def test_head_dim_tiling_only_on_gpus() -> None:
+    """d 160 attention: chunked (DC 32) under a GPU profile, unsplit on a CPU driver (measured faster)."""
+    import numpy as np
+
+    for prof, want in (("adreno-740", 32), (None, 160)):
+        rt = clrt.CLRuntime(profile=prof)
+        if prof is None and rt.profile.is_gpu:
+            want = 32
+        q = rt.to_device(np.zeros((1, 160, 3), np.float32))
+        rt.flash_attention(q, q, q, 1, 160, 3, 3)
+        dcs = {dict(key[1]).get("DC") for key in rt._programs if key[0] == "attention"}
+        assert dcs == {want}, (prof, dcs)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not clrt.opencl_available()[0], reason="no OpenCL device")
 def test_every_variant_on_the_default_device() -> None:
