@@ -226,8 +226,9 @@ class _Builder:
     def conv_part(self, path: str, part: Any, x: int, shape: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]]:
         lay = self.layer(path)
         self._int8_out(path, part)
-        q = _qlayer(path if len(lay.parts) == 1 else f"{path}[{part.channels[0]}:{part.channels[1]}]", "conv",
-                    part, lay.geometry)
+        a, e = part.channels
+        name = path if len(lay.parts) == 1 else (f"{path}[:{e}]" if a == lay.parts[0].channels[0] else f"{path}[{a}:]")
+        q = _qlayer(name, "conv", part, lay.geometry)
         c, h, w = shape
         assert q.w is not None
         ho, wo = q.geom.out_hw(h, w, q.w.shape[2], q.w.shape[3])
@@ -698,6 +699,28 @@ def dequantize_output(prog: Program, acc: np.ndarray) -> np.ndarray:
     nb = acc.shape[0]
     a = acc.reshape(nb, prog.output_shape[0], -1).astype(np.float32) * prog.output_scale.reshape(1, -1, 1)
     return a.reshape(nb, *prog.output_shape).astype(np.float32)
+
+
+def extracted_layers(prog: Program, sample_codes: np.ndarray, temb_codes: np.ndarray) -> Any:
+    """The program's array layers with the inputs they see in this call: what the per-layer project checks
+    (C-sim vs simulator, ONNX Runtime vs simulator), so per-layer and whole-call checks run the same layers."""
+    from edgediff.fpga.graph import Extracted, ExtractedLayer
+
+    bufs = run_program(prog, sample_codes[:1], temb_codes[:1], keep=True)
+    ext = Extracted("artifact (edgediff.lowering)")
+    for o in prog.ops:
+        if o.op != "array":
+            continue
+        assert o.layer is not None
+        x = bufs[o.ins[0]].reshape(o.x_shape)
+        x2 = None if o.x2_shape is None else bufs[o.ins[1]].reshape(o.x2_shape)
+        ext.layers.append(ExtractedLayer(o.layer, o.name, o.layer.op_type or o.layer.kind, x, x2, tuple(x.shape),
+                                         None if x2 is None else tuple(x2.shape)))
+    ext.host_ops.append({"name": "time_proj", "op": "TimestepTable", "what": "the sinusoidal timestep embedding as "
+                         "a table of linear_1's int8 input codes per timestep (computed at export; a ROM on the "
+                         "board); every other op runs on the array or the units (call/program.json)", "macs": 0,
+                         "elements": int(prog.temb_table.shape[1])})
+    return ext
 
 
 # ------------------------------------------------------------------ storage (json + npz, no pickle)

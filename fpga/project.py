@@ -70,8 +70,13 @@ class FpgaBackend(Backend):
         if isinstance(model, (str, Path)):
             ext = extract_onnx(Path(model), seed=seed)
         else:
-            ext = extract_quantparams(model, seed=seed)
             call = _whole_call_program(model, seed)
+            if isinstance(call, tuple):  # the shared int8 lowering's layers, with the inputs of the whole call
+                from edgediff.fpga.program import extracted_layers
+
+                ext = extracted_layers(*call)
+            else:  # not covered by the whole-call program (the reason goes in the report): layers alone
+                ext = extract_quantparams(model, seed=seed)
         tick = None
         if progress is not None:  # export_project reports (done, total); the contract hands a rich Progress
             task = progress.add_task("fpga: layer vectors", total=len(ext.layers))
