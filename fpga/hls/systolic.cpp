@@ -289,6 +289,8 @@ static void drain_stage(int n_img, int groups, int M, int N, int mtiles, int nti
                         const int32_t p_shift[PARAM_TILES][COLS], hls::stream<acc_row_t> &acc_s, word_t *y) {
 #pragma HLS INLINE off
     const int wpr = requant != RQ_NONE ? COLS / VEC : COLS / 4;  // words per accumulator row
+    // Deliberately the same img/grp loop nest as load_stage: each DATAFLOW stage walks the tiles in
+    // its own labelled, trip-counted loops (a shared helper would have to be inlined into both anyway).
     int32_t outv[COLS];
 #pragma HLS ARRAY_PARTITION variable = outv complete
 img:
