@@ -194,6 +194,34 @@ def test_prune_ld_meets_budget_keeps_weights_and_reloads(arch: str, request, tmp
     assert _onnx_roundtrip(pruned, inputs) < 1e-3
 
 
+def test_prune_ld_operator_level_convs_to_1x1_in_rounds(tiny_unet, tmp_path: Path) -> None:
+    from edgediff.passes.prune_ld import candidates, conv_to_1x1
+
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    one = conv_to_1x1(conv)
+    flat = torch.randn(1, 3, 1, 1).expand(1, 3, 6, 6)  # locally constant: the 1x1 is exact inside
+    with torch.no_grad():
+        assert torch.allclose(conv(flat)[..., 1:-1, 1:-1], one(flat)[..., 1:-1, 1:-1], atol=1e-5)
+    kinds = {c.kind for c in candidates(tiny_unet, "operators")}
+    assert {"conv1x1", "resnet", "attention"} <= kinds
+    assert {c.kind for c in candidates(tiny_unet, "convs")} == {"conv1x1"}
+    assert "conv1x1" not in {c.kind for c in candidates(tiny_unet, "all")}  # the default set is unchanged
+    pruned, m = _run("prune.ld", tiny_unet, macs_reduction=0.25, samples=3, steps=2, include="convs", rounds=2)
+    assert macs(pruned) <= 0.75 * macs(tiny_unet) and m["macs_after"] == macs(pruned)
+    assert m["rounds"] == 2 and {r["round"] for r in m["removed"]} == {0, 1}
+    # round 2 re-scored only what round 1 left, on the pruned model
+    first = {r["name"] for r in m["removed"] if r["round"] == 0}
+    assert first and not first & set(m["round_scores"][1])
+    for r in m["removed"]:
+        layer = pruned.denoiser.get_submodule(r["name"])
+        assert isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1)
+    inputs = tiny_unet.example_inputs(2)
+    again = _reload(pruned, tmp_path / "a")
+    assert torch.equal(_forward(again, inputs), _forward(pruned, inputs))
+    with pytest.raises(BadInput, match="rounds"):
+        make_options("prune.ld", {"rounds": 0})
+
+
 def test_ld_score_is_mean_shift_plus_spread_shift() -> None:
     from edgediff.passes.prune_ld import ld_score
 
