@@ -393,3 +393,36 @@ def test_cli_profile_json(unet_onnx: tuple[DiffusionModel, Path], capsys: pytest
     data = json.loads(capsys.readouterr().out)
     assert data["runtime"] == "estimate:rpi5-cpu" and data["estimated"] is True
     assert {"name", "op", "ms", "share"} <= set(data["layers"][0])
+
+
+def test_third_party_export_layers_add_up_to_the_models_macs(tmp_path: Path) -> None:
+    """A UNet exported outside edgediff (TorchScript exporter on the bare diffusers module, dynamic
+    batch and spatial axes, as pipelines ship them): every MAC is counted and lands on a module."""
+    from edgediff.profiling.graph import onnx_ops
+
+    model = _tiny_unet()
+    unet = model.denoiser
+
+    class Bare(torch.nn.Module):  # what a third party traces: the UNet's own call, tuple output
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.unet(sample, timestep, return_dict=False)[0]
+
+    path = tmp_path / "third_party.onnx"
+    ex = model.example_inputs(1)
+    torch.onnx.export(Bare().eval(), (ex["sample"], ex["timestep"]), str(path), input_names=["sample", "timestep"],
+                      output_names=["out_sample"], dynamo=False,
+                      dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"}})
+    from edgediff.profiling import graph
+
+    graph.DYNAMIC_DIMS.update(height=16, width=16)  # the size the torch count runs at
+    try:
+        ops = onnx_ops(path)
+    finally:
+        graph.DYNAMIC_DIMS.clear()
+    assert not [o.node for o in ops if o.op in ("Conv", "Gemm", "MatMul", "Einsum") and not o.macs and not o.shape_only]
+    assert sum(o.macs for o in ops) == _torch_macs(model)
+    assert not [o.node for o in ops if o.macs and o.name in ("", "unet")]  # no MACs on the root module

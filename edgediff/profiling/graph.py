@@ -63,12 +63,35 @@ class OpWork:
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
+# A graph with dynamic axes (a third-party export: batch, height, width, sequence) is analysed at
+# batch 1 and every other dynamic axis at DYNAMIC_DIMS[its name], else DEFAULT_DYNAMIC_DIM; setting
+# them all to 1 would shrink a UNet's feature maps below its down/up sampling and lose the shapes.
+DEFAULT_DYNAMIC_DIM = 64
+DYNAMIC_DIMS: dict[str, int] = {}
+
+
+def dim_value(dim: Any, axis: int) -> int:
+    """A concrete size for an input dimension (an int, or a symbolic name / None)."""
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    if axis == 0:
+        return 1
+    return DYNAMIC_DIMS.get(str(dim), DEFAULT_DYNAMIC_DIM)
+
+
+def _fix_input_dims(model: Any) -> None:
+    for vi in model.graph.input:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                d.dim_value = dim_value(d.dim_param or None, axis)
+
+
 def feeds_for(session: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs per the exported I/O contract: sample/cond float32 randn, timestep 500, class labels 0."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        shape = [dim_value(d, axis) for axis, d in enumerate(i.shape)]
         dt = _NP.get(i.type, np.float32)
         if i.name == "timestep" or "timestep" in i.name:
             feeds[i.name] = np.full(shape, 500.0, dtype=dt)
@@ -151,10 +174,9 @@ def _onnx_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
 
     # batch 1: symbolic dims (a dynamic batch axis) would stop shape propagation through reshapes
     model = copy.deepcopy(model)
-    for vi in list(model.graph.input) + list(model.graph.output):
-        for d in vi.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.dim_value = 1
+    _fix_input_dims(model)
+    for vi in model.graph.output:  # outputs follow from the inputs
+        vi.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
@@ -193,10 +215,7 @@ def _ort_shapes(model: Any) -> dict[str, tuple[list[int], int]]:
         import onnxruntime as ort
 
         m = copy.deepcopy(model)
-        for vi in m.graph.input:
-            for d in vi.type.tensor_type.shape.dim:
-                if not d.HasField("dim_value"):
-                    d.dim_value = 1
+        _fix_input_dims(m)
         have = {o.name for o in m.graph.output}
         for n in m.graph.node:
             if n.op_type == "Constant":
