@@ -205,3 +205,50 @@ class OpenCLBackend(Backend):
 
 
 BACKEND = OpenCLBackend()
+
+
+def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, device: Any = None) -> dict[str, Any]:
+    """Time an OpenCL bundle on the device: total_ms is the median of `repeats` whole calls (wall
+    time, queue drained once per call); layers [{name, op, ms, kernels}] are medians over up to 5
+    calls of the op's kernels' OpenCL event times (CL_QUEUE_PROFILING_ENABLE queue,
+    CL_PROFILING_COMMAND_END - START per kernel, the queue not drained between ops); names are
+    the model's module names. `gpu` says whether the device is a GPU; when it is not, `note`
+    says that this profile did not run on one."""
+    import statistics
+    import time
+    from pathlib import Path
+
+    import torch
+
+    den = OpenCLDenoiser(Path(bundle), device=device, profiling=True)
+    shape = den.meta["signature"]["sample_shape"]
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 500.0)
+    from edgediff.model import InputSignature
+
+    cond = InputSignature.from_dict(den.meta["signature"]).conditioning(batch)  # None for unconditional UNets
+    if isinstance(cond, dict):
+        cond = {k: v for k, v in cond.items() if k in den.meta["schedule"]["inputs"]}
+    for _ in range(max(warmup, 1)):
+        den(x, t, cond)
+    totals = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        den(x, t, cond)  # returns after reading the output back, i.e. after the queue drained
+        totals.append((time.perf_counter() - t0) * 1e3)
+    runs = [den.profile(x, t, cond) for _ in range(max(1, min(repeats, 5)))]
+    kern = den.kernel_times(x, t, cond)
+    layers = [{"name": name, "op": op, "ms": statistics.median(r[i][2] for r in runs),
+               "kernels": [k for lab, k, _ in kern if lab == name]}
+              for i, (name, op, _) in enumerate(runs[0])]
+    d = den.rt.describe()
+    gpu = bool(den.rt.device.type & den.rt.cl.device_type.GPU)
+    out = {"runtime": "opencl", "device": d["device"], "platform": d["platform"], "gpu": gpu,
+           "precision": den.rt.precision, "total_ms": statistics.median(totals), "batch": batch, "layers": layers,
+           "layer_timing": "OpenCL event timestamps (CL_PROFILING_COMMAND_START/END), summed per op, median of "
+                           f"{len(runs)} calls", "kernels_per_call": len(kern),
+           "variants": d["variants"], "notes": den.notes}
+    if not gpu:
+        out["note"] = (f"did not run on a GPU: {d['device']} ({d['platform']}) is not a GPU device; "
+                       "per-kernel times are that device's")
+    return out

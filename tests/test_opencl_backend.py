@@ -17,6 +17,7 @@ from edgediff.sampling import TorchDenoiser
 pytest.importorskip("pyopencl")
 from edgediff.kernels import runtime as clrt  # noqa: E402
 from edgediff.kernels.export import OpenCLDenoiser  # noqa: E402
+from edgediff.kernels.export import profile as profile_bundle  # noqa: E402
 
 HAS_CL = clrt.opencl_available()[0]
 needs_cl = pytest.mark.skipif(not HAS_CL, reason="no OpenCL device")
@@ -134,7 +135,7 @@ def test_demo_model_end_to_end(tmp_path: Path) -> None:
 
 @needs_cl
 def test_profile_names_layers_by_module(bundle: Path) -> None:
-    res = clrt.profile(bundle, warmup=1, repeats=1)
+    res = profile_bundle(bundle, warmup=1, repeats=1)
     assert res["runtime"] == "opencl" and res["total_ms"] > 0
     names = {la["name"] for la in res["layers"]}
     assert "conv_in" in names and any(n.endswith("attentions.0.attn") for n in names)

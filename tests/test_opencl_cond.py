@@ -20,6 +20,7 @@ from edgediff.sampling import TorchDenoiser
 pytest.importorskip("pyopencl")
 from edgediff.kernels import runtime as clrt  # noqa: E402
 from edgediff.kernels.export import OpenCLDenoiser  # noqa: E402
+from edgediff.kernels.export import profile as profile_bundle  # noqa: E402
 
 needs_cl = pytest.mark.skipif(not clrt.opencl_available()[0], reason="no OpenCL device")
 
@@ -134,7 +135,7 @@ def test_sd2_style_linear_projection_two_layers(tmp_path: Path, precision: str) 
 def test_profile_of_a_cond_bundle_feeds_the_context(tmp_path: Path) -> None:
     model = _sd_unet(tmp_path)
     get_backend("opencl").export(model, tmp_path / "b", "fp32")
-    res = clrt.profile(tmp_path / "b", warmup=1, repeats=1)
+    res = profile_bundle(tmp_path / "b", warmup=1, repeats=1)
     ops = {la["op"] for la in res["layers"]}
     assert {"cross_attention", "layer_norm", "geglu"} <= ops and res["total_ms"] > 0
     ca = next(la for la in res["layers"] if la["op"] == "cross_attention")

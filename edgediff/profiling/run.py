@@ -133,8 +133,8 @@ def _measure(path: Path, target: str, rt: str, warmup: int, repeats: int, thread
 
 def _profile_opencl(path: Path, warmup: int, repeats: int) -> dict[str, Any]:
     """The OpenCL runtime profiles itself with OpenCL event timestamps:
-    `edgediff.kernels.runtime.profile(bundle, warmup=, repeats=) -> {total_ms, layers[{name, op, ms}]}`."""
-    from edgediff.kernels.runtime import profile
+    `edgediff.kernels.export.profile(bundle, warmup=, repeats=) -> {total_ms, layers[{name, op, ms}]}`."""
+    from edgediff.kernels.export import profile
 
     res = dict(profile(path, warmup=warmup, repeats=repeats))
     total = sum(la["ms"] for la in res.get("layers", [])) or 1.0
