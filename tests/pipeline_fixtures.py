@@ -89,6 +89,25 @@ def build_tiny_ddpm(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def build_tiny_dit(folder: Path, seed: int = 0) -> Path:
+    """A DiTPipeline (class-conditional DiT on 4x8x8 latents, 1000 classes as DiT's null class 1000 needs, the
+    tiny AutoencoderKL, DDIM) with an id2label in model_index.json as the hub's DiT pipelines have."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1)
+    DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler()).save_pretrained(str(folder))
+    idx = json.loads((Path(folder) / "model_index.json").read_text())
+    idx["id2label"] = {str(i): f"class{i}" for i in range(1000)}
+    idx["id2label"]["1"] = "cat, kitty"
+    (Path(folder) / "model_index.json").write_text(json.dumps(idx))
+    return Path(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder (built once per test session; tests must not modify it)."""
@@ -98,3 +117,8 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_ddpm(tmp_path_factory.mktemp("pipelines") / "tiny-ddpm")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_dit(tmp_path_factory.mktemp("pipelines") / "tiny-dit")

@@ -131,6 +131,10 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
                            "vae_decoder": "vae_decoder" if "vae_decoder" in graphs else None,
                            "vae_encoder": "vae_encoder" if "vae_encoder" in graphs else None,
                            "source_components_sha256": (model.extras.get("pipeline") or {}).get("component_sha256")}
+    if model.signature.num_classes:  # class-conditional (DiT): labels, their names, the null class of guidance
+        labels = src_index.get("id2label")
+        rec.update({"num_classes": int(model.signature.num_classes), "null_class": int(model.signature.num_classes),
+                    "id2label": labels if isinstance(labels, dict) else None})
     if pipe.has("vae"):
         c, h, w = (int(v) for v in model.signature.sample_shape[-3:])
         f = pipe.vae_scale_factor()

@@ -62,6 +62,23 @@ class GuidedDenoiser:
         return ou + self.scale * (oc - ou)
 
 
+class ClassGuidedDenoiser:
+    """DiT's classifier-free guidance: one batch [labels; null class], guided on the latent channels only
+    (a learned-variance half passes through from the conditional rows), as diffusers' DiTPipeline steps."""
+
+    def __init__(self, inner: Any, null_class: int, scale: float, channels: int) -> None:
+        self.inner, self.null, self.scale, self.channels = inner, int(null_class), float(scale), int(channels)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        labels = torch.as_tensor(cond).long()
+        out = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, self.null)]))
+        oc, ou = out.chunk(2)
+        c = self.channels
+        res = oc.clone()
+        res[:, :c] = ou[:, :c] + self.scale * (oc[:, :c] - ou[:, :c])
+        return res
+
+
 def _match_rows(uncond: torch.Tensor, cond_all: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     # the unconditional states are identical per row for one negative prompt; otherwise find the rows
     if uncond.shape[0] == 1 or bool((uncond == uncond[:1]).all()):

@@ -24,7 +24,13 @@ import torch
 
 from edgediff.model import DiffusionModel
 from edgediff.pipelines.components import Pipeline, pipeline_of
-from edgediff.pipelines.encode import GuidedDenoiser, decode_latents, guided_conditioning, token_ids
+from edgediff.pipelines.encode import (
+    ClassGuidedDenoiser,
+    GuidedDenoiser,
+    decode_latents,
+    guided_conditioning,
+    token_ids,
+)
 from edgediff.pipelines.prompts import prompts_for
 
 
@@ -60,8 +66,13 @@ def reference_images(pipe: Pipeline, model: DiffusionModel, prompts: list[str], 
 
     n = len(prompts)
     den: Any = TorchDenoiser(model)
-    cond = None
-    if pipe.has("text_encoder"):
+    cond: Any = None
+    sig = model.signature
+    if not pipe.has("text_encoder") and sig.num_classes:  # class-conditional: labels 0, 1, ... (the runtime's)
+        cond = torch.arange(n) % int(sig.num_classes)
+        if guidance > 1.0:
+            den = ClassGuidedDenoiser(den, int(sig.num_classes), guidance, int(sig.sample_shape[0]))
+    elif pipe.has("text_encoder"):
         c, u = guided_conditioning(pipe, prompts, negative)
         cond = c
         if guidance > 1.0:
@@ -102,6 +113,8 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
         inp: dict[str, torch.Tensor] = {"sample": x, "timestep": torch.full((n,), float(t))}
         if ehs is not None:
             inp["encoder_hidden_states"] = ehs
+        if sig.num_classes:
+            inp["class_labels"] = torch.arange(n) % int(sig.num_classes)
         want = mod(**inp).numpy()
         got = den.run([OUTPUT_NAME], {k: v.numpy() for k, v in inp.items()})[0]
         errs.append(_row(got, want))
@@ -139,6 +152,8 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
     n_steps = int(steps or b.manifest["steps"])
     guidance = float(man.get("default_guidance") or 1.0)
     texts = prompts_for(samples, prompts or (reference.extras.get("pipeline") or {}).get("prompts"))
+    if not man.get("text_encoder"):
+        texts = [""] * samples  # class-conditional / unconditional: labels 0, 1, ... on both sides
     result: dict[str, Any] = {"target": f"{b.target} bundle", "kind": "pipeline", "exported": str(bundle_dir),
                               "samples": samples, "steps": n_steps, "sampler": use_sampler, "seed": seed,
                               "guidance": guidance, "precision": precision, "tolerance": dict(tol),

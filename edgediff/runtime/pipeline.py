@@ -80,6 +80,29 @@ class _Sessions:
                 self.get(r)
 
 
+def class_labels(pipe: dict[str, Any], prompts: list[str], n: int, where: str) -> np.ndarray:
+    """Class labels of a class-conditional pipeline: names looked up in its id2label (as DiTPipeline's
+    get_label_ids), or numbers; without a prompt, 0, 1, 2, ... (every class in turn)."""
+    n_classes = int(pipe["num_classes"])
+    if not any(prompts):
+        return (np.arange(n) % n_classes).astype(np.int64)
+    names: dict[str, int] = {}
+    for k, v in (pipe.get("id2label") or {}).items():
+        for name in str(v).split(","):
+            names[name.strip()] = int(k)
+    out = []
+    for p in prompts:
+        p = p.strip()
+        if p in names:
+            out.append(names[p])
+        elif p.isdigit() and int(p) < n_classes:
+            out.append(int(p))
+        else:
+            raise BadInput(f"{where}: {p!r} is not a class of this pipeline (a class name from its id2label, "
+                           f"or a number below {n_classes})")
+    return np.asarray(out, np.int64)
+
+
 def encode(bundle: Bundle, sessions: _Sessions, prompts: list[str]) -> tuple[np.ndarray, float]:
     """(N, seq, hidden) float32 text encoder states of `prompts`, tokenizer ms."""
     p = bundle.manifest["pipeline"]
@@ -114,9 +137,13 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     if g_scale < 0:
         raise BadInput(f"--guidance must be >= 0, got {g_scale}")
     has_text = bool(pipe.get("text_encoder"))
-    if not has_text and (any(prompts) or negative_prompt):
+    n_classes = int(pipe.get("num_classes") or 0)
+    labels = None
+    if not has_text and n_classes:
+        labels = class_labels(pipe, prompts, samples, where=str(bundle.path))
+    elif not has_text and (any(prompts) or negative_prompt):
         raise BadInput(f"{bundle.path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt")
-    cfg = has_text and g_scale > 1.0
+    cfg = (has_text or labels is not None) and g_scale > 1.0
     sessions = _Sessions(bundle, threads, low_memory)
     sessions.preload([r for r, on in (("text_encoder", has_text), (ROLE_FULL, True),
                                       ("vae_decoder", decode and bool(pipe.get("vae_decoder")))) if on])
@@ -147,7 +174,20 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
         outs = []
         for a in range(0, samples, batch_size):
             b = min(a + batch_size, samples)
-            if cfg:
+            if cfg and labels is not None:
+                # DiT's guidance: [cond; null class] in one batch, guided on the latent channels only
+                xb = np.concatenate([xin[a:b], xin[a:b]])
+                lab = np.concatenate([labels[a:b], np.full((b - a,), int(pipe["null_class"]), np.int64)])
+                feeds = {"sample": xb, "timestep": np.full((2 * (b - a),), float(t), F32), "class_labels": lab}
+                o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
+                oc, ou = o[: b - a], o[b - a:]
+                c = x.shape[1]
+                o = oc.copy()
+                o[:, :c] = ou[:, :c] + F32(g_scale) * (oc[:, :c] - ou[:, :c])
+            elif labels is not None:
+                feeds = {"sample": xin[a:b], "timestep": np.full((b - a,), float(t), F32), "class_labels": labels[a:b]}
+                o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
+            elif cfg:
                 assert cond is not None and uncond is not None
                 xb = np.concatenate([xin[a:b], xin[a:b]])
                 feeds = {"sample": xb, "timestep": np.full((2 * (b - a),), float(t), F32),
@@ -183,7 +223,8 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     stats: dict[str, Any] = {
         "bundle": str(bundle.path), "runtime": "onnxruntime", "kind": "pipeline", "pipeline": pipe.get("class"),
         "sampler": sampler_name, "steps": n_ts, "samples": samples, "seed": seed,
-        "guidance": g_scale if has_text else None, "classifier_free_guidance": cfg,
+        "guidance": g_scale if (has_text or labels is not None) else None, "classifier_free_guidance": cfg,
+        "class_labels": labels.tolist() if labels is not None else None,
         "prompt": prompts[0] if len(set(prompts)) == 1 else prompts,
         "negative_prompt": negative_prompt,
         # denoiser evaluations per image batch, counted as the PyTorch generate counts them (x2 with guidance)
