@@ -67,8 +67,18 @@ class FpgaBackend(Backend):
         opts = dict(options)
         seed = int(opts.pop("seed", 0))
         call = None
+        from edgediff.onnx_source import graph_module, is_graph_model
+
         if isinstance(model, (str, Path)):
             ext = extract_onnx(Path(model), seed=seed)
+        elif is_graph_model(model):  # an ONNX-in artifact: its quantized graph is the QDQ source
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="edgediff-fpga-graph-") as td:
+                src = Path(td) / "denoiser.onnx"
+                src.write_bytes(graph_module(model).graph)
+                ext = extract_onnx(src, seed=seed)
+            ext.source = "the quantized ONNX graph of the artifact (ONNX-in)"
         else:
             call = _whole_call_program(model, seed)
             if isinstance(call, tuple):  # the shared int8 lowering's layers, with the inputs of the whole call

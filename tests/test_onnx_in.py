@@ -87,6 +87,7 @@ def test_compress_w8a8_export_and_verify(onnx_model: Path, tmp_path: Path) -> No
     out = tmp_path / "q.onnx"
     rep = get_backend("onnx").export(art, out, "int8")
     assert rep["qdq_pairs"] > 10
+    assert records[-1].metrics["split_convs"] >= 4  # the decoder's shortcut-concat convs, one scale per half
     r = verify(art, out, steps=5, samples=2)
     assert r["verified"] and r["exit_code"] == 0, r
     assert r["psnr_db"] > 60  # the export is the quantized graph itself
@@ -163,3 +164,24 @@ def _small_recipe(tmp_path: Path) -> Path:
     p.write_text('name = "small"\n[[pass]]\nname = "calib"\nmethod = "qdiff"\nn_samples = 4\nsteps = 10\ninterval = 2\n'
                  '[[pass]]\nname = "quant"\n')
     return p
+
+
+def test_graph_artifact_exports_to_fpga(onnx_model: Path, tmp_path: Path) -> None:
+    """An ONNX-in artifact's quantized graph is the FPGA project's QDQ source (split convs included)."""
+    import shutil
+
+    from edgediff.exporters import get_backend
+
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import PassSpec, Recipe
+
+    q, _ = run_recipe(_load(onnx_model), Recipe("t", passes=[
+        PassSpec("calib", {"method": "qdiff", "n_samples": 2, "steps": 4, "interval": 2}), PassSpec("quant", {})]),
+        cache_dir=tmp_path / "cache")
+    rep = get_backend("fpga").export(q, tmp_path / "proj", "int8")
+    assert rep["source"].startswith("the quantized ONNX graph")
+    assert rep["layers_total"] > 30 and rep["array_macs_share"] > 0.99
+    if shutil.which("g++"):
+        assert rep["verified"] and rep["layers_bit_exact"] == rep["layers_total"], rep
+    else:
+        assert rep["verified"] is False
