@@ -134,6 +134,8 @@ def reload_original(model: DiffusionModel) -> tuple[DiffusionModel | None, str]:
         return None, f"the source model could not be reloaded ({e})"
     if source == "demo" and want and original.provenance.get("source_sha256") not in (None, want):
         return None, "the bundled demo model changed since compression (sha256 differs)"
+    # the artifact's signature carries the overrides it was compressed with (--sample-shape, --cond-shape)
+    original.signature = model.signature
     return original, f"reloaded from {source}"
 
 

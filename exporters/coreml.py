@@ -63,6 +63,7 @@ from edgediff.exporters.base import (
 from torch import nn
 
 from edgediff.artifact import atomic_dir
+from edgediff.attention import explicit_supports, is_joint
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DenoiserModule, DiffusionModel
 from edgediff.quant_params import QuantParams
@@ -151,10 +152,14 @@ class AneAttnProcessor:
 
 
 def ane_attention(den: nn.Module) -> int:
-    """Give every diffusers Attention the ANE processor, in place; returns how many."""
+    """Give every diffusers Attention the ANE processor, in place; returns how many.
+
+    Only where the current processor is plain (softmax) attention: joint attention (SD3), Sana's
+    linear attention and Flux's processors compute something else and keep their own.
+    """
     n = 0
     for m in den.modules():
-        if hasattr(m, "set_processor") and hasattr(m, "to_q"):
+        if hasattr(m, "set_processor") and hasattr(m, "to_q") and explicit_supports(m) and not is_joint(m):
             m.set_processor(AneAttnProcessor())
             n += 1
     return n
@@ -246,8 +251,12 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     except Exception as e:  # noqa: BLE001 - any export failure: fall back to tracing, and say so
         facts["frontend"] = "torch.jit.trace"
         facts["export_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        with torch.no_grad():
-            src = torch.jit.trace(wrapper, example_kwarg_inputs={n: ex[n] for n in names}, check_trace=False)
+        try:
+            with torch.no_grad():
+                src = torch.jit.trace(wrapper, example_kwarg_inputs={n: ex[n] for n in names}, check_trace=False)
+        except Exception as e2:  # noqa: BLE001 - neither frontend takes this model: say why, no traceback
+            raise BadInput(f"Core ML: neither torch.export ({facts['export_error']}) nor torch.jit.trace "
+                           f"({type(e2).__name__}: {str(e2).strip().splitlines()[-1][:200]}) takes this denoiser") from None
     inputs = []
     for n in names:
         a = ex[n]

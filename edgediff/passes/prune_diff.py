@@ -302,6 +302,13 @@ def _inner(model: DiffusionModel) -> nn.Module:
 
 
 def check_prunable(model: DiffusionModel) -> None:
+    if model.config is not None and model.arch in ("SD3Transformer2DModel", "SanaTransformer2DModel",
+                                                   "FluxTransformer2DModel"):
+        # joint/dual-stream blocks, RoPE on the head dim and (Sana) linear attention: couplings the
+        # dependency graph does not follow (head dims, rotary pairs, context projections)
+        raise BadInput(f"structural pruning of {model.arch} is not supported: its transformer blocks couple channels "
+                       "through joint/linear attention, head reshapes, q/k norms and context projections that Torch-Pruning's "
+                       "dependency graph does not follow; use quantization (--recipe w8a8) instead")
     if model.config is None or model.arch not in ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel",
                                                   "Transformer2DModel", "PixArtTransformer2DModel"):
         raise BadInput(f"structural pruning needs a diffusers denoiser (UNet2DModel, UNet2DConditionModel, "
@@ -334,8 +341,15 @@ def prune_structure(model: DiffusionModel, ratio: float, importance: Any,
     _fix_static_attributes(inner, dims)
     for p in model.denoiser.parameters():
         p.grad = None
-    with torch.no_grad():
-        out = model.module()(**_example_inputs(model))
+    try:
+        with torch.no_grad():
+            out = model.module()(**_example_inputs(model))
+    except RuntimeError as e:
+        # a coupling the traced dependency graph did not see (PixArt: the caption projection
+        # reshaped before cross-attention K/V): refuse the class rather than crash
+        raise BadInput(f"{model.arch}: structural pruning is not supported for this class: Torch-Pruning's "
+                       f"dependency graph missed a channel coupling, the pruned model fails ({str(e).splitlines()[0]})"
+                       ) from None
     if out.shape != reference_shape:
         raise RuntimeError(f"pruning changed the output shape {tuple(reference_shape)} -> {tuple(out.shape)}")
     return model, n_groups
