@@ -135,7 +135,21 @@ def _qd() -> Any:
     return torch.ops.quantized_decomposed
 
 
-class _TflQDQ(nn.Module):
+class _Int8QDQ(nn.Module):
+    """quantize_per_tensor -> dequantize_per_tensor on int8 with the subclass's scale/zp/qmin/qmax."""
+
+    scale: float
+    zp: int
+    qmin: int
+    qmax: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _qd()
+        q = qd.quantize_per_tensor(x, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+        return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
+
+
+class _TflQDQ(_Int8QDQ):
     """Per-tensor activation quantization as quantize_per_tensor -> dequantize_per_tensor.
 
     The scale and zero point are the artifact's; narrower grids than 8 bits (e.g. 6-bit
@@ -156,11 +170,6 @@ class _TflQDQ(nn.Module):
         self.qmin, self.qmax = tq.qmin + self.shift, tq.qmax + self.shift
         if not -128 <= self.zp <= 127:
             raise BadInput(f"{what}: zero point {zp} outside the int8 range")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qd = _qd()
-        q = qd.quantize_per_tensor(x, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
-        return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
 
 
 class _TflQDQLayer(nn.Module):
@@ -249,7 +258,7 @@ def insert_tflite_qdq(den: nn.Module, qp: QuantParams) -> dict[str, int]:
 # BATCH_MATMUL on on-grid operands: what the simulation computes; ~2% of the demo's MACs).
 
 
-class _TflActQDQ(nn.Module):
+class _TflActQDQ(_Int8QDQ):
     """A lowered activation quantization (edgediff.lowering.ActQ) as int8 PT2E quantize/dequantize."""
 
     def __init__(self, aq: Any, what: str) -> None:
@@ -258,11 +267,6 @@ class _TflActQDQ(nn.Module):
         self.scale, self.zp, self.qmin, self.qmax = float(a.scale), int(a.zero_point), int(a.qmin), int(a.qmax)
         if not -128 <= self.zp <= 127:
             raise BadInput(f"{what}: zero point {aq.zero_point} outside the int8 range")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qd = _qd()
-        q = qd.quantize_per_tensor(x, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
-        return qd.dequantize_per_tensor(q, self.scale, self.zp, self.qmin, self.qmax, torch.int8)
 
 
 def _no_quant(aq: Any, what: str) -> nn.Module:
