@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# the script's own folder holds benchmarks/openvino.py, which would shadow the openvino package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgediff.metrics import psnr  # noqa: E402

@@ -498,6 +498,19 @@ def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
         dq_source[y] = yq
         report["integer_ops"][kind] += 1
     sg.operators = ops
+    # the float weights and biases that were replaced are no tensor's data any more: empty them
+    # (buffer indices must stay), else the file would carry both copies
+    used: set[int] = set()
+    for g in m.subgraphs:
+        live = {int(i) for o in g.operators for i in list(o.inputs) + list(o.outputs) if int(i) >= 0}
+        live |= {int(i) for i in list(g.inputs) + list(g.outputs)}
+        used |= {int(g.tensors[i].buffer) for i in live}
+    freed = 0
+    for bi, buf in enumerate(m.buffers):
+        if bi not in used and buf.data is not None and len(buf.data):
+            freed += len(buf.data)
+            buf.data = None
+    report["float_bytes_dropped"] = int(freed)
     want = {(n, i) for n, lay in low.layers.items() for i in range(len(lay.parts))}
     report["not_found"] = sorted(f"{n}[{i}]" if len(low.layers[n].parts) > 1 else n for n, i in want - found)
     report["integer_ops"] = dict(report["integer_ops"])
