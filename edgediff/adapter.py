@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,10 +280,19 @@ def save_adapted(mod: AdaptedModule, folder: Path) -> None:
     save_file(state, str(folder / "weights.safetensors"))
 
 
+# (path, sample_shape, trust_pickle) -> the source's DiffusionModel: registered by edgediff.loaders,
+# which imports this module (never the other way round: no import cycle)
+_source_loader: list[Callable[[Path, tuple[int, ...], bool], DiffusionModel]] = []
+
+
+def register_source_loader(fn: Callable[[Path, tuple[int, ...], bool], DiffusionModel]) -> None:
+    """How load_adapted loads an adapted module's source file (edgediff.loaders registers load_model)."""
+    _source_loader[:] = [fn]
+
+
 def load_adapted(folder: Path) -> AdaptedModule:
     """Rebuild an adapted module from its (unchanged) source and the saved weights."""
-    from edgediff.files import load_safetensors, read_json
-    from edgediff.loaders import LoadOptions, load_model, sha256_of
+    from edgediff.files import load_safetensors, read_json, sha256_of
 
     meta = read_json(folder / "adapter.json")
     src = meta.get("source") or {}
@@ -293,8 +303,9 @@ def load_adapted(folder: Path) -> AdaptedModule:
     if src.get("sha256") and sha256_of(path) != src["sha256"]:
         raise BadInput(f"{path}: changed since the artifact was made (sha256 differs); refusing to load it")
     adapter = Adapter.from_dict(meta["adapter"])
-    base = load_model(path, LoadOptions(sample_shape=tuple(adapter.sample_shape),
-                                        trust_pickle=bool(src.get("trust_pickle"))))
+    if not _source_loader:
+        raise RuntimeError("load_adapted needs edgediff.loaders imported (it registers the source loader)")
+    base = _source_loader[0](path, tuple(adapter.sample_shape), bool(src.get("trust_pickle")))
     from edgediff.model import DenoiserModule
 
     inner = base.denoiser.inner if isinstance(base.denoiser, DenoiserModule) else base.denoiser

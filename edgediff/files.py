@@ -7,6 +7,7 @@ to read a file (docs/architecture.md, "Dependency rules").
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,19 @@ from torch import nn
 
 from edgediff.errors import BadInput
 from edgediff.signature import DENOISER_CLASSES
+
+
+def sha256_of(path: Path) -> str:
+    """Hash of a file, or of every file below a directory (sorted by relative path)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ unpickling runs arbitrary code.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgediff.adapter import register_source_loader
 from edgediff.errors import BadInput
-from edgediff.files import build_diffusers, load_safetensors, read_json
+from edgediff.files import build_diffusers, load_safetensors, read_json, sha256_of
 from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
 from edgediff.schedule import NoiseSchedule
 from edgediff.signature import DENOISER_CLASSES, infer, override
@@ -44,19 +44,6 @@ class LoadOptions:
     variant: str | None = None  # diffusers weight variant: diffusion_pytorch_model.<variant>.safetensors
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --input NAME=SHAPE overrides
     adapter: Path | None = None  # --adapter FILE.toml for a non-diffusers module
-
-
-def sha256_of(path: Path) -> str:
-    """Hash of a file, or of every file below a directory (sorted by relative path)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def signature_from_config(arch: str, cfg: dict[str, Any], opts: LoadOptions) -> InputSignature:
@@ -390,3 +377,8 @@ def load_model(spec: str | Path, opts: LoadOptions | None = None) -> DiffusionMo
         return load_onnx_model(path, load_adapter(opts.adapter))
     raise BadInput(f"{path}: unknown model format {suffix or '(no extension)'!r}; expected a diffusers folder, "
                    ".safetensors, .pt2, .pt, an edgediff artifact or 'demo'")
+
+
+# an adapted artifact rebuilds its module from the source file through this layer (adapter.py
+# never imports the loaders: no import cycle, docs/architecture.md "Dependency rules")
+register_source_loader(lambda path, shape, trust: load_model(path, LoadOptions(sample_shape=shape, trust_pickle=trust)))

@@ -21,14 +21,6 @@ BACKENDS = ("edgediff.exporters", "edgediff.kernels", "edgediff.fpga")
 STORAGE = ("edgediff.artifact", "edgediff.serialize")
 TORCH_LIBS = ("torch", "diffusers", "torch_pruning", "torchvision")
 
-# Known violations being removed by their owners, each named; the tests fail on anything new AND
-# on an entry here that no longer happens (so that this list only shrinks). Keep it empty.
-KNOWN_CYCLES: list[list[str]] = [
-    # the adapter loader calls load_model for its base model, and serialize rebuilds adapted modules
-    ["edgediff.adapter", "edgediff.artifact", "edgediff.loaders", "edgediff.serialize"],
-]
-
-
 @lru_cache(maxsize=1)
 def modules() -> dict[str, Path]:
     """Our module name -> file."""
@@ -133,8 +125,7 @@ def test_no_import_cycles() -> None:
     for m in sorted(graph):
         if m not in index:
             visit(m)
-    assert [c for c in cycles if c not in KNOWN_CYCLES] == [], "import cycles"
-    assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "fixed: remove it from KNOWN_CYCLES"
+    assert cycles == [], "import cycles (break them with a registration hook, docs/architecture.md)"
 
 
 def _violations(rule: callable) -> list[str]:  # type: ignore[valid-type]

@@ -123,6 +123,9 @@ def test_recipe_errors(tmp_path: Path, tiny_unet, monkeypatch) -> None:
     r = parse('[[pass]]\nname = "calib"\n[[pass]]\nname = "prune.diff"\n', "t")
     with pytest.raises(BadInput, match="must run before 'calib'"):
         run_recipe(tiny_unet, r)
+    r = parse('[[pass]]\nname = "fp16"\n[[pass]]\nname = "calib"\n[[pass]]\nname = "quant"\n', "t")
+    with pytest.raises(BadInput, match="'quant' must run before 'fp16'"):  # at planning, not in quant's body
+        run_recipe(tiny_unet, r)
 
 
 def test_cli_exit_codes_for_contract_commands(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -122,7 +122,7 @@ def method_name(opts: QuantOptions) -> str:
     return " ".join(parts)
 
 
-@register("quant", QuantOptions, requires=("calib",))
+@register("quant", QuantOptions, requires=("calib",), must_precede=("fp16",))
 def run(model: DiffusionModel, opts: QuantOptions, ctx: PassContext) -> DiffusionModel:
     opts.validate()
     from edgediff.onnx_source import calibration_feeds, is_graph_model, quantize_graph
