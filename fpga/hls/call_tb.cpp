@@ -96,6 +96,14 @@ int main(int argc, char **argv) {
         buf_t y((size_t)n_out, 0x7eadbeef);
         long long cycles = 0;
         const int32_t *x = bufs[ins[0]].data();
+        // a nonlinear unit driven by the op's lookup table (act, lut, softmax); false: the table is missing
+        auto lut_unit = [&](int kind, const int32_t *in) {
+            std::vector<char> l;
+            if (!read_bin(base + ".lut.bin", l)) return false;
+            const buf_t lut = as_vec<int32_t>(l);
+            unit(kind, kv, n_out, in, nullptr, lut.data(), nullptr, nullptr, y.data());
+            return true;
+        };
         if (o == "array") {
             std::vector<char> bb, biasb, mfb;
             const LayerCfg c = layer_cfg(kv);
@@ -123,15 +131,9 @@ int main(int argc, char **argv) {
             const std::vector<int64_t> beta = as_vec<int64_t>(bt);
             unit(U_GN, kv, n_out, x, nullptr, nullptr, gamma.data(), beta.data(), y.data());
         } else if (o == "act") {
-            std::vector<char> l;
-            if (!read_bin(base + ".lut.bin", l)) return 3;
-            const buf_t lut = as_vec<int32_t>(l);
-            unit(U_ACT, kv, n_out, x + kv["off"], nullptr, lut.data(), nullptr, nullptr, y.data());
+            if (!lut_unit(U_ACT, x + kv["off"])) return 3;
         } else if (o == "lut") {
-            std::vector<char> l;
-            if (!read_bin(base + ".lut.bin", l)) return 3;
-            const buf_t lut = as_vec<int32_t>(l);
-            unit(U_LUT, kv, n_out, x, nullptr, lut.data(), nullptr, nullptr, y.data());
+            if (!lut_unit(U_LUT, x)) return 3;
         } else if (o == "requant") {
             unit(U_REQUANT, kv, n_out, x + kv["off"], nullptr, nullptr, nullptr, nullptr, y.data());
         } else if (o == "add") {
@@ -139,10 +141,7 @@ int main(int argc, char **argv) {
         } else if (o == "add_bcast") {
             unit(U_ADD_BCAST, kv, n_out, x, bufs[ins[1]].data(), nullptr, nullptr, nullptr, y.data());
         } else if (o == "softmax") {
-            std::vector<char> l;
-            if (!read_bin(base + ".lut.bin", l)) return 3;
-            const buf_t lut = as_vec<int32_t>(l);
-            unit(U_SOFTMAX, kv, n_out, x, nullptr, lut.data(), nullptr, nullptr, y.data());
+            if (!lut_unit(U_SOFTMAX, x)) return 3;
         } else if (o == "upsample") {
             unit(U_UPSAMPLE, kv, n_out, x, nullptr, nullptr, nullptr, nullptr, y.data());
         } else if (o == "permute") {
