@@ -484,13 +484,12 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
         # an exported bundle runs torch-free in its own runtime (edgediff.runtime)
         from edgediff.runtime import generate_bundle
 
-        if prompt_embeds is not None:
-            raise BadInput(f"{model}: bundles take --prompt (their own text encoder), not --prompt-embeds")
         with progress_bar():
             result = generate_bundle(Path(model), samples=samples, seed=seed, steps=steps, sampler=sampler,
                                      batch_size=batch_size, save_npy=save_npy, output=output, prompt=prompt,
                                      negative_prompt=negative_prompt, guidance=guidance, low_memory=low_memory,
-                                     threads=_bundle_threads[0])
+                                     threads=_bundle_threads[0],
+                                     **({"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}))
         _emit(result, as_json, f"generate {model}")
         return
     if prompt is not None:

@@ -108,6 +108,27 @@ def build_tiny_dit(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline without its text encoders (conditioning comes as precomputed embeddings):
+    SD3Transformer2DModel on 4x8x8 latents (joint dim 24, pooled 12), AutoencoderKL with a shift factor,
+    FlowMatchEuler."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                                         pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, shift_factor=0.06,
+                        scaling_factor=1.5)
+    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
+    return Path(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder (built once per test session; tests must not modify it)."""

@@ -208,13 +208,17 @@ def generate_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: i
                     sampler: str | None = None, eta: float | None = None, batch_size: int = 64,
                     threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
                     cache: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
-                    guidance: float | None = None, low_memory: bool = False) -> dict[str, Any]:
+                    guidance: float | None = None, low_memory: bool = False,
+                    prompt_embeds: Path | str | None = None) -> dict[str, Any]:
     """Generate from a denoiser bundle; writes `save_npy` (N, C, H, W) float32 and/or a PNG grid `output`.
     (Pipeline bundles with a text encoder or VAE: edgediff.runtime.pipeline.generate_pipeline.)
 
     Returns the JSON-able report: sampler, steps, denoiser_calls (full/shallow), seconds,
     ms_per_image, component_ms, peak_rss_mb.
     """
+    if prompt_embeds is not None:
+        raise BadInput(f"{path}: a denoiser-only bundle takes no --prompt-embeds; export the pipeline folder "
+                       "(denoiser + VAE) to generate from precomputed embeddings")
     if prompt is not None or negative_prompt is not None or guidance is not None:
         raise BadInput(f"{path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt/--guidance")
     x, stats = run_bundle(path, samples=samples, seed=seed, steps=steps, sampler=sampler, eta=eta,

@@ -80,6 +80,51 @@ class _Sessions:
                 self.get(r)
 
 
+def load_embeds(path: Path, bundle: Bundle, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(conditioning, unconditional conditioning) by denoiser input name from a .npz / .safetensors (read with
+    numpy) of tensors named like the inputs (encoder_hidden_states, pooled_projections, ...), with or without a
+    batch axis of 1 or n, optionally `negative_<name>` for the unconditional branch (zeros otherwise, as the
+    PyTorch side's generate --prompt-embeds does)."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            raw = dict(load_file(str(path)))
+        elif path.suffix == ".npz":
+            with np.load(str(path), allow_pickle=False) as data:
+                raw = {k: data[k] for k in data.files}
+        else:
+            raise BadInput(f"{path}: expected a .npz or .safetensors file of prompt embeddings")
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt files raise many kinds
+        raise BadInput(f"{path}: not a readable embeddings file ({e.__class__.__name__})") from None
+    comp = bundle.component(ROLE_FULL)
+    assert comp is not None
+    inputs = {k: v for k, v in (comp[1].get("inputs") or {}).items() if k not in ("sample", "timestep")}
+    pos: dict[str, np.ndarray] = {}
+    neg: dict[str, np.ndarray] = {}
+    for key, v in raw.items():
+        name = key[len("negative_"):] if key.startswith("negative_") else key
+        if name not in inputs:
+            raise BadInput(f"{path}: tensor {key!r} is not an input of this bundle's denoiser (inputs: {', '.join(inputs)})")
+        want = [d for d in inputs[name]["shape"][1:]]
+        v = np.asarray(v)
+        if v.ndim == len(want):
+            v = v[None]
+        if v.ndim != len(want) + 1 or v.shape[0] not in (1, n) or any(
+                isinstance(d, int) and d != s for d, s in zip(want, v.shape[1:])):
+            raise BadInput(f"{path}: {key!r} has shape {tuple(v.shape)}; the denoiser takes {want} (with a batch of "
+                           f"1 or {n} first)")
+        (neg if key.startswith("negative_") else pos)[name] = np.broadcast_to(v, (n, *v.shape[1:])).astype(F32)
+    missing = [k for k in inputs if k not in pos and k != "class_labels"]
+    if missing:
+        raise BadInput(f"{path}: no tensor for the denoiser input(s) {missing}")
+    return pos, {k: neg.get(k, np.zeros_like(v)) for k, v in pos.items()}
+
+
 def class_labels(pipe: dict[str, Any], prompts: list[str], n: int, where: str) -> np.ndarray:
     """Class labels of a class-conditional pipeline: names looked up in its id2label (as DiTPipeline's
     get_label_ids), or numbers; without a prompt, 0, 1, 2, ... (every class in turn)."""
@@ -122,9 +167,12 @@ def encode(bundle: Bundle, sessions: _Sessions, prompts: list[str]) -> tuple[np.
 def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None,
                  samples: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
-                 threads: int | None = None, low_memory: bool = False, decode: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """(latents (N, C, h, w), images (N, 3, H, W) in [-1, 1] or None, stats)."""
+                 threads: int | None = None, low_memory: bool = False, decode: bool = True,
+                 prompt_embeds: Path | str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """(latents (N, C, h, w), images (N, 3, H, W) in [-1, 1] or None, stats).
+
+    `prompt_embeds`: precomputed conditioning for bundles without a text encoder (SD3, PixArt, ...),
+    see load_embeds."""
     t_start = time.perf_counter()
     bundle = read_bundle(path)
     pipe = bundle.manifest.get("pipeline") or {}
@@ -142,14 +190,19 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     if not has_text and n_classes:
         labels = class_labels(pipe, prompts, samples, where=str(bundle.path))
     elif not has_text and (any(prompts) or negative_prompt):
-        raise BadInput(f"{bundle.path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt")
-    cfg = (has_text or labels is not None) and g_scale > 1.0
+        raise BadInput(f"{bundle.path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt"
+                       + (" (pass --prompt-embeds FILE)" if bundle.signature.get("cond_shape") else ""))
+    cond: dict[str, np.ndarray] = {}
+    uncond: dict[str, np.ndarray] = {}
+    if prompt_embeds is not None:
+        if has_text:
+            raise BadInput(f"{bundle.path}: has its own text encoder; pass --prompt, not --prompt-embeds")
+        cond, uncond = load_embeds(Path(prompt_embeds), bundle, samples)
+    cfg = (has_text or labels is not None or bool(cond)) and g_scale > 1.0
     sessions = _Sessions(bundle, threads, low_memory)
     sessions.preload([r for r, on in (("text_encoder", has_text), (ROLE_FULL, True),
                                       ("vae_decoder", decode and bool(pipe.get("vae_decoder")))) if on])
     tok_ms = 0.0
-    cond: np.ndarray | None = None
-    uncond: np.ndarray | None = None
     if has_text:
         negs = [negative_prompt] * samples if isinstance(negative_prompt, str) or negative_prompt is None \
             else list(negative_prompt)
@@ -157,7 +210,8 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
         if len(negs) != samples:
             raise BadInput(f"{len(negs)} negative prompts for {samples} samples")
         states, tok_ms = encode(bundle, sessions, prompts + (negs if cfg else []))
-        cond, uncond = states[:samples], (states[samples:] if cfg else None)
+        cond = {"encoder_hidden_states": states[:samples]}
+        uncond = {"encoder_hidden_states": states[samples:]} if cfg else {}
         sessions.done("text_encoder")
     n_steps = int(bundle.manifest["steps"] if steps is None else steps)
     sched, sampler_name = make_scheduler(bundle, sampler, eta)
@@ -188,17 +242,15 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
                 feeds = {"sample": xin[a:b], "timestep": np.full((b - a,), float(t), F32), "class_labels": labels[a:b]}
                 o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
             elif cfg:
-                assert cond is not None and uncond is not None
                 xb = np.concatenate([xin[a:b], xin[a:b]])
-                feeds = {"sample": xb, "timestep": np.full((2 * (b - a),), float(t), F32),
-                         "encoder_hidden_states": np.concatenate([uncond[a:b], cond[a:b]])}
+                feeds = {"sample": xb, "timestep": np.full((2 * (b - a),), float(t), F32)}
+                feeds.update({k: np.concatenate([uncond[k][a:b], v[a:b]]) for k, v in cond.items()})
                 o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
                 ou, oc = o[: b - a], o[b - a:]
                 o = ou + F32(g_scale) * (oc - ou)
             else:
                 feeds = {"sample": xin[a:b], "timestep": np.full((b - a,), float(t), F32)}
-                if cond is not None:
-                    feeds["encoder_hidden_states"] = cond[a:b]
+                feeds.update({k: v[a:b] for k, v in cond.items()})
                 o = den.run([OUTPUT_NAME], feeds)[0].astype(F32)
             outs.append(o)
         out = np.concatenate(outs)
@@ -223,7 +275,9 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     stats: dict[str, Any] = {
         "bundle": str(bundle.path), "runtime": "onnxruntime", "kind": "pipeline", "pipeline": pipe.get("class"),
         "sampler": sampler_name, "steps": n_ts, "samples": samples, "seed": seed,
-        "guidance": g_scale if (has_text or labels is not None) else None, "classifier_free_guidance": cfg,
+        "guidance": g_scale if (has_text or labels is not None or cond) else None,
+        "conditioning": "prompt" if has_text else ("prompt_embeds" if cond else ("class_labels" if labels is not None
+                                                                                else None)), "classifier_free_guidance": cfg,
         "class_labels": labels.tolist() if labels is not None else None,
         "prompt": prompts[0] if len(set(prompts)) == 1 else prompts,
         "negative_prompt": negative_prompt,
@@ -242,12 +296,12 @@ def generate_pipeline(path: Path | str, samples: int = 1, seed: int = 0, steps: 
                       sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
                       threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
                       prompt: str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-                      low_memory: bool = False, **_: Any) -> dict[str, Any]:
+                      low_memory: bool = False, prompt_embeds: Path | str | None = None, **_: Any) -> dict[str, Any]:
     """`edgediff generate BUNDLE --prompt ...`: the PNG holds the decoded images, `save_npy` the final latents
     (model space, as for every bundle). Returns the JSON-able report of run_pipeline."""
     x, images, stats = run_pipeline(path, prompt or "", negative_prompt, samples=samples, seed=seed, steps=steps,
                                     guidance=guidance, sampler=sampler, eta=eta, batch_size=batch_size,
-                                    threads=threads, low_memory=low_memory)
+                                    threads=threads, low_memory=low_memory, prompt_embeds=prompt_embeds)
     if save_npy is not None:
         np.save(str(save_npy), x)
         stats["save_npy"] = str(save_npy)
