@@ -16,37 +16,30 @@ TCL = """# Vitis HLS script written by edgediff (run_hls.sh runs it where vitis_
 # The C-simulation below is the one edgediff already ran with g++ (build/csim); co-simulation of every
 # layer is slow: trim vectors/layers.txt to a few layers for cosim_design.
 set here [file normalize [file dirname [info script]]]
-open_project -reset edgediff_systolic
-set_top systolic_top
 set flags "-I$here/hls {defines}"
-add_files $here/hls/systolic.cpp -cflags $flags
-add_files $here/hls/top.cpp -cflags $flags
-add_files $here/hls/nonlinear.cpp -cflags $flags
-add_files -tb $here/hls/tb.cpp -cflags $flags
-open_solution -reset solution1 -flow_target vivado
-set_part {{{part}}}
-create_clock -period {period_ns} -name default
-csim_design -argv "$here/vectors"
-csynth_design
-cosim_design -argv "$here/vectors"
-export_design -format ip_catalog
+# one Vitis HLS project: the array and the nonlinear units with a testbench, csim -> csynth -> cosim -> IP
+proc build {{name top tb argv}} {{
+  global here flags
+  open_project -reset $name
+  set_top $top
+  add_files $here/hls/systolic.cpp -cflags $flags
+  add_files $here/hls/top.cpp -cflags $flags
+  add_files $here/hls/nonlinear.cpp -cflags $flags
+  add_files -tb $here/hls/$tb -cflags $flags
+  open_solution -reset solution1 -flow_target vivado
+  set_part {{{part}}}
+  create_clock -period {period_ns} -name default
+  csim_design -argv $argv
+  csynth_design
+  cosim_design -argv $argv
+  export_design -format ip_catalog
+}}
+build edgediff_systolic systolic_top tb.cpp "$here/vectors"
 # The whole-call top: the array and the nonlinear units behind one register file, driven op by op through a
 # whole denoiser call (call/csim/program, written at export for an int8 UNet2DModel artifact).
 if {{[file exists $here/call/csim/program/program.txt]}} {{
   file mkdir $here/call/csim/buffers
-  open_project -reset edgediff_call
-  set_top edgediff_top
-  add_files $here/hls/systolic.cpp -cflags $flags
-  add_files $here/hls/top.cpp -cflags $flags
-  add_files $here/hls/nonlinear.cpp -cflags $flags
-  add_files -tb $here/hls/call_tb.cpp -cflags $flags
-  open_solution -reset solution1 -flow_target vivado
-  set_part {{{part}}}
-  create_clock -period {period_ns} -name default
-  csim_design -argv "$here/call/csim/program $here/call/csim/buffers"
-  csynth_design
-  cosim_design -argv "$here/call/csim/program $here/call/csim/buffers"
-  export_design -format ip_catalog
+  build edgediff_call edgediff_top call_tb.cpp "$here/call/csim/program $here/call/csim/buffers"
 }}
 exit
 """
