@@ -145,8 +145,13 @@ def write_png_grid(x: np.ndarray, out: Path) -> str:
 def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int | None = None,
              sampler: str | None = None, guidance: float | None = None, prompt_embeds: Path | None = None,
              output: Path | None = None, save_npy: Path | None = None, eta: float = 0.0, batch_size: int = 16,
-             progress: Any = None) -> dict[str, Any]:
-    """Sample `model` in PyTorch; writes the PNG grid / .npy asked for; returns the report."""
+             progress: Any = None, prompt: str | None = None, negative_prompt: str | None = None) -> dict[str, Any]:
+    """Sample `model` in PyTorch; writes the PNG grid / .npy asked for; returns the report.
+
+    `prompt` (a model loaded from a diffusers pipeline folder): encoded by the pipeline's own
+    tokenizer and text encoder (edgediff.pipelines), with classifier-free guidance at the
+    pipeline's default scale unless `guidance` is given; the PNG is then the VAE-decoded image.
+    """
     if samples < 1:
         raise BadInput(f"--samples must be >= 1, got {samples}")
     if guidance is not None and guidance < 0:
@@ -164,7 +169,15 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
     cfg = SamplerConfig(sampler, steps, eta, batch_size)
     n = samples
     names = [s.name for s in sig.input_specs() if s.name not in ("sample", "timestep")]
-    if prompt_embeds is not None:
+    pipe = None
+    if prompt is not None:
+        if prompt_embeds is not None:
+            raise BadInput("--prompt and --prompt-embeds: give one of them")
+        pipe, pos, neg = _encode_prompt(model, prompt, negative_prompt, n)
+        if guidance is None:
+            guidance = pipe.default_guidance
+        source = f"prompt {prompt!r} (the pipeline's text encoder)"
+    elif prompt_embeds is not None:
         if not sig.cond_shape and not sig.extra:
             raise BadInput(f"{prompt_embeds}: this model ({model.arch}) takes no text conditioning")
         pos, neg = load_prompt_embeds(prompt_embeds, model, n)
@@ -176,7 +189,7 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
     values = {**ex, **pos}
     report: dict[str, Any] = {"model": model.provenance.get("source", model.arch), "arch": model.arch,
                               "samples": n, "seed": seed, "guidance": guidance}
-    if prompt_embeds is None and (sig.cond_shape or any(s.fill == "randn" for s in sig.extra)):
+    if source is None and (sig.cond_shape or any(s.fill == "randn" for s in sig.extra)):
         report["conditioning"] = "example (random embeddings: pass --prompt-embeds for real prompts)"
     elif source:
         report["conditioning"] = source
@@ -214,6 +227,32 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
         np.save(str(save_npy), arr)
         report["save_npy"] = str(save_npy)
     if output is not None:
-        report["png"] = write_png_grid(arr, Path(output))
+        img = arr
+        if pipe is not None and pipe.has("vae"):  # the image, not a look at the latents
+            from edgediff.pipelines.encode import decode_latents
+
+            with torch.no_grad():
+                img = decode_latents(pipe, x.float()).numpy().astype(np.float32)
+            report["decoded"] = "vae"
+        report["png"] = write_png_grid(img, Path(output))
         report["output"] = str(output)
     return report
+
+
+def _encode_prompt(model: DiffusionModel, prompt: str, negative: str | None,
+                   n: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(pipeline, conditional, unconditional) encoder states of the prompt for n samples."""
+    from edgediff.pipelines.components import pipeline_of
+    from edgediff.pipelines.encode import guided_conditioning
+
+    where = model.provenance.get("source", model.arch)
+    pipe = pipeline_of(model)
+    if pipe is None:
+        raise BadInput(f"{where}: --prompt needs a diffusers pipeline folder (model_index.json with its text encoder "
+                       "and tokenizer); for a bare denoiser encode the prompt yourself and pass --prompt-embeds FILE")
+    if model.signature.extra:
+        raise BadInput(f"{where}: --prompt encodes encoder_hidden_states only; {model.arch} also takes "
+                       f"{', '.join(s.name for s in model.signature.extra)}: pass them with --prompt-embeds FILE")
+    with torch.no_grad():
+        c, u = guided_conditioning(pipe, [prompt] * n, [negative if negative is not None else ""] * n)
+    return pipe, {"encoder_hidden_states": c}, {"encoder_hidden_states": u}

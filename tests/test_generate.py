@@ -9,6 +9,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from pipeline_fixtures import tiny_sd  # noqa: F401
 
 from edgediff.cli import main
 
@@ -84,3 +85,26 @@ def test_generate_cfg_with_prompt_embeds(tiny_cond_unet, tmp_path: Path, capsys)
     save_file({"encoder_hidden_states": torch.zeros(5, 7)}, str(bad))
     assert main(["generate", str(d), "--prompt-embeds", str(bad), "--save-npy", str(tmp_path / "b.npy")]) == 2
     assert "bad.safetensors" in capsys.readouterr().err
+
+
+def test_generate_prompt_on_a_pipeline_folder_equals_diffusers(tiny_sd: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """--prompt on a PyTorch pipeline folder: its own text encoder, CFG at the given scale, the same
+    latents as StableDiffusionPipeline from the same seed; the PNG is the VAE-decoded image."""
+    from diffusers import StableDiffusionPipeline
+
+    npy, png = tmp_path / "p.npy", tmp_path / "p.png"
+    assert main(["generate", str(tiny_sd), "--prompt", "a red cat", "--negative-prompt", "the dog", "--seed", "3",
+                 "--samples", "2", "--steps", "3", "--guidance", "5.0", "--save-npy", str(npy), "-o", str(png),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["classifier_free_guidance"] and rep["decoded"] == "vae" and "a red cat" in rep["conditioning"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("a red cat", negative_prompt="the dog", num_inference_steps=3, guidance_scale=5.0,
+                num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert np.abs(np.load(npy) - want.numpy()).max() < 1e-4
+    # a bare denoiser has no text encoder: exit 2 pointing to --prompt-embeds
+    bare = tmp_path / "bare"
+    pipe.unet.save_pretrained(bare)
+    assert main(["generate", str(bare), "--prompt", "x", "--save-npy", str(tmp_path / "b.npy")]) == 2
+    assert "--prompt-embeds" in capsys.readouterr().err
