@@ -27,6 +27,10 @@ DENOISER_DIRS = ("unet", "transformer")
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 VAES = ("AutoencoderKL",)
+# kind -> (what the message calls it, supported classes, the library that has them, has weights)
+_LOADABLE = {"text_encoder": ("text encoder", TEXT_ENCODERS, "transformers", True),
+             "tokenizer": ("tokenizer", TOKENIZERS, "transformers", False),
+             "vae": ("VAE", VAES, "diffusers", True)}
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's, when the pipeline class is unknown to diffusers here
 
 
@@ -162,28 +166,19 @@ class Pipeline:
         if comp is None:
             raise BadInput(f"{self.path}: the pipeline has no component {name!r}")
         cls, kind, d = comp["class"], comp["kind"], self._dir(name)
-        if kind == "text_encoder":
-            if cls not in TEXT_ENCODERS:
-                raise BadInput(f"{d}: text encoder class {cls!r} is not supported (supported: {', '.join(TEXT_ENCODERS)})")
-            _safetensors_only(d, name)
-            import transformers
-
-            obj = getattr(transformers, cls).from_pretrained(str(d), use_safetensors=True).eval()
-        elif kind == "tokenizer":
-            if cls not in TOKENIZERS:
-                raise BadInput(f"{d}: tokenizer class {cls!r} is not supported (supported: {', '.join(TOKENIZERS)})")
-            import transformers
-
-            obj = getattr(transformers, cls).from_pretrained(str(d))
-        elif kind == "vae":
-            if cls not in VAES:
-                raise BadInput(f"{d}: VAE class {cls!r} is not supported (supported: {', '.join(VAES)})")
-            _safetensors_only(d, name)
-            import diffusers
-
-            obj = getattr(diffusers, cls).from_pretrained(str(d), use_safetensors=True).eval()
-        elif kind == "denoiser":
+        if kind == "denoiser":
             obj = self.denoiser.module()
+        elif kind in _LOADABLE:
+            what, classes, library, weights = _LOADABLE[kind]
+            if cls not in classes:
+                raise BadInput(f"{d}: {what} class {cls!r} is not supported (supported: {', '.join(classes)})")
+            if weights:
+                _safetensors_only(d, name)
+            import importlib
+
+            loaded = getattr(importlib.import_module(library), cls).from_pretrained(
+                str(d), **({"use_safetensors": True} if weights else {}))
+            obj = loaded.eval() if weights else loaded
         else:
             raise BadInput(f"{d}: component {name!r} ({cls}) is not one edgediff loads")
         self._cache[name] = obj
