@@ -377,7 +377,9 @@ def export(model: str = ModelOpt,
     from edgediff.bundle import BUNDLE_TARGETS, export_bundle, is_bundle_output
 
     with progress_bar() as p:
-        if target in BUNDLE_TARGETS and is_bundle_output(output) and not options:
+        # -o DIR for a file target asks for a bundle: exit 3 with the reason where none is written yet
+        if is_bundle_output(output) and not options and (
+                target in BUNDLE_TARGETS or (backend.suffixes and Path(output).suffix == "")):
             # -o DIR: the denoiser with its scheduler (and DeepCache's shallow graph) as a bundle
             report = export_bundle(source, output, target, precision, force=force, progress=p)
         else:

@@ -61,3 +61,18 @@ def test_verify_of_a_cached_bundle_uses_its_manifest(tiny_unet: DiffusionModel, 
     r = verify(m, tmp_path / "b", samples=2)
     assert r["steps"] == 4 and r["exit_code"] == 0
     assert r["cache"]["interval"] == 2
+
+
+def test_cached_artifact_exports_say_what_holds_the_cache(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.cli import main
+
+    m = _sampled(tiny_unet, "ddim", 3, cache=2)
+    rep = get_backend("onnx").export(m, tmp_path / "u.onnx", "fp32").to_dict()
+    assert "not exported" in rep["cache"] and "-o DIR" in rep["cache"]  # a single file: no silent drop
+    assert "cache" not in get_backend("onnx").export(tiny_unet, tmp_path / "v.onnx", "fp32").to_dict()
+    # a TFLite bundle (two entry points) is not written yet: exit 3 with the reason, nothing written
+    from edgediff.artifact import write_artifact
+
+    write_artifact(m, tmp_path / "art", {"source": "test"})
+    assert main(["export", str(tmp_path / "art"), "--target", "tflite", "-o", str(tmp_path / "tfl")]) == 3
+    assert not (tmp_path / "tfl").exists()
