@@ -92,7 +92,8 @@ def _onnx_entries(model: DiffusionModel, precision: str, cache: dict[str, Any] |
     from edgediff.exporters.onnx import build_onnx
 
     if cache is None:
-        proto, facts = build_onnx(model, precision)
+        # UNets trace with dynamic H/W (optimum's layout); DiT-class graphs keep their positional tables' size
+        proto, facts = build_onnx(model, precision, dynamic_hw="UNet" in model.arch)
         rename_output(proto, ONNX_OUT, OUTPUT_NAME)
         return {ROLE_FULL: (proto, facts)}
     depth = int(cache["depth"])
@@ -184,6 +185,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             components[name] = {"path": f"{name}/model.onnx", "role": role, "precision": precision,
                                 "inputs": inputs, "outputs": outputs,
                                 "size_bytes": (tmp / name / "model.onnx").stat().st_size,
+                                "shapes": _run_shapes(inputs, model),
                                 "nodes": facts.get("nodes"), "qdq_pairs": facts.get("qdq_pairs")}
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, default=str) + "\n")
@@ -350,6 +352,14 @@ def describe_bundle(path: Path) -> dict[str, Any]:
             "macs": comps[den[0]].get("macs") if den else None, "components": comps,
             "pipeline": b.manifest.get("pipeline"), "sampler": b.manifest.get("sampler"), "steps": b.manifest.get("steps"),
             "signature": b.signature, "source_hash": b.manifest.get("source_hash")}
+
+
+def _run_shapes(inputs: dict[str, Any], model: DiffusionModel) -> dict[str, list[int]]:
+    """Each input's shape at batch 1 as the model runs (the graph's H/W may be dynamic)."""
+    out = {k: [1 if isinstance(d, str) else int(d) for d in v["shape"]] for k, v in inputs.items()}
+    if "sample" in out:
+        out["sample"] = [1, *(int(d) for d in model.signature.sample_shape)]
+    return out
 
 
 def _graph_macs(f: Path, shapes: dict[str, list[int]] | None) -> int:

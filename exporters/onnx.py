@@ -454,7 +454,7 @@ def read_meta(model: Any) -> dict[str, Any]:
 
 
 def build_onnx(model: DiffusionModel, precision: str, progress: Any = None,
-               layout: str = "qlinear", entry: Any = None) -> tuple[Any, dict[str, Any]]:
+               layout: str = "qlinear", entry: Any = None, dynamic_hw: bool = False) -> tuple[Any, dict[str, Any]]:
     """Trace and post-process; returns (onnx.ModelProto, report). Nothing is written.
 
     `layout` (int8 only): "qlinear" for onnxruntime's integer kernels, "qdq" for TensorRT.
@@ -498,6 +498,10 @@ def build_onnx(model: DiffusionModel, precision: str, progress: Any = None,
     if entry is not None:
         wrapper, args, names, outputs = entry(wrapper, args)
     dyn = {n: {0: "batch"} for n in [*names, *outputs]}
+    if dynamic_hw and len(model.signature.sample_shape) == 3:  # bundles: optimum's dynamic H/W where it traces
+        for n in ("sample", *outputs):
+            if n in dyn:
+                dyn[n] = {0: "batch", 2: "height", 3: "width"}
     import io
     import tempfile
 
