@@ -287,7 +287,8 @@ class Backend(ABC):
                 raise BadInput(f"{model}: the {self.target} target takes a QDQ-quantized .onnx or an edgediff artifact")
         elif not isinstance(model, DiffusionModel):
             raise BadInput(f"the {self.target} target exports a model or an artifact, not {type(model).__name__}")
-        ok, why = self.available()
+        with native_output_captured():  # probing imports the toolchain (TF/absl print at import)
+            ok, why = self.available()
         if not ok and self.needs_toolchain_to_export():
             raise Unavailable(f"the {self.target} target cannot be built here: {why}")
         task = progress.add_task(f"export {self.target} {precision}", total=None) if progress is not None else None
