@@ -322,7 +322,10 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
 
         data = split()["train"][0]
     with progress_bar() as p:
-        _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force, data=data)
+        from edgediff.pipelines.components import component_files  # a pipeline's other components travel along
+
+        _, manifest = run_compress(m, r, output, seed=seed, progress=p, force=force, data=data,
+                                   files=component_files(m) or None)
     write_captured_log(output)
     from edgediff.quality import print_warning
 

@@ -82,9 +82,13 @@ def test_int8_pipeline_end_to_end(tiny_sd: Path, tmp_path: Path, capsys: pytest.
                       '[[pass]]\nname = "quant"\nweight_init = "minmax"\nact_init = "minmax"\n')
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\nthe dog\n")
-    rc, _ = _cli(capsys, "--threads", "1", "compress", str(tiny_sd), "--recipe", str(recipe), "--prompts", str(prompts),
+    src = tmp_path / "sd"
+    shutil.copytree(tiny_sd, src)
+    rc, _ = _cli(capsys, "--threads", "1", "compress", str(src), "--recipe", str(recipe), "--prompts", str(prompts),
                  "-o", str(tmp_path / "art"))
     assert rc == 0
+    for rel in ("model_index.json", "text_encoder/config.json", "tokenizer/tokenizer.json", "vae/config.json"):
+        assert (tmp_path / "art" / "pipeline" / rel).is_file(), rel  # the artifact carries the other components
     calib = json.loads((tmp_path / "art" / "extras" / "calib.json").read_text())
     assert calib["count"] == 64  # 32 points, each with and without its prompt
     rc, rep = _cli(capsys, "--threads", "1", "export", str(tmp_path / "art"), "--target", "onnx", "--precision", "int8",
@@ -97,3 +101,6 @@ def test_int8_pipeline_end_to_end(tiny_sd: Path, tmp_path: Path, capsys: pytest.
     assert rc == 0 and res["verified"] and "quantization simulation" in res["reference"], res.get("reason")
     assert res["prompts"] == ["a red cat", "the dog"]  # the artifact keeps the prompts it was calibrated on
     assert res["psnr_db"] >= 25.0 and "psnr_vs_original_db" in res
+    shutil.rmtree(src)  # the artifact stands alone: it still exports as a whole pipeline
+    rc, rep = _cli(capsys, "export", str(tmp_path / "art"), "--target", "onnx", "-o", str(tmp_path / "b32"))
+    assert rc == 0 and {"text_encoder", "vae_decoder", "tokenizer"} <= set(rep["components"])

@@ -201,12 +201,37 @@ class Pipeline:
         return float(cfg.get("shift_factor") or 0.0)
 
 
+ARTIFACT_DIR = "pipeline"  # inside an artifact: the components the recipe did not touch
+
+
+def component_files(model: DiffusionModel) -> dict[str, bytes]:
+    """The non-denoiser components (and model_index.json) as artifact files under pipeline/, so an
+    artifact made from a pipeline carries its text encoder, tokenizer, VAE and scheduler."""
+    rec = model.extras.get(KEY)
+    if not isinstance(rec, dict):
+        return {}
+    src = Path(str(rec["path"]))
+    out = {f"{ARTIFACT_DIR}/model_index.json": (src / "model_index.json").read_bytes()}
+    for name, comp in (rec.get("components") or {}).items():
+        d = src / name
+        if comp.get("kind") == "denoiser" or not d.is_dir():
+            continue
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and not f.is_symlink() and (f.suffix != ".bin" or comp.get("kind") == "tokenizer"):
+                out[f"{ARTIFACT_DIR}/{name}/{f.relative_to(d)}"] = f.read_bytes()
+    return out
+
+
 def pipeline_of(model: DiffusionModel) -> Pipeline | None:
-    """The pipeline a denoiser (or an artifact made from one) belongs to, or None."""
+    """The pipeline a denoiser (or an artifact made from one) belongs to, or None. An artifact's own
+    copy of the components (pipeline/) comes first, else the source folder."""
     rec = model.extras.get(KEY)
     if not isinstance(rec, dict):
         return None
     path = Path(str(rec.get("path", "")))
+    art = model.provenance.get("artifact")
+    if art and (Path(str(art)) / ARTIFACT_DIR / "model_index.json").is_file():
+        path = Path(str(art)) / ARTIFACT_DIR
     if not (path / "model_index.json").is_file():
         where = model.provenance.get("artifact") or model.provenance.get("source")
         raise BadInput(f"{where}: made from the pipeline folder {path}, which is gone (its text encoder, tokenizer "
