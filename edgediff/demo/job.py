@@ -276,7 +276,8 @@ def _time_table(original: Any, compressed: Any, fast_model: Any, exports: list[d
         orig_path = root / "exports" / f"original-{target}-fp32{_EXT.get(target, '')}"
         try:
             if target not in RETIME_ORIGINAL:
-                raise EdgediffError(f"a second {target} conversion costs minutes; the compressed rows are timed")
+                raise EdgediffError(f"exported again only for {', '.join(RETIME_ORIGINAL)} (a second {target} "
+                                    "conversion costs minutes here)")
             backend.export(original, orig_path, "fp32")
             add(f"{target}-orig", "original fp32", target, "fp32", backend.load_denoiser(orig_path), plain)
         except EdgediffError as ex:
