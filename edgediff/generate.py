@@ -33,31 +33,23 @@ FEW_STEP = {"LCMScheduler": 4, "TCDScheduler": 4}
 def load_prompt_embeds(path: Path, model: DiffusionModel, n: int) -> tuple[dict[str, torch.Tensor],
                                                                           dict[str, torch.Tensor]]:
     """(conditioning, negative conditioning) by input name, each expanded to n samples."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-            raw = load_file(str(path))
-        elif path.suffix in (".npz", ".npy"):
-            data = np.load(str(path), allow_pickle=False)
-            raw = {"encoder_hidden_states": torch.from_numpy(data)} if path.suffix == ".npy" else \
-                {k: torch.from_numpy(data[k]) for k in data.files}
-        else:
-            raise BadInput(f"{path}: expected a .safetensors, .npz or .npy file of prompt embeddings")
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt files raise many kinds
-        raise BadInput(f"{path}: not a readable embeddings file ({e.__class__.__name__})") from None
+    from edgediff.runtime.pipeline import embeds_by_input, read_embeds_file
+
+    def npz(p: Path) -> dict[str, torch.Tensor]:
+        data = np.load(str(p), allow_pickle=False)
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+    path = Path(path)
+    raw = read_embeds_file(path, {".safetensors": lambda p: load_file(str(p)), ".npz": npz,
+                                  ".npy": lambda p: {"encoder_hidden_states": torch.from_numpy(
+                                      np.load(str(p), allow_pickle=False))}},
+                           ".safetensors, .npz or .npy")
     specs = {s.name: s for s in model.signature.input_specs() if s.name not in ("sample", "timestep")}
     pos: dict[str, torch.Tensor] = {}
     neg: dict[str, torch.Tensor] = {}
-    for key, v in raw.items():
-        name = key[len("negative_"):] if key.startswith("negative_") else key
-        if name not in specs:
-            raise BadInput(f"{path}: tensor {key!r} is not an input of this model (inputs: {', '.join(specs)})")
+    for key, name, v in embeds_by_input(raw, specs, path, "this model"):
         want = tuple(specs[name].shape)
         if tuple(v.shape) == want:
             v = v.unsqueeze(0)

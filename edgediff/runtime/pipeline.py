@@ -18,6 +18,7 @@ import gc
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,36 +81,54 @@ class _Sessions:
                 self.get(r)
 
 
+def read_embeds_file(path: Path, readers: dict[str, Callable[[Path], dict[str, Any]]], kinds: str) -> dict[str, Any]:
+    """The tensors of a prompt-embeddings file through the reader for its suffix; BadInput naming the file when
+    it is missing, of another kind (`kinds` says which are read) or unreadable. Shared with edgediff.generate."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    reader = readers.get(path.suffix)
+    if reader is None:
+        raise BadInput(f"{path}: expected a {kinds} file of prompt embeddings")
+    try:
+        return reader(path)
+    except Exception as e:  # noqa: BLE001 - corrupt files raise many kinds
+        raise BadInput(f"{path}: not a readable embeddings file ({e.__class__.__name__})") from None
+
+
+def embeds_by_input(raw: dict[str, Any], inputs: Iterable[str], path: Path, what: str) -> Iterator[tuple[str, str, Any]]:
+    """(key, input name, tensor) for every tensor of an embeddings file, `negative_<name>` read as input <name>;
+    BadInput for a tensor that is no input of `what`. Shared with edgediff.generate."""
+    names = list(inputs)
+    for key, v in raw.items():
+        name = key[len("negative_"):] if key.startswith("negative_") else key
+        if name not in names:
+            raise BadInput(f"{path}: tensor {key!r} is not an input of {what} (inputs: {', '.join(names)})")
+        yield key, name, v
+
+
+def _safetensors_numpy(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(path)))
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(str(path), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
 def load_embeds(path: Path, bundle: Bundle, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(conditioning, unconditional conditioning) by denoiser input name from a .npz / .safetensors (read with
     numpy) of tensors named like the inputs (encoder_hidden_states, pooled_projections, ...), with or without a
     batch axis of 1 or n, optionally `negative_<name>` for the unconditional branch (zeros otherwise, as the
     PyTorch side's generate --prompt-embeds does)."""
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            raw = dict(load_file(str(path)))
-        elif path.suffix == ".npz":
-            with np.load(str(path), allow_pickle=False) as data:
-                raw = {k: data[k] for k in data.files}
-        else:
-            raise BadInput(f"{path}: expected a .npz or .safetensors file of prompt embeddings")
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - corrupt files raise many kinds
-        raise BadInput(f"{path}: not a readable embeddings file ({e.__class__.__name__})") from None
+    raw = read_embeds_file(path, {".safetensors": _safetensors_numpy, ".npz": _npz}, ".npz or .safetensors")
     comp = bundle.component(ROLE_FULL)
     assert comp is not None
     inputs = {k: v for k, v in (comp[1].get("inputs") or {}).items() if k not in ("sample", "timestep")}
     pos: dict[str, np.ndarray] = {}
     neg: dict[str, np.ndarray] = {}
-    for key, v in raw.items():
-        name = key[len("negative_"):] if key.startswith("negative_") else key
-        if name not in inputs:
-            raise BadInput(f"{path}: tensor {key!r} is not an input of this bundle's denoiser (inputs: {', '.join(inputs)})")
+    for key, name, v in embeds_by_input(raw, inputs, path, "this bundle's denoiser"):
         want = [d for d in inputs[name]["shape"][1:]]
         v = np.asarray(v)
         if v.ndim == len(want):
