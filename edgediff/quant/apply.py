@@ -21,8 +21,8 @@ from edgediff.model import cond_take, cond_unflatten
 from edgediff.quant.core import (
     QuantAttnProcessor,
     QuantConv2d,
-    QuantLinear,
     QuantLayer,
+    QuantLinear,
     act_quantizers,
     check_bits,
     link_attention_outputs,
