@@ -75,7 +75,6 @@ def interleaved(runners: dict[str, Callable[[], Any]], repeats: int, warmup: int
 def _models(names: list[str]) -> dict[str, tuple[Any, Any, str]]:
     """name -> (fp32 model, int8 artifact, how the int8 was made)."""
     from edgediff.loaders import load_model
-    from edgediff.testing import minmax_quantize
 
     out = {}
     for name in names:
@@ -100,7 +99,16 @@ def _models(names: list[str]) -> dict[str, tuple[Any, Any, str]]:
                                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
             m = DiffusionModel(unet, NoiseSchedule.from_config({}), InputSignature((3, 32, 32)), "UNet2DModel",
                                dict(unet.config), {"source": "ddpm-cifar10-32 config, random init"})
-            out[name] = (m, minmax_quantize(m), "min-max W8A8 (edgediff.testing), random weights")
+            # the real quant pass (requantized outputs: the integer-kernel layout of docs/int8.md),
+            # calibrated on a few short trajectories: random weights make quality meaningless here
+            from edgediff.pipeline import run_recipe
+            from edgediff.recipe import PassSpec, Recipe
+
+            recipe = Recipe("w8a8-bench", passes=[
+                PassSpec("calib", {"method": "ptq4dm", "n_samples": 4, "steps": 10, "count": 32}), PassSpec("quant", {})])
+            with tempfile.TemporaryDirectory() as cache:
+                q, _ = run_recipe(m, recipe, cache_dir=Path(cache))
+            out[name] = (m, q, "w8a8 quant pass (4 x 10-step calibration), random weights")
         else:
             raise SystemExit(f"unknown model {name!r}: expected demo or cifar")
     return out
