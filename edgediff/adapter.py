@@ -269,15 +269,36 @@ def apply_adapter(base: DiffusionModel, adapter: Adapter, adapter_path: Path, so
     return DiffusionModel(mod, NoiseSchedule.from_config(adapter.scheduler), adapter.signature(), "Adapted", None, prov)
 
 
-def save_adapted(mod: AdaptedModule, folder: Path) -> None:
-    """adapter.json (adapter + source path/hash) and weights.safetensors: no torch.export."""
+def save_adapted(mod: AdaptedModule, folder: Path, structure: dict[str, Any] | None = None) -> None:
+    """adapter.json (adapter + source path/hash) and weights.safetensors: no torch.export.
+
+    `structure`: how the module differs from its freshly loaded source (edgediff.serialize's
+    structure diff: quantization wrappers, attention processors), written as structure.json.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"adapter": mod.adapter.to_dict(), "source": getattr(mod, "_edgediff_source", {})}
     (folder / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if structure and (structure.get("replaced") or structure.get("attrs")):
+        (folder / "structure.json").write_text(json.dumps(structure, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().contiguous().clone() for k, v in mod.inner.state_dict().items()}
     save_file(state, str(folder / "weights.safetensors"))
+
+
+def fresh_inner(mod: AdaptedModule) -> nn.Module:
+    """The adapted module's source loaded afresh: what a structure diff is taken against."""
+    src = getattr(mod, "_edgediff_source", {})
+    return _fresh_inner(Path(str(src.get("path", ""))), mod.adapter, src)
+
+
+def _fresh_inner(path: Path, adapter: Adapter, src: dict[str, Any]) -> nn.Module:
+    from edgediff.model import DenoiserModule
+
+    if not _source_loader:
+        raise RuntimeError("the adapter needs edgediff.loaders imported (it registers the source loader)")
+    base = _source_loader[0](path, tuple(adapter.sample_shape), bool(src.get("trust_pickle")))
+    return base.denoiser.inner if isinstance(base.denoiser, DenoiserModule) else base.denoiser
 
 
 # (path, sample_shape, trust_pickle) -> the source's DiffusionModel: registered by edgediff.loaders,
@@ -290,8 +311,13 @@ def register_source_loader(fn: Callable[[Path, tuple[int, ...], bool], Diffusion
     _source_loader[:] = [fn]
 
 
-def load_adapted(folder: Path) -> AdaptedModule:
-    """Rebuild an adapted module from its (unchanged) source and the saved weights."""
+def load_adapted(folder: Path, restore: Callable[[nn.Module, dict[str, Any], dict[str, torch.Tensor]], None]
+                 | None = None) -> AdaptedModule:
+    """Rebuild an adapted module from its (unchanged) source and the saved weights.
+
+    With a structure.json, `restore(module, structure, state)` replays it and loads the state
+    (edgediff.serialize passes its apply_structure); without one the state loads strictly.
+    """
     from edgediff.files import load_safetensors, read_json, sha256_of
 
     meta = read_json(folder / "adapter.json")
@@ -303,16 +329,17 @@ def load_adapted(folder: Path) -> AdaptedModule:
     if src.get("sha256") and sha256_of(path) != src["sha256"]:
         raise BadInput(f"{path}: changed since the artifact was made (sha256 differs); refusing to load it")
     adapter = Adapter.from_dict(meta["adapter"])
-    if not _source_loader:
-        raise RuntimeError("load_adapted needs edgediff.loaders imported (it registers the source loader)")
-    base = _source_loader[0](path, tuple(adapter.sample_shape), bool(src.get("trust_pickle")))
-    from edgediff.model import DenoiserModule
-
-    inner = base.denoiser.inner if isinstance(base.denoiser, DenoiserModule) else base.denoiser
+    inner = _fresh_inner(path, adapter, src)
     state = load_safetensors(folder / "weights.safetensors")
     try:
-        inner.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        if (folder / "structure.json").is_file():  # quantized (or otherwise rewritten) after adapting
+            if restore is None:
+                raise BadInput(f"{folder}/structure.json: this adapted module was rewritten by passes; load the "
+                               "artifact with edgediff.serialize.load_denoiser")
+            restore(inner, read_json(folder / "structure.json"), state)
+        else:
+            inner.load_state_dict(state, strict=True)
+    except (RuntimeError, AttributeError, TypeError) as e:
         raise BadInput(f"{folder}: saved weights do not fit the source module ({str(e).splitlines()[0]})") from None
     mod = AdaptedModule(inner, adapter)
     mod._edgediff_source = src

@@ -331,9 +331,10 @@ def save_denoiser(denoiser: nn.Module, arch: str, config: dict[str, Any] | None,
         save_graph(inner, folder)
         return
     if getattr(denoiser, "_edgediff_adapted", False):  # an --adapter torch module: weights + adapter, no torch.export
-        from edgediff.adapter import save_adapted
+        from edgediff.adapter import fresh_inner, save_adapted
 
-        save_adapted(denoiser, folder)  # type: ignore[arg-type]
+        # passes that replaced modules (w8a8 wrappers) are replayed at reload from this diff
+        save_adapted(denoiser, folder, structure_diff(denoiser.inner, fresh_inner(denoiser)))  # type: ignore[arg-type]
         return
     if config is None:
         if example_inputs is None:
@@ -380,7 +381,8 @@ def load_denoiser(folder: Path, trust_pickle: bool = False) -> tuple[nn.Module, 
     if (folder / "adapter.json").is_file():
         from edgediff.adapter import load_adapted
 
-        return load_adapted(folder), "Adapted", None
+        where = str(folder / "structure.json")
+        return load_adapted(folder, lambda m, st, state: apply_structure(m, st, state, where=where)), "Adapted", None
     if (folder / "denoiser.pt2").is_file():
         return ExportedDenoiser(load_exported_program(folder / "denoiser.pt2", trust_pickle)), "ExportedProgram", None
     cfg = read_json(folder / "config.json")
