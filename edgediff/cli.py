@@ -463,7 +463,7 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
              steps: Optional[int] = typer.Option(None, "--steps", help="Default 50 (4 for LCM)."),
              sampler: Optional[str] = typer.Option(None, "--sampler", help=SAMPLER_HELP),
              guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
-             prompt: Optional[str] = typer.Option(None, "--prompt", help="Text (needs a bundle with a text encoder)."),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="Text: a pipeline folder or bundle encodes it."),
              negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt",
                                                            help="Pipeline bundles: the unconditional branch's text."),
              low_memory: bool = typer.Option(False, "--low-memory",
@@ -497,9 +497,6 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
                                      **({"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}))
         _emit(result, as_json, f"generate {model}")
         return
-    if prompt is not None:
-        raise BadInput("--prompt needs a text encoder, which PyTorch-side generate does not load; "
-                       "encode the prompt yourself and pass --prompt-embeds FILE")
     from edgediff.generate import generate as run_generate
 
     m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter, scheduler_config,
@@ -507,7 +504,7 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
     with progress_bar() as p:
         result = run_generate(m, samples=samples, seed=seed, steps=steps, sampler=sampler, guidance=guidance,
                               prompt_embeds=prompt_embeds, output=output, save_npy=save_npy, batch_size=batch_size,
-                              progress=p)
+                              progress=p, prompt=prompt, negative_prompt=negative_prompt)
     _emit(result, as_json, f"generate {model}")
 
 
