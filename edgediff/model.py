@@ -168,6 +168,16 @@ class InputSignature:
 Cond = torch.Tensor | dict[str, torch.Tensor] | None
 
 
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at the dotted path `name` below `root` (ModuleList/Sequential indices included); returns the
+    module it replaces. The one helper passes and the quantizer use to swap a layer."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, new)  # ModuleList/Sequential keep children under their str index too
+    return old
+
+
 def cond_take(cond: Cond, idx: Any) -> Cond:
     """cond[idx] along the batch axis, for a tensor or each tensor of a dict."""
     if cond is None:

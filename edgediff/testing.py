@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, set_submodule
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 from edgediff.serialize import serializable
 
@@ -91,7 +91,6 @@ def minmax_quantize(model: DiffusionModel, symmetric: bool = True, bits: int = 8
         wq = TensorQuant(bits, ws.float(), torch.zeros_like(ws, dtype=torch.int32), 0, True)
         aq = TensorQuant(bits, torch.tensor(s), torch.tensor(zp), None, signed)
         qp.layers[name] = LayerQuant(name, kind, wq, aq)
-        parent, _, leaf = name.rpartition(".")
-        setattr(den.get_submodule(parent) if parent else den, leaf, MinMaxSimLayer(kind, bits, s, zp, signed, inner=m))
+        set_submodule(den, name, MinMaxSimLayer(kind, bits, s, zp, signed, inner=m))
     out.extras["quant"] = qp.to_extras()
     return out

@@ -158,3 +158,17 @@ def test_json_stdout_is_one_object_even_when_libraries_print(capsys, monkeypatch
     cap = capsys.readouterr()
     assert json.loads(cap.out) == {"params": 1, "macs": 2, "size_bytes": 3}
     assert "converter progress" in cap.err
+
+
+def test_set_submodule_swaps_nested_and_indexed_children() -> None:
+    from torch import nn
+
+    from edgediff.model import set_submodule
+
+    root = nn.Module()
+    root.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.ReLU())])
+    old = set_submodule(root, "blocks.0.1", nn.Identity())
+    assert isinstance(old, nn.ReLU) and isinstance(root.blocks[0][1], nn.Identity)
+    assert "blocks.0.1" in dict(root.named_modules())
+    set_submodule(root, "blocks", nn.ModuleList())
+    assert len(root.blocks) == 0

@@ -33,7 +33,7 @@ from torch import nn
 
 from edgediff.errors import BadInput
 from edgediff.fused import FoldedTimesteps, PackedAttnProcessor, PackedAway
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, set_submodule
 from edgediff.passes import PassContext, register
 from edgediff.quant_params import is_quant_wrapper
 
@@ -57,11 +57,6 @@ class FuseOptions:
             raise BadInput(f"fuse: tolerance must be in (0, 1), got {self.tolerance}")
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
 def _quantized(model: DiffusionModel) -> bool:
     return "quant" in model.extras or any(is_quant_wrapper(m) for m in model.denoiser.modules())
 
@@ -72,7 +67,7 @@ def fold_timesteps(den: nn.Module) -> int:
     n = 0
     for name, m in list(den.named_modules()):
         if type(m) is Timesteps:
-            _set(den, name, FoldedTimesteps(int(m.num_channels), bool(m.flip_sin_to_cos),
+            set_submodule(den, name, FoldedTimesteps(int(m.num_channels), bool(m.flip_sin_to_cos),
                                             float(m.downscale_freq_shift), m.scale))
             n += 1
     return n
@@ -169,7 +164,7 @@ def drop_dropout(den: nn.Module) -> int:
     n = 0
     for name, m in list(den.named_modules()):
         if isinstance(m, nn.Dropout):
-            _set(den, name, nn.Identity())
+            set_submodule(den, name, nn.Identity())
             n += 1
     return n
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, set_submodule
 from edgediff.passes import PassContext, register
 from edgediff.passes.prune_data import random_cond
 from edgediff.passes.skip_modules import SkipAttention, SkipBlock, SkipResnet, ZeroBranch
@@ -132,17 +132,6 @@ def candidates(model: DiffusionModel, include: str = "all") -> list[Candidate]:
     return out
 
 
-def _swap(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    old = getattr(parent, leaf)
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-        parent[int(leaf)] = new
-    else:
-        setattr(parent, leaf, new)
-    return old
-
-
 @torch.no_grad()
 def _generate(model: DiffusionModel, n: int, steps: int, seed: int, cond: torch.Tensor | None) -> torch.Tensor:
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
@@ -167,11 +156,11 @@ def score_candidates(model: DiffusionModel, cands: list[Candidate], opts: PruneL
     scored = []
     for c in ctx.track(cands, "LD-Pruner: scoring operators"):
         old = inner.get_submodule(c.name)
-        _swap(inner, c.name, c.replacement(old))
+        set_submodule(inner, c.name, c.replacement(old))
         try:
             z = _generate(model, opts.samples, opts.steps, ctx.seed, cond)
         finally:
-            _swap(inner, c.name, old)
+            set_submodule(inner, c.name, old)
         s = ld_score(z, z_ref)
         scored.append((c, s if torch.isfinite(torch.tensor(s)) else float("inf")))
     return scored
@@ -200,7 +189,7 @@ def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> Diffus
     for c in cands:
         if any(_overlaps(c.name, r) for r in removed_all):
             continue
-        _swap(t_inner, c.name, c.replacement(t_inner.get_submodule(c.name)))
+        set_submodule(t_inner, c.name, c.replacement(t_inner.get_submodule(c.name)))
         removed_all.append(c.name)
     best = 1 - macs(trial) / base_macs
     if best < opts.macs_reduction:
@@ -223,7 +212,7 @@ def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> Diffus
                 break
             if any(_overlaps(c.name, r["name"]) for r in removed):
                 continue
-            _swap(inner, c.name, c.replacement(inner.get_submodule(c.name)))
+            set_submodule(inner, c.name, c.replacement(inner.get_submodule(c.name)))
             new_macs = macs(model)
             removed.append({"name": c.name, "kind": c.kind, "score": round(s, 6), "macs_saved": current - new_macs,
                             "round": rnd})

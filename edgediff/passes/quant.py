@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, set_submodule
 from edgediff.passes import PassContext, register
 from edgediff.passes.calib import load_calibration
 from edgediff.quant.apply import (
@@ -287,8 +287,7 @@ def _swapper(den: torch.nn.Module, fp_den: torch.nn.Module, us: dict[str, Any]) 
         if isinstance(us[name], QuantAttnProcessor):
             den.get_submodule(name.rsplit(".processor", 1)[0]).set_processor(mod)
             return
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(den.get_submodule(parent_name) if parent_name else den, leaf, mod)
+        set_submodule(den, name, mod)
 
     def make_float(names: list[str]) -> None:
         off = set(names)

@@ -17,7 +17,7 @@ from torch import nn
 
 from edgediff.attention import explicit_supports
 from edgediff.errors import BadInput
-from edgediff.model import cond_take, cond_unflatten
+from edgediff.model import cond_take, cond_unflatten, set_submodule
 from edgediff.quant.core import (
     QuantAttnProcessor,
     QuantConv2d,
@@ -169,12 +169,6 @@ def trace_layers(denoiser: nn.Module, run: Any) -> dict[str, LayerInfo]:
     return infos
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
-
-
 def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: QuantConfig) -> dict[str, nn.Module]:
     """Replace the traced layers by wrappers and attention processors by quantized ones, in place."""
     cfg.validate()
@@ -189,7 +183,7 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
              "quant_output": cfg.quant_output and not info.last}
         m = info.module
         w = QuantConv2d.wrap(m, **q) if isinstance(m, nn.Conv2d) else QuantLinear.wrap(m, **q)
-        _set_module(denoiser, name, w)
+        set_submodule(denoiser, name, w)
         wrapped[name] = w
     if cfg.quant_attention:
         for name, m in list(denoiser.named_modules()):
