@@ -21,6 +21,12 @@ DistributedDataParallel when torch.distributed is initialised (torchrun). Resuma
 `checkpoint_dir` holds the student and optimiser state of the running round every
 `checkpoint_every` steps and the weights of each finished round; a rerun with the same
 directory continues where it stopped.
+
+`method = "consistency"`: consistency distillation (Song et al. 2023) with LCM's choices (Luo et
+al. 2023): one round on the skipping-step grid t_n = n*k - 1 (k = T // start_steps); the student's
+consistency function f(z, t) = c_skip(t) z + c_out(t) x0(z, t) (LCMScheduler's boundary condition)
+at t_n is trained to match the EMA student's f at t_{n-1} after one teacher DDIM hop. The result
+samples with LCMScheduler (original_inference_steps = start_steps) at target_steps.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from edgediff.passes.prune_data import DATA_SOURCES, DataSource, call_kwargs
 from edgediff.schedule import NoiseSchedule
 
 CKPT = "distill_running.safetensors"
+METHODS = ("progressive", "consistency")
+TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5  # diffusers LCMScheduler's boundary condition
 
 
 @dataclass
@@ -57,14 +65,23 @@ class DistillOptions:
     data_pool: int = 512
     checkpoint_dir: str = ""
     checkpoint_every: int = 100
+    # progressive: halving rounds, DDIM trailing; consistency: one LCM-style round (start_steps is the
+    # teacher's DDIM grid, LCM's original_inference_steps), sampled with LCMScheduler at target_steps
+    method: str = "progressive"
 
     def __post_init__(self) -> None:
         for k in ("start_steps", "target_steps", "steps_per_round", "batch_size", "data_pool", "checkpoint_every"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BadInput(f"distill.steps: {k} must be a positive integer, got {v!r}")
+        if self.method not in METHODS:
+            raise BadInput(f"distill.steps: method={self.method!r}; expected one of {', '.join(METHODS)}")
         ratio = self.start_steps / self.target_steps
-        if self.start_steps <= self.target_steps or ratio != 2 ** round(math.log2(ratio)):
+        if self.method == "consistency":
+            if self.start_steps < max(2, self.target_steps):
+                raise BadInput(f"distill.steps: consistency needs start_steps (the teacher grid, {self.start_steps}) "
+                               f">= target_steps ({self.target_steps}) and >= 2")
+        elif self.start_steps <= self.target_steps or ratio != 2 ** round(math.log2(ratio)):
             raise BadInput(f"distill.steps: start_steps ({self.start_steps}) must be target_steps "
                            f"({self.target_steps}) times a power of two (each round halves the steps)")
         if not float(self.lr) > 0 or not 0.0 <= float(self.ema) < 1.0:
@@ -150,9 +167,31 @@ def _set_params(module: nn.Module, values: list[torch.Tensor], where: Path) -> N
             p.copy_(v)
 
 
+def lcm_grid(num_train: int, n: int) -> list[int]:
+    """LCMScheduler's skipping-step grid, ascending: k*i - 1 for i = 1..n, k = T // n."""
+    k = num_train // n
+    return [k * i - 1 for i in range(1, n + 1)]
+
+
+def consistency_fn(pred: str, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    """f(z, t) = c_skip(t) z + c_out(t) x0(z, t), the parameterisation LCMScheduler samples with."""
+    al, sg = _coef(ac, t)
+    x0, _ = _x0_eps(pred, out, z, al, sg)
+    st = (t.float() * TIMESTEP_SCALING).view(-1, 1, 1, 1)
+    c_skip = SIGMA_DATA**2 / (st**2 + SIGMA_DATA**2)
+    c_out = st / (st**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip * z + c_out * x0
+
+
 def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, opts: DistillOptions, src: DataSource,
                   seed: int, ckpt_dir: Path | None, track: Any = None) -> dict[str, Any]:
-    """One halving: train `student` (in place, EMA weights at the end) to match two teacher steps of grid_2S."""
+    """One halving: train `student` (in place, EMA weights at the end) to match two teacher steps of grid_2S.
+
+    With method "consistency": one round in which the student's consistency function at grid point
+    n matches the EMA student's at n-1 after one teacher DDIM hop (consistency distillation, Song
+    et al. 2023; LCM's skipping-step grid and boundary condition, Luo et al. 2023)."""
+    import copy
+
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world = _dist()
@@ -164,7 +203,12 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
     clip = float(sched.config.get("clip_sample_range", 1.0)) if clip_cfg else None
     g_s = torch.tensor(grid(T, steps) + [-1])  # student grid and its end
     g_t = torch.tensor(grid(T, 2 * steps) + [-1])
+    g_c = torch.tensor(lcm_grid(T, opts.start_steps))
     module = student.module()
+    target_net = copy.deepcopy(module).eval() if opts.method == "consistency" else None
+    if target_net is not None:
+        for p in target_net.parameters():
+            p.requires_grad_(False)
     for p in module.parameters():
         p.requires_grad_(p.is_floating_point())
     params = [p for p in module.parameters() if p.requires_grad]
@@ -190,7 +234,8 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
     teacher_mod.eval()
     losses: list[float] = []
     it = range(start, int(opts.steps_per_round))
-    it = track(it, f"distill {2 * steps} -> {steps} steps", len(it)) if (track is not None and rank == 0) else it
+    what = f"distill {2 * steps} -> {steps} steps" if target_net is None else f"consistency distill ({opts.start_steps} grid)"
+    it = track(it, what, len(it)) if (track is not None and rank == 0) else it
     for step in it:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + steps * 7919 + step * 1009 + rank)
         idx = torch.randint(0, len(src.x), (local_bs,), generator=g)
@@ -201,21 +246,34 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
 
             cond = random_cond(student, local_bs, g)
         kw = call_kwargs(student, cond)
-        j = torch.randint(0, steps, (local_bs,), generator=g)
-        t, t_mid, t_end = g_s[j], g_t[2 * j + 1], g_s[j + 1]
+        j = torch.randint(0, steps if target_net is None else len(g_c) - 1, (local_bs,), generator=g)
+        if target_net is None:
+            t, t_mid, t_end = g_s[j], g_t[2 * j + 1], g_s[j + 1]
         noise = torch.randn(x0.shape, generator=g)
-        al, sg = _coef(ac, t)
-        z = al * x0 + sg * noise
-        with torch.no_grad():
-            z_mid = _ddim(pred, teacher_mod(z, t.float(), **kw), z, t, t_mid, ac, clip)
-            z_end = _ddim(pred, teacher_mod(z_mid, t_mid.float(), **kw), z_mid, t_mid, t_end, ac, clip)
-            al_e, sg_e = _coef(ac, t_end)
-            ratio = sg_e / sg
-            x_tilde = (z_end - ratio * z) / (al_e - ratio * al)
-            target = _target(pred, x_tilde, z, al, sg)
-        out = train(z, t.float(), **kw)
         c = x0.shape[1]
-        loss = torch.nn.functional.mse_loss(out[:, :c], target)
+        if target_net is not None:  # consistency: t = grid point n, t_end = n-1 (one teacher DDIM hop)
+            t, t_end = g_c[j + 1], g_c[j]
+            al, sg = _coef(ac, t)
+            z = al * x0 + sg * noise
+            with torch.no_grad():
+                z_prev = _ddim(pred, teacher_mod(z, t.float(), **kw), z, t, t_end, ac, clip)
+                for tp, e in zip(_params(target_net), ema if ema is not None else params):
+                    tp.copy_(e)
+                target = consistency_fn(pred, target_net(z_prev, t_end.float(), **kw)[:, :c], z_prev, t_end, ac)
+            out = train(z, t.float(), **kw)
+            loss = torch.nn.functional.mse_loss(consistency_fn(pred, out[:, :c], z, t, ac), target)
+        else:
+            al, sg = _coef(ac, t)
+            z = al * x0 + sg * noise
+            with torch.no_grad():
+                z_mid = _ddim(pred, teacher_mod(z, t.float(), **kw), z, t, t_mid, ac, clip)
+                z_end = _ddim(pred, teacher_mod(z_mid, t_mid.float(), **kw), z_mid, t_mid, t_end, ac, clip)
+                al_e, sg_e = _coef(ac, t_end)
+                ratio = sg_e / sg
+                x_tilde = (z_end - ratio * z) / (al_e - ratio * al)
+                target = _target(pred, x_tilde, z, al, sg)
+            out = train(z, t.float(), **kw)
+            loss = torch.nn.functional.mse_loss(out[:, :c], target)
         train_step(opt, loss, ema, params, step, float(opts.ema))
         losses.append(float(loss.detach()))
         if ck is not None and rank == 0 and ((step + 1) % int(opts.checkpoint_every) == 0):
@@ -241,6 +299,15 @@ def ddim_trailing(schedule: NoiseSchedule) -> NoiseSchedule:
     return NoiseSchedule.from_config(cfg, "distill.steps")
 
 
+def lcm_schedule(schedule: NoiseSchedule, original_steps: int) -> NoiseSchedule:
+    """The schedule with LCMScheduler as its own scheduler on the distillation grid."""
+    cfg = schedule.to_config()
+    cfg.update({"_class_name": "LCMScheduler", "original_inference_steps": int(original_steps),
+                "timestep_scaling": TIMESTEP_SCALING, "clip_sample": False, "steps_offset": 0,
+                "timestep_spacing": "leading"})
+    return NoiseSchedule.from_config(cfg, "distill.steps")
+
+
 @register("distill.steps", DistillOptions)
 def run(model: DiffusionModel, opts: DistillOptions, ctx: PassContext) -> DiffusionModel:
     import copy
@@ -260,6 +327,22 @@ def run(model: DiffusionModel, opts: DistillOptions, ctx: PassContext) -> Diffus
     src = DataSource(model, opts.data, max(1, int(opts.batch_size) // world), ctx.seed, pool=int(opts.data_pool),
                      given=ctx.data)
     rounds: list[dict[str, Any]] = []
+    if opts.method == "consistency":
+        if T // opts.start_steps < 1:
+            raise BadInput(f"distill.steps: start_steps {opts.start_steps} exceeds num_train_timesteps {T}")
+        student = dataclasses.replace(model, denoiser=copy.deepcopy(model.denoiser), extras=dict(model.extras))
+        t_mod = copy.deepcopy(model.module()).eval()
+        for p in t_mod.parameters():
+            p.requires_grad_(False)
+        # steps= keys the running checkpoint; 0 never collides with a progressive round
+        rounds.append(distill_round(student, t_mod, 0, opts, src, ctx.seed, ckpt_dir, ctx.track))
+        student.schedule = lcm_schedule(sched, opts.start_steps)
+        student.extras["sampling"] = {"sampler": None, "steps": opts.target_steps, "eta": 0.0}
+        student.extras["distill.steps"] = {"method": "consistency", "start_steps": opts.start_steps,
+                                           "target_steps": opts.target_steps, "sampler": "LCMScheduler"}
+        ctx.metrics.update({"rounds": rounds, "method": "consistency", "target_steps": opts.target_steps,
+                            "data": src.source})
+        return student
     steps = opts.start_steps // 2
     teacher = model
     while steps >= opts.target_steps:
@@ -281,7 +364,7 @@ def run(model: DiffusionModel, opts: DistillOptions, ctx: PassContext) -> Diffus
     out = teacher
     out.schedule = ddim_trailing(sched)
     out.extras["sampling"] = {"sampler": None, "steps": opts.target_steps, "eta": 0.0}
-    out.extras["distill.steps"] = {"start_steps": opts.start_steps, "target_steps": opts.target_steps,
+    out.extras["distill.steps"] = {"method": "progressive", "start_steps": opts.start_steps, "target_steps": opts.target_steps,
                                    "rounds": len(rounds), "sampler": "DDIMScheduler (trailing)"}
     ctx.metrics.update({"rounds": rounds, "target_steps": opts.target_steps, "data": src.source})
     return out
