@@ -216,7 +216,7 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
 
 
 def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
-                  attention: str = "ane") -> tuple[Any, dict[str, Any]]:
+                  attention: str = "ane", activations: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts)."""
     check_precision("coreml", precision)
     if palettize is not None and palettize not in PALETTIZE_BITS:
@@ -226,6 +226,10 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
                        "(palettize with --precision fp16)")
     if attention not in ("ane", "sdpa"):
         raise BadInput(f"coreml option attention={attention!r}: expected 'ane' or 'sdpa'")
+    if activations not in (None, "int8", "fp16"):
+        raise BadInput(f"coreml option activations={activations!r}: expected 'int8' (W8A8) or 'fp16' (weights only)")
+    if activations == "int8" and precision != "int8":
+        raise BadInput("coreml option activations=int8 needs --precision int8")
     check_batch("coreml", batch)
     qp = int8_quant_params(model, precision, ", or use --palettize BITS")
     ct = _ct()
@@ -236,6 +240,10 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     if precision == "int8":
         assert qp is not None
         facts["int8"] = int8_scale_agreement(den, qp)
+        if activations is None:  # W8A8 where the artifact's activations are 8-bit, else weights only
+            bits = {t.bits for lq in qp.layers.values() for t in (lq.input, lq.input2) if t is not None}
+            activations = "int8" if bits == {8} else "fp16"
+        facts["int8"]["activation_dtype"] = activations
     wrapper = DenoiserModule(den, model.signature).eval()  # named inputs become the Core ML input names
     ex = model.signature.example_inputs(batch=batch)
     names = input_names(model.signature)
@@ -274,6 +282,11 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         raise BadInput(f"coremltools could not convert this denoiser ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:300]})") from None
+    if precision == "int8" and activations == "int8":
+        assert qp is not None
+        from edgediff.lowering import lower
+
+        ml, facts["int8"]["activations"] = quantize_activations(ml, lower(den, qp))
     if precision == "int8":
         from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
@@ -289,6 +302,84 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
         facts["palettize_bits"] = palettize
     facts["convert_seconds"] = round(time.perf_counter() - t0, 2)
     return ml, facts
+
+
+# ------------------------------------------------------------------------------------------
+# int8 activations (W8A8): the artifact's activation scales as quantize/dequantize ops
+# ------------------------------------------------------------------------------------------
+#
+# coremltools.optimize.coreml.linear_quantize_activations calibrates by running predictions,
+# which needs macOS and would re-derive the ranges from coremltools' own statistics. The
+# artifact already has the diffusion-aware calibrated scales (edgediff.lowering), so they are
+# placed directly: an iOS 17 `quantize` -> `dequantize` pair (int8) in front of every conv /
+# linear whose weights are a lowered layer's, which is the same graph shape
+# linear_quantize_activations produces and Core ML fuses with the int8 weights on devices that
+# run W8A8. Shortcut-split layers have two input scales on one concatenated input and keep fp16
+# input (reported).
+
+
+def _act_quant_pass(low: Any, report: dict[str, Any]) -> Any:
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    # a layer is recognised by its weights: (O, K) shape, and round(W / s) equal to its int8 weights
+    # (the fp16 cast of an on-grid weight keeps the integer: |q| <= 127, fp16 relative error 2^-11)
+    cands: dict[tuple[int, int], list[Any]] = {}
+    for lay in low.layers.values():
+        if lay.split:
+            report["split_layers_fp16_input"].append(lay.name)
+            continue
+        w = lay.parts[0].weight
+        cands.setdefault((w.shape[0], int(w.size // w.shape[0])), []).append(lay)
+
+    def match(val: np.ndarray) -> Any:
+        w = np.asarray(val, np.float32).reshape(val.shape[0], -1)
+        for lay in cands.get(w.shape, []):
+            p = lay.parts[0]
+            if np.array_equal(np.rint(w / p.weight_scale[:, None]), p.weight.reshape(w.shape).astype(np.float32)):
+                return lay
+        return None
+
+    class _InsertActQuant(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            for fn in prog.functions.values():
+                for op in list(fn.operations):
+                    if op.op_type not in ("conv", "linear") or op.weight.val is None:
+                        continue
+                    lay = match(op.weight.val)
+                    if lay is None:
+                        continue
+                    a = lay.parts[0].input.as_int8()
+                    x = op.x
+                    sdt = np.float16 if x.dtype.__name__ == "fp16" else np.float32
+                    with fn:
+                        q = mb.quantize(input=x, scale=sdt(a.scale), zero_point=np.int8(a.zero_point),
+                                        output_dtype="int8", before_op=op, name=f"{op.name}_act_q")
+                        dq = mb.dequantize(input=q, scale=sdt(a.scale), zero_point=np.int8(a.zero_point),
+                                           before_op=op, name=f"{op.name}_act_dq")
+                    fn.replace_uses_of_var_after_op(anchor_op=dq.op, old_var=x, new_var=dq, end_op=op)
+                    report["layers"] += 1
+                    if float(sdt(a.scale)) != a.scale:
+                        report["scales_rounded_to_fp16"] += 1
+
+    return _InsertActQuant()
+
+
+def quantize_activations(ml: Any, low: Any) -> tuple[Any, dict[str, Any]]:
+    """Insert int8 quantize/dequantize with the lowering's input scales before the lowered convs
+    and linears of `ml` (an ML Program, before weight compression); returns (model, report)."""
+    from coremltools.models.utils import _apply_graph_pass
+
+    report: dict[str, Any] = {"layers": 0, "split_layers_fp16_input": [], "scales_rounded_to_fp16": 0,
+                              "source": "the artifact's calibrated activation scales (no Core ML calibration run)"}
+    ml = _apply_graph_pass(ml, [_act_quant_pass(low, report)], spec_version=8, skip_model_load=True)
+    report["not_found"] = len(low.layers) - report["layers"] - len(report["split_layers_fp16_input"])
+    return ml, report
+
+
+def activation_quant_ops(path: Path) -> int:
+    """How many activation `quantize` ops (int8/uint8 output, not weight constexprs) the package has."""
+    return sum(1 for op in _mil_ops(_load_spec(path)) if op.type == "quantize")
 
 
 # ------------------------------------------------------------------------------------------
@@ -441,7 +532,7 @@ class CoreMLBackend(Backend):
     target = "coreml"
     precisions = PRECISIONS
     suffixes = (".mlpackage",)
-    options = frozenset({"palettize", "batch", "attention"})
+    options = frozenset({"palettize", "batch", "attention", "activations"})
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -458,7 +549,7 @@ class CoreMLBackend(Backend):
     def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
                 force: bool) -> ExportReport:
         ml, facts = build_mlmodel(model, precision, palettize=options.get("palettize"), batch=options.get("batch", 1),
-                                  attention=options.get("attention", "ane"))
+                                  attention=options.get("attention", "ane"), activations=options.get("activations"))
         with atomic_dir(out, force=force) as tmp:
             pkg = tmp / out.name
             ml.save(str(pkg))

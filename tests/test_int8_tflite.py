@@ -14,6 +14,7 @@ import pytest
 import torch
 from edgediff.exporters import get_backend, tflite
 
+from edgediff.errors import BadInput
 from edgediff.lowering import lower_model
 from edgediff.model import DiffusionModel
 from edgediff.quant_params import QuantParams
@@ -185,3 +186,31 @@ def test_full_integer_needs_8_bit_outputs(full_int) -> None:
     for lq in qp.layers.values():
         lq.output = lq.output2 = None
     assert tflite.full_integer_ok(qp)[0] is False
+
+
+def test_coreml_w8a8_places_the_artifacts_activation_scales(full_int, tmp_path: Path) -> None:
+    """Core ML int8 of an 8-bit-activation artifact: int8 quantize/dequantize with the artifact's
+    input scales before every lowered conv/linear (split layers excepted); prediction stays
+    macOS-only (verify: verified false, exit 3)."""
+    import platform
+
+    from edgediff.exporters import coreml
+
+    from edgediff import verify
+
+    model, _, _ = full_int
+    _, low = lower_model(model)
+    out = tmp_path / "q.mlpackage"
+    rep = get_backend("coreml").export(model, out, "int8")
+    act = rep["int8"]["activations"]
+    split = sorted(n for n, lay in low.layers.items() if lay.split)
+    assert rep["int8"]["activation_dtype"] == "int8" and act["split_layers_fp16_input"] == split
+    assert act["layers"] == len(low.layers) - len(split) and act["not_found"] == 0
+    assert coreml.activation_quant_ops(out) > 0 and rep["ops"]["quantize"] == rep["ops"]["dequantize"]
+    assert rep["weight_dtypes"].get("constexpr_affine_dequantize", 0) > 0  # int8 weights
+    with pytest.raises(BadInput, match="activations=int8 needs --precision int8"):
+        get_backend("coreml").export(model, tmp_path / "w.mlpackage", "fp16", activations="int8")
+    if platform.system() != "Darwin":
+        res = verify.verify(model, out, steps=2, samples=2)
+        assert res["verified"] is False and res["exit_code"] == 3 and "macOS" in res["reason"]
+        assert res["check"]["ok"]
