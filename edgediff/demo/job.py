@@ -35,7 +35,7 @@ from edgediff.demo.data import split
 from edgediff.demo.judge import DigitJudge
 from edgediff.errors import EdgediffError
 from edgediff.exporters import get_backend
-from edgediff.exporters.base import threads
+from edgediff.exporters.base import native_output_captured, threads
 from edgediff.loaders import load_model
 from edgediff.metrics import grid_png, psnr
 from edgediff.pipeline import model_stats, run_recipe
@@ -279,13 +279,16 @@ def _time_table(original: Any, compressed: Any, fast_model: Any, exports: list[d
                 raise EdgediffError(f"exported again only for {', '.join(RETIME_ORIGINAL)} (a second {target} "
                                     "conversion costs minutes here)")
             backend.export(original, orig_path, "fp32")
-            add(f"{target}-orig", "original fp32", target, "fp32", backend.load_denoiser(orig_path), plain)
+            with native_output_captured():  # runtimes' start-up messages go to the log, as in verify
+                den = backend.load_denoiser(orig_path)
+            add(f"{target}-orig", "original fp32", target, "fp32", den, plain)
         except EdgediffError as ex:
             notes[f"{target} original fp32"] = f"not timed: {ex}"
         for e in (e for e in ran if e["target"] == target):
             try:
-                add(f"{target}-{e['precision']}", f"compressed {e['precision']}", target, e["precision"],
-                    backend.load_denoiser(root / e["path"]), plain)
+                with native_output_captured():
+                    den = backend.load_denoiser(root / e["path"])
+                add(f"{target}-{e['precision']}", f"compressed {e['precision']}", target, e["precision"], den, plain)
             except EdgediffError as ex:
                 notes[f"{target} compressed {e['precision']}"] = f"not timed: {ex}"
     fast_e = next((e for e in exports if e.get("fast") and e.get("status") == "exported"), None)
@@ -299,7 +302,8 @@ def _time_table(original: Any, compressed: Any, fast_model: Any, exports: list[d
         else:
             add("ort-fast", "fast schedule", "onnx", fast_e["precision"], _OrtCall(b.file(ROLE_FULL), [OUTPUT_NAME]),
                 fast_calls)
-    res = time_denoisers(dens, x, t, reps=TIME_REPS)
+    with native_output_captured():  # a first call may print (delegates initialising)
+        res = time_denoisers(dens, x, t, reps=TIME_REPS)
     base = {r["runtime"]: r for r in rows if r["config"] == "original fp32"}
     for r in rows:
         r["ms_per_call"] = res[r["key"]]["ms_per_call"]
