@@ -3,8 +3,10 @@
 How the file is made
 - The float denoiser (quantization wrappers stripped, fp16 hooks removed: see
   exporters.onnx.float_denoiser) is wrapped so that its signature is
-  `serving_default(sample, timestep[, encoder_hidden_states | class_labels]) -> {"out": ...}`
-  and converted with `litert_torch.convert` (torch.export -> StableHLO -> TFLite converter).
+  `serving_default(sample, timestep[, encoder_hidden_states | class_labels][, extras]) -> {"out": ...}`
+  (every input of `model.signature.input_names()`, extras such as SDXL text_embeds/time_ids or
+  SD3 pooled_projections included, each with a batch axis) and converted with
+  `litert_torch.convert` (torch.export -> StableHLO -> TFLite converter).
 - GroupNorm: torch's decomposition of `native_group_norm` lowers to MEAN/SUB/RSQRT plus
   BROADCAST_TO, and BROADCAST_TO is not in the TFLite GPU delegate's operator list, so each
   nn.GroupNorm is exported as `GpuGroupNorm` (reshape to (B, G, -1), MEAN, SUB, MUL, RSQRT,
@@ -30,7 +32,9 @@ How the file is made
 
 Exported I/O: inputs sample float32 [B,C,H,W], timestep float32 [B], optional
 encoder_hidden_states float32 [B,S,D] / class_labels (int64 in PyTorch; int32 in the
-.tflite since TFLite runtimes have no int64 inputs); output `out` float32 [B,C_out,H,W].
+.tflite since TFLite runtimes have no int64 inputs), then the signature's extras by name
+(LiteRTDenoiser feeds them from a dict `cond`); output `out` float32 [B,C_out,H,W].
+Flux does not convert: the float64 POW of diffusers' RoPE is not legalized (exit 2 names tfl.pow).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from torch import nn
 
 from edgediff.artifact import atomic_file
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
+from edgediff.model import Cond, DenoiserModule, DiffusionModel, InputSignature
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
 INSTALL = 'pip install -e ".[tflite]"'
@@ -117,11 +121,15 @@ def gpu_friendly(den: nn.Module) -> int:
 
 
 class _Signature(DenoiserModule):
-    """DenoiserModule's keyword call, output as {"out": tensor}: the .tflite signature's output name."""
+    """DenoiserModule's keyword call, output as {"out": tensor}: the .tflite signature's output name.
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {OUTPUT_NAME: super().forward(sample, timestep, encoder_hidden_states, class_labels)}
+    Takes every input of the signature by name (sample_kwargs' keys become the .tflite
+    signature's input names), extras (SDXL text_embeds/time_ids, SD3/Flux pooled_projections,
+    ids, guidance) included; DenoiserModule routes them (added_cond_kwargs, unbatched ids).
+    """
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {OUTPUT_NAME: super().forward(**inputs)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -789,6 +797,29 @@ class LiteRTDenoiser(FixedBatchDenoiser):
             raise BadInput(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(self.inputs)}")
         self.batch = int(self.inputs["sample"]["shape"][0])
         self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """As FixedBatchDenoiser; `cond` may also be a dict name -> tensor (multi-input models:
+        SDXL, SD3, Flux), of which every input the file declares is fed, chunked like the sample."""
+        if not isinstance(cond, dict):
+            if set(self.inputs) - {"sample", "timestep", self.cond_name}:
+                extra = sorted(set(self.inputs) - {"sample", "timestep"})
+                raise BadInput(f"{self.path}: the model takes {', '.join(extra)}: pass them as a dict of named inputs")
+            return super().__call__(x, t, cond)
+        missing = [n for n in self.inputs if n not in ("sample", "timestep") and n not in cond]
+        if missing:
+            raise BadInput(f"{self.path}: the model needs {', '.join(missing)}, not given")
+        n, b = x.shape[0], self.batch
+        named = {"sample": x.float(), "timestep": t.float(),
+                 **{k: cond[k] for k in self.inputs if k not in ("sample", "timestep")}}
+        outs = []
+        for i in range(0, n, b):
+            chunk = {k: v[i:i + b] for k, v in named.items()}
+            k = chunk["sample"].shape[0]
+            if k < b:  # pad the last chunk by repeating its last row, as FixedBatchDenoiser
+                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
+            outs.append(self._run(chunk)[:k])
+        return torch.cat(outs)
 
     def _feed(self, name: str, t: torch.Tensor) -> np.ndarray:
         d = self.inputs[name]
