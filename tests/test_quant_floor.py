@@ -94,8 +94,7 @@ def test_plain_w8a8_collapses_on_outliers_and_the_floor_restores_it(outlier_mode
         a, b = q.module().eval()(**x), back.module().eval()(**x)
     assert torch.equal(a, b)
     import onnxruntime as ort
-
-    from exporters.onnx import build_onnx
+    from edgediff.exporters.onnx import build_onnx
 
     proto, rep = build_onnx(q, "int8")
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
