@@ -426,3 +426,32 @@ def test_third_party_export_layers_add_up_to_the_models_macs(tmp_path: Path) -> 
     assert not [o.node for o in ops if o.op in ("Conv", "Gemm", "MatMul", "Einsum") and not o.macs and not o.shape_only]
     assert sum(o.macs for o in ops) == _torch_macs(model)
     assert not [o.node for o in ops if o.macs and o.name in ("", "unet")]  # no MACs on the root module
+
+
+def test_measured_layers_of_a_third_party_export_add_up_to_the_models_macs(tmp_path: Path) -> None:
+    """ORT fuses a resnet's conv2 with the residual Add and names the fused node after the Add:
+    the measured profile still counts that conv's MACs (at the resnet), so the layers add up."""
+    from edgediff.profiling.run import profile
+
+    model = _tiny_unet()
+    unet = model.denoiser
+
+    class Bare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.unet(sample, timestep, return_dict=False)[0]
+
+    path = tmp_path / "third_party.onnx"
+    ex = model.example_inputs(1)
+    torch.onnx.export(Bare().eval(), (ex["sample"], ex["timestep"]), str(path), input_names=["sample", "timestep"],
+                      output_names=["out_sample"], dynamo=False, dynamic_axes={"sample": {0: "batch"},
+                                                                               "timestep": {0: "batch"}})
+    res = profile(path, runtime="ort", warmup=1, repeats=2)
+    assert res["macs"] == _torch_macs(model)
+    assert res["macs_unattributed"] == 0
+    assert sum(la.get("macs", 0) for la in res["layers"]) == res["macs"]
+    root = [la for la in res["layers"] if la["name"] in ("unet", "(root)")]
+    assert sum(la.get("macs", 0) for la in root) == 0  # no conv work charged to the root module
