@@ -395,15 +395,13 @@ def test_cli_profile_json(unet_onnx: tuple[DiffusionModel, Path], capsys: pytest
     assert {"name", "op", "ms", "share"} <= set(data["layers"][0])
 
 
-def test_third_party_export_layers_add_up_to_the_models_macs(tmp_path: Path) -> None:
-    """A UNet exported outside edgediff (TorchScript exporter on the bare diffusers module, dynamic
-    batch and spatial axes, as pipelines ship them): every MAC is counted and lands on a module."""
-    from edgediff.profiling.graph import onnx_ops
-
+def _third_party_export(tmp_path: Path, dynamic_axes: dict[str, dict[int, str]]) -> tuple[DiffusionModel, Path]:
+    """A tiny UNet exported outside edgediff: TorchScript exporter on the bare diffusers module, as
+    pipelines ship it (the UNet's own call, tuple output)."""
     model = _tiny_unet()
     unet = model.denoiser
 
-    class Bare(torch.nn.Module):  # what a third party traces: the UNet's own call, tuple output
+    class Bare(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.unet = unet
@@ -414,8 +412,17 @@ def test_third_party_export_layers_add_up_to_the_models_macs(tmp_path: Path) -> 
     path = tmp_path / "third_party.onnx"
     ex = model.example_inputs(1)
     torch.onnx.export(Bare().eval(), (ex["sample"], ex["timestep"]), str(path), input_names=["sample", "timestep"],
-                      output_names=["out_sample"], dynamo=False,
-                      dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"}})
+                      output_names=["out_sample"], dynamo=False, dynamic_axes=dynamic_axes)
+    return model, path
+
+
+def test_third_party_export_layers_add_up_to_the_models_macs(tmp_path: Path) -> None:
+    """A UNet exported outside edgediff (TorchScript exporter on the bare diffusers module, dynamic
+    batch and spatial axes, as pipelines ship them): every MAC is counted and lands on a module."""
+    from edgediff.profiling.graph import onnx_ops
+
+    model, path = _third_party_export(tmp_path, {"sample": {0: "batch", 2: "height", 3: "width"},
+                                                 "timestep": {0: "batch"}})
     from edgediff.profiling import graph
 
     graph.DYNAMIC_DIMS.update(height=16, width=16)  # the size the torch count runs at
@@ -433,22 +440,7 @@ def test_measured_layers_of_a_third_party_export_add_up_to_the_models_macs(tmp_p
     the measured profile still counts that conv's MACs (at the resnet), so the layers add up."""
     from edgediff.profiling.run import profile
 
-    model = _tiny_unet()
-    unet = model.denoiser
-
-    class Bare(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample, timestep, return_dict=False)[0]
-
-    path = tmp_path / "third_party.onnx"
-    ex = model.example_inputs(1)
-    torch.onnx.export(Bare().eval(), (ex["sample"], ex["timestep"]), str(path), input_names=["sample", "timestep"],
-                      output_names=["out_sample"], dynamo=False, dynamic_axes={"sample": {0: "batch"},
-                                                                               "timestep": {0: "batch"}})
+    model, path = _third_party_export(tmp_path, {"sample": {0: "batch"}, "timestep": {0: "batch"}})
     res = profile(path, runtime="ort", warmup=1, repeats=2)
     assert res["macs"] == _torch_macs(model)
     assert res["macs_unattributed"] == 0
