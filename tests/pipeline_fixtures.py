@@ -143,3 +143,13 @@ def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dit_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_dit(tmp_path_factory.mktemp("pipelines") / "tiny-dit")
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
+    """Run the CLI in-process with --json: (exit code, its JSON object or {})."""
+    from edgediff.cli import main
+
+    capsys.readouterr()
+    rc = main([*args, "--json"])
+    out = capsys.readouterr().out
+    return rc, (json.loads(out) if out.strip() else {})

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_fixtures import tiny_sd  # noqa: F401
+from pipeline_fixtures import cli_json, tiny_sd  # noqa: F401
 
 from edgediff.bundle import export_bundle
 from edgediff.loaders import load_model
 
 pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
 
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
-    from edgediff.cli import main
-
-    capsys.readouterr()
-    rc = main([*args, "--json"])
-    out = capsys.readouterr().out
-    return rc, (json.loads(out) if out.strip() else {})
+_cli = cli_json
 
 
 def test_calibration_conditioning_is_encoded_prompts_with_guidance(tiny_sd: Path, tmp_path: Path) -> None:  # noqa: F811

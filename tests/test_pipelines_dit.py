@@ -3,27 +3,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import tiny_dit_pipeline  # noqa: F401
+from pipeline_fixtures import cli_json, tiny_dit_pipeline  # noqa: F401
 
 from edgediff.bundle import export_bundle
 from edgediff.loaders import load_model
 
 pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
 
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
-    from edgediff.cli import main
-
-    capsys.readouterr()
-    rc = main([*args, "--json"])
-    out = capsys.readouterr().out
-    return rc, (json.loads(out) if out.strip() else {})
+_cli = cli_json
 
 
 def test_dit_pipeline_bundle_equals_diffusers_and_verifies(tiny_dit_pipeline: Path, tmp_path: Path,  # noqa: F811
