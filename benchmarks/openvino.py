@@ -225,19 +225,10 @@ _ADAPTER = ('sample_shape = [1, 16, 16]\ninputs = ["x", "t"]\nsample = "x"\ntime
 
 def _third_party_onnx(model: Any, path: Path) -> None:
     """The model as another tool ships it: own input names, int64 time, a plain output."""
+    from edgediff.testing import export_third_party_onnx
 
-    class ThirdParty(torch.nn.Module):
-        def __init__(self, unet: torch.nn.Module) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x, t).sample
-
-    torch.onnx.export(ThirdParty(model.denoiser).eval(), (torch.randn(2, *model.signature.sample_shape),
-                                                          torch.tensor([10, 500])), str(path),
-                      input_names=["x", "t"], output_names=["eps"], opset_version=17, dynamo=False,
-                      dynamic_axes={"x": {0: "b"}, "t": {0: "b"}, "eps": {0: "b"}})
+    export_third_party_onnx(model.denoiser, path, (torch.randn(2, *model.signature.sample_shape),
+                                                   torch.tensor([10, 500])), input_names=("x", "t"), output_name="eps")
 
 
 def main() -> None:

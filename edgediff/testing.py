@@ -94,3 +94,27 @@ def minmax_quantize(model: DiffusionModel, symmetric: bool = True, bits: int = 8
         set_submodule(den, name, MinMaxSimLayer(kind, bits, s, zp, signed, inner=m))
     out.extras["quant"] = qp.to_extras()
     return out
+
+
+class _Bare(nn.Module):
+    """A diffusers denoiser called as another tool traces it: positional (sample, timestep), tensor out."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, return_dict=False)[0]
+
+
+def export_third_party_onnx(unet: nn.Module, path: Any, example: tuple[torch.Tensor, torch.Tensor],
+                            input_names: tuple[str, str] = ("sample", "timestep"), output_name: str = "out",
+                            dynamic_axes: dict[str, dict[int, str]] | None = None, opset: int | None = 17) -> Any:
+    """`unet` exported outside edgediff (the TorchScript exporter on the bare module, the caller's
+    names, time dtype and dynamic axes), as an ONNX-in model or a third-party profile target arrives."""
+    kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
+    if dynamic_axes is None:
+        dynamic_axes = {n: {0: "b"} for n in (*input_names, output_name)}
+    torch.onnx.export(_Bare(unet).eval(), example, str(path), input_names=list(input_names),
+                      output_names=[output_name], dynamo=False, dynamic_axes=dynamic_axes, **kwargs)
+    return path

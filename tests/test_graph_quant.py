@@ -11,23 +11,13 @@ import torch
 
 from edgediff.graph_quant import split_concat_convs, time_only_nodes
 from edgediff.loaders import load_model
+from edgediff.testing import export_third_party_onnx
 
 
 def _demo_graph(tmp_path: Path) -> onnx.ModelProto:
     m = load_model("demo")
-
-    class Wrap(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = m.denoiser
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample, timestep).sample
-
-    path = tmp_path / "demo.onnx"
-    torch.onnx.export(Wrap().eval(), (torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])), str(path),
-                      input_names=["sample", "timestep"], output_names=["out"], opset_version=17, dynamo=False,
-                      dynamic_axes={"sample": {0: "b"}, "timestep": {0: "b"}, "out": {0: "b"}})
+    path = export_third_party_onnx(m.denoiser, tmp_path / "demo.onnx",
+                                   (torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])))
     return onnx.load(str(path))
 
 

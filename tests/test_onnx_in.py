@@ -13,17 +13,7 @@ import torch
 
 from edgediff.errors import BadInput
 from edgediff.loaders import LoadOptions, load_model
-
-
-class _ThirdParty(torch.nn.Module):
-    """How another tool ships a UNet: its own input names, an int64 time input, a plain output."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+from edgediff.testing import export_third_party_onnx
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +26,8 @@ def onnx_model(demo_model, tmp_path: Path) -> Path:
     """The demo UNet (trained: a random net amplifies every rounding difference between two
     int8 runtimes into noise) exported as a third-party graph."""
     path = tmp_path / "unet.onnx"
-    mod = _ThirdParty(demo_model.denoiser).eval()
-    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
-    torch.onnx.export(mod, (x, t), str(path), input_names=["x", "t"], output_names=["eps"], opset_version=17,
-                      dynamo=False, dynamic_axes={"x": {0: "b"}, "t": {0: "b"}, "eps": {0: "b"}})
+    export_third_party_onnx(demo_model.denoiser, path, (torch.randn(2, 1, 16, 16), torch.tensor([10, 500])),
+                            input_names=("x", "t"), output_name="eps")
     (tmp_path / "adapter.toml").write_text(
         'sample_shape = [1, 16, 16]\ninputs = ["x", "t"]\nsample = "x"\ntime = "t"\n\n'
         '[scheduler]\n_class_name = "DDIMScheduler"\nnum_train_timesteps = 1000\n')

@@ -398,21 +398,12 @@ def test_cli_profile_json(unet_onnx: tuple[DiffusionModel, Path], capsys: pytest
 def _third_party_export(tmp_path: Path, dynamic_axes: dict[str, dict[int, str]]) -> tuple[DiffusionModel, Path]:
     """A tiny UNet exported outside edgediff: TorchScript exporter on the bare diffusers module, as
     pipelines ship it (the UNet's own call, tuple output)."""
+    from edgediff.testing import export_third_party_onnx
+
     model = _tiny_unet()
-    unet = model.denoiser
-
-    class Bare(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample, timestep, return_dict=False)[0]
-
-    path = tmp_path / "third_party.onnx"
     ex = model.example_inputs(1)
-    torch.onnx.export(Bare().eval(), (ex["sample"], ex["timestep"]), str(path), input_names=["sample", "timestep"],
-                      output_names=["out_sample"], dynamo=False, dynamic_axes=dynamic_axes)
+    path = export_third_party_onnx(model.denoiser, tmp_path / "third_party.onnx", (ex["sample"], ex["timestep"]),
+                                   output_name="out_sample", dynamic_axes=dynamic_axes, opset=None)
     return model, path
 
 
