@@ -33,7 +33,7 @@ def _producers(graph: Any) -> dict[str, Any]:
     return {o: n for n in graph.node for o in n.output}
 
 
-def _concat_split(graph: Any, tensor: str, prod: dict[str, Any], channels: dict[str, list[int]],
+def _concat_split(tensor: str, prod: dict[str, Any], channels: dict[str, list[int]],
                   depth: int = 8) -> list[int] | None:
     """The channel sizes of the axis-1 concat `tensor` is a channel-wise function of, if any.
     Every non-constant input is followed (SiLU exports as x * Sigmoid(x): both reach the concat)."""
@@ -53,7 +53,7 @@ def _concat_split(graph: Any, tensor: str, prod: dict[str, Any], channels: dict[
     # per-channel scales/biases and shapes are initializers or Constant nodes
     ins = node.input[:1] if node.op_type == "Reshape" else node.input  # a Reshape's 2nd input is its shape
     dyn = [i for i in ins if i and prod.get(i) is not None and prod[i].op_type != "Constant"]
-    found = {tuple(r) if r else None for r in (_concat_split(graph, i, prod, channels, depth - 1) for i in dyn)}
+    found = {tuple(r) if r else None for r in (_concat_split(i, prod, channels, depth - 1) for i in dyn)}
     if len(found) != 1:
         return None
     only = found.pop()
@@ -93,7 +93,7 @@ def split_concat_convs(model: Any) -> list[str]:
             new_nodes.append(node)
             continue
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        sizes = _concat_split(g, node.input[0], prod, channels) if group == 1 else None
+        sizes = _concat_split(node.input[0], prod, channels) if group == 1 else None
         w = numpy_helper.to_array(inits[node.input[1]])
         if not sizes or sum(sizes) != w.shape[1]:
             new_nodes.append(node)
