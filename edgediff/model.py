@@ -304,6 +304,53 @@ def trace_friendly() -> Iterator[None]:
         F.rms_norm = orig_rms  # type: ignore[assignment]
 
 
+_FACTORIES = ("arange", "linspace", "zeros", "ones", "full", "empty", "tensor", "as_tensor")
+
+
+@contextlib.contextmanager
+def float32_tables() -> Iterator[None]:
+    """While a converter records the graph: tensors created as float64 are created as float32.
+
+    Some models build small tables in float64 (diffusers' rotary embedding: Flux's FluxPosEmbed
+    asks get_1d_rotary_pos_embed for float64 frequencies, which then promote the positions'
+    outer product, cos and sin). Edge runtimes have no float64 kernels (TFLite cannot legalize
+    a float64 POW), and they compute in float32 anyway. Every float64 value of such a graph
+    starts at a factory call (arange, linspace, ...) or an explicit cast, so making those float32
+    keeps the whole chain in float32; the error is float32 rounding of the table (about 1e-7
+    relative), far below what verify measures.
+    """
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+    orig_to, orig_double = torch.Tensor.to, torch.Tensor.double
+
+    def factory(fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("dtype") is torch.float64:
+                kwargs["dtype"] = torch.float32
+            return fn(*args, **kwargs)
+        return call
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        args = tuple(torch.float32 if a is torch.float64 else a for a in args)
+        if kwargs.get("dtype") is torch.float64:
+            kwargs["dtype"] = torch.float32
+        return orig_to(self, *args, **kwargs)
+
+    def double(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return orig_to(self, torch.float32)
+
+    for name, fn in originals.items():
+        setattr(torch, name, factory(fn))
+    torch.Tensor.to = to  # type: ignore[method-assign]
+    torch.Tensor.double = double  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+        torch.Tensor.to = orig_to  # type: ignore[method-assign]
+        torch.Tensor.double = orig_double  # type: ignore[method-assign]
+
+
 def _is_diffusers(m: nn.Module) -> bool:
     # diffusers' transformers take the conditioning before the timestep: only keywords fit them all
     return any(c.__module__.startswith("diffusers.") for c in type(m).__mro__)

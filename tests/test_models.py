@@ -211,3 +211,27 @@ def _save_dit(tmp_path: Path) -> Path:
     diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                     num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=3).save_pretrained(d)
     return d
+
+
+def test_float32_tables_keep_flux_rotary_embedding_float32() -> None:
+    """LiteRT has no float64 kernels: while converting, Flux's rotary table (float64 in diffusers)
+    is built in float32, equal to the float64 one within float32 rounding; outside, torch is untouched."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    from edgediff.model import float32_tables
+
+    pe = FluxPosEmbed(theta=10000, axes_dim=[2, 2, 4])
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3)
+    ref = pe(ids)
+    graph = torch.export.export(pe, (ids,)).graph_module.code
+    assert "float64" in graph  # what the converter would see without the rule
+    with float32_tables():
+        assert torch.arange(0, 4, 2, dtype=torch.float64).dtype == torch.float32
+        assert torch.ones(2).double().dtype == torch.float32 and torch.ones(2).to(torch.float64).dtype == torch.float32
+        got = pe(ids)
+        graph = torch.export.export(pe, (ids,)).graph_module.code
+    assert "float64" not in graph
+    for r, g in zip(ref, got):
+        assert g.dtype == torch.float32 and (r - g).abs().max() < 1e-6
+    assert torch.arange(2, dtype=torch.float64).dtype == torch.float64  # restored
+    assert torch.ones(2).double().dtype == torch.float64

@@ -77,8 +77,7 @@ PRUNE = {"unet2d": 0, "sd1": 0, "dit": 0, "sdxl": 0, "pixart": (2, "missed a cha
 OPENCL = {"unet2d": 0, "sd1": (2, "FloatAttnProcessor"), "dit": (2, "FloatAttnProcessor"), "sdxl": (2, "extra inputs"),
           "pixart": (2, "PixArtTransformer2DModel"), "sd3": (2, "SD3Transformer2DModel"),
           "sana": (2, "SanaTransformer2DModel"), "flux": (2, "FluxTransformer2DModel")}
-# Flux: the converter cannot legalize the float64 POW of diffusers' RoPE (FluxPosEmbed)
-TFLITE = {"unet2d": 0, "sd1": 0, "dit": 0, "pixart": 0, "sana": 0, "sdxl": 0, "sd3": 0, "flux": (2, "tfl.pow")}
+TFLITE = {"unet2d": 0, "sd1": 0, "dit": 0, "pixart": 0, "sana": 0, "sdxl": 0, "sd3": 0, "flux": 0}
 
 
 def _folder(tmp_path: Path, key: str) -> Path:
