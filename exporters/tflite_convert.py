@@ -153,8 +153,13 @@ def float_inputs(data: bytes) -> tuple[bytes, list[str]]:
     return bytes(b.Output()), fixed
 
 
-def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple[bytes, dict[str, Any]]:
-    """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report)."""
+def build_tflite(model: DiffusionModel, precision: str, batch: int = 1,
+                 entry: Any = None) -> tuple[bytes, dict[str, Any]]:
+    """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report).
+
+    `entry(wrapper, sample_kwargs) -> (module, sample_kwargs)` converts another entry point of the
+    same prepared (int8: integer-layer) denoiser instead (DeepCache's full and shallow calls).
+    """
     from edgediff.exporters.base import check_batch, check_precision, int8_quant_params
 
     check_precision("tflite", precision)
@@ -195,6 +200,8 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1) -> tuple
         quant_config = qc.QuantConfig(pt2e_quantizer=pq.PT2EQuantizer().set_global(
             pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)))
     kwargs = _example_kwargs(model.signature, batch)
+    if entry is not None:
+        wrapper, kwargs = entry(wrapper, kwargs)
     t0 = time.perf_counter()
     try:
         edge = litert_torch.convert(wrapper, sample_kwargs=kwargs, quant_config=quant_config)
