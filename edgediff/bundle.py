@@ -42,7 +42,7 @@ from edgediff.runtime.bundle import (
 )
 from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
-BUNDLE_TARGETS = ("onnx",)
+BUNDLE_TARGETS = ("onnx", "tflite")
 
 
 def is_bundle_output(out: Path) -> bool:
@@ -143,6 +143,9 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     from edgediff.pipelines import pipeline_of
 
     pipe = pipeline_of(model)
+    if pipe is not None and target != "onnx":
+        raise Unavailable(f"{out}: {target} bundles hold a denoiser only so far; a pipeline's text encoder and "
+                          "VAE are written by --target onnx")
     samp = _sampling(model, sampler, steps)
     sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
     sampler_note = None
@@ -162,7 +165,12 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     cache = cache_config(model)
     task = progress.add_task(f"bundle {target} {precision}", total=None) if progress is not None else None
     try:
-        entries = _onnx_entries(model, precision, cache)
+        if target == "tflite":  # full + shallow .tflite files (exporters/tflite_deepcache.py)
+            from edgediff.exporters.tflite_deepcache import tflite_entries
+
+            entries: dict[str, Any] = tflite_entries(model, precision, cache)
+        else:
+            entries = _onnx_entries(model, precision, cache)
     finally:
         if task is not None:
             progress.remove_task(task)
@@ -176,6 +184,11 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         from edgediff.exporters.bundle_onnx import graph_io
 
         components: dict[str, Any] = {}
+        if target == "tflite":
+            from edgediff.exporters.tflite_deepcache import write_components
+
+            components = write_components(entries, tmp, comp_dir, precision, model)
+            entries = {}
         for role, (proto, facts) in entries.items():
             name = comp_dir if role == ROLE_FULL else f"{comp_dir}_shallow"
             (tmp / name).mkdir()
@@ -257,7 +270,7 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     from edgediff.passes import sampling_correction
     from edgediff.pipelines.verify import reference_model, verify_pipeline_bundle
     from edgediff.runtime.bundle import read_bundle
-    from edgediff.runtime.generate import OrtEntry, run_bundle
+    from edgediff.runtime.generate import open_entry, run_bundle
     from edgediff.runtime.pipeline import is_text_pipeline
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
@@ -276,17 +289,16 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
         result.update({"verified": False, "exit_code": 3,
                        "reason": "the bundle runtime does not apply PTQD corrections; verify the single-file export"})
         return result
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        result.update({"verified": False, "exit_code": 3, "reason": "running the bundle needs onnxruntime"})
+    try:  # the bundle's own runtime (onnxruntime or LiteRT, by component file)
+        full = open_entry(b, ROLE_FULL)
+        shallow = open_entry(b, ROLE_SHALLOW) if b.cache else None
+    except Unavailable as e:
+        result.update({"verified": False, "exit_code": 3, "reason": str(e)})
         return result
     ref_model, what = reference_model(reference, precision)
     result["reference"] = what
     # single calls on fixed inputs: the full graph, and the shallow graph fed the reference's own feature
     mod = ref_model.module().eval()
-    full = OrtEntry(b.file(ROLE_FULL))
-    shallow = OrtEntry(b.file(ROLE_SHALLOW)) if b.cache else None
     err = 0.0
     for t in (999, 500, 50):
         t = min(t, reference.schedule.num_train_timesteps - 1)
@@ -318,7 +330,7 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     p = psnr(torch.from_numpy(got_x), want_x)
     within = p >= tol["psnr_db"] and err <= tol["max_abs_err"]
     result.update({"psnr_db": round(p, 3) if math.isfinite(p) else p, "verified": True,
-                   "runtime": f"onnxruntime {ort.__version__}",
+                   "runtime": _runtime_version(full.runtime),
                    "denoiser_calls": run_stats["denoiser_calls"],
                    "denoiser_calls_full": run_stats["denoiser_calls_full"],
                    "denoiser_calls_shallow": run_stats["denoiser_calls_shallow"],
@@ -330,6 +342,16 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     if return_samples:
         result["final_samples"] = torch.from_numpy(got_x)
     return result
+
+
+def _runtime_version(runtime: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}.get(runtime, runtime)
+    try:
+        return f"{runtime} {version(dist)}"
+    except PackageNotFoundError:
+        return runtime
 
 
 def describe_bundle(path: Path) -> dict[str, Any]:

@@ -304,9 +304,10 @@ class Backend(ABC):
         if not report.size_bytes:
             report.size_bytes = _size(out)
         if isinstance(model, DiffusionModel) and model.extras.get("cache"):
-            # never a silent drop: this output holds the full UNet; DeepCache's shallow call is in ONNX bundles
+            # never a silent drop: this output holds the full UNet; DeepCache's shallow call is in the bundles
             report.extra.setdefault("cache", f"not exported: a {self.target} output holds the full UNet only; "
-                                    "the full + shallow entry points are written by `export --target onnx -o DIR`")
+                                    "the full + shallow entry points are written by `export --target onnx -o DIR` "
+                                    "(also tflite, opencl)")
         return report
 
     def check_output(self, out: Path) -> None:

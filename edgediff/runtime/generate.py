@@ -39,6 +39,8 @@ _NP_OF = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float16)
 class OrtEntry:
     """One ONNX graph in an onnxruntime session, fed by name with numpy arrays."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, path: Path, threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
@@ -78,11 +80,17 @@ class OrtEntry:
         return res
 
 
-def _entry(bundle: Bundle, role: str, threads: int | None) -> OrtEntry:
-    if bundle.target != "onnx":
-        raise Unavailable(f"{bundle.path}: generating from a {bundle.target!r} bundle is not supported by the "
-                          "numpy runtime yet (onnx is)")
-    return OrtEntry(bundle.file(role), threads)
+def open_entry(bundle: Bundle, role: str, threads: int | None = None) -> Any:
+    """The component with `role` in its runtime, chosen by its file: OrtEntry (.onnx) or
+    LiteRTEntry (.tflite, edgediff.runtime.litert); both run(outputs, feeds) by name."""
+    f = bundle.file(role)
+    if f.suffix == ".onnx":
+        return OrtEntry(f, threads)
+    if f.suffix == ".tflite":
+        from edgediff.runtime.litert import LiteRTEntry
+
+        return LiteRTEntry(f, threads)
+    raise Unavailable(f"{f}: the numpy runtime runs .onnx and .tflite components, not {f.suffix or 'this file'}")
 
 
 def conditioning(signature: dict[str, Any], n: int, seed: int) -> dict[str, np.ndarray]:
@@ -143,9 +151,9 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
     sched, sampler_name = make_scheduler(bundle, sampler, eta)
     sched.set_timesteps(n_steps)
     t_load = time.perf_counter()
-    full = _entry(bundle, ROLE_FULL, threads)
+    full = open_entry(bundle, ROLE_FULL, threads)
     cache_cfg = bundle.cache if cache else None
-    shallow = _entry(bundle, ROLE_SHALLOW, threads) if cache_cfg else None
+    shallow = open_entry(bundle, ROLE_SHALLOW, threads) if cache_cfg else None
     load_ms = (time.perf_counter() - t_load) * 1e3
     n_ts = len(sched.timesteps)
     full_steps = set(cache_full_steps(n_ts, int(cache_cfg["interval"]))) if cache_cfg else set(range(n_ts))
@@ -189,7 +197,7 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
         comp_ms["denoiser_shallow"] = round(shallow.ms, 2)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = {
-        "bundle": str(bundle.path), "runtime": "onnxruntime", "sampler": sampler_name, "steps": n_ts,
+        "bundle": str(bundle.path), "runtime": full.runtime, "sampler": sampler_name, "steps": n_ts,
         "samples": samples, "seed": seed,
         "denoiser_calls": calls["full"] + calls["shallow"],
         "denoiser_calls_full": calls["full"], "denoiser_calls_shallow": calls["shallow"],

@@ -1,0 +1,141 @@
+"""TFLite bundles with DeepCache's two entry points: export -o DIR, torch-free generate on LiteRT, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgediff import passes
+from edgediff.model import DiffusionModel, InputSignature
+from edgediff.passes import PassContext
+from edgediff.runtime.bundle import MANIFEST, read_bundle
+from edgediff.runtime.generate import run_bundle
+from edgediff.sampling import SamplerConfig, sample_model
+
+pytest.importorskip("litert_torch", reason="TFLite bundles are converted by litert-torch")
+pytest.importorskip("ai_edge_litert.interpreter", reason="TFLite bundles run on LiteRT")
+
+
+def _micro_unet(classes: int = 0) -> DiffusionModel:
+    """The smallest UNet with a skip branch to cache (two blocks, 8x8): conversion is slow here."""
+    from diffusers import UNet2DModel
+
+    from edgediff.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                    norm_num_groups=4, attention_head_dim=4, num_class_embeds=classes or None).eval()
+    sig = InputSignature((1, 8, 8), num_classes=classes or None)
+    return DiffusionModel(m, NoiseSchedule.from_config({}), sig, "UNet2DModel", dict(m.config), {"source": "test"})
+
+
+def _cached(model: DiffusionModel, sampler: str = "dpmpp-2m", steps: int = 5, interval: int = 2) -> DiffusionModel:
+    run, opts = passes.get("sampling")
+    m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
+    run_c, opts_c = passes.get("cache")
+    return run_c(m, opts_c(depth=0, interval=interval, check_samples=0), PassContext())
+
+
+def _close(x: np.ndarray, ref: np.ndarray) -> None:
+    # XNNPACK fp32 vs torch after a whole sampler loop: 1e-4 of the samples' scale
+    np.testing.assert_allclose(x, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
+def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from edgediff.artifact import write_artifact
+    from edgediff.cli import main
+
+    m = _cached(_micro_unet())
+    write_artifact(m, tmp_path / "art", {"source": "test"})
+    out = tmp_path / "b"
+    assert main(["export", str(tmp_path / "art"), "--target", "tflite", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bundle"] and set(rep["components"]) == {"unet", "unet_shallow"}
+    man = json.loads((out / MANIFEST).read_text())
+    assert man["target"] == "tflite" and man["cache"]["full_steps"] == [0, 2, 4]
+    full, shallow = man["components"]["unet"], man["components"]["unet_shallow"]
+    assert full["path"] == "unet/model.tflite" and shallow["role"] == "denoiser_shallow"
+    assert full["outputs"] == ["cached_feature", "out_sample"] and shallow["outputs"] == ["out_sample"]
+    assert set(shallow["inputs"]) == {"sample", "timestep", "cached_feature"}
+    assert shallow["inputs"]["cached_feature"]["shape"][1:] == m.extras["cache"]["feature_shape"]
+    assert shallow["ops"] < full["ops"]  # the deep blocks are not in the shallow file
+
+    # torch-free sampler loop on LiteRT == the PyTorch cached sampler (same schedule, seeds)
+    x, stats = run_bundle(out, samples=3, seed=0, threads=1)
+    assert stats["runtime"] == "litert"
+    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (3, 2)
+    _close(x, sample_model(m, 3, seed=0, cfg=SamplerConfig("dpmpp-2m", 5)).numpy())
+    plain, st = run_bundle(out, samples=3, seed=0, threads=1, cache=False)
+    assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
+
+    npy = tmp_path / "x.npy"
+    assert main(["generate", str(out), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
+    g = json.loads(capsys.readouterr().out)
+    assert (g["denoiser_calls_full"], g["denoiser_calls_shallow"]) == (3, 2) and g["ms_per_image"] > 0
+    assert np.load(npy).shape == (2, 1, 8, 8)
+
+    assert main(["verify", str(tmp_path / "art"), str(out), "--samples", "2", "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["verified"] and v["exit_code"] == 0 and v["runtime"].startswith("litert")
+    assert (v["denoiser_calls_full"], v["denoiser_calls_shallow"]) == (3, 2) and v["reference_calls_shallow"] == 2
+    assert v["psnr_db"] > 60 and v["max_abs_err"] < 1e-4
+
+
+def test_a_broken_tflite_component_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A bundle whose .tflite is not a model: generate names the file, exit 2 (no conversion needed)."""
+    from edgediff.cli import main
+
+    b = tmp_path / "b"
+    (b / "unet").mkdir(parents=True)
+    (b / "scheduler").mkdir()
+    (b / "unet" / "model.tflite").write_bytes(b"not a flatbuffer")
+    (b / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
+    man = {"format": "edgediff-bundle", "version": 1, "target": "tflite", "sampler": "DDIMScheduler", "steps": 2,
+           "components": {"unet": {"path": "unet/model.tflite", "role": "denoiser"}}, "cache": None,
+           "signature": {"sample_shape": [1, 8, 8]}, "scheduler": {"path": "scheduler/scheduler_config.json"}}
+    (b / MANIFEST).write_text(json.dumps(man))
+    assert read_bundle(b).target == "tflite"
+    assert main(["generate", str(b), "--samples", "1", "--save-npy", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "model.tflite" in err and "LiteRT" in err
+
+
+@pytest.mark.slow
+def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
+    from edgediff.bundle import export_bundle
+    from edgediff.testing import minmax_quantize
+    from edgediff.verify import TOLERANCES, verify
+
+    q = _cached(minmax_quantize(_micro_unet()), steps=4)
+    rep = export_bundle(q, tmp_path / "b", "tflite", "int8")
+    assert set(rep["components"]) == {"unet", "unet_shallow"}
+    man = read_bundle(tmp_path / "b").manifest
+    for name in ("unet", "unet_shallow"):
+        c = man["components"][name]
+        assert c["weight_dtypes"].get("int8") and c["integer_macs_share"] > 0.5, (name, c)
+        assert c["inputs"]["sample"]["dtype"] == "float32"  # the float interface is restored
+    x, stats = run_bundle(tmp_path / "b", samples=2, seed=0, threads=1)
+    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (2, 2)
+    ref = sample_model(q, 2, seed=0, cfg=SamplerConfig("dpmpp-2m", 4)).numpy()
+    assert float(np.abs(x - ref).max()) < 0.25  # int8 kernels vs the fake-quant simulation: close, not equal
+    v = verify(q, tmp_path / "b", samples=2)
+    assert v["verified"] and v["precision"] == "int8" and v["tolerance"] == TOLERANCES["int8"]
+    assert v["exit_code"] in (0, 4) and v["denoiser_calls_shallow"] == 2
+
+
+@pytest.mark.slow
+def test_class_conditional_cached_tflite_bundle(tmp_path: Path) -> None:
+    from edgediff.bundle import export_bundle
+
+    m = _cached(_micro_unet(classes=3), sampler="ddim", steps=4, interval=3)
+    export_bundle(m, tmp_path / "b", "tflite", "fp32")
+    man = read_bundle(tmp_path / "b").manifest
+    assert man["components"]["unet_shallow"]["inputs"]["class_labels"]["dtype"] == "int32"
+    x, stats = run_bundle(tmp_path / "b", samples=4, seed=1, threads=1)
+    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (2, 2)
+    _close(x, sample_model(m, 4, seed=1, cfg=SamplerConfig("ddim", 4)).numpy())
