@@ -56,11 +56,15 @@ def plan(model: DiffusionModel, recipe: Recipe) -> list[tuple[str, dict[str, Any
     planned = [(spec.name, spec.options, passes.make_options(spec.name, spec.options, recipe.source))
                for spec in recipe.passes]
     from edgediff.onnx_source import check_pass
+    from edgediff.pipelines.compress import targets
 
-    for spec in recipe.passes:
-        check_pass(model, spec.name)
+    on = targets(model, recipe)  # a pipeline's other components take their own passes
+    for spec, parts in zip(recipe.passes, on):
+        if parts is None:
+            check_pass(model, spec.name)
     already = set(model.extras) | set(model.provenance.get("passes", []))
-    passes.check_order([name for name, _, _ in planned], already, f"recipe {recipe.name!r}")
+    passes.check_order([name for (name, _, _), parts in zip(planned, on) if parts is None], already,
+                       f"recipe {recipe.name!r}")
     return planned
 
 
@@ -73,6 +77,9 @@ def run_recipe(model: DiffusionModel, recipe: Recipe, seed: int = 0, progress: A
     `original` is `ctx.original` (teacher/reference; default: the input model).
     """
     planned = plan(model, recipe)
+    from edgediff.pipelines.compress import run_component_pass, targets
+
+    on = targets(model, recipe)
     records: list[PassRecord] = []
     original = original if original is not None else model
     current = model.clone()
@@ -82,6 +89,11 @@ def run_recipe(model: DiffusionModel, recipe: Recipe, seed: int = 0, progress: A
                                  log=log or (lambda m: None), **({"cache_dir": cache_dir} if cache_dir else {}))
         seed_everything(seed + i)
         t0 = time.perf_counter()
+        if on[i] is not None:  # a component's pass: its state goes into the denoiser's extras
+            current = run_component_pass(current, name, opts, on[i], ctx)
+            records.append(PassRecord(name, {**raw, "component": recipe.passes[i].component},
+                                      time.perf_counter() - t0, ctx.metrics))
+            continue
         current = run(current, opts, ctx)
         dt = time.perf_counter() - t0
         current.provenance.setdefault("passes", []).append(name)
@@ -117,6 +129,12 @@ def compress(model: DiffusionModel, recipe: Recipe, out: Path, seed: int = 0, pr
         # a quantizing recipe ends with the simulation measured against the original model
         # (the original's samples go into the artifact for verify, see edgediff.quality)
         extra["quality"] = quality.attach(model, result)
+    from edgediff.pipelines.parts import records as component_records
+
+    if component_records(result.extras):  # per-component cost and quality, and the whole pipeline's images
+        from edgediff.pipelines.compress import report
+
+        extra["components"] = report(model, result)
     manifest = manifest_of(model, result, recipe, seed, records, before, extra)
     write_artifact(result, out, manifest, files=files, force=force)
     return result, manifest

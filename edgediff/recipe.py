@@ -9,6 +9,8 @@
     name = "quant"
     weight_bits = 8
 
+A pass acts on the denoiser unless it names another component of a pipeline
+(`component = "text_encoder"`, "vae_decoder", "vae_encoder", "vae"): see edgediff/pipelines/compress.py.
 Built-ins live in edgediff/recipes/*.toml.
 """
 
@@ -29,6 +31,7 @@ BUILTIN_DIR = Path(__file__).parent / "recipes"
 class PassSpec:
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    component: str | None = None  # None: the denoiser
 
 
 @dataclass
@@ -40,7 +43,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
-                "passes": [{"name": p.name, **p.options} for p in self.passes]}
+                "passes": [{"name": p.name, **p.options, **({"component": p.component} if p.component else {})}
+                           for p in self.passes]}
 
 
 def parse(text: str, where: str) -> Recipe:
@@ -59,7 +63,10 @@ def parse(text: str, where: str) -> Recipe:
         name = entry.pop("name")
         if name not in passes.known_passes():
             raise BadInput(f"{where}: unknown pass {name!r}; known passes: {', '.join(passes.known_passes())}")
-        specs.append(PassSpec(name, entry))
+        component = entry.pop("component", None)
+        if component is not None and (not isinstance(component, str) or not component.strip()):
+            raise BadInput(f"{where}: pass #{i + 1} ({name}): component must be a component name, got {component!r}")
+        specs.append(PassSpec(name, entry, component))
     return Recipe(name=str(data.get("name", Path(where).stem)), description=str(data.get("description", "")),
                   passes=specs, source=where)
 

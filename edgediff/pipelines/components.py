@@ -158,10 +158,22 @@ class Pipeline:
             raise BadInput(f"{self.path / 'model_index.json'}: lists {name!r} but {d} is missing")
         return d
 
-    def load(self, name: str) -> Any:
-        """The torch module (or tokenizer) of component `name`."""
-        if name in self._cache:
-            return self._cache[name]
+    def load(self, name: str, original: bool = False) -> Any:
+        """The torch module (or tokenizer) of component `name`: with the parts a recipe compressed
+        re-applied (edgediff.pipelines.parts), or as the pipeline folder has it with `original`."""
+        from edgediff.pipelines.parts import apply_parts, records
+
+        compressed = not original and any(r.get("component") == name for r in records(self.denoiser.extras).values())
+        key = f"{name}#compressed" if compressed else name
+        if key in self._cache:
+            return self._cache[key]
+        if compressed:
+            import copy
+
+            obj = apply_parts(name, copy.deepcopy(self.load(name, original=True)), self.denoiser.extras,
+                              str(self.denoiser.provenance.get("artifact") or self.path))
+            self._cache[key] = obj
+            return obj
         comp = self.components.get(name)
         if comp is None:
             raise BadInput(f"{self.path}: the pipeline has no component {name!r}")

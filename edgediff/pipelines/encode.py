@@ -90,6 +90,33 @@ def _match_rows(uncond: torch.Tensor, cond_all: torch.Tensor, c: torch.Tensor) -
 
 
 @torch.no_grad()
+def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, sampler: str | None, steps: int,
+                     guidance: float, negative: list[str] | None = None, progress: Any = None,
+                     description: str = "pipeline") -> torch.Tensor:
+    """Final latents of the PyTorch pipeline with `model` as its denoiser: one row per prompt, encoded by the
+    pipeline's text encoder with classifier-free guidance (class pipelines: labels 0, 1, ... as the runtime's)."""
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+    n = len(prompts)
+    den: Any = TorchDenoiser(model)
+    cond: Any = None
+    sig = model.signature
+    if not pipe.has("text_encoder") and sig.num_classes:
+        cond = torch.arange(n) % int(sig.num_classes)
+        if guidance > 1.0:
+            den = ClassGuidedDenoiser(den, int(sig.num_classes), guidance, int(sig.sample_shape[0]))
+    elif pipe.has("text_encoder"):
+        c, u = guided_conditioning(pipe, prompts, negative)
+        cond = c
+        if guidance > 1.0:
+            den = GuidedDenoiser(den, u, c, guidance)
+    x = sample(den, model.schedule, tuple(sig.sample_shape), n, seed, SamplerConfig(sampler, steps),
+               cond=cond, progress=progress, description=description)
+    assert isinstance(x, torch.Tensor)
+    return x
+
+
+@torch.no_grad()
 def decode_latents(pipe: Pipeline, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """VAE decode as diffusers does: vae.decode(latents / scaling_factor + shift) -> images in [-1, 1]."""
     vae = pipe.load("vae")

@@ -25,10 +25,8 @@ import torch
 from edgediff.model import DiffusionModel
 from edgediff.pipelines.components import Pipeline, pipeline_of
 from edgediff.pipelines.encode import (
-    ClassGuidedDenoiser,
-    GuidedDenoiser,
     decode_latents,
-    guided_conditioning,
+    pipeline_latents,
     token_ids,
 )
 from edgediff.pipelines.prompts import prompts_for
@@ -46,7 +44,7 @@ def reference_model(reference: DiffusionModel, precision: str) -> tuple[Diffusio
     return reference, "artifact in PyTorch" + (" (quantization simulation)" if wrapped else "")
 
 
-def _psnr(got: np.ndarray, want: np.ndarray) -> float:
+def range_psnr(got: np.ndarray, want: np.ndarray) -> float:
     """PSNR over the reference's own range (components' outputs are not in [-1, 1])."""
     rng = float(want.max() - want.min()) or 1.0
     mse = float(np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2))
@@ -54,7 +52,7 @@ def _psnr(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _row(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
-    return {"psnr_db": _psnr(got, want), "max_abs_err": float(np.abs(got - want).max())}
+    return {"psnr_db": range_psnr(got, want), "max_abs_err": float(np.abs(got - want).max())}
 
 
 @torch.no_grad()
@@ -62,24 +60,8 @@ def reference_images(pipe: Pipeline, model: DiffusionModel, prompts: list[str], 
                      steps: int, guidance: float, negative: list[str] | None = None,
                      progress: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(latents, images in [-1, 1] or None) of the PyTorch pipeline with `model` as its denoiser."""
-    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
-
-    n = len(prompts)
-    den: Any = TorchDenoiser(model)
-    cond: Any = None
-    sig = model.signature
-    if not pipe.has("text_encoder") and sig.num_classes:  # class-conditional: labels 0, 1, ... (the runtime's)
-        cond = torch.arange(n) % int(sig.num_classes)
-        if guidance > 1.0:
-            den = ClassGuidedDenoiser(den, int(sig.num_classes), guidance, int(sig.sample_shape[0]))
-    elif pipe.has("text_encoder"):
-        c, u = guided_conditioning(pipe, prompts, negative)
-        cond = c
-        if guidance > 1.0:
-            den = GuidedDenoiser(den, u, c, guidance)
-    x = sample(den, model.schedule, tuple(model.signature.sample_shape), n, seed, SamplerConfig(sampler, steps),
-               cond=cond, progress=progress, description="verify pipeline: reference")
-    assert isinstance(x, torch.Tensor)
+    x = pipeline_latents(pipe, model, prompts, seed, sampler, steps, guidance, negative, progress,
+                         "verify pipeline: reference")
     return x, (decode_latents(pipe, x) if pipe.has("vae") else None)
 
 
