@@ -222,6 +222,77 @@ def test_prune_ld_operator_level_convs_to_1x1_in_rounds(tiny_unet, tmp_path: Pat
         make_options("prune.ld", {"rounds": 0})
 
 
+def test_low_rank_and_bias_stand_ins_of_a_linear() -> None:
+    from edgediff.passes.skip_modules import LinearBias, LowRankLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(12, 10)
+    with torch.no_grad():  # a rank-3 weight: the rank-3 factorisation is exact, rank 2 is not
+        lin.weight.copy_(torch.randn(10, 3, generator=g) @ torch.randn(3, 12, generator=g))
+    x = torch.randn(5, 7, 12, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(LowRankLinear.replacing(lin, 3)(x), lin(x), atol=1e-4)
+        assert not torch.allclose(LowRankLinear.replacing(lin, 2)(x), lin(x), atol=1e-2)
+        bias_only = LinearBias.replacing(lin)(x)
+    assert bias_only.shape == (5, 7, 10) and torch.equal(bias_only[3, 2], lin.bias.detach())
+
+
+def test_prune_ld_single_linears_meet_budget_reload_and_export(tiny_dit, tmp_path: Path) -> None:
+    from edgediff.passes.prune_ld import _inner, candidates
+    from edgediff.passes.skip_modules import LinearBias, LowRankLinear
+
+    cands = candidates(tiny_dit, "linears")
+    assert {c.kind for c in cands} == {"linear_identity", "linear_lowrank", "linear_remove"}
+    lin = {n: m for n, m in _inner(tiny_dit).named_modules() if type(m) is torch.nn.Linear}
+    for c in cands:  # identity only where the shapes allow it, low rank only where it is cheaper
+        m = lin[c.name]
+        if c.kind == "linear_identity":
+            assert m.in_features == m.out_features
+        if c.kind == "linear_lowrank":
+            assert c.rank * (m.in_features + m.out_features) < m.in_features * m.out_features
+    assert {c.kind for c in candidates(tiny_dit, "linears", linear_ops="remove")} == {"linear_remove"}
+    assert not {c.kind for c in candidates(tiny_dit, "all")} & {"linear_identity", "linear_lowrank", "linear_remove"}
+    pruned, m = _run("prune.ld", tiny_dit, macs_reduction=0.3, samples=3, steps=2, include="linears")
+    assert macs(pruned) <= 0.7 * macs(tiny_dit) and m["macs_after"] == macs(pruned) and m["budget"] == "macs"
+    expected = {"linear_identity": torch.nn.Identity, "linear_lowrank": LowRankLinear, "linear_remove": LinearBias}
+    for r in m["removed"]:
+        assert isinstance(_inner(pruned).get_submodule(r["name"]), expected[r["kind"]]), r
+    assert len({r["name"] for r in m["removed"]}) == len(m["removed"])  # one stand-in per layer
+    inputs = tiny_dit.example_inputs(2)
+    again = _reload(pruned, tmp_path / "a")
+    assert torch.equal(_forward(again, inputs), _forward(pruned, inputs))
+    assert _onnx_roundtrip(pruned, inputs) < 1e-3
+
+
+def test_predicted_latency_saving_uses_measured_layers() -> None:
+    from edgediff.passes.prune_ld import predicted_saving_ms
+
+    layers = [{"name": "a.conv1", "ms": 2.0, "macs": 100}, {"name": "a.conv2", "ms": 1.0, "macs": 100},
+              {"name": "a", "ms": 0.5, "macs": 0}, {"name": "b", "ms": 4.0, "macs": 400}]
+    assert predicted_saving_ms("a", 200, layers) == pytest.approx(3.5)  # everything under a, all of its MACs
+    assert predicted_saving_ms("a.conv1", 50, layers) == pytest.approx(1.0)  # half of conv1's MACs
+    # fused into its ancestor's node (no layer of its own): the ancestor's ms per MAC
+    assert predicted_saving_ms("b.conv", 100, layers) == pytest.approx(1.0)
+    assert predicted_saving_ms("c", 100, layers) == 0.0
+
+
+def test_prune_ld_latency_budget_is_measured(tiny_unet) -> None:
+    pruned, m = _run("prune.ld", tiny_unet, include="convs", budget="latency", latency_reduction=0.15, samples=3,
+                     steps=2, latency_repeats=10)
+    assert m["budget"] == "latency" and m["removed"]
+    # one measurement before and one after every round; the last one is what the budget is checked on
+    assert len(m["latency_measured_ms"]) == m["rounds"] + 1
+    assert m["latency_ms_after"] == pytest.approx(m["latency_measured_ms"][-1], abs=1e-3)
+    assert m["latency_met"] == (m["latency_ms_after"] <= 0.85 * m["latency_ms_before"] + 1e-4)
+    assert all(r["predicted_ms_saved"] >= 0 for r in m["removed"]) and any(r["predicted_ms_saved"] > 0
+                                                                           for r in m["removed"])
+    assert m["macs_after"] == macs(pruned) < macs(tiny_unet)
+    for bad in ({"budget": "time"}, {"latency_reduction": 1.0}, {"linear_ops": "identity,svd"},
+                {"lowrank_ratio": 0}):
+        with pytest.raises(BadInput, match=next(iter(bad))):
+            make_options("prune.ld", bad)
+
+
 def test_ld_score_is_mean_shift_plus_spread_shift() -> None:
     from edgediff.passes.prune_ld import ld_score
 

@@ -4,7 +4,9 @@ Each one reproduces exactly what the removed operator's enclosing computation re
 when the operator's own branch is gone: a ResNet block keeps its shortcut (a 1x1 conv when
 the channel count changes) and its output scale, a residual attention keeps its residual
 and rescale, a transformer block passes its input through, and an attention inside a
-transformer block contributes zero to the block's residual sum.
+transformer block contributes zero to the block's residual sum. Single Linear layers are
+replaced by a cheaper op: a truncated-SVD low-rank pair (LowRankLinear) or their bias alone
+(LinearBias); an identity is torch's own nn.Identity.
 """
 
 from __future__ import annotations
@@ -84,3 +86,55 @@ class SkipBlock(_NoArgs):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states
+
+
+@serializable("low_rank_linear")
+class LowRankLinear(nn.Module):
+    """A Linear factored as up(down(x)) of rank r: r·(in + out) MACs instead of in·out."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self._edgediff_init = {"in_features": in_features, "out_features": out_features, "rank": rank, "bias": bias}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    @classmethod
+    @torch.no_grad()
+    def replacing(cls, lin: nn.Linear, rank: int) -> LowRankLinear:
+        """The best rank-r approximation of `lin`'s weight (truncated SVD, Eckart-Young), bias kept."""
+        new = cls(lin.in_features, lin.out_features, rank, lin.bias is not None).to(lin.weight.dtype)
+        u, s, vh = torch.linalg.svd(lin.weight.double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        new.down.weight.copy_(root[:, None] * vh[:rank])
+        new.up.weight.copy_(u[:, :rank] * root[None])
+        if lin.bias is not None:
+            new.up.bias.copy_(lin.bias)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+@serializable("linear_bias")
+class LinearBias(nn.Module):
+    """A removed Linear: its output is the bias alone (zero without one), the input is not read."""
+
+    def __init__(self, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self._edgediff_init = {"out_features": out_features, "bias": bias}
+        self.out_features = out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def replacing(cls, lin: nn.Linear) -> LinearBias:
+        new = cls(lin.out_features, lin.bias is not None).to(lin.weight.dtype)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zeros = x.new_zeros((*x.shape[:-1], self.out_features))
+        # an add, not bias.expand: a view of a leaf parameter has no grad_fn, which autograd hooks reject
+        return zeros if self.bias is None else zeros + self.bias.to(x.dtype)
