@@ -131,6 +131,10 @@ class OpenCLBackend(Backend):
                 "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
                 "integer_layers": sum(op["op"] == "qconv" for op in sched["ops"]),
                 "weights": "weights.safetensors", "schedule": sched}
+        if model.extras.get("cache"):  # DeepCache: a shallow schedule over the same weights (kernels/deepcache.py)
+            from edgediff.kernels.deepcache import cached_schedules
+
+            meta["schedule_shallow"], meta["cache"] = cached_schedules(model, sched, model.extras["cache"])
         with atomic_dir(out, force=force) as tmp:
             (tmp / "kernels").mkdir()
             for name, text in srcs.items():
@@ -141,6 +145,8 @@ class OpenCLBackend(Backend):
                   "params": int(sum(v.numel() for k, v in weights.items() if not k.endswith(".freqs")))}
         if precision == "int8":
             report["integer_layers"] = meta["integer_layers"]
+        if meta.get("cache"):
+            report["cache"] = meta["cache"]
         elif meta["quantized_source"]:
             report["note"] = ("the model carries quantization parameters; this float bundle uses its on-grid weights "
                               "but does not quantize activations")
@@ -151,6 +157,10 @@ class OpenCLBackend(Backend):
         ok, why = self.runtime_available(path)
         if not ok:
             raise Unavailable(f"cannot run OpenCL bundle {path}: {why}")
+        if read_bundle(Path(path)).get("cache"):  # full + shallow schedules driven per sampler step
+            from edgediff.kernels.deepcache import CachedOpenCLDenoiser
+
+            return CachedOpenCLDenoiser(Path(path))
         return OpenCLDenoiser(Path(path))
 
     def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
