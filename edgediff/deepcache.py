@@ -154,19 +154,17 @@ def full_steps(steps: int, interval: int) -> list[int]:
     return [i for i in range(steps) if i % max(1, interval) == 0]
 
 
-class CachedDenoiser:
-    """Wraps a plain-tensor denoiser call (x, t, cond) with the DeepCache schedule.
+class CacheSteps:
+    """Which call of a sampling run a denoiser call is, and whether it runs full or shallow.
 
-    The sampler calls it once per step per batch chunk, steps in order; a step is recognised
-    by its timestep (a new value starts the next step, a larger one starts a new run), chunks
-    by their order within the step, each chunk keeping its own cached feature.
+    The sampler calls the denoiser once per step per batch chunk, steps in order; a step is
+    recognised by its timestep (a new value starts the next step, a larger one starts a new run),
+    chunks by their order within the step, each chunk keeping its own cached feature. Runtime-
+    neutral (features are whatever the caller stores): CachedDenoiser and the OpenCL bundle use it.
     """
 
-    def __init__(self, call: Any, module: nn.Module, depth: int, interval: int) -> None:
-        self.call = call  # (entry module, x, t, cond) -> output of `entry`
-        self.full = FullEntry(module, depth)
-        self.shallow = ShallowEntry(module, depth)
-        self.depth, self.interval = int(depth), int(interval)
+    def __init__(self, interval: int) -> None:
+        self.interval = int(interval)
         self.reset()
 
     def reset(self) -> None:
@@ -175,11 +173,10 @@ class CachedDenoiser:
         self._t: float | None = None
         self._step = -1
         self._chunk = 0
-        self._feats: list[torch.Tensor] = []
+        self.feats: list[Any] = []
 
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        tv = float(t.reshape(-1)[0])
+    def next(self, tv: float) -> tuple[bool, int]:
+        """(full call?, chunk index) of a call at timestep value `tv`; counts it."""
         if self._t is None or tv > self._t:
             self.reset()
         if tv != self._t:
@@ -189,18 +186,46 @@ class CachedDenoiser:
         else:
             self._chunk += 1
         c = self._chunk
-        if self._step % max(1, self.interval) == 0 or c >= len(self._feats):
-            out, feat = self.call(self.full, x, t, cond)
-            if c < len(self._feats):
-                self._feats[c] = feat
-            else:
-                self._feats.append(feat)
-            if c == 0:
-                self.calls["full"] += 1
-            return out
+        full = self._step % max(1, self.interval) == 0 or c >= len(self.feats)
         if c == 0:
-            self.calls["shallow"] += 1
-        return self.call(lambda *a, **k: self.shallow(*a, feature=self._feats[c], **k), x, t, cond)
+            self.calls["full" if full else "shallow"] += 1
+        return full, c
+
+    def store(self, c: int, feat: Any) -> None:
+        """The feature chunk `c`'s full call cached."""
+        if c < len(self.feats):
+            self.feats[c] = feat
+        else:
+            self.feats.append(feat)
+
+
+class CachedDenoiser:
+    """Wraps a plain-tensor denoiser call (x, t, cond) with the DeepCache schedule (CacheSteps)."""
+
+    def __init__(self, call: Any, module: nn.Module, depth: int, interval: int) -> None:
+        self.call = call  # (entry module, x, t, cond) -> output of `entry`
+        self.full = FullEntry(module, depth)
+        self.shallow = ShallowEntry(module, depth)
+        self.depth, self.interval = int(depth), int(interval)
+        self.steps = CacheSteps(self.interval)
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return self.steps.calls
+
+    def reset(self) -> None:
+        """Start a new sampling run (calls counts are per run)."""
+        self.steps.reset()
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        full, c = self.steps.next(float(t.reshape(-1)[0]))
+        if full:
+            out, feat = self.call(self.full, x, t, cond)
+            self.steps.store(c, feat)
+            return out
+        feat = self.steps.feats[c]
+        return self.call(lambda *a, **k: self.shallow(*a, feature=feat, **k), x, t, cond)
 
 
 def cache_config(model: DiffusionModel) -> dict[str, Any] | None:

@@ -168,9 +168,13 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
         result["reference"] = "artifact float weights (activation quantization is not part of a float export)"
     else:
         result["reference"] = "artifact in PyTorch" + (" (quantization simulation)" if _has_wrappers(reference) else "")
-    # a single file holds the full UNet only: the reference runs without a DeepCache schedule too
-    ref = TorchDenoiser(ref_model, use_cache=False)
-    if reference.extras.get("cache"):
+    # an export that drives a DeepCache schedule itself (an OpenCL bundle's full + shallow schedules,
+    # `cache.calls`) is compared with the cached PyTorch sampler; a single file holds the full UNet only
+    drives_cache = getattr(exp, "cache", None) is not None
+    ref = TorchDenoiser(ref_model, use_cache=drives_cache)
+    if drives_cache:
+        result["cache"] = reference.extras.get("cache")
+    elif reference.extras.get("cache"):
         result["cache"] = "not covered by a single-file export (export -o DIR writes the cached bundle)"
     correction = _correction(reference)
     result["ptqd_correction"] = correction is not None
@@ -194,6 +198,9 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
     result["psnr_db"] = round(p, 3) if math.isfinite(p) else p
     result["verified"] = True
     result["runtime"] = why
+    if drives_cache:  # the last sampling run's calls on each side
+        result.update({"denoiser_calls_full": exp.cache.calls["full"], "denoiser_calls_shallow": exp.cache.calls["shallow"],
+                       "reference_calls_shallow": ref.cache.calls["shallow"]})
     within = p >= tol["psnr_db"] and result["max_abs_err"] <= tol["max_abs_err"]
     report = getattr(exp, "runtime_report", None)
     if callable(report):  # a runtime that checks itself (the FPGA simulator against its C-simulation)
