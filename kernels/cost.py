@@ -71,8 +71,8 @@ def _c(reads: int, writes: int, weights: int, flops: int, launches: int) -> dict
 
 
 # our op kinds as the device estimate's op types (its compute efficiency is per conv / GEMM class)
-ESTIMATE_OP = {"conv": "Conv", "qconv": "ConvInteger", "flash_attention": "MatMul", "cross_attention": "MatMul",
-               "attention_fq": "MatMul"}
+ESTIMATE_OP = {"conv": "Conv", "qconv": "ConvInteger", "iconv": "ConvInteger", "flash_attention": "MatMul",
+               "cross_attention": "MatMul", "attention_fq": "MatMul", "attention_int8": "MatMulInteger"}
 
 
 def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...], wshape: dict[str, tuple[int, ...]],
@@ -109,6 +109,36 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
             un["writes"] += n * es
             un["launches"] += 1
         return {"fused": fused, "unfused": un, "macs": macs}
+    if kind == "quantize":  # float in, one byte out
+        c = _c(n * 4, n, 0, 3 * n, 1)
+        return {"fused": c, "unfused": c, "macs": 0}
+    if kind == "iconv":
+        co, ci, kh, kw = wshape[op["weight"]]
+        macs = ins[0][0] * co * _n(out[2:]) * ci * kh * kw
+        wb = wbytes(op["weight"], 1) + wbytes(op.get("bias"), 4) + 4 * co * sum(1 + (p["mult"] is not None)
+                                                                               for p in op["parts"])
+        oes = 1 if op.get("store") else 4
+        extra_in = (out[0] * out[1] * 4 if op.get("chan_add") else 0) + (n * 4 if op.get("res") else 0)
+        fused = _c(n_in + extra_in, n * oes, wb, 2 * macs, 1)
+        un = _c(fused["reads"], n * 4, wb, 2 * macs, 1)  # op by op: the conv writes float, each term a kernel
+        for t in [t for t in ("chan_add", "res") if op.get(t)] + (["out_scale"] if op["out_scale"] != 1.0 else []):
+            un["reads"] += 2 * n * 4 if t != "out_scale" else n * 4
+            un["writes"] += n * 4
+            un["launches"] += 1
+        if op.get("store"):  # and a quantize kernel for the consumer
+            un = {**un, "reads": un["reads"] + n * 4, "writes": un["writes"] + n, "launches": un["launches"] + 1}
+        return {"fused": fused, "unfused": un, "macs": macs}
+    if kind == "attention_int8":
+        B, heads, d = out[0], op["heads"], op["head_dim"]
+        N = _n(out[2:])
+        C = heads * d
+        oes = 1 if op.get("store") else 4
+        macs = B * heads * 2 * N * N * d
+        # Q, K, V int8 read once (K re-reads per pass hit the cache: compulsory traffic), no score matrix
+        fused = _c(3 * B * C * N, B * C * N * oes, 0, 2 * macs + 8 * B * heads * N * N, 1)
+        s = B * heads * N * N  # op by op: float logits, softmax, quantized P, PV
+        un = _c(3 * B * C * N + 2 * s * 4 + s * 4 + s, B * C * N * oes + s * 4 + s * 4 + s, 0, fused["flops"], 4)
+        return {"fused": fused, "unfused": un, "macs": macs}
     if kind == "group_norm":
         B, C = ins[0][:2]
         g = group_norm_silu(B, C, _n(ins[0][2:]), es)
@@ -117,6 +147,9 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
         un = {**g["unfused"], "weights": wb}
         if not op["silu"]:  # no SiLU kernel to save
             un = {**un, "reads": un["reads"] - n * es, "writes": un["writes"] - n * es, "launches": 2}
+        if op.get("store"):  # writes its consumer's int8 instead of a float tensor
+            fused = {**fused, "writes": fused["writes"] - n * es + n}
+            un = {**un, "reads": un["reads"] + n * es, "writes": un["writes"] + n, "launches": un["launches"] + 1}
         return {"fused": fused, "unfused": un, "macs": 0}
     if kind in ("flash_attention", "cross_attention", "attention_fq"):
         B, heads, d = out[0], op["heads"], op["head_dim"]
@@ -153,7 +186,7 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
 
 def _out_shape(op: dict[str, Any], ins: list[tuple[int, ...]], wshape: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     kind, x = op["op"], ins[0]
-    if kind in ("conv", "qconv"):
+    if kind in ("conv", "qconv", "iconv"):
         co, _, kh, kw = wshape[op["weight"]]
         pt, pl, pb, pr = op["pad"]
         s = op["stride"]
@@ -195,7 +228,8 @@ def schedule_costs(schedule: dict[str, Any], wshape: dict[str, tuple[int, ...]],
         shapes[op["out"]] = out
         c = op_cost(op, ins, out, wshape, es)
         rows.append({"name": op["name"], "op": op["op"], "out_shape": list(out), **c,
-                     "precision": "int8" if op["op"] == "qconv" else ("fp16" if es == 2 else "fp32")})
+                     "precision": "int8" if op["op"] in ("qconv", "iconv", "attention_int8")
+                     else ("fp16" if es == 2 else "fp32")})
     return rows
 
 

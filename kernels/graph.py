@@ -44,64 +44,61 @@ def _unet_of(model: DiffusionModel) -> nn.Module:
     return den
 
 
-def _tq(t: Any) -> dict[str, Any]:
-    """A per-tensor activation TensorQuant as schedule attributes."""
-    if t.scale.numel() != 1:
-        raise BadInput("opencl int8: activation quantization must be per tensor")
-    lo, hi = t.qmin, t.qmax
-    return {"scale": float(t.scale.reshape(())), "zp": int(t.zero_point.reshape(())), "bits": int(t.bits),
-            "signed": bool(t.signed), "qmin": int(lo), "qmax": int(hi)}
+def _grid(q: Any) -> dict[str, Any]:
+    """An edgediff.lowering.ActQ as schedule attributes: scale, zero point, range and storage type."""
+    return {**q.to_dict(), "dtype": q.dtype}
 
 
 class _Builder:
-    def __init__(self, qp: Any = None) -> None:
+    def __init__(self, low: Any = None) -> None:
         self.ops: list[dict[str, Any]] = []
         self.weights: dict[str, torch.Tensor] = {}
         self._n = 0
-        self.qp = qp  # QuantParams for int8 bundles, else None
+        self.low = low  # edgediff.lowering.LoweredModel for int8 bundles, else None
 
-    def lq(self, name: str) -> Any:
-        """The LayerQuant of a module path (QuantParams names are paths in model.denoiser, which may be
-        a DenoiserModule around the UNet)."""
-        if self.qp is None:
-            return None
-        return self.qp.layers.get(name) or self.qp.layers.get(f"inner.{name}")
-
-    def qconv(self, mod: nn.Module, name: str, x: str, lq: Any, chan_add: str | None, res: str | None,
+    def iconv(self, mod: nn.Module, name: str, x: str, layer: Any, chan_add: str | None, res: str | None,
               out_scale: float, pad: tuple[int, int, int, int] | None) -> str:
-        """An integer conv/linear: quantize the input (two channel ranges with shortcut splitting),
-        int8 weights on their per-channel grid, int32 accumulation, float epilogue."""
-        if lq.weight is None or lq.input is None:
-            raise BadInput(f"opencl int8: {name}: QuantParams lack weight or input quantization")
-        w = mod.weight if isinstance(mod, nn.Conv2d) else mod.weight[:, :, None, None]
-        s_w = lq.weight.scale.reshape(-1).float()
-        if s_w.numel() not in (1, w.shape[0]) or (lq.weight.axis not in (0, None)):
-            raise BadInput(f"opencl int8: {name}: weight quantization must be per output channel (axis 0) or per tensor")
-        s_w = s_w.expand(w.shape[0]).contiguous()
-        if not lq.weight.symmetric:
-            raise BadInput(f"opencl int8: {name}: weights must be symmetric (zero point 0)")
-        ratio = w.detach().float() / s_w[:, None, None, None]
-        wi = torch.round(ratio)
-        if float((ratio - wi).abs().max()) > 1e-3 or wi.min() < lq.weight.qmin or wi.max() > lq.weight.qmax:
-            raise BadInput(f"opencl int8: {name}: weights are not on their quantization grid "
-                           "(export the artifact the quant pass wrote)")
-        i1 = _tq(lq.input)
-        split = int(lq.meta.get("split_at") or w.shape[1])
-        i2 = _tq(lq.input2) if lq.input2 is not None and split < w.shape[1] else i1
-        if i1["signed"] != i2["signed"] or i1["bits"] != i2["bits"]:
-            raise BadInput(f"opencl int8: {name}: the two input ranges differ in sign or bit-width")
+        """A lowered integer conv/linear (edgediff.lowering.LoweredLayer): its input quantized onto each
+        part's grid (a `quantize` op, folded into the producer by keep_int8 where it can), int8
+        weights, int32 bias, per part requantization onto its output grid (or a float output for the
+        last layer), float epilogue terms; stored float unless keep_int8 gives it a consumer grid."""
         if isinstance(mod, nn.Conv2d):
-            stride = mod.stride[0]
-            p = pad or (mod.padding[0], mod.padding[1], mod.padding[0], mod.padding[1])
+            g = layer.geometry
+            if g["groups"] != 1 or tuple(g["dilation"]) != (1, 1) or g["stride"][0] != g["stride"][1]:
+                raise BadInput(f"opencl int8: {name}: only dense, undilated, square-stride integer convs are supported")
+            stride = int(g["stride"][0])
+            p = pad or (g["padding"][0], g["padding"][1], g["padding"][0], g["padding"][1])
         else:
             stride, p = 1, (0, 0, 0, 0)
-        self.weights[f"{name}.weight_q"] = wi.to(torch.int8).contiguous()
-        self.w(f"{name}.w_scale", s_w)
-        ins = [x] + [b for b in (chan_add, res) if b is not None]
-        return self.emit("qconv", name, ins, weight=f"{name}.weight_q", w_scale=f"{name}.w_scale",
-                         bias=self.w(f"{name}.bias", mod.bias) if mod.bias is not None else None, stride=stride,
-                         pad=list(p), chan_add=chan_add, res=res, out_scale=float(out_scale), split=split, in1=i1, in2=i2,
-                         kernel=[int(w.shape[2]), int(w.shape[3])])
+        parts = layer.parts
+        grids = [parts[0].input] + [pt.input.stored_like(parts[0].input) for pt in parts[1:]]
+        if any((g.qmin, g.qmax) != (grids[0].qmin, grids[0].qmax) for g in grids):
+            raise BadInput(f"opencl int8: {name}: the two input ranges differ in bit-width")
+        wq = np.concatenate([pt.weight for pt in parts], axis=1)
+        if wq.ndim == 2:
+            wq = wq[:, :, None, None]
+        self.weights[f"{name}.weight_q"] = torch.from_numpy(np.ascontiguousarray(wq))
+        bias = None
+        if parts[0].bias is not None:
+            bias = f"{name}.bias_q"
+            self.weights[bias] = torch.from_numpy(parts[0].bias.astype(np.int32))
+        xq = self.quantize(x, f"{name}.quantize", grids, parts[0].channels[1] if len(parts) > 1 else -1)
+        pd = []
+        for i, (pt, gi) in enumerate(zip(parts, grids)):
+            self.w(f"{name}.p{i}.acc_scale", torch.from_numpy(pt.acc_scale))
+            mult = self.w(f"{name}.p{i}.mult", torch.from_numpy(pt.multiplier)) if pt.output is not None else None
+            pd.append({"split": int(pt.channels[1]), "zp": gi.zero_point, "acc_scale": f"{name}.p{i}.acc_scale",
+                       "mult": mult, "out": _grid(pt.output) if pt.output is not None else None,
+                       "source": pt.output_source})
+        ins = [xq] + [b for b in (chan_add, res) if b is not None]
+        return self.emit("iconv", name, ins, weight=f"{name}.weight_q", bias=bias, parts=pd, stride=stride, pad=list(p),
+                         chan_add=chan_add, res=res, out_scale=float(out_scale), kernel=[int(wq.shape[2]), int(wq.shape[3])],
+                         store=None, direct=False)
+
+    def quantize(self, x: str, name: str, grids: list[Any], split: int) -> str:
+        """x quantized onto grids[0] (channels [0, split)) and grids[1] (the rest; split -1: one grid),
+        int8/uint8 storage."""
+        return self.emit("quantize", name, [x], segs=[_grid(g) for g in grids], split=int(split))
 
     def buf(self, hint: str) -> str:
         self._n += 1
@@ -119,10 +116,9 @@ class _Builder:
     # ---- layers
     def conv(self, mod: nn.Module, name: str, x: str, chan_add: str | None = None, res: str | None = None,
              out_scale: float = 1.0, pad: tuple[int, int, int, int] | None = None) -> str:
-        lq = self.lq(name)
-        if lq is not None and not lq.meta.get("input_unquantized") and isinstance(mod, (nn.Linear, nn.Conv2d)) \
-                and mod.weight is not None and lq.kind in ("conv", "linear"):
-            return self.qconv(mod, name, x, lq, chan_add, res, out_scale, pad)
+        layer = self.low.layers.get(name) if self.low is not None else None
+        if layer is not None:
+            return self.iconv(mod, name, x, layer, chan_add, res, out_scale, pad)
         if isinstance(mod, nn.Linear):
             wt = mod.weight[:, :, None, None]
             stride, p = 1, (0, 0, 0, 0)
@@ -179,13 +175,12 @@ class _Builder:
         if C % heads or mod.to_k.out_features != C or mod.to_v.out_features != C:
             raise BadInput(f"opencl target: {name}: q/k/v widths {C}/{mod.to_k.out_features}/{mod.to_v.out_features} "
                            f"with {heads} heads are not supported")
-        qk, av = self.lq(f"{name}:qk"), self.lq(f"{name}:av")
-        if self.qp is not None and any(self.lq(f"{name}.{p}") for p in ("to_q", "to_k", "to_v")):
-            # int8: each projection has its own input quantization; no QKV weight stacking
+        if self.low is not None and any(f"{name}.{p}" in self.low.layers for p in ("to_q", "to_k", "to_v")):
+            # int8: each projection has its own input and output quantization; no QKV weight stacking
             q, k, v = (self.conv(getattr(mod, p), f"{name}.{p}", h) for p in ("to_q", "to_k", "to_v"))
-            if qk is not None and av is not None:  # quantized matmul operands (Q-Diffusion), simulated in float
-                o = self.emit("attention_fq", f"{name}.attn", [q, k, v], heads=heads, head_dim=C // heads,
-                              scale=float(mod.scale), q=_tq(qk.input), k=_tq(qk.input2), p=_tq(av.input), v=_tq(av.input2))
+            att = self.low.attentions.get(name)
+            if att is not None:
+                o = self.attention_int8(att, name, q, k, v, heads, C // heads)
             else:
                 qkv = self.emit("concat", f"{name}.cat_qkv", [self.emit("concat", f"{name}.cat_qk", [q, k]), v])
                 o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads,
@@ -199,6 +194,22 @@ class _Builder:
                         res=None, out_scale=1.0, kernel=[1, 1])
         o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads, scale=float(mod.scale))
         return self.conv(mod.to_out[0], f"{name}.to_out.0", o, res=x, out_scale=1.0 / float(mod.rescale_output_factor))
+
+    def attention_int8(self, att: Any, name: str, q: str, k: str, v: str, heads: int, head_dim: int) -> str:
+        """A lowered attention (edgediff.lowering.LoweredAttention): Q, K, V on their int8 grids (the
+        projections write them directly once keep_int8 has run), integer QK^T and PV, softmax in
+        float, the output requantized onto to_out's input grid where the lowering says so."""
+        qi, ki, vi = (self.quantize(b, f"{name}.quantize_{w}", [g], -1)
+                      for b, w, g in ((q, "q", att.q), (k, "k", att.k), (v, "v", att.v)))
+        for w, g in (("q", att.q), ("k", att.k), ("v", att.v)):
+            if g.dtype != "int8" or g.zero_point != 0:
+                raise BadInput(f"opencl int8: {name}: attention operand {w} must be symmetric int8")
+        return self.emit("attention_int8", f"{name}.attn", [qi, ki, vi], heads=heads, head_dim=head_dim,
+                         att={"q": _grid(att.q), "k": _grid(att.k), "p": _grid(att.p), "v": _grid(att.v),
+                              "output": _grid(att.output) if att.output is not None else None,
+                              "scale": float(att.scale), "qk_scale": float(att.qk_scale),
+                              "av_multiplier": att.av_multiplier},
+                         store=None, direct=False)
 
     # ---- transformer blocks: tokens stay channels-first (B, C, H, W), a Linear is a 1x1 conv
     def layer_norm(self, mod: nn.Module, name: str, x: str, mod_buf: str | None = None, scale_off: int = 0,
@@ -465,21 +476,31 @@ def level_schedule(resnet: nn.Module, transformer: nn.Module) -> tuple[list[dict
     return b.ops, {k: tuple(v.shape) for k, v in b.weights.items()}
 
 
-def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def build_schedule(model: DiffusionModel, quant: Any = None,
+                   keep_int8: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The op schedule (JSON-able) and the weights (name -> tensor) of a UNet2DModel,
     UNet2DConditionModel (SD-1.x/2.x cross-attention; encoder_hidden_states a runtime input) or
     DiTTransformer2DModel (class labels a runtime input) denoiser.
 
-    With `quant` (edgediff.quant_params.QuantParams) every conv/linear it lists becomes an integer
-    conv (`qconv`) and attention with quantized matmul operands an `attention_fq` (UNet2DModel)."""
+    With `quant` (edgediff.quant_params.QuantParams) the model is lowered once
+    (edgediff.lowering.lower) and every layer it lists becomes an integer conv (`iconv`),
+    attention with quantized operands an `attention_int8`; keep_int8 (the default) then keeps
+    activations int8 between them (see keep_int8). keep_int8=False leaves every activation
+    float between ops (quantized by each consumer): the layout the cost model compares against."""
     den = _unet_of(model)
     arch = type(den).__name__
     sig = model.signature
-    if quant is not None and arch != "UNet2DModel":
-        raise BadInput(f"opencl target: int8 bundles of {arch} are not supported (UNet2DModel only); export fp32 or fp16")
+    low = None
+    if quant is not None:
+        if arch != "UNet2DModel":
+            raise BadInput(f"opencl target: int8 bundles of {arch} are not supported (UNet2DModel only); "
+                           "export fp32 or fp16")
+        from edgediff.lowering import lower
+
+        low = lower(den, quant)
     if sig.timestep_scale != 1.0 or sig.extra:
         raise BadInput("opencl target: denoisers with extra inputs or a scaled timestep are not supported")
-    b = _Builder(quant)
+    b = _Builder(low)
     inputs = ["sample", "timestep"]
     if arch == "DiTTransformer2DModel":
         if not sig.num_classes:
@@ -496,11 +517,70 @@ def build_schedule(model: DiffusionModel, quant: Any = None) -> tuple[dict[str, 
         _unet_schedule(b, den, cond)
         out_channels = int(den.config.out_channels)
     b.ops[-1]["out"] = "out"
+    if low is not None and keep_int8:
+        b.ops = keep_int8_between(b.ops)
     sched = {"version": SCHEDULE_VERSION, "arch": arch, "inputs": inputs, "output": "out",
              "sample_shape": list(sig.sample_shape), "out_channels": out_channels, "ops": b.ops}
     if sig.cond_shape:
         sched["cond_shape"] = list(sig.cond_shape)
     return sched, b.weights
+
+
+# ops that can write their output quantized onto a consumer's grid instead of float
+_QUANT_STORE = ("iconv", "group_norm", "attention_int8")
+
+
+def _same_grid(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    keys = ("scale", "zero_point", "qmin", "qmax", "dtype")
+    return a is not None and b is not None and all(a[k] == b[k] for k in keys)
+
+
+def keep_int8_between(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Activations stay int8 between integer layers: every one-grid `quantize` op whose float input
+    has no other reader is folded into that input's producer when the producer can store
+    quantized (an integer conv requantizes in its epilogue, GroupNorm and the integer attention
+    quantize before the store); identical quantize ops of one buffer are merged first. A float
+    tensor is left only where a float op (or a split layer's two grids) reads it. The values
+    are those of the unfolded schedule: the producer applies the same float32 quantization the
+    consumer would, and where the consumer's grid is the producer's own output grid the
+    requantized integer is stored as is (DIRECT), which is the same number."""
+    ops = [dict(op) for op in ops]
+    rename: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
+    kept = []
+    for op in ops:
+        op["in"] = [rename.get(i, i) for i in op["in"]]
+        for key in ("chan_add", "res"):
+            if op.get(key):
+                op[key] = rename.get(op[key], op[key])
+        if op["op"] == "quantize":
+            sig = (op["in"][0], repr((op["segs"], op["split"])))
+            if sig in seen:  # the same tensor on the same grid(s): quantize once
+                rename[op["out"]] = seen[sig]
+                continue
+            seen[sig] = op["out"]
+        kept.append(op)
+    readers: dict[str, int] = {}
+    for op in kept:
+        for i in op["in"]:
+            readers[i] = readers.get(i, 0) + 1
+    producer = {op["out"]: op for op in kept}
+    out = []
+    for op in kept:
+        src = producer.get(op["in"][0]) if op["op"] == "quantize" else None
+        if src is None or op["split"] != -1 or readers[op["in"][0]] != 1 or src["op"] not in _QUANT_STORE \
+                or src.get("store") is not None or src["out"] == "out":
+            out.append(op)
+            continue
+        grid = op["segs"][0]
+        src["store"], src["out"] = grid, op["out"]
+        if src["op"] == "iconv":
+            p = src["parts"]
+            src["direct"] = (len(p) == 1 and not src.get("chan_add") and not src.get("res")
+                             and src["out_scale"] == 1.0 and _same_grid(p[0]["out"], grid))
+        elif src["op"] == "attention_int8":
+            src["direct"] = _same_grid(src["att"]["output"], grid)
+    return out
 
 
 def _last_uses(ops: list[dict[str, Any]]) -> list[list[str]]:
@@ -537,8 +617,8 @@ class Executor:
         self.winograd: dict[str, Any] = {}
         for name, t in weights.items():
             a = t.numpy() if hasattr(t, "numpy") else np.asarray(t)
-            if a.dtype == np.int8:  # integer weights of an int8 bundle
-                self.dev[name] = rt.to_device(a, np.int8)
+            if a.dtype in (np.int8, np.int32):  # integer weights and biases of an int8 bundle
+                self.dev[name] = rt.to_device(a, a.dtype)
             else:
                 self.dev[name] = rt.to_device(a, np.float32 if name.endswith(F32_SUFFIXES) else None)
         for op in self.ops:
@@ -571,6 +651,22 @@ class Executor:
             return rt.conv2d_int8_dq(xq, self.dev[op["weight"]], self.dev[op["w_scale"]], bias, op["split"], i1["zp"],
                                      i2["zp"], i1["scale"], i2["scale"], op["stride"], tuple(op["pad"]), ca, res,
                                      op["out_scale"])
+        if kind == "quantize":
+            return rt.quantize_grid(x, op["segs"], op["split"])
+        if kind == "iconv":
+            parts = [{**p, "acc_scale": self.dev[p["acc_scale"]], "mult": self.dev[p["mult"]] if p["mult"] else None}
+                     for p in op["parts"]]
+            return rt.conv2d_int8_lowered(x, self.dev[op["weight"]], parts, self.dev[op["bias"]] if op.get("bias") else None,
+                                          op["stride"], tuple(op["pad"]),
+                                          env[op["chan_add"]] if op.get("chan_add") else None,
+                                          env[op["res"]] if op.get("res") else None, op["out_scale"], op.get("store"),
+                                          bool(op.get("direct")))
+        if kind == "attention_int8":
+            B, C, H, W = x.shape
+            o = rt.attention_int8(x, env[op["in"][1]], env[op["in"][2]], op["heads"], op["head_dim"], H * W, H * W,
+                                  op["att"], store=op.get("store"), direct=bool(op.get("direct")))
+            return o.reshape(B, C, H, W)
+        # qconv and attention_fq: the int8 ops of bundles written before the lowering (float between layers)
         if kind == "attention_fq":
             B, C, H, W = x.shape
             n, heads, d = H * W, op["heads"], op["head_dim"]
@@ -581,6 +677,9 @@ class Executor:
             q, k, v = fq(x, op["q"]), fq(env[op["in"][1]], op["k"]), fq(env[op["in"][2]], op["v"])
             o = rt.attention_unfused(q, k, v, heads, d, n, n, scale=op["scale"], p_hook=lambda p: fq(p, op["p"]))
             return o.reshape(B, C, H, W)
+        if kind == "group_norm" and op.get("store"):
+            return rt.group_norm_q(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"],
+                                   op["store"])
         if kind == "group_norm":
             return rt.group_norm(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"])
         if kind == "silu":
@@ -663,11 +762,12 @@ class Executor:
         return out
 
     def run(self, sample: torch.Tensor, timestep: torch.Tensor, timings: list[tuple[str, str, float]] | None = None,
-            cond: Any = None) -> torch.Tensor:
+            cond: Any = None, capture: dict[str, np.ndarray] | None = None) -> torch.Tensor:
         """One denoiser call; `cond` is what the schedule's extra inputs need (encoder_hidden_states
         or class_labels: the tensor, or a dict by name). With `timings` (a list), each op's time is
         appended: from its kernels' OpenCL event timestamps when the runtime's queue profiles, else
-        wall time with the queue drained after the op."""
+        wall time with the queue drained after the op. With `capture` (a dict), every buffer
+        (inputs and op outputs, by schedule name) is copied there to the host, in its stored type."""
         events = timings is not None and self.rt.profiling
         if events:
             self.rt.event_times()  # drop what was queued before
@@ -682,7 +782,11 @@ class Executor:
         for op, frees in zip(self.ops, self.frees):
             t0 = time.perf_counter() if timings is not None else 0.0
             self.rt.label = op["name"]
+            if capture is not None:
+                capture.update({i: env[i].get() for i in op["in"] if i not in capture})
             env[op["out"]] = self._op(op, env)
+            if capture is not None:
+                capture[op["out"]] = env[op["out"]].get()
             if timings is not None and not events:
                 self.rt.finish()
                 timings.append((op["name"], op["op"], (time.perf_counter() - t0) * 1e3))

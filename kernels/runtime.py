@@ -197,7 +197,7 @@ class CLRuntime:
         opts = [f"-D{k}={v}" for k, v in sorted(defs.items())]
         if self.half:
             opts.append("-DUSE_HALF=1")
-        if name == "int8":
+        if name == "int8" or "OT" in defines:  # quantizing kernels divide by the scale as the host does
             opts.extend(o for o in self.variants.build_options if o == "-cl-fp32-correctly-rounded-divide-sqrt")
             if self.variants.int8_dot == "khr" and self.profile.opencl_c_version.split()[2:3] >= ["3.0"]:
                 opts.append("-cl-std=CL3.0")  # the Khronos dot() builtins are OpenCL C 3.0 features
@@ -723,6 +723,144 @@ class CLRuntime:
                   np.int32(pt), np.int32(pl), np.int32(split), np.int32(zp1), np.int32(zp2), np.float32(s1),
                   np.float32(s2), np.int32(flags), np.float32(out_scale))
         return y
+
+    # ------------------------------------------------------------------ lowered int8 (int8 between integer layers)
+    @staticmethod
+    def _qt(dtype: Any) -> str:
+        return "uchar" if np.dtype(dtype) == np.uint8 else "char"
+
+    def _store_args(self, store: dict[str, Any] | None) -> tuple[Any, list[Any]]:
+        """(output dtype, [ss, sz, smin, smax]) of a store onto a consumer's grid (None: float)."""
+        if store is None:
+            return np.float32, [np.float32(1.0), np.int32(0), np.int32(0), np.int32(0)]
+        dt = np.uint8 if store["dtype"] == "uint8" else np.int8
+        return dt, [np.float32(store["scale"]), np.int32(store["zero_point"]), np.int32(store["qmin"]), np.int32(store["qmax"])]
+
+    def quantize_grid(self, x: Any, segs: list[dict[str, Any]], split: int = -1) -> Any:
+        """float32 x (B, C, ...) onto segs[0]'s grid (channels [0, split)) and segs[-1]'s (the rest; split -1:
+        all channels on segs[0]); storage int8 or uint8 as segs[0]'s dtype says (both segments alike)."""
+        C = x.shape[1]
+        hw = int(np.prod(x.shape[2:]))
+        g1, g2 = segs[0], segs[-1]
+        dt = np.uint8 if g1["dtype"] == "uint8" else np.int8
+        q = self.empty(x.shape, dt)
+        self._run(self.kernel("int8", "quantize_split", QT=self._qt(dt)), *self._ew(x.size), x, q, np.int32(x.size),
+                  np.int32(C), np.int32(hw), np.int32(C if split < 0 else split), np.float32(g1["scale"]),
+                  np.int32(g1["zero_point"]), np.float32(g2["scale"]), np.int32(g2["zero_point"]),
+                  np.int32(g1["qmin"]), np.int32(g1["qmax"]))
+        return q
+
+    def conv2d_int8_lowered(self, xq: Any, wq: Any, parts: list[dict[str, Any]], bias: Any | None, stride: int = 1,
+                            pad: tuple[int, int, int, int] = (0, 0, 0, 0), chan_add: Any | None = None,
+                            res: Any | None = None, out_scale: float = 1.0, store: dict[str, Any] | None = None,
+                            direct: bool = False) -> Any:
+        """A lowered integer conv/linear (edgediff.lowering): xq int8/uint8 (B, Ci, H, W) holding each part's
+        input channels on that part's grid, wq int8 (Co, Ci, KH, KW), bias int32 (Co,) or None.
+        parts: 1-2 dicts {split (first channel of the next part), zp (input zero point), acc_scale
+        (device float32 (Co,)), mult (device float32 (Co,) or None: float output), out (ActQ dict or None)}.
+        store: the consumer's input grid (ActQ dict + dtype) to write int8/uint8, or None for float32;
+        direct: write part 1's requantized integer itself (one part, nothing added, same grid)."""
+        B, Ci, H, W = xq.shape
+        Co, _, KH, KW = wq.shape
+        pt, pl, pb, pr = pad
+        Ho = (H + pt + pb - KH) // stride + 1
+        Wo = (W + pl + pr - KW) // stride + 1
+        odt, sargs = self._store_args(store)
+        y = self.empty((B, Co, Ho, Wo), odt)
+        two = len(parts) > 1
+        p1, p2 = parts[0], parts[-1]
+        split = int(p1["split"]) if two else Ci
+        if direct and (two or chan_add is not None or res is not None or out_scale != 1.0 or p1["out"] is None
+                       or store is None):
+            raise ValueError("conv2d_int8_lowered: direct needs one requantizing part, no epilogue terms and a store")
+        flags = ((1 if bias is not None else 0) | (2 if chan_add is not None else 0) | (4 if res is not None else 0)
+                 | (8 if p1["out"] is not None else 0) | (16 if two and p2["out"] is not None else 0)
+                 | (32 if two else 0) | (64 if direct else 0))
+        d = self._dummy
+
+        def outq(p: dict[str, Any]) -> list[Any]:
+            o = p["out"]
+            if o is None:
+                return [np.int32(0), np.int32(0), np.int32(0), np.float32(0.0)]
+            return [np.int32(o["zero_point"]), np.int32(o["qmin"]), np.int32(o["qmax"]), np.float32(o["scale"])]
+
+        args = [bias if bias is not None else self._dummy32(), p1["mult"] if p1["mult"] is not None else d,
+                p1["acc_scale"], (p2["mult"] if p2["mult"] is not None else d) if two else d,
+                p2["acc_scale"] if two else d, chan_add if chan_add is not None else d, res if res is not None else d, y,
+                np.int32(Ci), np.int32(H), np.int32(W), np.int32(Co), np.int32(Ho), np.int32(Wo), np.int32(KH),
+                np.int32(KW), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(split), np.int32(p1["zp"]),
+                np.int32(p2["zp"]), np.int32(flags), *outq(p1), *outq(p2), np.float32(out_scale), *sargs]
+        defs = {"QT": self._qt(xq.dtype), "OUT_Q": int(store is not None), "OT": self._qt(odt)}
+        if self.use_int8_dot:
+            key = (int(wq.base_data.int_ptr) + int(wq.offset), split)
+            wsum = self._wsum.get(key)
+            if wsum is None:  # computed once per weight buffer
+                wsum = self._wsum[key] = self.to_device(weight_sums(wq.get(), split), np.int32)
+            k = self.kernel("int8", "conv2d_int8_lowered_dot", **defs)
+            self._run(k, (Ho * Wo, Co, B), (self.local_1d(k, Ho * Wo, 64), 1, 1), xq, wq, wsum, *args)
+        else:
+            ts = self.ts
+            self._run(self.kernel("int8", "conv2d_int8_lowered", **defs), (Ho * Wo, Co, B), (ts, ts, 1), xq, wq, *args)
+        return y
+
+    def attention_int8(self, q: Any, k: Any, v: Any, heads: int, head_dim: int, n: int, m: int, att: dict[str, Any],
+                       q_off: int = 0, k_off: int = 0, v_off: int = 0, q_bstride: int | None = None,
+                       kv_bstride: int | None = None, store: dict[str, Any] | None = None,
+                       direct: bool = False) -> Any:
+        """Integer attention (see int8.cl attention_int8): q/k/v int8 channels-first, att the lowered operands
+        {q, k, p, v, output: ActQ dicts (output may be None), scale, qk_scale, av_multiplier}. Returns
+        (B, heads * head_dim, n) float32, or int8/uint8 on `store`'s grid."""
+        C = heads * head_dim
+        B = q.size // (q_bstride or C * n)
+        odt, sargs = self._store_args(store)
+        y = self.empty((B, C, n), odt)
+        o = att["output"]
+        if direct and (o is None or store is None):
+            raise ValueError("attention_int8: direct needs a requantized output and a store")
+        pv_scale = float(np.float32(att["p"]["scale"]) * np.float32(att["v"]["scale"]))
+        kern = self.kernel("int8", "attention_int8", HEAD_DIM=int(head_dim), OUT_Q=int(store is not None),
+                           OT=self._qt(odt), QT="char")
+        oargs = ([np.int32(1), np.float32(att["av_multiplier"]), np.int32(o["zero_point"]), np.int32(o["qmin"]),
+                  np.int32(o["qmax"]), np.float32(o["scale"])] if o is not None else
+                 [np.int32(0), np.float32(0.0), np.int32(0), np.int32(0), np.int32(0), np.float32(0.0)])
+        self._run(kern, (n, heads, B), (self.local_1d(kern, n, 64), 1, 1), q, k, v, y, np.int32(heads), np.int32(n),
+                  np.int32(m), np.int32(q_off), np.int32(k_off), np.int32(v_off), np.int32(q_bstride or C * n),
+                  np.int32(kv_bstride or C * m), np.int32(att["q"]["zero_point"]), np.int32(att["k"]["zero_point"]),
+                  np.int32(att["v"]["zero_point"]), np.float32(att["qk_scale"]), np.float32(att["scale"]),
+                  np.float32(att["p"]["scale"]), np.int32(att["p"]["zero_point"]), np.int32(att["p"]["qmax"]),
+                  np.float32(pv_scale), *oargs, np.int32(1 if direct else 0), *sargs)
+        return y
+
+    def group_norm_q(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool,
+                     store: dict[str, Any]) -> Any:
+        """GroupNorm (+SiLU) written quantized onto `store`'s grid (an ActQ dict + dtype): what the integer
+        layers reading it would quantize, without a float tensor in between."""
+        B, C = x.shape[:2]
+        if C % groups:
+            raise ValueError(f"group_norm: {C} channels not divisible by {groups} groups")
+        hw = int(np.prod(x.shape[2:]))
+        odt, sargs = self._store_args(store)
+        y = self.empty(x.shape, odt)
+        n = (C // groups) * hw
+        S = self.group_norm_splits(B * groups, n)
+        ot = self._qt(odt)
+        if S > 1:
+            part = self.empty((B * groups * S * 3,), np.float32)
+            k1, k2 = self.kernel("norm", "group_partial_stats"), self.kernel("norm", "group_norm_split_apply_q", OT=ot)
+            L = self.local_1d(k1, -(-n // S))
+            lm = [self.cl.LocalMemory(4 * L) for _ in range(3)]
+            self._run(k1, (B * groups * S * L,), (L,), x, part, np.int32(C), np.int32(hw), np.int32(groups),
+                      np.int32(S), *lm)
+            L2 = self.local_1d(k2, -(-n // S))
+            self._run(k2, (B * groups * S * L2,), (L2,), x, part, gamma, beta, y, np.int32(C), np.int32(hw),
+                      np.int32(groups), np.int32(S), np.float32(eps), np.int32(1 if silu else 0), *sargs)
+            return y
+        k = self.kernel("norm", "group_norm_q", OT=ot)
+        L = self.local_1d(k, n)
+        self._run(k, (B * groups * L,), (L,), x, gamma, beta, y, np.int32(C), np.int32(hw), np.int32(groups),
+                  np.float32(eps), np.int32(1 if silu else 0), *[self.cl.LocalMemory(4 * L) for _ in range(3)], *sargs)
+        return y
+
 
 # ONNX / TFLite op types whose work the OpenCL kernels carry when they occur in a UNet2DModel
 # (used by edgediff.profiling.coverage). Layout ops (Reshape, Transpose, ...) are free in the

@@ -242,7 +242,7 @@ def test_int8_bundle_runs_integer_convs_and_matches_the_simulation(tiny_unet: Di
     q = minmax_quantize(tiny_unet, symmetric=symmetric)
     be = get_backend("opencl")
     rep = be.export(q, tmp_path / "q8", "int8")
-    assert rep["integer_layers"] == len(q.extras["quant"]["layers"]) and rep["op_histogram"]["qconv"] > 0
+    assert rep["integer_layers"] == len(q.extras["quant"]["layers"]) and rep["op_histogram"]["iconv"] > 0
     assert be.check(tmp_path / "q8", q)["ok"]
     den = be.load_denoiser(tmp_path / "q8")
     x, t = _inputs(tiny_unet)

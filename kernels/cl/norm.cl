@@ -108,6 +108,23 @@ int split_chunk(const int C, const int HW, const int G, const int S, int* start,
     return bg;
 }
 
+/* Mean and 1/std of group bg from its S Welford partials (Chan et al. merge, in the same order in
+ * every work-item, so every chunk normalises with the same statistics). */
+float merge_partials(__global const float* part, const int bg, const int S, const float eps, float* mean_out) {
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int j = 0; j < S; ++j) {
+        const float nb = part[3 * (bg * S + j)];
+        if (nb > 0.0f) {
+            const float nab = cnt + nb, d = part[3 * (bg * S + j) + 1] - mean;
+            mean += d * (nb / nab);
+            m2 += part[3 * (bg * S + j) + 2] + d * d * (cnt * nb / nab);
+            cnt = nab;
+        }
+    }
+    *mean_out = mean;
+    return 1.0f / sqrt(m2 / cnt + eps);
+}
+
 /* GroupNorm split across work-groups (two passes), for when B x G work-groups would leave most
  * compute units idle (a batch-1 UNet level has 32 groups, a mobile GPU 8-16 cores x several
  * resident work-groups each). Pass 1: work-group (bg, s) reduces chunk s of group bg to a
@@ -129,21 +146,60 @@ __kernel void group_norm_split_apply(__global const T* x, __global const float* 
     int start, end, base;
     const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
     const int g = bg % G, cpg = C / G;
-    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int j = 0; j < S; ++j) {  /* Chan et al. merge, in the same order in every work-item */
-        const float nb = part[3 * (bg * S + j)];
-        if (nb > 0.0f) {
-            const float nab = cnt + nb, d = part[3 * (bg * S + j) + 1] - mean;
-            mean += d * (nb / nab);
-            m2 += part[3 * (bg * S + j) + 2] + d * d * (cnt * nb / nab);
-            cnt = nab;
-        }
-    }
-    const float rstd = 1.0f / sqrt(m2 / cnt + eps);
+    float mean;
+    const float rstd = merge_partials(part, bg, S, eps, &mean);
     for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
         const int c = g * cpg + i / HW;
         float v = (LD(x, base + i) - mean) * rstd * gamma[c] + beta[c];
         if (apply_silu) v = silu_f(v);
         ST(y, base + i, v);
+    }
+}
+
+/* GroupNorm (+SiLU) of an int8 bundle whose only readers are integer layers: the same
+ * normalisation, stored quantized onto the consumer's input grid, clamp(zp + rint(v / s)), as
+ * the consumer would quantize it (OT: char or uchar); no float tensor is written. */
+#ifndef OT
+#define OT char
+#endif
+inline OT quantize_f(const float v, const float s, const int zp, const int lo, const int hi) {
+    return (OT)clamp(rint(v / s) + (float)zp, (float)lo, (float)hi);
+}
+
+__kernel void group_norm_q(__global const T* x, __global const float* gamma, __global const float* beta,
+                           __global OT* y, const int C, const int HW, const int G, const float eps,
+                           const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2,
+                           const float qs, const int qz, const int qlo, const int qhi) {
+    const int bg = get_group_id(0);
+    const int b = bg / G, g = bg - (bg / G) * G;
+    const int cpg = C / G;
+    const int n = cpg * HW;
+    const int base = (b * C + g * cpg) * HW;
+    const int lid = get_local_id(0), L = get_local_size(0);
+    welford_work_group(x, base, 0, n, lc, lmean, lm2);
+    const float mu = lmean[0];
+    const float rstd = 1.0f / sqrt(lm2[0] / lc[0] + eps);
+    for (int i = lid; i < n; i += L) {
+        const int c = g * cpg + i / HW;
+        float v = (LD(x, base + i) - mu) * rstd * gamma[c] + beta[c];
+        if (apply_silu) v = silu_f(v);
+        y[base + i] = quantize_f(v, qs, qz, qlo, qhi);
+    }
+}
+
+__kernel void group_norm_split_apply_q(__global const T* x, __global const float* part, __global const float* gamma,
+                                       __global const float* beta, __global OT* y, const int C, const int HW,
+                                       const int G, const int S, const float eps, const int apply_silu,
+                                       const float qs, const int qz, const int qlo, const int qhi) {
+    int start, end, base;
+    const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
+    const int g = bg % G, cpg = C / G;
+    float mean;
+    const float rstd = merge_partials(part, bg, S, eps, &mean);
+    for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
+        const int c = g * cpg + i / HW;
+        float v = (LD(x, base + i) - mean) * rstd * gamma[c] + beta[c];
+        if (apply_silu) v = silu_f(v);
+        y[base + i] = quantize_f(v, qs, qz, qlo, qhi);
     }
 }
