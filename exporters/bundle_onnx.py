@@ -7,6 +7,8 @@
                               divides by scaling_factor first, as optimum's and diffusers' pipelines do)
     vae_encoder/model.onnx    sample -> latent_parameters (the Gaussian's mean and log-variance, quant_conv's output)
 
+A component a recipe quantized (edgediff.pipelines.compress) is traced from int8_module: its
+lowered layers as Q/DQ integer kernels, as the denoiser's int8 graph; an fp16 one goes through to_fp16.
 input_ids are int32 because diffusers' ONNX pipeline feeds int32 and optimum casts to what the session declares.
 The denoiser graph comes from the denoiser exporter (exporters/onnx.py), not from here.
 """
@@ -95,6 +97,30 @@ def vae_encoder_graph(vae: nn.Module, image_shape: tuple[int, int, int]) -> Any:
     dyn = {"sample": {0: "batch_size", 2: "height", 3: "width"},
            "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}
     return _export(_VaeEncoder(vae), (x,), ["sample"], ["latent_parameters"], dyn)
+
+
+def int8_module(module: nn.Module, quant: dict[str, Any]) -> nn.Module:
+    """A float copy of a quantized component (on-grid weights) with its lowered layers as integer twins
+    (onnxruntime's QLinear layout, as the denoiser's int8 export); `quant` is its QuantParams extras."""
+    import copy
+
+    from edgediff.exporters.onnx_int8 import insert_int_layers
+
+    from edgediff.lowering import lower
+    from edgediff.quant_params import QuantParams, strip_quant_wrappers
+
+    flat = strip_quant_wrappers(copy.deepcopy(module)).float().eval()
+    insert_int_layers(flat, lower(flat, QuantParams.from_extras(quant)))
+    return flat
+
+
+def finish_int8(proto: Any) -> Any:
+    """int8 weight initializers and int32 biases in a traced graph of an int8_module (exact: weights on the grid)."""
+    from edgediff.exporters.onnx_int8 import fold_weight_quantize, int32_bias
+
+    fold_weight_quantize(proto)
+    int32_bias(proto)
+    return proto
 
 
 def to_fp16(proto: Any) -> Any:

@@ -4,8 +4,9 @@ text_encoder/, vae_decoder/, vae_encoder/ as ONNX graphs with optimum's names, t
 each component's config.json, and the manifest's `pipeline` record the numpy runtime reads.
 
 Precision per component: the denoiser's is the export's (fp32/fp16/int8 from the artifact);
-the text encoder and VAE follow fp16 when the export is fp16 and stay fp32 otherwise (their
-own quantization is not done yet; the manifest says which each is).
+a text encoder or VAE part a recipe compressed (edgediff.pipelines.compress) ships at its own
+precision (int8, fp16); the others follow fp16 when the export is fp16 and stay fp32 otherwise.
+The manifest says which each is.
 """
 
 from __future__ import annotations
@@ -28,10 +29,23 @@ def component_precision(precision: str) -> str:
 
 
 def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> dict[str, tuple[Any, str, str]]:
-    """{bundle folder: (ModelProto, role, precision)} for the text encoder(s) and the VAE."""
-    from edgediff.exporters import bundle_onnx as bo
+    """{bundle folder: (ModelProto, role, precision)} for the text encoder(s) and the VAE.
 
-    prec = component_precision(precision)
+    A part a recipe compressed ships at its own precision (int8 from its QuantParams, fp16); the others
+    follow fp16 when the export is fp16 and stay fp32 otherwise."""
+    from edgediff.exporters import bundle_onnx as bo
+    from edgediff.pipelines.parts import records
+
+    parts = records(model.extras)
+
+    def graph(part: str, module: Any, trace: Any) -> tuple[Any, str]:
+        rec = parts.get(part) or {}
+        prec = str(rec.get("precision") or component_precision(precision))
+        if prec == "int8":
+            return bo.finish_int8(trace(bo.int8_module(module, rec["quant"]))), prec
+        proto = trace(module)
+        return (bo.to_fp16(proto) if prec == "fp16" else proto), prec
+
     out: dict[str, tuple[Any, str, str]] = {}
     sig = model.signature
     for name in pipe.names("text_encoder"):
@@ -39,15 +53,17 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
                            "are not bundled yet; export the denoiser and pass precomputed --prompt-embeds")
         seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
-        out[name] = (bo.text_encoder_graph(pipe.load(name), seq), "text_encoder", prec)
+        proto, prec = graph(name, pipe.load(name), lambda m, seq=seq: bo.text_encoder_graph(m, seq))
+        out[name] = (proto, "text_encoder", prec)
     if pipe.has("vae"):
         vae = pipe.load("vae")
         f = pipe.vae_scale_factor()
         c, h, w = (int(v) for v in sig.sample_shape[-3:])
-        out["vae_decoder"] = (bo.vae_decoder_graph(vae, (c, h, w)), "vae_decoder", prec)
-        out["vae_encoder"] = (bo.vae_encoder_graph(vae, (int(vae.config.in_channels), h * f, w * f)), "vae_encoder", prec)
-    if prec == "fp16":
-        out = {k: (bo.to_fp16(p), r, q) for k, (p, r, q) in out.items()}
+        proto, prec = graph("vae_decoder", vae, lambda m: bo.vae_decoder_graph(m, (c, h, w)))
+        out["vae_decoder"] = (proto, "vae_decoder", prec)
+        image = (int(vae.config.in_channels), h * f, w * f)
+        proto, prec = graph("vae_encoder", vae, lambda m: bo.vae_encoder_graph(m, image))
+        out["vae_encoder"] = (proto, "vae_encoder", prec)
     return out
 
 

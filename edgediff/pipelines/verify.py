@@ -148,8 +148,14 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
     pipe = pipeline_of(reference)
     assert pipe is not None
     ref_model, what = reference_model(reference, precision)
-    result["reference"] = what + " with the pipeline's text encoder and VAE"
+    from edgediff.pipelines.parts import records
+
+    parts = {k: str(v.get("precision") or "fp32") for k, v in sorted(records(reference.extras).items())}
+    result["reference"] = what + " with the pipeline's text encoder and VAE" + (
+        f" (compressed parts in their simulation: {', '.join(f'{k} {v}' for k, v in parts.items())})" if parts else "")
     comps = component_checks(pipe, ref_model, b, texts, seed)
+    for k, row in comps.items():  # each part is held to its own precision's tolerance (below)
+        row["precision"] = b.manifest["components"][k].get("precision")
     result["components"] = comps
     want_x, want_img = reference_images(pipe, ref_model, texts, seed, use_sampler, n_steps, guidance, progress=progress)
     got_x, got_img, stats = run_pipeline(bundle_dir, texts, samples=samples, seed=seed, steps=n_steps,
@@ -175,13 +181,18 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
     from edgediff import quality
 
     src = Path(str((reference.extras.get("pipeline") or {}).get("path", "")))
-    if quality.is_quantized(reference) and want_img is not None and not (src / pipe.denoiser_name).is_dir():
+    from edgediff.pipelines.parts import records
+
+    compressed = quality.is_quantized(reference) or bool(records(reference.extras))
+    if compressed and want_img is not None and not (src / pipe.denoiser_name).is_dir():
         result["psnr_vs_original_note"] = f"the original pipeline folder {src} is gone; not compared"
-    elif quality.is_quantized(reference) and want_img is not None:
+    elif compressed and want_img is not None:
         from edgediff.loaders import load_model
 
         original = load_model(src)
-        _, orig_img = reference_images(pipe, original, texts, seed, use_sampler, n_steps, guidance)
+        orig_pipe = pipeline_of(original)  # the original components too, not the artifact's compressed ones
+        assert orig_pipe is not None
+        _, orig_img = reference_images(orig_pipe, original, texts, seed, use_sampler, n_steps, guidance)
         assert orig_img is not None and got_img is not None
         po = psnr(torch.from_numpy(got_img), orig_img)
         result["psnr_vs_original_db"] = round(po, 3) if math.isfinite(po) else po
