@@ -497,6 +497,15 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
                                      **({"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}))
         _emit(result, as_json, f"generate {model}")
         return
+    if Path(model).is_dir() and (Path(model) / "opencl_bundle.json").is_file():
+        # an OpenCL bundle: edgediff's sampler with the bundle on the device (DeepCache schedule included)
+        from edgediff.kernels.deepcache_sampler import generate_opencl
+
+        with progress_bar() as p:
+            result = generate_opencl(Path(model), samples=samples, seed=seed, steps=steps, sampler=sampler,
+                                     save_npy=save_npy, output=output, progress=p)
+        _emit(result, as_json, f"generate {model}")
+        return
     from edgediff.generate import generate as run_generate
 
     m = _load(model, config, sample_shape, cond_shape, num_classes, trust_pickle, variant, adapter, scheduler_config,

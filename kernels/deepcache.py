@@ -155,3 +155,37 @@ class CachedOpenCLDenoiser(OpenCLDenoiser):
         finally:
             self.shallow.given = None
         return timings
+
+
+def profile_cached(path: Path, x: torch.Tensor, t: torch.Tensor, cond: Any, full_ms: float, warmup: int = 3,
+                   repeats: int = 20, device: Any = None) -> dict[str, Any]:
+    """The shallow schedule's share of `profile`: median wall time of `repeats` shallow calls (each
+    reading a feature of a full call made first, queue drained once per call), its per-op times,
+    and the per-image time at the bundle's recorded steps (full calls x full_ms + shallow x shallow_ms)."""
+    import statistics
+    import time
+
+    from edgediff.deepcache import full_steps
+
+    den = CachedOpenCLDenoiser(Path(path), device=device, profiling=True)
+    _, feat = den.full_call(x, t, cond)
+    for _ in range(max(warmup, 1)):
+        den.shallow_call(x, t, feat, cond)
+    totals = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        den.shallow_call(x, t, feat, cond)
+        totals.append((time.perf_counter() - t0) * 1e3)
+    shallow_ms = statistics.median(totals)
+    rec = den.meta["cache"]
+    steps = (den.meta.get("sampling") or {}).get("steps")
+    out: dict[str, Any] = {"depth": rec["depth"], "interval": rec["interval"], "shallow_total_ms": shallow_ms,
+                           "shallow_ops": len(den.meta["schedule_shallow"]["ops"]),
+                           "shallow_layers": [{"name": n, "op": o, "ms": ms} for n, o, ms in den.profile_shallow(x, t, cond)],
+                           "shallow_vs_full": round(shallow_ms / full_ms, 4) if full_ms else None}
+    if steps:
+        n_full = len(full_steps(int(steps), int(rec["interval"])))
+        out.update({"steps": int(steps), "calls_full": n_full, "calls_shallow": int(steps) - n_full,
+                    "ms_per_image": full_ms * n_full + shallow_ms * (int(steps) - n_full),
+                    "ms_per_image_uncached": full_ms * int(steps)})
+    return out

@@ -131,6 +131,9 @@ class OpenCLBackend(Backend):
                 "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
                 "integer_layers": sum(op["op"] == "qconv" for op in sched["ops"]),
                 "weights": "weights.safetensors", "schedule": sched}
+        from edgediff.kernels.deepcache_sampler import sampling_record
+
+        meta.update(sampling_record(model))  # so that `generate BUNDLE` samples as the artifact is meant to
         if model.extras.get("cache"):  # DeepCache: a shallow schedule over the same weights (kernels/deepcache.py)
             from edgediff.kernels.deepcache import cached_schedules
 
@@ -261,4 +264,8 @@ def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, dev
     if not gpu:
         out["note"] = (f"did not run on a GPU: {d['device']} ({d['platform']}) is not a GPU device; "
                        "per-kernel times are that device's")
+    if den.meta.get("cache"):  # DeepCache: the shallow schedule's time and the per-image total it gives
+        from edgediff.kernels.deepcache import profile_cached
+
+        out["cache"] = profile_cached(Path(bundle), x, t, cond, out["total_ms"], warmup, repeats, device)
     return out

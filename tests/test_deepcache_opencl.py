@@ -80,3 +80,28 @@ def test_cached_opencl_bundle_matches_the_cached_pytorch_sampler(tiny_unet: Diff
     r = verify(m, tmp_path / "b", samples=2)
     assert r["verified"] and r["exit_code"] == 0 and r["cache"]["interval"] == 2
     assert (r["denoiser_calls_full"], r["denoiser_calls_shallow"], r["reference_calls_shallow"]) == (3, 2, 2)
+
+
+@needs_cl
+def test_generate_and_profile_an_opencl_cached_bundle(tiny_unet: DiffusionModel, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+    from edgediff.kernels.export import profile
+
+    from edgediff.cli import main
+
+    m = _cached(tiny_unet, steps=4, interval=3)
+    get_backend("opencl").export(m, tmp_path / "b", "fp32")
+    npy = tmp_path / "x.npy"
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "b"), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
+    g = json.loads(capsys.readouterr().out)
+    assert g["runtime"] == "opencl" and g["steps"] == 4 and g["sampler"].startswith("dpmpp-2m")
+    assert (g["denoiser_calls_full"], g["denoiser_calls_shallow"]) == (2, 2) and g["ms_per_image"] > 0
+    # the recorded sampling and cache, as the PyTorch generate of the artifact runs them
+    want = sample_model(m, 2, seed=0, cfg=SamplerConfig("dpmpp-2m", 4), denoiser=TorchDenoiser(m)).numpy()
+    np.testing.assert_allclose(np.load(npy), want, atol=1e-3 * max(1.0, float(np.abs(want).max())), rtol=0)
+    prof = profile(tmp_path / "b", warmup=1, repeats=2)
+    c = prof["cache"]
+    assert 0 < c["shallow_total_ms"] and c["shallow_layers"] and (c["calls_full"], c["calls_shallow"]) == (2, 2)
+    assert c["ms_per_image"] == pytest.approx(2 * prof["total_ms"] + 2 * c["shallow_total_ms"])
