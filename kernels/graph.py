@@ -613,6 +613,17 @@ class Executor:
         self.rt = rt
         self.ops = schedule["ops"]
         self.frees = _last_uses(self.ops)
+        # ops that read only the conditioning (cross-attention K/V of the context, the class
+        # embedding): the same for every step of a prompt, so run once per distinct conditioning
+        derived = {"context" if n == "encoder_hidden_states" else n for n in schedule["inputs"]
+                   if n not in ("sample", "timestep")}
+        self.cond_ops: set[int] = set()
+        for i, op in enumerate(self.ops):
+            if op["in"] and all(b in derived for b in op["in"]) and op["out"] != "out":
+                derived.add(op["out"])
+                self.cond_ops.add(i)
+        self._cond_host: dict[str, np.ndarray] = {}
+        self._cond_cache: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self.dev: dict[str, Any] = {}
         self.winograd: dict[str, Any] = {}
         for name, t in weights.items():
@@ -752,13 +763,16 @@ class Executor:
                 dim = self.schedule.get("cond_shape", [None, None])[-1]
                 if v.dim() != 3 or (dim is not None and v.shape[2] != dim):
                     raise BadInput(f"opencl bundle: encoder_hidden_states must be (B, M, {dim}), got {tuple(v.shape)}")
-                out["context"] = self.rt.to_device(v.detach().float().transpose(1, 2).contiguous()[..., None])
+                host = v.detach().float().transpose(1, 2).contiguous()[..., None].numpy()
+                self._cond_host["context"] = host
+                out["context"] = self.rt.to_device(host)
             else:
                 rows = min(int(op["rows"]) for op in self.ops if op["op"] == "embedding")
                 lab = v.detach().reshape(B).long()
                 if bool(((lab < 0) | (lab >= rows)).any()):
                     raise BadInput(f"opencl bundle: class_labels must be in [0, {rows}), got {lab.tolist()}")
-                out[name] = self.rt.to_device(lab.to(torch.int32).numpy(), np.int32)
+                self._cond_host[name] = lab.to(torch.int32).numpy()
+                out[name] = self.rt.to_device(self._cond_host[name], np.int32)
         return out
 
     def run(self, sample: torch.Tensor, timestep: torch.Tensor, timings: list[tuple[str, str, float]] | None = None,
@@ -779,12 +793,22 @@ class Executor:
             t = t.expand(sample.shape[0])
         env = {"sample": self.rt.to_device(sample.detach().float()),
                "timestep": self.rt.to_device(t.contiguous(), np.float32), **self._inputs(sample, cond)}
-        for op, frees in zip(self.ops, self.frees):
+        cached = None
+        if self._cond_cache is not None and self._cond_cache[0].keys() == self._cond_host.keys() \
+                and all(np.array_equal(self._cond_cache[0][k], v) for k, v in self._cond_host.items()):
+            cached = self._cond_cache[1]
+        fresh: dict[str, Any] = {}
+        for i, (op, frees) in enumerate(zip(self.ops, self.frees)):
             t0 = time.perf_counter() if timings is not None else 0.0
             self.rt.label = op["name"]
             if capture is not None:
-                capture.update({i: env[i].get() for i in op["in"] if i not in capture})
-            env[op["out"]] = self._op(op, env)
+                capture.update({b: env[b].get() for b in op["in"] if b not in capture})
+            if i in self.cond_ops and cached is not None:
+                env[op["out"]] = cached[op["out"]]  # computed for this conditioning by an earlier call
+            else:
+                env[op["out"]] = self._op(op, env)
+                if i in self.cond_ops:
+                    fresh[op["out"]] = env[op["out"]]
             if capture is not None:
                 capture[op["out"]] = env[op["out"]].get()
             if timings is not None and not events:
@@ -793,6 +817,8 @@ class Executor:
             for name in frees:
                 if name != op["out"]:
                     env.pop(name, None)
+        if fresh:
+            self._cond_cache = ({k: v.copy() for k, v in self._cond_host.items()}, fresh)
         out = env["out"].get()
         if events:
             per_op: dict[str, float] = {}

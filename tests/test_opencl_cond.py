@@ -112,6 +112,29 @@ def test_dit_bundle_matches_and_verifies(tmp_path: Path) -> None:
 
 
 @needs_cl
+def test_cross_attention_kv_computed_once_per_prompt(tmp_path: Path) -> None:
+    """K/V of the context do not depend on the step: the second call with the same context launches
+    none of the context-only kernels and gives the same result as a fresh runtime; a new context
+    recomputes them."""
+    model = _sd_unet(tmp_path)
+    get_backend("opencl").export(model, tmp_path / "b", "fp32")
+    den = OpenCLDenoiser(tmp_path / "b", profiling=True)
+    ctx_ops = [den.executor.ops[i]["name"] for i in sorted(den.executor.cond_ops)]
+    assert ctx_ops and all(n.endswith("attn2.to_kv") for n in ctx_ops)
+    x = torch.randn(2, *model.signature.sample_shape, generator=torch.Generator().manual_seed(1))
+    c1, c2 = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(2)), torch.randn(2, 6, 24)
+    first = {lab for lab, _, _ in den.kernel_times(x, torch.tensor([999.0, 999.0]), c1)}
+    assert set(ctx_ops) <= first
+    second = den.kernel_times(x, torch.tensor([500.0, 500.0]), c1)
+    assert not set(ctx_ops) & {lab for lab, _, _ in second}
+    fresh = OpenCLDenoiser(tmp_path / "b")
+    assert torch.equal(den(x, torch.tensor([500.0, 500.0]), c1), fresh(x, torch.tensor([500.0, 500.0]), c1))
+    got = den(x, torch.tensor([500.0, 500.0]), c2)
+    assert torch.equal(got, fresh(x, torch.tensor([500.0, 500.0]), c2))
+    assert not torch.equal(got, fresh(x, torch.tensor([500.0, 500.0]), c1))
+
+
+@needs_cl
 def test_fp16_dit_bundle_within_fp16_tolerance(tmp_path: Path) -> None:
     model = _dit(tmp_path)
     get_backend("opencl").export(model, tmp_path / "h", "fp16")
