@@ -105,3 +105,15 @@ def test_generate_and_profile_an_opencl_cached_bundle(tiny_unet: DiffusionModel,
     c = prof["cache"]
     assert 0 < c["shallow_total_ms"] and c["shallow_layers"] and (c["calls_full"], c["calls_shallow"]) == (2, 2)
     assert c["ms_per_image"] == pytest.approx(2 * prof["total_ms"] + 2 * c["shallow_total_ms"])
+
+
+def test_every_target_holds_both_entry_points_or_says_why(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.exporters import TARGETS
+    from edgediff.exporters.base import DEEPCACHE_MISSING
+
+    both = {"onnx", "tflite", "opencl"}  # tests/test_bundle.py, test_deepcache_tflite.py, this file
+    assert set(DEEPCACHE_MISSING) == set(TARGETS) - both
+    assert all(DEEPCACHE_MISSING.values())
+    # a single ONNX file of a cached artifact: the note, never a silent drop
+    rep = get_backend("onnx").export(_cached(tiny_unet), tmp_path / "u.onnx", "fp32").to_dict()
+    assert rep["cache"].startswith("not exported") and "-o DIR" in rep["cache"]
