@@ -1,0 +1,90 @@
+"""The simulation's own noise floor: how far a quantized model's samples move when only the
+rounding of its float ops changes.
+
+An int8 export and the PyTorch simulation run the same integer layers bit for bit, but the
+float ops between them (GroupNorm, SiLU, softmax, LayerNorm, GELU) are each runtime's own
+kernels: results differ by a few ulps, which now and then moves a value across a quantizer's
+rounding boundary. One such flip changes that tensor by one quantization step; the sampler
+carries it to the end of the trajectory. How much that costs in final-sample PSNR is a property
+of the quantized model and the sampler, not of the runtime: `exact_float_ops()` runs the
+simulation with those float ops computed in float64 and rounded once to float32 (a correctly
+rounded implementation, as good as any runtime's), and the PSNR between the two simulations is
+the floor that no runtime without torch's exact float kernels can beat (docs/int8.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from edgediff.metrics import psnr
+
+# the float ops that sit between integer kernels in the exported graphs
+FLOAT_OPS: frozenset[Any] = frozenset({
+    F.group_norm, F.layer_norm, F.silu, F.gelu, F.softmax, F.sigmoid, torch.sigmoid, torch.softmax,
+    torch.Tensor.softmax, torch.Tensor.sigmoid, F.mish,
+})
+
+
+class _ExactFloatOps(TorchFunctionMode):
+    """Computes FLOAT_OPS on float32 tensors in float64 and rounds the result to float32 once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in FLOAT_OPS:
+            return func(*args, **kwargs)
+        found = []
+
+        def up(a: Any) -> Any:
+            if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+                found.append(a)
+                return a.double()
+            return a
+
+        args64, kwargs64 = tree_map(up, args), tree_map(up, kwargs)
+        if not found:
+            return func(*args, **kwargs)
+        self.calls += 1
+        out = func(*args64, **kwargs64)
+        return tree_map(lambda o: o.float() if isinstance(o, torch.Tensor) and o.dtype == torch.float64 else o, out)
+
+
+@contextmanager
+def exact_float_ops() -> Iterator[_ExactFloatOps]:
+    """Within the block, PyTorch's GroupNorm/LayerNorm/SiLU/GELU/softmax/sigmoid on float32 tensors
+    are computed in float64 and rounded to float32 once (`.calls` counts them)."""
+    mode = _ExactFloatOps()
+    with mode:
+        yield mode
+
+
+def per_sample_psnr(got: torch.Tensor, want: torch.Tensor, data_range: float = 2.0) -> list[float]:
+    """PSNR of each sample (first axis), rounded to 0.1 dB; inf where a sample matches exactly."""
+    return [round(v, 1) if math.isfinite(v) else v
+            for v in (psnr(got[i: i + 1], want[i: i + 1], data_range) for i in range(got.shape[0]))]
+
+
+def noise_floor(run: Callable[[], torch.Tensor], want: torch.Tensor) -> dict[str, Any]:
+    """`run()` (the simulation's sampling, same seeds as `want`) again under exact_float_ops():
+    the PSNR of those samples vs `want`, per sample too, and how many float ops were rerounded."""
+    with torch.inference_mode(), exact_float_ops() as mode:
+        alt = run()
+    p = psnr(alt, want)
+    per = per_sample_psnr(alt, want)
+    finite = sorted(v for v in per if math.isfinite(v))
+    return {"noise_floor_db": round(p, 3) if math.isfinite(p) else p,
+            "noise_floor_per_sample_db": per,
+            "noise_floor_identical_samples": sum(1 for v in per if not math.isfinite(v)),
+            "noise_floor_min_sample_db": finite[0] if finite else math.inf,
+            "float_ops_rerounded": mode.calls}
