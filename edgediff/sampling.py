@@ -42,7 +42,11 @@ class Denoiser(Protocol):
 
 
 class EpsCorrection(Protocol):
-    """Adjusts the model's noise estimate at step t, and the variance it adds (PTQD)."""
+    """Adjusts the model's noise estimate at step t, and the variance it adds (PTQD).
+
+    A correction with `space` other than "eps" (PTQD on flow models: "velocity") is applied to
+    the model output itself.
+    """
 
     def correct(self, eps: torch.Tensor, t: int) -> torch.Tensor: ...
 
@@ -252,10 +256,13 @@ def sample(
         if out.shape[1] == 2 * x.shape[1] and not learned and out.dim() == x.dim():
             out = out[:, : x.shape[1]]  # learned-variance models (DiT, PixArt): the second half is the variance
         ptqd = None
-        if correction is not None:
+        if correction is not None and getattr(correction, "space", "eps") != "eps":
+            out = correction.correct(out, tv).to(out.dtype)  # fitted on the model's own output (flow velocity)
+        elif correction is not None:
             eps, _ = schedule.to_eps_x0(out, x_in, tv)
             eps = correction.correct(eps, tv)
             out = schedule.from_eps(eps, x_in, tv).to(out.dtype)
+        if correction is not None:
             ptqd = _ddpm_like_sigma(sch, int(tv), cfg.eta) if schedule.family == "discrete" else None
         if ptqd is not None and ptqd[0] > 0:
             x = _step_ptqd(sch, out, t, x, g, kw, ptqd, correction.variance_offset(tv))  # type: ignore[union-attr]

@@ -177,6 +177,20 @@ class NoiseSchedule:
             return (self._flow_sigma(t) * self.num_train_timesteps).float()
         return (0.25 * torch.log(self._edm_sigma(t))).float()
 
+    def index_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The training index (in [0, T), float) whose noise level is nearest model timestep t.
+
+        Inverse of timestep_input, in any family: a discrete step is its own index, a flow
+        timestep s * T the index of the nearest training sigma (a dynamically shifted sampler's
+        sigma included), an EDM c_noise = log(sigma) / 4 the index of the nearest sigma on the
+        training grid. Lets "a fraction of T" mean the same noise level whatever the units.
+        """
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        if self.family == "discrete":
+            return t
+        grid = self.timestep_input(torch.arange(self.num_train_timesteps)).double()
+        return (grid.view(1, -1) - t.view(-1, 1)).abs().argmin(1).double()
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The training target of the model's output for its prediction type."""
         t = t.long()
@@ -213,8 +227,9 @@ class NoiseSchedule:
         w = t - lo
         return float(ac[lo]) * (1 - w) + float(ac[hi]) * w
 
-    def _io_coeffs(self, t: float) -> tuple[float, float]:
-        """(a, b) with model input x = a * x0 + b * eps at model timestep t."""
+    def io_coeffs(self, t: float) -> tuple[float, float]:
+        """(a, b) with model input x = a * x0 + b * eps at model timestep t (any family: the
+        noise level of the scheduler's own units, fractional t included)."""
         if self.family == "discrete":
             abar = self._abar_at(t)
             return abar**0.5, (1 - abar) ** 0.5
@@ -227,7 +242,7 @@ class NoiseSchedule:
 
     def to_eps_x0(self, out: torch.Tensor, x_t: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) from the model output at model timestep t, x_t being the denoiser's input."""
-        a, b = self._io_coeffs(t)
+        a, b = self.io_coeffs(t)
         if self.family == "flow":
             x0 = x_t - b * out
             return x_t + a * out, x0
@@ -245,7 +260,7 @@ class NoiseSchedule:
 
     def from_eps(self, eps: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
         """The model output that corresponds to noise estimate `eps` at model timestep t (inverse of to_eps_x0)."""
-        a, b = self._io_coeffs(t)
+        a, b = self.io_coeffs(t)
         x0 = (x_t - b * eps) / a
         if self.family == "flow":
             return eps - x0

@@ -195,3 +195,62 @@ def test_hooks_see_what_the_denoiser_sees_and_correction_applies(tiny_unet) -> N
     b = sample(den, ddpm, (1, 16, 16), 2, 0, SamplerConfig("ddpm", 3),
                correction=type("H0", (Halve,), {"variance_offset": lambda self, t: 0.0})())
     assert not torch.allclose(a, b)  # the residual variance is taken out of the DDPM noise
+
+
+EDM = {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+       "prediction_type": "epsilon"}
+FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+
+
+def test_index_of_inverts_the_model_timestep_in_every_family() -> None:
+    idx = torch.tensor([0, 10, 250, 500, 999])
+    for cfg in ({"_class_name": "DDPMScheduler"}, FLOW, EDM):
+        sched = NoiseSchedule.from_config(cfg)
+        got = sched.index_of(sched.timestep_input(idx))
+        assert torch.equal(got, idx.double()), cfg["_class_name"]
+    c_noise = NoiseSchedule.from_config(EDM).timestep_input(idx)
+    assert float(c_noise.max()) < 2  # EDM's timesteps are log(sigma) / 4, not indices
+
+
+def _pass(name: str, model, opts: dict, tmp_path: Path):
+    from edgediff.passes import PassContext, get, make_options
+
+    fn, _ = get(name)
+    ctx = PassContext(cache_dir=tmp_path / "cache")
+    return fn(model.clone(), make_options(name, opts), ctx), ctx
+
+
+@pytest.mark.parametrize("cfg", [EDM, FLOW], ids=["edm", "flow"])
+def test_ptq4dm_and_ptqd_use_the_schedulers_own_noise_level(tmp_path: Path, tiny_unet, cfg: dict) -> None:
+    """ptq4dm draws its normal over the noise process, not over c_noise / sigma values read as
+    indices; PTQD fits and corrects at the model's own fractional timesteps (an EDM schedule has
+    no alphas; truncating c_noise in [-1.6, 1.1] to an integer merged the steps)."""
+    from edgediff.passes.calib import load_calibration
+    from edgediff.passes.ptqd import correction_for
+
+    tiny_unet.schedule = NoiseSchedule.from_config(cfg)
+    m, _ = _pass("calib", tiny_unet, {"method": "ptq4dm", "n_samples": 4, "steps": 8, "count": 64}, tmp_path)
+    from edgediff.passes import PassContext
+
+    data = load_calibration(m, PassContext(cache_dir=tmp_path / "cache"))
+    traj_t = data["traj_t"].double()
+    steps = {int((traj_t - float(t)).abs().argmin()) for t in data["t"]}
+    # mean 0.4 T, std 0.25 T: the points come from several steps on both sides of the middle, and the
+    # noisiest step (which every point took when c_noise was read as an index) holds a minority
+    assert len(steps) >= 4
+    noisiest = int(m.schedule.index_of(traj_t).argmax())
+    assert float((data["t"].double() == traj_t[noisiest]).double().mean()) < 0.5
+    q, _ = _pass("quant", m, {"weight_bits": 4, "act_bits": 8}, tmp_path)
+    p, ctx = _pass("ptqd", q, {"samples": 4, "mixed_precision": True, "mp_bits": [4], "mp_min_snr_db": -1e9},
+                   tmp_path)
+    table = p.extras["ptqd"]
+    assert torch.allclose(table["timesteps"].double(), traj_t)  # every step its own entry, not truncated
+    assert not all(float(t).is_integer() for t in table["timesteps"])
+    assert all(torch.isfinite(table["snr_db"]))
+    corr = correction_for(p)
+    assert [corr._i(float(t)) for t in traj_t] == list(range(len(traj_t)))
+    assert ctx.metrics["fit_residual_mse"] <= ctx.metrics["eps_mse_uncorrected"]
+    # flow: fitted on the velocity (eps is x itself at sigma = 1, and mapping back divides by 1 - sigma)
+    assert table["space"] == ("velocity" if cfg is FLOW else "eps")
+    x = sample(TorchDenoiser(p), p.schedule, (1, 16, 16), 2, 0, SamplerConfig(None, 8), correction=corr)
+    assert torch.isfinite(x).all()

@@ -5,7 +5,9 @@ the papers prescribe, not from noised training images):
 
 - ptq4dm (Shang et al. 2023, NDTC): timesteps drawn from a normal distribution whose mean
   lies below T/2 (skewed toward x_0); each drawn t takes x_t from a random trajectory at
-  the nearest sampler step. `mean` and `std` are fractions of T.
+  the sampler step of nearest noise level. `mean` and `std` are fractions of T, the training
+  index (sampler steps are mapped to it by NoiseSchedule.index_of: flow sigmas and EDM's
+  c_noise are not indices).
 - qdiff (Li et al. 2023): time-step-aware uniform calibration: every `interval`-th sampler
   step, all `n_samples` trajectories' x_t at that step.
 
@@ -84,6 +86,8 @@ def cache_key(model: DiffusionModel, opts: CalibOptions) -> str:
     h = hashlib.sha256()
     h.update(model_hash(model).encode())
     h.update(json.dumps({"v": CACHE_VERSION, **asdict(opts)}, sort_keys=True).encode())
+    if opts.method == "ptq4dm" and model.schedule.family != "discrete":  # steps matched by noise level
+        h.update(b"ptq4dm-index-of")
     if model.signature.extra:  # every named input is drawn and stored (older sets zeroed them)
         h.update(b"named-conditioning")
     if model.extras.get("cache"):  # a DeepCache schedule changes the trajectories
@@ -148,8 +152,8 @@ def generate(model: DiffusionModel, opts: CalibOptions, progress: Any = None) ->
     else:
         T = model.schedule.num_train_timesteps
         want = (torch.randn(opts.count, generator=g) * opts.std * T + opts.mean * T).round().clamp(0, T - 1)
-        # nearest sampler step for each drawn timestep, a random trajectory for each point
-        step = (traj_t.view(1, -1) - want.view(-1, 1)).abs().argmin(1)
+        # the sampler step of nearest noise level for each drawn index, a random trajectory for each point
+        step = (model.schedule.index_of(traj_t).view(1, -1) - want.view(-1, 1).double()).abs().argmin(1)
         which = torch.randint(0, n, (opts.count,), generator=g)
         xs = traj_x[step, which]
         ts = traj_t[step]

@@ -10,9 +10,12 @@ stochastic samplers takes the residual's variance Var(r_t) / (1 + k_t)^2 out of 
 
 Step-aware mixed precision: for each sampler step and each candidate activation bit-width,
 the residual noise after correction is measured and turned into an SNR against the noise
-x_{t-1} is meant to carry anyway, SNR = 10 log10((1 - abar_{t-1}) / (c_t^2 Var(r_t))), c_t the
-DDIM factor of eps in x_{t-1}. Each step gets the lowest bit-width whose SNR reaches
-`mp_min_snr_db`; early, noisy steps tolerate fewer bits, the last steps keep the base width.
+x_{t-1} is meant to carry anyway, SNR = 10 log10(b_{t-1}^2 / (c_t^2 Var(r_t))), with x_t = a_t x0 +
+b_t eps in the scheduler's own noise levels (DDPM-type: a^2 = abar; flow: 1 - s, s; EDM: c_in,
+c_in sigma) and c_t = b_{t-1} - a_{t-1} b_t / a_t the deterministic step's factor of eps in x_{t-1}
+(DDIM's; flow models, fitted on the velocity: c_t = s_{t-1} - s_t, the Euler step's factor). Every
+family is fitted at the model's own, possibly fractional, timesteps. Each step gets the lowest
+bit-width whose SNR reaches `mp_min_snr_db`; early, noisy steps tolerate fewer bits, the last steps keep the base width.
 With `mp_recalibrate` (default) every lower width gets its own activation ranges: each
 mixed-precision-eligible quantizer's clipping range is searched again at that width (the same
 L_p search as the quant pass, p = 2.4, over the activations of the calibration set), instead of
@@ -69,17 +72,22 @@ class PtqdOptions:
 
 
 class PtqdCorrection:
-    """EpsCorrection from per-timestep tables; a timestep between calibrated ones takes the nearest."""
+    """EpsCorrection from per-timestep tables; a timestep between calibrated ones takes the nearest.
+
+    Timesteps are the model's own (fractional for Euler-type, flow and EDM schedulers: s * T, c_noise).
+    """
 
     def __init__(self, table: dict[str, Any]) -> None:
-        self.ts = torch.as_tensor(table["timesteps"]).long()
+        self.ts = torch.as_tensor(table["timesteps"]).double()
         self.k = torch.as_tensor(table["k"]).float()
         self.bias = torch.as_tensor(table["bias"]).float()
         self.res_var = torch.as_tensor(table["residual_var"]).float()
         self.use_variance = bool(table.get("variance", True))
+        # flow models: fitted on the velocity the model predicts (see eps_of); others: on eps
+        self.space = str(table.get("space", "eps"))
 
-    def _i(self, t: int) -> int:
-        return int((self.ts - int(t)).abs().argmin())
+    def _i(self, t: float) -> int:
+        return int((self.ts - float(t)).abs().argmin())
 
     def correct(self, eps: torch.Tensor, t: int) -> torch.Tensor:
         i = self._i(t)
@@ -102,13 +110,13 @@ class _StepBits:
     """Forward pre-hook on the denoiser: sets the activation bit-width for the call's timestep."""
 
     def __init__(self, ts: torch.Tensor, bits: torch.Tensor, base: int) -> None:
-        self.ts, self.bits, self.base = ts.long(), bits.long(), int(base)
+        self.ts, self.bits, self.base = ts.double(), bits.long(), int(base)
 
     def __call__(self, mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         if t is None:
             return
-        t0 = int(torch.as_tensor(t).reshape(-1)[0])
+        t0 = float(torch.as_tensor(t).reshape(-1)[0])
         b = int(self.bits[int((self.ts - t0).abs().argmin())])
         set_bits_override(mod, None if b == self.base else b)
 
@@ -202,10 +210,23 @@ def _restore(model: DiffusionModel) -> DiffusionModel:
     return install_step_bits(model)
 
 
-def eps_of(model: DiffusionModel, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+def space_of(model: DiffusionModel) -> str:
+    """Where the noise model is fitted: eps, or for flow matching the predicted velocity.
+
+    At a flow sampler's first step (sigma = 1) x is pure noise, so eps = x whatever the model
+    predicts: an eps-space fit sees no quantization error there and the inverse map divides by
+    1 - sigma = 0. The velocity carries the whole error at every sigma.
+    """
+    return "velocity" if model.schedule.family == "flow" else "eps"
+
+
+def eps_of(model: DiffusionModel, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+    """The model output in the space PTQD fits (space_of): eps, or a flow model's velocity."""
     c = x.shape[1]
     if out.shape[1] == 2 * c:
         out = out[:, :c]  # learned-variance output: the first half is the prediction
+    if space_of(model) == "velocity":
+        return out
     return model.schedule.to_eps_x0(out, x, t)[0]
 
 
@@ -246,7 +267,6 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
     cond = cond_take(cond_unflatten(data, "traj_cond"), slice(None, n))
     den = model.denoiser.eval()
     mod = model.module()
-    ac = model.schedule.alphas_cumprod
     t0 = time.perf_counter()
     widths: dict[str, Any] = {}
     if cands and opts.mp_recalibrate:
@@ -254,13 +274,18 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
         attach_widths(den, widths)
     rows = []
     for s in ctx.track(range(len(traj_t)), f"ptqd: fitting {len(traj_t)} steps x {1 + len(cands)} bit-widths"):
-        t = int(traj_t[s])
+        # the model's own timestep (fractional for Euler-type / flow / EDM schedulers), never truncated
+        t = float(traj_t[s])
         x = traj_x[s]
         e_fp = eps_of(model, traj_out[s], x, t)
-        t_prev = int(traj_t[s + 1]) if s + 1 < len(traj_t) else -1
-        a_t, a_prev = float(ac[t]), float(ac[t_prev]) if t_prev >= 0 else 1.0
-        # DDIM (eta = 0) factor of an eps error in x_{t-1}
-        c = (1 - a_prev) ** 0.5 - (a_prev * (1 - a_t) / a_t) ** 0.5
+        last = s + 1 >= len(traj_t)
+        # x = a x0 + b eps at this step and a' x0 + b' eps at the next, in the scheduler's own noise
+        # levels (abar, flow sigma, EDM sigma with c_in): a deterministic step's factor of an eps error
+        # in the next x is b' - a' b / a (DDIM's for DDPM-type schedules), against noise b'^2 it carries
+        a_t, b_t = model.schedule.io_coeffs(t)
+        a_prev, b_prev = model.schedule.io_coeffs(float(traj_t[s + 1])) if not last else (1.0, 0.0)
+        # flow (velocity space): an Euler step moves x by (sigma' - sigma) v
+        c = b_prev - b_t if space_of(model) == "velocity" else b_prev - a_prev * b_t / a_t
         per_bits = {}
         for b in [base] + cands:
             set_bits_override(den, None if b == base else b)
@@ -271,7 +296,7 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
             e_q = eps_of(model, torch.cat(outs).float(), x, t)
             k, bias, var_r = fit(e_q - e_fp, e_fp, opts.correct_bias, opts.positive_k_only)
             res_var = var_r / (1 + k) ** 2
-            snr = 10 * math.log10(max(1 - a_prev, 1e-12) / max(c * c * res_var, 1e-20)) if t_prev >= 0 else -math.inf
+            snr = 10 * math.log10(max(b_prev**2, 1e-12) / max(c * c * res_var, 1e-20)) if not last else -math.inf
             uncorrected = float(((e_q - e_fp) ** 2).mean())
             per_bits[b] = {"k": k, "bias": bias, "res_var": res_var, "snr_db": snr, "mse_uncorrected": uncorrected,
                            "fit_residual": var_r}
@@ -283,8 +308,8 @@ def run(model: DiffusionModel, opts: PtqdOptions, ctx: PassContext) -> Diffusion
                 break
         rows.append((t, chosen, per_bits))
     table = {
-        "version": 1, "base_act_bits": base, "mixed_precision": bool(cands), "variance": opts.variance,
-        "timesteps": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        "version": 1, "space": space_of(model), "base_act_bits": base, "mixed_precision": bool(cands), "variance": opts.variance,
+        "timesteps": torch.tensor([r[0] for r in rows], dtype=torch.float64),
         "act_bits": torch.tensor([r[1] for r in rows], dtype=torch.int64),
         "k": torch.tensor([r[2][r[1]]["k"] for r in rows], dtype=torch.float32),
         "bias": torch.stack([r[2][r[1]]["bias"] for r in rows]).float(),
