@@ -130,14 +130,14 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
         return {"fused": fused, "unfused": un, "macs": macs}
     if kind == "attention_int8":
         B, heads, d = out[0], op["heads"], op["head_dim"]
-        N = _n(out[2:])
+        N, M = _n(out[2:]), _n(ins[1][2:])
         C = heads * d
         oes = 1 if op.get("store") else 4
-        macs = B * heads * 2 * N * N * d
+        macs = B * heads * 2 * N * M * d
         # Q, K, V int8 read once (K re-reads per pass hit the cache: compulsory traffic), no score matrix
-        fused = _c(3 * B * C * N, B * C * N * oes, 0, 2 * macs + 8 * B * heads * N * N, 1)
-        s = B * heads * N * N  # op by op: float logits, softmax, quantized P, PV
-        un = _c(3 * B * C * N + 2 * s * 4 + s * 4 + s, B * C * N * oes + s * 4 + s * 4 + s, 0, fused["flops"], 4)
+        fused = _c(B * C * (N + 2 * M), B * C * N * oes, 0, 2 * macs + 8 * B * heads * N * M, 1)
+        s = B * heads * N * M  # op by op: float logits, softmax, quantized P, PV
+        un = _c(B * C * (N + 2 * M) + 2 * s * 4 + s * 4 + s, B * C * N * oes + s * 4 + s * 4 + s, 0, fused["flops"], 4)
         return {"fused": fused, "unfused": un, "macs": macs}
     if kind == "group_norm":
         B, C = ins[0][:2]

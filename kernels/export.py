@@ -129,7 +129,7 @@ class OpenCLBackend(Backend):
                 "signature": model.signature.to_dict(), "arch": model.arch,
                 "provenance": {k: v for k, v in model.provenance.items() if isinstance(v, (str, int, float, bool))},
                 "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
-                "integer_layers": sum(op["op"] == "qconv" for op in sched["ops"]),
+                "integer_layers": sum(op["op"] in ("iconv", "qconv") for op in sched["ops"]),
                 "weights": "weights.safetensors", "schedule": sched}
         from edgediff.kernels.deepcache_sampler import sampling_record
 

@@ -44,9 +44,16 @@ def _unet_of(model: DiffusionModel) -> nn.Module:
     return den
 
 
-def _grid(q: Any) -> dict[str, Any]:
+def grid_attrs(q: Any) -> dict[str, Any]:
     """An edgediff.lowering.ActQ as schedule attributes: scale, zero point, range and storage type."""
     return {**q.to_dict(), "dtype": q.dtype}
+
+
+def attention_attrs(att: Any) -> dict[str, Any]:
+    """An edgediff.lowering.LoweredAttention as the attention_int8 op's attributes."""
+    return {"q": grid_attrs(att.q), "k": grid_attrs(att.k), "p": grid_attrs(att.p), "v": grid_attrs(att.v),
+            "output": grid_attrs(att.output) if att.output is not None else None, "scale": float(att.scale),
+            "qk_scale": float(att.qk_scale), "av_multiplier": att.av_multiplier}
 
 
 class _Builder:
@@ -88,7 +95,7 @@ class _Builder:
             self.w(f"{name}.p{i}.acc_scale", torch.from_numpy(pt.acc_scale))
             mult = self.w(f"{name}.p{i}.mult", torch.from_numpy(pt.multiplier)) if pt.output is not None else None
             pd.append({"split": int(pt.channels[1]), "zp": gi.zero_point, "acc_scale": f"{name}.p{i}.acc_scale",
-                       "mult": mult, "out": _grid(pt.output) if pt.output is not None else None,
+                       "mult": mult, "out": grid_attrs(pt.output) if pt.output is not None else None,
                        "source": pt.output_source})
         ins = [xq] + [b for b in (chan_add, res) if b is not None]
         return self.emit("iconv", name, ins, weight=f"{name}.weight_q", bias=bias, parts=pd, stride=stride, pad=list(p),
@@ -98,7 +105,7 @@ class _Builder:
     def quantize(self, x: str, name: str, grids: list[Any], split: int) -> str:
         """x quantized onto grids[0] (channels [0, split)) and grids[1] (the rest; split -1: one grid),
         int8/uint8 storage."""
-        return self.emit("quantize", name, [x], segs=[_grid(g) for g in grids], split=int(split))
+        return self.emit("quantize", name, [x], segs=[grid_attrs(g) for g in grids], split=int(split))
 
     def buf(self, hint: str) -> str:
         self._n += 1
@@ -205,10 +212,7 @@ class _Builder:
             if g.dtype != "int8" or g.zero_point != 0:
                 raise BadInput(f"opencl int8: {name}: attention operand {w} must be symmetric int8")
         return self.emit("attention_int8", f"{name}.attn", [qi, ki, vi], heads=heads, head_dim=head_dim,
-                         att={"q": _grid(att.q), "k": _grid(att.k), "p": _grid(att.p), "v": _grid(att.v),
-                              "output": _grid(att.output) if att.output is not None else None,
-                              "scale": float(att.scale), "qk_scale": float(att.qk_scale),
-                              "av_multiplier": att.av_multiplier},
+                         att=attention_attrs(att),
                          store=None, direct=False)
 
     # ---- transformer blocks: tokens stay channels-first (B, C, H, W), a Linear is a 1x1 conv
@@ -230,7 +234,8 @@ class _Builder:
         stacked 1x1 conv) or cross-attention (Q from h; K and V one stacked conv over the
         channels-first context ctx). The output projection adds `res`."""
         proc = type(mod.processor).__name__
-        if proc not in ("AttnProcessor2_0", "AttnProcessor"):
+        # FloatAttnProcessor: what a stripped QuantAttnProcessor (edgediff.quant) leaves behind
+        if proc not in ("AttnProcessor2_0", "AttnProcessor", "FloatAttnProcessor"):
             raise BadInput(f"opencl target: {name}: attention processor {proc} is not supported")
         if mod.group_norm is not None or mod.spatial_norm is not None or mod.norm_cross is not None \
                 or getattr(mod, "norm_q", None) is not None or getattr(mod, "norm_k", None) is not None \
@@ -250,7 +255,22 @@ class _Builder:
             return self.emit("conv", f"{name}.{tag}", [src], weight=self.w(f"{name}.{tag}.weight", w), bias=bias, stride=1,
                              pad=[0, 0, 0, 0], chan_add=None, res=None, out_scale=1.0, kernel=[1, 1])
 
-        if ctx is None:
+        if self.low is not None and any(f"{name}.{p}" in self.low.layers for p in ("to_q", "to_k", "to_v")):
+            # int8: each projection its own integer layer (own input and output grids), no stacking
+            src = h if ctx is None else ctx
+            q = self.conv(mod.to_q, f"{name}.to_q", h)
+            k, v = (self.conv(getattr(mod, p), f"{name}.{p}", src) for p in ("to_k", "to_v"))
+            att = self.low.attentions.get(name)
+            if att is not None:
+                o = self.attention_int8(att, name, q, k, v, heads, C // heads)
+            elif ctx is None:
+                qkv = self.emit("concat", f"{name}.cat_qkv", [self.emit("concat", f"{name}.cat_qk", [q, k]), v])
+                o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads,
+                              scale=float(mod.scale))
+            else:
+                o = self.emit("cross_attention", f"{name}.attn", [q, self.emit("concat", f"{name}.cat_kv", [k, v])],
+                              heads=heads, head_dim=C // heads, scale=float(mod.scale))
+        elif ctx is None:
             qkv = stacked((mod.to_q, mod.to_k, mod.to_v), "to_qkv", h)
             o = self.emit("flash_attention", f"{name}.attn", [qkv], heads=heads, head_dim=C // heads, scale=float(mod.scale))
         else:
@@ -492,9 +512,6 @@ def build_schedule(model: DiffusionModel, quant: Any = None,
     sig = model.signature
     low = None
     if quant is not None:
-        if arch != "UNet2DModel":
-            raise BadInput(f"opencl target: int8 bundles of {arch} are not supported (UNet2DModel only); "
-                           "export fp32 or fp16")
         from edgediff.lowering import lower
 
         low = lower(den, quant)
@@ -674,7 +691,8 @@ class Executor:
                                           bool(op.get("direct")))
         if kind == "attention_int8":
             B, C, H, W = x.shape
-            o = rt.attention_int8(x, env[op["in"][1]], env[op["in"][2]], op["heads"], op["head_dim"], H * W, H * W,
+            k = env[op["in"][1]]  # K and V: (B, C, M, 1) over the context tokens, or (B, C, H, W)
+            o = rt.attention_int8(x, k, env[op["in"][2]], op["heads"], op["head_dim"], H * W, int(np.prod(k.shape[2:])),
                                   op["att"], store=op.get("store"), direct=bool(op.get("direct")))
             return o.reshape(B, C, H, W)
         # qconv and attention_fq: the int8 ops of bundles written before the lowering (float between layers)

@@ -161,6 +161,66 @@ def _cases(rt: Any) -> Iterator[Case]:
                              pad=(1, 1, 1, 1), wsum=ws), want, 1e-5)
     yield ("fake_quant_seg", rt.fake_quant_seg(rt.to_device(x, f32), [(0, s1, z1, -128, 127), (4, s2, z2, -128, 127)]),
            xd, 1e-6)
+    yield from _lowered_cases(rt)
+
+
+def _lowered_cases(rt: Any) -> Iterator[Case]:
+    """The kernels of int8 bundles built on edgediff.lowering: integer conv with requantizing
+    epilogue (one part stored as int8 directly; two parts + epilogue terms stored float),
+    GroupNorm stored quantized, integer attention."""
+    from edgediff.kernels.graph import attention_attrs, grid_attrs
+
+    from edgediff.lowering import ActQ, IntPart, LoweredAttention, LoweredLayer, run_attention, run_part
+
+    f32 = np.float32
+    gen = torch.Generator().manual_seed(30)
+    ux, sx, sy = ActQ(0.02, 131, 8, False), ActQ(0.11, -3, 8, True).as_uint8(), ActQ(0.05, -2, 8, True)
+    w = torch.randint(-127, 128, (5, 6, 3, 3), generator=gen).numpy().astype(np.int8)
+    ws = (torch.rand(5, generator=gen) * 0.01 + 0.002).numpy().astype(f32)
+    bias = torch.randint(-900, 900, (5,), generator=gen).numpy().astype(np.int32)
+    geo = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+    p1 = IntPart(ux, (0, 4), w[:, :4], ws, 8, bias, sy)
+    p2 = IntPart(sx, (4, 6), w[:, 4:], ws, 8, None, ActQ(0.07, 1, 8, True))
+    lay1 = LoweredLayer("one", "conv", [IntPart(ux, (0, 6), w, ws, 8, bias, sy)], geo)
+    lay2 = LoweredLayer("two", "conv", [p1, p2], geo)
+    xq = torch.randint(0, 256, (2, 6, 5, 7), generator=gen).numpy()
+    dx, dw = rt.to_device(xq.astype(np.uint8), np.uint8), rt.to_device(w, np.int8)
+
+    def parts(lay: LoweredLayer) -> list[dict[str, Any]]:
+        return [{"split": pt.channels[1], "zp": pt.input.zero_point, "acc_scale": rt.to_device(pt.acc_scale, f32),
+                 "mult": rt.to_device(pt.multiplier, f32), "out": grid_attrs(pt.output)} for pt in lay.parts]
+
+    want = run_part(lay1, lay1.parts[0], xq)
+    got = rt.conv2d_int8_lowered(dx, dw, parts(lay1), rt.to_device(bias, np.int32), 1, (1, 1, 1, 1),
+                                 store=grid_attrs(sy), direct=True)
+    tag = " (packed dot)" if rt.use_int8_dot else " (tiled)"
+    yield "conv2d_int8_lowered direct" + tag, got, torch.from_numpy(want).float(), 0.0
+    ca, res = _t(2, 5, 1, 1, seed=31), _t(2, 5, 5, 7, seed=32)
+    v = sum(pt.output.dequantize(run_part(lay2, pt, xq[:, pt.channels[0]:pt.channels[1]])) for pt in lay2.parts)
+    want2 = (torch.from_numpy(v) + ca + res) * 0.5
+    got = rt.conv2d_int8_lowered(dx, dw, parts(lay2), rt.to_device(bias, np.int32), 1, (1, 1, 1, 1),
+                                 rt.to_device(ca, f32), rt.to_device(res, f32), 0.5)
+    yield "conv2d_int8_lowered split + epilogue", got, want2, 1e-6
+    x = _t(2, 8, 9, 7, seed=33, scale=2) + 3.0
+    g, be = _t(8, seed=34), _t(8, seed=35)
+    gq = ActQ(0.013, 20, 8, False)
+    want3 = torch.from_numpy(gq.quantize(ref.group_norm(x, g, be, 4, 1e-5, True).numpy())).float()
+    got = rt.group_norm_q(rt.to_device(x, f32), rt.to_device(g, f32), rt.to_device(be, f32), 4, 1e-5, True, grid_attrs(gq))
+    yield "group_norm_q", got, want3, 1.01 / 255  # one step where GroupNorm's float rounding crosses a boundary
+    heads, d, n = 2, 8, 13
+    att = LoweredAttention("a", ActQ(0.03, 0, 8, True), ActQ(0.025, 0, 8, True), ActQ(1 / 255, 0, 8, False),
+                           ActQ(0.02, 0, 8, True), d ** -0.5, heads, ActQ(0.01, -3, 8, True))
+    qf, kf, vf = (_t(1, heads, n, d, seed=36 + i) for i in range(3))
+    want4 = att.output.quantize(run_attention(att, qf.numpy(), kf.numpy(), vf.numpy()))
+    spec = attention_attrs(att)
+
+    def cf(t: torch.Tensor, a: ActQ) -> Any:  # channels-first int8 (1, heads * d, n)
+        return rt.to_device(a.quantize(t.permute(0, 1, 3, 2).reshape(1, heads * d, n).numpy()).astype(np.int8), np.int8)
+
+    got = rt.attention_int8(cf(qf, att.q), cf(kf, att.k), cf(vf, att.v), heads, d, n, n, spec, store=grid_attrs(att.output),
+                            direct=True)
+    yield ("attention_int8", got, torch.from_numpy(want4.transpose(0, 1, 3, 2).reshape(1, heads * d, n)).float(),
+           2.01 / 128)  # a softmax probability on a rounding boundary of P moves the result by a step or two
 
 
 def run_profile(device: Any, profile: str | None, precision: str) -> list[dict[str, Any]]:

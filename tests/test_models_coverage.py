@@ -74,7 +74,7 @@ CLASSES = {  # builder, scheduler config, CLI args
 # a word the one-line reason must contain
 PRUNE = {"unet2d": 0, "sd1": 0, "dit": 0, "sdxl": 0, "pixart": (2, "missed a channel coupling"),
          "sd3": (2, "not supported"), "sana": (2, "not supported"), "flux": (2, "not supported")}
-OPENCL = {"unet2d": 0, "sd1": (2, "FloatAttnProcessor"), "dit": (2, "FloatAttnProcessor"), "sdxl": (2, "extra inputs"),
+OPENCL = {"unet2d": 0, "sd1": 0, "dit": 0, "sdxl": (2, "extra inputs"),
           "pixart": (2, "PixArtTransformer2DModel"), "sd3": (2, "SD3Transformer2DModel"),
           "sana": (2, "SanaTransformer2DModel"), "flux": (2, "FluxTransformer2DModel")}
 TFLITE = {"unet2d": 0, "sd1": 0, "dit": 0, "pixart": 0, "sana": 0, "sdxl": 0, "sd3": 0, "flux": 0}

@@ -182,12 +182,11 @@ def test_integer_attention_matches_the_lowering() -> None:
     def cl_in(t: torch.Tensor, a: ActQ) -> object:  # channels-first (B, H*d, n) int8
         return rt.to_device(a.quantize(t.permute(0, 1, 3, 2).reshape(B, heads * d, n).numpy()).astype(np.int8), np.int8)
 
-    from edgediff.kernels.graph import _grid
+    from edgediff.kernels.graph import attention_attrs, grid_attrs
 
-    spec = {"q": _grid(att.q), "k": _grid(att.k), "p": _grid(att.p), "v": _grid(att.v), "output": _grid(att.output),
-            "scale": att.scale, "qk_scale": att.qk_scale, "av_multiplier": att.av_multiplier}
+    spec = attention_attrs(att)
     got = rt.attention_int8(cl_in(qf, att.q), cl_in(kf, att.k), cl_in(vf, att.v), heads, d, n, n, spec,
-                            store=_grid(att.output), direct=True).get().astype(np.int32)
+                            store=grid_attrs(att.output), direct=True).get().astype(np.int32)
     got = got.reshape(B, heads, d, n).transpose(0, 1, 3, 2)
     diff = np.abs(got - want)
     assert diff.max() <= 2 and (diff == 0).mean() > 0.97
