@@ -140,3 +140,36 @@ def test_calibration_key_depends_on_the_cache_schedule(tiny_unet: DiffusionModel
 
     a, b = _cache(tiny_unet, interval=2), _cache(tiny_unet, interval=3)
     assert cache_key(a, CalibOptions()) != cache_key(b, CalibOptions())
+
+
+def test_cache_aware_finetune_lowers_the_shallow_error_and_keeps_full_calls(tiny_unet: DiffusionModel) -> None:
+    run_s, cls_s = passes.get("sampling")
+    m = run_s(tiny_unet.clone(), cls_s(sampler="ddim", steps=4), PassContext())
+    run, cls = passes.get("cache")
+    ctx = PassContext()
+    out = run(m.clone(), cls(depth=0, interval=2, check_samples=0, train_steps=60, train_lr=2e-3, train_batch=8,
+                             train_trajectories=8, train_ema=0.0), ctx)
+    tr = ctx.metrics["training"]
+    assert tr["train_steps"] == 60 and tr["shallow_loss_last"] < 0.7 * tr["shallow_loss_first"]
+    assert any(not torch.equal(a, b) for a, b in zip(out.denoiser.state_dict().values(), m.denoiser.state_dict().values()))
+    # held out (another seed's trajectory): a shallow call reading the previous step's feature is closer
+    # to the untrained model's full output than before training
+    from edgediff.sampling import sample
+
+    _, traj = sample(TorchDenoiser(m, use_cache=False), m.schedule, tuple(m.signature.sample_shape), 4, 7,
+                     SamplerConfig("ddim", 4), return_trajectory=True)
+    (t0, x0), (t1, x1) = traj[0], traj[1]
+    ta, tb = torch.full((4,), float(t0)), torch.full((4,), float(t1))
+
+    def shallow_err(model: DiffusionModel) -> float:
+        mod = model.module().eval()
+        with torch.no_grad():
+            _, feat = FullEntry(mod, 0)(x0, ta)
+            return float((ShallowEntry(mod, 0)(x1, tb, feature=feat) - teacher(x1, tb)).pow(2).mean())
+
+    teacher = m.module().eval()
+    assert shallow_err(out) < shallow_err(m)
+    with pytest.raises(BadInput, match="train_lr"):
+        cls(train_lr=0.0)
+    with pytest.raises(BadInput, match="train_batch"):
+        cls(train_batch=0)

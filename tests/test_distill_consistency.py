@@ -61,3 +61,25 @@ def test_consistency_student_samples_with_lcm_and_resumes(tiny_unet: DiffusionMo
     resumed = run(tiny_unet.clone(), _opts(checkpoint_dir=str(ck), checkpoint_every=2), PassContext())
     for a, b in zip(resumed.denoiser.state_dict().values(), whole.denoiser.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_consistency_loss_options_weight_and_bound_the_noisy_pairs() -> None:
+    from edgediff.passes.distill import HUBER_C, consistency_loss
+
+    ac = NoiseSchedule.from_config({}).alphas_cumprod.float()
+    pred, target = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    t = torch.tensor([10, 999])
+    assert consistency_loss(pred, target, t, ac, "l2", "uniform") == pytest.approx(1.0)
+    # pseudo-Huber: sqrt(d^2 + c^2) - c
+    assert consistency_loss(pred, target, t, ac, "huber", "uniform") == pytest.approx((1 + HUBER_C**2) ** 0.5 - HUBER_C)
+    # min-SNR: the low-noise pair keeps weight 1, the t = 999 pair (SNR ~ 4e-5) almost none
+    w = consistency_loss(pred, target, t, ac, "l2", "min-snr")
+    snr = float(ac[999] / (1 - ac[999]))
+    assert w == pytest.approx((1.0 + snr) / 2, rel=1e-4)
+    # the first pair of the grid ends at t = 0, where f(z, 0) = z: the boundary anchors the chain
+    z = torch.randn(1, 1, 4, 4)
+    torch.testing.assert_close(consistency_fn("epsilon", torch.randn_like(z), z, torch.tensor([0]), ac), z)
+    with pytest.raises(BadInput, match="loss"):
+        _opts(loss="l1")
+    with pytest.raises(BadInput, match="weighting"):
+        _opts(weighting="snr")

@@ -78,3 +78,23 @@ def test_time_table_rows_per_runtime_and_per_image_arithmetic(demo_parts: dict) 
     text = con.export_text()
     assert "fast schedule" in text and "2/2" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_fast_composition_calibrates_on_its_own_schedule(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.pipeline import run_recipe
+    from edgediff.recipe import PassSpec, Recipe, load_recipe
+
+    demo = Recipe("edge-like", "", [PassSpec("fuse", {"pack_qkv": False}),
+                                    PassSpec("calib", {"method": "qdiff", "n_samples": 2, "interval": 1}),
+                                    PassSpec("quant", {"weight_bits": 8, "act_bits": 8})])
+    composed = job.fast_recipe(demo, load_recipe("fast"))
+    names = [p.name for p in composed.passes]
+    assert names == ["fuse", "sampling", "cache", "calib", "quant"]
+    out, _ = run_recipe(tiny_unet, composed, cache_dir=tmp_path)
+    opts = out.extras["calib"]["options"]
+    # calibrated along DPM-Solver++ 10-step cached trajectories, not the model's own DDIM
+    assert (opts["sampler"], opts["steps"]) == ("dpmpp-2m", 10) and out.extras["cache"]["interval"] == 2
+    assert out.extras["calib"]["count"] == 2 * 10 and "quant" in out.extras
+    # without a calib pass the fast passes go last
+    plain = job.fast_recipe(Recipe("p", "", [PassSpec("fuse")]), load_recipe("fast"))
+    assert [p.name for p in plain.passes] == ["fuse", "sampling", "cache"]

@@ -50,6 +50,9 @@ from edgediff.schedule import NoiseSchedule
 
 CKPT = "distill_running.safetensors"
 METHODS = ("progressive", "consistency")
+LOSSES = ("l2", "huber")
+WEIGHTINGS = ("uniform", "min-snr")
+HUBER_C = 0.001  # diffusers train_lcm_distill's huber_c
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5  # diffusers LCMScheduler's boundary condition
 
 
@@ -68,6 +71,13 @@ class DistillOptions:
     # progressive: halving rounds, DDIM trailing; consistency: one LCM-style round (start_steps is the
     # teacher's DDIM grid, LCM's original_inference_steps), sampled with LCMScheduler at target_steps
     method: str = "progressive"
+    # consistency only: the distance (LCM's "l2" or "huber" with c = 0.001) and the per-sample weight.
+    # "min-snr" weighs a pair by min(SNR(t_n), 1) (Hang et al. 2023): with epsilon prediction the
+    # consistency function at t is x0 = (z - sigma eps) / alpha, which at t = 999 of a linear pixel-space
+    # schedule multiplies the network's error by 1/alpha ~ 150, so uniform weights let the noisiest pairs
+    # dominate the gradient (latent LCMs see ~15x)
+    loss: str = "l2"
+    weighting: str = "uniform"
 
     def __post_init__(self) -> None:
         for k in ("start_steps", "target_steps", "steps_per_round", "batch_size", "data_pool", "checkpoint_every"):
@@ -88,6 +98,10 @@ class DistillOptions:
             raise BadInput("distill.steps: lr must be > 0 and ema in [0, 1)")
         if self.data not in DATA_SOURCES:
             raise BadInput(f"distill.steps: data={self.data!r}; expected one of {', '.join(DATA_SOURCES)}")
+        if self.loss not in LOSSES:
+            raise BadInput(f"distill.steps: loss={self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise BadInput(f"distill.steps: weighting={self.weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
 
 
 def grid(num_train: int, steps: int) -> list[int]:
@@ -183,6 +197,19 @@ def consistency_fn(pred: str, out: torch.Tensor, z: torch.Tensor, t: torch.Tenso
     return c_skip * z + c_out * x0
 
 
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, loss: str,
+                     weighting: str) -> torch.Tensor:
+    """Mean over the batch of the per-sample distance (l2 or LCM's pseudo-Huber), weighted per `weighting`."""
+    d = (pred.float() - target.float()) ** 2
+    if loss == "huber":
+        d = torch.sqrt(d + HUBER_C**2) - HUBER_C
+    per = d.flatten(1).mean(1)
+    if weighting == "min-snr":
+        a = ac[t.clamp_min(0)].float()
+        per = per * (a / (1 - a)).clamp(max=1.0)
+    return per.mean()
+
+
 def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, opts: DistillOptions, src: DataSource,
                   seed: int, ckpt_dir: Path | None, track: Any = None) -> dict[str, Any]:
     """One halving: train `student` (in place, EMA weights at the end) to match two teacher steps of grid_2S.
@@ -203,7 +230,9 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
     clip = float(sched.config.get("clip_sample_range", 1.0)) if clip_cfg else None
     g_s = torch.tensor(grid(T, steps) + [-1])  # student grid and its end
     g_t = torch.tensor(grid(T, 2 * steps) + [-1])
-    g_c = torch.tensor(lcm_grid(T, opts.start_steps))
+    # the consistency pairs (g_c[j+1] -> g_c[j]) start with k-1 -> 0, where c_skip(0) = 1 anchors f to
+    # the teacher's one-step result (the reference clamps t_n - k = -1 to 0 the same way)
+    g_c = torch.tensor([0] + lcm_grid(T, opts.start_steps))
     module = student.module()
     target_net = copy.deepcopy(module).eval() if opts.method == "consistency" else None
     if target_net is not None:
@@ -261,7 +290,8 @@ def distill_round(student: DiffusionModel, teacher_mod: nn.Module, steps: int, o
                     tp.copy_(e)
                 target = consistency_fn(pred, target_net(z_prev, t_end.float(), **kw)[:, :c], z_prev, t_end, ac)
             out = train(z, t.float(), **kw)
-            loss = torch.nn.functional.mse_loss(consistency_fn(pred, out[:, :c], z, t, ac), target)
+            loss = consistency_loss(consistency_fn(pred, out[:, :c], z, t, ac), target, t, ac, opts.loss,
+                                    opts.weighting)
         else:
             al, sg = _coef(ac, t)
             z = al * x0 + sg * noise
