@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,19 @@ def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, ca
     plain, st = run_bundle(out, samples=3, seed=0, threads=1, cache=False)
     assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
 
+    # the same loop with torch blocked: LiteRT and numpy only
+    child = ("import sys, json; sys.modules['torch'] = None\n"
+             "from edgediff.runtime.generate import run_bundle\n"
+             "x, st = run_bundle(sys.argv[1], samples=3, seed=0, threads=1)\n"
+             "import numpy as np; np.save(sys.argv[2], x)\n"
+             "print(json.dumps({'torch': st['torch_imported'], 'calls': [st['denoiser_calls_full'], "
+             "st['denoiser_calls_shallow']]}))")
+    proc = subprocess.run([sys.executable, "-c", child, str(out), str(tmp_path / "nt.npy")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False, "calls": [3, 2]}
+    np.testing.assert_array_equal(np.load(tmp_path / "nt.npy"), x)
+
     npy = tmp_path / "x.npy"
     assert main(["generate", str(out), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
     g = json.loads(capsys.readouterr().out)
@@ -108,16 +123,23 @@ def test_a_broken_tflite_component_is_one_line_exit_2(tmp_path: Path, capsys: py
 @pytest.mark.slow
 def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
     from edgediff.bundle import export_bundle
-    from edgediff.testing import minmax_quantize
+    from edgediff.passes import get, make_options
     from edgediff.verify import TOLERANCES, verify
 
-    q = _cached(minmax_quantize(_micro_unet()), steps=4)
+    q = _micro_unet()
+    ctx = PassContext(cache_dir=tmp_path / "cache")
+    for name, opts in (("calib", {"n_samples": 4, "steps": 8, "interval": 2}),  # W8A8 with output requantization
+                       ("quant", {"weight_bits": 8, "act_bits": 8, "split_shortcut": True, "calib_limit": 16,
+                                  "weight_init": "minmax", "act_init": "minmax"})):
+        fn, _ = get(name)
+        q = fn(q.clone(), make_options(name, opts), ctx)
+    q = _cached(q, steps=4)
     rep = export_bundle(q, tmp_path / "b", "tflite", "int8")
     assert set(rep["components"]) == {"unet", "unet_shallow"}
     man = read_bundle(tmp_path / "b").manifest
     for name in ("unet", "unet_shallow"):
         c = man["components"][name]
-        assert c["weight_dtypes"].get("int8") and c["integer_macs_share"] > 0.5, (name, c)
+        assert c["int8"]["layout"] == "full-integer" and c["integer_macs_share"] > 0.5, (name, c)
         assert c["inputs"]["sample"]["dtype"] == "float32"  # the float interface is restored
     x, stats = run_bundle(tmp_path / "b", samples=2, seed=0, threads=1)
     assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (2, 2)
