@@ -22,15 +22,17 @@ def group_norm_silu(B: int, C: int, HW: int, es: int = 2) -> dict[str, dict[str,
     return {"fused": fused, "unfused": unfused}
 
 
-def attention(B: int, heads: int, d: int, N: int, M: int, es: int = 2, bq: int = 64) -> dict[str, dict[str, int]]:
+def attention(B: int, heads: int, d: int, N: int, M: int, es: int = 2, bq: int = 64,
+              dc: int | None = None) -> dict[str, dict[str, int]]:
     """Flash (attention.cl: q once, K and V once per BQ-query work-group, o once; with head_dim
     tiling, q and K once per chunk and the QK FLOPs recomputed per chunk) vs unfused
-    (S = Q^T K written, softmax reading it twice and writing P, O = V P^T reading P)."""
+    (S = Q^T K written, softmax reading it twice and writing P, O = V P^T reading P).
+    dc: output channels per flash work-item (default: the GPU rule, device.attention_d_chunk)."""
     from edgediff.kernels.device import attention_d_chunk
 
     bh = B * heads
     qblocks = -(-N // bq)
-    nch = -(-d // attention_d_chunk(d))  # head_dim-tiled: Q and K are read once per channel chunk
+    nch = -(-d // (dc or attention_d_chunk(d)))  # head_dim-tiled: Q and K are read once per channel chunk
     flops = bh * (2 * nch + 2) * N * M * d
     fused = {"reads": bh * (nch * N * d + qblocks * (nch + 1) * M * d) * es, "writes": bh * N * d * es,
              "flops": flops, "launches": 1}

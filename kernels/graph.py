@@ -713,16 +713,23 @@ class Executor:
             return rt.group_norm(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"])
         if kind == "silu":
             return rt.silu(x)
-        if kind == "flash_attention":
+        if kind == "flash_attention":  # the path per shape: flash or unfused, whichever the cost model prefers here
             B, C3, H, W = x.shape
             C = C3 // 3
             n = H * W
+            if rt.attention_path(B, op["heads"], op["head_dim"], n, n, copied=B * C3 * n) == "unfused":
+                q, k, v = (rt.slice_channels(x, i * C, C).reshape(B, C, n) for i in range(3))
+                return rt.attention_unfused(q, k, v, op["heads"], op["head_dim"], n, n, op["scale"]).reshape(B, C, H, W)
             o = rt.flash_attention(x, x, x, op["heads"], op["head_dim"], n, n, 0, C * n, 2 * C * n, op["scale"])
             return o.reshape(B, C, H, W)
         if kind == "cross_attention":  # q (B, C, H, W), kv: K then V over the M context tokens (B, 2C, M, 1)
             kv = env[op["in"][1]]
             B, C, H, W = x.shape
             m = int(np.prod(kv.shape[2:]))
+            if rt.attention_path(B, op["heads"], op["head_dim"], H * W, m, copied=B * 2 * C * m) == "unfused":
+                k, v = (rt.slice_channels(kv, i * C, C).reshape(B, C, m) for i in range(2))
+                o = rt.attention_unfused(x.reshape(B, C, H * W), k, v, op["heads"], op["head_dim"], H * W, m, op["scale"])
+                return o.reshape(B, C, H, W)
             o = rt.flash_attention(x, kv, kv, op["heads"], op["head_dim"], H * W, m, 0, 0, C * m, op["scale"],
                                    q_bstride=C * H * W, kv_bstride=2 * C * m)
             return o.reshape(B, C, H, W)

@@ -544,6 +544,30 @@ class CLRuntime:
                   self.cl.LocalMemory(es * bkv * dc))
         return o
 
+    def attention_path(self, batch: int, heads: int, head_dim: int, n: int, m: int, copied: int = 0) -> str:
+        """"flash" or "unfused" for this shape on this device: whichever moves fewer global bytes in the
+        cost model (kernels/cost.py attention, with this device's head_dim chunk and query block),
+        the unfused side charged `copied` elements for slicing its operands out of a stacked buffer."""
+        from edgediff.kernels.cost import attention as attention_cost
+        from edgediff.kernels.cost import total
+        from edgediff.kernels.device import attention_d_chunk
+
+        es = 2 if self.half else 4
+        dc = attention_d_chunk(head_dim) if self.profile.is_gpu else head_dim
+        c = attention_cost(batch, heads, head_dim, n, m, es, bq=self.attention_tiles(head_dim)[0], dc=dc)
+        return "unfused" if total(c["unfused"]) + 2 * copied * es < total(c["fused"]) else "flash"
+
+    def slice_channels(self, x: Any, start: int, count: int) -> Any:
+        """Channels [start, start + count) of x (B, C, ...) as a new contiguous array (one device copy per image)."""
+        B, C = x.shape[:2]
+        inner = int(np.prod(x.shape[2:]))
+        y = self.empty((B, count, *x.shape[2:]), x.dtype)
+        es = x.dtype.itemsize
+        for b in range(B):
+            self.cl.enqueue_copy(self.queue, y.base_data, x.base_data, byte_count=count * inner * es,
+                                 src_offset=x.offset + (b * C + start) * inner * es, dst_offset=y.offset + b * count * inner * es)
+        return y
+
     def gemm_batched(self, a: Any, b: Any, M: int, N: int, K: int, batch: int, a_mod: int, a_trans: bool = False,
                      b_trans: bool = False, alpha: float = 1.0) -> Any:
         c = self.empty((batch, M, N))

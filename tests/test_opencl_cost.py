@@ -113,3 +113,43 @@ def test_model_against_oclgrind_counted_bytes() -> None:
     assert all(r["oclgrind_kernels"] == r["model_launches"] for r in rows.values())
     f, u = rows["group_norm+silu fused"], rows["group_norm+silu unfused"]
     assert abs(u["oclgrind_bytes"] / f["oclgrind_bytes"] - u["model_bytes"] / f["model_bytes"]) < 0.1
+
+
+def test_runtime_picks_the_attention_path_per_shape() -> None:
+    """Flash or unfused per attention op, from the bytes model with the device's own head_dim chunk:
+    on a GPU profile SD-1.x's 16x16 level (head_dim 160, 256 tokens) runs unfused and the 64x64
+    level (head_dim 40, 4096 tokens) flash; a CPU driver (unsplit flash) runs flash. The unfused
+    op slices Q, K, V out of the stacked buffer and gives the reference result."""
+    import numpy as np
+    import pytest
+    import torch
+
+    pytest.importorskip("pyopencl")
+    from edgediff.kernels import reference as ref
+    from edgediff.kernels import runtime as clrt
+    from edgediff.kernels.graph import SCHEDULE_VERSION, Executor
+
+    if not clrt.opencl_available()[0]:
+        pytest.skip("no OpenCL device")
+    gpu = clrt.CLRuntime(profile="adreno-740", profiling=True)
+    assert gpu.attention_path(1, 8, 160, 256, 256, copied=3 * 1280 * 256) == "unfused"
+    assert gpu.attention_path(1, 8, 40, 4096, 4096, copied=3 * 320 * 4096) == "flash"
+    cpu = clrt.CLRuntime()
+    if not cpu.profile.is_gpu:
+        assert cpu.attention_path(1, 8, 160, 256, 256, copied=3 * 1280 * 256) == "flash"
+    heads, d, hw = 1, 160, 16
+    C = heads * d
+    sched = {"version": SCHEDULE_VERSION, "arch": "UNet2DModel", "inputs": ["sample", "timestep"], "output": "out",
+             "sample_shape": [3 * C, hw, hw], "out_channels": C,
+             "ops": [{"op": "flash_attention", "name": "attn", "in": ["sample"], "out": "out", "heads": heads,
+                      "head_dim": d, "scale": d ** -0.5}]}
+    qkv = torch.randn(2, 3 * C, hw, hw, generator=torch.Generator().manual_seed(0))
+    want = ref.attention(*(qkv[:, i * C:(i + 1) * C].reshape(2, C, hw * hw) for i in range(3)), heads)
+    ex = Executor(sched, {}, gpu)
+    gpu.event_times()
+    got = ex.run(qkv, torch.zeros(2))
+    names = {k for _, k, _ in gpu.event_times()}
+    assert {"gemm_batched", "softmax_rows"} <= names and "flash_attention" not in names
+    np.testing.assert_allclose(got.reshape(want.shape).numpy(), want.numpy(), atol=2e-5, rtol=1e-4)
+    cpu_got = Executor(sched, {}, cpu).run(qkv, torch.zeros(2))
+    np.testing.assert_allclose(cpu_got.numpy(), got.numpy(), atol=2e-5, rtol=1e-4)
