@@ -13,7 +13,9 @@ Methods, all through edgediff's passes in this one run:
 - taylor: prune.diff importance=taylor, Torch-Pruning's TaylorImportance over all timesteps;
 - magnitude: prune.diff importance=magnitude, Torch-Pruning's MagnitudeImportance (L2);
 - random: prune.diff importance=random (optional);
-- ld: prune.ld, LD-Pruner (operator removal).
+- ld: prune.ld, LD-Pruner (operator removal: ResNet blocks, attention, transformer branches);
+- ld-ops: prune.ld at operator level (include = operators: also single 3x3 convs -> 1x1 and single
+  Linear layers -> identity / low rank / bias), budget spent in 2 re-scored rounds.
 The channel methods share one channel ratio, found once by bisection so that MACs drop by
 --macs-reduction; they therefore have identical structure (params, MACs, latency), and
 differ only in which channels they keep. LD-Pruner removes operators until the same budget.
@@ -136,10 +138,12 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
     rows = [base]
     for method in args.methods:
         print(f"-- {name}: {method}", file=sys.stderr)
-        if method == "ld":
-            # LD-Pruner removes whole operators until at least the budget the channel methods reached
-            pruned, m, secs = run_pass("prune.ld", model, model, seed=args.seed, macs_reduction=round(achieved, 4), **ld_opts)
-            extra = {"removed": [r["name"] for r in m["removed"]]}
+        if method in ("ld", "ld-ops"):
+            # LD-Pruner removes (or replaces) operators until at least the budget the channel methods reached
+            level = dict(include="operators", rounds=2) if method == "ld-ops" else {}
+            pruned, m, secs = run_pass("prune.ld", model, model, seed=args.seed, macs_reduction=round(achieved, 4),
+                                       **ld_opts, **level)
+            extra = {"removed": [f"{r['name']}:{r['kind']}" for r in m["removed"]]}
         else:
             opts = dict(ratio=ratio, importance=method, **(grad_opts if method in ("diff", "taylor") else {}))
             pruned, m, secs = run_pass("prune.diff", model, model, seed=args.seed, **opts)
@@ -210,7 +214,8 @@ def print_spread(spread: dict[str, Any], seeds: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,cifar")
-    ap.add_argument("--methods", default="diff,taylor,magnitude,ld")
+    ap.add_argument("--methods", default="diff,taylor,magnitude,ld", help="any of diff, taylor, magnitude, random, "
+                    "ld, ld-ops")
     ap.add_argument("--macs-reduction", type=float, default=0.45)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)

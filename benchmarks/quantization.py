@@ -24,22 +24,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# `python benchmarks/quantization.py` puts benchmarks/ first on sys.path, where benchmarks/openvino.py
+# would shadow the openvino package that NNCF imports
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from edgediff.demo.judge import DigitJudge
-from edgediff.loaders import load_model
-from edgediff.metrics import psnr
-from edgediff.model import DiffusionModel
-from edgediff.passes import PassContext, get, make_options
-from edgediff.quant_params import QuantParams
-from edgediff.recipe import load_recipe
-from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from edgediff.demo.judge import DigitJudge  # noqa: E402
+from edgediff.loaders import load_model  # noqa: E402
+from edgediff.metrics import psnr  # noqa: E402
+from edgediff.model import DiffusionModel  # noqa: E402
+from edgediff.passes import PassContext, get, make_options  # noqa: E402
+from edgediff.quant_params import QuantParams  # noqa: E402
+from edgediff.recipe import load_recipe  # noqa: E402
+from edgediff.sampling import SamplerConfig, TorchDenoiser, sample  # noqa: E402
 
 
 class OrtDenoiser:

@@ -9,9 +9,11 @@ NAME is the module path inside the *float* denoiser (`model.denoiser`, e.g.
 "down_blocks.0.resnets.0.conv1"); attention matmuls use "<attention module path>:qk" and
 "<attention module path>:av". Integer arithmetic follows docs/architecture.md ("Integer arithmetic"):
     q = clamp(round(x / scale) + zero_point, qmin, qmax),  x ~ (q - zero_point) * scale
-Weights are per-channel symmetric (zero_point 0) along `axis` (0 = output channels for conv
-and linear). The float weights kept in the model already lie on that grid (AdaRound's
-rounding included), so `round(w / scale)` recovers the integers exactly.
+Weights are per-channel along `axis` (0 = output channels for conv and linear), symmetric
+(signed, zero_point 0) by default or asymmetric (unsigned grid with a zero point per channel,
+`signed` false). A shortcut-split layer may also split its weight (`weight2`: the quantization
+of input channels [split_at:], `weight` then covers [:split_at]). The float weights kept in
+the model already lie on that grid (AdaRound's rounding included), so `round(w / scale)` recovers the integers exactly.
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ class LayerQuant:
     # output is the first half's partial sum and output2 the second's. None: float output.
     output: TensorQuant | None = None
     output2: TensorQuant | None = None
+    # a split weight's second part (input channels [split_at:]); None: one quantization for the weight
+    weight2: TensorQuant | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "meta": self.meta}
-        for k in ("weight", "input", "input2", "output", "output2"):
+        for k in ("weight", "input", "input2", "output", "output2", "weight2"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = v.to_dict()
@@ -101,9 +105,25 @@ class LayerQuant:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> LayerQuant:
-        w, i, i2, o, o2 = (TensorQuant.from_dict(d[k]) if d.get(k) else None
-                           for k in ("weight", "input", "input2", "output", "output2"))
-        return cls(name, d["kind"], w, i, i2, dict(d.get("meta", {})), o, o2)
+        w, i, i2, o, o2, w2 = (TensorQuant.from_dict(d[k]) if d.get(k) else None
+                               for k in ("weight", "input", "input2", "output", "output2", "weight2"))
+        return cls(name, d["kind"], w, i, i2, dict(d.get("meta", {})), o, o2, w2)
+
+    def weight_parts(self) -> list[tuple[slice, TensorQuant]]:
+        """(input-channel slice, weight quantization) per part: two for a split weight, else one."""
+        if self.weight is None:
+            return []
+        if self.weight2 is not None and self.meta.get("split_at"):
+            c = int(self.meta["split_at"])
+            return [(slice(0, c), self.weight), (slice(c, None), self.weight2)]
+        return [(slice(None), self.weight)]
+
+    def refuse_split_weight(self, target: str) -> None:
+        """BadInput for a writer that takes one weight quantization per layer (never a silent merge)."""
+        if self.weight2 is not None:
+            raise BadInput(f"{self.name}: its weight is quantized in two parts at a shortcut concatenation "
+                           f"(quant option split_weights); {target} has no export for that: re-quantize with "
+                           "split_weights = false or export to ONNX")
 
 
 @dataclass

@@ -74,7 +74,8 @@ class QDQ(nn.Module):
 
 
 def weight_qdq(w: torch.Tensor, tq: TensorQuant, what: str) -> torch.Tensor:
-    scale = int8_weight_scale(tq, w.shape[0], what, ", as TensorRT requires")
+    # on-grid weights (q - z) * s: q - z is what the int8 initializer holds, zero point 0
+    scale = int8_weight_scale(tq, w.shape[0], what, ", as TensorRT requires", centered_ok=True)
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(tq.zero_point), 0, -128, 127)
 
 
@@ -88,6 +89,7 @@ class QDQLayer(nn.Module):
         if lq.weight is None:
             raise BadInput(f"quantization parameters of {lq.name!r} have no weight quantizer")
         self.wq = lq.weight
+        self.w_parts = lq.weight_parts()
         self.split_at = lq.meta.get("split_at")
         quant_in = lq.input is not None and not lq.meta.get("input_unquantized")
         self.aq = QDQ(lq.input, lq.name) if quant_in else None
@@ -101,7 +103,10 @@ class QDQLayer(nn.Module):
         return self.aq(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = weight_qdq(self.inner.weight, self.wq, self.name)
+        w = self.inner.weight
+        # a weight split at a shortcut concatenation: each input half on its own per-channel grid
+        w = torch.cat([weight_qdq(w[:, cols], tq, self.name) for cols, tq in self.w_parts], 1) \
+            if len(self.w_parts) > 1 else weight_qdq(w, self.wq, self.name)
         if isinstance(self.inner, nn.Conv2d):
             return self.inner._conv_forward(self._in(x), w, self.inner.bias)
         return F.linear(self._in(x), w, self.inner.bias)

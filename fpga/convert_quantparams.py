@@ -100,6 +100,7 @@ def extract_quantparams(model: Any, seed: int = 0) -> Extracted:
                            "takes at most 8 bits")
         if not lq.weight.symmetric:
             raise BadInput(f"layer {name!r}: per-channel zero points other than zero are not supported")
+        lq.refuse_split_weight("the FPGA array")
         if lq.input.scale.numel() != 1:
             raise BadInput(f"layer {name!r}: per-channel activation quantization is not supported")
         mod = mods[name]

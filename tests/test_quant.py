@@ -413,3 +413,122 @@ def test_reconstruction_loss_and_two_stages(tiny_unet: DiffusionModel, tmp_path:
     assert set(stats) >= {"mse_before", "mse_after", "reverted", "rounding_decided"}
     assert all(a.mode in ("quant", "off") and not a.scale.requires_grad
                for a in block.modules() if isinstance(a, ActQuantizer))
+
+
+def test_asymmetric_and_split_weight_quantizers() -> None:
+    from edgediff.quant.core import WeightQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    # skewed rows (mostly positive): a zero point per channel uses the whole 4-bit grid
+    w = torch.rand(6, 16, 3, 3, generator=g) * 2 - 0.2
+    errs = {}
+    for sym in (True, False):
+        wq = WeightQuantizer(4, 6, symmetric=sym)
+        wq.init(w, "mse")
+        errs[sym] = float((wq(w) - w).pow(2).mean())
+        tq = wq.tensor_quant()
+        q = tq.quantize(wq(w))
+        assert tq.signed == sym and int(q.min()) >= tq.qmin and int(q.max()) <= tq.qmax
+        assert torch.allclose(tq.dequantize(q), wq(w), atol=1e-6)  # on the grid, zero points included
+        if not sym:
+            assert (tq.zero_point > 0).any()
+    assert errs[False] < 0.7 * errs[True]
+    # input halves of very different magnitude (a skip concatenation): each half its own scale
+    w2 = torch.cat([torch.randn(6, 8, 3, 3, generator=g), 0.02 * torch.randn(6, 8, 3, 3, generator=g)], 1)
+    one, split = WeightQuantizer(4, 6), WeightQuantizer(4, 6, split_at=8)
+    one.init(w2, "mse")
+    split.init(w2, "mse")
+    assert torch.all(split.scale2 < 0.1 * split.scale)
+    err = lambda q: float((q(w2)[:, 8:] - w2[:, 8:]).pow(2).mean())  # noqa: E731
+    assert err(split) < 0.1 * err(one)
+    tq1, tq2 = split.tensor_quant(), split.tensor_quant2()
+    assert torch.equal(tq1.dequantize(tq1.quantize(split(w2)[:, :8])), split(w2)[:, :8])
+    assert torch.allclose(tq2.dequantize(tq2.quantize(split(w2)[:, 8:])), split(w2)[:, 8:], atol=1e-7)
+    # AdaRound keeps to each part's grid
+    split.start_adaround(w2)
+    hard = split.finish_adaround(w2)
+    assert torch.allclose(tq2.dequantize(tq2.quantize(hard[:, 8:])), hard[:, 8:], atol=1e-7)
+
+
+def test_w4a8_split_weights_through_reconstruction_lowering_and_onnx(tiny_unet: DiffusionModel,
+                                                                      tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from edgediff.exporters.onnx import build_onnx
+
+    from edgediff.lowering import lower_model
+
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "split_weights": True, "reconstruct": True, "iters": 4,
+                          "act_iters": 2, "recon_batch": 8}, ctx)
+    assert "shortcut-split(weights too)" in ctx.metrics["method"]
+    qp = QuantParams.of(q)
+    split = {n: lq for n, lq in qp.layers.items() if lq.weight2 is not None}
+    assert split and all(lq.meta.get("split_at") for lq in split.values())
+    assert set(split) == {n for n, lq in qp.layers.items() if lq.kind == "conv" and lq.meta.get("split_at")}
+    flat = dict(strip_quant_wrappers(copy.deepcopy(q.denoiser)).named_modules())
+    for name, lq in split.items():  # each half of the baked weight lies on its own grid
+        w = flat[name].weight.detach()
+        for cols, tq in lq.weight_parts():
+            assert torch.allclose(tq.dequantize(tq.quantize(w[:, cols])), w[:, cols], atol=1e-6), name
+        assert not torch.equal(lq.weight.scale, lq.weight2.scale)
+    write_artifact(q, tmp_path / "art", {})
+    back = load_artifact(tmp_path / "art")
+    assert torch.equal(_out(back), _out(q))
+    assert QuantParams.of(back).layers[next(iter(split))].weight2 is not None
+    # the lowering: one integer part per half, each with its own weight scale
+    _, low = lower_model(q)
+    name, lq = next(iter(split.items()))
+    parts = low.layers[name].parts
+    assert len(parts) == 2 and np.allclose(parts[1].weight_scale, lq.weight2.scale.numpy())
+    # the ONNX int8 export on onnxruntime's integer kernels computes what the simulation computes;
+    # the Q/DQ layout (TensorRT's) keeps float outputs between layers, so it is only close
+    x = q.example_inputs(batch=1, seed=3)
+    with torch.no_grad():
+        ref = q.module().eval()(**x)
+    for layout, tol in (("qlinear", 1e-4), ("qdq", 0.15)):
+        proto, _ = build_onnx(q, "int8", layout=layout)
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {i.name: x[i.name].numpy().astype(np.float32) for i in sess.get_inputs() if i.name in x}
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        assert float((got - ref).abs().max()) < tol * float(ref.abs().max()), layout
+    # a writer with one weight quantization per layer refuses instead of merging the halves
+    with pytest.raises(BadInput, match="split_weights"):
+        lq.refuse_split_weight("X")
+
+
+def test_asymmetric_weights_simulated_lowered_and_exported(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from edgediff.exporters.onnx import build_onnx
+
+    from edgediff.lowering import lower_model
+
+    m, ctx = _calibrated(tiny_unet, tmp_path)
+    q = _run("quant", m, {"weight_bits": 4, "weight_symmetric": False}, ctx)
+    assert "asymmetric-weights" in ctx.metrics["method"]
+    qp = QuantParams.of(q)
+    mid = qp.layers["down_blocks.0.resnets.0.conv1"]
+    assert not mid.weight.signed and not mid.weight.symmetric
+    assert qp.layers["conv_in"].weight.symmetric and qp.layers["conv_out"].weight.symmetric  # 8-bit edges
+    flat = dict(strip_quant_wrappers(copy.deepcopy(q.denoiser)).named_modules())
+    ints = mid.weight.quantize(flat["down_blocks.0.resnets.0.conv1"].weight)
+    assert int(ints.min()) >= 0 and int(ints.max()) <= 15
+    write_artifact(q, tmp_path / "art", {})
+    assert torch.equal(_out(load_artifact(tmp_path / "art")), _out(q))
+    # lowered as q - z: symmetric int8 integers with the same scale, exactly
+    _, low = lower_model(q)
+    part = low.layers["down_blocks.0.resnets.0.conv1"].parts[0]
+    w = flat["down_blocks.0.resnets.0.conv1"].weight.detach().numpy()
+    assert np.allclose(part.float_weight(), w, atol=1e-6) and part.weight_bits == 5
+    assert int(np.abs(part.weight).max()) <= 15
+    x = q.example_inputs(batch=1, seed=3)
+    with torch.no_grad():
+        ref = q.module().eval()(**x)
+    proto, _ = build_onnx(q, "int8")
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: x[i.name].numpy().astype(np.float32) for i in sess.get_inputs() if i.name in x}
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    # 8-bit asymmetric weights do not fit int8 once centred: refused, not exported symmetric
+    q8 = _run("quant", m, {"weight_bits": 8, "weight_symmetric": False, "first_last_bits": 8}, ctx)
+    with pytest.raises(BadInput, match="at most 7 bits"):
+        build_onnx(q8, "int8")

@@ -194,21 +194,30 @@ class LoweredModel:
 
 
 def int8_weight_scale(tq: TensorQuant, out_channels: int, what: str, why_symmetric: str = "",
-                      too_wide: str = "cannot be written as int8") -> torch.Tensor:
+                      too_wide: str = "cannot be written as int8", centered_ok: bool = False) -> torch.Tensor:
     """The per-output-channel weight scale (clamped away from 0) of a quantizer an int8 backend can
-    write: axis 0, symmetric, at most 8 bits; BadInput naming `what` otherwise (every int8 writer)."""
+    write: axis 0, symmetric, at most 8 bits; BadInput naming `what` otherwise (every int8 writer).
+
+    `centered_ok`: the writer stores q - z (the weight is a constant, so the zero point can be
+    subtracted once): an asymmetric grid of at most 7 bits then fits int8 with zero point 0,
+    exactly (|q - z| <= 2^b - 1 <= 127)."""
     if tq.axis != 0 or tq.scale.numel() != out_channels:
         raise BadInput(f"{what}: weights must be quantized per output channel (axis 0, {out_channels} scales)")
-    if not tq.symmetric:
-        raise BadInput(f"{what}: weight zero points must be 0 (symmetric){why_symmetric}")
+    if not tq.symmetric and not (centered_ok and tq.bits <= 7):
+        raise BadInput(f"{what}: weight zero points must be 0 (symmetric){why_symmetric}"
+                       + (f"; asymmetric {tq.bits}-bit weights do not fit int8 once centred (at most 7 bits)"
+                          if centered_ok else ""))
     if tq.bits > 8:
         raise BadInput(f"{what}: {tq.bits}-bit weights {too_wide}")
     return tq.scale.clamp_min(1e-12)
 
 
 def _int_weight(w: torch.Tensor, tq: TensorQuant, what: str) -> tuple[np.ndarray, np.ndarray]:
-    s = int8_weight_scale(tq, w.shape[0], what, too_wide="have no int8 kernel").float()
-    q = torch.clamp(torch.round(w.detach().float() / s.view(-1, *([1] * (w.dim() - 1)))), tq.qmin, tq.qmax)
+    """int8 weights q - z (zero point subtracted: symmetric int8 for every kernel) and their scales."""
+    s = int8_weight_scale(tq, w.shape[0], what, too_wide="have no int8 kernel", centered_ok=True).float()
+    col = (-1, *([1] * (w.dim() - 1)))
+    z = tq.zero_point.float().view(col)
+    q = torch.clamp(torch.round(w.detach().float() / s.view(col)) + z, tq.qmin, tq.qmax) - z
     return q.to(torch.int8).numpy(), s.numpy().astype(np.float32)
 
 
@@ -289,10 +298,11 @@ def _lower_layer(name: str, m: nn.Module, lq: LayerQuant, written_for: tuple[Ten
     if lq.input is None or lq.meta.get("input_unquantized"):
         raise BadInput(f"{name}: the layer's input is not quantized (it never saw calibration data); "
                        "it has no integer kernel")
-    w_int, w_scale = _int_weight(m.weight, lq.weight, name)
     bias = m.bias
     split = lq.meta.get("split_at") if lq.input2 is not None else None
-    cin = w_int.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1)
+    if lq.weight2 is not None and not split:
+        raise BadInput(f"{name}: a split weight quantization (weight2) without a split input has no integer lowering")
+    cin = m.weight.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1)
     if split and isinstance(m, nn.Conv2d) and m.groups != 1:
         raise BadInput(f"{name}: a shortcut-split input on a grouped convolution has no integer lowering")
     ranges = [(0, int(split)), (int(split), cin)] if split else [(0, cin)]
@@ -305,13 +315,23 @@ def _lower_layer(name: str, m: nn.Module, lq: LayerQuant, written_for: tuple[Ten
     else:
         own = [lq.output, lq.output2] if split else [lq.output]
         outs = [(o, "own" if o is not None else "none") for o in own]
+    # a split weight: each part its own per-channel scale (Q-Diffusion's weight splitting)
+    w_parts = [_int_weight(m.weight[:, a:b], tq, name) for (a, b), tq in zip(ranges, (lq.weight, lq.weight2))] \
+        if lq.weight2 is not None else None
+    if w_parts is None:
+        w_int, w_scale = _int_weight(m.weight, lq.weight, name)
     parts = []
     for i, ((a, b), tq_in, (tq_out, src)) in enumerate(zip(ranges, inputs, outs)):
         assert tq_in is not None
         x_q = ActQ.of(tq_in, name)
-        wi = w_int[:, a:b] if split else w_int
+        if w_parts is not None:
+            wi, w_scale = w_parts[i]
+        else:
+            wi = w_int[:, a:b] if split else w_int
         acc = (np.float32(x_q.scale) * w_scale).astype(np.float32)
-        parts.append(IntPart(x_q, (a, b), wi, w_scale, lq.weight.bits, _int_bias(bias, acc) if i == 0 else None,
+        # centred asymmetric weights span [-(2^b - 1), 2^b - 1]: one bit more as a signed grid
+        w_bits = lq.weight.bits + (0 if lq.weight.symmetric else 1)
+        parts.append(IntPart(x_q, (a, b), wi, w_scale, w_bits, _int_bias(bias, acc) if i == 0 else None,
                              ActQ.of(tq_out, name) if tq_out is not None else None, src))
     geometry: dict[str, Any] = {}
     if isinstance(m, nn.Conv2d):

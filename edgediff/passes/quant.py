@@ -53,6 +53,8 @@ class QuantOptions:
     first_last_bits: int = 8  # first and last layer (BRECQ/Q-Diffusion keep them at 8 bits)
     act_symmetric: bool = False  # False: unsigned with a zero point (better after SiLU)
     split_shortcut: bool = True  # Q-Diffusion's shortcut splitting where skip features are concatenated
+    split_weights: bool = False  # also split the weights there: each input half its own per-channel scale
+    weight_symmetric: bool = True  # False: per-channel asymmetric weights (zero points; for <= 4 bits)
     quant_attention: bool = True  # quantize QK^T and softmax·V operands
     weight_init: str = "mse"  # minmax | percentile | mse (L_p search)
     act_init: str = "mse"
@@ -83,7 +85,8 @@ class QuantOptions:
     def config(self) -> QuantConfig:
         return QuantConfig(self.weight_bits, self.act_bits, self.softmax_bits, self.first_last_bits, self.act_symmetric,
                            self.split_shortcut, self.quant_attention, self.weight_init, self.act_init, self.p,
-                           self.percentile, quant_output=self.quant_output)
+                           self.percentile, quant_output=self.quant_output, split_weights=self.split_weights,
+                           weight_symmetric=self.weight_symmetric)
 
     def validate(self) -> None:
         self.config().validate()
@@ -116,7 +119,9 @@ def method_name(opts: QuantOptions) -> str:
     if opts.reconstruct:
         parts.append(f"brecq-adaround(iters={opts.iters}+{opts.act_iters})")
     if opts.split_shortcut:
-        parts.append("shortcut-split")
+        parts.append("shortcut-split" + ("(weights too)" if opts.split_weights else ""))
+    if not opts.weight_symmetric:
+        parts.append("asymmetric-weights")
     if opts.quant_attention:
         parts.append(f"attn-matmuls(softmax {opts.softmax_bits}b)")
     return " ".join(parts)

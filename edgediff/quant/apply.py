@@ -49,6 +49,10 @@ class QuantConfig:
     # requantize conv/linear outputs as integer kernels do (all but the last layer, whose float
     # output is the model's): see edgediff/quant/core.py QuantLayer
     quant_output: bool = True
+    # Q-Diffusion splits the weights at shortcut concatenations too: each half of a concat-fed
+    # conv's input channels gets its own per-output-channel scale (needs split_shortcut)
+    split_weights: bool = False
+    weight_symmetric: bool = True  # False: per-channel asymmetric weights (unsigned grid + zero points)
 
     def validate(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -179,6 +183,9 @@ def quantize_module(denoiser: nn.Module, infos: dict[str, LayerInfo], cfg: Quant
              "act_bits": cfg.first_last_bits if edge else cfg.act_bits,
              "act_symmetric": cfg.act_symmetric,
              "split_at": info.split_at if cfg.split_shortcut else None,
+             "split_weights": cfg.split_weights and cfg.split_shortcut,
+             # the first and last layer stay at 8 bits, symmetric (as every int8 backend takes them)
+             "weight_symmetric": cfg.weight_symmetric or edge,
              "mp_eligible": not edge,
              "quant_output": cfg.quant_output and not info.last}
         m = info.module
@@ -253,7 +260,8 @@ def quant_params(denoiser: nn.Module, cfg: QuantConfig, method: str) -> QuantPar
                 meta["input_unquantized"] = True
             out = [q.tensor_quant() if q is not None and not q.disabled else None for q in (m.oq, m.oq2)]
             layers[name] = LayerQuant(name, kind, m.wq.tensor_quant(), m.aq.tensor_quant(),
-                                      m.aq2.tensor_quant() if m.aq2 is not None else None, meta, out[0], out[1])
+                                      m.aq2.tensor_quant() if m.aq2 is not None else None, meta, out[0], out[1],
+                                      m.wq.tensor_quant2())
         elif isinstance(m, QuantAttnProcessor):
             attn = name.rsplit(".processor", 1)[0]
             layers[f"{attn}:qk"] = LayerQuant(f"{attn}:qk", "matmul_qk", None, m.q_quant.tensor_quant(),

@@ -54,13 +54,28 @@ def lp_error(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None = None
 
 @serializable("weight_quantizer")
 class WeightQuantizer(nn.Module):
-    """Per-output-channel symmetric weight quantizer with optional AdaRound soft rounding."""
+    """Per-output-channel weight quantizer with optional AdaRound soft rounding.
 
-    def __init__(self, bits: int = 8, channels: int = 1) -> None:
+    `symmetric`: signed grid, zero point 0 (the default); otherwise an unsigned grid [0, 2^b - 1]
+    with a zero point per channel (asymmetric, what low-bit weights gain from). `split_at` > 0
+    (Q-Diffusion's shortcut splitting applied to weights): the input channels [:split_at] and
+    [split_at:] get their own per-output-channel scales (and zero points), `scale2`/`zero_point2`.
+    """
+
+    def __init__(self, bits: int = 8, channels: int = 1, split_at: int = 0, symmetric: bool = True) -> None:
         super().__init__()
         self.bits = check_bits(int(bits), "weight_bits")
-        self._edgediff_init = {"bits": self.bits, "channels": int(channels)}
+        self.split_at = int(split_at or 0)
+        self.symmetric = bool(symmetric)
+        self._edgediff_init = {"bits": self.bits, "channels": int(channels), "split_at": self.split_at,
+                               "symmetric": self.symmetric}
+        # zero points and the second part's buffers exist only when used: artifacts written before
+        # them (symmetric, unsplit weights) load with their state dicts unchanged
+        # (a None buffer is not in the state dict)
         self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", None if self.symmetric else torch.zeros(channels))
+        self.register_buffer("scale2", torch.ones(channels) if self.split_at else None)
+        self.register_buffer("zero_point2", torch.zeros(channels) if self.split_at and not self.symmetric else None)
         self.enabled = True
         # AdaRound state, only alive during block reconstruction (never saved)
         self.alpha: nn.Parameter | None = None
@@ -68,37 +83,75 @@ class WeightQuantizer(nn.Module):
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def _full(self, a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+        """Per-channel values broadcast over w; with a split, [:split_at] input channels take `a`, the rest `b`."""
+        col = a.view(-1, *([1] * (w.dim() - 1)))
+        if not self.split_at or b is None or w.dim() < 2 or w.shape[1] <= self.split_at:
+            return col
+        c2 = b.view(-1, *([1] * (w.dim() - 1)))
+        rest = list(w.shape[2:])
+        return torch.cat([col.expand(-1, self.split_at, *rest), c2.expand(-1, w.shape[1] - self.split_at, *rest)], 1)
 
     def _s(self, w: torch.Tensor) -> torch.Tensor:
-        return self.scale.view(-1, *([1] * (w.dim() - 1)))
+        return self._full(self.scale, self.scale2, w)
+
+    def _z(self, w: torch.Tensor) -> torch.Tensor | float:
+        return 0.0 if self.zero_point is None else self._full(self.zero_point, self.zero_point2, w)
+
+    def parts(self, w: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+        """(input-channel slice, scale buffer, zero-point buffer) per weight part (two when split)."""
+        if self.split_at and w.dim() >= 2 and w.shape[1] > self.split_at:
+            assert self.scale2 is not None
+            return [(slice(0, self.split_at), self.scale, self.zero_point),
+                    (slice(self.split_at, None), self.scale2, self.zero_point2)]
+        return [(slice(None), self.scale, self.zero_point)]
 
     @torch.no_grad()
     def init(self, w: torch.Tensor, method: str = "mse", p: float = 2.4, percentile: float = 99.99) -> None:
-        wf = w.detach().flatten(1)
-        amax = wf.abs().amax(1).clamp_min(1e-8)
+        for cols, scale, zero in self.parts(w):
+            s, z = self._init_part(w.detach()[:, cols].flatten(1), method, p, percentile)
+            scale.copy_(s)
+            if zero is not None:
+                zero.copy_(z)
+
+    def _range(self, wf: torch.Tensor, r: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) per row for the range shrunk by r: symmetric |w| <= amax, or [min, max]
+        (widened to hold 0, so that zero stays exact) on the unsigned grid."""
+        if self.symmetric:
+            return (wf.abs().amax(1).clamp_min(1e-8) * r / self.qmax), torch.zeros(wf.shape[0])
+        lo, hi = wf.amin(1).clamp(max=0) * r, wf.amax(1).clamp(min=0) * r
+        s = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-8)
+        return s, torch.clamp(torch.round(-lo / s), self.qmin, self.qmax)
+
+    def _init_part(self, wf: torch.Tensor, method: str, p: float, percentile: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         if method == "minmax":
-            self.scale.copy_(amax / self.qmax)
-            return
+            return self._range(wf)
         if method == "percentile":
-            q = torch.quantile(wf.abs(), percentile / 100, dim=1).clamp_min(1e-8)
-            self.scale.copy_(q / self.qmax)
-            return
-        # MSE / L_p search over clipping ratios, per channel (vectorised over candidates)
-        best_err = torch.full_like(amax, float("inf"))
-        best = amax / self.qmax
+            if self.symmetric:
+                q = torch.quantile(wf.abs(), percentile / 100, dim=1).clamp_min(1e-8)
+                return q / self.qmax, torch.zeros(wf.shape[0])
+            lo = torch.quantile(wf, 1 - percentile / 100, dim=1).clamp(max=0)
+            hi = torch.quantile(wf, percentile / 100, dim=1).clamp(min=0)
+            s = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-8)
+            return s, torch.clamp(torch.round(-lo / s), self.qmin, self.qmax)
+        # MSE / L_p search over clipping ratios, per channel (vectorised over channels)
+        best_err = torch.full((wf.shape[0],), float("inf"))
+        best_s, best_z = self._range(wf)
         for r in torch.linspace(0.3, 1.0, 71):
-            s = (amax * r / self.qmax).unsqueeze(1)
-            wq = torch.clamp(torch.round(wf / s), self.qmin, self.qmax) * s
+            s, z = self._range(wf, r)
+            wq = (torch.clamp(torch.round(wf / s[:, None]) + z[:, None], self.qmin, self.qmax) - z[:, None]) * s[:, None]
             err = (wf - wq).abs().pow(p).mean(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best = torch.where(better, s.squeeze(1), best)
-        self.scale.copy_(best)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        return best_s, best_z
 
     def start_adaround(self, w: torch.Tensor) -> nn.Parameter:
         """Initialise AdaRound's alpha so that the soft rounding starts at the nearest rounding."""
@@ -117,25 +170,38 @@ class WeightQuantizer(nn.Module):
     def round_loss(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
+    def _grid(self, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Integer offsets q (= round(w / s)) clamped to the grid through the zero point, back to floats."""
+        s, z = self._s(w), self._z(w)
+        return (torch.clamp(q + z, self.qmin, self.qmax) - z) * s
+
     @torch.no_grad()
     def finish_adaround(self, w: torch.Tensor) -> torch.Tensor:
         """Hard AdaRound decision; returns the on-grid float weights."""
         s = self._s(w)
         q = torch.floor(w / s) + (self.alpha >= 0).to(w.dtype) if self.alpha is not None else torch.round(w / s)
         self.alpha, self.soft = None, False
-        return torch.clamp(q, self.qmin, self.qmax) * s
+        return self._grid(q, w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         s = self._s(w)
         if self.soft and self.alpha is not None:
-            return torch.clamp(torch.floor(w.detach() / s) + self.h(), self.qmin, self.qmax) * s
-        return torch.clamp(torch.round(w / s), self.qmin, self.qmax) * s
+            return self._grid(torch.floor(w.detach() / s) + self.h(), w)
+        return self._grid(torch.round(w / s), w)
+
+    def _tq(self, scale: torch.Tensor, zero: torch.Tensor | None) -> TensorQuant:
+        zp = torch.zeros_like(scale, dtype=torch.int32) if zero is None else torch.round(zero.detach()).to(torch.int32)
+        return TensorQuant(self.bits, scale.detach().clone(), zp, axis=0, signed=self.symmetric)
 
     def tensor_quant(self) -> TensorQuant:
-        return TensorQuant(self.bits, self.scale.detach().clone(), torch.zeros_like(self.scale, dtype=torch.int32), axis=0,
-                           signed=True)
+        """The weight quantization (of the first input-channel part when split)."""
+        return self._tq(self.scale, self.zero_point)
+
+    def tensor_quant2(self) -> TensorQuant | None:
+        """The second part's quantization of a split weight; None otherwise."""
+        return self._tq(self.scale2, self.zero_point2) if self.scale2 is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +368,15 @@ class QuantLayer(nn.Module):
     inner: nn.Module
 
     def _setup(self, weight_bits: int, act_bits: int, act_symmetric: bool, split_at: int | None, out_ch: int,
-               mp_eligible: bool, quant_output: bool = False, output_linked: bool = False) -> None:
-        self.wq = WeightQuantizer(weight_bits, out_ch)
+               mp_eligible: bool, quant_output: bool = False, output_linked: bool = False,
+               split_weights: bool = False, weight_symmetric: bool = True) -> None:
+        # options off by default are recorded only when set: older artifacts keep their arguments
+        if split_weights and split_at:
+            self._edgediff_init["split_weights"] = True
+        if not weight_symmetric:
+            self._edgediff_init["weight_symmetric"] = False
+        self.wq = WeightQuantizer(weight_bits, out_ch, int(split_at) if split_weights and split_at else 0,
+                                  weight_symmetric)
         self.aq = ActQuantizer(act_bits, act_symmetric, mp_eligible=mp_eligible)
         # Q-Diffusion shortcut splitting: the two concatenated halves get their own quantizers
         self.split_at = int(split_at) if split_at else None
@@ -361,16 +434,17 @@ class QuantLayer(nn.Module):
                 and not self.wq.soft and all(q.mode == "quant" for q in ins))
 
     def _int_part(self, x: torch.Tensor, aq: ActQuantizer, w_int: torch.Tensor, bias: torch.Tensor | None,
-                  oq: ActQuantizer | None, op: Any) -> torch.Tensor:
-        """acc = op(q_x - z_x, q_w) + bias_int32 (exact integers in float32), then float32
-        requantization round(acc * (s_x*s_w/s_y)) half to even: onnxruntime's and XNNPACK's form."""
+                  oq: ActQuantizer | None, op: Any, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """acc = op(q_x - z_x, q_w - z_w) + bias_int32 (exact integers in float32), then float32
+        requantization round(acc * (s_x*s_w/s_y)) half to even: onnxruntime's and XNNPACK's form.
+        `w_scale`: this part's weight scale (a split weight's second part has its own)."""
         bits = aq.bits_override if (aq.bits_override and aq.mp_eligible) else aq.bits
         s_x, z_x, qmin, qmax = aq._params_for(bits)
         s_x = s_x.abs().clamp_min(1e-12)
         q = torch.clamp(torch.round(x / s_x) + z_x, qmin, qmax) - z_x
         acc = op(q, w_int, None)
         ch = (1, -1) + (1,) * (acc.dim() - 2) if acc.dim() > 2 and w_int.dim() == 4 else (-1,)
-        s_acc = (s_x * self.wq.scale).view(ch)
+        s_acc = (s_x * (self.wq.scale if w_scale is None else w_scale)).view(ch)
         if bias is not None:
             acc = acc + torch.round(bias.view(ch) / s_acc)
         if oq is None:
@@ -389,7 +463,7 @@ class QuantLayer(nn.Module):
             if self.aq2 is not None and self.split_at is not None and x.shape[1] > self.split_at:
                 c1 = self.split_at
                 return (self._int_part(x[:, :c1], self.aq, w_int[:, :c1], b, self._out_q(), op)
-                        + self._int_part(x[:, c1:], self.aq2, w_int[:, c1:], None, self.oq2, op))
+                        + self._int_part(x[:, c1:], self.aq2, w_int[:, c1:], None, self.oq2, op, self.wq.scale2))
             return self._int_part(x, self.aq, w_int, b, self._out_q(), op)
         w, b = self.wq(self.inner.weight), self.inner.bias
         if self.oq is None:
@@ -407,7 +481,8 @@ class QuantConv2d(QuantLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  weight_bits: int = 8, act_bits: int = 8, act_symmetric: bool = False, split_at: int | None = None,
-                 mp_eligible: bool = True, quant_output: bool = False, output_linked: bool = False) -> None:
+                 mp_eligible: bool = True, quant_output: bool = False, output_linked: bool = False,
+                 split_weights: bool = False, weight_symmetric: bool = True) -> None:
         super().__init__()
         self.inner = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                                padding_mode)
@@ -421,7 +496,7 @@ class QuantConv2d(QuantLayer):
         if quant_output:  # only recorded when set: artifacts written before output requantization still load
             self._edgediff_init["quant_output"] = True
         self._setup(weight_bits, act_bits, act_symmetric, split_at, out_channels, mp_eligible, quant_output,
-                    output_linked)
+                    output_linked, split_weights, weight_symmetric)
 
     @classmethod
     def wrap(cls, conv: nn.Conv2d, **q: Any) -> QuantConv2d:
@@ -438,7 +513,8 @@ class QuantConv2d(QuantLayer):
 class QuantLinear(QuantLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8, act_bits: int = 8,
                  act_symmetric: bool = False, split_at: int | None = None, mp_eligible: bool = True,
-                 quant_output: bool = False, output_linked: bool = False) -> None:
+                 quant_output: bool = False, output_linked: bool = False, split_weights: bool = False,
+                 weight_symmetric: bool = True) -> None:
         super().__init__()
         self.inner = nn.Linear(in_features, out_features, bias)
         self._edgediff_init = {"in_features": in_features, "out_features": out_features, "bias": bool(bias),
@@ -446,11 +522,13 @@ class QuantLinear(QuantLayer):
                                "split_at": split_at, "mp_eligible": mp_eligible}
         if quant_output:
             self._edgediff_init["quant_output"] = True
-        self._setup(weight_bits, act_bits, act_symmetric, None, out_features, mp_eligible, quant_output, output_linked)
+        self._setup(weight_bits, act_bits, act_symmetric, None, out_features, mp_eligible, quant_output, output_linked,
+                    weight_symmetric=weight_symmetric)
 
     @classmethod
     def wrap(cls, lin: nn.Linear, **q: Any) -> QuantLinear:
         q.pop("split_at", None)  # concatenation splits only concern convolutions' channel axis
+        q.pop("split_weights", None)
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, **q)
         m.inner = lin
         return m
