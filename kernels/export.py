@@ -150,7 +150,7 @@ class OpenCLBackend(Backend):
             report["integer_layers"] = meta["integer_layers"]
         if meta.get("cache"):
             report["cache"] = meta["cache"]
-        elif meta["quantized_source"]:
+        elif meta["quantized_source"] and precision != "int8":
             report["note"] = ("the model carries quantization parameters; this float bundle uses its on-grid weights "
                               "but does not quantize activations")
         return ExportReport(self.target, precision, str(out), _dir_size(out), extra=report)
