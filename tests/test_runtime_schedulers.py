@@ -36,6 +36,11 @@ CASES = [
     ("LCMScheduler", {"prediction_type": "v_prediction", "original_inference_steps": 30}, 6),
     ("FlowMatchEulerDiscreteScheduler", {}, 10),
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, 8),
+    # SD-1.x's own: PLMS with skip_prk_steps, steps_offset 1, final alpha from step 0
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False, **SD_BETAS}, 10),
+    ("PNDMScheduler", {"skip_prk_steps": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 7),
+    ("PNDMScheduler", {}, 10),  # F-PNDM: 12 Runge-Kutta half steps, then PLMS
+    ("PNDMScheduler", {"timestep_spacing": "linspace", "set_alpha_to_one": True}, 6),
 ]
 
 
@@ -90,7 +95,7 @@ def test_ddim_eta_draws_like_diffusers() -> None:
 
 def test_unknown_scheduler_and_unported_options_are_bad_input() -> None:
     with pytest.raises(BadInput, match="no numpy port"):
-        from_config({"_class_name": "PNDMScheduler"})
+        from_config({"_class_name": "KDPM2DiscreteScheduler"})
     with pytest.raises(BadInput, match="algorithm_type"):
         from_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"})
     with pytest.raises(BadInput, match="thresholding"):

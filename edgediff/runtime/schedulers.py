@@ -750,8 +750,122 @@ class FlowMatchEuler(NumpyScheduler):
         return (sample + dt * model_output).astype(F32)
 
 
+class PNDM(_Discrete):
+    """diffusers' PNDMScheduler: F-PNDM (Runge-Kutta warm-up over 4 x 3 half steps, then the 4th-order linear
+    multistep PLMS), or PLMS alone with `skip_prk_steps` (Stable Diffusion 1.x's config: crowsonkb's PLMS,
+    the first step taken twice). The state (`ets`, `counter`, `cur_sample`, `cur_model_output`) evolves
+    as diffusers' does, so one `step` call per timestep of `timesteps` gives the same samples."""
+
+    name = "PNDMScheduler"
+    pndm_order = 4
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise BadInput(f"scheduler config: PNDMScheduler prediction_type {self.prediction_type!r} is not supported")
+        self.skip_prk = bool(self.config.get("skip_prk_steps", False))
+        self.final_alpha_cumprod = F32(1.0) if self.config.get("set_alpha_to_one", False) else self.alphas_cumprod[0]
+        self.prk_timesteps = np.zeros(0, np.int64)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ets: list[np.ndarray] = []
+        self.counter = 0
+        self.cur_model_output: Any = 0
+        self.cur_sample: np.ndarray | None = None
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self._check_steps(num_inference_steps)
+        n, nt = num_inference_steps, self.num_train_timesteps
+        self.num_inference_steps = n
+        spacing = self.config.get("timestep_spacing", "leading")
+        if spacing == "linspace":
+            ts = np.linspace(0, nt - 1, n).round().astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, n) * (nt // n)).round() + int(self.config.get("steps_offset", 0))
+        elif spacing == "trailing":
+            ts = np.round(np.arange(nt, 0, -nt / n))[::-1].astype(np.int64) - 1
+        else:
+            raise BadInput(f"scheduler config: timestep_spacing {spacing!r} is not supported")
+        if self.skip_prk:
+            self.prk_timesteps = np.zeros(0, np.int64)
+            plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()
+        else:
+            prk = np.array(ts[-self.pndm_order:]).repeat(2) + np.tile(np.array([0, nt // n // 2]), self.pndm_order)
+            self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].copy().astype(np.int64)
+            plms = ts[:-3][::-1].copy()
+        self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
+        self._reset()
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
+             generator: TorchGenerator | None = None) -> np.ndarray:
+        assert self.num_inference_steps is not None, "call set_timesteps first"
+        if self.counter < len(self.prk_timesteps) and not self.skip_prk:
+            return self._step_prk(model_output.astype(F32), int(timestep), sample.astype(F32))
+        return self._step_plms(model_output.astype(F32), int(timestep), sample.astype(F32))
+
+    def _step_prk(self, out: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
+        assert self.num_inference_steps is not None
+        diff = 0 if self.counter % 2 else self.num_train_timesteps // self.num_inference_steps // 2
+        prev_t = t - diff
+        t = int(self.prk_timesteps[self.counter // 4 * 4])
+        k = self.counter % 4
+        if k == 0:
+            self.cur_model_output = self.cur_model_output + F32(1 / 6) * out
+            self.ets.append(out)
+            self.cur_sample = sample
+        elif k in (1, 2):
+            self.cur_model_output = self.cur_model_output + F32(1 / 3) * out
+        else:
+            out = self.cur_model_output + F32(1 / 6) * out
+            self.cur_model_output = 0
+        cur = self.cur_sample if self.cur_sample is not None else sample
+        prev = self._prev_sample(cur, t, prev_t, out)
+        self.counter += 1
+        return prev
+
+    def _step_plms(self, out: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
+        assert self.num_inference_steps is not None
+        if not self.skip_prk and len(self.ets) < 3:
+            raise ValueError("PNDM's PLMS steps run after 12 Runge-Kutta steps (call step once per timestep)")
+        ratio = self.num_train_timesteps // self.num_inference_steps
+        prev_t = t - ratio
+        if self.counter != 1:
+            self.ets = self.ets[-3:]
+            self.ets.append(out)
+        else:  # the first timestep again: a second-order correction of the first step
+            prev_t, t = t, t + ratio
+        e = self.ets
+        if len(e) == 1 and self.counter == 0:
+            self.cur_sample = sample
+        elif len(e) == 1 and self.counter == 1:
+            out = (out + e[-1]) / F32(2)
+            assert self.cur_sample is not None
+            sample, self.cur_sample = self.cur_sample, None
+        elif len(e) == 2:
+            out = (F32(3) * e[-1] - e[-2]) / F32(2)
+        elif len(e) == 3:
+            out = (F32(23) * e[-1] - F32(16) * e[-2] + F32(5) * e[-3]) / F32(12)
+        else:
+            out = F32(1 / 24) * (F32(55) * e[-1] - F32(59) * e[-2] + F32(37) * e[-3] - F32(9) * e[-4])
+        prev = self._prev_sample(sample, t, prev_t, out)
+        self.counter += 1
+        return prev
+
+    def _prev_sample(self, sample: np.ndarray, t: int, prev_t: int, out: np.ndarray) -> np.ndarray:
+        """PNDM's formula (9): x_{t-d} from x_t and the combined noise estimate, in float32 as diffusers."""
+        a_t = F32(self.alphas_cumprod[t])
+        a_prev = F32(self.alphas_cumprod[prev_t]) if prev_t >= 0 else F32(self.final_alpha_cumprod)
+        b_t, b_prev = F32(1) - a_t, F32(1) - a_prev
+        if self.prediction_type == "v_prediction":
+            out = F32(a_t ** F32(0.5)) * out + F32(b_t ** F32(0.5)) * sample
+        sample_coeff = F32((a_prev / a_t) ** F32(0.5))
+        denom = F32(a_t * b_prev ** F32(0.5) + (a_t * b_t * a_prev) ** F32(0.5))
+        return (sample_coeff * sample - (a_prev - a_t) * out / denom).astype(F32)
+
+
 SCHEDULERS: dict[str, type[NumpyScheduler]] = {
-    c.name: c for c in (DDIM, DDPM, Euler, EulerAncestral, DPMSolverMultistep, UniPC, LCM, FlowMatchEuler)
+    c.name: c for c in (DDIM, DDPM, Euler, EulerAncestral, DPMSolverMultistep, UniPC, LCM, FlowMatchEuler, PNDM)
 }
 
 
