@@ -143,9 +143,11 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     from edgediff.pipelines import pipeline_of
 
     pipe = pipeline_of(model)
-    if pipe is not None and target != "onnx":
-        raise Unavailable(f"{out}: {target} bundles hold a denoiser only so far; a pipeline's text encoder and "
-                          "VAE are written by --target onnx")
+    if target == "coreml" and (pipe is None or cache_config(model) is not None):
+        # Apple's Resources layout is a text-to-image pipeline's; its Swift package has no DeepCache schedule
+        raise Unavailable(f"{out}: Core ML bundles are written for text-to-image pipelines in Apple's "
+                          "ml-stable-diffusion layout" + (", without a DeepCache schedule" if pipe is not None else "")
+                          + "; export the denoiser alone with -o model.mlpackage")
     samp = _sampling(model, sampler, steps)
     sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
     sampler_note = None
@@ -169,6 +171,10 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             from edgediff.exporters.tflite_deepcache import tflite_entries
 
             entries: dict[str, Any] = tflite_entries(model, precision, cache)
+        elif target == "coreml":  # every package, the UNet included (exporters/bundle_coreml.py)
+            from edgediff.exporters.bundle_coreml import build_packages
+
+            entries = build_packages(pipe, model, precision)
         else:
             entries = _onnx_entries(model, precision, cache)
     finally:
@@ -177,7 +183,8 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     comp_dir = "transformer" if "Transformer" in model.arch or "DiT" in model.arch else "unet"
     if pipe is not None:
         comp_dir = pipe.denoiser_name
-    extra_graphs = _pipeline_graphs(pipe, model, precision, progress) if pipe is not None else {}
+    extra_graphs = _pipeline_graphs(pipe, model, target, precision, progress) \
+        if pipe is not None and target != "coreml" else {}
     with atomic_dir(out, force=force) as tmp:
         import onnx
 
@@ -188,6 +195,16 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             from edgediff.exporters.tflite_deepcache import write_components
 
             components = write_components(entries, tmp, comp_dir, precision, model)
+            entries = {}
+            if extra_graphs:  # the text encoder / VAE decoder .tflite files
+                from edgediff.exporters.bundle_tflite import write_components as write_parts
+
+                components.update(write_parts(extra_graphs, tmp))
+                extra_graphs = {}
+        elif target == "coreml":
+            from edgediff.exporters.bundle_coreml import write_packages
+
+            components = write_packages(entries, tmp)
             entries = {}
         for role, (proto, facts) in entries.items():
             name = comp_dir if role == ROLE_FULL else f"{comp_dir}_shallow"
@@ -209,6 +226,12 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             from edgediff.pipelines.bundle import write_pipeline_components
 
             pipeline_rec = write_pipeline_components(pipe, model, tmp, extra_graphs, components, index, comp_dir)
+            if target != "onnx":
+                _non_onnx_record(pipeline_rec, index, components, target)
+            if target == "coreml":
+                from edgediff.exporters.bundle_coreml import copy_vocab
+
+                copy_vocab(tmp / "tokenizer", tmp)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         cache_rec = None
         if cache is not None:
@@ -234,15 +257,32 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             **({"sampler_note": sampler_note} if sampler_note else {})}
 
 
-def _pipeline_graphs(pipe: Any, model: DiffusionModel, precision: str, progress: Any) -> dict[str, Any]:
+def _pipeline_graphs(pipe: Any, model: DiffusionModel, target: str, precision: str, progress: Any) -> dict[str, Any]:
+    """The text encoder / VAE in the target's format: ONNX protos, or .tflite bytes (exporters/bundle_tflite.py)."""
     from edgediff.pipelines.bundle import component_graphs
 
     task = progress.add_task("bundle: text encoder and VAE", total=None) if progress is not None else None
     try:
+        if target == "tflite":
+            from edgediff.exporters.bundle_tflite import component_files
+
+            return component_files(pipe, model, precision)
         return component_graphs(pipe, model, precision)
     finally:
         if task is not None:
             progress.remove_task(task)
+
+
+def _non_onnx_record(rec: dict[str, Any], index: dict[str, Any], components: dict[str, Any], target: str) -> None:
+    """The pipeline record and index for components written in another format than ONNX (already in
+    `components`): which role each folder holds, and the runtime's name in the index for the split VAE."""
+    for role in ("text_encoder", "vae_decoder", "vae_encoder"):
+        name = next((n for n, c in components.items() if c.get("role") == role), None)
+        rec[role] = name
+        if role.startswith("vae"):
+            index.pop(role, None)
+            if name:
+                index[role] = ["edgediff", f"{target}:{role}"]
 
 
 def _diffusers_version() -> str:
@@ -275,6 +315,16 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
 
     b = read_bundle(bundle_dir)
+    if b.target == "coreml":  # no Core ML prediction off macOS: say so, with what can be checked here
+        from edgediff.exporters.bundle_coreml import check_bundle
+
+        structural = check_bundle(Path(bundle_dir))
+        return {"target": "coreml bundle", "kind": b.manifest.get("kind"), "exported": str(bundle_dir),
+                "precision": b.manifest.get("precision"), "verified": False, "exit_code": 3,
+                "reason": "Core ML predicts on macOS only (Apple's Swift package or coremltools on a Mac); "
+                          "the packages were checked structurally" + ("" if structural["ok"] else
+                                                                     f" and have problems: {structural['problems']}"),
+                "structural": structural}
     if is_text_pipeline(b):  # text encoder / VAE: the whole pipeline with prompts and guidance
         return verify_pipeline_bundle(reference, bundle_dir, tolerances, steps=steps, samples=samples, sampler=sampler,
                                       seed=seed, progress=progress, prompts=prompts)
@@ -366,6 +416,10 @@ def describe_bundle(path: Path) -> dict[str, Any]:
         f = b.path / str(c["path"])
         if f.suffix == ".onnx" and f.is_file():
             row["macs"] = _graph_macs(f, c.get("shapes"))
+        elif f.suffix == ".tflite" and f.is_file():
+            from edgediff.exporters.tflite_runtime import integer_macs
+
+            row["macs"] = integer_macs(f)["macs"]  # the file's shapes are fixed (batch 1)
         comps[name] = row
     size = sum(p.stat().st_size for p in b.path.rglob("*") if p.is_file())
     den = b.component(ROLE_FULL)

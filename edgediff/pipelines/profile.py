@@ -62,9 +62,11 @@ def profile_bundle(path: Path, runtime: str | None = None, device: str | None = 
     with tempfile.TemporaryDirectory(prefix="edgediff-profile-bundle-") as td:
         for name, comp in b.manifest["components"].items():
             f = b.path / str(comp["path"])
-            if f.suffix != ".onnx" or comp.get("role") == "denoiser_shallow":
+            if f.suffix not in (".onnx", ".tflite") or comp.get("role") == "denoiser_shallow":
                 continue
-            res = profile(_fixed(f, comp.get("shapes"), Path(td)), runtime=runtime, device=device, warmup=warmup,
+            # ONNX graphs have dynamic dims, fixed to the run shapes first; .tflite files are fixed already
+            fixed = _fixed(f, comp.get("shapes"), Path(td)) if f.suffix == ".onnx" else f
+            res = profile(fixed, runtime=runtime, device=device, warmup=warmup,
                           repeats=repeats, threads=threads, progress=progress)
             k = calls.get(name, 0)
             ms = float(res.get("total_ms") or 0.0)
@@ -78,6 +80,11 @@ def profile_bundle(path: Path, runtime: str | None = None, device: str | None = 
             per_image += ms * k
             for la in res.get("layers", []):
                 layers.append({**la, "name": f"{name}/{la['name']}", "ms": la["ms"] * k})
+    if not comps:
+        from edgediff.errors import Unavailable
+
+        raise Unavailable(f"{b.path}: no component of this {b.target} bundle runs here (profile runs .onnx and "
+                          ".tflite components; Core ML predicts on macOS only)")
     total = sum(la["ms"] for la in layers) or 1.0
     for la in layers:
         la["share"] = la["ms"] / total

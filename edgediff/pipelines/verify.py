@@ -70,7 +70,7 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
                      threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Single calls of each graph on fixed inputs vs the PyTorch component."""
     from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL
-    from edgediff.runtime.generate import OrtEntry
+    from edgediff.runtime.generate import open_entry
 
     out: dict[str, dict[str, Any]] = {}
     man = bundle.manifest["pipeline"]
@@ -79,7 +79,7 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
     if man.get("text_encoder"):
         ids = token_ids(pipe, prompts[:4])
         want = pipe.load("text_encoder")(ids)[0].float().numpy()
-        got = OrtEntry(bundle.file("text_encoder"), threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+        got = open_entry(bundle, "text_encoder", threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
         out["text_encoder"] = _row(got, want)
         states = torch.from_numpy(want)
     mod = model.module().eval()
@@ -88,7 +88,7 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
     x = torch.randn(n, *sig.sample_shape, generator=g)
     ehs = states[:n] if states is not None and states.shape[0] >= n else (
         torch.randn(n, *sig.cond_shape, generator=g) if sig.cond_shape else None)
-    den = OrtEntry(bundle.file(ROLE_FULL), threads)
+    den = open_entry(bundle, ROLE_FULL, threads)
     errs = []
     for t in (999, 500, 50):
         t = min(t, model.schedule.num_train_timesteps - 1)
@@ -106,14 +106,14 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
         vae = pipe.load("vae")
         z = torch.randn(n, *sig.sample_shape, generator=g)
         want = vae.decode(z).sample.numpy()
-        got = OrtEntry(bundle.file("vae_decoder"), threads).run(["sample"], {"latent_sample": z.numpy()})[0]
+        got = open_entry(bundle, "vae_decoder", threads).run(["sample"], {"latent_sample": z.numpy()})[0]
         out["vae_decoder"] = _row(got, want)
     if man.get("vae_encoder"):
         vae = pipe.load("vae")
         img = torch.rand(n, *man["image_shape"], generator=g) * 2 - 1
         h = vae.encoder(img)
         want = (vae.quant_conv(h) if vae.quant_conv is not None else h).numpy()
-        got = OrtEntry(bundle.file("vae_encoder"), threads).run(["latent_parameters"], {"sample": img.numpy()})[0]
+        got = open_entry(bundle, "vae_encoder", threads).run(["latent_parameters"], {"sample": img.numpy()})[0]
         out["vae_encoder"] = _row(got, want)
     return out
 
@@ -140,10 +140,13 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
                               "samples": samples, "steps": n_steps, "sampler": use_sampler, "seed": seed,
                               "guidance": guidance, "precision": precision, "tolerance": dict(tol),
                               "prompts": texts}
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        result.update({"verified": False, "exit_code": 3, "reason": "running the bundle needs onnxruntime"})
+    from edgediff.errors import Unavailable
+    from edgediff.runtime.generate import open_entry
+
+    try:  # the bundle's own runtime (onnxruntime, LiteRT); Core ML predicts on macOS only
+        runtime = open_entry(b, "denoiser").runtime
+    except Unavailable as e:
+        result.update({"verified": False, "exit_code": 3, "reason": str(e)})
         return result
     pipe = pipeline_of(reference)
     assert pipe is not None
@@ -172,7 +175,7 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
     result.update({"psnr_db": round(p, 3) if math.isfinite(p) else p,
                    "psnr_images_db": (round(p_img, 3) if p_img is not None and math.isfinite(p_img) else p_img),
                    "psnr_latents_db": round(p_lat, 3) if math.isfinite(p_lat) else p_lat,
-                   "max_abs_err": err, "verified": True, "runtime": f"onnxruntime {ort.__version__}",
+                   "max_abs_err": err, "verified": True, "runtime": runtime,
                    "denoiser_calls": stats["denoiser_calls"], "ms_per_image": stats["ms_per_image"],
                    "within_tolerance": within, "exit_code": 0 if within else 4})
     if not within:

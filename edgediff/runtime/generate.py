@@ -83,6 +83,9 @@ class OrtEntry:
 def open_entry(bundle: Bundle, role: str, threads: int | None = None) -> Any:
     """The component with `role` in its runtime, chosen by its file: OrtEntry (.onnx) or
     LiteRTEntry (.tflite, edgediff.runtime.litert); both run(outputs, feeds) by name."""
+    if bundle.target == "coreml":  # .mlpackage folders: Core ML predicts on macOS only (its Swift package, coremltools)
+        raise Unavailable(f"{bundle.path}: a Core ML bundle runs in Core ML, which predicts on macOS only (Apple's "
+                          "ml-stable-diffusion Swift package on its Resources/, or coremltools on a Mac)")
     f = bundle.file(role)
     if f.suffix == ".onnx":
         return OrtEntry(f, threads)

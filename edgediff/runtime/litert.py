@@ -50,9 +50,11 @@ class LiteRTEntry:
         self.runner = self.interpreter.get_signature_runner(SIGNATURE)
         self.input_details = self.runner.get_input_details()
         self.outputs = sorted(self.runner.get_output_details())
-        if "sample" not in self.input_details:
-            raise BadInput(f"{self.path}: no input 'sample' (inputs: {sorted(self.input_details)})")
-        self.batch = int(self.input_details["sample"]["shape"][0])
+        if not self.input_details:
+            raise BadInput(f"{self.path}: the signature has no inputs")
+        # a pipeline's text encoder / VAE has no `sample`: every input has the batch axis first
+        self.first = "sample" if "sample" in self.input_details else sorted(self.input_details)[0]
+        self.batch = int(self.input_details[self.first]["shape"][0])
         self.ms = 0.0
         self.calls = 0
 
@@ -74,12 +76,12 @@ class LiteRTEntry:
         if absent:
             raise BadInput(f"{self.path}: no value for input(s) {absent}")
         named = {k: np.asarray(feeds[k]) for k in self.input_details}
-        n, b = named["sample"].shape[0], self.batch
+        n, b = named[self.first].shape[0], self.batch
         got: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         t0 = time.perf_counter()
         for i in range(0, n, b):
             chunk = {k: v[i:i + b] for k, v in named.items()}
-            k = chunk["sample"].shape[0]
+            k = chunk[self.first].shape[0]
             if k < b:
                 chunk = {name: np.concatenate([v, np.repeat(v[-1:], b - k, axis=0)]) for name, v in chunk.items()}
             res = self.runner(**{name: self._cast(name, v) for name, v in chunk.items()})

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from edgediff.errors import BadInput, Unavailable
+from edgediff.errors import BadInput
 from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL, Bundle, read_bundle
-from edgediff.runtime.generate import OrtEntry, make_scheduler, write_grid
+from edgediff.runtime.generate import make_scheduler, open_entry, write_grid
 from edgediff.runtime.rng import TorchGenerator
 from edgediff.runtime.tokenizer import BundleTokenizer
 
@@ -48,18 +48,17 @@ class _Sessions:
 
     def __init__(self, bundle: Bundle, threads: int | None, low_memory: bool) -> None:
         self.bundle, self.threads, self.low_memory = bundle, threads, low_memory
-        self.open: dict[str, OrtEntry] = {}
+        self.open: dict[str, Any] = {}  # role -> OrtEntry / LiteRTEntry
         self.load_ms = 0.0
         self.ms: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.runtime = ""
 
-    def get(self, role: str) -> OrtEntry:
+    def get(self, role: str) -> Any:
         if role not in self.open:
-            if self.bundle.target != "onnx":
-                raise Unavailable(f"{self.bundle.path}: generating from a {self.bundle.target!r} bundle is not "
-                                  "supported by the numpy runtime yet (onnx is)")
             t0 = time.perf_counter()
-            self.open[role] = OrtEntry(self.bundle.file(role), self.threads)
+            self.open[role] = open_entry(self.bundle, role, self.threads)  # the runtime of the component's file
+            self.runtime = self.open[role].runtime
             self.load_ms += (time.perf_counter() - t0) * 1e3
         return self.open[role]
 
@@ -292,8 +291,8 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     comp_ms.update({"tokenizer": round(tok_ms, 2), "scheduler": round(sched_ms, 2), "load": round(sessions.load_ms, 2)})
     n_ts = len(sched.timesteps)
     stats: dict[str, Any] = {
-        "bundle": str(bundle.path), "runtime": "onnxruntime", "kind": "pipeline", "pipeline": pipe.get("class"),
-        "sampler": sampler_name, "steps": n_ts, "samples": samples, "seed": seed,
+        "bundle": str(bundle.path), "runtime": sessions.runtime, "kind": "pipeline", "pipeline": pipe.get("class"),
+        "sampler": sampler_name, "steps": n_steps, "samples": samples, "seed": seed,  # PLMS runs steps + 1 timesteps
         "guidance": g_scale if (has_text or labels is not None or cond) else None,
         "conditioning": "prompt" if has_text else ("prompt_embeds" if cond else ("class_labels" if labels is not None
                                                                                 else None)), "classifier_free_guidance": cfg,
