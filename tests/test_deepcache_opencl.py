@@ -22,9 +22,10 @@ from edgediff.kernels.deepcache import CachedOpenCLDenoiser, feature_buffer, sha
 needs_cl = pytest.mark.skipif(not clrt.opencl_available()[0], reason="no OpenCL device")
 
 
-def _cached(model: DiffusionModel, steps: int = 5, interval: int = 2, depth: int = 0) -> DiffusionModel:
+def _cached(model: DiffusionModel, steps: int = 5, interval: int = 2, depth: int = 0,
+            sampler: str = "dpmpp-2m") -> DiffusionModel:
     run, opts = passes.get("sampling")
-    m = run(model.clone(), opts(sampler="dpmpp-2m", steps=steps), PassContext())
+    m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
     run_c, opts_c = passes.get("cache")
     return run_c(m, opts_c(depth=depth, interval=interval, check_samples=0), PassContext())
 
@@ -117,3 +118,20 @@ def test_every_target_holds_both_entry_points_or_says_why(tiny_unet: DiffusionMo
     # a single ONNX file of a cached artifact: the note, never a silent drop
     rep = get_backend("onnx").export(_cached(tiny_unet), tmp_path / "u.onnx", "fp32").to_dict()
     assert rep["cache"].startswith("not exported") and "-o DIR" in rep["cache"]
+
+
+@needs_cl
+@pytest.mark.slow
+def test_int8_cached_opencl_bundle(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.testing import minmax_quantize
+    from edgediff.verify import TOLERANCES, verify
+
+    # DDIM: int8 of random test weights under DPM-Solver++ drifts apart with or without the cache
+    q = _cached(minmax_quantize(tiny_unet), steps=4, sampler="ddim")
+    get_backend("opencl").export(q, tmp_path / "b", "int8")
+    meta = json.loads((tmp_path / "b" / "opencl_bundle.json").read_text())
+    assert meta["cache"]["ops_shallow"] < meta["cache"]["ops_full"]
+    assert any(op["op"] == "iconv" for op in meta["schedule_shallow"]["ops"])  # the shallow layers stay integer
+    r = verify(q, tmp_path / "b", samples=2)
+    assert r["verified"] and r["precision"] == "int8" and r["tolerance"] == TOLERANCES["int8"]
+    assert r["exit_code"] == 0 and (r["denoiser_calls_full"], r["denoiser_calls_shallow"]) == (2, 2)
