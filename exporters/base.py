@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
+from edgediff.model import Cond, DenoiserModule, DiffusionModel, InputSignature
 from edgediff.quant_params import QuantParams, strip_quant_wrappers
 
 # every precision a target can be asked for; each backend declares the subset it builds
@@ -366,27 +366,42 @@ class FixedBatchDenoiser(ABC):
     """A runtime whose file has a fixed batch (LiteRT, Core ML): inputs run in chunks of that
     batch, the last chunk padded by repeating its last row, outputs trimmed.
 
-    Subclasses set `path`, `batch` and `cond_name` (the conditioning input's name or None)
-    and implement `_run(feeds) -> out` for one full chunk.
+    Subclasses set `path`, `batch`, `cond_name` (the conditioning input's name or None) and
+    `inputs` (the file's input names, as keys) and implement `_run(feeds) -> out` for one full chunk.
+    `cond` is a tensor (fed as `cond_name`) or a dict name -> tensor (multi-input models: SDXL,
+    SD3, Flux), of which every input the file declares is fed, chunked like the sample.
     """
 
     path: Path
     batch: int
     cond_name: str | None
+    inputs: Mapping[str, Any]
 
     @abstractmethod
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """One call on exactly `batch` rows: {input name: tensor} -> float32 output."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def _named(self, cond: Cond) -> dict[str, torch.Tensor]:
+        names = [n for n in self.inputs if n not in ("sample", "timestep")]
+        if isinstance(cond, dict):
+            missing = [n for n in names if n not in cond]
+            if missing:
+                raise BadInput(f"{self.path}: the model needs {', '.join(missing)}, not given")
+            return {n: cond[n] for n in names}
+        if set(names) - {self.cond_name}:
+            raise BadInput(f"{self.path}: the model takes {', '.join(sorted(names))}: pass them as a dict of named inputs")
+        if self.cond_name is None:
+            return {}
+        if cond is None:
+            raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
+        return {self.cond_name: cond}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         n, b = x.shape[0], self.batch
+        named = {"sample": x.float(), "timestep": t.float(), **self._named(cond)}
         outs = []
         for i in range(0, n, b):
-            chunk = {"sample": x[i:i + b].float(), "timestep": t[i:i + b].float()}
-            if self.cond_name is not None:
-                if cond is None:
-                    raise BadInput(f"{self.path}: the model takes {self.cond_name}, none was given")
-                chunk[self.cond_name] = cond[i:i + b]
+            chunk = {k: v[i:i + b] for k, v in named.items()}
             k = chunk["sample"].shape[0]
             if k < b:
                 chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}

@@ -13,7 +13,6 @@ from edgediff.exporters.base import FixedBatchDenoiser
 from edgediff.exporters.ops import LITERT_GPU_OPS, LITERT_GPU_SOURCE
 
 from edgediff.errors import BadInput, Unavailable
-from edgediff.model import Cond
 
 INSTALL = 'pip install -e ".[tflite]"'
 SIGNATURE = "serving_default"
@@ -164,29 +163,6 @@ class LiteRTDenoiser(FixedBatchDenoiser):
             raise BadInput(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(self.inputs)}")
         self.batch = int(self.inputs["sample"]["shape"][0])
         self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        """As FixedBatchDenoiser; `cond` may also be a dict name -> tensor (multi-input models:
-        SDXL, SD3, Flux), of which every input the file declares is fed, chunked like the sample."""
-        if not isinstance(cond, dict):
-            if set(self.inputs) - {"sample", "timestep", self.cond_name}:
-                extra = sorted(set(self.inputs) - {"sample", "timestep"})
-                raise BadInput(f"{self.path}: the model takes {', '.join(extra)}: pass them as a dict of named inputs")
-            return super().__call__(x, t, cond)
-        missing = [n for n in self.inputs if n not in ("sample", "timestep") and n not in cond]
-        if missing:
-            raise BadInput(f"{self.path}: the model needs {', '.join(missing)}, not given")
-        n, b = x.shape[0], self.batch
-        named = {"sample": x.float(), "timestep": t.float(),
-                 **{k: cond[k] for k in self.inputs if k not in ("sample", "timestep")}}
-        outs = []
-        for i in range(0, n, b):
-            chunk = {k: v[i:i + b] for k, v in named.items()}
-            k = chunk["sample"].shape[0]
-            if k < b:  # pad the last chunk by repeating its last row, as FixedBatchDenoiser
-                chunk = {name: torch.cat([v, v[-1:].expand(b - k, *v.shape[1:])]) for name, v in chunk.items()}
-            outs.append(self._run(chunk)[:k])
-        return torch.cat(outs)
 
     def _feed(self, name: str, t: torch.Tensor) -> np.ndarray:
         d = self.inputs[name]

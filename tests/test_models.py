@@ -235,3 +235,38 @@ def test_float32_tables_keep_flux_rotary_embedding_float32() -> None:
         assert g.dtype == torch.float32 and (r - g).abs().max() < 1e-6
     assert torch.arange(2, dtype=torch.float64).dtype == torch.float64  # restored
     assert torch.ones(2).double().dtype == torch.float64
+
+
+def test_coreml_prediction_feeds_dict_conditioning() -> None:
+    """Core ML's prediction path (FixedBatchDenoiser) takes the named inputs of SDXL / SD3 / Flux as a
+    dict, chunked and padded to the file's batch like the sample; a bare tensor for a multi-input file
+    and a missing input are bad input. Core ML predicts on macOS only: its MLModel is stood in for."""
+    import numpy as np
+    from edgediff.exporters.coreml import CoreMLDenoiser
+
+    from edgediff.errors import BadInput
+
+    class Model:
+        def __init__(self) -> None:
+            self.feeds: list[dict] = []
+
+        def predict(self, feeds: dict) -> dict:
+            self.feeds.append(feeds)
+            return {"out": feeds["sample"] + feeds["pooled_projections"].sum(-1)[:, None, None, None]}
+
+    den = object.__new__(CoreMLDenoiser)
+    den.path, den.batch, den.model = Path("m.mlpackage"), 2, Model()
+    den.inputs = {"sample": {}, "timestep": {}, "encoder_hidden_states": {}, "pooled_projections": {}}
+    den.cond_name = "encoder_hidden_states"
+    x, t = torch.randn(3, 4, 2, 2), torch.full((3,), 500.0)
+    cond = {"encoder_hidden_states": torch.randn(3, 8, 24), "pooled_projections": torch.randn(3, 12),
+            "unused": torch.zeros(3)}
+    out = den(x, t, cond)
+    assert torch.allclose(out, x + cond["pooled_projections"].sum(-1)[:, None, None, None])
+    assert [sorted(f) for f in den.model.feeds] == [["encoder_hidden_states", "pooled_projections", "sample",
+                                                     "timestep"]] * 2
+    assert all(v.dtype == np.float32 and v.shape[0] == 2 for f in den.model.feeds for v in f.values())
+    with pytest.raises(BadInput, match="pooled_projections"):
+        den(x, t, cond["encoder_hidden_states"])
+    with pytest.raises(BadInput, match="pooled_projections, not given"):
+        den(x, t, {"encoder_hidden_states": cond["encoder_hidden_states"]})
