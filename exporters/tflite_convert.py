@@ -13,7 +13,7 @@ from edgediff.exporters.tflite_runtime import OUTPUT_NAME, require
 from torch import nn
 
 from edgediff.errors import BadInput
-from edgediff.model import DenoiserModule, DiffusionModel, InputSignature
+from edgediff.model import DenoiserModule, DiffusionModel, InputSignature, float32_tables
 
 # ------------------------------------------------------------------------------------------
 # the module that gets converted
@@ -204,7 +204,8 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1,
         wrapper, kwargs = entry(wrapper, kwargs)
     t0 = time.perf_counter()
     try:
-        edge = litert_torch.convert(wrapper, sample_kwargs=kwargs, quant_config=quant_config)
+        with float32_tables():  # no float64 kernels on LiteRT (Flux's rotary table)
+            edge = litert_torch.convert(wrapper, sample_kwargs=kwargs, quant_config=quant_config)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise BadInput(f"litert-torch could not convert this denoiser ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:300]})") from None
