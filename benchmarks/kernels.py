@@ -366,6 +366,51 @@ def print_bytes(rows: list[dict[str, Any]]) -> None:
               file=sys.stderr)
 
 
+def int8_layout_rows(artifact: Path, repeat: int) -> dict[str, Any]:
+    """A quantized artifact's int8 bundle schedule (int8 kept between integer layers) against the
+    same integer layers with float activations between every op: bytes per op kind (cost model,
+    batch 1), launches, ms per call measured interleaved on the OpenCL device, and each layout's
+    max abs difference from the artifact's PyTorch simulation for one call."""
+    from collections import defaultdict
+
+    from edgediff.kernels.cost import schedule_costs, total
+    from edgediff.kernels.graph import Executor, build_schedule
+    from edgediff.kernels.runtime import CLRuntime
+
+    from edgediff.loaders import load_model
+    from edgediff.quant_params import QuantParams
+    from edgediff.sampling import TorchDenoiser
+
+    q = load_model(artifact)
+    qp = QuantParams.of(q)
+    if qp is None:
+        raise SystemExit(f"{artifact}: not a quantized artifact (no QuantParams)")
+    rt = CLRuntime()
+    x = torch.randn(1, *q.signature.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    cond = q.signature.conditioning(1, seed=0)
+    want = TorchDenoiser(q)(x, t, cond)
+    out: dict[str, Any] = {"artifact": str(artifact), "layouts": {}}
+    runs = {}
+    for tag, keep in (("int8_between", True), ("float_between", False)):
+        sched, w = build_schedule(q, qp, keep_int8=keep)
+        rows = schedule_costs(sched, {k: tuple(v.shape) for k, v in w.items()}, "int8")
+        per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in rows:
+            per[r["op"]][0] += 1
+            per[r["op"]][1] += total(r["fused"])
+        ex = Executor(sched, w, rt)
+        runs[tag] = ex
+        out["layouts"][tag] = {"ops": len(rows), "activation_bytes": sum(total(r["fused"]) for r in rows),
+                               "weight_bytes": sum(r["fused"]["weights"] for r in rows),
+                               "per_op": {k: {"ops": v[0], "bytes": v[1]} for k, v in sorted(per.items())},
+                               "max_abs_err_vs_simulation": float((ex.run(x, t, cond=cond) - want).abs().max())}
+    a, b = pair_ms(lambda: runs["int8_between"].run(x, t, cond=cond), lambda: runs["float_between"].run(x, t, cond=cond),
+                   repeat, rt.finish)
+    out["layouts"]["int8_between"]["ms_per_call"], out["layouts"]["float_between"]["ms_per_call"] = a, b
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer kernel shapes, demo model only")
@@ -376,7 +421,17 @@ def main() -> None:
     ap.add_argument("--bytes-only", action="store_true", help="print the bytes-moved model (fused vs unfused) and exit")
     ap.add_argument("--oclgrind", action="store_true", help="with the bytes model, oclgrind's counted global bytes "
                     "of a few kernels next to the model's (needs oclgrind)")
+    ap.add_argument("--int8", type=Path, default=None, metavar="ARTIFACT",
+                    help="int8 kept between layers vs float between, for this quantized artifact, and exit")
     args = ap.parse_args()
+    if args.int8 is not None:
+        res = int8_layout_rows(args.int8, args.repeat)
+        for tag, r in res["layouts"].items():
+            print(f"{tag:14s} {r['ops']:4d} ops  {r['activation_bytes'] / 1e6:7.3f} MB activations  "
+                  f"{r['ms_per_call']:8.1f} ms/call  max|err| vs simulation {r['max_abs_err_vs_simulation']:.2e}",
+                  file=sys.stderr)
+        print(json.dumps(res, indent=1))
+        return
     if args.bytes_only or args.oclgrind:
         with tempfile.TemporaryDirectory() as tmp:
             rows = bytes_model_rows(demo_bundle(Path(tmp)))

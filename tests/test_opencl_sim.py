@@ -153,3 +153,24 @@ def test_head_dim_tiling_only_on_gpus() -> None:
 def test_every_variant_on_the_default_device() -> None:
     """The same cases on PoCL (CI's default device), every profile."""
     assert simcheck.main([]) == 0
+
+
+def _fp16_devices() -> list:
+    try:
+        return [d for d in clrt.list_devices() if "cl_khr_fp16" in d.extensions
+                and "oclgrind" not in (d.platform.name + d.name).lower()]
+    except Exception:  # noqa: BLE001 - no ICD at all
+        return []
+
+
+@pytest.mark.skipif(not _fp16_devices(), reason="no OpenCL device here reports cl_khr_fp16 (oclgrind 21.10, PoCL 3.0 "
+                    "and Debian's PoCL 3.1 do not): the half-arithmetic variants can only be compiled")
+def test_half_arithmetic_variants_run_where_the_device_has_fp16() -> None:
+    """On every device that reports cl_khr_fp16 (a GPU driver), each fp16 kernel variant runs with
+    half arithmetic and matches the PyTorch reference within fp16 tolerances."""
+    for dev in _fp16_devices():
+        for profile in (None, "mali-g710"):
+            rows = simcheck.run_profile(dev, profile, "fp16")
+            assert rows and all("half_arith=1" in r["variant"] for r in rows)
+            bad = [r for r in rows if not r["ok"]]
+            assert not bad, bad[:5]

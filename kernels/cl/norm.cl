@@ -35,9 +35,29 @@ void welford_work_group(__global const T* x, const int base, const int start, co
     }
 }
 
-__kernel void group_norm(__global const T* x, __global const float* gamma, __global const float* beta,
-                         __global T* y, const int C, const int HW, const int G, const float eps,
-                         const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2) {
+#ifndef OT
+#define OT char
+#endif
+inline OT quantize_f(const float v, const float s, const int zp, const int lo, const int hi) {
+    return (OT)clamp(rint(v / s) + (float)zp, (float)lo, (float)hi);
+}
+
+/* x[i] normalised with channel c's affine (+SiLU), stored into y or (yq not null) quantized into yq. */
+inline void norm_store(__global const T* x, __global T* y, __global OT* yq, const int i, const int c, const float mean,
+                       const float rstd, __global const float* gamma, __global const float* beta, const int apply_silu,
+                       const float qs, const int qz, const int qlo, const int qhi) {
+    float v = (LD(x, i) - mean) * rstd * gamma[c] + beta[c];
+    if (apply_silu) v = silu_f(v);
+    if (yq) yq[i] = quantize_f(v, qs, qz, qlo, qhi);
+    else ST(y, i, v);
+}
+
+/* One work-group per (batch, group): statistics, then every element normalised (+SiLU) and
+ * stored as T into y, or (yq not null) quantized onto the grid (qs, qz, qlo, qhi) into yq. */
+void group_norm_wg(__global const T* x, __global const float* gamma, __global const float* beta, __global T* y,
+                   __global OT* yq, const int C, const int HW, const int G, const float eps, const int apply_silu,
+                   __local float* lc, __local float* lmean, __local float* lm2, const float qs, const int qz,
+                   const int qlo, const int qhi) {
     const int bg = get_group_id(0);
     const int b = bg / G, g = bg - (bg / G) * G;
     const int cpg = C / G;
@@ -48,11 +68,14 @@ __kernel void group_norm(__global const T* x, __global const float* gamma, __glo
     const float mu = lmean[0];
     const float rstd = 1.0f / sqrt(lm2[0] / lc[0] + eps);
     for (int i = lid; i < n; i += L) {
-        const int c = g * cpg + i / HW;
-        float v = (LD(x, base + i) - mu) * rstd * gamma[c] + beta[c];
-        if (apply_silu) v = silu_f(v);
-        ST(y, base + i, v);
+        norm_store(x, y, yq, base + i, g * cpg + i / HW, mu, rstd, gamma, beta, apply_silu, qs, qz, qlo, qhi);
     }
+}
+
+__kernel void group_norm(__global const T* x, __global const float* gamma, __global const float* beta,
+                         __global T* y, const int C, const int HW, const int G, const float eps,
+                         const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2) {
+    group_norm_wg(x, gamma, beta, y, 0, C, HW, G, eps, apply_silu, lc, lmean, lm2, 1.0f, 0, 0, 0);
 }
 
 /* The unfused baseline (what a framework does op by op): statistics to a buffer, then a
@@ -140,66 +163,40 @@ __kernel void group_partial_stats(__global const T* x, __global float* part, con
     if (get_local_id(0) == 0) { part[3 * bgs] = lc[0]; part[3 * bgs + 1] = lmean[0]; part[3 * bgs + 2] = lm2[0]; }
 }
 
-__kernel void group_norm_split_apply(__global const T* x, __global const float* part, __global const float* gamma,
-                                     __global const float* beta, __global T* y, const int C, const int HW, const int G,
-                                     const int S, const float eps, const int apply_silu) {
+/* Pass 2 for chunk (bg, s): stored as T into y, or (yq not null) quantized into yq. */
+void group_norm_split_chunk(__global const T* x, __global const float* part, __global const float* gamma,
+                            __global const float* beta, __global T* y, __global OT* yq, const int C, const int HW,
+                            const int G, const int S, const float eps, const int apply_silu, const float qs,
+                            const int qz, const int qlo, const int qhi) {
     int start, end, base;
     const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
     const int g = bg % G, cpg = C / G;
     float mean;
     const float rstd = merge_partials(part, bg, S, eps, &mean);
     for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
-        const int c = g * cpg + i / HW;
-        float v = (LD(x, base + i) - mean) * rstd * gamma[c] + beta[c];
-        if (apply_silu) v = silu_f(v);
-        ST(y, base + i, v);
+        norm_store(x, y, yq, base + i, g * cpg + i / HW, mean, rstd, gamma, beta, apply_silu, qs, qz, qlo, qhi);
     }
+}
+
+__kernel void group_norm_split_apply(__global const T* x, __global const float* part, __global const float* gamma,
+                                     __global const float* beta, __global T* y, const int C, const int HW, const int G,
+                                     const int S, const float eps, const int apply_silu) {
+    group_norm_split_chunk(x, part, gamma, beta, y, 0, C, HW, G, S, eps, apply_silu, 1.0f, 0, 0, 0);
 }
 
 /* GroupNorm (+SiLU) of an int8 bundle whose only readers are integer layers: the same
  * normalisation, stored quantized onto the consumer's input grid, clamp(zp + rint(v / s)), as
  * the consumer would quantize it (OT: char or uchar); no float tensor is written. */
-#ifndef OT
-#define OT char
-#endif
-inline OT quantize_f(const float v, const float s, const int zp, const int lo, const int hi) {
-    return (OT)clamp(rint(v / s) + (float)zp, (float)lo, (float)hi);
-}
-
 __kernel void group_norm_q(__global const T* x, __global const float* gamma, __global const float* beta,
                            __global OT* y, const int C, const int HW, const int G, const float eps,
                            const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2,
                            const float qs, const int qz, const int qlo, const int qhi) {
-    const int bg = get_group_id(0);
-    const int b = bg / G, g = bg - (bg / G) * G;
-    const int cpg = C / G;
-    const int n = cpg * HW;
-    const int base = (b * C + g * cpg) * HW;
-    const int lid = get_local_id(0), L = get_local_size(0);
-    welford_work_group(x, base, 0, n, lc, lmean, lm2);
-    const float mu = lmean[0];
-    const float rstd = 1.0f / sqrt(lm2[0] / lc[0] + eps);
-    for (int i = lid; i < n; i += L) {
-        const int c = g * cpg + i / HW;
-        float v = (LD(x, base + i) - mu) * rstd * gamma[c] + beta[c];
-        if (apply_silu) v = silu_f(v);
-        y[base + i] = quantize_f(v, qs, qz, qlo, qhi);
-    }
+    group_norm_wg(x, gamma, beta, 0, y, C, HW, G, eps, apply_silu, lc, lmean, lm2, qs, qz, qlo, qhi);
 }
 
 __kernel void group_norm_split_apply_q(__global const T* x, __global const float* part, __global const float* gamma,
                                        __global const float* beta, __global OT* y, const int C, const int HW,
                                        const int G, const int S, const float eps, const int apply_silu,
                                        const float qs, const int qz, const int qlo, const int qhi) {
-    int start, end, base;
-    const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
-    const int g = bg % G, cpg = C / G;
-    float mean;
-    const float rstd = merge_partials(part, bg, S, eps, &mean);
-    for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
-        const int c = g * cpg + i / HW;
-        float v = (LD(x, base + i) - mean) * rstd * gamma[c] + beta[c];
-        if (apply_silu) v = silu_f(v);
-        y[base + i] = quantize_f(v, qs, qz, qlo, qhi);
-    }
+    group_norm_split_chunk(x, part, gamma, beta, 0, y, C, HW, G, S, eps, apply_silu, qs, qz, qlo, qhi);
 }
