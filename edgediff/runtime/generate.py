@@ -96,6 +96,46 @@ def open_entry(bundle: Bundle, role: str, threads: int | None = None) -> Any:
     raise Unavailable(f"{f}: the numpy runtime runs .onnx and .tflite components, not {f.suffix or 'this file'}")
 
 
+MAX_SIDE = 8192  # pixels: --height/--width above this are refused before any session is made
+
+
+def sample_shape_for(bundle: Bundle, height: int | None, width: int | None) -> tuple[int, ...]:
+    """The latent (or sample) shape to generate at: the model's own, or `height` x `width` pixels of the
+    image (the sample itself for a bundle without a VAE) where every graph the run uses has dynamic H/W
+    (the ONNX bundle's UNet and VAE); BadInput naming the bundle otherwise (fixed-size .tflite / Core ML
+    files, DiT-class transformers with fixed positional tables) or for sizes the UNet cannot take."""
+    import json
+
+    shape = tuple(int(s) for s in bundle.signature["sample_shape"])
+    if height is None and width is None:
+        return shape
+    for name, v in (("--height", height), ("--width", width)):
+        if v is not None and not 0 < int(v) <= MAX_SIDE:
+            raise BadInput(f"{name} must be in 1..{MAX_SIDE}, got {v}")
+    pipe = bundle.manifest.get("pipeline") or {}
+    f = int(pipe.get("vae_scale_factor") or 1) if pipe.get("vae_decoder") else 1
+    h = int(height) if height is not None else shape[-2] * f
+    w = int(width) if width is not None else shape[-1] * f
+    den = bundle.component(ROLE_FULL)
+    assert den is not None
+    for role in [ROLE_FULL] + (["vae_decoder"] if pipe.get("vae_decoder") else []):
+        hit = bundle.component(role)
+        assert hit is not None
+        dims = next(iter((hit[1].get("inputs") or {}).values()), {}).get("shape") or []
+        if len(dims) < 4 or not all(isinstance(d, str) for d in dims[-2:]):
+            raise BadInput(f"{bundle.path}: its {hit[0]} has a fixed size ({shape[-2] * f}x{shape[-1] * f}); "
+                           "--height/--width need a bundle whose graphs have dynamic H/W (--target onnx with a UNet)")
+    if h % f or w % f:
+        raise BadInput(f"--height/--width must be multiples of {f} (the VAE's scale factor), got {h}x{w}")
+    cfg_path = bundle.path / str(pipe.get("denoiser") or den[0]) / "config.json"
+    blocks = len((json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}).get("block_out_channels") or [1])
+    down = 2 ** (blocks - 1)  # the UNet halves H/W at every down block but the last
+    if (h // f) % down or (w // f) % down:
+        raise BadInput(f"--height/--width: the latents ({h // f}x{w // f}) must be multiples of {down} for this "
+                       f"UNet's {blocks} resolution levels (the image: multiples of {down * f})")
+    return (*shape[:-2], h // f, w // f)
+
+
 def conditioning(signature: dict[str, Any], n: int, seed: int) -> dict[str, np.ndarray]:
     """Example conditioning as edgediff's PyTorch side draws it for a model without its own
     encoder (InputSignature.conditioning): its own generator seeded with `seed`, encoder states
@@ -142,7 +182,8 @@ def make_scheduler(bundle: Bundle, sampler: str | None, eta: float | None) -> tu
 
 def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | None = None, sampler: str | None = None,
                eta: float | None = None, batch_size: int = 64, threads: int | None = None,
-               cond: dict[str, np.ndarray] | None = None, cache: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+               cond: dict[str, np.ndarray] | None = None, cache: bool = True, height: int | None = None,
+               width: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Sample `samples` images from a bundle; returns (final samples (N, C, H, W) float32, stats)."""
     t_start = time.perf_counter()
     bundle = read_bundle(path)
@@ -161,7 +202,7 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
     n_ts = len(sched.timesteps)
     full_steps = set(cache_full_steps(n_ts, int(cache_cfg["interval"]))) if cache_cfg else set(range(n_ts))
     sig = bundle.signature
-    shape = tuple(int(s) for s in sig["sample_shape"])
+    shape = sample_shape_for(bundle, height, width)
     g = TorchGenerator(seed)
     x = (g.randn((samples, *shape)) * F32(sched.init_noise_sigma)).astype(F32)
     feeds_cond = cond if cond is not None else conditioning(sig, samples, seed)
@@ -220,7 +261,8 @@ def generate_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: i
                     threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
                     cache: bool = True, prompt: str | None = None, negative_prompt: str | None = None,
                     guidance: float | None = None, low_memory: bool = False,
-                    prompt_embeds: Path | str | None = None) -> dict[str, Any]:
+                    prompt_embeds: Path | str | None = None, height: int | None = None,
+                    width: int | None = None) -> dict[str, Any]:
     """Generate from a denoiser bundle; writes `save_npy` (N, C, H, W) float32 and/or a PNG grid `output`.
     (Pipeline bundles with a text encoder or VAE: edgediff.runtime.pipeline.generate_pipeline.)
 
@@ -233,7 +275,7 @@ def generate_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: i
     if prompt is not None or negative_prompt is not None or guidance is not None:
         raise BadInput(f"{path}: this bundle has no text encoder; it takes no --prompt/--negative-prompt/--guidance")
     x, stats = run_bundle(path, samples=samples, seed=seed, steps=steps, sampler=sampler, eta=eta,
-                          batch_size=batch_size, threads=threads, cache=cache)
+                          batch_size=batch_size, threads=threads, cache=cache, height=height, width=width)
     if save_npy is not None:
         np.save(str(save_npy), x)
         stats["save_npy"] = str(save_npy)

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgediff.errors import BadInput
 from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL, Bundle, read_bundle
-from edgediff.runtime.generate import make_scheduler, open_entry, write_grid
+from edgediff.runtime.generate import make_scheduler, open_entry, sample_shape_for, write_grid
 from edgediff.runtime.rng import TorchGenerator
 from edgediff.runtime.tokenizer import BundleTokenizer
 
@@ -186,14 +186,22 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
                  samples: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
                  threads: int | None = None, low_memory: bool = False, decode: bool = True,
-                 prompt_embeds: Path | str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+                 prompt_embeds: Path | str | None = None, height: int | None = None,
+                 width: int | None = None, duplicated_rows: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """(latents (N, C, h, w), images (N, 3, H, W) in [-1, 1] or None, stats).
+
+    `duplicated_rows`: with class-conditional guidance (DiT) the scheduler steps the duplicated
+    [x; x] batch and keeps the first half, as diffusers' DiTPipeline does, so a stochastic sampler
+    draws its noise for 2N rows as there; False steps the N rows as edgediff's PyTorch sampler
+    (the same numbers for deterministic samplers).
 
     `prompt_embeds`: precomputed conditioning for bundles without a text encoder (SD3, PixArt, ...),
     see load_embeds."""
     t_start = time.perf_counter()
     bundle = read_bundle(path)
     pipe = bundle.manifest.get("pipeline") or {}
+    shape = sample_shape_for(bundle, height, width)  # before any session: a wrong size fails at once
     if samples < 1:
         raise BadInput(f"number of samples must be >= 1, got {samples}")
     prompts = [prompt] * samples if isinstance(prompt, str) else list(prompt)
@@ -234,7 +242,6 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     n_steps = int(bundle.manifest["steps"] if steps is None else steps)
     sched, sampler_name = make_scheduler(bundle, sampler, eta)
     sched.set_timesteps(n_steps)
-    shape = tuple(int(s) for s in bundle.signature["sample_shape"])
     g = TorchGenerator(seed)
     x = (g.randn((samples, *shape)) * F32(sched.init_noise_sigma)).astype(F32)
     den = sessions.get(ROLE_FULL)
@@ -275,7 +282,10 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]  # learned-variance models: the second half is the variance
         ts0 = time.perf_counter()
-        x = sched.step(out, t, x, generator=g)
+        if labels is not None and cfg and duplicated_rows:
+            x = sched.step(np.concatenate([out, out]), t, np.concatenate([x, x]), generator=g)[:samples]
+        else:
+            x = sched.step(out, t, x, generator=g)
         sched_ms += (time.perf_counter() - ts0) * 1e3
     sessions.done(ROLE_FULL)
     images = None
@@ -314,12 +324,14 @@ def generate_pipeline(path: Path | str, samples: int = 1, seed: int = 0, steps: 
                       sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
                       threads: int | None = None, save_npy: Path | str | None = None, output: Path | str | None = None,
                       prompt: str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-                      low_memory: bool = False, prompt_embeds: Path | str | None = None, **_: Any) -> dict[str, Any]:
+                      low_memory: bool = False, prompt_embeds: Path | str | None = None, height: int | None = None,
+                      width: int | None = None, **_: Any) -> dict[str, Any]:
     """`edgediff generate BUNDLE --prompt ...`: the PNG holds the decoded images, `save_npy` the final latents
     (model space, as for every bundle). Returns the JSON-able report of run_pipeline."""
     x, images, stats = run_pipeline(path, prompt or "", negative_prompt, samples=samples, seed=seed, steps=steps,
                                     guidance=guidance, sampler=sampler, eta=eta, batch_size=batch_size,
-                                    threads=threads, low_memory=low_memory, prompt_embeds=prompt_embeds)
+                                    threads=threads, low_memory=low_memory, prompt_embeds=prompt_embeds,
+                                    height=height, width=width)
     if save_npy is not None:
         np.save(str(save_npy), x)
         stats["save_npy"] = str(save_npy)
