@@ -182,7 +182,7 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
         c = _c(out[0] * 4, n * es, wbytes(op.get("freqs"), 4), 20 * n, 1)
         return {"fused": c, "unfused": c, "macs": 0}
     # silu, gelu, gelu_tanh, affine, concat, upsample2x, embedding, unpatchify: read the input(s), write the output
-    c = _c(sum(_n(s) for s in ins) * es, n * es, 0, 8 * n, 1)
+    c = _c(sum(_n(s) for s in ins) * es, n * (1 if op.get("store") else es), 0, 8 * n, 1)  # a concat may store int8
     return {"fused": c, "unfused": c, "macs": 0}
 
 

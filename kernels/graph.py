@@ -544,7 +544,9 @@ def build_schedule(model: DiffusionModel, quant: Any = None,
 
 
 # ops that can write their output quantized onto a consumer's grid instead of float
-_QUANT_STORE = ("iconv", "group_norm", "attention_int8")
+_QUANT_STORE = ("iconv", "group_norm", "attention_int8", "concat")
+# of those, the ones that can also store a shortcut-split layer's two grids
+_SPLIT_STORE = ("group_norm", "concat")
 
 
 def _same_grid(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -553,11 +555,12 @@ def _same_grid(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 
 
 def keep_int8_between(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Activations stay int8 between integer layers: every one-grid `quantize` op whose float input
-    has no other reader is folded into that input's producer when the producer can store
-    quantized (an integer conv requantizes in its epilogue, GroupNorm and the integer attention
-    quantize before the store); identical quantize ops of one buffer are merged first. A float
-    tensor is left only where a float op (or a split layer's two grids) reads it. The values
+    """Activations stay int8 between integer layers: every `quantize` op whose float input has no
+    other reader is folded into that input's producer when the producer can store quantized (an
+    integer conv requantizes in its epilogue, GroupNorm, concat and the integer attention
+    quantize before the store; GroupNorm and concat also onto a shortcut-split layer's two
+    grids); identical quantize ops of one buffer are merged first. A float tensor is left only
+    where a float op reads it, or several layers on different grids. The values
     are those of the unfolded schedule: the producer applies the same float32 quantization the
     consumer would, and where the consumer's grid is the producer's own output grid the
     requantized integer is stored as is (DIRECT), which is the same number."""
@@ -585,12 +588,15 @@ def keep_int8_between(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for op in kept:
         src = producer.get(op["in"][0]) if op["op"] == "quantize" else None
-        if src is None or op["split"] != -1 or readers[op["in"][0]] != 1 or src["op"] not in _QUANT_STORE \
-                or src.get("store") is not None or src["out"] == "out":
+        if src is None or readers[op["in"][0]] != 1 or src["op"] not in _QUANT_STORE \
+                or (op["split"] != -1 and src["op"] not in _SPLIT_STORE) or src.get("store") is not None \
+                or src["out"] == "out":
             out.append(op)
             continue
         grid = op["segs"][0]
         src["store"], src["out"] = grid, op["out"]
+        if op["split"] != -1:
+            src["store2"], src["store_split"] = op["segs"][1], op["split"]
         if src["op"] == "iconv":
             p = src["parts"]
             src["direct"] = (len(p) == 1 and not src.get("chan_add") and not src.get("res")
@@ -708,7 +714,7 @@ class Executor:
             return o.reshape(B, C, H, W)
         if kind == "group_norm" and op.get("store"):
             return rt.group_norm_q(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"],
-                                   op["store"])
+                                   op["store"], op.get("store2"), op.get("store_split", -1))
         if kind == "group_norm":
             return rt.group_norm(x, self.dev[op["gamma"]], self.dev[op["beta"]], op["groups"], op["eps"], op["silu"])
         if kind == "silu":
@@ -754,6 +760,8 @@ class Executor:
             return rt.embedding_rows(x, self.dev[op["table"]])
         if kind == "unpatchify":
             return rt.unpatchify(x, op["patch"], op["out_channels"])
+        if kind == "concat" and op.get("store"):
+            return rt.concat_q(x, env[op["in"][1]], op["store"], op.get("store2"), op.get("store_split", -1))
         if kind == "concat":
             return rt.concat(x, env[op["in"][1]])
         if kind == "upsample2x":

@@ -855,18 +855,42 @@ class CLRuntime:
                   np.float32(pv_scale), *oargs, np.int32(1 if direct else 0), *sargs)
         return y
 
+    def _seg_store_args(self, C: int, store: dict[str, Any], store2: dict[str, Any] | None,
+                        split: int) -> tuple[Any, list[Any]]:
+        """(dtype, [split, s1, z1, s2, z2, lo, hi]) of a store onto one grid, or two (channels [0, split) on
+        `store`, the rest on `store2`: a shortcut-split layer's halves, in the same storage type)."""
+        odt, _ = self._store_args(store)
+        g2 = store2 if store2 is not None and split >= 0 else store
+        return odt, [np.int32(C if split < 0 or store2 is None else split), np.float32(store["scale"]),
+                     np.int32(store["zero_point"]), np.float32(g2["scale"]), np.int32(g2["zero_point"]),
+                     np.int32(store["qmin"]), np.int32(store["qmax"])]
+
+    def concat_q(self, a: Any, b: Any, store: dict[str, Any], store2: dict[str, Any] | None = None,
+                 split: int = -1) -> Any:
+        """Channel concat of (B, Ca, ...) and (B, Cb, ...) stored quantized (see _seg_store_args)."""
+        B, ca = a.shape[:2]
+        cb = b.shape[1]
+        hw = int(np.prod(a.shape[2:]))
+        odt, qargs = self._seg_store_args(ca + cb, store, store2, split)
+        y = self.empty((B, ca + cb, *a.shape[2:]), odt)
+        self._run(self.kernel("elementwise", "concat_channels_q", OT=self._qt(odt)), *self._ew(y.size), a, b, y,
+                  np.int32(ca), np.int32(cb), np.int32(hw), np.int32(y.size), *qargs)
+        return y
+
     def group_norm_q(self, x: Any, gamma: Any, beta: Any, groups: int, eps: float, silu: bool,
-                     store: dict[str, Any]) -> Any:
-        """GroupNorm (+SiLU) written quantized onto `store`'s grid (an ActQ dict + dtype): what the integer
-        layers reading it would quantize, without a float tensor in between."""
+                     store: dict[str, Any], store2: dict[str, Any] | None = None, split: int = -1,
+                     S: int | None = None) -> Any:
+        """GroupNorm (+SiLU) written quantized onto `store`'s grid (an ActQ dict + dtype; with `store2`,
+        channels from `split` on on its grid): what the integer layer reading it would quantize, without a
+        float tensor in between. S: work-groups per group (default: the device rule, group_norm_splits)."""
         B, C = x.shape[:2]
         if C % groups:
             raise ValueError(f"group_norm: {C} channels not divisible by {groups} groups")
         hw = int(np.prod(x.shape[2:]))
-        odt, sargs = self._store_args(store)
+        odt, sargs = self._seg_store_args(C, store, store2, split)
         y = self.empty(x.shape, odt)
         n = (C // groups) * hw
-        S = self.group_norm_splits(B * groups, n)
+        S = self.group_norm_splits(B * groups, n) if S is None else int(S)
         ot = self._qt(odt)
         if S > 1:
             part = self.empty((B * groups * S * 3,), np.float32)

@@ -207,6 +207,18 @@ def _lowered_cases(rt: Any) -> Iterator[Case]:
     want3 = torch.from_numpy(gq.quantize(ref.group_norm(x, g, be, 4, 1e-5, True).numpy())).float()
     got = rt.group_norm_q(rt.to_device(x, f32), rt.to_device(g, f32), rt.to_device(be, f32), 4, 1e-5, True, grid_attrs(gq))
     yield "group_norm_q", got, want3, 1.01 / 255  # one step where GroupNorm's float rounding crosses a boundary
+    g2 = ActQ(0.021, 7, 8, False)
+    gn = ref.group_norm(x, g, be, 4, 1e-5, True).numpy()
+    want5 = torch.from_numpy(np.concatenate([gq.quantize(gn[:, :5]), g2.quantize(gn[:, 5:])], 1)).float()
+    for s in (1, 3):  # one work-group per group, and split across work-groups
+        got = rt.group_norm_q(rt.to_device(x, f32), rt.to_device(g, f32), rt.to_device(be, f32), 4, 1e-5, True,
+                              grid_attrs(gq), grid_attrs(g2), 5, S=s)
+        yield f"group_norm_q two grids S={s}", got, want5, 1.01 / 255
+    c1, c2 = _t(2, 3, 5, 7, seed=40, scale=2), _t(2, 4, 5, 7, seed=41)
+    cat = torch.cat([c1, c2], 1).numpy()
+    want6 = torch.from_numpy(np.concatenate([gq.quantize(cat[:, :2]), g2.quantize(cat[:, 2:])], 1)).float()
+    yield ("concat_q two grids", rt.concat_q(rt.to_device(c1, f32), rt.to_device(c2, f32), grid_attrs(gq), grid_attrs(g2), 2),
+           want6, 0.0)
     heads, d, n = 2, 8, 13
     att = LoweredAttention("a", ActQ(0.03, 0, 8, True), ActQ(0.025, 0, 8, True), ActQ(1 / 255, 0, 8, False),
                            ActQ(0.02, 0, 8, True), d ** -0.5, heads, ActQ(0.01, -3, 8, True))

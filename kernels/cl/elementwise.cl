@@ -39,17 +39,40 @@ __kernel void affine(__global const T* a, __global T* y, const int n, const floa
 }
 
 /* channel concat of NCHW tensors: y = cat([a (B,ca,HW), b (B,cb,HW)], dim=1) */
-__kernel void concat_channels(__global const T* a, __global const T* b, __global T* y,
-                              const int ca, const int cb, const int hw, const int n) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
+/* Element i of the channel concat of a (B, ca, hw) and b (B, cb, hw); *c_out: its channel. */
+inline float concat_value(__global const T* a, __global const T* b, const int ca, const int cb, const int hw,
+                          const int i, int* c_out) {
     const int c_all = ca + cb;
     const int bi = i / (c_all * hw);
     const int r = i - bi * c_all * hw;
     const int c = r / hw;
     const int p = r - c * hw;
-    const float v = c < ca ? LD(a, (bi * ca + c) * hw + p) : LD(b, (bi * cb + (c - ca)) * hw + p);
-    ST(y, i, v);
+    *c_out = c;
+    return c < ca ? LD(a, (bi * ca + c) * hw + p) : LD(b, (bi * cb + (c - ca)) * hw + p);
+}
+
+__kernel void concat_channels(__global const T* a, __global const T* b, __global T* y,
+                              const int ca, const int cb, const int hw, const int n) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    int c;
+    ST(y, i, concat_value(a, b, ca, cb, hw, i, &c));
+}
+
+/* The concat of an int8 bundle read only by an integer layer: stored on that layer's grid(s)
+ * (channels below `split` on (s1, z1), the rest on (s2, z2): a shortcut-split layer's halves). */
+#ifndef OT
+#define OT char
+#endif
+__kernel void concat_channels_q(__global const T* a, __global const T* b, __global OT* y,
+                                const int ca, const int cb, const int hw, const int n, const int split,
+                                const float s1, const int z1, const float s2, const int z2, const int lo, const int hi) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    int c;
+    const float v = concat_value(a, b, ca, cb, hw, i, &c);
+    const float s = c < split ? s1 : s2;
+    y[i] = (OT)clamp(rint(v / s) + (float)(c < split ? z1 : z2), (float)lo, (float)hi);
 }
 
 /* nearest-neighbour 2x upsampling of NCHW: (BC, H, W) -> (BC, 2H, 2W) */

@@ -42,13 +42,16 @@ inline OT quantize_f(const float v, const float s, const int zp, const int lo, c
     return (OT)clamp(rint(v / s) + (float)zp, (float)lo, (float)hi);
 }
 
+/* The grid(s) of a quantized store: channels [0, split) on (s1, z1), the rest on (s2, z2). */
+typedef struct { float s1, s2; int z1, z2, split, lo, hi; } qgrid;
+
 /* x[i] normalised with channel c's affine (+SiLU), stored into y or (yq not null) quantized into yq. */
 inline void norm_store(__global const T* x, __global T* y, __global OT* yq, const int i, const int c, const float mean,
                        const float rstd, __global const float* gamma, __global const float* beta, const int apply_silu,
-                       const float qs, const int qz, const int qlo, const int qhi) {
+                       const qgrid q) {
     float v = (LD(x, i) - mean) * rstd * gamma[c] + beta[c];
     if (apply_silu) v = silu_f(v);
-    if (yq) yq[i] = quantize_f(v, qs, qz, qlo, qhi);
+    if (yq) yq[i] = c < q.split ? quantize_f(v, q.s1, q.z1, q.lo, q.hi) : quantize_f(v, q.s2, q.z2, q.lo, q.hi);
     else ST(y, i, v);
 }
 
@@ -56,8 +59,7 @@ inline void norm_store(__global const T* x, __global T* y, __global OT* yq, cons
  * stored as T into y, or (yq not null) quantized onto the grid (qs, qz, qlo, qhi) into yq. */
 void group_norm_wg(__global const T* x, __global const float* gamma, __global const float* beta, __global T* y,
                    __global OT* yq, const int C, const int HW, const int G, const float eps, const int apply_silu,
-                   __local float* lc, __local float* lmean, __local float* lm2, const float qs, const int qz,
-                   const int qlo, const int qhi) {
+                   __local float* lc, __local float* lmean, __local float* lm2, const qgrid q) {
     const int bg = get_group_id(0);
     const int b = bg / G, g = bg - (bg / G) * G;
     const int cpg = C / G;
@@ -68,14 +70,15 @@ void group_norm_wg(__global const T* x, __global const float* gamma, __global co
     const float mu = lmean[0];
     const float rstd = 1.0f / sqrt(lm2[0] / lc[0] + eps);
     for (int i = lid; i < n; i += L) {
-        norm_store(x, y, yq, base + i, g * cpg + i / HW, mu, rstd, gamma, beta, apply_silu, qs, qz, qlo, qhi);
+        norm_store(x, y, yq, base + i, g * cpg + i / HW, mu, rstd, gamma, beta, apply_silu, q);
     }
 }
 
 __kernel void group_norm(__global const T* x, __global const float* gamma, __global const float* beta,
                          __global T* y, const int C, const int HW, const int G, const float eps,
                          const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2) {
-    group_norm_wg(x, gamma, beta, y, 0, C, HW, G, eps, apply_silu, lc, lmean, lm2, 1.0f, 0, 0, 0);
+    const qgrid none = {1.0f, 1.0f, 0, 0, C, 0, 0};
+    group_norm_wg(x, gamma, beta, y, 0, C, HW, G, eps, apply_silu, lc, lmean, lm2, none);
 }
 
 /* The unfused baseline (what a framework does op by op): statistics to a buffer, then a
@@ -166,37 +169,42 @@ __kernel void group_partial_stats(__global const T* x, __global float* part, con
 /* Pass 2 for chunk (bg, s): stored as T into y, or (yq not null) quantized into yq. */
 void group_norm_split_chunk(__global const T* x, __global const float* part, __global const float* gamma,
                             __global const float* beta, __global T* y, __global OT* yq, const int C, const int HW,
-                            const int G, const int S, const float eps, const int apply_silu, const float qs,
-                            const int qz, const int qlo, const int qhi) {
+                            const int G, const int S, const float eps, const int apply_silu, const qgrid q) {
     int start, end, base;
     const int bg = split_chunk(C, HW, G, S, &start, &end, &base);
     const int g = bg % G, cpg = C / G;
     float mean;
     const float rstd = merge_partials(part, bg, S, eps, &mean);
     for (int i = start + get_local_id(0); i < end; i += get_local_size(0)) {
-        norm_store(x, y, yq, base + i, g * cpg + i / HW, mean, rstd, gamma, beta, apply_silu, qs, qz, qlo, qhi);
+        norm_store(x, y, yq, base + i, g * cpg + i / HW, mean, rstd, gamma, beta, apply_silu, q);
     }
 }
 
 __kernel void group_norm_split_apply(__global const T* x, __global const float* part, __global const float* gamma,
                                      __global const float* beta, __global T* y, const int C, const int HW, const int G,
                                      const int S, const float eps, const int apply_silu) {
-    group_norm_split_chunk(x, part, gamma, beta, y, 0, C, HW, G, S, eps, apply_silu, 1.0f, 0, 0, 0);
+    const qgrid none = {1.0f, 1.0f, 0, 0, C, 0, 0};
+    group_norm_split_chunk(x, part, gamma, beta, y, 0, C, HW, G, S, eps, apply_silu, none);
 }
 
 /* GroupNorm (+SiLU) of an int8 bundle whose only readers are integer layers: the same
  * normalisation, stored quantized onto the consumer's input grid, clamp(zp + rint(v / s)), as
- * the consumer would quantize it (OT: char or uchar); no float tensor is written. */
+ * the consumer would quantize it (OT: char or uchar; a split layer's two grids: channels below
+ * `split` on (qs, qz), the rest on (qs2, qz2)); no float tensor is written. */
 __kernel void group_norm_q(__global const T* x, __global const float* gamma, __global const float* beta,
                            __global OT* y, const int C, const int HW, const int G, const float eps,
                            const int apply_silu, __local float* lc, __local float* lmean, __local float* lm2,
-                           const float qs, const int qz, const int qlo, const int qhi) {
-    group_norm_wg(x, gamma, beta, 0, y, C, HW, G, eps, apply_silu, lc, lmean, lm2, qs, qz, qlo, qhi);
+                           const int split, const float qs, const int qz, const float qs2, const int qz2,
+                           const int qlo, const int qhi) {
+    const qgrid q = {qs, qs2, qz, qz2, split, qlo, qhi};
+    group_norm_wg(x, gamma, beta, 0, y, C, HW, G, eps, apply_silu, lc, lmean, lm2, q);
 }
 
 __kernel void group_norm_split_apply_q(__global const T* x, __global const float* part, __global const float* gamma,
                                        __global const float* beta, __global OT* y, const int C, const int HW,
                                        const int G, const int S, const float eps, const int apply_silu,
-                                       const float qs, const int qz, const int qlo, const int qhi) {
-    group_norm_split_chunk(x, part, gamma, beta, 0, y, C, HW, G, S, eps, apply_silu, qs, qz, qlo, qhi);
+                                       const int split, const float qs, const int qz, const float qs2, const int qz2,
+                                       const int qlo, const int qhi) {
+    const qgrid q = {qs, qs2, qz, qz2, split, qlo, qhi};
+    group_norm_split_chunk(x, part, gamma, beta, 0, y, C, HW, G, S, eps, apply_silu, q);
 }
