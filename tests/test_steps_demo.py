@@ -86,11 +86,13 @@ def test_fast_composition_calibrates_on_its_own_schedule(tiny_unet: DiffusionMod
 
     demo = Recipe("edge-like", "", [PassSpec("fuse", {"pack_qkv": False}),
                                     PassSpec("calib", {"method": "qdiff", "n_samples": 2, "interval": 1}),
-                                    PassSpec("quant", {"weight_bits": 8, "act_bits": 8})])
+                                    PassSpec("quant", {"weight_bits": 8, "act_bits": 8, "min_psnr_db": 30.0})])
     composed = job.fast_recipe(demo, load_recipe("fast"))
     names = [p.name for p in composed.passes]
     assert names == ["fuse", "sampling", "cache", "calib", "quant"]
-    out, _ = run_recipe(tiny_unet, composed, cache_dir=tmp_path)
+    assert composed.passes[-1].options["min_psnr_db"] == 0.0 and demo.passes[-1].options["min_psnr_db"] == 30.0
+    out, records = run_recipe(tiny_unet, composed, cache_dir=tmp_path)
+    assert records[-1].name == "quant" and records[-1].metrics["quantized_layers"] > 0
     opts = out.extras["calib"]["options"]
     # calibrated along DPM-Solver++ 10-step cached trajectories, not the model's own DDIM
     assert (opts["sampler"], opts["steps"]) == ("dpmpp-2m", 10) and out.extras["cache"]["interval"] == 2
