@@ -198,6 +198,10 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
             raise BadInput(f"quantization parameters of {name!r}: expected a Conv2d or Linear with a weight quantizer")
         if lq.weight.bits > 8:
             raise BadInput(f"{name}: {lq.weight.bits}-bit weights cannot be written as int8")
+        lq.refuse_split_weight("Core ML")
+        if not lq.weight.symmetric:  # Core ML's int8 weights are symmetric: refuse rather than regrid silently
+            raise BadInput(f"{name}: asymmetric weights (zero points; quant option weight_symmetric = false) have "
+                           "no Core ML int8 export; re-quantize with weight_symmetric = true")
         w = m.weight.detach().float()
         ours = lq.weight.scale.reshape(-1)
         coreml_scale = w.abs().flatten(1).amax(1) / qmax
@@ -216,8 +220,12 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
 
 
 def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
-                  attention: str = "ane", activations: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts)."""
+                  attention: str = "ane", activations: str | None = None,
+                  entry: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts).
+
+    `entry(wrapper, example_inputs) -> (module, example_inputs)` converts another call of the same prepared
+    denoiser (same input names; e.g. Apple's Swift package layout of encoder_hidden_states, exporters/bundle_coreml.py)."""
     check_precision("coreml", precision)
     if palettize is not None and palettize not in PALETTIZE_BITS:
         raise BadInput(f"--palettize {palettize}: Core ML palettizes to {', '.join(map(str, PALETTIZE_BITS))} bits")
@@ -249,6 +257,8 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     names = input_names(model.signature)
     if "class_labels" in ex:
         ex["class_labels"] = ex["class_labels"].to(torch.int32)
+    if entry is not None:
+        wrapper, ex = entry(wrapper, ex)
     args = tuple(ex[n] for n in names[:2])
     kwargs = {n: ex[n] for n in names[2:]}
     t0 = time.perf_counter()
@@ -314,8 +324,11 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
 # placed directly: an iOS 17 `quantize` -> `dequantize` pair (int8) in front of every conv /
 # linear whose weights are a lowered layer's, which is the same graph shape
 # linear_quantize_activations produces and Core ML fuses with the int8 weights on devices that
-# run W8A8. Shortcut-split layers have two input scales on one concatenated input and keep fp16
-# input (reported).
+# run W8A8. A shortcut-split layer has two input scales on one concatenated input: each half
+# gets its own quantize -> dequantize (split, Q/DQ, concat in front of the one conv), which is
+# what the simulation computes; the conv keeps its whole-row weight grid (two convs on the halves
+# would let coremltools re-derive each half's weight scales and move the weights off the
+# artifact's grid), so on device that conv reads fp16 values that lie on the two int8 grids.
 
 
 def _act_quant_pass(low: Any, report: dict[str, Any]) -> Any:
@@ -324,21 +337,30 @@ def _act_quant_pass(low: Any, report: dict[str, Any]) -> Any:
 
     # a layer is recognised by its weights: (O, K) shape, and round(W / s) equal to its int8 weights
     # (the fp16 cast of an on-grid weight keeps the integer: |q| <= 127, fp16 relative error 2^-11)
-    cands: dict[tuple[int, int], list[Any]] = {}
+    # (a split layer: its parts' weights side by side, on one per-channel scale)
+    cands: dict[tuple[int, int], list[tuple[Any, np.ndarray]]] = {}
     for lay in low.layers.values():
-        if lay.split:
-            report["split_layers_fp16_input"].append(lay.name)
+        if lay.split and not all(np.array_equal(p.weight_scale, lay.parts[0].weight_scale) for p in lay.parts):
+            report["split_layers_fp16_input"].append(lay.name)  # split weight scales: no Core ML int8 weights
             continue
-        w = lay.parts[0].weight
-        cands.setdefault((w.shape[0], int(w.size // w.shape[0])), []).append(lay)
+        w = np.concatenate([p.weight for p in lay.parts], axis=1) if lay.split else lay.parts[0].weight
+        cands.setdefault((w.shape[0], int(w.size // w.shape[0])), []).append((lay, w))
 
     def match(val: np.ndarray) -> Any:
         w = np.asarray(val, np.float32).reshape(val.shape[0], -1)
-        for lay in cands.get(w.shape, []):
-            p = lay.parts[0]
-            if np.array_equal(np.rint(w / p.weight_scale[:, None]), p.weight.reshape(w.shape).astype(np.float32)):
+        for lay, q in cands.get(w.shape, []):
+            s = lay.parts[0].weight_scale
+            if np.array_equal(np.rint(w / s[:, None]), q.reshape(w.shape).astype(np.float32)):
                 return lay
         return None
+
+    def qdq(x: Any, a: Any, sdt: Any, op: Any, name: str) -> Any:
+        q = mb.quantize(input=x, scale=sdt(a.scale), zero_point=np.int8(a.zero_point), output_dtype="int8",
+                        before_op=op, name=f"{name}_q")
+        if float(sdt(a.scale)) != a.scale:
+            report["scales_rounded_to_fp16"] += 1
+        return mb.dequantize(input=q, scale=sdt(a.scale), zero_point=np.int8(a.zero_point), before_op=op,
+                             name=f"{name}_dq")
 
     class _InsertActQuant(AbstractGraphPass):
         def apply(self, prog: Any) -> None:
@@ -349,18 +371,21 @@ def _act_quant_pass(low: Any, report: dict[str, Any]) -> Any:
                     lay = match(op.weight.val)
                     if lay is None:
                         continue
-                    a = lay.parts[0].input.as_int8()
                     x = op.x
                     sdt = np.float16 if x.dtype.__name__ == "fp16" else np.float32
                     with fn:
-                        q = mb.quantize(input=x, scale=sdt(a.scale), zero_point=np.int8(a.zero_point),
-                                        output_dtype="int8", before_op=op, name=f"{op.name}_act_q")
-                        dq = mb.dequantize(input=q, scale=sdt(a.scale), zero_point=np.int8(a.zero_point),
-                                           before_op=op, name=f"{op.name}_act_dq")
+                        if lay.split:
+                            c1 = lay.parts[0].channels[1]
+                            halves = mb.split(x=x, split_sizes=[c1, lay.parts[1].channels[1] - c1], axis=1,
+                                              before_op=op, name=f"{op.name}_act_split")
+                            dqs = [qdq(h, p.input.as_int8(), sdt, op, f"{op.name}_act{i}")
+                                   for i, (h, p) in enumerate(zip(halves, lay.parts))]
+                            dq = mb.concat(values=dqs, axis=1, before_op=op, name=f"{op.name}_act_concat")
+                            report["split_layers_qdq_halves"].append(lay.name)
+                        else:
+                            dq = qdq(x, lay.parts[0].input.as_int8(), sdt, op, f"{op.name}_act")
                     fn.replace_uses_of_var_after_op(anchor_op=dq.op, old_var=x, new_var=dq, end_op=op)
                     report["layers"] += 1
-                    if float(sdt(a.scale)) != a.scale:
-                        report["scales_rounded_to_fp16"] += 1
 
     return _InsertActQuant()
 
@@ -370,7 +395,8 @@ def quantize_activations(ml: Any, low: Any) -> tuple[Any, dict[str, Any]]:
     and linears of `ml` (an ML Program, before weight compression); returns (model, report)."""
     from coremltools.models.utils import _apply_graph_pass
 
-    report: dict[str, Any] = {"layers": 0, "split_layers_fp16_input": [], "scales_rounded_to_fp16": 0,
+    report: dict[str, Any] = {"layers": 0, "split_layers_fp16_input": [], "split_layers_qdq_halves": [],
+                              "scales_rounded_to_fp16": 0,
                               "source": "the artifact's calibrated activation scales (no Core ML calibration run)"}
     ml = _apply_graph_pass(ml, [_act_quant_pass(low, report)], spec_version=8, skip_model_load=True)
     report["not_found"] = len(low.layers) - report["layers"] - len(report["split_layers_fp16_input"])

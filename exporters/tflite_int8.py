@@ -13,6 +13,7 @@ from edgediff.exporters.tflite_runtime import require
 from torch import nn
 
 from edgediff.errors import BadInput
+from edgediff.lowering.match import PartMatcher
 from edgediff.quant_params import LayerQuant, QuantParams, TensorQuant
 
 # ------------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class TflQDQLayer(nn.Module):
         wq = lq.weight
         if wq is None:
             raise BadInput(f"quantization parameters of {lq.name!r} have no weight quantizer")
+        lq.refuse_split_weight("the TFLite Q/DQ layout")
         w = inner.weight.detach().float()
         from edgediff.lowering.layers import int8_weight_scale
 
@@ -160,8 +162,23 @@ class _TflActQDQ(_Int8QDQ):
             raise BadInput(f"{what}: zero point {aq.zero_point} outside the int8 range")
 
 
+class _Barrier(nn.Module):
+    """litert-torch's optimization barrier (dropped by the converter once folding is done)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from litert_torch.backend.optimization_barrier import optimization_barrier
+
+        # two operands: the barrier's lowering of a single tensor fails (its result is not a list)
+        return optimization_barrier(x, x)[0]
+
+
 def _no_quant(aq: Any, what: str) -> nn.Module:
-    return nn.Identity()
+    # not an Identity: with no Q/DQ between them the converter folds constants through a twin
+    # (the next layer's bias absorbs its bias; a constant ADD after it, PixArt's scale_shift_table,
+    # goes into its bias), so neither op's bias equals the lowering's and `integerize` leaves
+    # both float, without the artifact's activation quantization. A barrier keeps each twin's
+    # input and output where the lowering has them.
+    return _Barrier()
 
 
 def _tfl_float_twin_cls() -> Any:
@@ -206,29 +223,25 @@ def insert_tflite_int(den: nn.Module, qp: QuantParams) -> tuple[dict[str, int], 
 _INT_VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "QUANTIZE": 2, "DEQUANTIZE": 2}
 
 
-def _weight_keys(low: Any) -> dict[bytes, tuple[str, int, str]]:
-    """float32 weight bytes in each TFLite filter layout -> (layer, part index, op kind)."""
-    keys: dict[bytes, tuple[str, int, str]] = {}
-    for name, lay in low.layers.items():
-        for i, p in enumerate(lay.parts):
-            w = p.float_weight()
-            if lay.kind == "linear":
-                keys[np.ascontiguousarray(w).tobytes()] = (name, i, "FULLY_CONNECTED")
-                continue
-            keys[np.ascontiguousarray(w.transpose(0, 2, 3, 1)).tobytes()] = (name, i, "CONV_2D")  # OHWI
-            if w.shape[1] == 1:  # a conv with one input channel per group may become DEPTHWISE [1, kh, kw, O]
-                keys[np.ascontiguousarray(w.transpose(1, 2, 3, 0)).tobytes()] = (name, i, "DEPTHWISE_CONV_2D")
-    return keys
+# TFLite filter layouts of the lowering's weights: OHWI convs, [1, kh, kw, O] depthwise (one input
+# channel per group), [O, I] fully connected
+_LAYOUTS = {
+    "CONV_2D": ("conv", lambda w: w.transpose(0, 2, 3, 1), 0, lambda w: True),
+    "DEPTHWISE_CONV_2D": ("conv", lambda w: w.transpose(1, 2, 3, 0), 3, lambda w: w.shape[1] == 1),
+    "FULLY_CONNECTED": ("linear", lambda w: w, 0, lambda w: True),
+}
 
 
 def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
     """Rewrite the lowered layers' float CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED ops of a
     .tflite into int8-in, int8-weight, int32-bias, int8-out ops (see the section comment).
 
-    An op is recognised by its float32 filter, which equals the lowering's dequantized weights
-    bit for bit. A part with a float output (the model's last layer) keeps a float kernel behind
-    QUANTIZE -> DEQUANTIZE of its input (TFLite has no int8-in/float-out conv). Returns the new
-    bytes and a report (ops rewritten, float-output layers, layers not found).
+    An op is recognised by its float32 filter and bias, which are the lowering's dequantized
+    integers (edgediff.lowering.match: within a hundredth of a step, ties between identical
+    layers settled by the converter's tensor names and order). A part with a float output (the
+    model's last layer) keeps a float kernel behind QUANTIZE -> DEQUANTIZE of its input (TFLite
+    has no int8-in/float-out conv). Returns the new bytes and a report (ops rewritten,
+    float-output layers, layers not found).
     """
     schema = require("ai_edge_litert.schema_py_generated")
     import flatbuffers
@@ -241,7 +254,7 @@ def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
     sg = m.subgraphs[0]
     names = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
     code_name = [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?") for c in m.operatorCodes]
-    keys = _weight_keys(low)
+    matcher = PartMatcher(low, _LAYOUTS)
 
     def opcode(name: str) -> int:
         want = getattr(BO, name)
@@ -336,21 +349,18 @@ def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
             ops.append(op)
             continue
         w = const(int(op.inputs[1]))
-        hit = keys.get(w.tobytes()) if w is not None else None
-        if hit is None or hit[2] != kind:
+        bias_i = int(op.inputs[2]) if len(op.inputs) > 2 else -1
+        yt = sg.tensors[int(op.outputs[0])]
+        # an op whose bias the converter changed (folded something in) matches nothing: it stays float
+        hit = None if w is None else matcher.match(
+            kind, w.reshape([int(d) for d in sg.tensors[int(op.inputs[1])].shape]),
+            const(bias_i) if bias_i >= 0 else None, yt.name.decode() if isinstance(yt.name, bytes) else str(yt.name))
+        if hit is None:
             ops.append(op)
             continue
-        name, i, _ = hit
+        name, i = hit
         part = low.layers[name].parts[i]
         x, y = int(op.inputs[0]), int(op.outputs[0])
-        bias_i = int(op.inputs[2]) if len(op.inputs) > 2 else -1
-        fb = part.float_bias()
-        have = const(bias_i) if bias_i >= 0 else None
-        if fb is None and have is not None and not np.any(have):
-            have = None  # the converter gives bias-free convs a shared zero bias
-        if (fb is None) != (have is None) or (fb is not None and not np.array_equal(have, fb.reshape(-1))):
-            ops.append(op)  # the converter changed the bias (folded something in): leave it float
-            continue
         found.add((name, i))
         op.inputs = [int(v) for v in op.inputs]
         if part.output is None:

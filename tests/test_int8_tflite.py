@@ -6,8 +6,10 @@ with output quantization and shortcut splitting, exported int8.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -49,7 +51,16 @@ def full_int(tmp_path_factory: pytest.TempPathFactory) -> tuple[DiffusionModel, 
     tmp = tmp_path_factory.mktemp("tflint")
     model = _quantized_tiny(tmp)
     out = tmp / "q.tflite"
-    rep = get_backend("tflite").export(model, out, "int8")
+    from edgediff.exporters import tflite_convert
+
+    real = tflite_convert.integerize
+
+    def keep(data: bytes, low):  # the converted float twins, before integerize, for the matching tests
+        (tmp / "float_twins.tflite").write_bytes(data)
+        return real(data, low)
+
+    with mock.patch.object(tflite_convert, "integerize", keep):
+        rep = get_backend("tflite").export(model, out, "int8")
     return model, out, rep
 
 
@@ -190,7 +201,7 @@ def test_full_integer_needs_8_bit_outputs(full_int) -> None:
 
 def test_coreml_w8a8_places_the_artifacts_activation_scales(full_int, tmp_path: Path) -> None:
     """Core ML int8 of an 8-bit-activation artifact: int8 quantize/dequantize with the artifact's
-    input scales before every lowered conv/linear (split layers excepted); prediction stays
+    input scales before every lowered conv/linear (a split layer: one pair per half); prediction stays
     macOS-only (verify: verified false, exit 3)."""
     import platform
 
@@ -204,9 +215,20 @@ def test_coreml_w8a8_places_the_artifacts_activation_scales(full_int, tmp_path: 
     rep = get_backend("coreml").export(model, out, "int8")
     act = rep["int8"]["activations"]
     split = sorted(n for n, lay in low.layers.items() if lay.split)
-    assert rep["int8"]["activation_dtype"] == "int8" and act["split_layers_fp16_input"] == split
-    assert act["layers"] == len(low.layers) - len(split) and act["not_found"] == 0
+    assert split and rep["int8"]["activation_dtype"] == "int8" and act["split_layers_fp16_input"] == []
+    assert sorted(act["split_layers_qdq_halves"]) == split
+    assert act["layers"] == len(low.layers) and act["not_found"] == 0
     assert coreml.activation_quant_ops(out) > 0 and rep["ops"]["quantize"] == rep["ops"]["dequantize"]
+    # a split layer's conv reads the concatenation of its two halves, each dequantized from int8
+    ops = coreml._mil_ops(coreml._load_spec(out))
+    prod = {o.name: op for op in ops for o in op.outputs}
+
+    def srcs(op, key):
+        return [prod.get(b.name) for b in op.inputs[key].arguments] if key in op.inputs else []
+
+    halves = [op for op in ops if op.type == "concat" and len(srcs(op, "values")) == 2
+              and all(p is not None and p.type == "dequantize" for p in srcs(op, "values"))]
+    assert sum(1 for op in ops if op.type == "conv" and srcs(op, "x") and srcs(op, "x")[0] in halves) == len(split)
     assert rep["weight_dtypes"].get("constexpr_affine_dequantize", 0) > 0  # int8 weights
     with pytest.raises(BadInput, match="activations=int8 needs --precision int8"):
         get_backend("coreml").export(model, tmp_path / "w.mlpackage", "fp16", activations="int8")
@@ -214,3 +236,92 @@ def test_coreml_w8a8_places_the_artifacts_activation_scales(full_int, tmp_path: 
         res = verify.verify(model, out, steps=2, samples=2)
         assert res["verified"] is False and res["exit_code"] == 3 and "macOS" in res["reason"]
         assert res["check"]["ok"]
+
+
+def _part_of(low, w_int8: np.ndarray, kind: str):
+    for lay in low.layers.values():
+        for i, p in enumerate(lay.parts):
+            if (lay.kind == "linear") != (kind == "FULLY_CONNECTED"):
+                continue
+            q = p.weight.transpose(0, 2, 3, 1) if kind == "CONV_2D" else (
+                p.weight.transpose(1, 2, 3, 0) if kind == "DEPTHWISE_CONV_2D" else p.weight)
+            if q.shape == w_int8.shape and np.array_equal(q, w_int8):
+                yield lay.name, i
+
+
+def test_integerize_matches_weights_a_converter_rounded(full_int) -> None:
+    """Float filters that are the lowering's within a fraction of a step (a converter that
+    rounds differently) still match, and the integers written back are exactly the lowering's."""
+    import ai_edge_litert.schema_py_generated as schema
+    import flatbuffers
+
+    model, out, _ = full_int
+    _, low = lower_model(model)
+    data = (out.parent / "float_twins.tflite").read_bytes()
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    sg = m.subgraphs[0]
+    kinds = {i: max(c.builtinCode, c.deprecatedBuiltinCode) for i, c in enumerate(m.operatorCodes)}
+    BO = schema.BuiltinOperator
+    nudged = 0
+    for op in sg.operators:
+        if kinds[op.opcodeIndex] not in (BO.CONV_2D, BO.DEPTHWISE_CONV_2D, BO.FULLY_CONNECTED):
+            continue
+        buf = m.buffers[sg.tensors[op.inputs[1]].buffer]
+        w = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.float32)
+        buf.data = np.frombuffer(np.nextafter(w, np.float32(np.inf)).astype(np.float32).tobytes(), np.uint8).copy()
+        nudged += 1
+    b = flatbuffers.Builder(len(data) + (1 << 20))
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    nudged_data = bytes(b.Output())
+    assert nudged_data != data and nudged >= 10
+    new, rep = tflite.integerize(nudged_data, low)
+    assert rep["not_found"] == [], rep["not_found"]
+    assert sum(rep["integer_ops"].values()) == sum(len(lay.parts) for lay in low.layers.values()) - 1  # not conv_out
+    # byte matching would have found nothing here; the rewritten file carries the lowering's integers
+    m2 = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(new, 0))
+    names = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
+    sg2, checked = m2.subgraphs[0], 0
+    for op in sg2.operators:
+        t = sg2.tensors[op.inputs[1]] if len(op.inputs) > 1 else None
+        if t is None or t.type != schema.TensorType.INT8 or t.buffer >= len(m2.buffers) or m2.buffers[t.buffer].data is None:
+            continue
+        c = m2.operatorCodes[op.opcodeIndex]
+        kind = names[max(c.builtinCode, c.deprecatedBuiltinCode)]
+        w = np.frombuffer(np.asarray(m2.buffers[t.buffer].data, np.uint8).tobytes(), np.int8).reshape(list(t.shape))
+        if kind in _LAYOUT_KINDS:
+            assert list(_part_of(low, w, kind)), kind
+            checked += 1
+    assert checked == sum(rep["integer_ops"].values())
+
+
+_LAYOUT_KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def test_matcher_tells_identical_layers_apart(full_int) -> None:
+    """Two layers with identical weights and biases but their own activation scales: each op gets
+    its own part (by the converter's tensor name, then by order), never one part twice."""
+    from edgediff.exporters.tflite_int8 import _LAYOUTS
+
+    from edgediff.lowering.match import PartMatcher
+
+    model, _, _ = full_int
+    _, low = lower_model(model)
+    low = copy.deepcopy(low)
+    a_name, b_name = "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2"
+    a, b = low.layers[a_name].parts[0], low.layers[b_name].parts[0]
+    assert a.weight.shape == b.weight.shape and a.input.scale != b.input.scale
+    b.weight, b.weight_scale, b.bias = a.weight.copy(), a.weight_scale.copy(), a.bias.copy()
+    b.input = a.input  # same accumulator scale, so the float bias is identical too
+    w = a.float_weight().transpose(0, 2, 3, 1)
+    bias = a.float_bias()
+    path = "x._Signature/d.UNet2DModel_inner/d.DownBlock2D_0/d.ResnetBlock2D_0/e._TflFloatTwin_{};2"
+    m = PartMatcher(low, _LAYOUTS)
+    assert m.match("CONV_2D", w, bias, path.format("conv2")) == (b_name, 0)
+    assert m.match("CONV_2D", w, bias, path.format("conv1")) == (a_name, 0)
+    assert m.match("CONV_2D", w, bias, path.format("conv1")) is None  # both taken
+    m = PartMatcher(low, _LAYOUTS)  # no names: definition order, each part once
+    assert [m.match("CONV_2D", w, bias), m.match("CONV_2D", w, bias)] == [(a_name, 0), (b_name, 0)]
+    # a bias the converter changed, or weights off the grid, match nothing
+    m = PartMatcher(low, _LAYOUTS)
+    assert m.match("CONV_2D", w, bias + np.float32(a.acc_scale) * 0.5) is None
+    assert m.match("CONV_2D", w + 0.3 * a.weight_scale.reshape(-1, 1, 1, 1), bias) is None
