@@ -235,16 +235,17 @@ def _encode_prompt(model: DiffusionModel, prompt: str, negative: str | None,
                    n: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(pipeline, conditional, unconditional) encoder states of the prompt for n samples."""
     from edgediff.pipelines.components import pipeline_of
-    from edgediff.pipelines.encode import guided_conditioning
+    from edgediff.pipelines.encode import encode_conditioning
 
     where = model.provenance.get("source", model.arch)
     pipe = pipeline_of(model)
     if pipe is None:
         raise BadInput(f"{where}: --prompt needs a diffusers pipeline folder (model_index.json with its text encoder "
                        "and tokenizer); for a bare denoiser encode the prompt yourself and pass --prompt-embeds FILE")
-    if model.signature.extra:
-        raise BadInput(f"{where}: --prompt encodes encoder_hidden_states only; {model.arch} also takes "
-                       f"{', '.join(s.name for s in model.signature.extra)}: pass them with --prompt-embeds FILE")
-    with torch.no_grad():
-        c, u = guided_conditioning(pipe, [prompt] * n, [negative if negative is not None else ""] * n)
-    return pipe, {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
+    with torch.no_grad():  # every input the pipeline's encode_prompt gives (SDXL: text_embeds, time_ids too)
+        c, u = encode_conditioning(pipe, [prompt] * n, [negative] * n if negative is not None else None)
+    missing = [s.name for s in model.signature.extra if s.name not in c]
+    if missing:
+        raise BadInput(f"{where}: --prompt encodes {', '.join(c)}; {model.arch} also takes "
+                       f"{', '.join(missing)}: pass them with --prompt-embeds FILE")
+    return pipe, c, u

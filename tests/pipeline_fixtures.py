@@ -153,3 +153,40 @@ def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]
     rc = main([*args, "--json"])
     out = capsys.readouterr().out
     return rc, (json.loads(out) if out.strip() else {})
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """An SDXL-style StableDiffusionXLPipeline: CLIPTextModel + CLIPTextModelWithProjection (32 wide each, the
+    denoiser's cross-attention 64 = their concatenation), two tokenizers on the test's CLIP vocabulary,
+    UNet2DConditionModel with text_time added conditioning (pooled 32 + 6 time ids x 8), the tiny VAE, Euler."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder.parent / f"{folder.name}-vocab"
+    vocab = write_clip_tokenizer(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=SEQ, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    te = CLIPTextModel(CLIPTextConfig(**cfg))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg, projection_dim=32))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                cross_attention_dim=64, attention_head_dim=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, scaling_factor=0.13025)
+    sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                 timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
+                              scheduler=sch).save_pretrained(str(folder))
+    return folder

@@ -52,3 +52,29 @@ def test_sd3_bundle_from_prompt_embeds_without_torch(tmp_path: Path, capsys: pyt
     np.savez(tmp_path / "bad.npz", encoder_hidden_states=np.zeros((3, 8, 24), np.float32))
     assert main(["generate", str(tmp_path / "b"), "--prompt-embeds", str(tmp_path / "bad.npz"),
                  "--save-npy", str(tmp_path / "x.npy")]) == 2
+
+
+def test_verify_an_embeddings_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle without text encoders verifies with the same precomputed embeddings on both sides; a changed
+    transformer is exit 4."""
+    from edgediff.cli import main
+
+    folder = build_tiny_sd3(tmp_path / "sd3")
+    assert main(["export", str(folder), "--cond-shape", "8,24", "--target", "onnx", "-o", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    args = ["--threads", "1", "verify", str(folder), str(tmp_path / "b"), "--cond-shape", "8,24", "--samples", "2",
+            "--steps", "3", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["verified"] and res["conditioning"].startswith("prompt embeddings") and res["psnr_images_db"] > 80
+    assert set(res["components"]) == {"transformer", "vae_decoder", "vae_encoder"} and res["denoiser_calls"] == 6
+    from diffusers import SD3Transformer2DModel
+
+    tr = SD3Transformer2DModel.from_pretrained(str(folder / "transformer"))
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tr.save_pretrained(str(folder / "transformer"))
+    assert main(args) == 4
+    res = json.loads(capsys.readouterr().out)
+    assert res["exit_code"] == 4 and res["components"]["transformer"]["max_abs_err"] > 1e-3

@@ -107,6 +107,17 @@ def cond_shape_of(folder: Path, rec: dict[str, Any]) -> tuple[int, int] | None:
     return seq, hidden
 
 
+def text_widths(folder: Path, rec: dict[str, Any]) -> list[int]:
+    """Hidden sizes of the CLIP-style text encoders, in name order (text_encoder, text_encoder_2, ...)."""
+    out = []
+    for name in sorted(n for n, c in rec["components"].items() if c["kind"] == "text_encoder"):
+        p = folder / name / "config.json"
+        h = read_json(p).get("hidden_size") if p.is_file() else None
+        if isinstance(h, int):
+            out.append(h)
+    return out
+
+
 def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], cond_override: bool = False
            ) -> DiffusionModel:
     """Mark a denoiser loaded from a pipeline folder as that pipeline's; its conditioning shape
@@ -118,7 +129,11 @@ def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], c
     model.provenance["pipeline"] = rec["path"]
     cs = cond_shape_of(folder, rec)
     if cs is not None and not cond_override and model.signature.cond_shape is not None:
-        if model.signature.cond_shape[-1] != cs[1]:
+        width = model.signature.cond_shape[-1]
+        widths = text_widths(folder, rec)
+        if width != cs[1] and len(widths) > 1 and width == sum(widths):
+            cs = (cs[0], width)  # SDXL: the encoders' hidden states side by side (encode.encode_conditioning)
+        if width != cs[1]:
             raise BadInput(f"{folder}: text_encoder hidden size {cs[1]} does not match the denoiser's "
                            f"conditioning width {model.signature.cond_shape[-1]}")
         model.signature = replace(model.signature, cond_shape=tuple(cs))

@@ -17,27 +17,32 @@ import torch
 
 from edgediff.model import DiffusionModel
 from edgediff.pipelines.components import pipeline_of
-from edgediff.pipelines.encode import GuidedDenoiser, guided_conditioning
+from edgediff.pipelines.encode import GuidedDenoiser, encode_conditioning
 from edgediff.pipelines.prompts import prompts_for
 
 
 @dataclass
 class PromptConditioning:
     prompts: list[str]
-    cond: torch.Tensor  # (n, seq, hidden): the prompts' encoder states
-    uncond: torch.Tensor  # (n, seq, hidden): the empty prompt's
+    cond: Any  # (n, seq, hidden): the prompts' encoder states (a dict by input name for SDXL)
+    uncond: Any  # (n, seq, hidden): the empty prompt's
     scale: float | None  # guidance scale; None: no classifier-free guidance
 
     def wrap(self, denoiser: Any) -> Any:
         """The sampler's denoiser with guidance (unchanged without it)."""
         return GuidedDenoiser(denoiser, self.uncond, self.cond, self.scale) if self.scale else denoiser
 
-    def both(self, xs: torch.Tensor, ts: torch.Tensor, cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def both(self, xs: torch.Tensor, ts: torch.Tensor, cs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Calibration points as the guided calls see them: each (x, t) with its prompt and with the empty prompt."""
+        from edgediff.model import cond_cat
+
         if not self.scale:
             return xs, ts, cs
-        u = self.uncond[:1].expand(len(cs), *self.uncond.shape[1:])
-        return torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([cs, u])
+        if isinstance(self.uncond, dict):  # named inputs (SDXL)
+            u: Any = {k: v[:1].expand(len(xs), *v.shape[1:]) for k, v in self.uncond.items()}
+        else:
+            u = self.uncond[:1].expand(len(cs), *self.uncond.shape[1:])
+        return torch.cat([xs, xs]), torch.cat([ts, ts]), cond_cat([cs, u])
 
     def record(self) -> dict[str, Any]:
         return {"source": "prompts", "prompts": len(set(self.prompts)), "guidance": self.scale}
@@ -50,9 +55,18 @@ def prompt_conditioning(model: DiffusionModel, n: int, seed: int = 0) -> PromptC
         return None
     user = (model.extras.get("pipeline") or {}).get("prompts")
     base = prompts_for(n + seed, user)[seed:]  # `seed` shifts which prompts a run starts from
-    c, u = guided_conditioning(pipe, base)
+    c, u = encode_conditioning(pipe, base)  # by input name (SDXL: text_embeds, time_ids too)
+    if set(c) == {"encoder_hidden_states"}:
+        c, u = c["encoder_hidden_states"], u["encoder_hidden_states"]
     g = pipe.default_guidance
     return PromptConditioning(base, c, u, float(g) if g and g > 1.0 else None)
+
+
+def takes_prompts(model: DiffusionModel) -> bool:
+    """Whether the model is a text pipeline's denoiser (its conditioning comes from prompts), without loading anything."""
+    comps = (model.extras.get("pipeline") or {}).get("components") or {}
+    return any(c.get("kind") == "text_encoder" for c in comps.values()) and any(
+        c.get("kind") == "tokenizer" for c in comps.values())
 
 
 def prompts_key(model: DiffusionModel) -> str:

@@ -45,6 +45,53 @@ def guided_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
     return both[: len(prompts)], both[len(prompts):]
 
 
+@torch.no_grad()
+def _clip(pipe: Pipeline, name: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states, pooled output) of one CLIP text encoder, as diffusers' SDXL/SD3 pipelines take
+    them (padded to the tokenizer's model_max_length; CLIPTextModelWithProjection's pooled is text_embeds)."""
+    tok = pipe.load("tokenizer" + name[len("text_encoder"):])
+    ids = tok(list(prompts), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
+              return_tensors="pt").input_ids
+    out = pipe.load(name)(ids, output_hidden_states=True)
+    return out.hidden_states[-2].float(), out[0].float()
+
+
+def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(conditional, unconditional) denoiser inputs by name for prompts, as the pipeline's own encode_prompt.
+
+    One text encoder: encoder_hidden_states (guided_conditioning). SDXL (a denoiser taking text_embeds and
+    time_ids): every CLIP's penultimate hidden states side by side, the last encoder's pooled projection as
+    text_embeds, time_ids (H, W, 0, 0, H, W) at the pipeline's image size; the unconditional branch zeros when no
+    negative prompt is given and the pipeline forces zeros for empty prompts (diffusers' default), else encoded."""
+    names = {s.name for s in pipe.denoiser.signature.extra}
+    if not {"text_embeds", "time_ids"} <= names:
+        c, u = guided_conditioning(pipe, prompts, negative)
+        return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
+    encoders = pipe.names("text_encoder")
+
+    def enc(texts: list[str]) -> dict[str, torch.Tensor]:
+        outs = [_clip(pipe, name, texts) for name in encoders]
+        return {"encoder_hidden_states": torch.cat([h for h, _ in outs], -1), "text_embeds": outs[-1][1]}
+
+    cond = enc(list(prompts))
+    from edgediff.files import read_json
+
+    zeros = negative is None and read_json(pipe.path / "model_index.json").get("force_zeros_for_empty_prompt", True)
+    if zeros:
+        uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    else:
+        neg = negative if negative is not None else [""] * len(prompts)
+        if len(neg) != len(prompts):
+            raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+        uncond = enc(list(neg))
+    c, h, w = (int(v) for v in pipe.denoiser.signature.sample_shape[-3:])
+    f = pipe.vae_scale_factor() if pipe.has("vae") else 8
+    ids = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=torch.float32).expand(len(prompts), 6).clone()
+    cond["time_ids"], uncond["time_ids"] = ids, ids.clone()
+    return cond, uncond
+
+
 class GuidedDenoiser:
     """Classifier-free guidance around a sampler Denoiser: one batch [uncond; cond], then
     out = u + g (c - u), as diffusers pipelines step. `cond` passed by the sampler is the
@@ -55,9 +102,16 @@ class GuidedDenoiser:
         self.rows = 0  # where the next call's rows start (the sampler walks the batch in order)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        c = cond if isinstance(cond, torch.Tensor) else self.cond[: x.shape[0]]
-        u = _match_rows(self.uncond, self.cond, c)
-        out = self.inner(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c]))
+        from edgediff.model import cond_cat, cond_take
+
+        c = cond if isinstance(cond, (torch.Tensor, dict)) else cond_take(self.cond, slice(0, x.shape[0]))
+        if isinstance(c, dict):  # named inputs (SDXL): rows matched on the encoder states
+            assert isinstance(self.uncond, dict) and isinstance(self.cond, dict)
+            u = {k: _match_rows(self.uncond[k], self.cond["encoder_hidden_states"], c["encoder_hidden_states"],
+                                self.uncond["encoder_hidden_states"]) for k in c}
+        else:
+            u = _match_rows(self.uncond, self.cond, c)
+        out = self.inner(torch.cat([x, x]), torch.cat([t, t]), cond_cat([u, c]))
         ou, oc = out.chunk(2)
         return ou + self.scale * (oc - ou)
 
@@ -79,9 +133,12 @@ class ClassGuidedDenoiser:
         return res
 
 
-def _match_rows(uncond: torch.Tensor, cond_all: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _match_rows(uncond: torch.Tensor, cond_all: torch.Tensor, c: torch.Tensor,
+                key: torch.Tensor | None = None) -> torch.Tensor:
     # the unconditional states are identical per row for one negative prompt; otherwise find the rows
-    if uncond.shape[0] == 1 or bool((uncond == uncond[:1]).all()):
+    # (`key`: the unconditional tensor whose sameness decides, when `uncond` is another input of the same rows)
+    same = key if key is not None else uncond
+    if same.shape[0] == 1 or bool((same == same[:1]).all()):
         return uncond[:1].expand(c.shape[0], *uncond.shape[1:])
     for i in range(cond_all.shape[0] - c.shape[0] + 1):
         if torch.equal(cond_all[i:i + c.shape[0]], c):

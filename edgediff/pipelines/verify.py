@@ -88,6 +88,8 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
     x = torch.randn(n, *sig.sample_shape, generator=g)
     ehs = states[:n] if states is not None and states.shape[0] >= n else (
         torch.randn(n, *sig.cond_shape, generator=g) if sig.cond_shape else None)
+    named = {k: v for k, v in sig.example_inputs(batch=n, seed=seed + 13).items()
+             if k not in ("sample", "timestep", "encoder_hidden_states", "class_labels")}  # SD3's pooled_projections ...
     den = open_entry(bundle, ROLE_FULL, threads)
     errs = []
     for t in (999, 500, 50):
@@ -97,6 +99,7 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
             inp["encoder_hidden_states"] = ehs
         if sig.num_classes:
             inp["class_labels"] = torch.arange(n) % int(sig.num_classes)
+        inp.update(named)
         want = mod(**inp).numpy()
         got = den.run([OUTPUT_NAME], {k: v.numpy() for k, v in inp.items()})[0]
         errs.append(_row(got, want))
@@ -116,6 +119,31 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
         got = open_entry(bundle, "vae_encoder", threads).run(["latent_parameters"], {"sample": img.numpy()})[0]
         out["vae_encoder"] = _row(got, want)
     return out
+
+
+def _takes_embeds(bundle: Any, model: DiffusionModel) -> bool:
+    man = bundle.manifest.get("pipeline") or {}
+    return not man.get("text_encoder") and not man.get("num_classes") and bool(
+        model.signature.cond_shape or model.signature.extra)
+
+
+def embeddings_file(model: DiffusionModel, n: int, seed: int, path: Path) -> Path:
+    """An .npz of n rows of the denoiser's conditioning inputs by name (the signature's seeded generator): what
+    verify feeds a bundle without a text encoder and the PyTorch pipeline alike."""
+    cond = model.signature.conditioning(n, seed + 1)
+    values = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+    np.savez(path, **{k: v.detach().cpu().numpy() for k, v in values.items() if isinstance(v, torch.Tensor)})
+    return path
+
+
+def embeds_latents(model: DiffusionModel, embeds: Path, n: int, seed: int, sampler: str, steps: int,
+                   guidance: float, tmp: Path) -> torch.Tensor:
+    """Final latents of the PyTorch side from precomputed embeddings, as `edgediff generate --prompt-embeds`."""
+    from edgediff.generate import generate
+
+    generate(model, samples=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, prompt_embeds=embeds,
+             save_npy=tmp / "want.npy")
+    return torch.from_numpy(np.load(tmp / "want.npy"))
 
 
 def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[str, dict[str, float]],
@@ -160,9 +188,23 @@ def verify_pipeline_bundle(reference: DiffusionModel, bundle_dir: Path, toleranc
     for k, row in comps.items():  # each part is held to its own precision's tolerance (below)
         row["precision"] = b.manifest["components"][k].get("precision")
     result["components"] = comps
-    want_x, want_img = reference_images(pipe, ref_model, texts, seed, use_sampler, n_steps, guidance, progress=progress)
-    got_x, got_img, stats = run_pipeline(bundle_dir, texts, samples=samples, seed=seed, steps=n_steps,
-                                         guidance=guidance, sampler=use_sampler)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-verify-") as td:
+        embeds = None
+        if _takes_embeds(b, reference):  # no text encoder in the bundle: the same embeddings on both sides
+            embeds = embeddings_file(reference, samples, seed, Path(td) / "embeds.npz")
+            result.update({"prompts": None, "conditioning": "prompt embeddings (the signature's seeded generator; "
+                                                            "negatives zeros, as generate --prompt-embeds)"})
+            want_x = embeds_latents(ref_model, embeds, samples, seed, use_sampler, n_steps, guidance, Path(td))
+            want_img = decode_latents(pipe, want_x) if pipe.has("vae") else None
+        else:
+            want_x, want_img = reference_images(pipe, ref_model, texts, seed, use_sampler, n_steps, guidance,
+                                                progress=progress)
+        # the N rows stepped as edgediff's sampler steps them (DiT: DiTPipeline's 2N only changes stochastic noise)
+        got_x, got_img, stats = run_pipeline(bundle_dir, "" if embeds else texts, samples=samples, seed=seed,
+                                             steps=n_steps, guidance=guidance, sampler=use_sampler,
+                                             duplicated_rows=False, prompt_embeds=embeds)
     p_lat = psnr(torch.from_numpy(got_x), want_x, data_range=float(want_x.max() - want_x.min()) or 1.0)
     p_img = psnr(torch.from_numpy(got_img), want_img) if got_img is not None and want_img is not None else None
     p = p_img if p_img is not None else p_lat

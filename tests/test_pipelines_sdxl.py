@@ -1,0 +1,55 @@
+"""An SDXL pipeline (CLIPTextModel + CLIPTextModelWithProjection): prompts encoded as diffusers' encode_prompt
+(penultimate hidden states side by side, pooled text_embeds, time_ids), generate --prompt equal to
+StableDiffusionXLPipeline, and calibration on those prompts with guidance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import build_tiny_sdxl
+
+from edgediff.loaders import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl")
+
+
+def test_sdxl_generate_from_a_prompt_equals_diffusers(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from edgediff.generate import generate
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.set_progress_bar_config(disable=True)
+    m = load_model(tiny_sdxl)
+    assert m.signature.cond_shape == (16, 64)  # both encoders' widths side by side
+    for neg in (None, "the dog"):  # None: the pipeline's forced zeros; else the encoded negative prompt
+        want = pipe("a red cat", negative_prompt=neg, num_inference_steps=4, guidance_scale=5.0, num_images_per_prompt=2,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images.numpy()
+        rep = generate(m, samples=2, seed=3, steps=4, guidance=5.0, prompt="a red cat", negative_prompt=neg,
+                       save_npy=tmp_path / "x.npy")
+        assert rep["classifier_free_guidance"] and rep["denoiser_calls"] == 8
+        np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, atol=1e-4, rtol=0)
+
+
+def test_sdxl_calibrates_on_encoded_prompts_with_guidance(tiny_sdxl: Path) -> None:
+    from edgediff.passes.calib import CalibOptions, generate
+    from edgediff.pipelines import PROMPTS, pipeline_of
+    from edgediff.pipelines.encode import encode_conditioning
+
+    m = load_model(tiny_sdxl)
+    pipe = pipeline_of(m)
+    assert pipe is not None
+    data = generate(m, CalibOptions(method="ptq4dm", n_samples=2, steps=3, count=6))
+    c, u = encode_conditioning(pipe, list(PROMPTS[:2]))
+    for k in ("encoder_hidden_states", "text_embeds", "time_ids"):
+        torch.testing.assert_close(data[f"traj_cond.{k}"], c[k])
+    assert data["x"].shape[0] == 12 and bool((data["cond.time_ids"] == torch.tensor([16.0, 16, 0, 0, 16, 16])).all())
+    # half the points carry the unconditional branch: diffusers' zeros for an empty negative prompt
+    zero_rows = int((data["cond.text_embeds"].abs().sum(1) == 0).sum())
+    assert zero_rows == 6 and bool((u["text_embeds"] == 0).all())
