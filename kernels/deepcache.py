@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edgediff.kernels.export import OpenCLDenoiser
 from edgediff.kernels.graph import Executor
 
 from edgediff.deepcache import CacheSteps, check_depth, find_unet
@@ -99,15 +98,16 @@ class _FeatureExecutor(Executor):
         return got
 
 
-class CachedOpenCLDenoiser(OpenCLDenoiser):
+class CachedOpenCLDenoiser:
     """An OpenCL bundle with a DeepCache schedule, called like TorchDenoiser: full or shallow per step.
 
-    `cache.calls` counts full/shallow calls of the last run (the sampler's stats read it).
+    Wraps the bundle's OpenCLDenoiser `base` (its runtime and device weights; kernels/export.py
+    builds it, so this module does not import that one). `cache.calls` counts full/shallow calls
+    of the last run (the sampler's stats read it).
     """
 
-    def __init__(self, path: Path, device: Any = None, conv_algo: str = "auto", profiling: bool = False,
-                 profile: Any = None) -> None:
-        super().__init__(path, device=device, conv_algo=conv_algo, profiling=profiling, profile=profile)
+    def __init__(self, base: Any, path: Path, conv_algo: str = "auto") -> None:
+        self.base, self.meta, self.rt, self.notes = base, base.meta, base.rt, base.notes
         rec = self.meta.get("cache")
         if not rec or "schedule_shallow" not in self.meta:
             raise BadInput(f"{path}: no DeepCache schedule in this OpenCL bundle")
@@ -117,12 +117,16 @@ class CachedOpenCLDenoiser(OpenCLDenoiser):
         weights = load_file(str(Path(path) / self.meta["weights"]))
         full_w = {k: weights[k] for k in _weight_names(self.meta["schedule"]["ops"], weights)}
         self.executor = _FeatureExecutor(self.meta["schedule"], full_w, self.rt, feat, conv_algo=conv_algo)
+        self.executor.dev = base.executor.dev  # the base's device weights (this executor's own copy is dropped)
         sched_s = self.meta["schedule_shallow"]
         self.shallow = _FeatureExecutor(sched_s, {k: weights[k] for k in _weight_names(sched_s["ops"], weights)},
                                         self.rt, feat, conv_algo=conv_algo)
         self.shallow.dev = self.executor.dev  # one copy of the weights on the device
         self.cache = CacheSteps(int(rec["interval"]))
         self.depth = int(rec["depth"])
+
+    def describe(self) -> dict[str, Any]:
+        return self.base.describe()
 
     def full_call(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> tuple[torch.Tensor, Any]:
         """(output, feature buffer on the device)."""
@@ -157,8 +161,8 @@ class CachedOpenCLDenoiser(OpenCLDenoiser):
         return timings
 
 
-def profile_cached(path: Path, x: torch.Tensor, t: torch.Tensor, cond: Any, full_ms: float, warmup: int = 3,
-                   repeats: int = 20, device: Any = None) -> dict[str, Any]:
+def profile_cached(base: Any, path: Path, x: torch.Tensor, t: torch.Tensor, cond: Any, full_ms: float,
+                   warmup: int = 3, repeats: int = 20) -> dict[str, Any]:
     """The shallow schedule's share of `profile`: median wall time of `repeats` shallow calls (each
     reading a feature of a full call made first, queue drained once per call), its per-op times,
     and the per-image time at the bundle's recorded steps (full calls x full_ms + shallow x shallow_ms)."""
@@ -167,7 +171,7 @@ def profile_cached(path: Path, x: torch.Tensor, t: torch.Tensor, cond: Any, full
 
     from edgediff.deepcache import full_steps
 
-    den = CachedOpenCLDenoiser(Path(path), device=device, profiling=True)
+    den = CachedOpenCLDenoiser(base, Path(path))  # `base`: the profiling OpenCLDenoiser of `profile`
     _, feat = den.full_call(x, t, cond)
     for _ in range(max(warmup, 1)):
         den.shallow_call(x, t, feat, cond)
@@ -189,3 +193,12 @@ def profile_cached(path: Path, x: torch.Tensor, t: torch.Tensor, cond: Any, full
                     "ms_per_image": full_ms * n_full + shallow_ms * (int(steps) - n_full),
                     "ms_per_image_uncached": full_ms * int(steps)})
     return out
+
+
+def sampling_record(model: DiffusionModel) -> dict[str, Any]:
+    """What an OpenCL bundle stores to sample by itself: the recorded sampling and the noise schedule."""
+    from edgediff.sampling import recorded_sampling
+
+    sampler, steps, eta = recorded_sampling(model)
+    return {"sampling": {"sampler": sampler, "steps": steps, "eta": eta},
+            "noise_schedule": model.schedule.to_config()}

@@ -17,17 +17,8 @@ import numpy as np
 from edgediff.kernels.export import read_bundle
 
 from edgediff.errors import BadInput
-from edgediff.model import DiffusionModel, InputSignature
+from edgediff.model import InputSignature
 from edgediff.schedule import NoiseSchedule
-
-
-def sampling_record(model: DiffusionModel) -> dict[str, Any]:
-    """What an OpenCL bundle stores to sample by itself: the recorded sampling and the noise schedule."""
-    from edgediff.sampling import recorded_sampling
-
-    sampler, steps, eta = recorded_sampling(model)
-    return {"sampling": {"sampler": sampler, "steps": steps, "eta": eta},
-            "noise_schedule": model.schedule.to_config()}
 
 
 def generate_opencl(path: Path | str, samples: int = 4, seed: int = 0, steps: int | None = None,

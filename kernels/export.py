@@ -131,7 +131,7 @@ class OpenCLBackend(Backend):
                 "quantized_source": bool(model.extras.get("quant")), "kernels": sorted(srcs),
                 "integer_layers": sum(op["op"] in ("iconv", "qconv") for op in sched["ops"]),
                 "weights": "weights.safetensors", "schedule": sched}
-        from edgediff.kernels.deepcache_sampler import sampling_record
+        from edgediff.kernels.deepcache import sampling_record
 
         meta.update(sampling_record(model))  # so that `generate BUNDLE` samples as the artifact is meant to
         if model.extras.get("cache"):  # DeepCache: a shallow schedule over the same weights (kernels/deepcache.py)
@@ -160,11 +160,12 @@ class OpenCLBackend(Backend):
         ok, why = self.runtime_available(path)
         if not ok:
             raise Unavailable(f"cannot run OpenCL bundle {path}: {why}")
-        if read_bundle(Path(path)).get("cache"):  # full + shallow schedules driven per sampler step
+        den = OpenCLDenoiser(Path(path))
+        if den.meta.get("cache"):  # full + shallow schedules driven per sampler step
             from edgediff.kernels.deepcache import CachedOpenCLDenoiser
 
-            return CachedOpenCLDenoiser(Path(path))
-        return OpenCLDenoiser(Path(path))
+            return CachedOpenCLDenoiser(den, Path(path))
+        return den
 
     def check(self, path: Path, reference: DiffusionModel | None = None) -> dict[str, Any]:
         """Structural check without a device: the bundle's schedule and weights against the reference's."""
@@ -267,5 +268,5 @@ def profile(bundle: Any, warmup: int = 3, repeats: int = 20, batch: int = 1, dev
     if den.meta.get("cache"):  # DeepCache: the shallow schedule's time and the per-image total it gives
         from edgediff.kernels.deepcache import profile_cached
 
-        out["cache"] = profile_cached(Path(bundle), x, t, cond, out["total_ms"], warmup, repeats, device)
+        out["cache"] = profile_cached(den, Path(bundle), x, t, cond, out["total_ms"], warmup, repeats)
     return out
