@@ -42,7 +42,7 @@ from edgediff.runtime.bundle import (
 )
 from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
-BUNDLE_TARGETS = ("onnx", "tflite")
+BUNDLE_TARGETS = ("onnx", "tflite", "coreml")
 
 
 def is_bundle_output(out: Path) -> bool:
@@ -206,6 +206,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
 
             components = write_packages(entries, tmp)
             entries = {}
+            (tmp / comp_dir).mkdir()  # the denoiser's config.json, as every bundle has it
         for role, (proto, facts) in entries.items():
             name = comp_dir if role == ROLE_FULL else f"{comp_dir}_shallow"
             (tmp / name).mkdir()
