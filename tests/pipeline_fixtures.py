@@ -190,3 +190,34 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
                               scheduler=sch).save_pretrained(str(folder))
     return folder
+
+
+def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline with its two CLIPTextModelWithProjection encoders (16 wide, projections 16) and
+    no T5 (text_encoder_3 absent, as diffusers allows: its states are zeros), SD3Transformer2DModel with joint
+    width 48 and pooled width 32, the tiny VAE with a shift factor, FlowMatchEuler."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder.parent / f"{folder.name}-vocab"
+    vocab = write_clip_tokenizer(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    cfg = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=SEQ, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+               projection_dim=16)
+    te, te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+                                         pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, shift_factor=0.06,
+                        scaling_factor=1.5)
+    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
+    return folder

@@ -1,6 +1,7 @@
-"""An SDXL pipeline (CLIPTextModel + CLIPTextModelWithProjection): prompts encoded as diffusers' encode_prompt
-(penultimate hidden states side by side, pooled text_embeds, time_ids), generate --prompt equal to
-StableDiffusionXLPipeline, and calibration on those prompts with guidance."""
+"""Several text encoders: an SDXL pipeline (CLIPTextModel + CLIPTextModelWithProjection: penultimate hidden states
+side by side, pooled text_embeds, time_ids) and an SD3 pipeline (two CLIPs with projection, no T5): prompts
+encoded as diffusers' encode_prompt, generate --prompt equal to their diffusers pipelines, calibration on those
+prompts with guidance."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import build_tiny_sdxl
+from pipeline_fixtures import build_tiny_sd3_clip, build_tiny_sdxl
 
 from edgediff.loaders import load_model
 
@@ -53,3 +54,23 @@ def test_sdxl_calibrates_on_encoded_prompts_with_guidance(tiny_sdxl: Path) -> No
     # half the points carry the unconditional branch: diffusers' zeros for an empty negative prompt
     zero_rows = int((data["cond.text_embeds"].abs().sum(1) == 0).sum())
     assert zero_rows == 6 and bool((u["text_embeds"] == 0).all())
+
+
+def test_sd3_with_two_clips_and_no_t5_generates_as_diffusers(tmp_path: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from edgediff.generate import generate
+    from edgediff.passes.calib import CalibOptions
+    from edgediff.passes.calib import generate as calibrate
+
+    folder = build_tiny_sd3_clip(tmp_path / "sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    m = load_model(folder)
+    assert m.signature.cond_shape == (16 + 256, 48)  # CLIP tokens, then T5's 256 (zeros without it)
+    want = pipe("a red cat", num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+                output_type="latent").images.numpy()
+    generate(m, samples=1, seed=1, steps=3, guidance=5.0, prompt="a red cat", save_npy=tmp_path / "x.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, atol=1e-4, rtol=0)
+    data = calibrate(m, CalibOptions(method="qdiff", n_samples=2, steps=2, interval=1))
+    assert data["cond.pooled_projections"].shape == (8, 32) and data["cond.encoder_hidden_states"].shape == (8, 272, 48)

@@ -31,6 +31,7 @@ VAES = ("AutoencoderKL",)
 _LOADABLE = {"text_encoder": ("text encoder", TEXT_ENCODERS, "transformers", True),
              "tokenizer": ("tokenizer", TOKENIZERS, "transformers", False),
              "vae": ("VAE", VAES, "diffusers", True)}
+T5_SEQUENCE = 256  # diffusers' SD3 max_sequence_length default: T5 tokens after the CLIP tokens
 DEFAULT_GUIDANCE = 7.5  # StableDiffusionPipeline's, when the pipeline class is unknown to diffusers here
 
 
@@ -131,8 +132,12 @@ def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], c
     if cs is not None and not cond_override and model.signature.cond_shape is not None:
         width = model.signature.cond_shape[-1]
         widths = text_widths(folder, rec)
-        if width != cs[1] and len(widths) > 1 and width == sum(widths):
+        pooled = any(x.name == "pooled_projections" for x in model.signature.extra)
+        if width != cs[1] and len(widths) > 1 and width == sum(widths) and not pooled:
             cs = (cs[0], width)  # SDXL: the encoders' hidden states side by side (encode.encode_conditioning)
+        elif pooled and len(widths) > 1 and width >= sum(widths[:2]):
+            # SD3: the CLIP states side by side, zero-padded to the joint width, then T5's tokens (zeros without it)
+            cs = (cs[0] + T5_SEQUENCE, width)
         if width != cs[1]:
             raise BadInput(f"{folder}: text_encoder hidden size {cs[1]} does not match the denoiser's "
                            f"conditioning width {model.signature.cond_shape[-1]}")

@@ -65,6 +65,8 @@ def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
     text_embeds, time_ids (H, W, 0, 0, H, W) at the pipeline's image size; the unconditional branch zeros when no
     negative prompt is given and the pipeline forces zeros for empty prompts (diffusers' default), else encoded."""
     names = {s.name for s in pipe.denoiser.signature.extra}
+    if "pooled_projections" in names and len(pipe.names("text_encoder")) > 1:
+        return _sd3_conditioning(pipe, prompts, negative)
     if not {"text_embeds", "time_ids"} <= names:
         c, u = guided_conditioning(pipe, prompts, negative)
         return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
@@ -90,6 +92,36 @@ def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
     ids = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=torch.float32).expand(len(prompts), 6).clone()
     cond["time_ids"], uncond["time_ids"] = ids, ids.clone()
     return cond, uncond
+
+
+def _sd3_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to the
+    joint width, then T5's last hidden state (zeros when text_encoder_3 is absent, as diffusers); pooled_projections
+    the two pooled projections side by side; the negative prompt ("" by default) encoded the same way."""
+    from edgediff.pipelines.components import T5_SEQUENCE
+
+    width = int(pipe.denoiser.signature.cond_shape[-1]) if pipe.denoiser.signature.cond_shape else 4096
+    clips = [n for n in pipe.names("text_encoder") if n != "text_encoder_3"][:2]
+
+    def enc(texts: list[str]) -> dict[str, torch.Tensor]:
+        outs = [_clip(pipe, name, texts) for name in clips]
+        clip = torch.cat([h for h, _ in outs], -1)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        if "text_encoder_3" in pipe.names("text_encoder"):
+            tok = pipe.load("tokenizer_3")
+            ids = tok(list(texts), padding="max_length", max_length=T5_SEQUENCE, truncation=True,
+                      add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = pipe.load("text_encoder_3")(ids)[0].float()
+        else:
+            t5 = torch.zeros(len(texts), T5_SEQUENCE, width)
+        return {"encoder_hidden_states": torch.cat([clip, t5], -2),
+                "pooled_projections": torch.cat([p for _, p in outs], -1)}
+
+    neg = negative if negative is not None else [""] * len(prompts)
+    if len(neg) != len(prompts):
+        raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+    return enc(list(prompts)), enc(list(neg))
 
 
 class GuidedDenoiser:
