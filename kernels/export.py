@@ -215,7 +215,8 @@ class OpenCLBackend(Backend):
             params = int(sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if not k.endswith(".freqs")))
         return {"target": self.target, "precision": meta["precision"], "arch": meta.get("arch"),
                 "signature": meta["signature"], "ops": len(ops), "op_histogram": dict(Counter(o["op"] for o in ops)),
-                "params": params, "size_bytes": _dir_size(Path(path)), "kernels": meta["kernels"]}
+                "params": params, "size_bytes": _dir_size(Path(path)), "kernels": meta["kernels"],
+                "cache": meta.get("cache"), "sampling": meta.get("sampling")}
 
 
 BACKEND = OpenCLBackend()

@@ -41,6 +41,8 @@ def test_shallow_schedule_is_the_outer_branch(tiny_unet: DiffusionModel, tmp_pat
     assert names == {"down_blocks.0", "up_blocks.1"}  # depth 0: the outermost block pair only
     assert not any(op["name"].startswith("mid_block") for op in shallow)
     feat = meta["cache"]["feature"]
+    info = get_backend("opencl").info(tmp_path / "b")  # `edgediff info BUNDLE`
+    assert info["cache"]["interval"] == 2 and info["sampling"] == {"sampler": "dpmpp-2m", "steps": 5, "eta": 0.0}
     assert any(feat in op["in"] for op in shallow) and not any(op["out"] == feat for op in shallow)
     # dead-code elimination keeps order and stops at the given buffer
     ops = [{"name": "a", "in": ["x"], "out": "f"}, {"name": "b", "in": ["f"], "out": "dead"},
