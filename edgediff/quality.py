@@ -43,8 +43,36 @@ EXTRA = "quality"
 
 def conditioning(model: DiffusionModel, n: int, seed: int) -> Any:
     """The conditioning verify uses for n samples (the signature's generator): labels 0, 1, ...,
-    seeded random states, or a dict of named inputs for multi-input models."""
-    return model.signature.conditioning(n, seed + 1)
+    seeded random states, or a dict of named inputs for multi-input models; a text pipeline's
+    denoiser gets its prompts encoded by its own text encoder (edgediff.pipelines.conditioning)."""
+    pc = _prompts(model, n, seed)
+    return pc.cond if pc is not None else model.signature.conditioning(n, seed + 1)
+
+
+def _prompts(model: DiffusionModel, n: int, seed: int) -> Any:
+    from edgediff.pipelines.conditioning import prompt_conditioning, takes_prompts
+
+    return prompt_conditioning(model, n, seed) if takes_prompts(model) else None
+
+
+def guided(model: DiffusionModel, n: int, seed: int) -> Any:
+    """`wrap(denoiser)`: a text pipeline's denoiser samples with classifier-free guidance at the pipeline's
+    scale (the unconditional rows: the empty prompt), as the deployed pipeline does; others unchanged."""
+    pc = _prompts(model, n, seed)
+    return pc.wrap if pc is not None else (lambda den: den)
+
+
+def conditioning_kind(model: DiffusionModel) -> str:
+    """What `conditioning` draws, recorded with stored samples (samples under other conditioning do not match)."""
+    from edgediff.pipelines.conditioning import takes_prompts
+
+    return "prompts+guidance" if takes_prompts(model) else "signature"
+
+
+def _cond_key(model: DiffusionModel) -> dict[str, str]:
+    # recorded only where it is not the signature's generator, so older stored samples stay valid for other models
+    kind = conditioning_kind(model)
+    return {"conditioning": kind} if kind != "signature" else {}
 
 
 def is_quantized(model: DiffusionModel) -> bool:
@@ -61,8 +89,10 @@ def final_samples(model: DiffusionModel, samples: int, steps: int, sampler: str 
 
     corr = sampling_correction(model) if with_correction else None
     with torch.inference_mode():
-        x = sample(TorchDenoiser(model), model.schedule, model.signature.sample_shape, samples, seed,
-                   SamplerConfig(sampler, steps), cond=conditioning(model, samples, seed), correction=corr)
+        pc = _prompts(model, samples, seed)  # a text pipeline: its prompts, with guidance
+        den = pc.wrap(TorchDenoiser(model)) if pc is not None else TorchDenoiser(model)
+        x = sample(den, model.schedule, model.signature.sample_shape, samples, seed, SamplerConfig(sampler, steps),
+                   cond=pc.cond if pc is not None else conditioning(model, samples, seed), correction=corr)
     assert isinstance(x, torch.Tensor)
     return x
 
@@ -98,7 +128,7 @@ def attach(original: DiffusionModel, compressed: DiffusionModel, floor: float = 
 
     Returns the summary (psnr_vs_original_db, quality_warning, protocol) without the tensors.
     """
-    proto = {**PROTOCOL, **protocol}
+    proto = {**PROTOCOL, **protocol, **_cond_key(original)}
     ref = final_samples(original, proto["samples"], proto["steps"], proto["sampler"], proto["seed"],
                         with_correction=False)
     sim = final_samples(compressed, proto["samples"], proto["steps"], proto["sampler"], proto["seed"])
@@ -142,7 +172,7 @@ def reload_original(model: DiffusionModel) -> tuple[DiffusionModel | None, str]:
 def original_samples(model: DiffusionModel, samples: int, steps: int, sampler: str | None, seed: int,
                      original: DiffusionModel | None = None) -> tuple[torch.Tensor | None, str]:
     """The original model's final samples under these settings: (samples or None, where from / why not)."""
-    proto = {"sampler": sampler, "steps": int(steps), "samples": int(samples), "seed": int(seed)}
+    proto = {"sampler": sampler, "steps": int(steps), "samples": int(samples), "seed": int(seed), **_cond_key(model)}
     if original is not None:
         return final_samples(original, samples, steps, sampler, seed, with_correction=False), "original model given"
     rec = model.extras.get(EXTRA) or {}
