@@ -27,15 +27,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", default="a red cat")
     a = ap.parse_args()
+    import diffusers
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from edgediff.runtime.pipeline import run_pipeline
 
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(str(a.pipeline), safety_checker=None, requires_safety_checker=False)
     cfg = json.loads((a.bundles[0] / "scheduler" / "scheduler_config.json").read_text())
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(cfg)
+    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)  # the bundle's own scheduler
     pipe.set_progress_bar_config(disable=True)
     rows: dict[str, list[tuple[float, float]]] = {}
     for rep in range(a.repeats):
