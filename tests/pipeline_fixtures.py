@@ -50,8 +50,17 @@ def write_clip_tokenizer(folder: Path, seq: int = SEQ) -> dict[str, int]:
     return vocab
 
 
+def tiny_vae(**overrides: float) -> object:
+    """The tests' AutoencoderKL: 8/16 channels, 4 latent channels, a 2x down-scale, 16x16 images."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                         latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, **overrides)
+
+
 def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -67,9 +76,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
                                 cross_attention_dim=32, attention_head_dim=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1)
+    vae = tiny_vae()
     sch = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                         steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
@@ -92,14 +99,12 @@ def build_tiny_ddpm(folder: Path, seed: int = 0) -> Path:
 def build_tiny_dit(folder: Path, seed: int = 0) -> Path:
     """A DiTPipeline (class-conditional DiT on 4x8x8 latents, 1000 classes as DiT's null class 1000 needs, the
     tiny AutoencoderKL, DDIM) with an id2label in model_index.json as the hub's DiT pipelines have."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1)
+    vae = tiny_vae()
     DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler()).save_pretrained(str(folder))
     idx = json.loads((Path(folder) / "model_index.json").read_text())
     idx["id2label"] = {str(i): f"class{i}" for i in range(1000)}
@@ -113,16 +118,13 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
     SD3Transformer2DModel on 4x8x8 latents (joint dim 24, pooled 12), AutoencoderKL with a shift factor,
     FlowMatchEuler."""
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                          num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
                                          pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, shift_factor=0.06,
-                        scaling_factor=1.5)
+    vae = tiny_vae(shift_factor=0.06, scaling_factor=1.5)
     StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                              text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
@@ -160,7 +162,6 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     denoiser's cross-attention 64 = their concatenation), two tokenizers on the test's CLIP vocabulary,
     UNet2DConditionModel with text_time added conditioning (pooled 32 + 6 time ids x 8), the tiny VAE, Euler."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -182,9 +183,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
                                 cross_attention_dim=64, attention_head_dim=8, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, scaling_factor=0.13025)
+    vae = tiny_vae(scaling_factor=0.13025)
     sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                                  timestep_spacing="leading")
     StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok, unet=unet,
@@ -197,7 +196,7 @@ def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
     no T5 (text_encoder_3 absent, as diffusers allows: its states are zeros), SD3Transformer2DModel with joint
     width 48 and pooled width 32, the tiny VAE with a shift factor, FlowMatchEuler."""
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -213,10 +212,7 @@ def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
     tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                          num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
                                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, sample_size=16, layers_per_block=1, shift_factor=0.06,
-                        scaling_factor=1.5)
+    vae = tiny_vae(shift_factor=0.06, scaling_factor=1.5)
     StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                              text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
