@@ -74,3 +74,24 @@ def test_sd3_with_two_clips_and_no_t5_generates_as_diffusers(tmp_path: Path) -> 
     np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, atol=1e-4, rtol=0)
     data = calibrate(m, CalibOptions(method="qdiff", n_samples=2, steps=2, interval=1))
     assert data["cond.pooled_projections"].shape == (8, 32) and data["cond.encoder_hidden_states"].shape == (8, 272, 48)
+
+
+def test_sdxl_pipeline_latents_are_diffusers_and_the_bundle_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from edgediff.bundle import export_bundle
+    from edgediff.errors import BadInput
+    from edgediff.pipelines import pipeline_of
+    from edgediff.pipelines.encode import pipeline_latents
+
+    m = load_model(tiny_sdxl)
+    pipe = pipeline_of(m)
+    assert pipe is not None
+    got = pipeline_latents(pipe, m, ["a red cat", "the dog"], 2, None, 3, 5.0)  # what verify and compress sample
+    ref = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    ref.set_progress_bar_config(disable=True)
+    want = ref(["a red cat", "the dog"], num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(2), output_type="latent").images
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(BadInput, match="several text encoders"):
+        export_bundle(m, tmp_path / "b")

@@ -195,7 +195,9 @@ def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, 
         if guidance > 1.0:
             den = ClassGuidedDenoiser(den, int(sig.num_classes), guidance, int(sig.sample_shape[0]))
     elif pipe.has("text_encoder"):
-        c, u = guided_conditioning(pipe, prompts, negative)
+        cd, ud = encode_conditioning(pipe, prompts, negative)  # by input name (SDXL, SD3: pooled inputs too)
+        c, u = (cd["encoder_hidden_states"], ud["encoder_hidden_states"]) if set(cd) == {"encoder_hidden_states"} \
+            else (cd, ud)
         cond = c
         if guidance > 1.0:
             den = GuidedDenoiser(den, u, c, guidance)
