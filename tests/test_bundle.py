@@ -147,3 +147,16 @@ def test_verify_covers_the_cached_schedule(tiny_unet: DiffusionModel, tmp_path: 
             p.add_(0.05 * torch.randn_like(p))
     bad = verify(other, tmp_path / "b", steps=5, samples=2)
     assert bad["verified"] and bad["exit_code"] == 4 and "out of tolerance" in bad["reason"]
+
+
+def test_profile_of_a_cached_bundle_counts_full_and_shallow_calls(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.pipelines.profile import profile_bundle
+
+    m = _with(_with(tiny_unet, "sampling", sampler="dpmpp-2m", steps=5), "cache", depth=0, interval=2,
+              check_samples=0)
+    export_bundle(m, tmp_path / "b")
+    r = profile_bundle(tmp_path / "b", warmup=1, repeats=2, threads=1)
+    assert r["calls_per_image"] == {"unet": 3, "unet_shallow": 2}  # full on steps 0, 2, 4
+    full, shallow = r["components"]["unet"], r["components"]["unet_shallow"]
+    assert 0 < shallow["total_ms"] and shallow["calls_per_image"] == 2
+    assert r["per_image_ms"] == pytest.approx(full["ms_per_image"] + shallow["ms_per_image"], rel=1e-3)

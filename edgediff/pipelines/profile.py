@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgediff.runtime.bundle import ROLE_FULL, read_bundle
+from edgediff.runtime.bundle import ROLE_FULL, ROLE_SHALLOW, cache_full_steps, read_bundle
 
 
 def _fixed(f: Path, shapes: dict[str, list[int]] | None, tmp: Path) -> Path:
@@ -36,12 +36,16 @@ def _fixed(f: Path, shapes: dict[str, list[int]] | None, tmp: Path) -> Path:
 def calls_per_image(manifest: dict[str, Any], steps: int | None = None) -> dict[str, int]:
     p = manifest.get("pipeline") or {}
     n = int(steps or manifest["steps"])
+    cache = manifest.get("cache")  # DeepCache: full calls on the schedule's steps, shallow calls on the others
+    n_full = len(cache_full_steps(n, int(cache["interval"]))) if cache else n
     cfg = bool(p.get("text_encoder")) and float(p.get("default_guidance") or 1.0) > 1.0
     calls = {}
     for name, comp in manifest["components"].items():
         role = comp.get("role")
         if role == ROLE_FULL:
-            calls[name] = n * (2 if cfg else 1)
+            calls[name] = n_full * (2 if cfg else 1)
+        elif role == ROLE_SHALLOW and cache:
+            calls[name] = (n - n_full) * (2 if cfg else 1)
         elif role == "text_encoder":
             calls[name] = 2 if cfg else 1
         elif role == "vae_decoder":
@@ -62,7 +66,7 @@ def profile_bundle(path: Path, runtime: str | None = None, device: str | None = 
     with tempfile.TemporaryDirectory(prefix="edgediff-profile-bundle-") as td:
         for name, comp in b.manifest["components"].items():
             f = b.path / str(comp["path"])
-            if f.suffix not in (".onnx", ".tflite") or comp.get("role") == "denoiser_shallow":
+            if f.suffix not in (".onnx", ".tflite") or (comp.get("role") == ROLE_SHALLOW and not calls.get(name)):
                 continue
             # ONNX graphs have dynamic dims, fixed to the run shapes first; .tflite files are fixed already
             fixed = _fixed(f, comp.get("shapes"), Path(td)) if f.suffix == ".onnx" else f
