@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# the attention model lives next to the device rules: the runtime picks its attention path with it
+from edgediff.kernels.device import attention_bytes as attention
+
 
 def group_norm_silu(B: int, C: int, HW: int, es: int = 2) -> dict[str, dict[str, int]]:
     """Fused (norm.cl group_norm / the split pair: read twice, write once) vs unfused (statistics
@@ -19,26 +22,6 @@ def group_norm_silu(B: int, C: int, HW: int, es: int = 2) -> dict[str, dict[str,
     n = B * C * HW
     fused = {"reads": 2 * n * es, "writes": n * es, "flops": 12 * n, "launches": 1}
     unfused = {"reads": 2 * n * es + n * es + n * es, "writes": n * es + n * es, "flops": 12 * n, "launches": 3}
-    return {"fused": fused, "unfused": unfused}
-
-
-def attention(B: int, heads: int, d: int, N: int, M: int, es: int = 2, bq: int = 64,
-              dc: int | None = None) -> dict[str, dict[str, int]]:
-    """Flash (attention.cl: q once, K and V once per BQ-query work-group, o once; with head_dim
-    tiling, q and K once per chunk and the QK FLOPs recomputed per chunk) vs unfused
-    (S = Q^T K written, softmax reading it twice and writing P, O = V P^T reading P).
-    dc: output channels per flash work-item (default: the GPU rule, device.attention_d_chunk)."""
-    from edgediff.kernels.device import attention_d_chunk
-
-    bh = B * heads
-    qblocks = -(-N // bq)
-    nch = -(-d // (dc or attention_d_chunk(d)))  # head_dim-tiled: Q and K are read once per channel chunk
-    flops = bh * (2 * nch + 2) * N * M * d
-    fused = {"reads": bh * (nch * N * d + qblocks * (nch + 1) * M * d) * es, "writes": bh * N * d * es,
-             "flops": flops, "launches": 1}
-    s = bh * N * M * es
-    unfused = {"reads": bh * (N * d + M * d) * es + 2 * s + s + bh * M * d * es, "writes": s + s + bh * N * d * es,
-               "flops": bh * 4 * N * M * d, "launches": 3}
     return {"fused": fused, "unfused": unfused}
 
 
@@ -164,14 +147,14 @@ def op_cost(op: dict[str, Any], ins: list[tuple[int, ...]], out: tuple[int, ...]
                 "macs": B * heads * 2 * N * M * d}
     if kind == "layer_norm":
         wb = (2 * out[1] * 4) if op.get("gamma") else 0
-        fused = _c(2 * n * es, n * es, wb, 10 * n, 1)
-        un = dict(fused)
+        un = _c(2 * n * es, n * es, wb, 10 * n, 1)
         if op.get("mod"):  # modulation x * (1 + scale) + shift as its own kernel
             un = _c(3 * n * es, 2 * n * es, wb, 12 * n, 2)
+        fused = {**un, "reads": 2 * n * es, "writes": n * (1 if op.get("store") else es), "flops": 10 * n, "launches": 1}
         return {"fused": fused, "unfused": un, "macs": 0}
     if kind == "geglu":
-        return {"fused": _c(2 * n * es, n * es, 0, 20 * n, 1), "unfused": _c(3 * n * es, 2 * n * es, 0, 20 * n, 2),
-                "macs": 0}
+        return {"fused": _c(2 * n * es, n * (1 if op.get("store") else es), 0, 20 * n, 1),
+                "unfused": _c(3 * n * es, 2 * n * es, 0, 20 * n, 2), "macs": 0}
     if kind == "gate_residual":
         return {"fused": _c(2 * n * es, n * es, 0, 2 * n, 1), "unfused": _c(3 * n * es, 2 * n * es, 0, 2 * n, 2),
                 "macs": 0}

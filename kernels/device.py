@@ -125,6 +125,24 @@ def attention_d_chunk(head_dim: int) -> int:
     return ATTN_D_CHUNK  # the last chunk is partial; the kernel guards it
 
 
+def attention_bytes(B: int, heads: int, d: int, N: int, M: int, es: int = 2, bq: int = 64,
+                    dc: int | None = None) -> dict[str, dict[str, int]]:
+    """Flash (attention.cl: q once, K and V once per BQ-query work-group, o once; with head_dim
+    tiling, q and K once per chunk and the QK FLOPs recomputed per chunk) vs unfused
+    (S = Q^T K written, softmax reading it twice and writing P, O = V P^T reading P).
+    dc: output channels per flash work-item (default: the GPU rule, device.attention_d_chunk)."""
+    bh = B * heads
+    qblocks = -(-N // bq)
+    nch = -(-d // (dc or attention_d_chunk(d)))  # head_dim-tiled: Q and K are read once per channel chunk
+    flops = bh * (2 * nch + 2) * N * M * d
+    fused = {"reads": bh * (nch * N * d + qblocks * (nch + 1) * M * d) * es, "writes": bh * N * d * es,
+             "flops": flops, "launches": 1}
+    s = bh * N * M * es
+    unfused = {"reads": bh * (N * d + M * d) * es + 2 * s + s + bh * M * d * es, "writes": s + s + bh * N * d * es,
+               "flops": bh * 4 * N * M * d, "launches": 3}
+    return {"fused": fused, "unfused": unfused}
+
+
 def select_variants(p: DeviceProfile, precision: str) -> Variants:
     notes = []
     half = precision == "fp16"

@@ -544,7 +544,7 @@ def build_schedule(model: DiffusionModel, quant: Any = None,
 
 
 # ops that can write their output quantized onto a consumer's grid instead of float
-_QUANT_STORE = ("iconv", "group_norm", "attention_int8", "concat")
+_QUANT_STORE = ("iconv", "group_norm", "attention_int8", "concat", "layer_norm", "geglu")
 # of those, the ones that can also store a shortcut-split layer's two grids
 _SPLIT_STORE = ("group_norm", "concat")
 
@@ -557,8 +557,8 @@ def _same_grid(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 def keep_int8_between(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Activations stay int8 between integer layers: every `quantize` op whose float input has no
     other reader is folded into that input's producer when the producer can store quantized (an
-    integer conv requantizes in its epilogue, GroupNorm, concat and the integer attention
-    quantize before the store; GroupNorm and concat also onto a shortcut-split layer's two
+    integer conv requantizes in its epilogue, GroupNorm, LayerNorm, GEGLU, concat and the integer
+    attention quantize before the store; GroupNorm and concat also onto a shortcut-split layer's two
     grids); identical quantize ops of one buffer are merged first. A float tensor is left only
     where a float op reads it, or several layers on different grids. The values
     are those of the unfolded schedule: the producer applies the same float32 quantization the
@@ -743,9 +743,9 @@ class Executor:
             mod = env[op["mod"]] if op.get("mod") else None
             return rt.layer_norm_channels(x, self.dev[op["gamma"]] if op.get("gamma") else None,
                                           self.dev[op["beta"]] if op.get("beta") else None, op["eps"], mod,
-                                          op["scale_off"], op["shift_off"])
+                                          op["scale_off"], op["shift_off"], op.get("store"))
         if kind == "geglu":
-            return rt.geglu(x)
+            return rt.geglu(x, op.get("store"))
         if kind == "gelu":
             return rt.gelu(x)
         if kind == "gelu_tanh":

@@ -367,21 +367,26 @@ class CLRuntime:
 
     # ------------------------------------------------------------------ transformer blocks (channels-first tokens)
     def layer_norm_channels(self, x: Any, gamma: Any | None, beta: Any | None, eps: float, mod: Any | None = None,
-                            scale_off: int = 0, shift_off: int = 0) -> Any:
+                            scale_off: int = 0, shift_off: int = 0, store: dict[str, Any] | None = None) -> Any:
         """LayerNorm over the channels of each position of x (B, C, ...): [* gamma + beta] (affine), then
-        [* (1 + mod[b, scale_off + c]) + mod[b, shift_off + c]] with mod (B, K, ...) (adaLN)."""
+        [* (1 + mod[b, scale_off + c]) + mod[b, shift_off + c]] with mod (B, K, ...) (adaLN). store: an
+        integer layer's input grid to write int8/uint8 on instead of float (int8 bundles)."""
         B, C = x.shape[:2]
         N = int(np.prod(x.shape[2:]))
-        y = self.empty(x.shape)
+        odt, sargs = self._store_args(store)
+        y = self.empty(x.shape, None if store is None else odt)
         flags = (1 if gamma is not None else 0) | (2 if mod is not None else 0)
         d = self._dummy
         ms = int(np.prod(mod.shape[1:])) if mod is not None else 0
-        k = self.kernel("transformer", "layer_norm_channels")
+        if store is None:
+            k, extra = self.kernel("transformer", "layer_norm_channels"), []
+        else:
+            k, extra = self.kernel("transformer", "layer_norm_channels_q", OT=self._qt(odt)), sargs
         dummy32 = self._dummy32()
         self._run(k, *self._ew(B * N, k), x, gamma if gamma is not None else dummy32,
                   beta if beta is not None else dummy32, mod if mod is not None else d, y, np.int32(C), np.int32(N),
                   np.int32(B * N), np.float32(eps), np.int32(flags), np.int32(ms), np.int32(scale_off),
-                  np.int32(shift_off))
+                  np.int32(shift_off), *extra)
         return y
 
     def _dummy32(self) -> Any:
@@ -390,14 +395,18 @@ class CLRuntime:
             got = self._d32 = self.empty((1,), np.float32)
         return got
 
-    def geglu(self, x: Any) -> Any:
-        """x (B, 2F, ...) -> value * gelu(gate), (B, F, ...)."""
+    def geglu(self, x: Any, store: dict[str, Any] | None = None) -> Any:
+        """x (B, 2F, ...) -> value * gelu(gate), (B, F, ...); float, or int8/uint8 on `store`'s grid."""
         B, C2 = x.shape[:2]
         if C2 % 2:
             raise ValueError(f"geglu: {C2} channels is odd")
-        y = self.empty((B, C2 // 2, *x.shape[2:]))
-        k = self.kernel("transformer", "geglu")
-        self._run(k, *self._ew(y.size, k), x, y, np.int32(y.size // B), np.int32(y.size))
+        odt, sargs = self._store_args(store)
+        y = self.empty((B, C2 // 2, *x.shape[2:]), None if store is None else odt)
+        if store is None:
+            k, extra = self.kernel("transformer", "geglu"), []
+        else:
+            k, extra = self.kernel("transformer", "geglu_q", OT=self._qt(odt)), sargs
+        self._run(k, *self._ew(y.size, k), x, y, np.int32(y.size // B), np.int32(y.size), *extra)
         return y
 
     def gate_residual(self, x: Any, res: Any, mod: Any, off: int) -> Any:
@@ -546,16 +555,15 @@ class CLRuntime:
 
     def attention_path(self, batch: int, heads: int, head_dim: int, n: int, m: int, copied: int = 0) -> str:
         """"flash" or "unfused" for this shape on this device: whichever moves fewer global bytes in the
-        cost model (kernels/cost.py attention, with this device's head_dim chunk and query block),
+        cost model (device.attention_bytes, kernels/cost.py's attention; this device's head_dim chunk and query block),
         the unfused side charged `copied` elements for slicing its operands out of a stacked buffer."""
-        from edgediff.kernels.cost import attention as attention_cost
-        from edgediff.kernels.cost import total
-        from edgediff.kernels.device import attention_d_chunk
+        from edgediff.kernels.device import attention_bytes, attention_d_chunk
 
         es = 2 if self.half else 4
         dc = attention_d_chunk(head_dim) if self.profile.is_gpu else head_dim
-        c = attention_cost(batch, heads, head_dim, n, m, es, bq=self.attention_tiles(head_dim)[0], dc=dc)
-        return "unfused" if total(c["unfused"]) + 2 * copied * es < total(c["fused"]) else "flash"
+        c = attention_bytes(batch, heads, head_dim, n, m, es, bq=self.attention_tiles(head_dim)[0], dc=dc)
+        moved = {k: v["reads"] + v["writes"] for k, v in c.items()}
+        return "unfused" if moved["unfused"] + 2 * copied * es < moved["fused"] else "flash"
 
     def slice_channels(self, x: Any, start: int, count: int) -> Any:
         """Channels [start, start + count) of x (B, C, ...) as a new contiguous array (one device copy per image)."""

@@ -217,6 +217,16 @@ def _lowered_cases(rt: Any) -> Iterator[Case]:
     c1, c2 = _t(2, 3, 5, 7, seed=40, scale=2), _t(2, 4, 5, 7, seed=41)
     cat = torch.cat([c1, c2], 1).numpy()
     want6 = torch.from_numpy(np.concatenate([gq.quantize(cat[:, :2]), g2.quantize(cat[:, 2:])], 1)).float()
+    import torch.nn.functional as F
+
+    xl, gl, bl = _t(2, 6, 5, 3, seed=42, scale=2) + 1.0, _t(6, seed=43), _t(6, seed=44)
+    lnq = gq.quantize(F.layer_norm(xl.permute(0, 2, 3, 1), (6,), gl, bl, 1e-5).permute(0, 3, 1, 2).numpy())
+    yield ("layer_norm_channels_q", rt.layer_norm_channels(rt.to_device(xl, f32), rt.to_device(gl, f32),
+                                                           rt.to_device(bl, f32), 1e-5, store=grid_attrs(gq)),
+           torch.from_numpy(lnq).float(), 1.01 / 255)
+    u = _t(2, 10, 7, 1, seed=45, scale=2)
+    gg = gq.quantize((u[:, :5] * F.gelu(u[:, 5:])).numpy())
+    yield "geglu_q", rt.geglu(rt.to_device(u, f32), grid_attrs(gq)), torch.from_numpy(gg).float(), 1.01 / 255
     yield ("concat_q two grids", rt.concat_q(rt.to_device(c1, f32), rt.to_device(c2, f32), grid_attrs(gq), grid_attrs(g2), 2),
            want6, 0.0)
     heads, d, n = 2, 8, 13

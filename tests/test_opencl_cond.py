@@ -157,6 +157,10 @@ def test_int8_conditional_bundles_run_integer_layers_and_verify(tmp_path: Path, 
     assert rep["integer_layers"] == hist["iconv"] > 0 and "conv" not in hist
     assert hist["attention_int8"] == (8 if kind == "sd" else 2) and "flash_attention" not in hist
     den = OpenCLDenoiser(tmp_path / "q8")
+    ops = den.meta["schedule"]["ops"]
+    if kind == "sd":  # the feed-forward stays int8 from its LayerNorm through GEGLU
+        assert any(o["op"] == "layer_norm" and o.get("store") for o in ops)
+        assert any(o["op"] == "geglu" and o.get("store") for o in ops)
     if kind == "sd":  # the context's K/V projections run once per prompt
         names = {den.executor.ops[i]["name"] for i in den.executor.cond_ops}
         assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn2.to_v") for n in names)

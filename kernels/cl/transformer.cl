@@ -9,12 +9,15 @@
  * Welford in one pass, then writes (x - mean) * rstd [* gamma[c] + beta[c]] (flags & 1)
  * [* (1 + mod[b, scale_off + c]) + mod[b, shift_off + c]] (flags & 2: adaLN modulation, DiT;
  * mod is a (B, mod_stride) vector such as the chunked output of adaLN's linear). */
-__kernel void layer_norm_channels(__global const T* x, __global const float* gamma, __global const float* beta,
-                                  __global const T* mod, __global T* y, const int C, const int N, const int BN,
-                                  const float eps, const int flags, const int mod_stride, const int scale_off,
-                                  const int shift_off) {
-    const int i = get_global_id(0);
-    if (i >= BN) return;
+#ifndef OT
+#define OT char
+#endif
+/* One position's LayerNorm over its C channels (stride N); stored as T into y or (yq not null)
+ * quantized onto (qs, qz, qlo, qhi) into yq: int8 bundles, when one integer layer reads it. */
+void layer_norm_position(__global const T* x, __global const float* gamma, __global const float* beta,
+                         __global const T* mod, __global T* y, __global OT* yq, const int C, const int N, const int i,
+                         const float eps, const int flags, const int mod_stride, const int scale_off,
+                         const int shift_off, const float qs, const int qz, const int qlo, const int qhi) {
     const int b = i / N, n = i - (i / N) * N;
     const int base = b * C * N + n;
     ACC cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
@@ -31,19 +34,50 @@ __kernel void layer_norm_channels(__global const T* x, __global const float* gam
         float v = (LD(x, base + c * N) - mean) * rstd;
         if (flags & 1) v = v * gamma[c] + beta[c];
         if (flags & 2) v = v * (1.0f + LD(mod, mb + scale_off + c)) + LD(mod, mb + shift_off + c);
-        ST(y, base + c * N, v);
+        if (yq) yq[base + c * N] = (OT)clamp(rint(v / qs) + (float)qz, (float)qlo, (float)qhi);
+        else ST(y, base + c * N, v);
     }
+}
+
+__kernel void layer_norm_channels(__global const T* x, __global const float* gamma, __global const float* beta,
+                                  __global const T* mod, __global T* y, const int C, const int N, const int BN,
+                                  const float eps, const int flags, const int mod_stride, const int scale_off,
+                                  const int shift_off) {
+    const int i = get_global_id(0);
+    if (i < BN)
+        layer_norm_position(x, gamma, beta, mod, y, 0, C, N, i, eps, flags, mod_stride, scale_off, shift_off, 1.0f,
+                            0, 0, 0);
+}
+
+__kernel void layer_norm_channels_q(__global const T* x, __global const float* gamma, __global const float* beta,
+                                    __global const T* mod, __global OT* y, const int C, const int N, const int BN,
+                                    const float eps, const int flags, const int mod_stride, const int scale_off,
+                                    const int shift_off, const float qs, const int qz, const int qlo, const int qhi) {
+    const int i = get_global_id(0);
+    if (i < BN)
+        layer_norm_position(x, gamma, beta, mod, 0, y, C, N, i, eps, flags, mod_stride, scale_off, shift_off, qs, qz,
+                            qlo, qhi);
 }
 
 /* GEGLU (SD-1.x feed-forward): x is the (B, 2F, N) output of the proj linear; the first F
  * channels are the value, the last F the gate: y[b, j, n] = x[b, j, n] * gelu(x[b, F + j, n]),
  * exact (erf) GELU as diffusers' GEGLU. */
-__kernel void geglu(__global const T* x, __global T* y, const int FN, const int n) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
+inline float geglu_value(__global const T* x, const int FN, const int i) {
     const int b = i / FN, r = i - (i / FN) * FN;
     const float a = LD(x, 2 * b * FN + r), g = LD(x, 2 * b * FN + FN + r);
-    ST(y, i, a * 0.5f * g * (1.0f + erf(g * 0.7071067811865476f)));
+    return a * 0.5f * g * (1.0f + erf(g * 0.7071067811865476f));
+}
+
+__kernel void geglu(__global const T* x, __global T* y, const int FN, const int n) {
+    const int i = get_global_id(0);
+    if (i < n) ST(y, i, geglu_value(x, FN, i));
+}
+
+/* GEGLU stored on the next integer layer's grid (int8 bundles). */
+__kernel void geglu_q(__global const T* x, __global OT* y, const int FN, const int n, const float qs, const int qz,
+                      const int qlo, const int qhi) {
+    const int i = get_global_id(0);
+    if (i < n) y[i] = (OT)clamp(rint(geglu_value(x, FN, i) / qs) + (float)qz, (float)qlo, (float)qhi);
 }
 
 /* adaLN-Zero's gated residual (DiT): y = res + mod[b, off + c] * x over (B, C, N). */
