@@ -114,7 +114,9 @@ def test_fast_recipes_plan_and_fast_runs(tiny_unet: DiffusionModel) -> None:
 
     edge_fast = load_recipe("edge-fast")
     names = [p.name for p in edge_fast.passes]
-    assert names.index("cache") < names.index("calib") < names.index("quant") and names[0] == "sampling"
+    # measured: DeepCache broke the quality goal in every edge-fast composition, so it is not in it
+    assert names.index("calib") < names.index("quant") and names[0] == "sampling" and "cache" not in names
+    assert edge_fast.passes[0].options["clip_x0"] is True
     for spec in edge_fast.passes:
         passes.make_options(spec.name, spec.options, "edge-fast")
     out, records = run_recipe(tiny_unet, load_recipe("fast"))

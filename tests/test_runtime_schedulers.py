@@ -32,6 +32,12 @@ CASES = [
     ("UniPCMultistepScheduler", {"solver_order": 3}, 12),
     ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 9),
     ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, 8),
+    # dynamic thresholding of x0 (sample_max_value 1: clip_sample for pixel-space models)
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 1.0}, 10),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9}, 8),
+    ("UniPCMultistepScheduler", {"thresholding": True, "sample_max_value": 1.0}, 10),
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 1.5}, 10),
+    ("LCMScheduler", {"thresholding": True, "sample_max_value": 1.0}, 4),
     ("LCMScheduler", {}, 4),
     ("LCMScheduler", {"prediction_type": "v_prediction", "original_inference_steps": 30}, 6),
     ("FlowMatchEulerDiscreteScheduler", {}, 10),
@@ -99,7 +105,7 @@ def test_unknown_scheduler_and_unported_options_are_bad_input() -> None:
     with pytest.raises(BadInput, match="algorithm_type"):
         from_config({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"})
     with pytest.raises(BadInput, match="thresholding"):
-        from_config({"_class_name": "DDIMScheduler", "thresholding": True})
+        from_config({"_class_name": "EulerDiscreteScheduler", "thresholding": True})
 
 
 SHAPES = [(1,), (3,), (15,), (16,), (17,), (31,), (2, 1, 16, 16), (5, 3, 7), (64, 1, 16, 16)]

@@ -77,3 +77,32 @@ def test_cached_artifact_exports_say_what_holds_the_cache(tiny_unet: DiffusionMo
     write_artifact(m, tmp_path / "art", {"source": "test"})
     assert main(["export", str(tmp_path / "art"), "--target", "openvino", "-o", str(tmp_path / "ov")]) == 3
     assert not (tmp_path / "ov").exists()
+
+
+def test_clip_x0_reaches_every_sampler_and_the_bundle_runtime(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
+    import numpy as np
+
+    from edgediff.artifact import write_artifact
+    from edgediff.bundle import export_bundle
+    from edgediff.runtime.generate import run_bundle
+    from edgediff.sampling import SamplerConfig, make_scheduler, sample_model
+
+    run, opts = passes.get("sampling")
+    m = run(tiny_unet.clone(), opts(sampler="dpmpp-2m", steps=4, clip_x0=True), PassContext())
+    assert m.extras["sampling"]["clip_x0"] is True
+    for s in ("dpmpp-2m", "unipc", "ddim"):
+        cfg = make_scheduler(m.schedule, s, 4).config
+        assert cfg.thresholding and cfg.sample_max_value == 1.0, s
+    assert not make_scheduler(tiny_unet.schedule, "dpmpp-2m", 4).config.thresholding
+    x = sample_model(m, 2, 0, SamplerConfig("dpmpp-2m", 4))
+    plain = sample_model(tiny_unet, 2, 0, SamplerConfig("dpmpp-2m", 4))
+    assert (x - plain).abs().max() > 1e-3  # the clip acts on this model
+    write_artifact(m, tmp_path / "art", {"source": "test"})  # the schedule travels with the artifact
+    from edgediff.artifact import load_artifact
+
+    assert make_scheduler(load_artifact(tmp_path / "art").schedule, "dpmpp-2m", 4).config.thresholding
+    export_bundle(m, tmp_path / "b", "onnx", "fp32")
+    xb, _ = run_bundle(tmp_path / "b", samples=2, seed=0, threads=1)
+    np.testing.assert_allclose(xb, x.numpy(), atol=1e-4)
+    with pytest.raises(Exception, match="clip_x0"):
+        opts(clip_x0="yes")

@@ -7,8 +7,9 @@ step. Only what inference needs is ported: `set_timesteps`, `scale_model_input`,
 and `init_noise_sigma`. Stochastic steps draw from a `TorchGenerator` in the order
 diffusers draws from a torch generator.
 
-Not ported (a BadInput names the option): thresholding, learned variances, dynamic
-shifting, beta/exponential sigmas, SDE variants of DPM-Solver, custom timesteps.
+Not ported (a BadInput names the option): learned variances, dynamic shifting,
+beta/exponential sigmas, SDE variants of DPM-Solver, custom timesteps. Dynamic thresholding of
+x0 (`thresholding`) is ported for DDIM, DDPM, LCM, DPM-Solver++ multistep and UniPC.
 """
 
 from __future__ import annotations
@@ -170,9 +171,12 @@ def _x0_from(prediction_type: str, out: np.ndarray, sample: np.ndarray, a: float
 
 
 class _Discrete(NumpyScheduler):
+    thresholds = False  # ports that apply diffusers' dynamic thresholding to x0 (`thresholding`)
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        _unsupported(self.config, self.name, ("thresholding",))
+        if not self.thresholds:
+            _unsupported(self.config, self.name, ("thresholding",))
         self.betas = _betas(self.config)
         self.alphas_cumprod = np.cumprod((1.0 - self.betas).astype(F32), dtype=F32)
 
@@ -187,15 +191,26 @@ class _Discrete(NumpyScheduler):
         self.timesteps = (ts.round() if spacing == "linspace" else ts).astype(np.int64)
 
     def _clip(self, x0: np.ndarray, default: bool) -> np.ndarray:
-        """clip_sample (on by default for DDIM/DDPM, off for LCM)."""
+        """thresholding, else clip_sample (on by default for DDIM/DDPM, off for LCM), as diffusers orders them."""
+        if self.config.get("thresholding"):
+            return self._threshold(x0)
         if self.config.get("clip_sample", default):
             r = float(self.config.get("clip_sample_range", 1.0))
             x0 = np.clip(x0, -r, r)
         return x0
 
+    def _threshold(self, x0: np.ndarray) -> np.ndarray:
+        """diffusers' dynamic thresholding: per sample s = the ratio-quantile of |x0|, clamped to
+        [1, sample_max_value]; x0 -> clip(x0, -s, s) / s (sample_max_value 1: clip_sample on x0)."""
+        flat = x0.reshape(x0.shape[0], -1).astype(F32)
+        q = np.quantile(np.abs(flat), float(self.config.get("dynamic_thresholding_ratio", 0.995)), axis=1)
+        sv = np.minimum(np.maximum(q, 1.0), float(self.config.get("sample_max_value", 1.0))).astype(F32)[:, None]
+        return (np.clip(flat, -sv, sv) / sv).reshape(x0.shape).astype(F32)
+
 
 class DDIM(_Discrete):
     name = "DDIMScheduler"
+    thresholds = True
 
     def __init__(self, config: dict[str, Any], eta: float = 0.0) -> None:
         super().__init__(config)
@@ -229,6 +244,7 @@ class DDIM(_Discrete):
 
 class DDPM(_Discrete):
     name = "DDPMScheduler"
+    thresholds = True
     stochastic = True
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -435,20 +451,25 @@ class _Multistep(_Sigma):
         lam_s0 = math.log(a_s0) - math.log(s_s0)
         return a_t, s_t, s_s0, lam_s0, lam_t - lam_s0
 
+    thresholds = True
+
     def _x0(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         assert self._step_index is not None
         sigma = float(self.sigmas[self._step_index])
         a, s = self._alpha_sigma(sigma)
         pt = self.prediction_type
         if pt == "epsilon":
-            return (sample - F32(s) * model_output) / F32(a)
-        if pt == "sample":
-            return model_output
-        if pt == "v_prediction":
-            return F32(a) * sample - F32(s) * model_output
-        if pt == "flow_prediction":
-            return sample - F32(sigma) * model_output
-        raise BadInput(f"scheduler config: prediction_type {pt!r} is not supported")
+            x0 = (sample - F32(s) * model_output) / F32(a)
+        elif pt == "sample":
+            x0 = model_output
+        elif pt == "v_prediction":
+            x0 = F32(a) * sample - F32(s) * model_output
+        elif pt == "flow_prediction":
+            x0 = sample - F32(sigma) * model_output
+        else:
+            raise BadInput(f"scheduler config: prediction_type {pt!r} is not supported")
+        return self._threshold(x0) if self.config.get("thresholding") else x0
+
 
 
 class DPMSolverMultistep(_Multistep):
@@ -661,6 +682,7 @@ class UniPC(_Multistep):
 
 class LCM(_Discrete):
     name = "LCMScheduler"
+    thresholds = True
     stochastic = True
 
     def __init__(self, config: dict[str, Any]) -> None:
