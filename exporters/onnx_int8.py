@@ -171,7 +171,9 @@ class IntLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.kind == "linear" and x.dim() != 2:
-            x = x.reshape(-1, shape[-1])
+            # feature sizes as python ints (the weights'): traced, only the leading dims stay dynamic,
+            # so fewer Shape/Gather/Unsqueeze/Concat ops run around every linear (docs/int8.md)
+            x = x.reshape(-1, int(self.channels[-1][1]))
         y = None
         for i, (a, b) in enumerate(self.channels):
             xs = x if len(self.channels) == 1 else x[:, a:b]
@@ -179,7 +181,7 @@ class IntLayer(nn.Module):
             y = r if y is None else y + r
         assert y is not None
         if self.kind == "linear" and len(shape) != 2:
-            y = y.reshape(*shape[:-1], y.shape[-1])
+            y = y.reshape(*shape[:-2], -1, int(y.shape[-1]))
         return y
 
 
