@@ -120,7 +120,7 @@ def test_fast_recipes_plan_and_fast_runs(tiny_unet: DiffusionModel) -> None:
     for spec in edge_fast.passes:
         passes.make_options(spec.name, spec.options, "edge-fast")
     out, records = run_recipe(tiny_unet, load_recipe("fast"))
-    assert out.extras["sampling"] == {"sampler": "dpmpp-2m", "steps": 10, "eta": 0.0}
+    assert out.extras["sampling"] == {"sampler": "dpmpp-2m", "steps": 10, "eta": 0.0, "clip_x0": True}
     assert out.extras["cache"]["interval"] == 2
     cache_rec = next(r for r in records if r.name == "cache")
     assert cache_rec.metrics["calls_full"] == 5 and cache_rec.metrics["calls_shallow"] == 5
