@@ -29,18 +29,18 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB limit, with margin: larger
 
 
 class _TextEncoder(nn.Module):
-    def __init__(self, te: nn.Module) -> None:
+    def __init__(self, te: nn.Module, hidden_states: bool = False) -> None:
         super().__init__()
-        self.te = te
+        self.te, self.hidden_states = te, hidden_states
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.te(input_ids.long(), return_dict=True)
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.te(input_ids.long(), return_dict=True, output_hidden_states=self.hidden_states)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = getattr(out, "text_embeds", None)
         if pooled is None:  # T5: no pooled output; the mean keeps the optimum output list complete
             pooled = out.last_hidden_state.mean(1)
-        return out.last_hidden_state, pooled
+        return (out.last_hidden_state, pooled, *(out.hidden_states if self.hidden_states else ()))
 
 
 class _VaeDecoder(nn.Module):
@@ -76,13 +76,20 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
         return onnx.load(target) if big else onnx.load_from_string(target.getvalue())
 
 
-def text_encoder_graph(te: nn.Module, seq: int) -> Any:
+def text_encoder_graph(te: nn.Module, seq: int, hidden_states: bool = False) -> Any:
+    """`hidden_states`: also every layer's states as hidden_states.0 ... hidden_states.L (optimum's SDXL names;
+    SDXL and SD3 take the penultimate), and a projection's pooled output named text_embeds."""
     ids = torch.zeros(2, seq, dtype=torch.int32)
     ids[:, 0] = int(getattr(te.config, "bos_token_id", 0) or 0)
     ids[:, -1] = int(getattr(te.config, "eos_token_id", 0) or 0)
-    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-           "last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}}
-    return _export(_TextEncoder(te), (ids,), ["input_ids"], ["last_hidden_state", "pooler_output"], dyn)
+    pooled = "text_embeds" if hidden_states and hasattr(te, "text_projection") else "pooler_output"
+    outputs = ["last_hidden_state", pooled]
+    if hidden_states:
+        layers = int(getattr(te.config, "num_hidden_layers", 0) or getattr(te.config, "num_layers", 0))
+        outputs += [f"hidden_states.{i}" for i in range(layers + 1)]
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"}, pooled: {0: "batch_size"},
+           **{o: {0: "batch_size", 1: "sequence_length"} for o in outputs if o != pooled}}
+    return _export(_TextEncoder(te, hidden_states), (ids,), ["input_ids"], outputs, dyn)
 
 
 def vae_decoder_graph(vae: nn.Module, latent_shape: tuple[int, int, int]) -> Any:

@@ -76,11 +76,9 @@ def test_sd3_with_two_clips_and_no_t5_generates_as_diffusers(tmp_path: Path) -> 
     assert data["cond.pooled_projections"].shape == (8, 32) and data["cond.encoder_hidden_states"].shape == (8, 272, 48)
 
 
-def test_sdxl_pipeline_latents_are_diffusers_and_the_bundle_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
+def test_sdxl_pipeline_latents_are_diffusers(tiny_sdxl: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from edgediff.bundle import export_bundle
-    from edgediff.errors import BadInput
     from edgediff.pipelines import pipeline_of
     from edgediff.pipelines.encode import pipeline_latents
 
@@ -93,5 +91,70 @@ def test_sdxl_pipeline_latents_are_diffusers_and_the_bundle_is_refused(tiny_sdxl
     want = ref(["a red cat", "the dog"], num_inference_steps=3, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(2), output_type="latent").images
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    with pytest.raises(BadInput, match="several text encoders"):
-        export_bundle(m, tmp_path / "b")
+
+
+_CHILD = """
+import sys
+sys.modules["torch"] = None
+from edgediff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _diffusers_latents(folder: Path, bundle: Path, neg: str | None, **kw: object) -> np.ndarray:
+    import json
+
+    import diffusers
+
+    idx = json.loads((folder / "model_index.json").read_text())
+    cls = getattr(diffusers, idx["_class_name"])
+    pipe = cls.from_pretrained(str(folder), **kw)
+    cfg = json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)  # the bundle's scheduler
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red cat", negative_prompt=neg, num_inference_steps=3, guidance_scale=5.0, num_images_per_prompt=2,
+                generator=torch.Generator().manual_seed(1), output_type="latent").images.numpy()
+
+
+def test_sdxl_bundle_generates_without_torch_as_diffusers_and_verifies(tiny_sdxl: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from edgediff.cli import main
+
+    pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
+    b = tmp_path / "b"
+    assert main(["--threads", "1", "export", str(tiny_sdxl), "--target", "onnx", "-o", str(b)]) == 0
+    mf = json.loads((b / "edgediff_bundle.json").read_text())
+    assert mf["pipeline"]["encoding"] == "sdxl" and mf["pipeline"]["text_encoders"] == ["text_encoder", "text_encoder_2"]
+    assert "hidden_states.1" in mf["components"]["text_encoder_2"]["outputs"]  # the penultimate of 2 layers
+    for neg in (None, "the dog"):
+        args = ["--threads", "1", "generate", str(b), "--prompt", "a red cat", "--samples", "2", "--seed", "1",
+                "--steps", "3", "--guidance", "5", "--save-npy", str(tmp_path / "x.npy"), "--json"]
+        proc = subprocess.run([sys.executable, "-c", _CHILD, *args, *(["--negative-prompt", neg] if neg else [])],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["torch_imported"] is False
+        want = _diffusers_latents(tiny_sdxl, b, neg)
+        np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, atol=1e-4 * max(1.0, float(np.abs(want).max())),
+                                   rtol=0)
+    capsys.readouterr()
+    assert main(["--threads", "1", "verify", str(tiny_sdxl), str(b), "--samples", "2", "--steps", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(res["components"])
+    assert res["psnr_images_db"] > 80
+
+
+def test_sd3_bundle_with_two_clips_equals_diffusers(tmp_path: Path) -> None:
+    from edgediff.bundle import export_bundle
+    from edgediff.runtime.pipeline import run_pipeline
+
+    pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
+    folder = build_tiny_sd3_clip(tmp_path / "sd3")
+    export_bundle(load_model(folder), tmp_path / "b", steps=3)
+    x, img, _ = run_pipeline(tmp_path / "b", "a red cat", samples=2, seed=1, steps=3, guidance=5.0)
+    want = _diffusers_latents(folder, tmp_path / "b", None, text_encoder_3=None, tokenizer_3=None)
+    assert img is not None and img.shape == (2, 3, 16, 16)
+    np.testing.assert_allclose(x, want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)

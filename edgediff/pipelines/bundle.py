@@ -48,13 +48,20 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
 
     out: dict[str, tuple[Any, str, str]] = {}
     sig = model.signature
+    from edgediff.pipelines.encode import encoding_of
+
+    kind = encoding_of(pipe)
     for name in pipe.names("text_encoder"):
-        if name != "text_encoder":
+        if kind == "clip" and name != "text_encoder":
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
-                           "are not bundled yet; export the denoiser and pass precomputed --prompt-embeds")
-        seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
-        proto, prec = graph(name, pipe.load(name), lambda m, seq=seq: bo.text_encoder_graph(m, seq))
-        out[name] = (proto, "text_encoder", prec)
+                           "other than SDXL's and SD3's are not bundled; export the denoiser and pass --prompt-embeds")
+        if name == "text_encoder_3":
+            raise BadInput(f"{pipe.path}: SD3's T5 encoder (text_encoder_3) is not bundled yet; save the pipeline "
+                           "without it (diffusers runs SD3 with zeros for T5) or export the denoiser with --prompt-embeds")
+        seq = int(sig.cond_shape[0]) if sig.cond_shape and kind == "clip" else _token_length(pipe, name)
+        proto, prec = graph(name, pipe.load(name),
+                            lambda m, seq=seq: bo.text_encoder_graph(m, seq, hidden_states=kind != "clip"))
+        out[name] = (proto, name, prec)  # role text_encoder, text_encoder_2: the runtime asks by name
     if pipe.has("vae"):
         vae = pipe.load("vae")
         f = pipe.vae_scale_factor()
@@ -67,13 +74,21 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
     return out
 
 
+def _token_length(pipe: Pipeline, text_encoder: str) -> int:
+    return int(pipe.load("tokenizer" + text_encoder[len("text_encoder"):]).model_max_length)
+
+
 def example_shapes(pipe: Pipeline, model: DiffusionModel) -> dict[str, dict[str, list[int]]]:
     """{component: {input: shape at batch 1}}: the shapes the pipeline runs (the graphs' H/W are dynamic)."""
     sig = model.signature
     c, h, w = (int(v) for v in sig.sample_shape[-3:])
     shapes: dict[str, dict[str, list[int]]] = {}
-    if pipe.has("text_encoder"):
-        shapes["text_encoder"] = {"input_ids": [1, int(sig.cond_shape[0]) if sig.cond_shape else 77]}
+    from edgediff.pipelines.encode import encoding_of
+
+    kind = encoding_of(pipe) if pipe.has("text_encoder") else None
+    for name in pipe.names("text_encoder"):
+        seq = int(sig.cond_shape[0]) if sig.cond_shape and kind == "clip" else _token_length(pipe, name)
+        shapes[name] = {"input_ids": [1, seq]}
     if pipe.has("vae"):
         f = pipe.vae_scale_factor()
         shapes["vae_decoder"] = {"latent_sample": [1, c, h, w]}
@@ -156,9 +171,30 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
         f = pipe.vae_scale_factor()
         rec.update({"vae_scaling_factor": pipe.vae_scaling_factor(), "vae_shift_factor": pipe.vae_shift_factor(),
                     "vae_scale_factor": f, "image_shape": [3, h * f, w * f]})
+    from edgediff.pipelines.encode import encoding_of
+
+    kind = encoding_of(pipe) if pipe.has("text_encoder") else None
     if pipe.has("tokenizer"):
-        tok = pipe.load("tokenizer")
-        seq = int(model.signature.cond_shape[0]) if model.signature.cond_shape else int(tok.model_max_length)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rec["tokenizer_config"] = {"max_length": seq, "pad_token_id": int(pad) if pad is not None else 0}
+        configs = {}
+        for name in pipe.names("tokenizer"):
+            tok = pipe.load(name)
+            seq = int(model.signature.cond_shape[0]) if model.signature.cond_shape and kind == "clip" \
+                else int(tok.model_max_length)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            configs[name] = {"max_length": seq, "pad_token_id": int(pad) if pad is not None else 0}
+        rec["tokenizer_config"] = configs.get("tokenizer")
+        rec["tokenizer_configs"] = configs
+    if kind in ("sdxl", "sd3"):  # how the runtime combines the encoders (edgediff.pipelines.encode.encode_conditioning)
+        rec["encoding"] = kind
+        rec["text_encoders"] = [n for n in graphs if n.startswith("text_encoder")]
+        rec["hidden_width"] = int(model.signature.cond_shape[-1]) if model.signature.cond_shape else None
+        if kind == "sdxl":
+            c, h, w = (int(v) for v in model.signature.sample_shape[-3:])
+            f = pipe.vae_scale_factor() if pipe.has("vae") else 8
+            rec["time_ids"] = [h * f, w * f, 0, 0, h * f, w * f]
+            rec["force_zeros_for_empty_prompt"] = bool(src_index.get("force_zeros_for_empty_prompt", True))
+        else:
+            from edgediff.pipelines.components import T5_SEQUENCE
+
+            rec["t5_sequence"] = T5_SEQUENCE
     return rec

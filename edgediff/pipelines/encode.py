@@ -56,6 +56,17 @@ def _clip(pipe: Pipeline, name: str, prompts: list[str]) -> tuple[torch.Tensor, 
     return out.hidden_states[-2].float(), out[0].float()
 
 
+def encoding_of(pipe: Pipeline) -> str:
+    """How the pipeline turns prompts into denoiser inputs: "clip" (one encoder's last hidden state), "sdxl"
+    (text_embeds + time_ids) or "sd3" (pooled_projections from several CLIPs, T5 tokens after them)."""
+    names = {s.name for s in pipe.denoiser.signature.extra}
+    if "pooled_projections" in names and len(pipe.names("text_encoder")) > 1:
+        return "sd3"
+    if {"text_embeds", "time_ids"} <= names:
+        return "sdxl"
+    return "clip"
+
+
 def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(conditional, unconditional) denoiser inputs by name for prompts, as the pipeline's own encode_prompt.
@@ -64,10 +75,10 @@ def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
     time_ids): every CLIP's penultimate hidden states side by side, the last encoder's pooled projection as
     text_embeds, time_ids (H, W, 0, 0, H, W) at the pipeline's image size; the unconditional branch zeros when no
     negative prompt is given and the pipeline forces zeros for empty prompts (diffusers' default), else encoded."""
-    names = {s.name for s in pipe.denoiser.signature.extra}
-    if "pooled_projections" in names and len(pipe.names("text_encoder")) > 1:
+    kind = encoding_of(pipe)
+    if kind == "sd3":
         return _sd3_conditioning(pipe, prompts, negative)
-    if not {"text_embeds", "time_ids"} <= names:
+    if kind == "clip":
         c, u = guided_conditioning(pipe, prompts, negative)
         return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
     encoders = pipe.names("text_encoder")

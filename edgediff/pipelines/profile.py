@@ -46,7 +46,7 @@ def calls_per_image(manifest: dict[str, Any], steps: int | None = None) -> dict[
             calls[name] = n_full * (2 if cfg else 1)
         elif role == ROLE_SHALLOW and cache:
             calls[name] = (n - n_full) * (2 if cfg else 1)
-        elif role == "text_encoder":
+        elif str(role).startswith("text_encoder"):  # text_encoder_2 ... of SDXL / SD3 bundles too
             calls[name] = 2 if cfg else 1
         elif role == "vae_decoder":
             calls[name] = 1

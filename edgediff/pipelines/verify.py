@@ -76,12 +76,19 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
     man = bundle.manifest["pipeline"]
     g = torch.Generator().manual_seed(seed + 11)
     states = None
-    if man.get("text_encoder"):
+    if man.get("text_encoder") and not man.get("encoding"):
         ids = token_ids(pipe, prompts[:4])
         want = pipe.load("text_encoder")(ids)[0].float().numpy()
         got = open_entry(bundle, "text_encoder", threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
         out["text_encoder"] = _row(got, want)
         states = torch.from_numpy(want)
+    for name in man.get("text_encoders") or [] if man.get("encoding") else []:  # SDXL / SD3: each at its length
+        tok = pipe.load("tokenizer" + name[len("text_encoder"):])
+        ids = tok(list(prompts[:4]), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
+                  return_tensors="pt").input_ids
+        want = pipe.load(name)(ids).last_hidden_state.float().numpy()  # [0] of a projection model is text_embeds
+        got = open_entry(bundle, name, threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+        out[name] = _row(got, want)
     mod = model.module().eval()
     sig = model.signature
     n = 2

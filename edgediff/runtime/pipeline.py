@@ -182,6 +182,56 @@ def encode(bundle: Bundle, sessions: _Sessions, prompts: list[str]) -> tuple[np.
     return states, tok_ms
 
 
+def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negatives: list[str], cfg: bool,
+                 no_negative: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """(conditional, unconditional) denoiser inputs of an SDXL / SD3 bundle (manifest `encoding`) and tokenizer ms,
+    combined from its text encoders as edgediff.pipelines.encode.encode_conditioning (diffusers' encode_prompt):
+    penultimate hidden states side by side; SDXL: the last pooled projection as text_embeds, time_ids, zeros for
+    the unconditional branch when no negative prompt is given and the pipeline forces them; SD3: padded to the
+    joint width, then T5's tokens as zeros, both pooled projections as pooled_projections."""
+    p = bundle.manifest["pipeline"]
+    comps = bundle.manifest["components"]
+    n = len(prompts)
+    zeros = p["encoding"] == "sdxl" and no_negative and bool(p.get("force_zeros_for_empty_prompt", True))
+    texts = prompts + (negatives if cfg and not zeros else [])
+    states, pooled, tok_ms = [], [], 0.0
+    for name in p["text_encoders"]:
+        tname = "tokenizer" + name[len("text_encoder"):]
+        tc = (p.get("tokenizer_configs") or {}).get(tname) or {}
+        t0 = time.perf_counter()
+        tok = BundleTokenizer(bundle.path / str(comps[tname]["path"]), int(tc.get("max_length", 77)),
+                              int(tc.get("pad_token_id", 0)))
+        ids = tok(texts)
+        tok_ms += (time.perf_counter() - t0) * 1e3
+        outs = list(comps[name].get("outputs") or [])
+        layers = sorted((o for o in outs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
+        pool = "text_embeds" if "text_embeds" in outs else "pooler_output"
+        h, pl = sessions.get(name).run([layers[-2], pool], {"input_ids": ids})
+        sessions.done(name)
+        states.append(h.astype(F32))
+        pooled.append(pl.astype(F32))
+    hidden = np.concatenate(states, -1)
+    if p["encoding"] == "sdxl":
+        vec = pooled[-1]
+        ids6 = np.tile(np.asarray(p["time_ids"], F32), (n, 1))
+        both = {"encoder_hidden_states": hidden, "text_embeds": vec}
+    else:
+        width = int(p["hidden_width"])
+        hidden = np.pad(hidden, ((0, 0), (0, 0), (0, width - hidden.shape[-1])))
+        t5 = np.zeros((hidden.shape[0], int(p["t5_sequence"]), width), F32)
+        both = {"encoder_hidden_states": np.concatenate([hidden, t5], 1).astype(F32),
+                "pooled_projections": np.concatenate(pooled, -1)}
+    cond = {k: v[:n] for k, v in both.items()}
+    uncond: dict[str, np.ndarray] = {}
+    if cfg:
+        uncond = {k: np.zeros_like(v) for k, v in cond.items()} if zeros else {k: v[n:] for k, v in both.items()}
+    if p["encoding"] == "sdxl":
+        cond["time_ids"] = ids6
+        if cfg:
+            uncond["time_ids"] = ids6.copy()
+    return cond, uncond, tok_ms
+
+
 def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None,
                  samples: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, eta: float | None = None, batch_size: int = 16,
@@ -235,10 +285,13 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
         negs = ["" if n is None else n for n in negs]
         if len(negs) != samples:
             raise BadInput(f"{len(negs)} negative prompts for {samples} samples")
-        states, tok_ms = encode(bundle, sessions, prompts + (negs if cfg else []))
-        cond = {"encoder_hidden_states": states[:samples]}
-        uncond = {"encoder_hidden_states": states[samples:]} if cfg else {}
-        sessions.done("text_encoder")
+        if pipe.get("encoding"):  # several text encoders (SDXL, SD3)
+            cond, uncond, tok_ms = encode_named(bundle, sessions, prompts, negs, cfg, negative_prompt is None)
+        else:
+            states, tok_ms = encode(bundle, sessions, prompts + (negs if cfg else []))
+            cond = {"encoder_hidden_states": states[:samples]}
+            uncond = {"encoder_hidden_states": states[samples:]} if cfg else {}
+            sessions.done("text_encoder")
     n_steps = int(bundle.manifest["steps"] if steps is None else steps)
     sched, sampler_name = make_scheduler(bundle, sampler, eta)
     sched.set_timesteps(n_steps)
