@@ -137,3 +137,14 @@ def test_int8_cached_opencl_bundle(tiny_unet: DiffusionModel, tmp_path: Path) ->
     r = verify(q, tmp_path / "b", samples=2)
     assert r["verified"] and r["precision"] == "int8" and r["tolerance"] == TOLERANCES["int8"]
     assert r["exit_code"] == 0 and (r["denoiser_calls_full"], r["denoiser_calls_shallow"]) == (2, 2)
+
+
+@needs_cl
+@pytest.mark.slow
+def test_cross_attention_cached_opencl_bundle(tiny_cond_unet: DiffusionModel, tmp_path: Path) -> None:
+    from edgediff.verify import verify
+
+    m = _cached(tiny_cond_unet, steps=4, sampler="ddim")
+    get_backend("opencl").export(m, tmp_path / "b", "fp32")
+    r = verify(m, tmp_path / "b", samples=2)  # encoder_hidden_states reach both schedules
+    assert r["exit_code"] == 0 and r["psnr_db"] > 60 and (r["denoiser_calls_full"], r["denoiser_calls_shallow"]) == (2, 2)
