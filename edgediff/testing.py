@@ -118,3 +118,32 @@ def export_third_party_onnx(unet: nn.Module, path: Any, example: tuple[torch.Ten
     torch.onnx.export(_Bare(unet).eval(), example, str(path), input_names=list(input_names),
                       output_names=[output_name], dynamo=False, dynamic_axes=dynamic_axes, **kwargs)
     return path
+
+
+_TORCH_BLOCKED_CLI = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from edgediff.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}),
+      file=sys.stderr)
+"""
+
+
+def cli_without_torch(args: list[str], timeout: float = 300) -> tuple[int, dict[str, Any], list[str], str]:
+    """Run `edgediff ARGS` in a child process where `import torch` fails (what the torch-free runtime
+    promises). Returns (exit code, the --json report or {}, the torch modules imported: ["torch"] is only
+    the blocked entry itself, stderr)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _TORCH_BLOCKED_CLI, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    lines = proc.stderr.strip().splitlines()
+    try:
+        tail = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:  # the child died before its last line
+        tail = {}
+    rep = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return (int(tail.get("rc", proc.returncode)), rep, list(tail.get("torch", [])), proc.stderr)

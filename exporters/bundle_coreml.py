@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgediff.exporters.bundle_tflite import TextEncoderCall
 from edgediff.exporters.coreml import OUTPUT_NAME, build_mlmodel, coreml_info
 from torch import nn
 
@@ -51,16 +52,11 @@ class _TextEncoder(nn.Module):
 
     def __init__(self, te: nn.Module) -> None:
         super().__init__()
-        self.te = te
+        self.call = TextEncoderCall(te)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.te(input_ids.long(), return_dict=True)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None:
-            pooled = getattr(out, "text_embeds", None)
-        if pooled is None:
-            pooled = out.last_hidden_state[:, -1]
-        return out.last_hidden_state, pooled
+        out = self.call(input_ids)
+        return out["last_hidden_state"], out.get("pooler_output", out["last_hidden_state"][:, -1])
 
 
 class AppleUnet(nn.Module):

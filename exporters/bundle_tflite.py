@@ -35,8 +35,9 @@ from edgediff.model import DiffusionModel
 SUFFIX = ".tflite"
 
 
-class _TextEncoder(nn.Module):
-    """The text encoder with the bundle's (optimum's) output names as the signature's."""
+class TextEncoderCall(nn.Module):
+    """The text encoder with the bundle's (optimum's) output names as the signature's (shared with the
+    Core ML bundle)."""
 
     def __init__(self, te: nn.Module) -> None:
         super().__init__()
@@ -86,7 +87,8 @@ def component_files(pipe: Any, model: DiffusionModel, precision: str) -> dict[st
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
                            "are not bundled for tflite; export the denoiser and pass precomputed --prompt-embeds")
         seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
-        jobs.append((name, "text_encoder", _TextEncoder(pipe.load(name)), {"input_ids": torch.zeros(1, seq, dtype=torch.int32)}))
+        ids = torch.zeros(1, seq, dtype=torch.int32)
+        jobs.append((name, "text_encoder", TextEncoderCall(pipe.load(name)), {"input_ids": ids}))
     if pipe.has("vae"):
         part = VaeDecoderPart(copy.deepcopy(pipe.load("vae")))
         gpu_friendly(part)

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import SEQ, tiny_ddpm, tiny_sd  # noqa: F401
+from pipeline_fixtures import SEQ, cli_json, tiny_ddpm, tiny_sd  # noqa: F401
 
 from edgediff.bundle import export_bundle
 from edgediff.errors import BadInput
 from edgediff.loaders import load_model
+from edgediff.testing import cli_without_torch
 
 ort = pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
 
@@ -119,27 +118,14 @@ def test_onnx_bundle_has_optimums_layout_and_io_names(tiny_sd: Path, sd_bundle: 
     assert info["components"]["text_encoder"]["macs"] == src["components"]["text_encoder"]["macs"]
 
 
-_CHILD = """
-import json, sys
-sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from edgediff.cli import main
-rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}),
-      file=sys.stderr)
-"""
-
-
 def test_generate_from_the_bundle_without_torch_equals_diffusers(tiny_sd: Path, sd_bundle: Path,  # noqa: F811
                                                                  tmp_path: Path) -> None:
     npy, png = tmp_path / "lat.npy", tmp_path / "img.png"
     args = ["--threads", "1", "generate", str(sd_bundle), "--prompt", "a red cat", "--negative-prompt", "the dog",
             "--seed", "3", "--steps", "6", "--samples", "2", "--guidance", "5", "-o", str(png), "--save-npy", str(npy),
             "--json"]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    tail = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert tail["rc"] == 0 and tail["torch"] == ["torch"]  # nothing imported torch
-    rep = json.loads(proc.stdout)
+    rc, rep, torch_modules, err = cli_without_torch(args)
+    assert rc == 0 and torch_modules == ["torch"], err[-2000:]  # nothing imported torch
     # PNDM (PLMS) runs 7 timesteps for 6 steps, x2 with guidance
     assert rep["torch_imported"] is False and rep["classifier_free_guidance"] and rep["denoiser_calls"] == 14
     for key in ("text_encoder", "denoiser", "vae_decoder", "tokenizer", "scheduler"):
@@ -163,6 +149,33 @@ def test_images_equal_diffusers_and_low_memory_is_the_same(tiny_sd: Path, sd_bun
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(img_low, img)
     assert st["guidance"] == 7.5 and st_low["low_memory"] and st["steps"] == 6  # the pipeline's default guidance
+
+
+def test_generate_at_another_size_on_dynamic_hw_equals_diffusers(tiny_sd: Path, sd_bundle: Path,  # noqa: F811
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    import diffusers
+
+    from edgediff.runtime.pipeline import run_pipeline
+
+    # 32x24 pixels: latents 16x12 through the bundle's dynamic-H/W UNet and VAE decoder
+    _, img, st = run_pipeline(sd_bundle, "the dog", samples=2, seed=1, steps=4, threads=1, height=32, width=24)
+    assert img.shape == (2, 3, 32, 24)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None,
+                                                             requires_safety_checker=False)
+    cfg = json.loads((sd_bundle / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe("the dog", height=32, width=24, num_inference_steps=4, num_images_per_prompt=2,
+                generator=torch.Generator().manual_seed(1), output_type="np").images
+    np.testing.assert_allclose(((img + 1) / 2).transpose(0, 2, 3, 1), want, atol=1e-4, rtol=0)
+    png = tmp_path / "x.png"
+    # not a multiple of the VAE's 2; latents 17 not a multiple of the UNet's 2; below 1
+    for bad in (["--height", "31"], ["--height", "34"], ["--width", "0"]):
+        rc, _ = cli_json(capsys, "generate", str(sd_bundle), "--prompt", "a", "--steps", "1", "-o", str(png), *bad)
+        assert rc == 2, bad
+    rc, _ = cli_json(capsys, "generate", str(tiny_sd), "--prompt", "a", "--steps", "1", "-o", str(png), "--height", "32")
+    assert rc == 2  # the PyTorch generate has no --height
 
 
 def test_runtime_tokenizer_equals_transformers(tiny_sd: Path, sd_bundle: Path) -> None:  # noqa: F811

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from pipeline_fixtures import SEQ, cli_json, tiny_sd  # noqa: F401
 
 from edgediff.bundle import export_bundle
 from edgediff.loaders import load_model
+from edgediff.testing import cli_without_torch
 
 pytest.importorskip("litert_torch", reason="TFLite bundles are converted with litert-torch")
 pytest.importorskip("ai_edge_litert.interpreter", reason="TFLite bundles run on LiteRT")
@@ -85,27 +84,13 @@ def test_tflite_bundle_layout_and_manifest(tfl_bundle: Path, tiny_sd: Path,  # n
     assert info["components"]["vae_decoder"]["macs"] == src["components"]["vae"]["macs_decode"]
 
 
-_CHILD = """
-import json, sys
-sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from edgediff.cli import main
-rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}),
-      file=sys.stderr)
-"""
-
-
 def test_generate_on_litert_without_torch_equals_diffusers(tfl_bundle: Path, tiny_sd: Path,  # noqa: F811
                                                            tmp_path: Path) -> None:
     npy, png = tmp_path / "lat.npy", tmp_path / "img.png"
-    args = ["--threads", "1", "generate", str(tfl_bundle), "--prompt", "a red cat", "--negative-prompt", "the dog",
-            "--seed", "3", "--steps", "6", "--samples", "3", "--guidance", "5", "-o", str(png), "--save-npy", str(npy),
-            "--json"]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    tail = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert tail["rc"] == 0 and tail["torch"] == ["torch"]  # nothing imported torch
-    rep = json.loads(proc.stdout)
+    opts = "--prompt|a red cat|--negative-prompt|the dog|--seed|3|--steps|6|--samples|3|--guidance|5".split("|")
+    rc, rep, torch_modules, err = cli_without_torch(["--threads", "1", "generate", str(tfl_bundle), *opts,
+                                                     "-o", str(png), "--save-npy", str(npy), "--json"])
+    assert rc == 0 and torch_modules == ["torch"], err[-2000:]  # nothing imported torch
     assert rep["runtime"] == "litert" and rep["torch_imported"] is False
     assert rep["denoiser_calls"] == 14 and rep["steps"] == 6  # PLMS: 7 timesteps for 6 steps, x2 with guidance
     for key in ("text_encoder", "denoiser", "vae_decoder", "tokenizer", "scheduler"):
@@ -160,3 +145,14 @@ def test_int8_and_fp16_tflite_bundles(tiny_sd: Path, tmp_path: Path, capsys: pyt
     rc, res = cli_json(capsys, "--threads", "1", "verify", str(src), str(tmp_path / "b16"), "--samples", "2",
                        "--steps", "4")
     assert rc == 0 and res["verified"], res.get("reason")
+
+
+def test_tflite_bundle_has_a_fixed_size(tfl_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _ = cli_json(capsys, "generate", str(tfl_bundle), "--prompt", "a", "--steps", "1", "-o", str(tmp_path / "x.png"),
+                     "--height", "32")
+    assert rc == 2 and not (tmp_path / "x.png").exists()
+    from edgediff.errors import BadInput
+    from edgediff.runtime.pipeline import run_pipeline
+
+    with pytest.raises(BadInput, match="fixed size"):
+        run_pipeline(tfl_bundle, "a", steps=1, width=24)
