@@ -183,11 +183,11 @@ def main() -> None:
     for r in results:
         r["speedup_vs_reference"] = round(ref["ort_ms_per_image"] / r["ort_ms_per_image"], 2) if ref else None
     goal: dict[str, Any] = {}
+    # one-sided: a row is not failed for a higher confident share or a lower FD than the reference's
     for ef in (r for r in results if r["name"].startswith("edge-fast") and ref):  # each edge-fast row
         goal[ef["name"]] = {"speedup_10x": ef["speedup_vs_reference"] >= 10,
-                            "confident_within_0.03": abs(ef["confident_mean"] - ref["confident_mean"]) <= 0.03,
-                            "fd_within_seed_spread": abs(ef["fd_mean"] - ref["fd_mean"]) <= max(ref["fd_std"],
-                                                                                                ef["fd_std"])}
+                            "confident_within_0.03": ref["confident_mean"] - ef["confident_mean"] <= 0.03,
+                            "fd_within_seed_spread": ef["fd_mean"] - ref["fd_mean"] <= max(ref["fd_std"], ef["fd_std"])}
     print("\n| configuration | calls full/shallow | ORT ms/image | speedup | digit FD | confident share | PSNR vs ref |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
