@@ -158,3 +158,12 @@ def test_sd3_bundle_with_two_clips_equals_diffusers(tmp_path: Path) -> None:
     want = _diffusers_latents(folder, tmp_path / "b", None, text_encoder_3=None, tokenizer_3=None)
     assert img is not None and img.shape == (2, 3, 16, 16)
     np.testing.assert_allclose(x, want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+    # a recipe's text encoder part calibrates on ids at its tokenizer's length (not the joint sequence)
+    from edgediff.passes.calib import CalibOptions
+    from edgediff.pipelines import pipeline_of
+    from edgediff.pipelines.compress import calibration_inputs
+
+    m = load_model(folder)
+    pipe = pipeline_of(m)
+    assert pipe is not None
+    assert tuple(calibration_inputs(m, pipe, "text_encoder_2", CalibOptions(n_samples=2)).shape) == (3, 16)

@@ -95,6 +95,17 @@ def _tokenizer_for(text_encoder: str) -> str:
     return "tokenizer" + text_encoder[len("text_encoder"):]
 
 
+def _ids(pipe: Pipeline, part: str, prompts: list[str]) -> torch.Tensor:
+    """Token ids as the pipeline feeds text encoder `part` (SDXL/SD3: at each tokenizer's own length)."""
+    from edgediff.pipelines.encode import encoding_of, token_ids
+
+    if encoding_of(pipe) == "clip":
+        return token_ids(pipe, prompts, _tokenizer_for(part))
+    tok = pipe.load(_tokenizer_for(part))
+    return tok(list(prompts), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
+               return_tensors="pt").input_ids
+
+
 def _prompts(model: DiffusionModel, n: int, seed: int) -> list[str]:
     from edgediff.pipelines.prompts import prompts_for
 
@@ -109,11 +120,11 @@ def _guidance(pipe: Pipeline) -> float:
 
 def calibration_inputs(model: DiffusionModel, pipe: Pipeline, part: str, opts: Any) -> torch.Tensor:
     """What the deployed pipeline feeds `part` (see the module docstring): token ids, latents or images."""
-    from edgediff.pipelines.encode import decode_latents, pipeline_latents, token_ids
+    from edgediff.pipelines.encode import decode_latents, pipeline_latents
 
     prompts = _prompts(model, int(opts.n_samples), int(opts.seed))
     if part not in VAE_PARTS:
-        return token_ids(pipe, prompts + [""], _tokenizer_for(part))
+        return _ids(pipe, part, prompts + [""])
     lat = pipeline_latents(pipe, model, prompts, int(opts.seed), opts.sampler, int(opts.steps), _guidance(pipe),
                            description=f"calib {part}: denoiser samples")
     if part == "vae_decoder":
@@ -233,7 +244,6 @@ def report(original: DiffusionModel, result: DiffusionModel, progress: Any = Non
     original part on fixed inputs (the original pipeline's prompts, latents and images), and the PSNR of the
     final images of the whole pipeline (compressed denoiser and parts) vs the original pipeline's."""
     from edgediff import metrics
-    from edgediff.pipelines.encode import token_ids
     from edgediff.pipelines.verify import range_psnr, reference_images
 
     pipe_o, pipe_c = pipeline_of(original), pipeline_of(result)
@@ -249,7 +259,7 @@ def report(original: DiffusionModel, result: DiffusionModel, progress: Any = Non
         pm_o = part_module(part, pipe_o.load(comp, original=True))
         pm_c = part_module(part, pipe_c.load(comp))
         if part not in VAE_PARTS:
-            x = token_ids(pipe_o, prompts + [""], _tokenizer_for(part))
+            x = _ids(pipe_o, part, prompts + [""])
         elif part == "vae_decoder":
             x = lat_o.float() / pipe_o.vae_scaling_factor() + pipe_o.vae_shift_factor()
         else:

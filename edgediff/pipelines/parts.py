@@ -98,7 +98,8 @@ def run_part(part: str, pm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One call of a part module on its input: token ids (a text encoder's last hidden state), latents or images."""
     if part in VAE_PARTS:
         return pm(x.float()).float()
-    return pm(x.long())[0].float()
+    out = pm(x.long())
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()  # not text_embeds
 
 
 def records(extras: dict[str, Any]) -> dict[str, dict[str, Any]]:
