@@ -400,6 +400,17 @@ def integerize(data: bytes, low: Any) -> tuple[bytes, dict[str, Any]]:
         report["dequantize_ops"] += 1
         dq_source[y] = yq
         report["integer_ops"][kind] += 1
+    # a DEQUANTIZE/QUANTIZE whose output nothing reads any more (its consumers now take the int8
+    # tensor directly, e.g. after P.V into to_out) still runs over the whole tensor: drop it
+    graph_out = {int(i) for i in sg.outputs}
+    while True:
+        read = {int(i) for o in ops for i in o.inputs if int(i) >= 0} | graph_out
+        dead = [o for o in ops if code_name[o.opcodeIndex] in ("DEQUANTIZE", "QUANTIZE")
+                and not any(int(t) in read for t in o.outputs)]
+        if not dead:
+            break
+        ops = [o for o in ops if all(o is not d for d in dead)]
+        report["dead_ops_removed"] = report.get("dead_ops_removed", 0) + len(dead)
     sg.operators = ops
     # the float weights and biases that were replaced are no tensor's data any more: empty them
     # (buffer indices must stay), else the file would carry both copies

@@ -83,6 +83,14 @@ def test_every_lowered_layer_becomes_an_int8_kernel(full_int) -> None:
     assert [o["name"] for o in info["float_mac_ops"] if o["op"] == "CONV_2D"] == ["conv_out"]
     # the file's interface stays float32
     assert info["inputs"]["sample"]["dtype"] == "float32" and info["outputs"]["out"]["dtype"] == "float32"
+    # no QUANTIZE/DEQUANTIZE whose output nothing reads (P.V writes to_out's int8 directly)
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(out))
+    ops = it._get_ops_details()
+    read = {i for o in ops for i in o["inputs"]} | {d["index"] for d in it.get_output_details()}
+    assert not [o["index"] for o in ops if o["op_name"] in ("QUANTIZE", "DEQUANTIZE") and o["outputs"][0] not in read]
+    assert done.get("dead_ops_removed", 0) >= 1
 
 
 def test_int8_ops_carry_the_lowered_integers(full_int) -> None:
