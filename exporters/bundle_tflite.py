@@ -84,8 +84,8 @@ def component_files(pipe: Any, model: DiffusionModel, precision: str) -> dict[st
     jobs: list[tuple[str, str, nn.Module, dict[str, torch.Tensor]]] = []
     for name in pipe.names("text_encoder"):
         if name != "text_encoder":
-            raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
-                           "are not bundled for tflite; export the denoiser and pass precomputed --prompt-embeds")
+            raise Unavailable(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))})"
+                              " are not bundled for tflite yet (--target onnx bundles them)")
         seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
         ids = torch.zeros(1, seq, dtype=torch.int32)
         jobs.append((name, "text_encoder", TextEncoderCall(pipe.load(name)), {"input_ids": ids}))
