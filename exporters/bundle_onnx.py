@@ -29,18 +29,21 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB limit, with margin: larger
 
 
 class _TextEncoder(nn.Module):
-    def __init__(self, te: nn.Module, hidden_states: bool = False) -> None:
+    def __init__(self, te: nn.Module, outputs: list[str]) -> None:
         super().__init__()
-        self.te, self.hidden_states = te, hidden_states
+        self.te, self.outputs = te, outputs
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.te(input_ids.long(), return_dict=True, output_hidden_states=self.hidden_states)
+        hidden = any(o.startswith("hidden_states.") for o in self.outputs)
+        out = self.te(input_ids.long(), return_dict=True, output_hidden_states=hidden)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = getattr(out, "text_embeds", None)
         if pooled is None:  # T5: no pooled output; the mean keeps the optimum output list complete
             pooled = out.last_hidden_state.mean(1)
-        return (out.last_hidden_state, pooled, *(out.hidden_states if self.hidden_states else ()))
+        values = {"last_hidden_state": out.last_hidden_state, "pooler_output": pooled, "text_embeds": pooled}
+        values.update({f"hidden_states.{i}": h for i, h in enumerate(out.hidden_states or ())} if hidden else {})
+        return tuple(values[o] for o in self.outputs)
 
 
 class _VaeDecoder(nn.Module):
@@ -77,19 +80,22 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
 
 
 def text_encoder_graph(te: nn.Module, seq: int, hidden_states: bool = False) -> Any:
-    """`hidden_states`: also every layer's states as hidden_states.0 ... hidden_states.L (optimum's SDXL names;
-    SDXL and SD3 take the penultimate), and a projection's pooled output named text_embeds."""
+    """`hidden_states`: optimum's SDXL text encoder outputs: a projection model's `text_embeds` first, then
+    last_hidden_state, else last_hidden_state and pooler_output; then hidden_states.0 ... hidden_states.{L-1}
+    (the embeddings and every layer but the last, whose place last_hidden_state takes: the last of them is the
+    penultimate states SDXL and SD3 use). ORTStableDiffusionXLPipeline reads them in this order."""
     ids = torch.zeros(2, seq, dtype=torch.int32)
     ids[:, 0] = int(getattr(te.config, "bos_token_id", 0) or 0)
     ids[:, -1] = int(getattr(te.config, "eos_token_id", 0) or 0)
-    pooled = "text_embeds" if hidden_states and hasattr(te, "text_projection") else "pooler_output"
-    outputs = ["last_hidden_state", pooled]
+    outputs = ["last_hidden_state", "pooler_output"]
     if hidden_states:
         layers = int(getattr(te.config, "num_hidden_layers", 0) or getattr(te.config, "num_layers", 0))
-        outputs += [f"hidden_states.{i}" for i in range(layers + 1)]
-    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"}, pooled: {0: "batch_size"},
-           **{o: {0: "batch_size", 1: "sequence_length"} for o in outputs if o != pooled}}
-    return _export(_TextEncoder(te, hidden_states), (ids,), ["input_ids"], outputs, dyn)
+        head = ["text_embeds", "last_hidden_state"] if hasattr(te, "text_projection") else outputs
+        outputs = [*head, *(f"hidden_states.{i}" for i in range(layers))]
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+           **{o: {0: "batch_size"} if o in ("pooler_output", "text_embeds") else {0: "batch_size", 1: "sequence_length"}
+              for o in outputs}}
+    return _export(_TextEncoder(te, outputs), (ids,), ["input_ids"], outputs, dyn)
 
 
 def vae_decoder_graph(vae: nn.Module, latent_shape: tuple[int, int, int]) -> Any:

@@ -129,7 +129,9 @@ def test_sdxl_bundle_generates_without_torch_as_diffusers_and_verifies(tiny_sdxl
     assert main(["--threads", "1", "export", str(tiny_sdxl), "--target", "onnx", "-o", str(b)]) == 0
     mf = json.loads((b / "edgediff_bundle.json").read_text())
     assert mf["pipeline"]["encoding"] == "sdxl" and mf["pipeline"]["text_encoders"] == ["text_encoder", "text_encoder_2"]
-    assert "hidden_states.1" in mf["components"]["text_encoder_2"]["outputs"]  # the penultimate of 2 layers
+    # optimum's SDXL outputs in its order: the projection first, then the states of every layer but the last
+    assert mf["components"]["text_encoder_2"]["outputs"] == ["text_embeds", "last_hidden_state", "hidden_states.0",
+                                                             "hidden_states.1"]
     for neg in (None, "the dog"):
         args = ["--threads", "1", "generate", str(b), "--prompt", "a red cat", "--samples", "2", "--seed", "1",
                 "--steps", "3", "--guidance", "5", "--save-npy", str(tmp_path / "x.npy"), "--json"]

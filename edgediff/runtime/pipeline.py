@@ -206,7 +206,7 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
         outs = list(comps[name].get("outputs") or [])
         layers = sorted((o for o in outs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
         pool = "text_embeds" if "text_embeds" in outs else "pooler_output"
-        h, pl = sessions.get(name).run([layers[-2], pool], {"input_ids": ids})
+        h, pl = sessions.get(name).run([layers[-1], pool], {"input_ids": ids})  # optimum's: the last is penultimate
         sessions.done(name)
         states.append(h.astype(F32))
         pooled.append(pl.astype(F32))
