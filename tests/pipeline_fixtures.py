@@ -157,6 +157,19 @@ def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]
     return rc, (json.loads(out) if out.strip() else {})
 
 
+def _clip_setup(folder: Path, seed: int, **sizes: int) -> tuple[object, dict]:
+    """(tokenizer on the test's CLIP vocabulary, written beside `folder`; a 2-layer CLIPTextConfig's kwargs), seeded."""
+    from transformers import CLIPTokenizer
+
+    tok_dir = folder.parent / f"{folder.name}-vocab"
+    vocab = write_clip_tokenizer(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    return tok, dict(vocab_size=len(vocab), num_hidden_layers=2, max_position_embeddings=SEQ,
+                     bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **sizes)
+
+
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """An SDXL-style StableDiffusionXLPipeline: CLIPTextModel + CLIPTextModelWithProjection (32 wide each, the
     denoiser's cross-attention 64 = their concatenation), two tokenizers on the test's CLIP vocabulary,
@@ -166,16 +179,10 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
-    tok_dir = folder.parent / f"{folder.name}-vocab"
-    vocab = write_clip_tokenizer(tok_dir)
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
-    torch.manual_seed(seed)
-    eos = vocab["<|endoftext|>"]
-    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=SEQ, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    tok, cfg = _clip_setup(folder, seed, hidden_size=32, intermediate_size=64, num_attention_heads=4)
     te = CLIPTextModel(CLIPTextConfig(**cfg))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg, projection_dim=32))
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
@@ -197,17 +204,10 @@ def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
     width 48 and pooled width 32, the tiny VAE with a shift factor, FlowMatchEuler."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     folder = Path(folder)
-    tok_dir = folder.parent / f"{folder.name}-vocab"
-    vocab = write_clip_tokenizer(tok_dir)
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=SEQ)
-    torch.manual_seed(seed)
-    eos = vocab["<|endoftext|>"]
-    cfg = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-               max_position_embeddings=SEQ, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
-               projection_dim=16)
+    tok, cfg = _clip_setup(folder, seed, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
     te, te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
     tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                          num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
