@@ -72,8 +72,8 @@ def test_coreml_bundle_resources_and_exit_3(tiny_sd: Path, tmp_path: Path,  # no
     rc, ver = cli_json(capsys, "verify", str(tiny_sd), str(out))
     assert rc == 3 and ver["verified"] is False and "macOS" in ver["reason"]
     assert ver["structural"]["ok"] and set(ver["structural"]["packages"]) == {"text_encoder", "unet", "vae_decoder"}
-    rc, gen = cli_json(capsys, "generate", str(out), "--prompt", "a red cat", "--steps", "2")
-    assert rc == 3
+    rc, gen = cli_json(capsys, "generate", str(out), "--prompt", "a red cat", "--steps", "2", "-o", str(tmp_path / "x.png"))
+    assert rc == 3 and not (tmp_path / "x.png").exists()
     rc, _ = cli_json(capsys, "profile", str(out))
     assert rc == 3
     rc, info = cli_json(capsys, "info", str(out))
