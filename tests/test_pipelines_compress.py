@@ -97,3 +97,23 @@ def test_int8_pipeline_end_to_end(tiny_sd: Path, tmp_path: Path, capsys: pytest.
     shutil.rmtree(src)  # the artifact stands alone: it still exports as a whole pipeline
     rc, rep = _cli(capsys, "export", str(tmp_path / "art"), "--target", "onnx", "-o", str(tmp_path / "b32"))
     assert rc == 0 and {"text_encoder", "vae_decoder", "tokenizer"} <= set(rep["components"])
+
+
+def test_single_file_verify_of_a_pipeline_uses_its_prompts_with_guidance(tiny_sd: Path, tmp_path: Path,  # noqa: F811
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from edgediff import quality
+    from edgediff.pipelines import PROMPTS, pipeline_of
+    from edgediff.pipelines.encode import encode_prompts, pipeline_latents
+
+    m = load_model(tiny_sd)
+    pipe = pipeline_of(m)
+    assert pipe is not None
+    torch.testing.assert_close(quality.conditioning(m, 3, 0), encode_prompts(pipe, list(PROMPTS[:3])))
+    # verify's (and the stored original samples') sampling is the pipeline's: prompts, guidance 7.5
+    want = pipeline_latents(pipe, m, list(PROMPTS[:2]), 0, None, 4, 7.5)
+    torch.testing.assert_close(quality.final_samples(m, 2, 4), want)
+    rc, _ = _cli(capsys, "--threads", "1", "export", str(tiny_sd), "--target", "onnx", "-o", str(tmp_path / "u.onnx"))
+    assert rc == 0
+    rc, res = _cli(capsys, "--threads", "1", "verify", str(tiny_sd), str(tmp_path / "u.onnx"), "--samples", "2",
+                   "--steps", "4")
+    assert rc == 0 and res["verified"] and res["psnr_db"] > 60, res.get("reason")
