@@ -75,13 +75,13 @@ def per_sample_psnr(got: torch.Tensor, want: torch.Tensor, data_range: float = 2
             for v in (psnr(got[i: i + 1], want[i: i + 1], data_range) for i in range(got.shape[0]))]
 
 
-def noise_floor(run: Callable[[], torch.Tensor], want: torch.Tensor) -> dict[str, Any]:
+def noise_floor(run: Callable[[], torch.Tensor], want: torch.Tensor, data_range: float = 2.0) -> dict[str, Any]:
     """`run()` (the simulation's sampling, same seeds as `want`) again under exact_float_ops():
     the PSNR of those samples vs `want`, per sample too, and how many float ops were rerounded."""
     with torch.inference_mode(), exact_float_ops() as mode:
         alt = run()
-    p = psnr(alt, want)
-    per = per_sample_psnr(alt, want)
+    p = psnr(alt, want, data_range)
+    per = per_sample_psnr(alt, want, data_range)
     finite = sorted(v for v in per if math.isfinite(v))
     return {"noise_floor_db": round(p, 3) if math.isfinite(p) else p,
             "noise_floor_per_sample_db": per,

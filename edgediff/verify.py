@@ -5,7 +5,9 @@ runtime (onnxruntime, LiteRT, the OpenCL runtime, TensorRT where present), and d
 with the same sampler, seeds and conditioning as the reference: the reference
 DiffusionModel's PyTorch module, i.e. a compressed artifact in simulation. It reports
 
-  psnr_db      PSNR of the final samples (data range 2, samples in [-1, 1]) vs the reference;
+  psnr_db      PSNR of the final samples vs the reference, over the reference samples' own
+               peak-to-peak (`psnr_data_range`: 2 for pixel samples in [-1, 1]; latents span
+               more, and a fixed 2 would score them on the wrong scale), as edgediff.quality does;
   max_abs_err  the largest |exported - reference| over single denoiser calls on fixed inputs
                (a few noise levels), before any sampler can hide or amplify it;
   verified     true only if the exported file really ran here (verification ladder rung 1/2);
@@ -39,6 +41,7 @@ from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
 from edgediff.sampling import SamplerConfig, TorchDenoiser, recorded_sampling, sample, sampler_name, timesteps_for
+from edgediff.sim_floor import noise_floor, per_sample_psnr
 
 # Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
 # fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
@@ -181,6 +184,10 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
 
     result["max_abs_err"] = single_call_error(ref, exp, reference, seed)
     cond = _conditioning(reference, samples, seed)
+    result["conditioning"] = quality.conditioning_kind(reference)
+    if not drives_cache:  # a text pipeline's denoiser samples with its prompts and guidance, as deployed
+        guide = quality.guided(reference, samples, seed)
+        ref, exp = guide(ref), guide(exp)
     shape = reference.signature.sample_shape
     task = progress.add_task(f"verify {target} {precision}: sampling", total=2 * len(range(steps))) if progress else None
 
@@ -194,8 +201,16 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
     if progress is not None:
         progress.remove_task(task)
     assert isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
-    p = psnr(got, want)
+    span = quality.data_range(want)
+    p = psnr(got, want, span)
     result["psnr_db"] = round(p, 3) if math.isfinite(p) else p
+    result["psnr_data_range"] = round(span, 4)
+    if precision == "int8" and _has_wrappers(reference):
+        # the same simulation with its float ops rounded differently: the floor psnr_db is bounded by
+        # (a rounding flip in front of a quantizer moves a sample, whichever runtime computes it)
+        result["psnr_per_sample_db"] = per_sample_psnr(got, want, span)
+        result.update(noise_floor(lambda: sample(ref, reference.schedule, shape, samples, seed, cfg, cond=cond,
+                                                 correction=correction), want, span))
     result["verified"] = True
     result["runtime"] = why
     if drives_cache:  # the last sampling run's calls on each side

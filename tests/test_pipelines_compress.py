@@ -117,3 +117,4 @@ def test_single_file_verify_of_a_pipeline_uses_its_prompts_with_guidance(tiny_sd
     rc, res = _cli(capsys, "--threads", "1", "verify", str(tiny_sd), str(tmp_path / "u.onnx"), "--samples", "2",
                    "--steps", "4")
     assert rc == 0 and res["verified"] and res["psnr_db"] > 60, res.get("reason")
+    assert res["conditioning"] == "prompts+guidance"  # verify's own sampling, not only the stored samples'

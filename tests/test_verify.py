@@ -94,3 +94,19 @@ def test_ptqd_correction_is_applied_to_both_sides(tiny_unet, unet_onnx: Path, mo
     monkeypatch.setattr(verify_mod, "_correction", lambda model: None)
     plain = verify(copy.deepcopy(tiny_unet), unet_onnx, **FAST, return_samples=True)
     assert not torch.allclose(plain["final_samples"], r["final_samples"])
+
+
+def test_psnr_is_over_the_reference_samples_range(tiny_unet, unet_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # latent-space samples span far more than [-1, 1]: the same relative error must score the same dB
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand((2, 3, 8, 8), generator=g) * 2 - 1
+    noise = torch.randn(base.shape, generator=g) * 1e-3
+    scores = {}
+    for scale in (1.0, 150.0):
+        calls = iter([base * scale, (base + noise) * scale])
+        monkeypatch.setattr(verify_mod, "sample", lambda *a, _c=calls, **k: next(_c))
+        r = verify(tiny_unet, unet_onnx, **FAST)
+        assert r["psnr_data_range"] == pytest.approx(float(base.max() - base.min()) * scale, rel=1e-4)
+        scores[scale] = r["psnr_db"]
+    assert scores[1.0] == pytest.approx(scores[150.0], abs=1e-3)
+    assert 50 < scores[1.0] < 70  # 1e-3 noise on a span of ~2
