@@ -6,7 +6,7 @@ with the same sampler, seeds and conditioning as the reference: the reference
 DiffusionModel's PyTorch module, i.e. a compressed artifact in simulation. It reports
 
   psnr_db      PSNR of the final samples vs the reference, over the reference samples' own
-               peak-to-peak (`psnr_data_range`: 2 for pixel samples in [-1, 1]; latents span
+               peak-to-peak (`psnr_db_data_range`: 2 for pixel samples in [-1, 1]; latents span
                more, and a fixed 2 would score them on the wrong scale), as edgediff.quality does;
   max_abs_err  the largest |exported - reference| over single denoiser calls on fixed inputs
                (a few noise levels), before any sampler can hide or amplify it;
@@ -204,7 +204,7 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
     span = quality.data_range(want)
     p = psnr(got, want, span)
     result["psnr_db"] = round(p, 3) if math.isfinite(p) else p
-    result["psnr_data_range"] = round(span, 4)
+    result["psnr_db_data_range"] = round(span, 4)  # psnr_data_range is psnr_vs_original_db's
     if precision == "int8" and _has_wrappers(reference):
         # the same simulation with its float ops rounded differently: the floor psnr_db is bounded by
         # (a rounding flip in front of a quantizer moves a sample, whichever runtime computes it)

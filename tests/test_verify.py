@@ -106,7 +106,7 @@ def test_psnr_is_over_the_reference_samples_range(tiny_unet, unet_onnx: Path, mo
         calls = iter([base * scale, (base + noise) * scale])
         monkeypatch.setattr(verify_mod, "sample", lambda *a, _c=calls, **k: next(_c))
         r = verify(tiny_unet, unet_onnx, **FAST)
-        assert r["psnr_data_range"] == pytest.approx(float(base.max() - base.min()) * scale, rel=1e-4)
+        assert r["psnr_db_data_range"] == pytest.approx(float(base.max() - base.min()) * scale, rel=1e-4)
         scores[scale] = r["psnr_db"]
     assert scores[1.0] == pytest.approx(scores[150.0], abs=1e-3)
     assert 50 < scores[1.0] < 70  # 1e-3 noise on a span of ~2
