@@ -302,7 +302,7 @@ def compress(model: str = ModelOpt, recipe: str = typer.Option("edge", "--recipe
 
     r = load_recipe(recipe)
     if min_psnr is not None:
-        quants = [p for p in r.passes if p.name == "quant"]
+        quants = [p for p in r.passes if p.name == "quant" and not p.component]  # the floor is the denoiser's
         if not quants:
             raise BadInput(f"{recipe}: --min-psnr needs a recipe with a quant pass (recipe {r.name!r} has none)")
         for spec in quants:
@@ -468,6 +468,9 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
                                                            help="Pipeline bundles: the unconditional branch's text."),
              low_memory: bool = typer.Option(False, "--low-memory",
                                              help="Pipeline bundles: load one component at a time."),
+             height: Optional[int] = typer.Option(None, "--height", help="Bundles with dynamic H/W (ONNX UNet): image "
+                                                  "height in pixels (the sample's without a VAE)."),
+             width: Optional[int] = typer.Option(None, "--width", help="As --height, the width."),
              prompt_embeds: Optional[Path] = typer.Option(None, "--prompt-embeds",
                                                           help=".safetensors/.npz of tensors named like the inputs."),
              batch_size: int = typer.Option(16, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
@@ -494,9 +497,13 @@ def generate(model: str = typer.Argument(..., help="A model, an artifact, or an 
                                      batch_size=batch_size, save_npy=save_npy, output=output, prompt=prompt,
                                      negative_prompt=negative_prompt, guidance=guidance, low_memory=low_memory,
                                      threads=_bundle_threads[0],
-                                     **({"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}))
+                                     **({"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {}),
+                                     **({"height": height, "width": width} if (height, width) != (None, None) else {}))
         _emit(result, as_json, f"generate {model}")
         return
+    if height is not None or width is not None:
+        raise BadInput(f"{model}: --height/--width apply to exported bundles with dynamic H/W (export --target onnx "
+                       "-o DIR); PyTorch generate and OpenCL bundles run at the model's sample size")
     if Path(model).is_dir() and (Path(model) / "opencl_bundle.json").is_file():
         # an OpenCL bundle: edgediff's sampler with the bundle on the device (DeepCache schedule included)
         from edgediff.kernels.deepcache_sampler import generate_opencl

@@ -174,6 +174,11 @@ def test_generate_at_another_size_on_dynamic_hw_equals_diffusers(tiny_sd: Path, 
     for bad in (["--height", "31"], ["--height", "34"], ["--width", "0"]):
         rc, _ = cli_json(capsys, "generate", str(sd_bundle), "--prompt", "a", "--steps", "1", "-o", str(png), *bad)
         assert rc == 2, bad
+    rc, _ = cli_json(capsys, "generate", str(sd_bundle), "--prompt", "a", "--steps", "1", "--samples", "1", "-o", str(png),
+                     "--height", "32", "--width", "24")
+    from PIL import Image
+
+    assert rc == 0 and Image.open(png).size == (24 + 2, 32 + 2)  # the CLI passes the size through (grid border 1)
     rc, _ = cli_json(capsys, "generate", str(tiny_sd), "--prompt", "a", "--steps", "1", "-o", str(png), "--height", "32")
     assert rc == 2  # the PyTorch generate has no --height
 
