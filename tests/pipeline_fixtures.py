@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,21 @@ def build_tiny_ddpm(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def _save_tiny_sd3(folder: Path | str, joint_dim: int, pooled_dim: int, **encoders: Any) -> None:
+    """A one-layer SD3Transformer2DModel on 4x8x8 latents, the shifted VAE, FlowMatchEuler (shift 3), saved
+    as a StableDiffusion3Pipeline with the given CLIP encoders/tokenizers (none by default; no T5)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=joint_dim, caption_projection_dim=16,
+                                         pooled_projection_dim=pooled_dim, out_channels=4, pos_embed_max_size=16)
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None, **encoders}
+    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                             vae=tiny_vae(shift_factor=0.06, scaling_factor=1.5), text_encoder_3=None, tokenizer_3=None,
+                             **parts).save_pretrained(str(folder))
+
+
 def build_tiny_dit(folder: Path, seed: int = 0) -> Path:
     """A DiTPipeline (class-conditional DiT on 4x8x8 latents, 1000 classes as DiT's null class 1000 needs, the
     tiny AutoencoderKL, DDIM) with an id2label in model_index.json as the hub's DiT pipelines have."""
@@ -117,17 +133,8 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
     """A StableDiffusion3Pipeline without its text encoders (conditioning comes as precomputed embeddings):
     SD3Transformer2DModel on 4x8x8 latents (joint dim 24, pooled 12), AutoencoderKL with a shift factor,
     FlowMatchEuler."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
     torch.manual_seed(seed)
-    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                         num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
-                                         pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
-    vae = tiny_vae(shift_factor=0.06, scaling_factor=1.5)
-    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                             text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
+    _save_tiny_sd3(folder, joint_dim=24, pooled_dim=12)
     return Path(folder)
 
 
@@ -202,18 +209,11 @@ def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
     """A StableDiffusion3Pipeline with its two CLIPTextModelWithProjection encoders (16 wide, projections 16) and
     no T5 (text_encoder_3 absent, as diffusers allows: its states are zeros), SD3Transformer2DModel with joint
     width 48 and pooled width 32, the tiny VAE with a shift factor, FlowMatchEuler."""
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     folder = Path(folder)
     tok, cfg = _clip_setup(folder, seed, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
     te, te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
-    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                         num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
-                                         pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
-    vae = tiny_vae(shift_factor=0.06, scaling_factor=1.5)
-    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
-                             text_encoder_3=None, tokenizer_3=None).save_pretrained(str(folder))
+    _save_tiny_sd3(folder, joint_dim=48, pooled_dim=32, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                   tokenizer_2=tok)
     return folder
