@@ -243,3 +243,21 @@ def test_profile_bundle_per_component_and_per_image(sd_bundle: Path, capsys: pyt
     assert any(la["name"].startswith("vae_decoder/") for la in res["layers"])
     rc, est = _cli(capsys, "profile", str(sd_bundle), "--device", "a17pro-gpu")
     assert rc == 0 and est["estimated"] and est["components"]["unet"]["total_ms"] > 0
+
+
+def test_a_manifest_naming_a_denoiser_folder_outside_the_bundle_is_refused(sd_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edgediff.errors import BadInput
+    from edgediff.runtime.bundle import MANIFEST, read_bundle
+    from edgediff.runtime.generate import sample_shape_for
+
+    copy = tmp_path / "b"
+    shutil.copytree(sd_bundle, copy)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text(json.dumps({"block_out_channels": [1]}))
+    mf = json.loads((copy / MANIFEST).read_text())
+    mf.setdefault("pipeline", {})["denoiser"] = "../outside"
+    (copy / MANIFEST).write_text(json.dumps(mf))
+    with pytest.raises(BadInput, match="leaves its folder"):
+        sample_shape_for(read_bundle(copy), 32, 24)

@@ -21,6 +21,7 @@ import numpy as np
 from edgediff.errors import BadInput, Unavailable
 from edgediff.runtime.bundle import (
     FEATURE_NAME,
+    MANIFEST,
     OUTPUT_NAME,
     ROLE_FULL,
     ROLE_SHALLOW,
@@ -127,7 +128,11 @@ def sample_shape_for(bundle: Bundle, height: int | None, width: int | None) -> t
                            "--height/--width need a bundle whose graphs have dynamic H/W (--target onnx with a UNet)")
     if h % f or w % f:
         raise BadInput(f"--height/--width must be multiples of {f} (the VAE's scale factor), got {h}x{w}")
-    cfg_path = bundle.path / str(pipe.get("denoiser") or den[0]) / "config.json"
+    from edgediff.safety import child_path  # torch-free
+
+    # the manifest names the denoiser's folder: it must stay inside the bundle
+    cfg_path = child_path(bundle.path, str(pipe.get("denoiser") or den[0]), f"{bundle.path / MANIFEST}",
+                          "pipeline denoiser folder") / "config.json"
     blocks = len((json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}).get("block_out_channels") or [1])
     down = 2 ** (blocks - 1)  # the UNet halves H/W at every down block but the last
     if (h // f) % down or (w // f) % down:
