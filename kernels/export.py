@@ -38,11 +38,18 @@ def read_bundle(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise BadInput(f"{mf}: unsupported bundle format {meta.get('format')!r} v{meta.get('format_version')!r} "
                        f"(this edgediff reads {FORMAT} v{FORMAT_VERSION})")
-    for name in meta.get("kernels", []):
-        if not (path / "kernels" / name).is_file():
+    from edgediff.safety import child_path
+
+    # every file the manifest names must stay inside the bundle (no '..', absolute path or symlink out)
+    kernels = meta.get("kernels", [])
+    if not isinstance(kernels, list):
+        raise BadInput(f"{mf}: 'kernels' must be a list of file names")
+    for name in kernels:
+        if not child_path(path / "kernels", name, str(mf), "kernel file").is_file():
             raise BadInput(f"{path}: bundle is missing kernels/{name}")
-    if not (path / meta.get("weights", "weights.safetensors")).is_file():
-        raise BadInput(f"{path}: bundle is missing {meta.get('weights', 'weights.safetensors')}")
+    weights = meta.get("weights", "weights.safetensors")
+    if not child_path(path, weights, str(mf), "weights file").is_file():
+        raise BadInput(f"{path}: bundle is missing {weights}")
     return meta
 
 

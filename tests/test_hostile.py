@@ -634,3 +634,21 @@ def test_nan_output_is_never_zero_error() -> None:
                        {"source": "test"})
     err = single_call_error(lambda x, t, c: torch.zeros_like(x), lambda x, t, c: torch.full_like(x, float("nan")), m)
     assert err != err  # NaN, not 0.0
+
+
+@pytest.mark.parametrize("field, value", [("kernels", ["../../outside.cl"]), ("weights", "../outside.safetensors"),
+                                          ("weights", "/etc/passwd")])
+def test_opencl_bundle_naming_a_file_outside_is_refused(tmp_path: Path, field: str, value: object) -> None:
+    from edgediff.kernels.export import FORMAT, FORMAT_VERSION, MARKER, read_bundle
+
+    from edgediff.errors import BadInput
+
+    (tmp_path / "outside.cl").write_text("__kernel void k() {}")
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    b = tmp_path / "b"
+    (b / "kernels").mkdir(parents=True)
+    (b / "weights.safetensors").write_bytes(b"")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kernels": [], field: value}
+    (b / MARKER).write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="leaves its folder"):
+        read_bundle(b)
