@@ -13,9 +13,9 @@ from edgediff.exporters.base import FixedBatchDenoiser
 from edgediff.exporters.ops import LITERT_GPU_OPS, LITERT_GPU_SOURCE
 
 from edgediff.errors import BadInput, Unavailable
+from edgediff.runtime.litert import SIGNATURE, feed_value
 
 INSTALL = 'pip install -e ".[tflite]"'
-SIGNATURE = "serving_default"
 OUTPUT_NAME = "out"
 
 
@@ -165,13 +165,7 @@ class LiteRTDenoiser(FixedBatchDenoiser):
         self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
 
     def _feed(self, name: str, t: torch.Tensor) -> np.ndarray:
-        d = self.inputs[name]
-        a = t.detach().cpu().numpy()
-        if np.issubdtype(d["dtype"], np.integer) and d["quantization"][0] and not np.issubdtype(a.dtype, np.integer):
-            s, z = d["quantization"]  # a quantized input (the converter folded the first Q into it)
-            info = np.iinfo(d["dtype"])
-            return np.clip(np.round(a / s) + z, info.min, info.max).astype(d["dtype"])
-        return a.astype(d["dtype"])
+        return feed_value(self.inputs[name], t.detach().cpu().numpy())
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         res = self.runner(**{name: self._feed(name, v) for name, v in feeds.items()})

@@ -21,6 +21,18 @@ SIGNATURE = "serving_default"
 INSTALL = "pip install ai-edge-litert"
 
 
+def feed_value(detail: dict[str, Any], a: np.ndarray) -> np.ndarray:
+    """`a` as the input `detail` (a LiteRT input detail) takes it: its dtype, and quantized with the
+    input's scale/zero point where the file's input is integer and `a` is float (a converter folded
+    the first QUANTIZE into the input)."""
+    dt = np.dtype(detail["dtype"])
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.issubdtype(dt, np.integer) and scale and not np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(dt)
+        return np.clip(np.round(a / scale) + zero, info.min, info.max).astype(dt)
+    return np.ascontiguousarray(a, dtype=dt)
+
+
 def litert_version() -> str:
     try:
         from importlib.metadata import version
@@ -62,16 +74,6 @@ class LiteRTEntry:
         self.ms = 0.0
         self.calls = 0
 
-    def _cast(self, name: str, a: np.ndarray) -> np.ndarray:
-        d = self.input_details[name]
-        dt = np.dtype(d["dtype"])
-        scale, zero = d.get("quantization", (0.0, 0))
-        if np.issubdtype(dt, np.integer) and scale and not np.issubdtype(a.dtype, np.integer):
-            # an int8 input (a converter folded the first QUANTIZE into it): quantize with its scale
-            info = np.iinfo(dt)
-            return np.clip(np.round(a / scale) + zero, info.min, info.max).astype(dt)
-        return np.ascontiguousarray(a, dtype=dt)
-
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [o for o in outputs if o not in self.outputs]
         if missing:
@@ -89,7 +91,7 @@ class LiteRTEntry:
             if k < b:
                 chunk = {name: np.concatenate([v, np.repeat(v[-1:], b - k, axis=0)]) for name, v in chunk.items()}
             for name, v in chunk.items():
-                self.interpreter.set_tensor(int(self.input_details[name]["index"]), self._cast(name, v))
+                self.interpreter.set_tensor(int(self.input_details[name]["index"]), feed_value(self.input_details[name], v))
             self.interpreter.invoke()
             for o in outputs:
                 got[o].append(np.asarray(self.interpreter.get_tensor(self.output_index[o]), dtype=np.float32)[:k])
