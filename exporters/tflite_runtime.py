@@ -13,7 +13,7 @@ from edgediff.exporters.base import FixedBatchDenoiser
 from edgediff.exporters.ops import LITERT_GPU_OPS, LITERT_GPU_SOURCE
 
 from edgediff.errors import BadInput, Unavailable
-from edgediff.runtime.litert import SIGNATURE, feed_value
+from edgediff.runtime.litert import SIGNATURE, LiteRTEntry
 
 INSTALL = 'pip install -e ".[tflite]"'
 OUTPUT_NAME = "out"
@@ -150,23 +150,25 @@ class LiteRTDenoiser(FixedBatchDenoiser):
     """A .tflite denoiser in LiteRT's interpreter (XNNPACK on CPU), called like TorchDenoiser.
 
     The file has a fixed batch (see the module docstring): FixedBatchDenoiser chunks and pads.
+    Calls go through the bundle's `LiteRTEntry` (tensors set by index, one invoke), not the
+    signature runner, which resizes and re-allocates every input on each call.
     """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.interpreter = open_interpreter(self.path, threads)
-        if SIGNATURE not in self.interpreter.get_signature_list():
-            raise BadInput(f"{path}: no {SIGNATURE!r} signature (not exported by edgediff?)")
-        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
-        self.inputs = self.runner.get_input_details()
+        if not self.path.is_file():
+            raise BadInput(f"{path}: no such file")
+        interpreter_cls()  # the tflite extra's install hint, not the bundle runtime's
+        self.entry = LiteRTEntry(self.path, threads)
+        self.interpreter = self.entry.interpreter
+        self.inputs = self.entry.input_details
         if "sample" not in self.inputs or "timestep" not in self.inputs:
             raise BadInput(f"{path}: expected inputs 'sample' and 'timestep', found {sorted(self.inputs)}")
-        self.batch = int(self.inputs["sample"]["shape"][0])
+        if OUTPUT_NAME not in self.entry.outputs:
+            raise BadInput(f"{path}: no output {OUTPUT_NAME!r} (it has {self.entry.outputs})")
+        self.batch = self.entry.batch
         self.cond_name = next((n for n in ("encoder_hidden_states", "class_labels") if n in self.inputs), None)
 
-    def _feed(self, name: str, t: torch.Tensor) -> np.ndarray:
-        return feed_value(self.inputs[name], t.detach().cpu().numpy())
-
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        res = self.runner(**{name: self._feed(name, v) for name, v in feeds.items()})
-        return torch.from_numpy(np.asarray(res[OUTPUT_NAME], dtype=np.float32))
+        (out,) = self.entry.run([OUTPUT_NAME], {name: v.detach().cpu().numpy() for name, v in feeds.items()})
+        return torch.from_numpy(out)

@@ -183,6 +183,26 @@ def test_litert_output_close_to_the_simulation(full_int) -> None:
     assert psnr > 35, psnr
 
 
+def test_litert_denoiser_feeds_by_index_like_the_bundle_entry(full_int, tmp_path: Path) -> None:
+    """LiteRTDenoiser sets tensors by index and invokes (the bundle's LiteRTEntry): the signature
+    runner is never called, and the output is the runner's, row for row over a padded batch."""
+    from ai_edge_litert.interpreter import SignatureRunner
+
+    model, out, _ = full_int
+    inp = model.signature.example_inputs(3, seed=5)
+    ref_it = tflite.open_interpreter(out)
+    runner = ref_it.get_signature_runner(tflite.SIGNATURE)
+    ref = np.concatenate([runner(sample=inp["sample"][i:i + 1].numpy(), timestep=inp["timestep"][i:i + 1].numpy())
+                          [tflite.OUTPUT_NAME] for i in range(3)])
+    den = tflite.LiteRTDenoiser(out)
+    with mock.patch.object(SignatureRunner, "__call__", side_effect=AssertionError("signature runner called")):
+        got = den(inp["sample"], inp["timestep"])
+    assert den.batch == 1 and den.entry.calls == 3
+    assert np.array_equal(got.numpy(), ref)
+    with pytest.raises(BadInput, match="no such file"):
+        tflite.LiteRTDenoiser(tmp_path / "missing.tflite")
+
+
 def test_integerize_leaves_unknown_ops_float(full_int) -> None:
     """An op whose weights are not the lowering's is not touched (nothing is guessed)."""
     model, out, _ = full_int
