@@ -42,7 +42,7 @@ from edgediff.runtime.bundle import (
 )
 from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
-BUNDLE_TARGETS = ("onnx", "tflite", "coreml")
+BUNDLE_TARGETS = ("onnx", "tflite", "coreml", "openvino")
 
 
 def is_bundle_output(out: Path) -> bool:
@@ -165,6 +165,9 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         except BadInput:
             continue  # not a sampler for this model's family (e.g. flow-euler on a DDPM model)
     cache = cache_config(model)
+    # OpenVINO: the ONNX bundle's graphs (fp32 or Q/DQ int8), each converted to an IR once written
+    # (exporters/openvino.py); fp16 IRs are fp32 graphs stored with half weights
+    graph_precision = ("int8" if precision == "int8" else "fp32") if target == "openvino" else precision
     task = progress.add_task(f"bundle {target} {precision}", total=None) if progress is not None else None
     try:
         if target == "tflite":  # full + shallow .tflite files (exporters/tflite_deepcache.py)
@@ -176,14 +179,14 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
 
             entries = build_packages(pipe, model, precision)
         else:
-            entries = _onnx_entries(model, precision, cache)
+            entries = _onnx_entries(model, graph_precision, cache)
     finally:
         if task is not None:
             progress.remove_task(task)
     comp_dir = "transformer" if "Transformer" in model.arch or "DiT" in model.arch else "unet"
     if pipe is not None:
         comp_dir = pipe.denoiser_name
-    extra_graphs = _pipeline_graphs(pipe, model, target, precision, progress) \
+    extra_graphs = _pipeline_graphs(pipe, model, target, graph_precision, progress) \
         if pipe is not None and target != "coreml" else {}
     with atomic_dir(out, force=force) as tmp:
         import onnx
@@ -227,12 +230,16 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             from edgediff.pipelines.bundle import write_pipeline_components
 
             pipeline_rec = write_pipeline_components(pipe, model, tmp, extra_graphs, components, index, comp_dir)
-            if target != "onnx":
+            if target not in ("onnx", "openvino"):  # optimum-intel reads optimum's index and folders
                 _non_onnx_record(pipeline_rec, index, components, target)
             if target == "coreml":
                 from edgediff.exporters.bundle_coreml import copy_vocab
 
                 copy_vocab(tmp / "tokenizer", tmp)
+        if target == "openvino":
+            from edgediff.exporters.openvino import convert_bundle_components
+
+            convert_bundle_components(tmp, components, precision)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         cache_rec = None
         if cache is not None:

@@ -32,6 +32,7 @@ import numpy as np
 from edgediff.exporters.base import PRECISIONS, Backend, ExportReport, contract_feed, input_names, probe, threads
 
 from edgediff.errors import BadInput, Unavailable
+from edgediff.runtime.openvino import compile_ir, read_ir
 
 META_KEY = "edgediff"  # rt_info key carrying our metadata in the .xml
 
@@ -83,7 +84,7 @@ def export_openvino(model: Any, out: Path, precision: str, force: bool = False) 
                 "source": str(model.provenance.get("source", ""))}
         m = convert(onnx_path, precision, meta)
         _save_pair(ov, m, out, compress_to_fp16=(precision == "fp16"))
-    ops = _op_counts(_read(out))
+    ops = _op_counts(read_ir(out))
     report.update({"path": str(out), "weights": str(bin_path),
                    "size_bytes": out.stat().st_size + bin_path.stat().st_size, "ops": ops,
                    "fake_quantize": ops.get("FakeQuantize", 0), "seconds": round(time.perf_counter() - t0, 2)})
@@ -103,15 +104,32 @@ def _save_pair(ov: Any, m: Any, out: Path, compress_to_fp16: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read(path: Path) -> Any:
+IR_NAME = "openvino_model.xml"  # optimum-intel's file name in each component folder
+
+
+def convert_bundle_components(folder: Path, components: dict[str, dict[str, Any]], precision: str) -> None:
+    """Turn every ONNX component of a bundle being written in `folder` into an OpenVINO IR in place.
+
+    The ONNX bundle's graphs (the denoiser, DeepCache's shallow call, a pipeline's text encoder and
+    VAE) are converted one by one, so the IRs keep their tensor names (out_sample, cached_feature)
+    and the runtime loop (edgediff.runtime.openvino) drives them as it drives the ONNX pair.
+    `components` (the manifest's) is updated: path, size, format, op counts.
+    """
     ov = _ov()
-    path = Path(path)
-    if not path.is_file() or not path.with_suffix(".bin").is_file():
-        raise BadInput(f"{path}: an OpenVINO IR needs both {path.name} and {path.with_suffix('.bin').name}")
-    try:
-        return ov.Core().read_model(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise BadInput(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
+    for name, comp in components.items():
+        src = folder / str(comp["path"])
+        if src.suffix != ".onnx":
+            continue  # tokenizer files
+        m = convert(src, str(comp.get("precision") or precision), {"component": name, "role": comp.get("role")})
+        out = src.parent / IR_NAME
+        ov.save_model(m, str(out), compress_to_fp16=(precision == "fp16"))
+        for f in src.parent.glob(src.name + "*"):  # the graph and any external-data file beside it
+            f.unlink()
+        ops = _op_counts(read_ir(out))
+        comp.update({"path": str(out.relative_to(folder)), "format": "openvino", "converted_from": "onnx",
+                     "size_bytes": out.stat().st_size + out.with_suffix(".bin").stat().st_size,
+                     "ir_nodes": sum(ops.values()), "fake_quantize": ops.get("FakeQuantize", 0),
+                     "openvino": ov.__version__})
 
 
 def _op_counts(m: Any) -> dict[str, int]:
@@ -130,7 +148,7 @@ def read_meta(m: Any) -> dict[str, Any]:
 
 
 def openvino_info(path: Path) -> dict[str, Any]:
-    m = _read(path)
+    m = read_ir(path)
     meta = read_meta(m)
     ops = _op_counts(m)
     params = 0
@@ -179,20 +197,6 @@ def port_name(port: Any) -> str:
     """The contract name of a port (a port can carry several tensor names after conversion)."""
     names = port.get_names()
     return next((n for n in _CONTRACT_NAMES if n in names), port.get_any_name())
-
-
-def compile_ir(path: Path, threads: int | None = None, perf_count: bool = False) -> Any:
-    ov = _ov()
-    m = _read(path)
-    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        cfg["INFERENCE_NUM_THREADS"] = int(threads)
-    if perf_count:
-        cfg["PERF_COUNT"] = "YES"
-    try:
-        return ov.Core().compile_model(m, "CPU", cfg)
-    except Exception as e:  # noqa: BLE001
-        raise BadInput(f"{path}: OpenVINO cannot compile it for CPU ({str(e).splitlines()[0][:200]})") from None
 
 
 class OpenVinoDenoiser:

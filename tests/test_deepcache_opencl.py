@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepcache_fixtures import cached
 from edgediff.exporters import get_backend
 
-from edgediff import passes
 from edgediff.deepcache import FullEntry, ShallowEntry
 from edgediff.model import DiffusionModel
-from edgediff.passes import PassContext
 from edgediff.sampling import SamplerConfig, TorchDenoiser, sample_model
 
 pytest.importorskip("pyopencl")
@@ -22,16 +21,8 @@ from edgediff.kernels.deepcache import CachedOpenCLDenoiser, feature_buffer, sha
 needs_cl = pytest.mark.skipif(not clrt.opencl_available()[0], reason="no OpenCL device")
 
 
-def _cached(model: DiffusionModel, steps: int = 5, interval: int = 2, depth: int = 0,
-            sampler: str = "dpmpp-2m") -> DiffusionModel:
-    run, opts = passes.get("sampling")
-    m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
-    run_c, opts_c = passes.get("cache")
-    return run_c(m, opts_c(depth=depth, interval=interval, check_samples=0), PassContext())
-
-
 def test_shallow_schedule_is_the_outer_branch(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
-    m = _cached(tiny_unet)
+    m = cached(tiny_unet)
     rep = get_backend("opencl").export(m, tmp_path / "b", "fp32").to_dict()
     meta = json.loads((tmp_path / "b" / "opencl_bundle.json").read_text())
     full, shallow = meta["schedule"]["ops"], meta["schedule_shallow"]["ops"]
@@ -56,7 +47,7 @@ def test_shallow_schedule_is_the_outer_branch(tiny_unet: DiffusionModel, tmp_pat
 def test_cached_opencl_bundle_matches_the_cached_pytorch_sampler(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
     from edgediff.verify import verify
 
-    m = _cached(tiny_unet)
+    m = cached(tiny_unet)
     get_backend("opencl").export(m, tmp_path / "b", "fp32")
     den = get_backend("opencl").load_denoiser(tmp_path / "b")
     assert isinstance(den, CachedOpenCLDenoiser)
@@ -93,7 +84,7 @@ def test_generate_and_profile_an_opencl_cached_bundle(tiny_unet: DiffusionModel,
 
     from edgediff.cli import main
 
-    m = _cached(tiny_unet, steps=4, interval=3)
+    m = cached(tiny_unet, steps=4, interval=3)
     get_backend("opencl").export(m, tmp_path / "b", "fp32")
     npy = tmp_path / "x.npy"
     capsys.readouterr()
@@ -114,11 +105,12 @@ def test_every_target_holds_both_entry_points_or_says_why(tiny_unet: DiffusionMo
     from edgediff.exporters import TARGETS
     from edgediff.exporters.base import DEEPCACHE_MISSING
 
-    both = {"onnx", "tflite", "opencl"}  # tests/test_bundle.py, test_deepcache_tflite.py, this file
+    # tests/test_bundle.py, test_deepcache_tflite.py, test_deepcache_openvino.py, this file
+    both = {"onnx", "tflite", "openvino", "opencl"}
     assert set(DEEPCACHE_MISSING) == set(TARGETS) - both
     assert all(DEEPCACHE_MISSING.values())
     # a single ONNX file of a cached artifact: the note, never a silent drop
-    rep = get_backend("onnx").export(_cached(tiny_unet), tmp_path / "u.onnx", "fp32").to_dict()
+    rep = get_backend("onnx").export(cached(tiny_unet), tmp_path / "u.onnx", "fp32").to_dict()
     assert rep["cache"].startswith("not exported") and "-o DIR" in rep["cache"]
 
 
@@ -129,7 +121,7 @@ def test_int8_cached_opencl_bundle(tiny_unet: DiffusionModel, tmp_path: Path) ->
     from edgediff.verify import TOLERANCES, verify
 
     # DDIM: int8 of random test weights under DPM-Solver++ drifts apart with or without the cache
-    q = _cached(minmax_quantize(tiny_unet), steps=4, sampler="ddim")
+    q = cached(minmax_quantize(tiny_unet), steps=4, sampler="ddim")
     get_backend("opencl").export(q, tmp_path / "b", "int8")
     meta = json.loads((tmp_path / "b" / "opencl_bundle.json").read_text())
     assert meta["cache"]["ops_shallow"] < meta["cache"]["ops_full"]
@@ -144,7 +136,7 @@ def test_int8_cached_opencl_bundle(tiny_unet: DiffusionModel, tmp_path: Path) ->
 def test_cross_attention_cached_opencl_bundle(tiny_cond_unet: DiffusionModel, tmp_path: Path) -> None:
     from edgediff.verify import verify
 
-    m = _cached(tiny_cond_unet, steps=4, sampler="ddim")
+    m = cached(tiny_cond_unet, steps=4, sampler="ddim")
     get_backend("opencl").export(m, tmp_path / "b", "fp32")
     r = verify(m, tmp_path / "b", samples=2)  # encoder_hidden_states reach both schedules
     assert r["exit_code"] == 0 and r["psnr_db"] > 60 and (r["denoiser_calls_full"], r["denoiser_calls_shallow"]) == (2, 2)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from deepcache_fixtures import cached
 
-from edgediff import passes
 from edgediff.model import DiffusionModel, InputSignature
 from edgediff.passes import PassContext
 from edgediff.runtime.bundle import MANIFEST, read_bundle
@@ -36,13 +36,6 @@ def _micro_unet(classes: int = 0) -> DiffusionModel:
     return DiffusionModel(m, NoiseSchedule.from_config({}), sig, "UNet2DModel", dict(m.config), {"source": "test"})
 
 
-def _cached(model: DiffusionModel, sampler: str = "dpmpp-2m", steps: int = 5, interval: int = 2) -> DiffusionModel:
-    run, opts = passes.get("sampling")
-    m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
-    run_c, opts_c = passes.get("cache")
-    return run_c(m, opts_c(depth=0, interval=interval, check_samples=0), PassContext())
-
-
 def _close(x: np.ndarray, ref: np.ndarray) -> None:
     # XNNPACK fp32 vs torch after a whole sampler loop: 1e-4 of the samples' scale
     np.testing.assert_allclose(x, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
@@ -52,7 +45,7 @@ def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, ca
     from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = _cached(_micro_unet())
+    m = cached(_micro_unet())
     write_artifact(m, tmp_path / "art", {"source": "test"})
     out = tmp_path / "b"
     assert main(["export", str(tmp_path / "art"), "--target", "tflite", "-o", str(out), "--json"]) == 0
@@ -133,7 +126,7 @@ def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
                                   "weight_init": "minmax", "act_init": "minmax"})):
         fn, _ = get(name)
         q = fn(q.clone(), make_options(name, opts), ctx)
-    q = _cached(q, steps=4)
+    q = cached(q, steps=4)
     rep = export_bundle(q, tmp_path / "b", "tflite", "int8")
     assert set(rep["components"]) == {"unet", "unet_shallow"}
     man = read_bundle(tmp_path / "b").manifest
@@ -154,7 +147,7 @@ def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
 def test_class_conditional_cached_tflite_bundle(tmp_path: Path) -> None:
     from edgediff.bundle import export_bundle
 
-    m = _cached(_micro_unet(classes=3), sampler="ddim", steps=4, interval=3)
+    m = cached(_micro_unet(classes=3), sampler="ddim", steps=4, interval=3)
     export_bundle(m, tmp_path / "b", "tflite", "fp32")
     man = read_bundle(tmp_path / "b").manifest
     assert man["components"]["unet_shallow"]["inputs"]["class_labels"]["dtype"] == "int32"

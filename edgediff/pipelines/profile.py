@@ -66,7 +66,7 @@ def profile_bundle(path: Path, runtime: str | None = None, device: str | None = 
     with tempfile.TemporaryDirectory(prefix="edgediff-profile-bundle-") as td:
         for name, comp in b.manifest["components"].items():
             f = b.path / str(comp["path"])
-            if f.suffix not in (".onnx", ".tflite") or (comp.get("role") == ROLE_SHALLOW and not calls.get(name)):
+            if f.suffix not in (".onnx", ".tflite", ".xml") or (comp.get("role") == ROLE_SHALLOW and not calls.get(name)):
                 continue
             # ONNX graphs have dynamic dims, fixed to the run shapes first; .tflite files are fixed already
             fixed = _fixed(f, comp.get("shapes"), Path(td)) if f.suffix == ".onnx" else f
@@ -87,8 +87,8 @@ def profile_bundle(path: Path, runtime: str | None = None, device: str | None = 
     if not comps:
         from edgediff.errors import Unavailable
 
-        raise Unavailable(f"{b.path}: no component of this {b.target} bundle runs here (profile runs .onnx and "
-                          ".tflite components; Core ML predicts on macOS only)")
+        raise Unavailable(f"{b.path}: no component of this {b.target} bundle runs here (profile runs .onnx, "
+                          ".tflite and OpenVINO .xml components; Core ML predicts on macOS only)")
     total = sum(la["ms"] for la in layers) or 1.0
     for la in layers:
         la["share"] = la["ms"] / total

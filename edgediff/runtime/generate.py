@@ -82,8 +82,9 @@ class OrtEntry:
 
 
 def open_entry(bundle: Bundle, role: str, threads: int | None = None) -> Any:
-    """The component with `role` in its runtime, chosen by its file: OrtEntry (.onnx) or
-    LiteRTEntry (.tflite, edgediff.runtime.litert); both run(outputs, feeds) by name."""
+    """The component with `role` in its runtime, chosen by its file: OrtEntry (.onnx),
+    LiteRTEntry (.tflite, edgediff.runtime.litert) or OpenVinoEntry (.xml, edgediff.runtime.openvino);
+    each runs run(outputs, feeds) by name."""
     if bundle.target == "coreml":  # .mlpackage folders: Core ML predicts on macOS only (its Swift package, coremltools)
         raise Unavailable(f"{bundle.path}: a Core ML bundle runs in Core ML, which predicts on macOS only (Apple's "
                           "ml-stable-diffusion Swift package on its Resources/, or coremltools on a Mac)")
@@ -94,7 +95,12 @@ def open_entry(bundle: Bundle, role: str, threads: int | None = None) -> Any:
         from edgediff.runtime.litert import LiteRTEntry
 
         return LiteRTEntry(f, threads)
-    raise Unavailable(f"{f}: the numpy runtime runs .onnx and .tflite components, not {f.suffix or 'this file'}")
+    if f.suffix == ".xml":
+        from edgediff.runtime.openvino import OpenVinoEntry
+
+        return OpenVinoEntry(f, threads)
+    raise Unavailable(f"{f}: the numpy runtime runs .onnx, .tflite and OpenVINO .xml components, "
+                      f"not {f.suffix or 'this file'}")
 
 
 MAX_SIDE = 8192  # pixels: --height/--width above this are refused before any session is made

@@ -1,0 +1,117 @@
+"""`OpenVinoEntry`: one OpenVINO IR component of a bundle on OpenVINO's CPU plugin (numpy only, no torch).
+
+The same interface as the ONNX runtime's `OrtEntry` (edgediff.runtime.generate): `run(outputs,
+feeds)` by name with numpy arrays, `ms` and `calls` counters, so the bundle sampler loop, DeepCache
+schedule included, drives the full and the shallow IR as it drives the two ONNX graphs. The IRs
+are converted from those graphs (exporters/openvino.py), so they keep their tensor names and the
+dynamic batch axis.
+
+Inference precision is forced to f32: OpenVINO's CPU default on bf16-capable cores is bf16, which
+would silently cost accuracy (an fp16 IR stores half weights and still computes in f32 on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import BadInput, Unavailable
+
+INSTALL = "pip install openvino"
+# OpenVINO element types our graphs use -> numpy (text encoders take int32 ids, optimum's convention)
+_NP_OF = {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32, "u8": np.uint8, "boolean": np.bool_}
+
+
+def openvino_module() -> Any:
+    """The `openvino` package, or Unavailable (exit 3) saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise Unavailable(f"running an OpenVINO IR needs OpenVINO: {INSTALL}") from None
+    return openvino
+
+
+def compile_config(threads: int | None = None, perf_count: bool = False) -> dict[str, Any]:
+    """The CPU plugin configuration every edgediff OpenVINO run uses."""
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    if perf_count:
+        cfg["PERF_COUNT"] = "YES"
+    return cfg
+
+
+def read_ir(path: Path) -> Any:
+    """The openvino.Model of NAME.xml (+ NAME.bin beside it); BadInput naming the file otherwise."""
+    ov = openvino_module()
+    path = Path(path)
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise BadInput(f"{path}: an OpenVINO IR needs both {path.name} and {path.with_suffix('.bin').name}")
+    try:
+        return ov.Core().read_model(str(path))
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+        raise BadInput(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
+
+
+def compile_ir(path: Path, threads: int | None = None, perf_count: bool = False) -> Any:
+    """NAME.xml compiled for the CPU plugin with `compile_config`."""
+    ov = openvino_module()
+    m = read_ir(path)
+    try:
+        return ov.Core().compile_model(m, "CPU", compile_config(threads, perf_count))
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"{path}: OpenVINO cannot compile it for CPU ({str(e).splitlines()[0][:200]})") from None
+
+
+def openvino_version() -> str:
+    try:
+        return f"openvino {openvino_module().__version__}"
+    except Unavailable:
+        return "openvino"
+
+
+class OpenVinoEntry:
+    """A bundle's OpenVINO IR component, fed and read by tensor name."""
+
+    runtime = "openvino"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.compiled = compile_ir(self.path, threads)
+        self.request = self.compiled.create_infer_request()
+        # a port can carry several tensor names after conversion: each one finds it
+        self.input_types: dict[str, Any] = {}
+        self.input_port: dict[str, Any] = {}
+        for p in self.compiled.inputs:
+            for n in p.get_names():
+                self.input_port[n] = p
+                self.input_types[n] = _NP_OF.get(p.get_element_type().get_type_name(), np.float32)
+        self.output_port: dict[str, Any] = {}
+        for p in self.compiled.outputs:
+            for n in p.get_names():
+                self.output_port[n] = p
+        self.outputs = sorted(self.output_port)
+        self.ms = 0.0
+        self.calls = 0
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [o for o in outputs if o not in self.output_port]
+        if missing:
+            raise BadInput(f"{self.path}: the IR has no output(s) {missing} (it has {self.outputs})")
+        typed: dict[Any, np.ndarray] = {}
+        for k, v in feeds.items():
+            port = self.input_port.get(k)
+            if port is not None:
+                typed[port] = np.ascontiguousarray(v, dtype=self.input_types[k])
+        absent = [p.get_any_name() for p in self.compiled.inputs if p not in typed]
+        if absent:
+            raise BadInput(f"{self.path}: no value for input(s) {absent}")
+        t0 = time.perf_counter()
+        res = self.request.infer(typed)
+        self.ms += (time.perf_counter() - t0) * 1e3
+        self.calls += 1
+        # copies: the request's output buffers are reused by the next call
+        return [np.array(res[self.output_port[o]], dtype=np.float32) for o in outputs]
