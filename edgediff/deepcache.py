@@ -18,7 +18,7 @@ graph contains only the shallow layers (the placeholders are dead code).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from edgediff.errors import BadInput
 from edgediff.model import DenoiserModule, DiffusionModel
+from edgediff.runtime.cache_schedule import full_steps_for
 
 CACHE_KEY = "cache"  # model.extras key the cache pass writes: {"depth", "interval", ...}
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -149,9 +150,10 @@ class ShallowEntry(_Entry):
             return self.module(*args, **kwargs)
 
 
-def full_steps(steps: int, interval: int) -> list[int]:
-    """Indices of the sampler steps that run the full UNet (the same rule as the bundle runtime's)."""
-    return [i for i in range(steps) if i % max(1, interval) == 0]
+def full_steps(steps: int, schedule: Mapping[str, Any] | int) -> list[int]:
+    """Indices of the sampler steps that run the full UNet under a cache record or a uniform interval
+    (the bundle runtime's rule: edgediff.runtime.cache_schedule)."""
+    return full_steps_for(schedule, steps)
 
 
 class CacheSteps:
@@ -163,9 +165,17 @@ class CacheSteps:
     neutral (features are whatever the caller stores): CachedDenoiser and the OpenCL bundle use it.
     """
 
-    def __init__(self, interval: int) -> None:
-        self.interval = int(interval)
+    def __init__(self, schedule: Mapping[str, Any] | int) -> None:
+        self.schedule = schedule  # a cache record (its full_steps) or a uniform interval
+        self.interval = int(schedule["interval"]) if isinstance(schedule, Mapping) else int(schedule)
+        rec_steps = schedule.get("steps") if isinstance(schedule, Mapping) else None
+        self._full: set[int] | None = set(full_steps_for(schedule, int(rec_steps))) if rec_steps else None
         self.reset()
+
+    def begin(self, steps: int) -> None:
+        """The run about to start has `steps` steps (the sampler says so; without it the record's
+        steps hold, and the uniform rule past them)."""
+        self._full = set(full_steps_for(self.schedule, int(steps)))
 
     def reset(self) -> None:
         """Start a new sampling run (calls counts are per run)."""
@@ -174,6 +184,12 @@ class CacheSteps:
         self._step = -1
         self._chunk = 0
         self.feats: list[Any] = []
+
+    def is_full(self, step: int) -> bool:
+        """Whether sampler step `step` of the run is a full call."""
+        if self._full is not None and step <= max(self._full, default=-1):
+            return step in self._full
+        return step % max(1, self.interval) == 0
 
     def next(self, tv: float) -> tuple[bool, int]:
         """(full call?, chunk index) of a call at timestep value `tv`; counts it."""
@@ -186,7 +202,7 @@ class CacheSteps:
         else:
             self._chunk += 1
         c = self._chunk
-        full = self._step % max(1, self.interval) == 0 or c >= len(self.feats)
+        full = self.is_full(self._step) or c >= len(self.feats)
         if c == 0:
             self.calls["full" if full else "shallow"] += 1
         return full, c
@@ -202,12 +218,12 @@ class CacheSteps:
 class CachedDenoiser:
     """Wraps a plain-tensor denoiser call (x, t, cond) with the DeepCache schedule (CacheSteps)."""
 
-    def __init__(self, call: Any, module: nn.Module, depth: int, interval: int) -> None:
+    def __init__(self, call: Any, module: nn.Module, depth: int, schedule: Mapping[str, Any] | int) -> None:
         self.call = call  # (entry module, x, t, cond) -> output of `entry`
         self.full = FullEntry(module, depth)
         self.shallow = ShallowEntry(module, depth)
-        self.depth, self.interval = int(depth), int(interval)
-        self.steps = CacheSteps(self.interval)
+        self.steps = CacheSteps(schedule)
+        self.depth, self.interval = int(depth), self.steps.interval
 
     @property
     def calls(self) -> dict[str, int]:
@@ -216,6 +232,10 @@ class CachedDenoiser:
     def reset(self) -> None:
         """Start a new sampling run (calls counts are per run)."""
         self.steps.reset()
+
+    def begin(self, steps: int) -> None:
+        """The next run has `steps` sampler steps (CacheSteps.begin)."""
+        self.steps.begin(steps)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:

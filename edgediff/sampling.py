@@ -69,7 +69,7 @@ class TorchDenoiser:
         if cache:
             from edgediff.deepcache import CachedDenoiser
 
-            self.cache = CachedDenoiser(self._invoke, self.module, int(cache["depth"]), int(cache["interval"]))
+            self.cache = CachedDenoiser(self._invoke, self.module, int(cache["depth"]), cache)
 
     def _invoke(self, module: Any, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         t = t.float()
@@ -242,6 +242,9 @@ def sample(
     name = sampler_name(schedule, cfg.sampler)
     task = progress.add_task(f"{description} ({name}, {n} samples)", total=len(timesteps)) if progress else None
     calls = 0
+    begin = getattr(getattr(denoiser, "cache", None), "begin", None)
+    if begin is not None:  # DeepCache: a non-uniform schedule depends on the run's step count
+        begin(len(timesteps))
     for i, t in enumerate(timesteps):
         if task is not None:
             progress.advance(task)

@@ -24,6 +24,7 @@ from edgediff.kernels.graph import Executor
 from edgediff.deepcache import CacheSteps, check_depth, find_unet
 from edgediff.errors import BadInput
 from edgediff.model import DiffusionModel
+from edgediff.runtime.cache_schedule import schedule_record
 
 
 def feature_buffer(ops: list[dict[str, Any]], n_blocks: int, depth: int) -> str:
@@ -56,7 +57,8 @@ def cached_schedules(model: DiffusionModel, sched: dict[str, Any], cache: dict[s
     feat = feature_buffer(sched["ops"], len(unet.up_blocks), depth)
     shallow = {**sched, "ops": shallow_ops(sched["ops"], feat), "feature_input": feat}
     rec = {"depth": depth, "interval": int(cache["interval"]), "feature": feat,
-           "feature_shape": cache.get("feature_shape"), "ops_full": len(sched["ops"]), "ops_shallow": len(shallow["ops"])}
+           "feature_shape": cache.get("feature_shape"), "ops_full": len(sched["ops"]), "ops_shallow": len(shallow["ops"]),
+           **schedule_record(cache)}
     return shallow, rec
 
 
@@ -122,7 +124,7 @@ class CachedOpenCLDenoiser:
         self.shallow = _FeatureExecutor(sched_s, {k: weights[k] for k in _weight_names(sched_s["ops"], weights)},
                                         self.rt, feat, conv_algo=conv_algo)
         self.shallow.dev = self.executor.dev  # one copy of the weights on the device
-        self.cache = CacheSteps(int(rec["interval"]))
+        self.cache = CacheSteps(rec)
         self.depth = int(rec["depth"])
 
     def describe(self) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def profile_cached(base: Any, path: Path, x: torch.Tensor, t: torch.Tensor, cond
                            "shallow_layers": [{"name": n, "op": o, "ms": ms} for n, o, ms in den.profile_shallow(x, t, cond)],
                            "shallow_vs_full": round(shallow_ms / full_ms, 4) if full_ms else None}
     if steps:
-        n_full = len(full_steps(int(steps), int(rec["interval"])))
+        n_full = len(full_steps(int(steps), rec))
         out.update({"steps": int(steps), "calls_full": n_full, "calls_shallow": int(steps) - n_full,
                     "ms_per_image": full_ms * n_full + shallow_ms * (int(steps) - n_full),
                     "ms_per_image_uncached": full_ms * int(steps)})

@@ -114,8 +114,11 @@ def test_fast_recipes_plan_and_fast_runs(tiny_unet: DiffusionModel) -> None:
 
     edge_fast = load_recipe("edge-fast")
     names = [p.name for p in edge_fast.passes]
-    # measured: DeepCache broke the quality goal in every edge-fast composition, so it is not in it
-    assert names.index("calib") < names.index("quant") and names[0] == "sampling" and "cache" not in names
+    # the cache sits before calibration (both entry points calibrated) with its depth and schedule measured
+    assert names.index("fuse") < names.index("cache") < names.index("calib") < names.index("quant")
+    assert names[0] == "sampling"
+    cache_opts = next(p.options for p in edge_fast.passes if p.name == "cache")
+    assert cache_opts["depth"] == "auto" and cache_opts["schedule"] == "auto"
     assert edge_fast.passes[0].options["clip_x0"] is True
     for spec in edge_fast.passes:
         passes.make_options(spec.name, spec.options, "edge-fast")
@@ -175,3 +178,118 @@ def test_cache_aware_finetune_lowers_the_shallow_error_and_keeps_full_calls(tiny
         cls(train_lr=0.0)
     with pytest.raises(BadInput, match="train_batch"):
         cls(train_batch=0)
+
+
+# ---------------------------------------------------------------- non-uniform and measured schedules
+
+
+def _three_block_unet() -> DiffusionModel:
+    """UNet2DModel with three blocks: skip depths 0 and 1."""
+    from diffusers import UNet2DModel
+
+    from edgediff.model import InputSignature
+    from edgediff.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
+                    down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4)
+    return DiffusionModel(m.eval(), NoiseSchedule(), InputSignature((1, 8, 8)), arch="UNet2DModel",
+                          config=dict(m.config))
+
+
+def test_schedule_rules() -> None:
+    from edgediff.runtime.cache_schedule import (
+        centred_full_steps,
+        full_steps_for,
+        rescale_full_steps,
+        uniform_full_steps,
+    )
+
+    assert uniform_full_steps(10, 4) == [0, 4, 8]
+    assert uniform_full_steps(10, 4, last=True) == [0, 4, 8, 9]
+    for steps, k, c in ((10, 5, 0.5), (50, 10, 0.3), (20, 6, 0.8), (7, 3, 0.5)):
+        full = centred_full_steps(steps, k, c)
+        assert len(full) == k and full[0] == 0 and full[-1] == steps - 1 and full == sorted(set(full))
+    # denser around the centre than at the ends
+    full = centred_full_steps(50, 10, 0.5, 2.0)
+    gaps = [b - a for a, b in zip(full, full[1:])]
+    assert min(gaps[3:6]) < min(gaps[0], gaps[-1])
+    assert rescale_full_steps([0, 3, 9], 10, 19) == [0, 6, 18]
+    rec = {"interval": 3, "schedule": "auto", "steps": 10, "full_steps": [0, 3, 9]}
+    assert full_steps_for(rec, 10) == [0, 3, 9] and full_steps_for(rec, 19) == [0, 6, 18]
+    assert full_steps_for({"interval": 3}, 7) == [0, 3, 6] == full_steps_for(3, 7)  # records from before schedules
+    assert full_steps_for({"interval": 2, "schedule": "centred", "steps": 10, "full_steps": [0, 9]}, 20) == \
+        centred_full_steps(20, 10)
+
+
+def test_budget_schedule_keeps_the_cheap_shallow_steps() -> None:
+    from edgediff.passes.cache import budget_full_steps, schedule_error
+
+    steps = 6
+    # reusing a feature is cheap early, dear late, dearer the staler it is
+    errs = {(j, i): 0.01 * i * (i - j) for i in range(steps) for j in range(i)}
+    full = budget_full_steps(errs, steps, budget=0.035, max_gap=3)
+    assert full[0] == 0 and full[-1] == steps - 1
+    total, _ = schedule_error(full, errs, steps)
+    assert total <= 0.035
+    assert full == [0, 2, 3, 4, 5]  # step 1 (0.01) and then nothing else fits: step 2 from 0 would add 0.04
+    assert budget_full_steps(errs, steps, budget=0.0, max_gap=3) == list(range(steps))
+    # the gap limit holds even with an unlimited budget
+    full = budget_full_steps(errs, steps, budget=1e9, max_gap=1)
+    assert max(b - a for a, b in zip(full, full[1:])) <= 2
+
+
+def test_auto_depth_and_schedule_are_measured_and_followed() -> None:
+    from edgediff.runtime.cache_schedule import full_steps_for
+
+    run_s, cls_s = passes.get("sampling")
+    m = run_s(_three_block_unet(), cls_s(sampler="dpmpp-2m", steps=6), PassContext())
+    run, cls = passes.get("cache")
+    ctx = PassContext()
+    out = run(m.clone(), cls(depth="auto", schedule="auto", interval=3, error_bound=1e9, error_samples=2,
+                             check_samples=0), ctx)
+    rec = out.extras["cache"]
+    table = {r["depth"]: r for r in ctx.metrics["one_step_errors"]}
+    assert set(table) == {0, 1} and ctx.metrics["bound_met"]
+    # an unlimited budget: as few full calls as the gap allows, first and last full, at the cheapest depth
+    assert rec["full_steps"][0] == 0 and rec["full_steps"][-1] == 5 and len(rec["full_steps"]) < 6
+    assert rec["depth"] == max(table, key=lambda d: table[d]["macs_per_image_speedup"])
+    assert all(v >= 0 for r in table.values() for v in r["error_next_step"].values())
+    # the sampler runs exactly the recorded schedule
+    stats: dict = {}
+    sample_model(out, 2, seed=0, cfg=SamplerConfig("dpmpp-2m", 6), stats=stats)
+    assert stats["denoiser_calls_full"] == len(rec["full_steps"])
+    # a bound nothing but the uncached run meets: every step full
+    ctx = PassContext()
+    tight = run(m.clone(), cls(depth="auto", schedule="auto", interval=3, error_bound=1e-9, error_samples=2,
+                               check_samples=0), ctx)
+    assert tight.extras["cache"]["full_steps"] == list(range(6)) and ctx.metrics["calls_shallow"] == 0
+    # another step count than the record's: the recorded steps at the same fractions
+    assert full_steps_for(rec, 11)[0] == 0 and full_steps_for(rec, 11)[-1] == 10
+    with pytest.raises(BadInput, match="depth"):
+        cls(depth="deep")
+    with pytest.raises(BadInput, match="schedule"):
+        cls(schedule="random")
+
+
+def test_non_uniform_schedule_is_the_same_in_pytorch_and_the_bundle(tiny_unet: DiffusionModel, tmp_path) -> None:
+    from edgediff.bundle import export_bundle
+    from edgediff.runtime.generate import run_bundle
+
+    run_s, cls_s = passes.get("sampling")
+    m = run_s(tiny_unet.clone(), cls_s(sampler="dpmpp-2m", steps=8), PassContext())
+    c = _cache(m, depth=0, interval=3, schedule="centred", centre=0.5)
+    rec = c.extras["cache"]
+    assert rec["schedule"] == "centred" and rec["full_steps"] != full_steps(8, 3)
+    assert rec["full_steps"][0] == 0 and rec["full_steps"][-1] == 7
+    stats: dict = {}
+    x = sample_model(c, 3, seed=2, cfg=SamplerConfig("dpmpp-2m", 8), stats=stats)
+    assert stats["denoiser_calls_full"] == len(rec["full_steps"])
+    export_bundle(c, tmp_path / "b", "onnx", "fp32")
+    import json
+
+    man = json.loads((tmp_path / "b" / "edgediff_bundle.json").read_text())
+    assert man["cache"]["full_steps"] == rec["full_steps"] and man["cache"]["schedule"] == "centred"
+    y, st = run_bundle(tmp_path / "b", samples=3, seed=2, threads=1)
+    assert st["denoiser_calls_full"] == len(rec["full_steps"])
+    torch.testing.assert_close(torch.from_numpy(y), x, atol=2e-4, rtol=1e-4)

@@ -37,7 +37,7 @@ def calls_per_image(manifest: dict[str, Any], steps: int | None = None) -> dict[
     p = manifest.get("pipeline") or {}
     n = int(steps or manifest["steps"])
     cache = manifest.get("cache")  # DeepCache: full calls on the schedule's steps, shallow calls on the others
-    n_full = len(cache_full_steps(n, int(cache["interval"]))) if cache else n
+    n_full = len(cache_full_steps(n, cache)) if cache else n
     cfg = bool(p.get("text_encoder")) and float(p.get("default_guidance") or 1.0) > 1.0
     calls = {}
     for name, comp in manifest["components"].items():

@@ -10,13 +10,14 @@ encoder_hidden_states and output out_sample; scheduler/scheduler_config.json) pl
         role "denoiser" (the full call) and, with DeepCache, "denoiser_shallow";
     signature: the denoiser's input signature (sample_shape, cond_shape, num_classes, ...),
     scheduler: {path, class}, sampler, steps, eta,
-    cache: null or {depth, interval, feature, full_steps},
+    cache: null or {depth, interval, feature, full_steps, steps, schedule},
     source_hash, edgediff_version.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,12 @@ def is_bundle(path: Any) -> bool:
     return p.is_dir() and (p / MANIFEST).is_file()
 
 
-def cache_full_steps(steps: int, interval: int) -> list[int]:
-    """DeepCache's uniform schedule: a full call every `interval` steps, starting with the first."""
-    return [i for i in range(steps) if i % max(1, interval) == 0]
+def cache_full_steps(steps: int, cache: Mapping[str, Any] | int) -> list[int]:
+    """The sampler steps that run the full UNet under a DeepCache record (its schedule, edgediff.runtime.cache_schedule),
+    or under a uniform interval given as an int."""
+    from edgediff.runtime.cache_schedule import full_steps_for
+
+    return full_steps_for(cache, steps)
 
 
 @dataclass

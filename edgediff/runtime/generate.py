@@ -211,7 +211,7 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
     shallow = open_entry(bundle, ROLE_SHALLOW, threads) if cache_cfg else None
     load_ms = (time.perf_counter() - t_load) * 1e3
     n_ts = len(sched.timesteps)
-    full_steps = set(cache_full_steps(n_ts, int(cache_cfg["interval"]))) if cache_cfg else set(range(n_ts))
+    full_steps = set(cache_full_steps(n_ts, cache_cfg)) if cache_cfg else set(range(n_ts))
     sig = bundle.signature
     shape = sample_shape_for(bundle, height, width)
     g = TorchGenerator(seed)
