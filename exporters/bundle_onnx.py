@@ -28,19 +28,21 @@ OPSET = 17  # the denoiser exporter's opset, so one runtime version runs every g
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB limit, with margin: larger graphs keep weights beside them
 
 
-class _TextEncoder(nn.Module):
+class TextEncoderOutputs(nn.Module):
+    """The text encoder returning `outputs` (names of text_encoder_outputs) in that order; shared with the
+    TFLite / Core ML bundles."""
+
     def __init__(self, te: nn.Module, outputs: list[str]) -> None:
         super().__init__()
         self.te, self.outputs = te, outputs
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         hidden = any(o.startswith("hidden_states.") for o in self.outputs)
-        out = self.te(input_ids.long(), return_dict=True, output_hidden_states=hidden)
+        mask = {"attention_mask": attention_mask.long()} if attention_mask is not None else {}
+        out = self.te(input_ids.long(), **mask, return_dict=True, output_hidden_states=hidden)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = getattr(out, "text_embeds", None)
-        if pooled is None:  # T5: no pooled output; the mean keeps the optimum output list complete
-            pooled = out.last_hidden_state.mean(1)
         values = {"last_hidden_state": out.last_hidden_state, "pooler_output": pooled, "text_embeds": pooled}
         values.update({f"hidden_states.{i}": h for i, h in enumerate(out.hidden_states or ())} if hidden else {})
         return tuple(values[o] for o in self.outputs)
@@ -79,23 +81,38 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
         return onnx.load(target) if big else onnx.load_from_string(target.getvalue())
 
 
-def text_encoder_graph(te: nn.Module, seq: int, hidden_states: bool = False) -> Any:
+def text_encoder_graph(te: nn.Module, seq: int, hidden_states: bool = False, attention_mask: bool = False) -> Any:
     """`hidden_states`: optimum's SDXL text encoder outputs: a projection model's `text_embeds` first, then
     last_hidden_state, else last_hidden_state and pooler_output; then hidden_states.0 ... hidden_states.{L-1}
     (the embeddings and every layer but the last, whose place last_hidden_state takes: the last of them is the
-    penultimate states SDXL and SD3 use). ORTStableDiffusionXLPipeline reads them in this order."""
+    penultimate states SDXL and SD3 use). ORTStableDiffusionXLPipeline reads them in this order. A T5 encoder
+    gives last_hidden_state only (optimum's text_encoder_3); `attention_mask`: a second input, int32 like
+    input_ids, for pipelines that mask the padding (PixArt)."""
     ids = torch.zeros(2, seq, dtype=torch.int32)
     ids[:, 0] = int(getattr(te.config, "bos_token_id", 0) or 0)
     ids[:, -1] = int(getattr(te.config, "eos_token_id", 0) or 0)
+    outputs = text_encoder_outputs(te, hidden_states)
+    inputs = ["input_ids", *(["attention_mask"] if attention_mask else [])]
+    dyn = {**{i: {0: "batch_size", 1: "sequence_length"} for i in inputs},
+           **{o: {0: "batch_size"} if o in ("pooler_output", "text_embeds") else {0: "batch_size", 1: "sequence_length"}
+              for o in outputs}}
+    args = (ids, torch.ones(2, seq, dtype=torch.int32)) if attention_mask else (ids,)
+    return _export(TextEncoderOutputs(te, outputs), args, inputs, outputs, dyn)
+
+
+T5_TYPES = ("t5", "mt5", "umt5")  # config model_type of encoders without a pooled output
+
+
+def text_encoder_outputs(te: nn.Module, hidden_states: bool = False) -> list[str]:
+    """The output names of a bundle's text encoder, in optimum's order (see text_encoder_graph)."""
+    if getattr(te.config, "model_type", "") in T5_TYPES:
+        return ["last_hidden_state"]
     outputs = ["last_hidden_state", "pooler_output"]
     if hidden_states:
         layers = int(getattr(te.config, "num_hidden_layers", 0) or getattr(te.config, "num_layers", 0))
         head = ["text_embeds", "last_hidden_state"] if hasattr(te, "text_projection") else outputs
         outputs = [*head, *(f"hidden_states.{i}" for i in range(layers))]
-    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-           **{o: {0: "batch_size"} if o in ("pooler_output", "text_embeds") else {0: "batch_size", 1: "sequence_length"}
-              for o in outputs}}
-    return _export(_TextEncoder(te, outputs), (ids,), ["input_ids"], outputs, dyn)
+    return outputs
 
 
 def vae_decoder_graph(vae: nn.Module, latent_shape: tuple[int, int, int]) -> Any:
@@ -142,10 +159,23 @@ def to_fp16(proto: Any) -> Any:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     big = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    if big:  # the converter's in-memory shape inference stops at 2 GiB; without types it casts Resize scales too
+        proto = _infer_shapes_on_disk(proto)
     proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=big)
     om = OnnxModel(proto)
     om.topological_sort()
     return om.model
+
+
+def _infer_shapes_on_disk(proto: Any) -> Any:
+    """The graph with value_info from onnx's file-based shape inference (the way for graphs over 2 GiB)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="edgediff-onnx-") as td:
+        src, dst = os.path.join(td, "m.onnx"), os.path.join(td, "inferred.onnx")
+        onnx.save_model(proto, src, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx_data")
+        onnx.shape_inference.infer_shapes_path(src, dst)
+        return onnx.load(dst)  # reads m.onnx_data beside it into memory before the folder goes
 
 
 def save(proto: Any, path: str) -> None:

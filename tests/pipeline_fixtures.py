@@ -106,10 +106,10 @@ def _save_tiny_sd3(folder: Path | str, joint_dim: int, pooled_dim: int, **encode
     tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                          num_attention_heads=2, joint_attention_dim=joint_dim, caption_projection_dim=16,
                                          pooled_projection_dim=pooled_dim, out_channels=4, pos_embed_max_size=16)
-    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None, **encoders}
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None,
+             "text_encoder_3": None, "tokenizer_3": None, **encoders}
     StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                             vae=tiny_vae(shift_factor=0.06, scaling_factor=1.5), text_encoder_3=None, tokenizer_3=None,
-                             **parts).save_pretrained(str(folder))
+                             vae=tiny_vae(shift_factor=0.06, scaling_factor=1.5), **parts).save_pretrained(str(folder))
 
 
 def build_tiny_dit(folder: Path, seed: int = 0) -> Path:
@@ -217,3 +217,59 @@ def build_tiny_sd3_clip(folder: Path, seed: int = 0) -> Path:
     _save_tiny_sd3(folder, joint_dim=48, pooled_dim=32, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
                    tokenizer_2=tok)
     return folder
+
+
+T5_WORDS = ("a", "red", "cat", "the", "dog", "blue", "on", "photo", "of", "an", "in")
+
+
+def t5_tokenizer(model_max_length: int = 512) -> object:
+    """A T5TokenizerFast on a small Unigram vocabulary the test writes (<pad> 0, </s> 1, <unk> 2, whole words and
+    single letters after the Metaspace prefix, </s> appended as T5's post-processor does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in T5_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=model_max_length)
+
+
+def tiny_t5(d_model: int) -> object:
+    """A 2-layer random T5EncoderModel on t5_tokenizer's vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    n = len(t5_tokenizer().get_vocab())
+    return T5EncoderModel(T5Config(vocab_size=n, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def build_tiny_sd3_t5(folder: Path, seed: int = 0) -> Path:
+    """build_tiny_sd3_clip's two CLIPs plus a T5EncoderModel (48 wide: the joint width) as text_encoder_3."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tok, cfg = _clip_setup(folder, seed, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
+    te, te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    _save_tiny_sd3(folder, joint_dim=48, pooled_dim=32, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                   tokenizer_2=tok, text_encoder_3=tiny_t5(48), tokenizer_3=t5_tokenizer())
+    return folder
+
+
+def build_tiny_pixart(folder: Path, seed: int = 0) -> Path:
+    """A PixArtAlphaPipeline: a T5EncoderModel (32 wide), PixArtTransformer2DModel on 4x8x8 latents with learned
+    variance and no resolution conditioning, the tiny VAE, DPM-Solver++ (PixArt-alpha's scheduler)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=32,
+                                  norm_num_groups=8, use_additional_conditions=False)
+    PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(32), vae=tiny_vae(), transformer=tr,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(str(folder))
+    return Path(folder)

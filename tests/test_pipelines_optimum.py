@@ -44,8 +44,9 @@ def _optimum_python() -> str | None:
 
 
 @pytest.mark.skipif(_optimum_python() is None, reason=(
-    "optimum[onnxruntime] is not importable: optimum-onnx <= 0.1.0 requires transformers < 4.58, this project pins "
-    "5.x; set EDGEDIFF_OPTIMUM_PYTHON to a venv's python that has it"))
+    "optimum.onnxruntime is not importable: optimum-onnx (0.1.0, its latest release) requires transformers<4.58 "
+    "and constraints.txt pins 5.23.0; set EDGEDIFF_OPTIMUM_PYTHON to the python of a separate venv with "
+    "optimum-onnx[onnxruntime] and diffusers (docs/pipelines.md)"))
 def test_optimum_ort_pipeline_loads_the_bundle_and_generates_the_same(tiny_sd: Path, tmp_path: Path,  # noqa: F811
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "r.toml"
@@ -62,8 +63,9 @@ def test_optimum_ort_pipeline_loads_the_bundle_and_generates_the_same(tiny_sd: P
 
 
 @pytest.mark.skipif(_optimum_python() is None, reason=(
-    "optimum[onnxruntime] is not importable: optimum-onnx <= 0.1.0 requires transformers < 4.58, this project pins "
-    "5.x; set EDGEDIFF_OPTIMUM_PYTHON to a venv's python that has it"))
+    "optimum.onnxruntime is not importable: optimum-onnx (0.1.0, its latest release) requires transformers<4.58 "
+    "and constraints.txt pins 5.23.0; set EDGEDIFF_OPTIMUM_PYTHON to the python of a separate venv with "
+    "optimum-onnx[onnxruntime] and diffusers (docs/pipelines.md)"))
 def test_optimum_sdxl_pipeline_loads_the_sdxl_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline_fixtures import build_tiny_sdxl
 

@@ -48,19 +48,17 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
 
     out: dict[str, tuple[Any, str, str]] = {}
     sig = model.signature
-    from edgediff.pipelines.encode import encoding_of
+    from edgediff.pipelines.encode import encoding_of, text_sequence
 
     kind = encoding_of(pipe)
     for name in pipe.names("text_encoder"):
-        if kind == "clip" and name != "text_encoder":
+        if kind in ("clip", "pixart") and name != "text_encoder":
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
                            "other than SDXL's and SD3's are not bundled; export the denoiser and pass --prompt-embeds")
-        if name == "text_encoder_3":
-            raise BadInput(f"{pipe.path}: SD3's T5 encoder (text_encoder_3) is not bundled yet; save the pipeline "
-                           "without it (diffusers runs SD3 with zeros for T5) or export the denoiser with --prompt-embeds")
-        seq = int(sig.cond_shape[0]) if sig.cond_shape and kind == "clip" else _token_length(pipe, name)
+        seq = text_sequence(pipe, name)
         proto, prec = graph(name, pipe.load(name),
-                            lambda m, seq=seq: bo.text_encoder_graph(m, seq, hidden_states=kind != "clip"))
+                            lambda m, seq=seq: bo.text_encoder_graph(m, seq, hidden_states=kind in ("sdxl", "sd3"),
+                                                                     attention_mask=kind == "pixart"))
         out[name] = (proto, name, prec)  # role text_encoder, text_encoder_2: the runtime asks by name
     if pipe.has("vae"):
         vae = pipe.load("vae")
@@ -74,21 +72,16 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
     return out
 
 
-def _token_length(pipe: Pipeline, text_encoder: str) -> int:
-    return int(pipe.load("tokenizer" + text_encoder[len("text_encoder"):]).model_max_length)
-
-
 def example_shapes(pipe: Pipeline, model: DiffusionModel) -> dict[str, dict[str, list[int]]]:
     """{component: {input: shape at batch 1}}: the shapes the pipeline runs (the graphs' H/W are dynamic)."""
     sig = model.signature
     c, h, w = (int(v) for v in sig.sample_shape[-3:])
     shapes: dict[str, dict[str, list[int]]] = {}
-    from edgediff.pipelines.encode import encoding_of
+    from edgediff.pipelines.encode import encoding_of, text_sequence
 
-    kind = encoding_of(pipe) if pipe.has("text_encoder") else None
     for name in pipe.names("text_encoder"):
-        seq = int(sig.cond_shape[0]) if sig.cond_shape and kind == "clip" else _token_length(pipe, name)
-        shapes[name] = {"input_ids": [1, seq]}
+        seq = text_sequence(pipe, name)
+        shapes[name] = {"input_ids": [1, seq], **({"attention_mask": [1, seq]} if encoding_of(pipe) == "pixart" else {})}
     if pipe.has("vae"):
         f = pipe.vae_scale_factor()
         shapes["vae_decoder"] = {"latent_sample": [1, c, h, w]}
@@ -97,12 +90,17 @@ def example_shapes(pipe: Pipeline, model: DiffusionModel) -> dict[str, dict[str,
 
 
 def _tokenizer_files(pipe: Pipeline, name: str, dest: Path) -> None:
-    """Copy the tokenizer's text files; write tokenizer.json (the `tokenizers` library's format) when missing."""
+    """Copy the tokenizer's text files; tokenizer.json (the `tokenizers` library's format) is the one transformers
+    runs: its loaded backend (transformers rewrites some on load, e.g. T5's pre-tokenizer gains a WhitespaceSplit),
+    else the file saved by save_pretrained."""
     src = pipe.path / name
     dest.mkdir()
     for fn in TOKENIZER_FILES:
         if (src / fn).is_file():
             shutil.copyfile(src / fn, dest / fn)
+    backend = getattr(pipe.load(name), "backend_tokenizer", None)
+    if backend is not None:
+        (dest / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
     if not (dest / "tokenizer.json").is_file():
         tok = pipe.load(name)
         tmp = dest / "_saved"
@@ -129,8 +127,8 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
 
     for name, (proto, role, prec) in graphs.items():
         (tmp / name).mkdir()
-        onnx.checker.check_model(proto)
         bo.save(proto, str(tmp / name / "model.onnx"))
+        onnx.checker.check_model(str(tmp / name / "model.onnx"))  # by path: a graph with external data checks too
         src_cfg = pipe.path / ("vae" if role.startswith("vae") else name) / "config.json"
         if src_cfg.is_file():
             shutil.copyfile(src_cfg, tmp / name / "config.json")  # optimum's ORT pipeline reads it
@@ -171,30 +169,35 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
         f = pipe.vae_scale_factor()
         rec.update({"vae_scaling_factor": pipe.vae_scaling_factor(), "vae_shift_factor": pipe.vae_shift_factor(),
                     "vae_scale_factor": f, "image_shape": [3, h * f, w * f]})
-    from edgediff.pipelines.encode import encoding_of
+    from edgediff.pipelines.encode import encoding_of, is_t5, text_sequence
 
     kind = encoding_of(pipe) if pipe.has("text_encoder") else None
     if pipe.has("tokenizer"):
         configs = {}
         for name in pipe.names("tokenizer"):
             tok = pipe.load(name)
-            seq = int(model.signature.cond_shape[0]) if model.signature.cond_shape and kind == "clip" \
-                else int(tok.model_max_length)
+            te = "text_encoder" + name[len("tokenizer"):]
+            seq = text_sequence(pipe, te) if te in pipe.components else int(tok.model_max_length)
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             configs[name] = {"max_length": seq, "pad_token_id": int(pad) if pad is not None else 0}
         rec["tokenizer_config"] = configs.get("tokenizer")
         rec["tokenizer_configs"] = configs
-    if kind in ("sdxl", "sd3"):  # how the runtime combines the encoders (edgediff.pipelines.encode.encode_conditioning)
+    if kind in ("sdxl", "sd3", "pixart"):  # how the runtime combines them (edgediff.pipelines.encode.encode_conditioning)
         rec["encoding"] = kind
         rec["text_encoders"] = [n for n in graphs if n.startswith("text_encoder")]
+        # "t5": last_hidden_state as it is; "clip": penultimate states + pooled output (SDXL / SD3)
+        rec["text_encoder_kinds"] = {n: "t5" if is_t5(pipe, n) else "clip" for n in rec["text_encoders"]}
         rec["hidden_width"] = int(model.signature.cond_shape[-1]) if model.signature.cond_shape else None
+        if kind == "pixart":  # PixArt's _text_preprocessing with clean_caption off; the mask goes to the denoiser
+            rec["text_preprocessing"] = "lower_strip"
+            rec["attention_mask_input"] = "encoder_attention_mask"
         if kind == "sdxl":
             c, h, w = (int(v) for v in model.signature.sample_shape[-3:])
             f = pipe.vae_scale_factor() if pipe.has("vae") else 8
             rec["time_ids"] = [h * f, w * f, 0, 0, h * f, w * f]
             rec["force_zeros_for_empty_prompt"] = bool(src_index.get("force_zeros_for_empty_prompt", True))
-        else:
-            from edgediff.pipelines.components import T5_SEQUENCE
+        elif kind == "sd3":
+            from edgediff.pipelines.components import max_sequence_length
 
-            rec["t5_sequence"] = T5_SEQUENCE
+            rec["t5_sequence"] = max_sequence_length(pipe.class_name)
     return rec

@@ -59,8 +59,8 @@ def read_index(folder: Path) -> dict[str, Any]:
     return idx
 
 
-def default_guidance(class_name: str) -> float | None:
-    """The guidance_scale default of the diffusers pipeline class's __call__ (None: it takes none)."""
+def _call_default(class_name: str, arg: str) -> tuple[bool, Any]:
+    """(whether diffusers has the pipeline class, the default of `arg` in its __call__ or None)."""
     try:
         import diffusers
 
@@ -68,9 +68,31 @@ def default_guidance(class_name: str) -> float | None:
     except ImportError:
         cls = None
     if cls is None:
+        return False, None
+    p = inspect.signature(cls.__call__).parameters.get(arg)
+    return True, (p.default if p is not None and p.default is not inspect.Parameter.empty else None)
+
+
+def default_guidance(class_name: str) -> float | None:
+    """The guidance_scale default of the diffusers pipeline class's __call__ (None: it takes none)."""
+    known, v = _call_default(class_name, "guidance_scale")
+    if not known:
         return None if class_name == "DDPMPipeline" else DEFAULT_GUIDANCE
-    p = inspect.signature(cls.__call__).parameters.get("guidance_scale")
-    return float(p.default) if p is not None and isinstance(p.default, (int, float)) else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def max_sequence_length(class_name: str) -> int:
+    """T5 tokens the pipeline class encodes a prompt to (its __call__'s max_sequence_length default: SD3 256,
+    PixArt-alpha 120, PixArt-Sigma 300, Flux 512); T5_SEQUENCE for a class diffusers here does not have."""
+    v = _call_default(class_name, "max_sequence_length")[1]
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else T5_SEQUENCE
+
+
+def masked_t5(arch: str, rec: dict[str, Any]) -> bool:
+    """A PixArt pipeline: one T5 text encoder whose attention mask the denoiser also takes (encoder_attention_mask),
+    as PixArtAlphaPipeline/PixArtSigmaPipeline pass it."""
+    te = (rec.get("components") or {}).get("text_encoder") or {}
+    return arch == "PixArtTransformer2DModel" and te.get("class") == "T5EncoderModel"
 
 
 def describe_index(folder: Path, hasher: Callable[[Path], str]) -> dict[str, Any]:
@@ -111,7 +133,8 @@ def cond_shape_of(folder: Path, rec: dict[str, Any]) -> tuple[int, int] | None:
 def text_widths(folder: Path, rec: dict[str, Any]) -> list[int]:
     """Hidden sizes of the CLIP-style text encoders, in name order (text_encoder, text_encoder_2, ...)."""
     out = []
-    for name in sorted(n for n, c in rec["components"].items() if c["kind"] == "text_encoder"):
+    for name in sorted(n for n, c in rec["components"].items() if c["kind"] == "text_encoder"
+                       and c.get("class") != "T5EncoderModel"):
         p = folder / name / "config.json"
         h = read_json(p).get("hidden_size") if p.is_file() else None
         if isinstance(h, int):
@@ -129,6 +152,9 @@ def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], c
     model.extras[KEY] = rec
     model.provenance["pipeline"] = rec["path"]
     cs = cond_shape_of(folder, rec)
+    if cs is not None and masked_t5(model.arch, rec):
+        # T5 pads to the pipeline's max_sequence_length (not the tokenizer's model_max_length), mask beside it
+        cs = (max_sequence_length(rec["class"]), cs[1])
     if cs is not None and not cond_override and model.signature.cond_shape is not None:
         width = model.signature.cond_shape[-1]
         widths = text_widths(folder, rec)
@@ -137,11 +163,18 @@ def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], c
             cs = (cs[0], width)  # SDXL: the encoders' hidden states side by side (encode.encode_conditioning)
         elif pooled and len(widths) > 1 and width >= sum(widths[:2]):
             # SD3: the CLIP states side by side, zero-padded to the joint width, then T5's tokens (zeros without it)
-            cs = (cs[0] + T5_SEQUENCE, width)
+            cs = (cs[0] + max_sequence_length(rec["class"]), width)
         if width != cs[1]:
             raise BadInput(f"{folder}: text_encoder hidden size {cs[1]} does not match the denoiser's "
                            f"conditioning width {model.signature.cond_shape[-1]}")
         model.signature = replace(model.signature, cond_shape=tuple(cs))
+    sig = model.signature
+    if masked_t5(model.arch, rec) and sig.cond_shape and not any(x.name == "encoder_attention_mask" for x in sig.extra):
+        from edgediff.model import InputSpec
+
+        # ones: every token attends (what the transformer does without a mask); prompts give their own
+        mask = InputSpec("encoder_attention_mask", (int(sig.cond_shape[0]),), fill="const", value=(1.0,))
+        model.signature = replace(sig, extra=(*sig.extra, mask))
     return model
 
 

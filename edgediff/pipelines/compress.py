@@ -91,19 +91,12 @@ def targets(model: DiffusionModel, recipe: Any) -> list[list[str] | None]:
     return out
 
 
-def _tokenizer_for(text_encoder: str) -> str:
-    return "tokenizer" + text_encoder[len("text_encoder"):]
-
-
 def _ids(pipe: Pipeline, part: str, prompts: list[str]) -> torch.Tensor:
-    """Token ids as the pipeline feeds text encoder `part` (SDXL/SD3: at each tokenizer's own length)."""
-    from edgediff.pipelines.encode import encoding_of, token_ids
+    """Token ids as the pipeline feeds text encoder `part` (SDXL/SD3: at each tokenizer's own length, T5 at the
+    pipeline's max_sequence_length)."""
+    from edgediff.pipelines.encode import encoder_inputs
 
-    if encoding_of(pipe) == "clip":
-        return token_ids(pipe, prompts, _tokenizer_for(part))
-    tok = pipe.load(_tokenizer_for(part))
-    return tok(list(prompts), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
-               return_tensors="pt").input_ids
+    return encoder_inputs(pipe, part, prompts)["input_ids"]
 
 
 def _prompts(model: DiffusionModel, n: int, seed: int) -> list[str]:

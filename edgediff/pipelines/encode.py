@@ -17,11 +17,55 @@ from edgediff.errors import BadInput
 from edgediff.pipelines.components import Pipeline
 
 
+def is_t5(pipe: Pipeline, name: str) -> bool:
+    return (pipe.components.get(name) or {}).get("class") == "T5EncoderModel"
+
+
+def tokenizer_of(text_encoder: str) -> str:
+    """text_encoder_2 -> tokenizer_2: diffusers pairs them by suffix."""
+    return "tokenizer" + text_encoder[len("text_encoder"):]
+
+
+def text_sequence(pipe: Pipeline, name: str) -> int:
+    """Tokens the pipeline pads text encoder `name`'s prompts to: one-encoder pipelines the denoiser's sequence
+    (PixArt's is its max_sequence_length), a T5 beside CLIPs the class's max_sequence_length (SD3), a CLIP
+    beside others its tokenizer's model_max_length."""
+    from edgediff.pipelines.components import max_sequence_length
+
+    sig = pipe.denoiser.signature
+    if encoding_of(pipe) in ("clip", "pixart") and sig.cond_shape:
+        return int(sig.cond_shape[0])
+    if is_t5(pipe, name):
+        return max_sequence_length(pipe.class_name)
+    return int(pipe.load(tokenizer_of(name)).model_max_length)
+
+
+def preprocess(pipe: Pipeline, texts: list[str]) -> list[str]:
+    """PixArt's _text_preprocessing without clean_caption (lower-cased, stripped): what its pipelines do when bs4
+    or ftfy is missing, and what the bundle runtime does; other pipelines take prompts as given."""
+    return [str(t).lower().strip() for t in texts] if encoding_of(pipe) == "pixart" else list(texts)
+
+
+def encoder_inputs(pipe: Pipeline, name: str, texts: list[str]) -> dict[str, torch.Tensor]:
+    """What the pipeline's encode_prompt feeds text encoder `name`: input_ids padded to text_sequence (bos/eos
+    counted), and for PixArt the attention_mask too."""
+    tok = pipe.load(tokenizer_of(name))
+    enc = tok(preprocess(pipe, list(texts)), padding="max_length", max_length=text_sequence(pipe, name),
+              truncation=True, add_special_tokens=True, return_tensors="pt")
+    out = {"input_ids": enc.input_ids}
+    if encoding_of(pipe) == "pixart":
+        out["attention_mask"] = enc.attention_mask
+    return out
+
+
 def token_ids(pipe: Pipeline, prompts: list[str], name: str = "tokenizer") -> torch.Tensor:
-    tok = pipe.load(name)
-    seq = pipe.denoiser.signature.cond_shape[0] if pipe.denoiser.signature.cond_shape else tok.model_max_length
-    enc = tok(list(prompts), padding="max_length", max_length=int(seq), truncation=True, return_tensors="pt")
-    return enc.input_ids
+    return encoder_inputs(pipe, "text_encoder" + name[len("tokenizer"):], prompts)["input_ids"]
+
+
+@torch.no_grad()
+def encoder_states(pipe: Pipeline, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden state of text encoder `name` on encoder_inputs (a CLIP projection model's too)."""
+    return pipe.load(name)(**inputs, return_dict=True).last_hidden_state.float()
 
 
 @torch.no_grad()
@@ -29,9 +73,9 @@ def encode_prompts(pipe: Pipeline, prompts: list[str], batch: int = 16) -> torch
     """(N, seq, hidden) float32 encoder states of `prompts` (the text encoder's last_hidden_state)."""
     if not pipe.has("text_encoder") or not pipe.has("tokenizer"):
         raise BadInput(f"{pipe.path}: this pipeline has no text encoder and tokenizer to encode prompts with")
-    te = pipe.load("text_encoder")
-    ids = token_ids(pipe, prompts)
-    outs = [te(ids[i:i + batch])[0].float() for i in range(0, len(ids), batch)]
+    inputs = encoder_inputs(pipe, "text_encoder", prompts)
+    outs = [encoder_states(pipe, "text_encoder", {k: v[i:i + batch] for k, v in inputs.items()})
+            for i in range(0, len(prompts), batch)]
     return torch.cat(outs)
 
 
@@ -49,16 +93,18 @@ def guided_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
 def _clip(pipe: Pipeline, name: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate hidden states, pooled output) of one CLIP text encoder, as diffusers' SDXL/SD3 pipelines take
     them (padded to the tokenizer's model_max_length; CLIPTextModelWithProjection's pooled is text_embeds)."""
-    tok = pipe.load("tokenizer" + name[len("text_encoder"):])
-    ids = tok(list(prompts), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
-              return_tensors="pt").input_ids
-    out = pipe.load(name)(ids, output_hidden_states=True)
+    out = pipe.load(name)(**encoder_inputs(pipe, name, prompts), output_hidden_states=True)
     return out.hidden_states[-2].float(), out[0].float()
 
 
 def encoding_of(pipe: Pipeline) -> str:
     """How the pipeline turns prompts into denoiser inputs: "clip" (one encoder's last hidden state), "sdxl"
-    (text_embeds + time_ids) or "sd3" (pooled_projections from several CLIPs, T5 tokens after them)."""
+    (text_embeds + time_ids), "sd3" (pooled_projections from several CLIPs, T5 tokens after them) or "pixart"
+    (one T5 encoder's last hidden state and its attention mask, which the denoiser also takes)."""
+    from edgediff.pipelines.components import masked_t5
+
+    if masked_t5(pipe.denoiser.arch, {"components": pipe.components}):
+        return "pixart"
     names = {s.name for s in pipe.denoiser.signature.extra}
     if "pooled_projections" in names and len(pipe.names("text_encoder")) > 1:
         return "sd3"
@@ -78,6 +124,8 @@ def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
     kind = encoding_of(pipe)
     if kind == "sd3":
         return _sd3_conditioning(pipe, prompts, negative)
+    if kind == "pixart":
+        return _pixart_conditioning(pipe, prompts, negative)
     if kind == "clip":
         c, u = guided_conditioning(pipe, prompts, negative)
         return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
@@ -110,28 +158,43 @@ def _sd3_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | 
     """StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to the
     joint width, then T5's last hidden state (zeros when text_encoder_3 is absent, as diffusers); pooled_projections
     the two pooled projections side by side; the negative prompt ("" by default) encoded the same way."""
-    from edgediff.pipelines.components import T5_SEQUENCE
+    from edgediff.pipelines.components import max_sequence_length
 
     width = int(pipe.denoiser.signature.cond_shape[-1]) if pipe.denoiser.signature.cond_shape else 4096
-    clips = [n for n in pipe.names("text_encoder") if n != "text_encoder_3"][:2]
+    clips = [n for n in pipe.names("text_encoder") if not is_t5(pipe, n)][:2]
+    t5s = [n for n in pipe.names("text_encoder") if is_t5(pipe, n)]
 
     def enc(texts: list[str]) -> dict[str, torch.Tensor]:
         outs = [_clip(pipe, name, texts) for name in clips]
         clip = torch.cat([h for h, _ in outs], -1)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
-        if "text_encoder_3" in pipe.names("text_encoder"):
-            tok = pipe.load("tokenizer_3")
-            ids = tok(list(texts), padding="max_length", max_length=T5_SEQUENCE, truncation=True,
-                      add_special_tokens=True, return_tensors="pt").input_ids
-            t5 = pipe.load("text_encoder_3")(ids)[0].float()
+        if t5s:
+            t5 = encoder_states(pipe, t5s[0], encoder_inputs(pipe, t5s[0], texts))
         else:
-            t5 = torch.zeros(len(texts), T5_SEQUENCE, width)
+            t5 = torch.zeros(len(texts), max_sequence_length(pipe.class_name), width)
         return {"encoder_hidden_states": torch.cat([clip, t5], -2),
                 "pooled_projections": torch.cat([p for _, p in outs], -1)}
 
     neg = negative if negative is not None else [""] * len(prompts)
     if len(neg) != len(prompts):
         raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+    return enc(list(prompts)), enc(list(neg))
+
+
+def _pixart_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """PixArtAlphaPipeline/PixArtSigmaPipeline.encode_prompt (clean_caption off): the T5's last hidden state with
+    the attention mask fed to it, the mask (float) as the denoiser's encoder_attention_mask; the negative prompt
+    ("" by default) encoded the same way."""
+    neg = negative if negative is not None else [""] * len(prompts)
+    if len(neg) != len(prompts):
+        raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+
+    def enc(texts: list[str]) -> dict[str, torch.Tensor]:
+        inputs = encoder_inputs(pipe, "text_encoder", texts)
+        return {"encoder_hidden_states": encoder_states(pipe, "text_encoder", inputs),
+                "encoder_attention_mask": inputs["attention_mask"].float()}
+
     return enc(list(prompts)), enc(list(neg))
 
 
@@ -242,7 +305,8 @@ def component_stats(pipe: Pipeline) -> dict[str, dict[str, Any]]:
             row["macs_note"] = "per denoiser call (x2 per step with guidance)"
         elif kind == "text_encoder":
             te = pipe.load(name)
-            seq = int(sig.cond_shape[0]) if sig.cond_shape else 77
+            seq = text_sequence(pipe, name) if pipe.has("tokenizer") else (int(sig.cond_shape[0]) if sig.cond_shape
+                                                                            else 77)
             ids = torch.zeros(1, seq, dtype=torch.long)
             row.update({"params": metrics.params(te), "macs": metrics.macs_of_call(te, ids),
                         "size_bytes": metrics.size_bytes(te), "sequence_length": seq})

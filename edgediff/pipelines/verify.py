@@ -26,8 +26,9 @@ from edgediff.model import DiffusionModel
 from edgediff.pipelines.components import Pipeline, pipeline_of
 from edgediff.pipelines.encode import (
     decode_latents,
+    encoder_inputs,
+    encoder_states,
     pipeline_latents,
-    token_ids,
 )
 from edgediff.pipelines.prompts import prompts_for
 
@@ -76,19 +77,15 @@ def component_checks(pipe: Pipeline, model: DiffusionModel, bundle: Any, prompts
     man = bundle.manifest["pipeline"]
     g = torch.Generator().manual_seed(seed + 11)
     states = None
-    if man.get("text_encoder") and not man.get("encoding"):
-        ids = token_ids(pipe, prompts[:4])
-        want = pipe.load("text_encoder")(ids)[0].float().numpy()
-        got = open_entry(bundle, "text_encoder", threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
-        out["text_encoder"] = _row(got, want)
-        states = torch.from_numpy(want)
-    for name in man.get("text_encoders") or [] if man.get("encoding") else []:  # SDXL / SD3: each at its length
-        tok = pipe.load("tokenizer" + name[len("text_encoder"):])
-        ids = tok(list(prompts[:4]), padding="max_length", max_length=int(tok.model_max_length), truncation=True,
-                  return_tensors="pt").input_ids
-        want = pipe.load(name)(ids).last_hidden_state.float().numpy()  # [0] of a projection model is text_embeds
-        got = open_entry(bundle, name, threads).run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+    names = (man.get("text_encoders") or []) if man.get("encoding") else (["text_encoder"] if man.get("text_encoder")
+                                                                          else [])
+    for name in names:  # each at the length and with the inputs the pipeline feeds it (SDXL/SD3/PixArt too)
+        inputs = encoder_inputs(pipe, name, prompts[:4])
+        want = encoder_states(pipe, name, inputs).numpy()  # last_hidden_state ([0] of a projection model is not)
+        got = open_entry(bundle, name, threads).run(["last_hidden_state"], {k: v.numpy() for k, v in inputs.items()})[0]
         out[name] = _row(got, want)
+        if not man.get("encoding"):
+            states = torch.from_numpy(want)
     mod = model.module().eval()
     sig = model.signature
     n = 2

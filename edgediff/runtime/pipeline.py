@@ -188,21 +188,33 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
     combined from its text encoders as edgediff.pipelines.encode.encode_conditioning (diffusers' encode_prompt):
     penultimate hidden states side by side; SDXL: the last pooled projection as text_embeds, time_ids, zeros for
     the unconditional branch when no negative prompt is given and the pipeline forces them; SD3: padded to the
-    joint width, then T5's tokens as zeros, both pooled projections as pooled_projections."""
+    joint width, then T5's last hidden state (zeros without a T5), both pooled projections as pooled_projections;
+    PixArt: prompts lower-cased and stripped, the T5's last hidden state with its attention mask, the mask also
+    the denoiser's encoder_attention_mask."""
     p = bundle.manifest["pipeline"]
     comps = bundle.manifest["components"]
+    kinds = p.get("text_encoder_kinds") or {}
     n = len(prompts)
     zeros = p["encoding"] == "sdxl" and no_negative and bool(p.get("force_zeros_for_empty_prompt", True))
     texts = prompts + (negatives if cfg and not zeros else [])
+    if p.get("text_preprocessing") == "lower_strip":
+        texts = [t.lower().strip() for t in texts]
     states, pooled, tok_ms = [], [], 0.0
+    t5: np.ndarray | None = None
+    t5_mask: np.ndarray | None = None
     for name in p["text_encoders"]:
         tname = "tokenizer" + name[len("text_encoder"):]
         tc = (p.get("tokenizer_configs") or {}).get(tname) or {}
         t0 = time.perf_counter()
         tok = BundleTokenizer(bundle.path / str(comps[tname]["path"]), int(tc.get("max_length", 77)),
                               int(tc.get("pad_token_id", 0)))
-        ids = tok(texts)
+        ids, mask = tok.encode(texts)
         tok_ms += (time.perf_counter() - t0) * 1e3
+        if kinds.get(name) == "t5":  # the graph takes attention_mask only where the pipeline feeds it (PixArt)
+            t5 = sessions.get(name).run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+            t5, t5_mask = t5.astype(F32), mask.astype(F32)
+            sessions.done(name)
+            continue
         outs = list(comps[name].get("outputs") or [])
         layers = sorted((o for o in outs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
         pool = "text_embeds" if "text_embeds" in outs else "pooler_output"
@@ -210,15 +222,20 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
         sessions.done(name)
         states.append(h.astype(F32))
         pooled.append(pl.astype(F32))
-    hidden = np.concatenate(states, -1)
-    if p["encoding"] == "sdxl":
+    if p["encoding"] == "pixart":
+        assert t5 is not None and t5_mask is not None
+        both = {"encoder_hidden_states": t5, str(p.get("attention_mask_input") or "encoder_attention_mask"): t5_mask}
+    elif p["encoding"] == "sdxl":
+        hidden = np.concatenate(states, -1)
         vec = pooled[-1]
         ids6 = np.tile(np.asarray(p["time_ids"], F32), (n, 1))
         both = {"encoder_hidden_states": hidden, "text_embeds": vec}
     else:
         width = int(p["hidden_width"])
+        hidden = np.concatenate(states, -1)
         hidden = np.pad(hidden, ((0, 0), (0, 0), (0, width - hidden.shape[-1])))
-        t5 = np.zeros((hidden.shape[0], int(p["t5_sequence"]), width), F32)
+        if t5 is None:  # SD3 without its T5: zeros, as diffusers
+            t5 = np.zeros((hidden.shape[0], int(p["t5_sequence"]), width), F32)
         both = {"encoder_hidden_states": np.concatenate([hidden, t5], 1).astype(F32),
                 "pooled_projections": np.concatenate(pooled, -1)}
     cond = {k: v[:n] for k, v in both.items()}

@@ -41,5 +41,10 @@ class BundleTokenizer:
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """(N, max_length) int64 token ids."""
+        return self.encode(prompts)[0]
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """((N, max_length) int64 token ids, their attention mask: 1 for tokens, 0 for padding)."""
         enc = self.tok.encode_batch([str(p) for p in prompts])
-        return np.asarray([e.ids for e in enc], dtype=np.int64)
+        return (np.asarray([e.ids for e in enc], dtype=np.int64),
+                np.asarray([e.attention_mask for e in enc], dtype=np.int64))
