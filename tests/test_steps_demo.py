@@ -100,3 +100,20 @@ def test_fast_composition_calibrates_on_its_own_schedule(tiny_unet: DiffusionMod
     # without a calib pass the fast passes go last
     plain = job.fast_recipe(Recipe("p", "", [PassSpec("fuse")]), load_recipe("fast"))
     assert [p.name for p in plain.passes] == ["fuse", "sampling", "cache"]
+
+
+def test_fast_row_samples_with_the_compositions_own_schedule(tiny_unet: DiffusionModel) -> None:
+    import torch
+
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample, sample_model
+
+    run_s, opts_s = passes.get("sampling")
+    m = run_s(tiny_unet.clone(), opts_s(sampler="dpmpp-2m", steps=4, clip_x0=True), PassContext())
+    run_c, opts_c = passes.get("cache")
+    m = run_c(m, opts_c(depth=0, interval=2, check_samples=0), PassContext())
+    x, cfg, calls = job.sample_fast(m, 3, 1, default_steps=25)
+    assert (cfg.sampler, cfg.steps) == ("dpmpp-2m", 4) and calls == (2, 2)
+    # the clip_x0 of the sampling pass lives in the composition's schedule: the row uses it
+    torch.testing.assert_close(x, sample_model(m, 3, 1, SamplerConfig("dpmpp-2m", 4)), atol=0, rtol=0)
+    unclipped = sample(TorchDenoiser(m), tiny_unet.schedule, m.signature.sample_shape, 3, 1, SamplerConfig("dpmpp-2m", 4))
+    assert (x - unclipped).abs().max() > 1e-3
