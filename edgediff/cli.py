@@ -355,6 +355,8 @@ def export(model: str = ModelOpt,
            output: Path = typer.Option(..., "-o", "--output"),
            force: bool = typer.Option(False, "--force", help="Replace an existing output."),
            palettize: Optional[int] = typer.Option(None, "--palettize", help="Core ML: palettize weights to BITS."),
+           chunk_unet: bool = typer.Option(False, "--chunk-unet", help="Core ML bundle: the UNet as Apple's "
+                                           "UnetChunk1/UnetChunk2 packages."),
            as_json: bool = typer.Option(False, "--json"), config: Optional[Path] = ConfigOpt,
            sample_shape: Optional[str] = SampleOpt, cond_shape: Optional[str] = CondOpt,
            num_classes: Optional[int] = ClassesOpt, trust_pickle: bool = PickleOpt, variant: Optional[str] = VariantOpt,
@@ -384,7 +386,9 @@ def export(model: str = ModelOpt,
         if is_bundle_output(output) and not options and (
                 target in BUNDLE_TARGETS or (backend.suffixes and Path(output).suffix == "")):
             # -o DIR: the denoiser with its scheduler (and DeepCache's shallow graph) as a bundle
-            report = export_bundle(source, output, target, precision, force=force, progress=p)
+            report = export_bundle(source, output, target, precision, force=force, progress=p, chunk_unet=chunk_unet)
+        elif chunk_unet:
+            raise BadInput(f"{output}: --chunk-unet is for Core ML bundles (-o DIR --target coreml)")
         else:
             report = backend.export(source, output, precision, options, p, force=force).to_dict()
     _emit(report, as_json, f"exported {target} {precision} -> {output}")

@@ -153,6 +153,16 @@ def float_inputs(data: bytes) -> tuple[bytes, list[str]]:
     return bytes(b.Output()), fixed
 
 
+def static_qdq_config() -> Any:
+    """litert-torch's quant_config that only switches the converter's Q/DQ handling to STATIC: our Q/DQ ops
+    already carry the artifact's scales and nothing is observed or re-calibrated by litert-torch."""
+    from litert_torch.quantize import pt2e_quantizer as pq
+    from litert_torch.quantize import quant_config as qc
+
+    return qc.QuantConfig(pt2e_quantizer=pq.PT2EQuantizer().set_global(
+        pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)))
+
+
 def build_tflite(model: DiffusionModel, precision: str, batch: int = 1,
                  entry: Any = None) -> tuple[bytes, dict[str, Any]]:
     """Convert `model` (never modified) to .tflite bytes; returns (bytes, facts for the report).
@@ -192,13 +202,7 @@ def build_tflite(model: DiffusionModel, precision: str, batch: int = 1,
         # input scale) plus ADD, since an int8 CONCATENATION needs one scale for both halves
         facts["int8"]["split_layers"] = {
             "layers": split, "as": "layer(x[:, :C1], W[:, :C1]) + layer(x[:, C1:], W[:, C1:]) + bias"}
-        from litert_torch.quantize import pt2e_quantizer as pq
-        from litert_torch.quantize import quant_config as qc
-
-        # only to switch the converter's Q/DQ handling to STATIC: our Q/DQ ops already carry
-        # the artifact's scales and nothing is observed or re-calibrated by litert-torch
-        quant_config = qc.QuantConfig(pt2e_quantizer=pq.PT2EQuantizer().set_global(
-            pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)))
+        quant_config = static_qdq_config()
     kwargs = _example_kwargs(model.signature, batch)
     if entry is not None:
         wrapper, kwargs = entry(wrapper, kwargs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import SEQ, cli_json, tiny_sd  # noqa: F401
+from pipeline_fixtures import SEQ, build_tiny_sd3_clip, build_tiny_sdxl, cli_json, tiny_sd  # noqa: F401
 
 from edgediff.bundle import export_bundle
 from edgediff.loaders import load_model
@@ -30,11 +30,13 @@ def tfl_bundle(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _diffusers_latents(folder: Path, bundle: Path, prompt: str, n: int, seed: int, steps: int, guidance: float,
-                       negative: str | None = None) -> np.ndarray:
+                       negative: str | None = None, **kw: object) -> np.ndarray:
+    """The diffusers pipeline of the folder (its model_index class) with the bundle's scheduler, latents out."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is diffusers.StableDiffusionPipeline else {}
+    pipe = cls.from_pretrained(str(folder), **extra, **kw)
     cfg = json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
     pipe.set_progress_bar_config(disable=True)
@@ -51,11 +53,12 @@ def test_tflite_bundle_layout_and_manifest(tfl_bundle: Path, tiny_sd: Path,  # n
     assert mf["target"] == "tflite" and mf["kind"] == "pipeline" and mf["source_hash"]
     roles = {n: c["role"] for n, c in mf["components"].items()}
     assert roles == {"unet": "denoiser", "text_encoder": "text_encoder", "vae_decoder": "vae_decoder",
-                     "tokenizer": "tokenizer"}
+                     "vae_encoder": "vae_encoder", "tokenizer": "tokenizer"}
     # the pipeline's own scheduler (PNDM/PLMS) now has a numpy port: no substitute sampler
     assert mf["scheduler"]["class"] == "PNDMScheduler" and not mf["sampler_note"]
     rec = mf["pipeline"]
-    assert rec["text_encoder"] == "text_encoder" and rec["vae_decoder"] == "vae_decoder" and rec["vae_encoder"] is None
+    assert rec["text_encoder"] == "text_encoder" and rec["vae_decoder"] == "vae_decoder"
+    assert rec["vae_encoder"] == "vae_encoder" and "encoding" not in rec
     assert rec["tokenizer_config"]["max_length"] == SEQ and rec["default_guidance"] == 7.5
     for f in ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
               "scheduler/scheduler_config.json", "model_index.json"):
@@ -69,10 +72,12 @@ def test_tflite_bundle_layout_and_manifest(tfl_bundle: Path, tiny_sd: Path,  # n
 
     assert io("text_encoder") == ({"input_ids": ([1, SEQ], "int32")}, ["last_hidden_state", "pooler_output"])
     assert io("vae_decoder") == ({"latent_sample": ([1, 4, 8, 8], "float32")}, ["sample"])
+    # image-to-image's encoder: the Gaussian's mean and log-variance, as the ONNX bundle's vae_encoder
+    assert io("vae_encoder") == ({"sample": ([1, 3, 16, 16], "float32")}, ["latent_parameters"])
     ins, outs = io("unet")
     assert ins["sample"] == ([1, 4, 8, 8], "float32") and ins["encoder_hidden_states"] == ([1, SEQ, 32], "float32")
     assert outs == ["out_sample"]
-    for name in ("unet", "text_encoder", "vae_decoder"):
+    for name in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
         c = mf["components"][name]
         assert c["precision"] == "fp32" and c["size_bytes"] == (tfl_bundle / c["path"]).stat().st_size > 0
     # info: MACs per component from the .tflite files equal the PyTorch counts of the folder
@@ -108,14 +113,14 @@ def test_verify_and_profile_recognise_the_tflite_bundle(tfl_bundle: Path, tiny_s
     rc, res = cli_json(capsys, "--threads", "1", "verify", str(tiny_sd), str(tfl_bundle), "--samples", "2",
                        "--steps", "3")
     assert rc == 0 and res["verified"] and res["runtime"] == "litert", res.get("reason")
-    assert set(res["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(res["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     assert all(c["psnr_db"] > 80 for c in res["components"].values())
     assert res["psnr_images_db"] > 80 and res["denoiser_calls"] == 8
     rc, prof = cli_json(capsys, "--threads", "1", "profile", str(tfl_bundle))
     assert rc == 0 and prof["kind"] == "bundle"
     assert {c["runtime"] for c in prof["components"].values()} == {"tflite"}
     assert prof["calls_per_image"] == {"unet": 12, "text_encoder": 2, "vae_decoder": 1}  # 6 steps x 2
-    assert {la["name"].split("/")[0] for la in prof["layers"]} == {"unet", "text_encoder", "vae_decoder"}
+    assert {"unet", "text_encoder", "vae_decoder"} <= {la["name"].split("/")[0] for la in prof["layers"]}
 
 
 @pytest.mark.slow
@@ -156,3 +161,62 @@ def test_tflite_bundle_has_a_fixed_size(tfl_bundle: Path, tmp_path: Path, capsys
 
     with pytest.raises(BadInput, match="fixed size"):
         run_pipeline(tfl_bundle, "a", steps=1, width=24)
+
+
+def test_several_encoders_keep_the_penultimate_states_and_the_projection() -> None:
+    """What an SDXL / SD3 encoder's .tflite returns (before conversion): of the hidden states only the one the
+    runtime combines (optimum's last hidden_states.N = diffusers' hidden_states[-2]), the projection as text_embeds."""
+    from edgediff.exporters.bundle_tflite import TextEncoderCall, encoder_outputs
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=3,
+                         max_position_embeddings=8, projection_dim=12)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8), dtype=torch.int32)
+    for cls, head in ((CLIPTextModel, ["last_hidden_state", "pooler_output"]),
+                      (CLIPTextModelWithProjection, ["text_embeds", "last_hidden_state"])):
+        te = cls(cfg).eval()
+        assert encoder_outputs(te, several=True) == [*head, "hidden_states.2"]
+        assert encoder_outputs(te, several=False) == ["last_hidden_state", "pooler_output"]
+        with torch.no_grad():
+            got = TextEncoderCall(te, encoder_outputs(te, several=True))(ids)
+            want = te(ids.long(), output_hidden_states=True)
+        torch.testing.assert_close(got["hidden_states.2"], want.hidden_states[-2], rtol=0, atol=0)
+        torch.testing.assert_close(got[head[0] if cls is CLIPTextModelWithProjection else "pooler_output"],
+                                   want.text_embeds if cls is CLIPTextModelWithProjection else want.pooler_output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_several_text_encoders_in_a_tflite_bundle(kind: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """SDXL (CLIP + CLIP with projection, text_embeds + time_ids) and SD3 with its two CLIPs: every encoder as a
+    .tflite, combined by the runtime as the ONNX bundle's (manifest `encoding`), torch-free equal to diffusers."""
+    folder = (build_tiny_sdxl if kind == "sdxl" else build_tiny_sd3_clip)(tmp_path / kind)
+    kw = {} if kind == "sdxl" else {"text_encoder_3": None, "tokenizer_3": None}
+    b = tmp_path / "b"
+    rc, rep = cli_json(capsys, "export", str(folder), "--target", "tflite", "-o", str(b))
+    assert rc == 0 and rep["kind"] == "pipeline"
+    mf = json.loads((b / "edgediff_bundle.json").read_text())
+    rec = mf["pipeline"]
+    assert rec["encoding"] == kind and rec["text_encoders"] == ["text_encoder", "text_encoder_2"]
+    comps = mf["components"]
+    assert comps["text_encoder_2"]["role"] == "text_encoder_2" and comps["text_encoder_2"]["path"].endswith(".tflite")
+    assert comps["text_encoder_2"]["outputs"] == ["hidden_states.1", "last_hidden_state", "text_embeds"]
+    assert comps["vae_encoder"]["path"] == "vae_encoder/model.tflite"
+    den = comps[rec["denoiser"]]["inputs"]
+    extra = {"text_embeds", "time_ids"} if kind == "sdxl" else {"pooled_projections"}
+    assert extra <= set(den) and all(v["shape"][0] == 1 for v in den.values())
+    npy = tmp_path / "x.npy"
+    for neg in ([None, "the dog"] if kind == "sdxl" else [None]):  # SDXL: forced zeros, then an encoded negative
+        opts = ["--threads", "1", "generate", str(b), "--prompt", "a red cat", "--samples", "2", "--seed", "1",
+                "--steps", "3", "--guidance", "5", "--save-npy", str(npy), "--json"]
+        rc, gen, torch_modules, err = cli_without_torch(opts + (["--negative-prompt", neg] if neg else []))
+        assert rc == 0 and torch_modules == ["torch"] and gen["runtime"] == "litert", err[-2000:]
+        assert {"text_encoder", "text_encoder_2"} <= set(gen["component_ms"])
+        want = _diffusers_latents(folder, b, "a red cat", 2, 1, 3, 5.0, negative=neg, **kw)
+        np.testing.assert_allclose(np.load(npy), want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+    rc, res = cli_json(capsys, "--threads", "1", "verify", str(folder), str(b), "--samples", "2", "--steps", "3")
+    assert rc == 0 and res["verified"] and res["runtime"] == "litert", res.get("reason")
+    assert {"text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"} <= set(res["components"])
+    assert res["psnr_images_db"] > 80
