@@ -42,7 +42,7 @@ from edgediff.runtime.bundle import (
 )
 from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
-BUNDLE_TARGETS = ("onnx", "tflite", "coreml", "openvino")
+BUNDLE_TARGETS = ("onnx", "tflite", "coreml", "openvino", "tensorrt")
 
 
 def is_bundle_output(out: Path) -> bool:
@@ -85,15 +85,17 @@ def rename_output(proto: Any, old: str, new: str) -> None:
             v.name = new
 
 
-def _onnx_entries(model: DiffusionModel, precision: str, cache: dict[str, Any] | None) -> dict[str, tuple[Any, dict]]:
-    """{role: (ModelProto, exporter facts)} for the denoiser (and its shallow DeepCache call)."""
+def _onnx_entries(model: DiffusionModel, precision: str, cache: dict[str, Any] | None,
+                  layout: str = "qlinear") -> dict[str, tuple[Any, dict]]:
+    """{role: (ModelProto, exporter facts)} for the denoiser (and its shallow DeepCache call);
+    `layout`: the int8 layout (exporters/onnx_int8.py: qlinear for onnxruntime, qdq for TensorRT)."""
     from edgediff.deepcache import FullEntry, ShallowEntry
     from edgediff.exporters.onnx import OUTPUT_NAME as ONNX_OUT
     from edgediff.exporters.onnx import build_onnx
 
     if cache is None:
         # UNets trace with dynamic H/W (optimum's layout); DiT-class graphs keep their positional tables' size
-        proto, facts = build_onnx(model, precision, dynamic_hw="UNet" in model.arch)
+        proto, facts = build_onnx(model, precision, dynamic_hw="UNet" in model.arch, layout=layout)
         rename_output(proto, ONNX_OUT, OUTPUT_NAME)
         return {ROLE_FULL: (proto, facts)}
     depth = int(cache["depth"])
@@ -109,7 +111,8 @@ def _onnx_entries(model: DiffusionModel, precision: str, cache: dict[str, Any] |
         entry = _ShallowPositional(ShallowEntry(wrapper, depth)).eval()
         return entry, (*args, feat), [*names, FEATURE_NAME], [OUTPUT_NAME]
 
-    return {ROLE_FULL: build_onnx(model, precision, entry=full), ROLE_SHALLOW: build_onnx(model, precision, entry=shallow)}
+    return {ROLE_FULL: build_onnx(model, precision, entry=full, layout=layout),
+            ROLE_SHALLOW: build_onnx(model, precision, entry=shallow, layout=layout)}
 
 
 class _ShallowPositional(torch.nn.Module):
@@ -125,15 +128,11 @@ class _ShallowPositional(torch.nn.Module):
 
 def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precision: str = "fp32",
                   force: bool = False, sampler: str | None = None, steps: int | None = None,
-                  progress: Any = None, chunk_unet: bool = False) -> dict[str, Any]:
-    """Write the bundle directory atomically; returns the export report (JSON-able).
-
-    `chunk_unet`: Core ML only, the UNet as Apple's UnetChunk1/UnetChunk2 (exporters/bundle_coreml.py)."""
+                  progress: Any = None) -> dict[str, Any]:
+    """Write the bundle directory atomically; returns the export report (JSON-able)."""
     from edgediff.deepcache import cache_config
 
     out = Path(out)
-    if chunk_unet and target != "coreml":
-        raise BadInput(f"{out}: --chunk-unet splits a Core ML bundle's UNet (Apple's layout); not for --target {target}")
     if target not in BUNDLE_TARGETS:
         raise Unavailable(f"{out}: bundles are written for {', '.join(BUNDLE_TARGETS)} so far, not {target!r} "
                           f"(export a single file instead: -o model{'.tflite' if target == 'tflite' else '.<suffix>'})")
@@ -147,6 +146,9 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     from edgediff.pipelines import pipeline_of
 
     pipe = pipeline_of(model)
+    if target == "tensorrt" and pipe is not None:
+        raise Unavailable(f"{out}: TensorRT bundles hold the denoiser (full and DeepCache shallow engines); a "
+                          "text-to-image pipeline's encoders and VAE are written by --target onnx")
     if target == "coreml" and (pipe is None or cache_config(model) is not None):
         # Apple's Resources layout is a text-to-image pipeline's; its Swift package has no DeepCache schedule
         raise Unavailable(f"{out}: Core ML bundles are written for text-to-image pipelines in Apple's "
@@ -171,7 +173,8 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
     cache = cache_config(model)
     # OpenVINO: the ONNX bundle's graphs (fp32 or Q/DQ int8), each converted to an IR once written
     # (exporters/openvino.py); fp16 IRs are fp32 graphs stored with half weights
-    graph_precision = ("int8" if precision == "int8" else "fp32") if target == "openvino" else precision
+    # TensorRT: the same, Q/DQ layout (explicit quantization); --fp16 is TensorRT's job at build time
+    graph_precision = ("int8" if precision == "int8" else "fp32") if target in ("openvino", "tensorrt") else precision
     task = progress.add_task(f"bundle {target} {precision}", total=None) if progress is not None else None
     try:
         if target == "tflite":  # full + shallow .tflite files (exporters/tflite_deepcache.py)
@@ -183,7 +186,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
 
             entries = build_packages(pipe, model, precision)
         else:
-            entries = _onnx_entries(model, graph_precision, cache)
+            entries = _onnx_entries(model, graph_precision, cache, "qdq" if target == "tensorrt" else "qlinear")
     finally:
         if task is not None:
             progress.remove_task(task)
@@ -211,7 +214,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         elif target == "coreml":
             from edgediff.exporters.bundle_coreml import write_packages
 
-            components = write_packages(entries, tmp, chunk_unet=chunk_unet)
+            components = write_packages(entries, tmp)
             entries = {}
             (tmp / comp_dir).mkdir()  # the denoiser's config.json, as every bundle has it
         for role, (proto, facts) in entries.items():
@@ -244,6 +247,11 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             from edgediff.exporters.openvino import convert_bundle_components
 
             convert_bundle_components(tmp, components, precision)
+        trt_rec = None
+        if target == "tensorrt":
+            from edgediff.exporters.tensorrt import bundle_engines
+
+            trt_rec = bundle_engines(tmp, components, precision, model.signature)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         cache_rec = None
         if cache is not None:
@@ -256,17 +264,24 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
             "components": components, "signature": model.signature.to_dict(), "arch": model.arch,
             "scheduler": {"path": "scheduler/scheduler_config.json", "class": sched_cfg["_class_name"]},
             "base_schedule": base_cfg, "samplers": others, "sampler": sampler_name, "steps": samp["steps"], "eta": samp["eta"],
-            "cache": cache_rec,
+            "cache": cache_rec, **({"tensorrt": trt_rec} if trt_rec else {}),
             "source_hash": model.provenance.get("source_sha256"), "source": str(model.provenance.get("source", "")),
             "artifact": model.provenance.get("artifact"), "edgediff_version": __version__,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"target": target, "precision": precision, "path": str(out), "size_bytes": size, "bundle": True,
-            "components": {k: {"path": v["path"], "role": v["role"], "size_bytes": v["size_bytes"]}
-                           for k, v in components.items()},
-            "sampler": sampler_name, "steps": samp["steps"], "cache": cache_rec, "kind": manifest["kind"],
-            **({"sampler_note": sampler_note} if sampler_note else {})}
+    report = {"target": target, "precision": precision, "path": str(out), "size_bytes": size, "bundle": True,
+              "components": {k: {"path": v["path"], "role": v["role"], "size_bytes": v["size_bytes"]}
+                             for k, v in components.items()},
+              "sampler": sampler_name, "steps": samp["steps"], "cache": cache_rec, "kind": manifest["kind"],
+              **({"sampler_note": sampler_note} if sampler_note else {})}
+    if trt_rec is not None and not trt_rec["engines_built"]:
+        # the bundle is complete but for its engines: exit 3, with the commands that build them on the device
+        scripts = [str(out / str(c["trtexec_script"])) for c in components.values() if c.get("trtexec_script")]
+        report.update({"tensorrt": trt_rec, "exit_code": 3,
+                       "reason": f"wrote the TensorRT-ready ONNX graphs; the engines were not built: {trt_rec['reason']}. "
+                                 "On the device run: " + " && ".join(f"sh {s}" for s in scripts)})
+    return report
 
 
 def _pipeline_graphs(pipe: Any, model: DiffusionModel, target: str, precision: str, progress: Any) -> dict[str, Any]:
@@ -295,9 +310,6 @@ def _non_onnx_record(rec: dict[str, Any], index: dict[str, Any], components: dic
             index.pop(role, None)
             if name:
                 index[role] = ["edgediff", f"{target}:{role}"]
-    if rec.get("encoding"):  # SDXL / SD3: every encoder, in the pipeline's order (the runtime combines them so)
-        rec["text_encoders"] = [n for n, c in components.items() if str(c.get("role")).startswith("text_encoder")]
-        rec["text_encoder_kinds"] = {n: "clip" for n in rec["text_encoders"]}  # these bundles refuse T5 encoders
 
 
 def _diffusers_version() -> str:
@@ -404,9 +416,31 @@ def verify_bundle(reference: DiffusionModel, bundle_dir: Path, tolerances: dict[
     if not within:
         result["reason"] = (f"out of tolerance for {precision}: psnr {p:.2f} dB (min {tol['psnr_db']}), "
                             f"max_abs_err {err:.3g} (max {tol['max_abs_err']})")
+    if b.target == "tensorrt":
+        _tensorrt_verdict(b, result)
     if return_samples:
         result["final_samples"] = torch.from_numpy(got_x)
     return result
+
+
+def _tensorrt_verdict(b: Any, result: dict[str, Any]) -> None:
+    """A TensorRT bundle: its graph pair ran in onnxruntime (the loop above); the engines did not run,
+    so the verdict is exit 3 with that run and the structural check of both graphs, unless the
+    graphs themselves are out of tolerance (exit 4)."""
+    from edgediff.exporters.tensorrt import check_bundle
+
+    result["structural"] = check_bundle(b.path)
+    result["onnxruntime"] = {k: result.get(k) for k in ("psnr_db", "max_abs_err", "within_tolerance", "runtime")}
+    if result["exit_code"] != 0:
+        return
+    built = bool((b.manifest.get("tensorrt") or {}).get("engines_built"))
+    result.update({"verified": False, "exit_code": 3,
+                   "reason": "the TensorRT engines were not run: " + (
+                       "the bundle's sampler loop runs the TensorRT-ready ONNX graphs in onnxruntime"
+                       if built else "they were not built here (no TensorRT and GPU at export)")
+                   + f"; those graphs (full and shallow) ran in onnxruntime with the schedule at "
+                     f"{result['psnr_db']} dB vs the PyTorch sampler" + (
+                       "" if result["structural"]["ok"] else f"; TensorRT problems: {result['structural']['problems'][:5]}")})
 
 
 def _runtime_version(runtime: str) -> str:

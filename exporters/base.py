@@ -45,11 +45,10 @@ REPORT_KEYS = ("target", "precision", "path", "size_bytes", "seconds")
 _threads: int | None = None
 
 # why a target's export of a DeepCache artifact holds only the full call (the bundles that hold both:
-# onnx/tflite/openvino `-o DIR`, opencl); the single-file onnx/tflite/openvino exports point to their bundle
+# onnx/tflite/openvino/tensorrt `-o DIR`, opencl); their single-file exports point to the bundle
 DEEPCACHE_MISSING = {
     "coreml": "no two-function mlprogram is written yet, and Core ML predicts only on macOS, so it could not be "
               "verified here",
-    "tensorrt": "no TensorRT here to build the two engines; the ONNX bundle's two graphs are what they would be built from",
     "fpga": "the integer program is one whole denoiser call; no shallow program is generated yet",
 }
 
@@ -317,7 +316,7 @@ class Backend(ABC):
             why = DEEPCACHE_MISSING.get(self.target, "use `-o DIR` for the bundle with both entry points")
             report.extra.setdefault("cache", f"not exported: a {self.target} output holds the full UNet only ({why}); "
                                     "the full + shallow entry points are written by `export --target "
-                                    "onnx|tflite|openvino -o DIR` and `--target opencl`")
+                                    "onnx|tflite|openvino|tensorrt -o DIR` and `--target opencl`")
         return report
 
     def check_output(self, out: Path) -> None:

@@ -77,15 +77,21 @@ def trt_compat(model: Any) -> list[dict[str, str]]:
 
 
 def trtexec_command(onnx_path: Path, engine_path: Path, precision: str, sig: Any,
-                    max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = DEFAULT_OPT_BATCH) -> list[str]:
-    """The trtexec call that builds the engine: precision flags and a batch optimisation profile."""
+                    max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = DEFAULT_OPT_BATCH,
+                    extra_inputs: dict[str, list[int]] | None = None) -> list[str]:
+    """The trtexec call that builds the engine: precision flags and a batch optimisation profile.
+
+    `extra_inputs`: inputs beyond the signature's, {name: shape without the batch axis} (DeepCache's
+    shallow call reads `cached_feature`)."""
     def shapes(b: int) -> str:
         dims = {"sample": [b, *sig.sample_shape], "timestep": [b]}
         if sig.cond_shape:
             dims["encoder_hidden_states"] = [b, *sig.cond_shape]
         if sig.num_classes:
             dims["class_labels"] = [b]
-        return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in dims.items() if k in input_names(sig))
+        names = [*input_names(sig), *(extra_inputs or {})]
+        dims.update({k: [b, *v] for k, v in (extra_inputs or {}).items()})
+        return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in dims.items() if k in names)
 
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--minShapes={shapes(1)}",
            f"--optShapes={shapes(opt_batch)}", f"--maxShapes={shapes(max_batch)}"]
@@ -95,6 +101,30 @@ def trtexec_command(onnx_path: Path, engine_path: Path, precision: str, sig: Any
         # Q/DQ layers run in int8 (explicit quantization); the rest may use fp16 instead of fp32
         cmd += ["--int8", "--fp16"]
     return cmd
+
+
+def tag_for_tensorrt(proto: Any, precision: str) -> None:
+    """Mark an ONNX graph as TensorRT-ready (verify and info read it back)."""
+    for key, value in (("edgediff.made_for", "tensorrt"), ("edgediff.trt_precision", precision)):
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = key, value
+
+
+def write_trtexec_script(script: Path, cmd: list[str], precision: str, issues: list[dict[str, str]],
+                         opt_batch: int, max_batch: int, force: bool, relative: bool = False) -> None:
+    """NAME.trtexec.sh: the build command with the compatibility report as comments.
+
+    `relative`: the command's paths are relative to the script's folder (a bundle, which may be moved)."""
+    text = ["#!/bin/sh", "# Builds the TensorRT engine from the TensorRT-ready ONNX written by edgediff.",
+            f"# precision: {precision} (flags from the artifact); batch profile 1/{opt_batch}/{max_batch}"]
+    text += [f"# compatibility: {len(issues)} problem(s) TensorRT would reject"]
+    text += [f"#   {i['node']} ({i['op']}): {i['problem']}" for i in issues[:50]]
+    if relative:
+        text.append('cd "$(dirname "$0")" || exit 1')
+    text.append(" ".join(shlex.quote(c) for c in cmd))
+    with atomic_file(script, force=force) as tmp:
+        tmp.write_text("\n".join(text) + "\n")
+        tmp.chmod(0o755)
 
 
 def _tensorrt() -> tuple[Any, str]:
@@ -161,6 +191,84 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, force: bool
     with atomic_file(engine_path, force=force) as tmp:
         tmp.write_bytes(bytes(blob))
     return {"engine": str(engine_path), "engine_bytes": engine_path.stat().st_size, "tensorrt": trt.__version__}
+
+
+ENGINE_ROLES = ("denoiser", "denoiser_shallow")  # edgediff.runtime.bundle ROLE_FULL, ROLE_SHALLOW
+
+
+def bundle_engines(folder: Path, components: dict[str, dict[str, Any]], precision: str, sig: Any,
+                   max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = DEFAULT_OPT_BATCH) -> dict[str, Any]:
+    """The TensorRT side of a bundle being written in `folder` (its ONNX graphs already there, Q/DQ
+    layout for int8): each denoiser graph (the full call and DeepCache's shallow call) is tagged
+    TensorRT-ready, checked with `trt_compat` and given its trtexec script (model.trtexec.sh beside
+    it, paths relative to it); where TensorRT and a GPU exist its engine (model.engine) is built.
+    Updates `components`; returns the manifest's "tensorrt" record."""
+    import onnx
+
+    trt, why = _tensorrt()
+    compatible = True
+    for comp in components.values():
+        if comp.get("role") not in ENGINE_ROLES:
+            continue
+        src = folder / str(comp["path"])
+        proto = onnx.load(str(src), load_external_data=False)
+        tag_for_tensorrt(proto, precision)
+        onnx.save_model(proto, str(src))
+        issues = trt_compat(proto)
+        compatible = compatible and not issues
+        sig_inputs = set(input_names(sig))
+        extra = {k: [int(d) for d in v["shape"][1:]] for k, v in (comp.get("inputs") or {}).items()
+                 if k not in sig_inputs}
+        engine = src.with_suffix(".engine")
+        script = src.with_name(src.stem + ".trtexec.sh")
+        cmd = trtexec_command(Path(src.name), Path(engine.name), precision, sig, max_batch, opt_batch, extra)
+        write_trtexec_script(script, cmd, precision, issues, opt_batch, max_batch, force=True, relative=True)
+        comp.update({"trt_compat": issues, "trtexec_script": str(script.relative_to(folder)), "engine": None})
+        if trt is not None:
+            if issues:
+                raise BadInput(f"{src.relative_to(folder)}: TensorRT would reject it: " + "; ".join(
+                    f"{i['node']}: {i['problem']}" for i in issues[:5]))
+            comp["engine_report"] = build_engine(src, engine, precision, True, max_batch, opt_batch)
+            comp["engine"] = str(engine.relative_to(folder))
+    built = trt is not None
+    return {"engines_built": built, "compatible": compatible, "batch_profile": [1, opt_batch, max_batch],
+            "precision": precision, "reason": None if built else f"this machine lacks {why}"}
+
+
+def check_bundle(folder: Path) -> dict[str, Any]:
+    """Structural check of a TensorRT bundle's denoiser graphs without TensorRT: each graph's
+    `trt_compat` report and whether its engine and trtexec script are there."""
+    import onnx
+
+    from edgediff.runtime.bundle import read_bundle
+
+    b = read_bundle(folder)
+    comps: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, comp in b.manifest["components"].items():
+        if comp.get("role") not in ENGINE_ROLES:
+            continue
+        src = b.path / str(comp["path"])
+        if not src.is_file():
+            problems.append(f"{name}: {comp['path']} is missing")
+            continue
+        proto = onnx.load(str(src), load_external_data=False)
+        issues = trt_compat(proto)
+        tagged = {p.key: p.value for p in proto.metadata_props}.get("edgediff.made_for") == "tensorrt"
+        problems += [f"{name}: {i['node']}: {i['problem']}" for i in issues]
+        if not tagged:
+            problems.append(f"{name}: {comp['path']} is not marked TensorRT-ready")
+        script = comp.get("trtexec_script")
+        engine = comp.get("engine")
+        comps[name] = {"role": comp["role"], "compat_issues": issues, "tensorrt_ready": tagged,
+                       "inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output],
+                       "trtexec_script": bool(script) and (b.path / str(script)).is_file(),
+                       "engine_built": bool(engine) and (b.path / str(engine)).is_file()}
+    if not any(c["role"] == ENGINE_ROLES[0] for c in comps.values()):
+        problems.append("no denoiser graph")
+    if b.cache and not any(c["role"] == ENGINE_ROLES[1] for c in comps.values()):
+        problems.append("a DeepCache schedule without the shallow graph")
+    return {"ok": not problems, "problems": problems, "components": comps}
 
 
 class TrtDenoiser:
@@ -236,21 +344,11 @@ class TensorRTBackend(Backend):
                 raise BadInput(f"{p}: output already exists (pass --force to replace it)")
         # fp16 is TensorRT's job (--fp16 picks per-layer kernels), so the ONNX stays float32
         proto, report = build_onnx(model, "int8" if precision == "int8" else "fp32", layout="qdq")
-        meta = proto.metadata_props.add()
-        meta.key, meta.value = "edgediff.made_for", "tensorrt"
-        meta = proto.metadata_props.add()
-        meta.key, meta.value = "edgediff.trt_precision", precision
+        tag_for_tensorrt(proto, precision)
         issues = trt_compat(proto)
         report.update(write_onnx(proto, onnx_path, force=force))
         cmd = trtexec_command(onnx_path, engine, precision, model.signature, max_batch, opt_batch)
-        text = ["#!/bin/sh", "# Builds the TensorRT engine from the TensorRT-ready ONNX written by edgediff.",
-                f"# precision: {precision} (flags from the artifact); batch profile 1/{opt_batch}/{max_batch}"]
-        text += [f"# compatibility: {len(issues)} problem(s) TensorRT would reject"]
-        text += [f"#   {i['node']} ({i['op']}): {i['problem']}" for i in issues[:50]]
-        text.append(" ".join(shlex.quote(c) for c in cmd))
-        with atomic_file(script, force=force) as tmp:
-            tmp.write_text("\n".join(text) + "\n")
-            tmp.chmod(0o755)
+        write_trtexec_script(script, cmd, precision, issues, opt_batch, max_batch, force)
         report.update({"onnx": str(onnx_path), "trtexec": " ".join(cmd), "trtexec_script": str(script),
                        "compat_issues": issues, "compatible": not issues, "onnx_bytes": report["size_bytes"]})
         trt, why = _tensorrt()
