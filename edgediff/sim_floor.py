@@ -10,6 +10,12 @@ of the quantized model and the sampler, not of the runtime: `exact_float_ops()` 
 simulation with those float ops computed in float64 and rounded once to float32 (a correctly
 rounded implementation, as good as any runtime's), and the PSNR between the two simulations is
 the floor that no runtime without torch's exact float kernels can beat (docs/int8.md).
+
+`Stepwise` is the check without the chaos: along the simulation's own trajectory, every
+denoiser call is also given to the export (the same x_t, t and conditioning), and the two
+outputs of that one call are compared. A flip then costs what it costs in one call (one
+quantization step of one tensor) instead of being carried through the remaining steps, so the
+figure says how faithful the runtime is, independent of how chaotic the sampler is.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from edgediff.metrics import psnr
+from edgediff.quality import data_range
 
 # the float ops that sit between integer kernels in the exported graphs
 FLOAT_OPS: frozenset[Any] = frozenset({
@@ -88,3 +95,44 @@ def noise_floor(run: Callable[[], torch.Tensor], want: torch.Tensor, data_range:
             "noise_floor_identical_samples": sum(1 for v in per if not math.isfinite(v)),
             "noise_floor_min_sample_db": finite[0] if finite else math.inf,
             "float_ops_rerounded": mode.calls}
+
+
+def _finite(v: float) -> float:
+    return round(v, 2) if math.isfinite(v) else v
+
+
+class Stepwise:
+    """A denoiser that returns `ref`'s output and also runs `exp` on the very same call, recording
+    how far apart the two outputs are (teacher forcing: `exp` never sees its own earlier outputs).
+
+    Each call's PSNR is over the reference output's own peak-to-peak (edgediff.quality.data_range);
+    `report()` gives the worst call, the worst single sample of any call, per-call figures and the
+    largest absolute difference.
+    """
+
+    def __init__(self, ref: Callable[..., torch.Tensor], exp: Callable[..., torch.Tensor]) -> None:
+        self.ref, self.exp = ref, exp
+        self.calls: list[dict[str, float]] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        want = self.ref(x, t, cond)
+        got = self.exp(x, t, cond)
+        if got.shape != want.shape:
+            raise ValueError(f"export output shape {tuple(got.shape)} differs from the reference's {tuple(want.shape)}")
+        span = data_range(want)
+        per = per_sample_psnr(got, want, span)
+        self.calls.append({"t": float(t.flatten()[0]) if t.numel() else 0.0, "psnr_db": psnr(got, want, span),
+                           "min_sample_psnr_db": min(per), "max_abs_err": float((got - want).abs().max())})
+        return want
+
+    def report(self) -> dict[str, Any]:
+        if not self.calls:
+            return {"stepwise_calls": 0}
+        worst = min(self.calls, key=lambda c: c["psnr_db"])
+        return {"stepwise_calls": len(self.calls),
+                "stepwise_psnr_db": _finite(worst["psnr_db"]),
+                "stepwise_worst_t": worst["t"],
+                "stepwise_min_sample_psnr_db": _finite(min(c["min_sample_psnr_db"] for c in self.calls)),
+                "stepwise_psnr_per_call_db": [_finite(c["psnr_db"]) for c in self.calls],
+                "stepwise_max_abs_err": max(c["max_abs_err"] for c in self.calls),
+                "stepwise_max_abs_err_per_call": [float(f"{c['max_abs_err']:.3g}") for c in self.calls]}

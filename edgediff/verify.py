@@ -41,19 +41,22 @@ from edgediff.model import DiffusionModel
 from edgediff.passes import sampling_correction
 from edgediff.quant_params import is_quant_wrapper, strip_quant_wrappers
 from edgediff.sampling import SamplerConfig, TorchDenoiser, recorded_sampling, sample, sampler_name, timesteps_for
-from edgediff.sim_floor import noise_floor, per_sample_psnr
+from edgediff.sim_floor import Stepwise, noise_floor, per_sample_psnr
 
 # Minimum final-sample PSNR (dB) and maximum single-call error per computing precision.
 # fp32: only summation order differs (measured ~1e-6 per call, >80 dB after 20 DDIM steps).
 # fp16: 10-bit mantissa, errors ~1e-3 per call; DDIM amplifies little.
-# int8: the runtime and the PyTorch simulation round the same values, but a float difference
-#   of 1e-6 in front of a quantizer can flip a rounding by one step; each flip is one
-#   quantization step of that tensor and propagates, so per-call errors of a few steps and
-#   ~30 dB on final samples are expected (measured on the fixtures and the demo, docs/export.md).
+# int8: the integer layers are bit-exact, but a float difference of 1e-6 (GroupNorm, SiLU,
+#   softmax in each runtime's own kernels) in front of a quantizer can flip a rounding by one
+#   step, and the sampler carries a flip to the end: the final samples sit at the simulation's
+#   own noise floor (37-44 dB on the demo, edgediff.sim_floor), which no runtime controls. So the
+#   runtime is judged call by call along the simulation's trajectory (stepwise_psnr_db: the worst
+#   call, >= 40 dB), and the final samples must not fall below psnr_db or below the floor less
+#   floor_margin_db (two draws of the same floor differ by up to 4 dB; docs/int8.md).
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"psnr_db": 60.0, "max_abs_err": 1e-3},
     "fp16": {"psnr_db": 30.0, "max_abs_err": 5e-2},
-    "int8": {"psnr_db": 25.0, "max_abs_err": 0.5},
+    "int8": {"psnr_db": 25.0, "max_abs_err": 0.5, "stepwise_psnr_db": 40.0, "floor_margin_db": 6.0},
 }
 CHECK_TIMESTEPS = (999, 500, 50)
 DEFAULT_STEPS = 20  # a model that records no sampling
@@ -185,9 +188,12 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
     result["max_abs_err"] = single_call_error(ref, exp, reference, seed)
     cond = _conditioning(reference, samples, seed)
     result["conditioning"] = quality.conditioning_kind(reference)
+    # int8: every call of the reference trajectory also goes to the export (same x_t), compared call by call
+    stepwise = Stepwise(ref, exp) if precision == "int8" and _has_wrappers(reference) and not drives_cache else None
+    ref_traj: Any = stepwise or ref
     if not drives_cache:  # a text pipeline's denoiser samples with its prompts and guidance, as deployed
         guide = quality.guided(reference, samples, seed)
-        ref, exp = guide(ref), guide(exp)
+        ref, exp, ref_traj = guide(ref), guide(exp), guide(ref_traj)
     shape = reference.signature.sample_shape
     task = progress.add_task(f"verify {target} {precision}: sampling", total=2 * len(range(steps))) if progress else None
 
@@ -196,7 +202,8 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
             progress.advance(task)
 
     with torch.inference_mode():
-        want = sample(ref, reference.schedule, shape, samples, seed, cfg, cond=cond, correction=correction, on_step=tick)
+        want = sample(ref_traj, reference.schedule, shape, samples, seed, cfg, cond=cond, correction=correction,
+                      on_step=tick)
         got = sample(exp, reference.schedule, shape, samples, seed, cfg, cond=cond, correction=correction, on_step=tick)
     if progress is not None:
         progress.remove_task(task)
@@ -211,12 +218,18 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
         result["psnr_per_sample_db"] = per_sample_psnr(got, want, span)
         result.update(noise_floor(lambda: sample(ref, reference.schedule, shape, samples, seed, cfg, cond=cond,
                                                  correction=correction), want, span))
+    if stepwise is not None:
+        result.update(stepwise.report())
     result["verified"] = True
     result["runtime"] = why
     if drives_cache:  # the last sampling run's calls on each side
         result.update({"denoiser_calls_full": exp.cache.calls["full"], "denoiser_calls_shallow": exp.cache.calls["shallow"],
                        "reference_calls_shallow": ref.cache.calls["shallow"]})
     within = p >= tol["psnr_db"] and result["max_abs_err"] <= tol["max_abs_err"]
+    if stepwise is not None:  # int8 of a simulation: per call, and the trajectory against the floor
+        traj_min = min(tol["psnr_db"], result["noise_floor_db"] - tol["floor_margin_db"])
+        within = (result.get("stepwise_psnr_db", math.nan) >= tol["stepwise_psnr_db"] and p >= traj_min
+                  and result["max_abs_err"] <= tol["max_abs_err"])
     report = getattr(exp, "runtime_report", None)
     if callable(report):  # a runtime that checks itself (the FPGA simulator against its C-simulation)
         result["runtime_report"] = report()
@@ -227,7 +240,13 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
     if quality.is_quantized(reference):
         # matching the artifact is not enough: how far is the export from the user's original model?
         result.update(quality.vs_original(reference, got, samples, steps, sampler, seed, min_quality_db, original))
-    if not within:
+    if not within and stepwise is not None:
+        result["reason"] = (f"out of tolerance for {tol_key}: worst call along the simulation's trajectory "
+                            f"{result.get('stepwise_psnr_db', math.nan):.2f} dB (min {tol['stepwise_psnr_db']}), "
+                            f"psnr {p:.2f} dB (min {traj_min:.2f}: {tol['psnr_db']} or the noise floor "
+                            f"{result['noise_floor_db']:.2f} less {tol['floor_margin_db']}), "
+                            f"max_abs_err {result['max_abs_err']:.3g} (max {tol['max_abs_err']})")
+    elif not within:
         result["reason"] = (f"out of tolerance for {tol_key}: psnr {p:.2f} dB (min {tol['psnr_db']}), "
                             f"max_abs_err {result['max_abs_err']:.3g} (max {tol['max_abs_err']})")
     if return_samples:

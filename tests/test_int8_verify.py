@@ -1,4 +1,5 @@
-"""verify's int8 protocol: the simulation's own noise floor (edgediff.sim_floor) next to psnr_db."""
+"""verify's int8 protocol: the simulation's own noise floor (edgediff.sim_floor) next to psnr_db, and the
+stepwise check along the simulation's trajectory that the pass/fail rule reads."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from edgediff.model import DiffusionModel
-from edgediff.sim_floor import FLOAT_OPS, exact_float_ops, noise_floor, per_sample_psnr
+from edgediff.sim_floor import FLOAT_OPS, Stepwise, exact_float_ops, noise_floor, per_sample_psnr
 
 
 def test_exact_float_ops_rounds_the_float64_result_once() -> None:
@@ -59,3 +60,52 @@ def test_verify_int8_reports_the_noise_floor(tiny_unet: DiffusionModel, tmp_path
     fp = tmp_path / "f.onnx"
     get_backend("onnx").export(q, fp, "fp32")
     assert "noise_floor_db" not in verify.verify(q, fp, steps=2, samples=2)
+
+
+def test_stepwise_gives_the_export_the_references_inputs() -> None:
+    """Each call runs both on the same x_t (teacher forcing), returns the reference's output and
+    records that call's PSNR; the worst call and sample are reported."""
+    seen: list[torch.Tensor] = []
+
+    def ref(x: torch.Tensor, t: torch.Tensor, cond: object = None) -> torch.Tensor:
+        return x * 2
+
+    def exp(x: torch.Tensor, t: torch.Tensor, cond: object = None) -> torch.Tensor:
+        seen.append(x)
+        out = x * 2
+        if float(t[0]) == 500:  # one flip-sized error in one sample of one call
+            out = out.clone()
+            out[1, 0, 0, 0] += 0.05
+        return out
+
+    sw = Stepwise(ref, exp)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    outs = [sw(x + i, torch.full((3,), float(t))) for i, t in enumerate((999, 500, 1))]
+    assert all(torch.equal(o, (x + i) * 2) for i, o in enumerate(outs))
+    assert all(torch.equal(a, x + i) for i, a in enumerate(seen))
+    r = sw.report()
+    assert r["stepwise_calls"] == 3 and r["stepwise_worst_t"] == 500
+    assert r["stepwise_psnr_per_call_db"][0] == r["stepwise_psnr_per_call_db"][2] == float("inf")
+    assert 40 < r["stepwise_psnr_db"] < 100 and r["stepwise_min_sample_psnr_db"] < r["stepwise_psnr_db"]
+    assert abs(r["stepwise_max_abs_err"] - 0.05) < 1e-6 and r["stepwise_max_abs_err_per_call"][0] == 0
+    assert Stepwise(ref, exp).report() == {"stepwise_calls": 0}
+
+
+def test_verify_int8_pass_rule_reads_the_stepwise_check(tiny_unet: DiffusionModel, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgediff.exporters import get_backend
+
+    from edgediff import verify
+    from edgediff.testing import minmax_quantize
+
+    q = minmax_quantize(tiny_unet, symmetric=False)
+    out = tmp_path / "q.onnx"
+    get_backend("onnx").export(q, out, "int8")
+    res = verify.verify(q, out, steps=2, samples=2)
+    assert res["stepwise_calls"] == 2 and len(res["stepwise_psnr_per_call_db"]) == 2
+    assert res["stepwise_psnr_db"] >= verify.TOLERANCES["int8"]["stepwise_psnr_db"] and res["exit_code"] == 0
+    # the same run judged with an unreachable per-call bound fails on that bound, named in the reason
+    monkeypatch.setitem(verify.TOLERANCES["int8"], "stepwise_psnr_db", 1e9)
+    bad = verify.verify(q, out, steps=2, samples=2)
+    assert bad["exit_code"] == 4 and bad["within_tolerance"] is False
+    assert "worst call along the simulation's trajectory" in bad["reason"] and "noise floor" in bad["reason"]
