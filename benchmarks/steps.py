@@ -2,14 +2,17 @@
 
     python benchmarks/steps.py [--samples 512] [--seeds 0,1,2] [--rounds 3]
                                [--edge-fast ARTIFACT] [--distilled ARTIFACT] [--consistency ARTIFACT]
+                               [--distilled-edge ARTIFACT]
                                [--out bench-out/steps.json]
 
 Rows (every one an `edgediff export ... -o DIR` bundle run by the torch-free numpy runtime):
 DDIM 50 fp32 (the reference), DDIM 10, DPM-Solver++ 10 and 6, DeepCache N=2, 3 and 5 on
 DPM-Solver++ 10, the progressively distilled model at 4 steps (`distill` recipe), and the
 `edge-fast` composition (prune + finetune + cache + W8A8) exported to ONNX int8, and the same
-bundle with its cache switched off (row key edgefast_nocache, not in the default --rows), and a
-consistency-distilled model at its recorded steps (row key consistency, with --consistency).
+bundle with its cache switched off (row key edgefast_nocache, not in the default --rows), a
+consistency-distilled model at its recorded steps (row key consistency, with --consistency), and
+the distilled model pruned and quantized (`compress DISTILLED --recipe distill-edge`, exported to
+ONNX int8; row key distilled_edge, with --distilled-edge).
 Without --edge-fast / --distilled the recipes are run here first (minutes).
 
 Columns: denoiser calls per image (full/shallow), ORT ms per image (1 thread, denoiser and
@@ -69,6 +72,8 @@ def main() -> None:
     ap.add_argument("--distilled", type=Path, default=None, help="an artifact made with --recipe distill")
     ap.add_argument("--consistency", type=Path, default=None,
                     help="an artifact made with distill.steps method=consistency (row key consistency)")
+    ap.add_argument("--distilled-edge", type=Path, default=None,
+                    help="a distill artifact compressed with --recipe distill-edge (row key distilled_edge)")
     ap.add_argument("--work", type=Path, default=None, help="where bundles (and built artifacts) go")
     ap.add_argument("--rows", default="ref,ddim10,dpm10,dpm6,cache3,cache5,distilled,edgefast",
                     help="which rows to run (the reference's samples are cached in --work for PSNR)")
@@ -78,6 +83,8 @@ def main() -> None:
     want = set(order)
     if "consistency" in want and args.consistency is None:
         ap.error("row consistency needs --consistency ARTIFACT")
+    if "distilled_edge" in want and args.distilled_edge is None:
+        ap.error("row distilled_edge needs --distilled-edge ARTIFACT")
     torch.set_num_threads(1)
 
     from edgediff import passes
@@ -114,6 +121,8 @@ def main() -> None:
          lambda: _bundle(load_artifact(args.distilled or _build("distill", work)), work / "b-distilled"), None, None),
         ("consistency", "consistency distilled, LCM (recorded steps)",
          lambda: _bundle(load_artifact(args.consistency), work / "b-consistency"), None, None),
+        ("distilled_edge", "distilled 4 + prune + W8A8 (distill-edge), ONNX int8",
+         lambda: _bundle(load_artifact(args.distilled_edge), work / "b-distilled-edge", precision="int8"), None, None),
         ("edgefast", "edge-fast, ONNX int8",
          lambda: _bundle(load_artifact(args.edge_fast or _build("edge-fast", work)), work / "b-edge-fast",
                          precision="int8"), None, None),

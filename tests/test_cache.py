@@ -124,10 +124,12 @@ def test_fast_recipes_plan_and_fast_runs(tiny_unet: DiffusionModel) -> None:
         passes.make_options(spec.name, spec.options, "edge-fast")
     out, records = run_recipe(tiny_unet, load_recipe("fast"))
     assert out.extras["sampling"] == {"sampler": "dpmpp-2m", "steps": 10, "eta": 0.0, "clip_x0": True}
-    assert out.extras["cache"]["interval"] == 2
+    rec = out.extras["cache"]
+    assert rec["schedule"] == "auto" and rec["steps"] == 10 and rec["full_steps"][0] == 0 and rec["full_steps"][-1] == 9
     cache_rec = next(r for r in records if r.name == "cache")
-    assert cache_rec.metrics["calls_full"] == 5 and cache_rec.metrics["calls_shallow"] == 5
-    assert "psnr_vs_uncached_db" in cache_rec.metrics
+    assert cache_rec.metrics["calls_full"] == len(rec["full_steps"])
+    assert cache_rec.metrics["calls_full"] + cache_rec.metrics["calls_shallow"] == 10
+    assert "psnr_vs_uncached_db" in cache_rec.metrics and "one_step_errors" in cache_rec.metrics
 
 
 def test_calibration_follows_the_recorded_sampler(tiny_unet: DiffusionModel, tmp_path) -> None:

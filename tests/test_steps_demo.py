@@ -95,7 +95,7 @@ def test_fast_composition_calibrates_on_its_own_schedule(tiny_unet: DiffusionMod
     assert records[-1].name == "quant" and records[-1].metrics["quantized_layers"] > 0
     opts = out.extras["calib"]["options"]
     # calibrated along DPM-Solver++ 10-step cached trajectories, not the model's own DDIM
-    assert (opts["sampler"], opts["steps"]) == ("dpmpp-2m", 10) and out.extras["cache"]["interval"] == 2
+    assert (opts["sampler"], opts["steps"]) == ("dpmpp-2m", 10) and out.extras["cache"]["schedule"] == "auto"
     assert out.extras["calib"]["count"] == 2 * 10 and "quant" in out.extras
     # without a calib pass the fast passes go last
     plain = job.fast_recipe(Recipe("p", "", [PassSpec("fuse")]), load_recipe("fast"))
