@@ -293,5 +293,5 @@ def test_non_uniform_schedule_is_the_same_in_pytorch_and_the_bundle(tiny_unet: D
     man = json.loads((tmp_path / "b" / "edgediff_bundle.json").read_text())
     assert man["cache"]["full_steps"] == rec["full_steps"] and man["cache"]["schedule"] == "centred"
     y, st = run_bundle(tmp_path / "b", samples=3, seed=2, threads=1)
-    assert st["denoiser_calls_full"] == len(rec["full_steps"])
+    assert st["denoiser_calls_full"] == len(rec["full_steps"]) and st["cache"]["full_steps"] == rec["full_steps"]
     torch.testing.assert_close(torch.from_numpy(y), x, atol=2e-4, rtol=1e-4)

@@ -256,7 +256,9 @@ def run_bundle(path: Path | str, samples: int = 16, seed: int = 0, steps: int | 
         "samples": samples, "seed": seed,
         "denoiser_calls": calls["full"] + calls["shallow"],
         "denoiser_calls_full": calls["full"], "denoiser_calls_shallow": calls["shallow"],
-        "cache": ({"depth": cache_cfg.get("depth"), "interval": cache_cfg.get("interval")} if cache_cfg else None),
+        "cache": ({"depth": cache_cfg.get("depth"), "interval": cache_cfg.get("interval"),
+                   "schedule": cache_cfg.get("schedule", "uniform"), "full_steps": sorted(full_steps)}
+                  if cache_cfg else None),
         "seconds": round(seconds, 3), "ms_per_image": round(seconds * 1e3 / samples, 3),
         # the denoiser-and-scheduler time alone (what a deployed loop costs), without loading
         "sampling_ms_per_image": round((full.ms + (shallow.ms if shallow else 0.0) + sched_ms) / samples, 3),
