@@ -1,7 +1,14 @@
 """Post-training quantization of the demo model: edgediff vs onnxruntime and NNCF, same calibration set.
 
-    python benchmarks/quantization.py [--samples 64] [--steps 20] [--calib 256] [--iters 100] [--seeds 0,1,2]
-                                      [--model demo] [--out bench-out/quantization.json]
+    python benchmarks/quantization.py [--samples 64] [--steps 20] [--calib 256] [--iters N] [--act-iters N]
+                                      [--seeds 0,1,2] [--model demo] [--out bench-out/quantization.json]
+                                      [--cache bench-out/cache] [--merge A.json B.json ...]
+
+The reconstruction runs the quant pass's defaults (1000 + 500 iterations per block) unless
+--iters/--act-iters say otherwise. Calibration sets and the fp32 reference samples are cached
+under --cache (keyed by model weights, seed, sample count, steps and sampler), so a rerun of some
+rows (--only) reuses them instead of sampling the float model again; --merge combines the
+per-seed results of several runs (later files replace same-named rows) into one mean ± std table.
 
 Rows (all on the same model, all calibrated on the same number of x_t from the FP model's own
 DDIM trajectories; the peers get exactly the points edgediff's w8a8 uses, for free):
@@ -86,6 +93,35 @@ def nncf_ready(path: Path) -> Any:
     return onnx.shape_inference.infer_shapes(m)
 
 
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def timestep_path_nodes(path: Path, timestep_input: str = "timestep") -> list[str]:
+    """Names of the nodes computing on the timestep alone, up to (not including) its first weighted layer.
+
+    These are the sinusoidal embedding's t*freq, Sin, Cos, Concat, Cast. Left to the peers'
+    defaults they get uint8 activations: t*freq spans [0, ~1000] rad, so one step is ~4 rad and
+    Sin/Cos of it are noise, which ruins every sample (docs/quantization.md, "the ORT and NNCF
+    rows"). edgediff's quant pass keeps this arithmetic in float as every int8 deployment does, so
+    the peers are given the same scope (ORT nodes_to_exclude, NNCF IgnoredScope).
+    """
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    # tensors that do not depend on any graph input's values (weights, constants, shapes)
+    static = {i.name for i in graph.initializer} | {""}
+    timed = {timestep_input}
+    names = []
+    for node in graph.node:  # ONNX keeps nodes in topological order
+        ins = set(node.input)
+        if node.op_type == "Shape" or ins <= static:
+            static.update(node.output)
+        elif ins & timed and ins <= static | timed and node.op_type not in WEIGHTED_OPS:
+            timed.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def onnx_weight_bytes(path: Path) -> int:
     import onnx
     from onnx import numpy_helper
@@ -126,7 +162,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--calib", type=int, default=256, help="calibration points for every method")
-    ap.add_argument("--iters", type=int, default=100, help="edgediff reconstruction iterations per block")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="edgediff reconstruction stage-1 iterations per block (default: the quant pass's)")
+    ap.add_argument("--act-iters", type=int, default=None,
+                    help="edgediff reconstruction stage-2 iterations per block (default: the quant pass's)")
+    ap.add_argument("--cache", type=Path, default=Path("bench-out/cache"),
+                    help="calibration sets and fp32 reference samples, reused across runs")
+    ap.add_argument("--samplers", default="ddim,ddpm",
+                    help="samplers whose final samples are compared (FD and confidence need ddim)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="combine the per-seed results of these JSON files (no run)")
     ap.add_argument("--calib-traj", type=int, default=32, help="FP trajectories the calibration sets come from")
     ap.add_argument("--calib-steps", type=int, default=50, help="DDIM steps of those trajectories")
     ap.add_argument("--seed", type=int, default=0)
@@ -136,22 +181,48 @@ def main() -> None:
                     "(calibration set, sampling noise), then mean ± std per row; overrides --seed")
     ap.add_argument("--out", type=Path, default=Path("bench-out/quantization.json"))
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [args.seed]
     out = args.out
+    if args.merge:
+        results = merge_runs(args.merge)
+        write_spread(out, results, sorted({r["seed"] for r in results}), results[0]["samples"], results[0]["steps"])
+        return
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [args.seed]
     results = []
     for seed in seeds:
         args.seed = seed
         args.out = out if len(seeds) == 1 else out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
         results.append(run_once(args))
-    if len(seeds) > 1:
-        spread = mean_std(results)
-        print(f"\nmean ± std over seeds {seeds} ({args.samples} samples, {args.steps} steps)")
-        for name, figs in spread.items():
-            print(f"{name:22s} " + "  ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in figs.items()))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"seeds": seeds, "samples": args.samples, "steps": args.steps,
-                                   "mean_std": spread, "per_seed": results}, indent=2) + "\n")
-        print(f"wrote {out}")
+        if len(seeds) > 1:  # after every seed, so that an interrupted run still has its spread so far
+            write_spread(out, results, seeds[:len(results)], args.samples, args.steps)
+
+
+def write_spread(out: Path, results: list[dict[str, Any]], seeds: list[int], samples: int, steps: int) -> None:
+    spread = mean_std(results)
+    print(f"\nmean ± std over seeds {seeds} ({samples} samples, {steps} steps)")
+    for name, figs in spread.items():
+        print(f"{name:22s} " + "  ".join(f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in figs.items()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"seeds": seeds, "samples": samples, "steps": steps,
+                               "mean_std": spread, "per_seed": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def merge_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Per-seed results of several runs, one per seed; a later file's row replaces an earlier same-named one."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for res in data.get("per_seed", [data]):
+            if "seed" not in res:
+                raise SystemExit(f"{path}: not a finished benchmarks/quantization.py result (no seed)")
+            cur = by_seed.setdefault(res["seed"], {**res, "rows": []})
+            if (cur["samples"], cur["steps"]) != (res["samples"], res["steps"]):
+                raise SystemExit(f"{path}: seed {res['seed']} was run with other samples/steps")
+            names = {r["name"] for r in res["rows"]}
+            cur["rows"] = [r for r in cur["rows"] if r["name"] not in names] + res["rows"]
+    if not by_seed:
+        raise SystemExit("--merge: no results in " + ", ".join(map(str, paths)))
+    return [by_seed[k] for k in sorted(by_seed)]
 
 
 FIGURES = ("psnr_ddim", "psnr_ddpm", "digit_frechet", "confidence_share", "weight_bytes")
@@ -173,13 +244,20 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     """One run of every requested row at args.seed; returns the result written to args.out."""
     torch.set_num_threads(args.threads)
     only = set(filter(None, args.only.split(",")))
+    samplers = [x for x in args.samplers.split(",") if x.strip()]
+    if "ddim" not in samplers or not set(samplers) <= {"ddim", "ddpm"}:
+        raise SystemExit(f"--samplers: expected ddim or ddim,ddpm, got {args.samplers!r}")
     want = lambda name: not only or name in only or name == "fp32"  # noqa: E731
 
     model = load_model(args.model)
     judge = DigitJudge()
     shape = model.signature.sample_shape
     tmp = Path(tempfile.mkdtemp(prefix="edgediff-bench-quant-"))
-    ctx = PassContext(seed=args.seed, cache_dir=tmp / "cache")
+    ctx = PassContext(seed=args.seed, cache_dir=args.cache)
+    from edgediff.passes.calib import model_hash
+
+    ref_dir = args.cache / "fp32-ref"
+    ref_key = f"{model_hash(model)[:16]}-s{args.seed}-n{args.samples}-t{args.steps}"
     rows: list[dict[str, Any]] = []
     ref: dict[str, torch.Tensor] = {}
 
@@ -188,11 +266,18 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         r: dict[str, Any] = {"name": name, "weight_bytes": weight_bytes,
                              "calib_seconds": round(calib_s, 1) if calib_s is not None else None}
         t0 = time.perf_counter()
-        for sampler in ("ddim", "ddpm"):
-            x = sample(den, model.schedule, shape, args.samples, seed=args.seed,
-                       cfg=SamplerConfig(sampler, args.steps, batch_size=args.samples), correction=correction)
+        for sampler in samplers:
+            cached = ref_dir / f"{ref_key}-{sampler}.pt"
+            if name == "fp32" and cached.exists():  # the float model's samples do not change between runs
+                x = torch.load(cached)
+            else:
+                x = sample(den, model.schedule, shape, args.samples, seed=args.seed,
+                           cfg=SamplerConfig(sampler, args.steps, batch_size=args.samples), correction=correction)
             if name == "fp32":
                 ref[sampler] = x
+                if not cached.exists():
+                    ref_dir.mkdir(parents=True, exist_ok=True)
+                    torch.save(x, cached)
             r[f"psnr_{sampler}"] = round(psnr(x, ref[sampler]), 2) if name != "fp32" else None
             if sampler == "ddim":
                 r["digit_frechet"] = round(judge.frechet(x), 3)
@@ -203,9 +288,10 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(r)
         # written after every row so that an interrupted run still leaves its figures
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"partial": True, "seed": args.seed, "samples": args.samples,
+                                             "steps": args.steps, "rows": rows}, indent=2) + "\n")
         ps = lambda v: "   -  " if v is None else f"{v:6.2f}"  # noqa: E731
-        print(f"{name:22s} PSNR ddim {ps(r['psnr_ddim'])} ddpm {ps(r['psnr_ddpm'])}  FD {r['digit_frechet']:7.3f}  "
+        print(f"{name:22s} PSNR ddim {ps(r['psnr_ddim'])} ddpm {ps(r.get('psnr_ddpm'))}  FD {r['digit_frechet']:7.3f}  "
               f"conf {r['confidence_share']:.3f}  bytes {weight_bytes:9d}  calib {r['calib_seconds']} s", flush=True)
 
     fp_bytes = sum(p.numel() * 4 for p in model.denoiser.parameters())
@@ -228,6 +314,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     # --- peers on an ONNX export of the same model
     fp_onnx = tmp / "fp32.onnx"
     export_onnx(model, fp_onnx)
+    float_nodes = timestep_path_nodes(fp_onnx)
     for method in ("MinMax", "Percentile"):
         name = f"ort-{method.lower()}"
         if not want(name):
@@ -246,12 +333,13 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         try:
             quantize_static(str(fp_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, method))
+                            calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=float_nodes)
         except Exception as e:  # report the peer's failure as a row, do not hide it
             rows.append({"name": name, "error": f"{type(e).__name__}: {e}"})
             print(f"{name}: failed: {e}", flush=True)
             continue
-        evaluate(name, OrtDenoiser(out), onnx_weight_bytes(out), time.perf_counter() - t0)
+        evaluate(name, OrtDenoiser(out), onnx_weight_bytes(out), time.perf_counter() - t0,
+                 note=f"{len(float_nodes)} timestep-embedding nodes kept float")
 
     if want("nncf"):
         try:
@@ -259,19 +347,23 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             import onnx
 
             t0 = time.perf_counter()
+            # validate=False: NNCF's preprocessing drops the no-op Casts among these nodes
             qm = nncf.quantize(nncf_ready(fp_onnx), nncf.Dataset(feeds), subset_size=len(feeds),
-                               preset=nncf.QuantizationPreset.MIXED)
+                               preset=nncf.QuantizationPreset.MIXED,
+                               ignored_scope=nncf.IgnoredScope(names=float_nodes, validate=False))
             dt = time.perf_counter() - t0
             out = tmp / "nncf.onnx"
             onnx.save(qm, str(out))
-            evaluate("nncf", OrtDenoiser(out), onnx_weight_bytes(out), dt)
+            evaluate("nncf", OrtDenoiser(out), onnx_weight_bytes(out), dt,
+                     note=f"{len(float_nodes)} timestep-embedding nodes kept float")
         except Exception as e:
             rows.append({"name": "nncf", "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"nncf: failed: {e}", flush=True)
 
     # --- edgediff
+    iters = {k: v for k, v in (("iters", args.iters), ("act_iters", args.act_iters)) if v is not None}
     if want("edgediff-w8a8"):
-        q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), "iters": args.iters}, ctx)
+        q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), **iters}, ctx)
         evaluate("edgediff-w8a8", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
                  note=f"{met.get('method')}; calib {w8_calib_s:.0f} s incl. FP trajectories")
     if want("edgediff-w8a8-smooth"):  # SmoothQuant migration on a model without injected outliers
@@ -287,7 +379,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         q, dt, met = run_pass("quant", w4_cal_model, plain, ctx)
         evaluate("plain-w4a8", TorchDenoiser(q), edgediff_weight_bytes(q), w4_calib_s + dt, note=met.get("method", ""))
     if want("edgediff-w4a8") or want("edgediff-w4a8-ptqd"):
-        q4, dt4, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), "iters": args.iters}, ctx)
+        q4, dt4, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), **iters}, ctx)
         evaluate("edgediff-w4a8", TorchDenoiser(q4), edgediff_weight_bytes(q4), w4_calib_s + dt4,
                  note=f"{met.get('method')}; reconstruction {met.get('reconstruction')}")
         if want("edgediff-w4a8-ptqd"):
@@ -303,7 +395,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     for peer in ("ort-minmax", "ort-percentile", "nncf"):
         if peer in by and "edgediff-w8a8" in by:
             ratios[f"w8a8_psnr_ddim_minus_{peer}_db"] = round(by["edgediff-w8a8"]["psnr_ddim"] - by[peer]["psnr_ddim"], 2)
-            ratios[f"w8a8_psnr_ddpm_minus_{peer}_db"] = round(by["edgediff-w8a8"]["psnr_ddpm"] - by[peer]["psnr_ddpm"], 2)
+            if "psnr_ddpm" in by[peer]:
+                ratios[f"w8a8_psnr_ddpm_minus_{peer}_db"] = round(by["edgediff-w8a8"]["psnr_ddpm"]
+                                                                  - by[peer]["psnr_ddpm"], 2)
             if by[peer].get("calib_seconds"):
                 ratios[f"w8a8_calib_time_ratio_vs_{peer}"] = round(by["edgediff-w8a8"]["calib_seconds"] /
                                                                    by[peer]["calib_seconds"], 2)
@@ -312,7 +406,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     if "edgediff-w4a8" in by:
         ratios["w4a8_weight_bytes_ratio_vs_fp32"] = round(by["edgediff-w4a8"]["weight_bytes"] / fp_bytes, 3)
     result = {"model": args.model, "samples": args.samples, "steps": args.steps, "calib_points": args.calib,
-              "iters": args.iters, "seed": args.seed, "threads": args.threads,
+              "iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "threads": args.threads,
               "simulation": "edgediff rows: PyTorch fake-quant simulation; ort/nncf rows: onnxruntime int8 QDQ",
               "rows": rows, "ratios": ratios}
     print(json.dumps(ratios, indent=1))
