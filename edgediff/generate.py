@@ -244,7 +244,8 @@ def _encode_prompt(model: DiffusionModel, prompt: str, negative: str | None,
                        "and tokenizer); for a bare denoiser encode the prompt yourself and pass --prompt-embeds FILE")
     with torch.no_grad():  # every input the pipeline's encode_prompt gives (SDXL: text_embeds, time_ids too)
         c, u = encode_conditioning(pipe, [prompt] * n, [negative] * n if negative is not None else None)
-    missing = [s.name for s in model.signature.extra if s.name not in c]
+    # inputs with a fixed value (Flux img_ids/txt_ids/guidance, PixArt's mask) take it when the prompt gives none
+    missing = [s.name for s in model.signature.extra if s.name not in c and s.fill not in ("const", "grid", "zeros")]
     if missing:
         raise BadInput(f"{where}: --prompt encodes {', '.join(c)}; {model.arch} also takes "
                        f"{', '.join(missing)}: pass them with --prompt-embeds FILE")

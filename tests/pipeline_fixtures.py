@@ -273,3 +273,21 @@ def build_tiny_pixart(folder: Path, seed: int = 0) -> Path:
     PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(32), vae=tiny_vae(), transformer=tr,
                         scheduler=DPMSolverMultistepScheduler()).save_pretrained(str(folder))
     return Path(folder)
+
+
+def build_tiny_flux(folder: Path, seed: int = 0) -> Path:
+    """A FluxPipeline: CLIPTextModel (16 wide, pooled 16) + a T5EncoderModel (32 wide) as text_encoder_2, a
+    one-block FluxTransformer2DModel with the guidance embedding (Flux-dev style), the tiny VAE, FlowMatchEuler
+    with dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tok, cfg = _clip_setup(folder, seed, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    FluxPipeline(scheduler=sch, vae=tiny_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)), tokenizer=tok,
+                 text_encoder_2=tiny_t5(32), tokenizer_2=t5_tokenizer(), transformer=tr).save_pretrained(str(folder))
+    return folder

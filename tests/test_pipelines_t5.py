@@ -1,7 +1,7 @@
-"""T5 text encoders: SD3 (two CLIPs + T5 as text_encoder_3) and PixArt-alpha (one T5 whose attention mask the
-transformer also takes). Prompts encoded as diffusers' encode_prompt; PyTorch generate equal to the diffusers
-pipelines; ONNX bundles (fp32, fp16, weights as external data) generated torch-free with the `tokenizers` library,
-equal to diffusers, verified; an int8 denoiser compressed, bundled, generated and verified."""
+"""T5 text encoders: SD3 (two CLIPs + T5 as text_encoder_3), PixArt-alpha (one T5 whose attention mask the
+transformer also takes) and Flux (CLIP pooled + T5). Prompts encoded as diffusers' encode_prompt; PyTorch generate
+equal to the diffusers pipelines; ONNX bundles (fp32, fp16, weights as external data) generated torch-free with the
+`tokenizers` library, equal to diffusers, verified; an int8 denoiser compressed, bundled, generated and verified."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import build_tiny_pixart, build_tiny_sd3_t5, cli_json, t5_tokenizer
+from pipeline_fixtures import build_tiny_flux, build_tiny_pixart, build_tiny_sd3_t5, cli_json, t5_tokenizer
 
 from edgediff.loaders import load_model
 from edgediff.testing import cli_without_torch
@@ -182,3 +182,31 @@ def test_sd3_t5_int8_denoiser_compressed_bundled_and_verified(folders: dict[str,
                        "--steps", "3")
     assert rc == 0 and res["verified"] and "quantization simulation" in res["reference"], res.get("reason")
     assert "text_encoder_3" in res["components"] and "psnr_vs_original_db" in res
+
+
+def test_flux_prompts_encode_as_diffusers_and_guidance_is_embedded(tmp_path: Path) -> None:
+    """FluxPipeline: the T5's states and the CLIP's pooled output, as its encode_prompt; its guidance_scale feeds the
+    guidance embedding, so edgediff runs no classifier-free guidance (true_cfg_scale 1); the whole-pipeline bundle
+    is refused with the reason (no Flux loop in the torch-free runtime)."""
+    import diffusers
+
+    from edgediff.errors import BadInput
+    from edgediff.generate import generate
+    from edgediff.pipelines import pipeline_of
+    from edgediff.pipelines.bundle import component_graphs
+    from edgediff.pipelines.encode import encode_conditioning
+
+    folder = build_tiny_flux(tmp_path / "flux")
+    m = load_model(folder)
+    assert m.signature.cond_shape == (512, 32) and m.extras["pipeline"]["default_guidance"] is None
+    prompts = [PROMPT, "the dog " * 200]
+    pipe = pipeline_of(m)
+    c, _ = encode_conditioning(pipe, prompts)
+    pe, pp, text_ids = diffusers.FluxPipeline.from_pretrained(str(folder)).encode_prompt(prompts, None)
+    torch.testing.assert_close(c["encoder_hidden_states"], pe, atol=1e-4, rtol=0)
+    torch.testing.assert_close(c["pooled_projections"], pp, atol=1e-5, rtol=0)
+    assert not text_ids.any()  # txt_ids: zeros, the signature's fill
+    rep = generate(m, samples=1, seed=0, steps=1, prompt=PROMPT, save_npy=tmp_path / "x.npy")
+    assert not rep["classifier_free_guidance"] and rep["denoiser_calls"] == 1
+    with pytest.raises(BadInput, match="Flux pipelines are not bundled"):
+        component_graphs(pipe, m, "fp32")

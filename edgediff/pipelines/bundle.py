@@ -51,6 +51,9 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
     from edgediff.pipelines.encode import encoding_of, text_sequence
 
     kind = encoding_of(pipe)
+    if kind == "flux":
+        raise BadInput(f"{pipe.path}: Flux pipelines are not bundled whole yet (the torch-free runtime has no packed-"
+                       "latent Flux loop); export the transformer alone and generate it with --prompt-embeds")
     for name in pipe.names("text_encoder"):
         if kind in ("clip", "pixart") and name != "text_encoder":
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "

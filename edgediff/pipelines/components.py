@@ -74,7 +74,12 @@ def _call_default(class_name: str, arg: str) -> tuple[bool, Any]:
 
 
 def default_guidance(class_name: str) -> float | None:
-    """The guidance_scale default of the diffusers pipeline class's __call__ (None: it takes none)."""
+    """The classifier-free guidance scale the diffusers pipeline class's __call__ applies by default (None: none):
+    its guidance_scale, or its true_cfg_scale where it has one (Flux: guidance_scale feeds the guidance embedding
+    and true_cfg_scale, 1 by default, is the CFG)."""
+    known, cfg = _call_default(class_name, "true_cfg_scale")
+    if known and isinstance(cfg, (int, float)):
+        return float(cfg) if cfg > 1.0 else None
     known, v = _call_default(class_name, "guidance_scale")
     if not known:
         return None if class_name == "DDPMPipeline" else DEFAULT_GUIDANCE
@@ -155,6 +160,10 @@ def attach(model: DiffusionModel, folder: Path, hasher: Callable[[Path], str], c
     if cs is not None and masked_t5(model.arch, rec):
         # T5 pads to the pipeline's max_sequence_length (not the tokenizer's model_max_length), mask beside it
         cs = (max_sequence_length(rec["class"]), cs[1])
+    t5 = [n for n, c in sorted(rec["components"].items()) if c.get("class") == "T5EncoderModel"]
+    if cs is not None and model.arch == "FluxTransformer2DModel" and t5 and (folder / t5[0] / "config.json").is_file():
+        # Flux: the T5's states are encoder_hidden_states, the CLIP gives only the pooled projection
+        cs = (max_sequence_length(rec["class"]), int(read_json(folder / t5[0] / "config.json").get("d_model") or 0))
     if cs is not None and not cond_override and model.signature.cond_shape is not None:
         width = model.signature.cond_shape[-1]
         widths = text_widths(folder, rec)

@@ -99,12 +99,15 @@ def _clip(pipe: Pipeline, name: str, prompts: list[str]) -> tuple[torch.Tensor, 
 
 def encoding_of(pipe: Pipeline) -> str:
     """How the pipeline turns prompts into denoiser inputs: "clip" (one encoder's last hidden state), "sdxl"
-    (text_embeds + time_ids), "sd3" (pooled_projections from several CLIPs, T5 tokens after them) or "pixart"
-    (one T5 encoder's last hidden state and its attention mask, which the denoiser also takes)."""
+    (text_embeds + time_ids), "sd3" (pooled_projections from several CLIPs, T5 tokens after them), "pixart"
+    (one T5 encoder's last hidden state and its attention mask, which the denoiser also takes) or "flux" (the T5's
+    states, the CLIP's pooled output)."""
     from edgediff.pipelines.components import masked_t5
 
     if masked_t5(pipe.denoiser.arch, {"components": pipe.components}):
         return "pixart"
+    if pipe.denoiser.arch == "FluxTransformer2DModel":
+        return "flux"
     names = {s.name for s in pipe.denoiser.signature.extra}
     if "pooled_projections" in names and len(pipe.names("text_encoder")) > 1:
         return "sd3"
@@ -126,6 +129,8 @@ def encode_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] 
         return _sd3_conditioning(pipe, prompts, negative)
     if kind == "pixart":
         return _pixart_conditioning(pipe, prompts, negative)
+    if kind == "flux":
+        return _flux_conditioning(pipe, prompts, negative)
     if kind == "clip":
         c, u = guided_conditioning(pipe, prompts, negative)
         return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
@@ -194,6 +199,26 @@ def _pixart_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str]
         inputs = encoder_inputs(pipe, "text_encoder", texts)
         return {"encoder_hidden_states": encoder_states(pipe, "text_encoder", inputs),
                 "encoder_attention_mask": inputs["attention_mask"].float()}
+
+    return enc(list(prompts)), enc(list(neg))
+
+
+def _flux_conditioning(pipe: Pipeline, prompts: list[str], negative: list[str] | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FluxPipeline.encode_prompt: the CLIP's pooler_output as pooled_projections, the T5's last hidden state as
+    encoder_hidden_states (txt_ids are zeros: the signature's fill); the negative prompt ("" by default) the same
+    way, used only under true classifier-free guidance."""
+    clip = next(n for n in pipe.names("text_encoder") if not is_t5(pipe, n))
+    t5 = next(n for n in pipe.names("text_encoder") if is_t5(pipe, n))
+    neg = negative if negative is not None else [""] * len(prompts)
+    if len(neg) != len(prompts):
+        raise BadInput(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+
+    @torch.no_grad()
+    def enc(texts: list[str]) -> dict[str, torch.Tensor]:
+        pooled = pipe.load(clip)(**encoder_inputs(pipe, clip, texts), output_hidden_states=False).pooler_output
+        return {"encoder_hidden_states": encoder_states(pipe, t5, encoder_inputs(pipe, t5, texts)),
+                "pooled_projections": pooled.float()}
 
     return enc(list(prompts)), enc(list(neg))
 
