@@ -16,9 +16,9 @@ google/ddpm-cifar10-32's config, RANDOMLY INITIALISED: speed, size and integer s
                   tflite-int8 is the full-integer layout (exporters.tflite.integerize)
   aeq-int8        ai-edge-quantizer's static_wi8_ai8 recipe on the fp32 .tflite, same calibration points
 Columns: ms/call (batch 1, median of --reps interleaved calls, per thread count), ratio to the
-fp32 of the same runtime, file bytes, integer_macs_share (ORT optimized graph; for .tflite the
-conv/FC/matmul ops with int8 activation and weight inputs), final-sample
-PSNR vs the fp32 model (demo only: DDIM 20, same seeds).
+fp32 of the same runtime (of medians, and of minima), file bytes, integer_macs_share (ORT
+optimized graph; for .tflite the conv/FC/matmul ops with int8 activation and weight inputs),
+final-sample PSNR vs the fp32 model (demo only: DDIM 20, same seeds).
 Measured on whatever machine runs it; the figures in docs/int8.md name theirs.
 """
 
@@ -125,6 +125,10 @@ def final_samples(model: DiffusionModel, den: Any, n: int, steps: int) -> torch.
         return sample_model(model, n, seed=0, cfg=SamplerConfig("ddim", steps), denoiser=den)
 
 
+def _stage(name: str, what: str) -> None:
+    print(f"  {name}: {what} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+
+
 def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from edgediff.exporters import get_backend
     from edgediff.exporters.onnx import OnnxDenoiser, integer_macs
@@ -137,6 +141,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     t0 = time.perf_counter()
     q, data = quantize(model, calib, tmp / "cache")
     quant_s = time.perf_counter() - t0
+    _stage(name, f"calibrated and quantized in {quant_s:.0f} s")
     onnx = get_backend("onnx")
     files: dict[str, Path] = {"ort-fp32": tmp / f"{name}-fp32.onnx", "edgediff-int8": tmp / f"{name}-int8.onnx",
                               "ort-qdq": tmp / f"{name}-ortqdq.onnx"}
@@ -161,6 +166,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         rows["nncf"] = {"runtime": "openvino"}
     except Exception as e:  # noqa: BLE001 - openvino is an optional peer; a broken install is a row too
         rows["nncf"] = {"skipped": f"openvino/nncf unavailable here ({type(e).__name__}: {str(e)[:150]})"}
+    _stage(name, "ONNX rows and NNCF ready")
     tfl = {}
     if args.tflite and (name == "demo" or not args.quick):
         from edgediff.exporters.tflite import integer_macs as tfl_integer_macs
@@ -187,6 +193,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         for k, p in tfl.items():
             im = tfl_integer_macs(p)
             rows[k]["integer_macs_share"], rows[k]["macs"] = im["integer_macs_share"], im["macs"]
+    _stage(name, "files ready, timing")
     x = model.signature.example_inputs(batch=1)
     for th in args.threads:
         dens: dict[str, Any] = {k: OnnxDenoiser(p, threads=th) for k, p in files.items()}
@@ -199,11 +206,14 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         torch.set_num_threads(th)
         res = time_denoisers(dens, x["sample"], x["timestep"], reps=args.reps)
         for k, r in res.items():
-            rows[k][f"ms_{th}t"] = r["ms_per_call"]
+            rows[k][f"ms_{th}t"], rows[k][f"ms_min_{th}t"] = r["ms_per_call"], r["ms_min"]
         for k in res:
             base = "tflite-fp32" if k.startswith(("tflite", "aeq")) else "ort-fp32"
             if base in res:
                 rows[k][f"ratio_{th}t"] = round(res[k]["ms_per_call"] / res[base]["ms_per_call"], 3)
+                # the ratio of minima (undisturbed calls) next to the medians: on a shared machine the
+                # medians of millisecond calls are bimodal (a call is preempted or not)
+                rows[k][f"ratio_min_{th}t"] = round(res[k]["ms_min"] / res[base]["ms_min"], 3)
     torch.set_num_threads(1)
     if name == "demo" and args.samples:
         ref = final_samples(model, OnnxDenoiser(files["ort-fp32"], threads=1), args.samples, 20)
@@ -225,6 +235,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
 
 def table(res: list[dict[str, Any]], threads: list[int]) -> str:
     cols = ["row", "runtime"] + [f"ms_{t}t" for t in threads] + [f"ratio_{t}t" for t in threads] + [
+        f"ratio_min_{t}t" for t in threads] + [
         "bytes", "integer_macs_share", "psnr_vs_fp32_db"]
     lines = []
     for r in res:
@@ -257,9 +268,10 @@ def main() -> None:
         for name in args.models.split(","):
             print(f"== {name}", file=sys.stderr, flush=True)
             out.append(bench_model(name, args, Path(td)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"results": out, "threads": args.threads, "reps": args.reps}, indent=2))
-    print(table(out, args.threads))
+            # written after every model: a cifar-scale TFLite conversion can take longer than a session has
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"results": out, "threads": args.threads, "reps": args.reps}, indent=2))
+            print(table(out[-1:], args.threads), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,25 @@ FLOAT_OPS: frozenset[Any] = frozenset({
 })
 
 
+def _group_norm_explicit(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """F.group_norm as mean / variance reductions (what traces to ReduceMean/Sub/Mul/Sqrt/Div)."""
+    h = x.reshape(x.shape[0], num_groups, -1)
+    d = h - h.mean(-1, keepdim=True)
+    y = (d / torch.sqrt((d * d).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y + bias.reshape(shape) if bias is not None else y
+
+
 class _ExactFloatOps(TorchFunctionMode):
     """Computes FLOAT_OPS on float32 tensors in float64 and rounds the result to float32 once."""
 
-    def __init__(self) -> None:
+    def __init__(self, explicit_group_norm: bool = False) -> None:
         super().__init__()
         self.calls = 0
+        self.explicit_group_norm = explicit_group_norm
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -63,15 +76,20 @@ class _ExactFloatOps(TorchFunctionMode):
         if not found:
             return func(*args, **kwargs)
         self.calls += 1
-        out = func(*args64, **kwargs64)
+        fn = _group_norm_explicit if func is F.group_norm and self.explicit_group_norm else func
+        out = fn(*args64, **kwargs64)
         return tree_map(lambda o: o.float() if isinstance(o, torch.Tensor) and o.dtype == torch.float64 else o, out)
 
 
 @contextmanager
-def exact_float_ops() -> Iterator[_ExactFloatOps]:
+def exact_float_ops(explicit_group_norm: bool = False) -> Iterator[_ExactFloatOps]:
     """Within the block, PyTorch's GroupNorm/LayerNorm/SiLU/GELU/softmax/sigmoid on float32 tensors
-    are computed in float64 and rounded to float32 once (`.calls` counts them)."""
-    mode = _ExactFloatOps()
+    are computed in float64 and rounded to float32 once (`.calls` counts them).
+
+    `explicit_group_norm`: GroupNorm as explicit reductions, for tracing an export in this mode
+    (onnxruntime's InstanceNormalization, torch's ONNX form of GroupNorm, has no double kernel).
+    """
+    mode = _ExactFloatOps(explicit_group_norm)
     with mode:
         yield mode
 

@@ -30,6 +30,10 @@ def test_exact_float_ops_rounds_the_float64_result_once() -> None:
     # outside the block torch's own float32 kernels run again (and differ by ulps somewhere)
     assert not torch.equal(F.group_norm(x, 8, w, b, 1e-5), y)
     assert F.group_norm in FLOAT_OPS and F.conv2d not in FLOAT_OPS
+    # written out as reductions (for tracing an export in this mode): the same float32 result
+    with exact_float_ops(explicit_group_norm=True) as mode:
+        y2 = F.group_norm(x, 8, w, b, 1e-5)
+    assert mode.calls == 1 and torch.equal(y2, y)
 
 
 def test_noise_floor_compares_the_rerounded_run() -> None:
