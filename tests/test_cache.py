@@ -295,3 +295,23 @@ def test_non_uniform_schedule_is_the_same_in_pytorch_and_the_bundle(tiny_unet: D
     y, st = run_bundle(tmp_path / "b", samples=3, seed=2, threads=1)
     assert st["denoiser_calls_full"] == len(rec["full_steps"]) and st["cache"]["full_steps"] == rec["full_steps"]
     torch.testing.assert_close(torch.from_numpy(y), x, atol=2e-4, rtol=1e-4)
+
+
+def test_non_uniform_schedule_on_the_opencl_bundle(tiny_unet: DiffusionModel, tmp_path) -> None:
+    from edgediff.exporters import get_backend
+    from edgediff.kernels import runtime as clrt
+
+    if not clrt.opencl_available()[0]:
+        pytest.skip("no OpenCL device")
+    run_s, cls_s = passes.get("sampling")
+    m = run_s(tiny_unet.clone(), cls_s(sampler="ddim", steps=6), PassContext())
+    c = _cache(m, depth=0, interval=3, schedule="centred", centre=0.3)
+    full = c.extras["cache"]["full_steps"]
+    assert full != full_steps(6, 3)
+    get_backend("opencl").export(c, tmp_path / "b", "fp32")
+    den = get_backend("opencl").load_denoiser(tmp_path / "b")
+    stats: dict = {}
+    x_cl = sample_model(c, 2, seed=0, cfg=SamplerConfig("ddim", 6), denoiser=den, stats=stats)
+    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (len(full), 6 - len(full))
+    x_pt = sample_model(c, 2, seed=0, cfg=SamplerConfig("ddim", 6))
+    assert float((x_cl - x_pt).abs().max()) < 1e-3 * max(1.0, float(x_pt.abs().max()))
