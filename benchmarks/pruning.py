@@ -15,7 +15,8 @@ Methods, all through edgediff's passes in this one run:
 - random: prune.diff importance=random (optional);
 - ld: prune.ld, LD-Pruner (operator removal: ResNet blocks, attention, transformer branches);
 - ld-ops: prune.ld at operator level (include = operators: also single 3x3 convs -> 1x1 and single
-  Linear layers -> identity / low rank / bias), budget spent in 2 re-scored rounds.
+  Linear layers -> identity / low rank / bias), budget spent in 2 re-scored rounds;
+- ld-ops-cost: ld-ops removing in ascending score per MAC saved (order = per_cost) instead of score.
 The channel methods share one channel ratio, found once by bisection so that MACs drop by
 --macs-reduction; they therefore have identical structure (params, MACs, latency), and
 differ only in which channels they keep. LD-Pruner removes operators until the same budget.
@@ -138,9 +139,11 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
     rows = [base]
     for method in args.methods:
         print(f"-- {name}: {method}", file=sys.stderr)
-        if method in ("ld", "ld-ops"):
+        if method in ("ld", "ld-ops", "ld-ops-cost"):
             # LD-Pruner removes (or replaces) operators until at least the budget the channel methods reached
-            level = dict(include="operators", rounds=2) if method == "ld-ops" else {}
+            level = dict(include="operators", rounds=2) if method.startswith("ld-ops") else {}
+            if method == "ld-ops-cost":
+                level["order"] = "per_cost"
             pruned, m, secs = run_pass("prune.ld", model, model, seed=args.seed, macs_reduction=round(achieved, 4),
                                        **ld_opts, **level)
             extra = {"removed": [f"{r['name']}:{r['kind']}" for r in m["removed"]]}
@@ -215,7 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,cifar")
     ap.add_argument("--methods", default="diff,taylor,magnitude,ld", help="any of diff, taylor, magnitude, random, "
-                    "ld, ld-ops")
+                    "ld, ld-ops, ld-ops-cost")
     ap.add_argument("--macs-reduction", type=float, default=0.45)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)

@@ -222,6 +222,29 @@ def test_prune_ld_operator_level_convs_to_1x1_in_rounds(tiny_unet, tmp_path: Pat
         make_options("prune.ld", {"rounds": 0})
 
 
+def test_prune_ld_per_cost_order_is_score_per_mac_saved(tiny_unet) -> None:
+    from edgediff.passes.prune_ld import candidate_savings, candidates
+
+    cands = candidates(tiny_unet, "convs")  # 3x3 -> 1x1 of convs of different widths: different savings
+    inputs = tiny_unet.example_inputs(2)
+    before, out = macs(tiny_unet), _forward(tiny_unet, inputs)
+    saving = candidate_savings(tiny_unet, cands)
+    # each replacement was taken out again: the model is unchanged
+    assert macs(tiny_unet) == before and torch.equal(_forward(tiny_unet, inputs), out)
+    assert all(v >= 0 for v in saving.values()) and len({saving[id(c)] for c in cands}) > 1
+    ratios = {}
+    for order in ("score", "per_cost"):
+        pruned, m = _run("prune.ld", tiny_unet, macs_reduction=0.25, samples=2, steps=1, include="convs", order=order)
+        assert m["order"] == order and macs(pruned) <= 0.75 * before
+        key = [r["score"] / r["macs_saved"] if order == "per_cost" else r["score"] for r in m["removed"]]
+        assert key == sorted(key), order  # removed in ascending order of the chosen key
+        ratios[order] = [r["score"] / r["macs_saved"] for r in m["removed"]]
+    # the greedy knapsack order never takes a worse score-per-MAC candidate first
+    assert ratios["per_cost"][0] <= ratios["score"][0]
+    with pytest.raises(BadInput, match="order"):
+        make_options("prune.ld", {"order": "ratio"})
+
+
 def test_low_rank_and_bias_stand_ins_of_a_linear() -> None:
     from edgediff.passes.skip_modules import LinearBias, LowRankLinear
 

@@ -11,7 +11,8 @@
    the samples: ||mean(Z_o) - mean(Z)||_2 + ||std(Z_o) - std(Z)||_2, mean and std taken per
    element over the seeds. The score needs no task metric, which is the paper's point.
 4. Remove operators in ascending score order until the MACs budget (`macs_reduction`) is
-   met; each removed operator becomes an edgediff stand-in module (skip_modules.py) so that
+   met (`order = "per_cost"`: ascending score per MAC saved, per predicted ms under the
+   latency budget: the greedy knapsack order); each removed operator becomes an edgediff stand-in module (skip_modules.py) so that
    the artifact reloads, and every other weight is kept as it was.
 
 Operator level (`include = "convs"` or `"operators"`): single 3x3 convolutions of ResNet blocks
@@ -65,6 +66,8 @@ class PruneLDOptions:
     latency_reduction: float = 0.3  # budget = latency: measured latency must drop by this share, in (0, 1)
     latency_threads: int = 1  # onnxruntime threads of the latency measurement
     latency_repeats: int = 20  # timed calls per measurement
+    order: str = "score"  # score (the paper) | per_cost: score per MAC (latency budget: per ms) saved
+
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.macs_reduction) < 1.0:
@@ -89,6 +92,8 @@ class PruneLDOptions:
                            "and 1")
         if int(self.latency_threads) < 1 or int(self.latency_repeats) < 1:
             raise BadInput("prune.ld: options latency_threads and latency_repeats must be >= 1")
+        if self.order not in ("score", "per_cost"):
+            raise BadInput(f"prune.ld: option order={self.order!r}; expected score or per_cost")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= 100:
             raise BadInput(f"prune.ld: option rounds={self.rounds!r} must be an integer in [1, 100]")
 
@@ -267,6 +272,26 @@ def predicted_saving_ms(name: str, macs_saved: int, layers: list[dict[str, Any]]
     return ms * min(1.0, max(0.0, macs_saved / work))
 
 
+def candidate_savings(model: DiffusionModel, cands: list[Candidate], layers: list[dict[str, Any]] | None = None
+                      ) -> dict[int, float]:
+    """id(candidate) -> what replacing it alone saves on the model as it is: MACs, or (given the
+    profiler's per-layer rows) predicted ms. Each replacement is put in and taken out again."""
+    from edgediff.metrics import macs
+
+    inner = _inner(model)
+    base = macs(model)
+    out: dict[int, float] = {}
+    for c in cands:
+        original = inner.get_submodule(c.name)
+        set_submodule(inner, c.name, c.replacement(original))
+        try:
+            saved = base - macs(model)
+        finally:
+            set_submodule(inner, c.name, original)
+        out[id(c)] = predicted_saving_ms(c.name, saved, layers) if layers is not None else float(saved)
+    return out
+
+
 @register("prune.ld", PruneLDOptions, must_precede=("calib", "quant", "ptqd"))
 def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> DiffusionModel:
     from edgediff.metrics import macs, params
@@ -323,7 +348,12 @@ def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> Diffus
         # this round's share of the budget (the last planned round and later ones: all that is left)
         last = rnd >= opts.rounds - 1
         goal = target if last else base_cost - (base_cost - target) * (rnd + 1) / opts.rounds
-        for c, s in sorted(scored, key=lambda cs: cs[1]):
+        if opts.order == "per_cost":
+            saving = candidate_savings(model, [c for c, _ in scored], layers if by_latency else None)
+            order = sorted(scored, key=lambda cs: cs[1] / saving[id(cs[0])] if saving[id(cs[0])] > 0 else float("inf"))
+        else:
+            order = sorted(scored, key=lambda cs: cs[1])
+        for c, s in order:
             if cost <= goal:
                 break
             if any(_overlaps(c.name, r["name"]) for r in removed):
@@ -350,6 +380,7 @@ def run(model: DiffusionModel, opts: PruneLDOptions, ctx: PassContext) -> Diffus
         "candidates": len(cands), "removed": removed, "rounds": len(round_scores),
         "scores": round_scores[0] if round_scores else {}, "round_scores": round_scores,
         "params_before": base_params, "params_after": params(model.module()), "budget": opts.budget,
+        "order": opts.order,
         "macs_before": base_macs, "macs_after": current_macs, "macs_reduction": round(1 - current_macs / base_macs, 4)}
     if by_latency:
         info.update({"latency_ms_before": round(base_cost, 4), "latency_ms_after": round(cost, 4),
