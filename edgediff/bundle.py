@@ -128,11 +128,15 @@ class _ShallowPositional(torch.nn.Module):
 
 def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precision: str = "fp32",
                   force: bool = False, sampler: str | None = None, steps: int | None = None,
-                  progress: Any = None) -> dict[str, Any]:
-    """Write the bundle directory atomically; returns the export report (JSON-able)."""
+                  progress: Any = None, chunk_unet: bool = False) -> dict[str, Any]:
+    """Write the bundle directory atomically; returns the export report (JSON-able).
+
+    `chunk_unet`: Core ML only, the UNet as Apple's UnetChunk1/UnetChunk2 (exporters/bundle_coreml.py)."""
     from edgediff.deepcache import cache_config
 
     out = Path(out)
+    if chunk_unet and target != "coreml":
+        raise BadInput(f"{out}: --chunk-unet splits a Core ML bundle's UNet (Apple's layout); not for --target {target}")
     if target not in BUNDLE_TARGETS:
         raise Unavailable(f"{out}: bundles are written for {', '.join(BUNDLE_TARGETS)} so far, not {target!r} "
                           f"(export a single file instead: -o model{'.tflite' if target == 'tflite' else '.<suffix>'})")
@@ -214,7 +218,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         elif target == "coreml":
             from edgediff.exporters.bundle_coreml import write_packages
 
-            components = write_packages(entries, tmp)
+            components = write_packages(entries, tmp, chunk_unet=chunk_unet)
             entries = {}
             (tmp / comp_dir).mkdir()  # the denoiser's config.json, as every bundle has it
         for role, (proto, facts) in entries.items():
@@ -310,6 +314,9 @@ def _non_onnx_record(rec: dict[str, Any], index: dict[str, Any], components: dic
             index.pop(role, None)
             if name:
                 index[role] = ["edgediff", f"{target}:{role}"]
+    if rec.get("encoding"):  # SDXL / SD3: every encoder, in the pipeline's order (the runtime combines them so)
+        rec["text_encoders"] = [n for n, c in components.items() if str(c.get("role")).startswith("text_encoder")]
+        rec["text_encoder_kinds"] = {n: components[n].get("text_kind", "clip") for n in rec["text_encoders"]}
 
 
 def _diffusers_version() -> str:

@@ -4,6 +4,7 @@
     text_encoder_2/model.tflite (SDXL, SD3: every CLIP) the ONNX bundle's outputs (optimum's names: text_embeds
                                 for a projection model), of the hidden states only the penultimate layer's
                                 `hidden_states.{L-1}` (the one the runtime combines; the others cost buffers)
+    text_encoder_3/model.tflite a T5 (SD3's; PixArt's text_encoder also takes attention_mask) -> last_hidden_state
     vae_decoder/model.tflite    serving_default(latent_sample [1, C, h, w]) -> sample [1, 3, H, W]
                                 (post_quant_conv + decoder; the runtime divides by scaling_factor first)
     vae_encoder/model.tflite    serving_default(sample [1, 3, H, W]) -> latent_parameters [1, 2C, h, w]
@@ -52,8 +53,8 @@ class TextEncoderCall(nn.Module):
         self.names = list(outputs or text_encoder_outputs(te))
         self.call = TextEncoderOutputs(te, self.names)
 
-    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.call(input_ids)))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.call(input_ids, attention_mask)))
 
 
 def encoder_outputs(te: nn.Module, several: bool) -> list[str]:
@@ -97,21 +98,25 @@ def _convert(module: nn.Module, kwargs: dict[str, torch.Tensor], what: str,
 
 
 def text_encoders(pipe: Any, what: str) -> tuple[str, list[str]]:
-    """(encoding kind, text encoder names) a non-ONNX bundle writes: one CLIP, or SDXL's / SD3's CLIPs;
-    Unavailable naming what it does not hold (T5 encoders: the ONNX bundle has them)."""
+    """(encoding kind, text encoder names) a non-ONNX bundle writes: one CLIP, SDXL's / SD3's CLIPs, and for
+    TFLite T5 encoders too (SD3's text_encoder_3, PixArt's); Unavailable naming what the target does not hold."""
     from edgediff.pipelines.encode import encoding_of
 
     names = pipe.names("text_encoder")
-    t5 = [n for n in names if (pipe.components.get(n) or {}).get("class") == "T5EncoderModel"]
-    if t5:
-        raise Unavailable(f"{pipe.path}: T5 text encoders ({', '.join(t5)}) are not written to {what} bundles yet; "
-                          "use --target onnx" + (" or save the pipeline without text_encoder_3 (diffusers runs SD3 "
-                                                 "with T5 zeros)" if t5 == ["text_encoder_3"] else ""))
+    t5 = [n for n in names if is_t5(pipe, n)]
+    if t5 and what != "tflite":
+        raise Unavailable(f"{pipe.path}: T5 text encoders ({', '.join(t5)}) are not written to {what} bundles; use "
+                          "--target onnx or tflite" + (" or save the pipeline without text_encoder_3 (diffusers runs "
+                                                       "SD3 with T5 zeros)" if t5 == ["text_encoder_3"] else ""))
     kind = encoding_of(pipe) if names else "clip"
     if len(names) > 1 and kind not in ("sdxl", "sd3"):
         raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(names)}) other than SDXL's "
                        "and SD3's are not bundled; export the denoiser and pass --prompt-embeds")
     return kind, names
+
+
+def is_t5(pipe: Any, name: str) -> bool:
+    return (pipe.components.get(name) or {}).get("class") == "T5EncoderModel"
 
 
 def component_files(pipe: Any, model: DiffusionModel, precision: str) -> dict[str, tuple[bytes, str, str, dict]]:
@@ -126,9 +131,11 @@ def component_files(pipe: Any, model: DiffusionModel, precision: str) -> dict[st
     jobs: list[tuple[str, nn.Module, Callable[[nn.Module], nn.Module], dict[str, torch.Tensor]]] = []
     for name in names:
         te = pipe.load(name)
-        outputs = encoder_outputs(te, kind != "clip")
-        jobs.append((name, te, lambda m, o=outputs: TextEncoderCall(m, o),
-                     {"input_ids": torch.zeros(*shapes[name]["input_ids"], dtype=torch.int32)}))
+        outputs = encoder_outputs(te, kind in ("sdxl", "sd3"))  # a T5's: last_hidden_state alone
+        # input_ids, and PixArt's attention_mask (int32 as the ONNX bundle's), at the pipeline's sequence
+        ex = {k: (torch.ones if k == "attention_mask" else torch.zeros)(*v, dtype=torch.int32)
+              for k, v in shapes[name].items()}
+        jobs.append((name, te, lambda m, o=outputs: TextEncoderCall(m, o), ex))
     if pipe.has("vae"):
         gen = torch.Generator().manual_seed(0)
         jobs.append(("vae_decoder", VaeDecoderPart(copy.deepcopy(pipe.load("vae"))), _VaeDecoder,
@@ -151,6 +158,8 @@ def component_files(pipe: Any, model: DiffusionModel, precision: str) -> dict[st
                 facts = {"convert_seconds": secs}
         if prec == "fp16":
             data = fp16_weights(data)
+        if name in names:  # how the runtime combines it (runtime.pipeline.encode_named)
+            facts["text_kind"] = "t5" if is_t5(pipe, name) else "clip"
         out[name] = (data, name, prec, facts)
     return out
 

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_fixtures import SEQ, build_tiny_sd3_clip, build_tiny_sdxl, cli_json, tiny_sd  # noqa: F401
+from pipeline_fixtures import (  # noqa: F401
+    SEQ,
+    build_tiny_sd3_clip,
+    build_tiny_sd3_t5,
+    build_tiny_sdxl,
+    cli_json,
+    tiny_sd,
+)
 
 from edgediff.bundle import export_bundle
 from edgediff.loaders import load_model
@@ -187,19 +194,25 @@ def test_several_encoders_keep_the_penultimate_states_and_the_projection() -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "sd3-t5"])
 def test_several_text_encoders_in_a_tflite_bundle(kind: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """SDXL (CLIP + CLIP with projection, text_embeds + time_ids) and SD3 with its two CLIPs: every encoder as a
-    .tflite, combined by the runtime as the ONNX bundle's (manifest `encoding`), torch-free equal to diffusers."""
-    folder = (build_tiny_sdxl if kind == "sdxl" else build_tiny_sd3_clip)(tmp_path / kind)
-    kw = {} if kind == "sdxl" else {"text_encoder_3": None, "tokenizer_3": None}
+    """SDXL (CLIP + CLIP with projection, text_embeds + time_ids), SD3 with its two CLIPs, and SD3 with its T5 too:
+    every encoder as a .tflite, combined by the runtime as the ONNX bundle's (manifest `encoding`,
+    `text_encoder_kinds`), torch-free equal to diffusers."""
+    build = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3_clip, "sd3-t5": build_tiny_sd3_t5}[kind]
+    folder = build(tmp_path / kind)
+    kw = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
     b = tmp_path / "b"
     rc, rep = cli_json(capsys, "export", str(folder), "--target", "tflite", "-o", str(b))
     assert rc == 0 and rep["kind"] == "pipeline"
     mf = json.loads((b / "edgediff_bundle.json").read_text())
     rec = mf["pipeline"]
-    assert rec["encoding"] == kind and rec["text_encoders"] == ["text_encoder", "text_encoder_2"]
+    encoders = ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if kind == "sd3-t5" else [])
+    assert rec["encoding"] == kind.split("-")[0] and rec["text_encoders"] == encoders
+    assert rec["text_encoder_kinds"] == {n: "t5" if n == "text_encoder_3" else "clip" for n in encoders}
+    if kind == "sd3-t5":
+        assert mf["components"]["text_encoder_3"]["outputs"] == ["last_hidden_state"]
     comps = mf["components"]
     assert comps["text_encoder_2"]["role"] == "text_encoder_2" and comps["text_encoder_2"]["path"].endswith(".tflite")
     assert comps["text_encoder_2"]["outputs"] == ["hidden_states.1", "last_hidden_state", "text_embeds"]
@@ -218,5 +231,59 @@ def test_several_text_encoders_in_a_tflite_bundle(kind: str, tmp_path: Path,
         np.testing.assert_allclose(np.load(npy), want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
     rc, res = cli_json(capsys, "--threads", "1", "verify", str(folder), str(b), "--samples", "2", "--steps", "3")
     assert rc == 0 and res["verified"] and res["runtime"] == "litert", res.get("reason")
-    assert {"text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"} <= set(res["components"])
+    assert {*encoders, "vae_decoder", "vae_encoder"} <= set(res["components"])
     assert res["psnr_images_db"] > 80
+
+
+PARTS_RECIPE = """name = "parts"
+[[pass]]
+name = "calib"
+component = "text_encoder"
+n_samples = 6
+[[pass]]
+name = "quant"
+component = "text_encoder"
+weight_init = "minmax"
+act_init = "minmax"
+[[pass]]
+name = "calib"
+component = "vae_decoder"
+n_samples = 3
+steps = 4
+[[pass]]
+name = "quant"
+component = "vae_decoder"
+[[pass]]
+name = "fp16"
+component = "vae_encoder"
+"""
+
+
+@pytest.mark.slow
+def test_int8_text_encoder_and_vae_parts_in_a_tflite_bundle(tiny_sd: Path, tmp_path: Path,  # noqa: F811
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipe's W8A8 text encoder and VAE decoder (and fp16 VAE encoder) ship in the TFLite bundle at their own
+    precision: every lowered layer integerized (int8-in/int8-out FULLY_CONNECTED / CONV_2D), each part verified
+    against its simulation."""
+    src = tmp_path / "sd"
+    shutil.copytree(tiny_sd, src)
+    (tmp_path / "r.toml").write_text(PARTS_RECIPE)
+    rc, _ = cli_json(capsys, "--threads", "1", "compress", str(src), "--recipe", str(tmp_path / "r.toml"),
+                     "-o", str(tmp_path / "art"))
+    assert rc == 0
+    rc, rep = cli_json(capsys, "export", str(tmp_path / "art"), "--target", "tflite", "-o", str(tmp_path / "b"))
+    assert rc == 0
+    comps = json.loads((tmp_path / "b" / "edgediff_bundle.json").read_text())["components"]
+    assert [comps[n]["precision"] for n in ("unet", "text_encoder", "vae_decoder", "vae_encoder")] == [
+        "fp32", "int8", "int8", "fp16"]
+    for name, op in (("text_encoder", "FULLY_CONNECTED"), ("vae_decoder", "CONV_2D")):
+        integ = comps[name]["int8"]["integerized"]
+        assert integ["not_found"] == [] and integ["integer_ops"][op] > 0, (name, integ)
+        assert comps[name]["weight_dtypes"]["int8"] >= 10
+    assert comps["vae_encoder"]["weight_dtypes"].get("float16")
+    rc, res = cli_json(capsys, "--threads", "1", "verify", str(tmp_path / "art"), str(tmp_path / "b"),
+                       "--samples", "2", "--steps", "4")
+    assert res["verified"] and res["components"]["text_encoder"]["precision"] == "int8"
+    for name in ("text_encoder", "vae_decoder"):  # vs the part's simulation, held to the int8 tolerance
+        assert res["components"][name]["psnr_db"] >= 25.0, res["components"]
+    assert res["components"]["vae_encoder"]["psnr_db"] >= 60.0

@@ -51,8 +51,9 @@ class _Entry:
         if not np.all(np.abs(w[self.probe_idx] / self.probe_scale - self.probe) <= MATCH_TOL):
             return False
         p = self.part
-        if p.bias is None:
-            if bias is not None and np.any(bias):  # converters give bias-free ops a shared zero bias
+        if p.bias is None or (bias is None and not np.any(p.bias)):
+            # converters give bias-free ops a shared zero bias, and drop an all-zero bias (litert-torch)
+            if bias is not None and np.any(bias):
                 return False
         elif bias is None or bias.size != p.bias.size or \
                 not np.all(np.abs(bias.reshape(-1) / p.acc_scale - p.bias) <= MATCH_TOL + np.abs(p.bias) * 2.0**-21):
