@@ -38,18 +38,12 @@ KEYS = ("sampler", "psnr_db", "psnr_per_sample_db", "noise_floor_db", "max_abs_e
 
 
 def double_ops(path: Path) -> dict[str, int]:
-    """Op types of the nodes that compute in double (a Cast to double feeds them, transitively)."""
+    """Op types of the nodes that write a double tensor (ONNX shape inference gives the types)."""
     import onnx
 
-    g = onnx.load(str(path)).graph
-    dbl: set[str] = set()
-    ops: Counter[str] = Counter()
-    for n in g.node:  # exported graphs are topologically sorted
-        to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
-        if to == onnx.TensorProto.DOUBLE or (n.op_type != "Cast" and any(i in dbl for i in n.input)):
-            dbl.update(n.output)
-            ops[n.op_type] += 1
-    return dict(ops.most_common())
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    dbl = {v.name for v in m.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE}
+    return dict(Counter(n.op_type for n in m.graph.node if any(o in dbl for o in n.output)).most_common())
 
 
 def main() -> None:
