@@ -144,6 +144,24 @@ def edgediff_weight_bytes(model: DiffusionModel) -> int:
     return int(total)
 
 
+def edgediff_denoiser(model: DiffusionModel, runtime: str, where: Path, probe: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[Any, str]:
+    """The quantized model as a sampler runs it: the PyTorch simulation, or its int8 ONNX export
+    (qlinear layout, onnxruntime's integer kernels) with its deviation from the simulation."""
+    if runtime == "sim":
+        return TorchDenoiser(model), "PyTorch fake-quant simulation"
+    from edgediff.exporters import get_backend
+
+    backend = get_backend("onnx")
+    report = backend.export(model, where, "int8")
+    den = backend.load_denoiser(where)
+    x, t = probe
+    a, b = TorchDenoiser(model)(x, t), den(x, t)
+    dev = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    return den, (f"int8 ONNX ({report.get('int8_layout', 'int8')}) in onnxruntime; output deviates {dev:.1e} (relative) "
+                 f"from the simulation on {len(x)} calibration points")
+
+
 def run_pass(name: str, model: DiffusionModel, opts: dict[str, Any], ctx: PassContext) -> tuple[DiffusionModel, float, dict]:
     fn, _ = get(name)
     ctx.metrics = {}
@@ -168,6 +186,8 @@ def main() -> None:
                     help="edgediff reconstruction stage-2 iterations per block (default: the quant pass's)")
     ap.add_argument("--cache", type=Path, default=Path("bench-out/cache"),
                     help="calibration sets and fp32 reference samples, reused across runs")
+    ap.add_argument("--runtime", choices=("sim", "onnx"), default="sim",
+                    help="edgediff rows: PyTorch simulation, or the int8 ONNX export in onnxruntime (faster)")
     ap.add_argument("--samplers", default="ddim,ddpm",
                     help="samplers whose final samples are compared (FD and confidence need ddim)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -362,33 +382,45 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- edgediff
     iters = {k: v for k, v in (("iters", args.iters), ("act_iters", args.act_iters)) if v is not None}
+    if args.runtime == "onnx":
+        from edgediff.exporters.base import set_threads
+
+        set_threads(args.threads)
+    probe = (calib_data["x"][:64], calib_data["t"][:64])
+    as_run = lambda q, tag: edgediff_denoiser(q, args.runtime, tmp / f"{tag}.onnx", probe)  # noqa: E731
     if want("edgediff-w8a8"):
         q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), **iters}, ctx)
-        evaluate("edgediff-w8a8", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
-                 note=f"{met.get('method')}; calib {w8_calib_s:.0f} s incl. FP trajectories")
+        den, how = as_run(q, "w8a8")
+        evaluate("edgediff-w8a8", den, edgediff_weight_bytes(q), w8_calib_s + dt,
+                 note=f"{met.get('method')}; calib {w8_calib_s:.0f} s incl. FP trajectories; {how}")
     if want("edgediff-w8a8-smooth"):  # SmoothQuant migration on a model without injected outliers
         q, dt, met = run_pass("quant", w8_cal_model, {**recipe_opts("w8a8", "quant"), "smooth": True}, ctx)
         sm = met.get("smoothing") or {}
-        evaluate("edgediff-w8a8-smooth", TorchDenoiser(q), edgediff_weight_bytes(q), w8_calib_s + dt,
+        den, how = as_run(q, "w8a8-smooth")
+        evaluate("edgediff-w8a8-smooth", den, edgediff_weight_bytes(q), w8_calib_s + dt,
                  note=f"{met.get('method')}; {len(sm.get('smoothed', []))} norms smoothed, "
-                      f"{len(sm.get('reverted', []))} reverted")
+                      f"{len(sm.get('reverted', []))} reverted; {how}")
     w4_cal_model, w4_calib_s, _ = run_pass("calib", model, w4_calib, ctx)
     if want("plain-w4a8"):
         plain = {"weight_bits": 4, "act_bits": 8, "weight_init": "minmax", "act_init": "minmax", "split_shortcut": False,
                  "reconstruct": False}
         q, dt, met = run_pass("quant", w4_cal_model, plain, ctx)
-        evaluate("plain-w4a8", TorchDenoiser(q), edgediff_weight_bytes(q), w4_calib_s + dt, note=met.get("method", ""))
+        den, how = as_run(q, "plain-w4a8")
+        evaluate("plain-w4a8", den, edgediff_weight_bytes(q), w4_calib_s + dt, note=f"{met.get('method', '')}; {how}")
     if want("edgediff-w4a8") or want("edgediff-w4a8-ptqd"):
         q4, dt4, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), **iters}, ctx)
-        evaluate("edgediff-w4a8", TorchDenoiser(q4), edgediff_weight_bytes(q4), w4_calib_s + dt4,
-                 note=f"{met.get('method')}; reconstruction {met.get('reconstruction')}")
+        den, how = as_run(q4, "w4a8")
+        evaluate("edgediff-w4a8", den, edgediff_weight_bytes(q4), w4_calib_s + dt4,
+                 note=f"{met.get('method')}; reconstruction {met.get('reconstruction')}; {how}")
         if want("edgediff-w4a8-ptqd"):
             from edgediff.passes.ptqd import correction_for
 
             p, dtp, metp = run_pass("ptqd", q4, recipe_opts("w4a8-ptqd", "ptqd"), ctx)
-            evaluate("edgediff-w4a8-ptqd", TorchDenoiser(p), edgediff_weight_bytes(p), w4_calib_s + dt4 + dtp,
+            den, how = as_run(p, "w4a8-ptqd")
+            evaluate("edgediff-w4a8-ptqd", den, edgediff_weight_bytes(p), w4_calib_s + dt4 + dtp,
                      correction=correction_for(p),
-                     note=f"k in [{metp.get('k_min')}, {metp.get('k_max')}], mean act bits {metp.get('mean_act_bits')}")
+                     note=f"k in [{metp.get('k_min')}, {metp.get('k_max')}], mean act bits {metp.get('mean_act_bits')}; "
+                          f"{how}")
 
     by = {r["name"]: r for r in rows if "error" not in r}
     ratios: dict[str, Any] = {}
@@ -407,7 +439,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         ratios["w4a8_weight_bytes_ratio_vs_fp32"] = round(by["edgediff-w4a8"]["weight_bytes"] / fp_bytes, 3)
     result = {"model": args.model, "samples": args.samples, "steps": args.steps, "calib_points": args.calib,
               "iters": args.iters, "act_iters": args.act_iters, "seed": args.seed, "threads": args.threads,
-              "simulation": "edgediff rows: PyTorch fake-quant simulation; ort/nncf rows: onnxruntime int8 QDQ",
+              "runtime": args.runtime,
+              "simulation": ("edgediff rows: PyTorch fake-quant simulation" if args.runtime == "sim" else
+                             "edgediff rows: their int8 ONNX export in onnxruntime") + "; ort/nncf rows: onnxruntime int8 QDQ",
               "rows": rows, "ratios": ratios}
     print(json.dumps(ratios, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

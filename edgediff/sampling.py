@@ -198,7 +198,9 @@ def _ddpm_like_sigma(sch: Any, t: int, eta: float) -> tuple[float, float, float,
     prev = int(sch.previous_timestep(t)) if hasattr(sch, "previous_timestep") else \
         t - sch.config.num_train_timesteps // sch.num_inference_steps
     a_t = float(ac[t])
-    a_prev = float(ac[prev]) if prev >= 0 else float(getattr(sch, "final_alpha_cumprod", sch.one))
+    # past t = 0: DDIM's final_alpha_cumprod, DDPM's one (getattr's default would be evaluated eagerly)
+    a_prev = float(ac[prev]) if prev >= 0 else float(sch.final_alpha_cumprod if hasattr(sch, "final_alpha_cumprod")
+                                                     else sch.one)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     if name == "DDIMScheduler":
         return eta * var**0.5, a_t, a_prev, 0.0

@@ -232,6 +232,12 @@ def test_ptqd_fit_and_correction(tiny_unet: DiffusionModel, tmp_path: Path) -> N
     expect = (eps - table["bias"][0].view(1, 1, 1, 1)) / (1 + float(table["k"][0]))
     assert torch.allclose(corr.correct(eps, t), expect)
     assert corr.variance_offset(t) == pytest.approx(float(table["residual_var"][0]))
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+
+    for sampler in ("ddim", "ddpm"):  # the corrected sampler runs down to t = 0 (no step after it)
+        x = sample(TorchDenoiser(p), p.schedule, p.signature.sample_shape, 2, seed=0,
+                   cfg=SamplerConfig(sampler, 2, eta=0.5 if sampler == "ddim" else 1.0), correction=corr)
+        assert x.shape == (2, *p.signature.sample_shape) and torch.isfinite(x).all()
 
 
 def test_ptqd_mixed_precision_changes_bits_by_step(tiny_unet: DiffusionModel, tmp_path: Path) -> None:
