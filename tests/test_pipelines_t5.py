@@ -72,6 +72,9 @@ def test_t5_prompts_encode_and_generate_as_diffusers(folders: dict[str, Path], t
     assert float(pe[:, 16:].abs().sum()) > 0  # the T5 rows are T5's states, not zeros
     m2 = load_model(pixart)
     assert m2.signature.cond_shape == (120, 32) and [s.name for s in m2.signature.extra] == ["encoder_attention_mask"]
+    from edgediff.pipelines.components import max_sequence_length
+
+    assert max_sequence_length("PixArtSigmaPipeline") == 300  # each class's own default, read from diffusers
     c, u = encode_conditioning(pipeline_of(m2), prompts)
     pe, pm, ne, nm = diffusers.PixArtAlphaPipeline.from_pretrained(str(pixart)).encode_prompt(prompts, True,
                                                                                                clean_caption=False)
@@ -157,6 +160,34 @@ def test_t5_bundle_fp16_with_external_data(folders: dict[str, Path], tmp_path: P
     assert rc == 0 and res["verified"] and res["components"]["text_encoder"]["precision"] == "fp16", res.get("reason")
 
 
+def test_pixart_int8_t5_part_compressed_bundled_and_verified(folders: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`[[pass]] component = "text_encoder"` quantizes PixArt's T5 (W8A8 on its prompts' token ids): the artifact
+    reports the part, the bundle ships an int8 T5 graph (with its attention mask), torch-free generate runs it and
+    verify holds it to the int8 tolerance against its simulation."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "t5"\n[[pass]]\nname = "calib"\ncomponent = "text_encoder"\nn_samples = 4\n'
+                      '[[pass]]\nname = "quant"\ncomponent = "text_encoder"\n')
+    art = tmp_path / "art"
+    rc, man = cli_json(capsys, "--threads", "1", "compress", str(folders["pixart"]), "--recipe", str(recipe), "-o",
+                       str(art))
+    assert rc == 0
+    part = man["components"]["parts"]["text_encoder"]
+    assert part["precision"] == "int8" and part["size_bytes_after"] < part["size_bytes_before"] and part["psnr_db"] > 30
+    rc, _ = cli_json(capsys, "--threads", "1", "export", str(art), "--target", "onnx", "-o", str(tmp_path / "b"))
+    assert rc == 0
+    comp = json.loads((tmp_path / "b" / "edgediff_bundle.json").read_text())["components"]["text_encoder"]
+    assert comp["precision"] == "int8" and set(comp["inputs"]) == {"input_ids", "attention_mask"}
+    rc, res, _, err = cli_without_torch(["--threads", "1", "generate", str(tmp_path / "b"), "--prompt", PROMPT,
+                                         "--steps", "3", "-o", str(tmp_path / "x.png"), "--json"])
+    assert rc == 0 and res["torch_imported"] is False, err[-2000:]
+    rc, res = cli_json(capsys, "--threads", "1", "verify", str(art), str(tmp_path / "b"), "--samples", "2",
+                       "--steps", "3")
+    assert rc == 0 and res["verified"] and res["components"]["text_encoder"]["precision"] == "int8", res.get("reason")
+    assert "psnr_vs_original_db" in res
+
+
+@pytest.mark.slow
 def test_sd3_t5_int8_denoiser_compressed_bundled_and_verified(folders: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A recipe without `component` acts on the denoiser; its calibration samples the pipeline's prompts through

@@ -533,6 +533,12 @@ class QuantLinear(QuantLayer):
         m.inner = lin
         return m
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's float weight: modules around a Linear read it (transformers' T5 feed-forward casts
+        its input to `wo.weight.dtype`), so the wrapper must answer for it."""
+        return self.inner.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_forward(x, F.linear)
 
