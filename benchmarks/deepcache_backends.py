@@ -18,9 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# `python benchmarks/deepcache_backends.py` puts benchmarks/ first on sys.path, where
+# benchmarks/openvino.py would shadow the openvino package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 BUNDLE_BACKENDS = ("onnx", "tflite", "openvino")  # bundles the torch-free loop runs (edgediff.runtime)
 _VERIFY_KEYS = ("psnr_db", "max_abs_err", "exit_code", "denoiser_calls_full", "denoiser_calls_shallow", "runtime")

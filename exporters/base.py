@@ -44,13 +44,29 @@ REPORT_KEYS = ("target", "precision", "path", "size_bytes", "seconds")
 
 _threads: int | None = None
 
-# why a target's export of a DeepCache artifact holds only the full call (the bundles that hold both:
-# onnx/tflite/openvino/tensorrt `-o DIR`, opencl); their single-file exports point to the bundle
-DEEPCACHE_MISSING = {
-    "coreml": "no two-function mlprogram is written yet, and Core ML predicts only on macOS, so it could not be "
-              "verified here",
-    "fpga": "the integer program is one whole denoiser call; no shallow program is generated yet",
-}
+# why a target's export of a DeepCache artifact holds only the full call: none today (both entry points:
+# onnx/tflite/openvino/tensorrt `-o DIR` bundles, a coreml multifunction package, opencl bundles, fpga
+# projects); the single-file onnx/tflite/openvino/tensorrt exports point to their bundle. A new target
+# without a shallow entry states its reason here (tests/test_deepcache_opencl.py checks every target).
+DEEPCACHE_MISSING: dict[str, str] = {}
+
+
+def deepcache_record(model: DiffusionModel) -> dict[str, Any] | None:
+    """What a backend writes beside DeepCache's two entry points for the device's sampler loop: depth,
+    interval, the feature's shape, the recorded sampler and which of its steps run the full call
+    (edgediff.runtime.cache_schedule); None for a model without a cache schedule."""
+    from edgediff.deepcache import cache_config
+    from edgediff.passes.sampling import sampling_of
+    from edgediff.runtime.bundle import FEATURE_NAME
+    from edgediff.runtime.cache_schedule import schedule_record
+
+    cache = cache_config(model)
+    if cache is None:
+        return None
+    samp = sampling_of(model)
+    return {"depth": int(cache["depth"]), "interval": int(cache["interval"]), "feature": FEATURE_NAME,
+            "feature_shape": cache.get("feature_shape"), "sampler": samp["sampler"],
+            **schedule_record(cache, int(samp["steps"]))}
 
 
 def set_threads(n: int | None) -> None:

@@ -221,11 +221,15 @@ def int8_scale_agreement(den: nn.Module, qp: QuantParams) -> dict[str, Any]:
 
 def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None = None, batch: int = 1,
                   attention: str = "ane", activations: str | None = None,
-                  entry: Any = None) -> tuple[Any, dict[str, Any]]:
+                  entry: Any = None, outputs: tuple[str, ...] = (OUTPUT_NAME,),
+                  deployment_target: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Convert `model` (never modified) to a coremltools MLModel; returns (mlmodel, facts).
 
     `entry(wrapper, example_inputs) -> (module, example_inputs)` converts another call of the same prepared
-    denoiser (same input names; e.g. Apple's Swift package layout of encoder_hidden_states, exporters/bundle_coreml.py)."""
+    denoiser (e.g. Apple's Swift package layout of encoder_hidden_states, exporters/bundle_coreml.py;
+    DeepCache's full and shallow calls, whose extra example inputs become extra model inputs);
+    `outputs`: the names of the module's outputs, in order; `deployment_target` ("iOS18"): at least
+    that target (a multifunction package needs iOS 18)."""
     check_precision("coreml", precision)
     if palettize is not None and palettize not in PALETTIZE_BITS:
         raise BadInput(f"--palettize {palettize}: Core ML palettizes to {', '.join(map(str, PALETTIZE_BITS))} bits")
@@ -259,6 +263,7 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
         ex["class_labels"] = ex["class_labels"].to(torch.int32)
     if entry is not None:
         wrapper, ex = entry(wrapper, ex)
+        names = [*names, *(k for k in ex if k not in names)]
     args = tuple(ex[n] for n in names[:2])
     kwargs = {n: ex[n] for n in names[2:]}
     t0 = time.perf_counter()
@@ -284,10 +289,12 @@ def build_mlmodel(model: DiffusionModel, precision: str, palettize: int | None =
     # int4 weights (4-bit artifacts) need iOS 18 / macOS 15; everything else runs from iOS 17
     target = ct.target.iOS18 if precision == "int8" and qp is not None and weight_dtype_for(qp) == "int4" \
         else ct.target.iOS17
+    if deployment_target is not None:
+        target = max(target, getattr(ct.target, deployment_target))
     facts["deployment_target"] = getattr(target, "name", str(target))
     try:
         ml = ct.convert(src, convert_to="mlprogram", inputs=inputs if facts["frontend"] != "torch.export" else None,
-                        outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
                         compute_precision=cp, minimum_deployment_target=target, skip_model_load=True)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         raise BadInput(f"coremltools could not convert this denoiser ({type(e).__name__}: "
@@ -475,6 +482,8 @@ def coreml_info(path: Path) -> dict[str, Any]:
         return {f.name: {"shape": [int(s) for s in f.type.multiArrayType.shape],
                          "dtype": _array_type_name(f.type.multiArrayType.dataType)} for f in features}
 
+    functions = {f.name: {"inputs": io(f.input), "outputs": io(f.output)} for f in spec.description.functions}
+    default = functions.get(spec.description.defaultFunctionName) if functions else None
     ops = _mil_ops(spec)
     hist = dict(Counter(op.type for op in ops if op.type != "const").most_common())
     weights = _weight_dtypes(ops)
@@ -489,8 +498,11 @@ def coreml_info(path: Path) -> dict[str, Any]:
     size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
     return {"kind": "exported", "target": "coreml", "path": str(path), "size_bytes": size, "format": "mlprogram",
             "spec_version": int(spec.specificationVersion), "precision": precision,
-            "inputs": io(spec.description.input), "outputs": io(spec.description.output), "ops": hist,
-            "num_ops": sum(hist.values()), "weight_dtypes": weights}
+            # a multifunction package (DeepCache's full + shallow calls): the default function's I/O, and each one's
+            "inputs": default["inputs"] if default else io(spec.description.input),
+            "outputs": default["outputs"] if default else io(spec.description.output), "ops": hist,
+            "num_ops": sum(hist.values()), "weight_dtypes": weights,
+            **({"functions": functions, "default_function": spec.description.defaultFunctionName} if functions else {})}
 
 
 def structural_check(path: Path, reference: DiffusionModel | None = None, precision: str | None = None) -> dict[str, Any]:
@@ -519,9 +531,15 @@ def structural_check(path: Path, reference: DiffusionModel | None = None, precis
     want_prec = precision
     if want_prec and want_prec != info["precision"]:
         problems.append(f"weights are {info['precision']}, expected {want_prec}")
+    from edgediff.exporters.coreml_deepcache import cache_record, check_cached
+
+    cache = cache_record(path)
+    if cache is not None:  # DeepCache's two entry points (exporters/coreml_deepcache.py)
+        problems += check_cached(path, cache, coreml_info)
     return {"loads": True, "ok": not problems, "problems": problems, "precision": info["precision"],
             "inputs": info["inputs"], "outputs": info["outputs"], "ops": info["ops"],
-            "weight_dtypes": info["weight_dtypes"]}
+            "weight_dtypes": info["weight_dtypes"], "cache": cache,
+            **({"functions": info["functions"]} if "functions" in info else {})}
 
 
 def _is_macos() -> bool:
@@ -558,7 +576,7 @@ class CoreMLBackend(Backend):
     target = "coreml"
     precisions = PRECISIONS
     suffixes = (".mlpackage",)
-    options = frozenset({"palettize", "batch", "attention", "activations"})
+    options = frozenset({"palettize", "batch", "attention", "activations", "deployment_target"})
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -574,6 +592,17 @@ class CoreMLBackend(Backend):
 
     def _export(self, model: DiffusionModel, out: Path, precision: str, options: dict[str, Any], progress: Any,
                 force: bool) -> ExportReport:
+        from edgediff.deepcache import cache_config
+
+        if cache_config(model) is not None:  # DeepCache: the full and shallow calls (exporters/coreml_deepcache.py)
+            from edgediff.exporters.coreml_deepcache import export_cached
+
+            facts = export_cached(model, out, precision, options, force, build_mlmodel)
+            info = coreml_info(out)
+            runs, why = self.runtime_available(out)
+            return ExportReport(self.target, precision, str(out), facts.pop("size_bytes"), extra={
+                "converter": "coremltools", **facts, "inputs": info["inputs"], "outputs": info["outputs"],
+                "functions": info.get("functions"), "weights": info["precision"], "runs_here": runs, "runtime": why})
         ml, facts = build_mlmodel(model, precision, palettize=options.get("palettize"), batch=options.get("batch", 1),
                                   attention=options.get("attention", "ane"), activations=options.get("activations"))
         with atomic_dir(out, force=force) as tmp:

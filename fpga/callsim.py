@@ -86,8 +86,10 @@ def compile_call(out_exe: Path, array: csim.ArrayConfig = csim.ArrayConfig()) ->
 
 
 def csim_call(prog: Program, folder: Path, sample_codes: np.ndarray, temb_codes: np.ndarray,
-              exe: Path | None = None, timeout: float | None = 600) -> dict[str, Any]:
+              exe: Path | None = None, timeout: float | None = 600,
+              feature_codes: np.ndarray | None = None) -> dict[str, Any]:
     """One image's call in C-simulation, every buffer compared with the NumPy simulator's.
+    `feature_codes`: a DeepCache shallow program's cached feature (one more input buffer).
 
     Returns {bit_exact, buffers_compared, mismatching_ops (first few), array_cycles, csim_seconds, output}.
     """
@@ -100,7 +102,13 @@ def csim_call(prog: Program, folder: Path, sample_codes: np.ndarray, temb_codes:
     e = np.asarray(temb_codes).reshape(1, -1)
     _i32(s).tofile(prog_dir / "in_sample.bin")
     _i32(e).tofile(prog_dir / "in_temb.bin")
-    (prog_dir / "inputs.txt").write_text(f"{prog.sample} in_sample.bin\n{prog.temb} in_temb.bin\n")
+    lines = f"{prog.sample} in_sample.bin\n{prog.temb} in_temb.bin\n"
+    f = None
+    if feature_codes is not None:
+        f = np.asarray(feature_codes).reshape(1, -1)
+        _i32(f).tofile(prog_dir / "in_feature.bin")
+        lines += f"{prog.feature} in_feature.bin\n"
+    (prog_dir / "inputs.txt").write_text(lines)
     exe = exe or compile_call(folder / "call_tb")
     t0 = time.perf_counter()
     proc = subprocess.run([str(exe), str(prog_dir), str(out_dir)], capture_output=True, text=True, timeout=timeout)
@@ -112,7 +120,7 @@ def csim_call(prog: Program, folder: Path, sample_codes: np.ndarray, temb_codes:
         mt = _OP.match(line.strip())
         if mt:
             cycles[mt.group(1)] = int(mt.group(2))
-    want = run_program(prog, s, e, keep=True)
+    want = run_program(prog, s, e, keep=True, feature_codes=f)
     bad = []
     for i, o in enumerate(prog.ops):
         got = np.fromfile(out_dir / f"{o.out}.bin", "<i4").astype(np.int64)

@@ -92,6 +92,9 @@ class Program:
     output_scale: np.ndarray  # float32 per output channel: acc * s_x * s_w
     temb_table: np.ndarray  # (num_train_timesteps, D) int codes of the time embedding, linear_1's input grid
     calibrated: dict[str, float] = field(default_factory=dict)
+    # DeepCache (fpga/deepcache.py): the cached deep feature's buffer, kept by a full call's run, an input of a
+    # shallow program's
+    feature: int | None = None
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -664,14 +667,20 @@ def _ideal_step(o: Op, bufs: dict[int, np.ndarray], prog: Program) -> np.ndarray
 
 
 def run_program(prog: Program, sample_codes: np.ndarray, temb_codes: np.ndarray,
-                keep: bool = False, ideal: frozenset[str] = frozenset()) -> dict[int, np.ndarray]:
-    """Run the call for a batch: inputs (B, ...) int codes; returns the buffers (B, elements) (all with keep).
+                keep: bool = False, ideal: frozenset[str] = frozenset(),
+                feature_codes: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Run the call for a batch: inputs (B, ...) int codes; returns the buffers (B, elements) (all with keep;
+    the output and the DeepCache feature always).
 
     `ideal` ("gn", "softmax"): those units in float (_ideal_step), to measure their fixed point's cost.
+    `feature_codes`: a shallow program's cached feature (the buffer `prog.feature` of a full call's run).
     """
     nb = sample_codes.shape[0]
     bufs = {prog.sample: np.asarray(sample_codes, np.int64).reshape(nb, -1),
             prog.temb: np.asarray(temb_codes, np.int64).reshape(nb, -1)}
+    if feature_codes is not None:
+        assert prog.feature is not None
+        bufs[prog.feature] = np.asarray(feature_codes, np.int64).reshape(nb, -1)
     last_use: dict[int, int] = {}
     for i, o in enumerate(prog.ops):
         for j in o.ins:
@@ -680,7 +689,7 @@ def run_program(prog: Program, sample_codes: np.ndarray, temb_codes: np.ndarray,
         bufs[o.out] = _ideal_step(o, bufs, prog) if o.op in ideal else _step(o, bufs, prog.sizes)
         if not keep:  # free what no later op reads
             for j in o.ins:
-                if last_use.get(j) == i and j != prog.output:
+                if last_use.get(j) == i and j != prog.output and j != prog.feature:
                     bufs.pop(j, None)
     return bufs
 
@@ -750,7 +759,8 @@ def save_program(prog: Program, folder: Path) -> None:
     meta = {"format": FORMAT, "ops": ops, "sizes": {str(k): v for k, v in prog.sizes.items()},
             "grids": {str(k): grid(g) for k, g in prog.grids.items()}, "sample": prog.sample, "temb": prog.temb,
             "output": prog.output, "sample_grid": grid(prog.sample_grid), "sample_shape": list(prog.sample_shape),
-            "output_shape": list(prog.output_shape), "calibrated": prog.calibrated, "summary": prog.summary()}
+            "output_shape": list(prog.output_shape), "calibrated": prog.calibrated, "summary": prog.summary(),
+            "feature": prog.feature}
     (folder / "program.json").write_text(json.dumps(meta, default=float) + "\n")
     np.savez_compressed(folder / "program.npz", **arrays)
 
@@ -786,4 +796,5 @@ def load_program(folder: Path) -> Program:
     return Program(ops, {int(k): int(v) for k, v in meta["sizes"].items()},
                    {int(k): grid(g) for k, g in meta["grids"].items()}, int(meta["sample"]), int(meta["temb"]),
                    int(meta["output"]), sg, tuple(meta["sample_shape"]), tuple(meta["output_shape"]),
-                   arrays["output_scale"], arrays["temb_table"], dict(meta.get("calibrated", {})))
+                   arrays["output_scale"], arrays["temb_table"], dict(meta.get("calibrated", {})),
+                   None if meta.get("feature") is None else int(meta["feature"]))

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgediff.exporters.base import Backend, ExportReport
+from edgediff.exporters.base import Backend, ExportReport, deepcache_record
 from edgediff.fpga import csim
 from edgediff.fpga.check import ROUNDING_DEFAULT, export_project, ort_check
 from edgediff.fpga.convert_onnx import HANDLERS, extract_onnx
@@ -67,6 +67,7 @@ class FpgaBackend(Backend):
         opts = dict(options)
         seed = int(opts.pop("seed", 0))
         call = None
+        cache = None  # DeepCache schedule of an artifact (fpga/deepcache.py)
         from edgediff.onnx_source import graph_module, is_graph_model
 
         if isinstance(model, (str, Path)):
@@ -81,6 +82,11 @@ class FpgaBackend(Backend):
             ext.source = "the quantized ONNX graph of the artifact (ONNX-in)"
         else:
             call = _whole_call_program(model, seed)
+            cache = deepcache_record(model)
+            if cache is not None and isinstance(call, tuple):  # DeepCache: the full call keeps the feature
+                from edgediff.fpga.deepcache import mark_feature, unet_blocks
+
+                mark_feature(call[0], cache, unet_blocks(model))
             if isinstance(call, tuple):  # the shared int8 lowering's layers, with the inputs of the whole call
                 from edgediff.fpga.program import extracted_layers
 
@@ -98,7 +104,12 @@ class FpgaBackend(Backend):
         finally:
             if progress is not None:
                 progress.remove_task(task)
-        size = rep.pop("size_bytes", 0)
+        if cache is not None:
+            rep["cache"] = _shallow_call(Path(out), call, cache, opts)
+            size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+        else:
+            size = rep.pop("size_bytes", 0)
+        rep.pop("size_bytes", None)
         for k in ("target", "precision"):
             rep.pop(k, None)
         return ExportReport(self.target, "int8", str(out), size, extra=rep)
@@ -116,11 +127,14 @@ class FpgaBackend(Backend):
         ok, why = self.runtime_available(path)
         if not ok:
             raise Unavailable(why)
+        from edgediff.fpga.deepcache import SHALLOW_DIR, CachedFpgaDenoiser
         from edgediff.fpga.runtime import FpgaCallDenoiser
 
         rep = self.info(path)
         arr = rep.get("array") or {}
         array = csim.ArrayConfig(int(arr.get("rows", 16)), int(arr.get("cols", 16)), int(arr.get("k_tile", 512)))
+        if (Path(path) / SHALLOW_DIR / "program.json").is_file():  # DeepCache: full + shallow programs
+            return CachedFpgaDenoiser(Path(path), array=array)
         return FpgaCallDenoiser(Path(path), array=array)
 
     def check(self, path: Path, reference: Any = None) -> dict[str, Any]:
@@ -141,7 +155,7 @@ class FpgaBackend(Backend):
 
         rep = read_json(marker)  # BadInput naming the file on damaged JSON
         keep = ("target", "precision", "source", "rounding", "array", "verified", "layers_total", "layers_bit_exact",
-                "ort_layers_bit_exact", "csim_cycles", "whole_call",
+                "ort_layers_bit_exact", "csim_cycles", "whole_call", "cache",
                 "array_macs", "host_macs", "array_macs_share", "estimate", "reason",
                 "host_ops")
         out = {k: rep[k] for k in keep if k in rep}
@@ -149,6 +163,26 @@ class FpgaBackend(Backend):
         out["params"] = sum(int(r.get("params", 0)) for r in rep.get("layers", []))  # the array's weights and biases
         out["size_bytes"] = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
         return out
+
+
+def _shallow_call(out: Path, call: Any, cache: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """DeepCache: the shallow program beside the whole-call one (fpga/deepcache.py), recorded in
+    fpga_project.json; or why the project holds the full call only."""
+    import json
+
+    if not isinstance(call, tuple):
+        rec: dict[str, Any] = {"exported": False, "reason": "the whole-call program does not cover this model "
+                               f"({call}), so there is no shallow program either: the project holds the full call only"}
+    else:
+        from edgediff.fpga.deepcache import write_shallow
+
+        arr = csim.ArrayConfig(int(opts.get("rows", 16)), int(opts.get("cols", 16)), int(opts.get("k_tile", 512)))
+        rec = {"exported": True, **cache, "shallow": write_shallow(out, call[0], cache, call[1], call[2], arr)}
+    marker = out / "fpga_project.json"
+    data = json.loads(marker.read_text())
+    data["cache"] = rec
+    marker.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return rec
 
 
 def _whole_call_program(model: Any, seed: int) -> Any:

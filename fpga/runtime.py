@@ -34,23 +34,40 @@ class FpgaCallDenoiser:
         self._work: tempfile.TemporaryDirectory[str] | None = None
 
     def __call__(self, x: Any, t: Any, cond: Any = None) -> Any:
+        s_codes, e_codes = self.codes(x, t, cond)
+        return self.finish(self.program, s_codes, e_codes, self.run(self.program, s_codes, e_codes)[self.program.output])
+
+    def codes(self, x: Any, t: Any, cond: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The call's input codes (sample, time embedding row) for float x at timesteps t."""
         import torch
 
         if cond is not None:
             raise BadInput("the FPGA whole-call program takes no conditioning (an unconditional UNet2DModel)")
         xs = x.detach().float().cpu().numpy()
         tt = t.detach().float().cpu().numpy().reshape(-1) if isinstance(t, torch.Tensor) else np.asarray([t], float)
-        s_codes, e_codes = call_inputs(self.program, xs, tt)
-        t0 = time.perf_counter()
-        acc = run_program(self.program, s_codes, e_codes)[self.program.output]
-        self.sim_seconds += time.perf_counter() - t0
-        if len(self.csim) < self.csim_calls:
-            self._csim(s_codes[:1], e_codes[:1], acc[:1])
-        self.calls += 1
-        self.images += xs.shape[0]
-        return torch.from_numpy(dequantize_output(self.program, acc))
+        return call_inputs(self.program, xs, tt)
 
-    def _csim(self, s_codes: np.ndarray, e_codes: np.ndarray, acc: np.ndarray) -> None:
+    def run(self, prog: Program, s_codes: np.ndarray, e_codes: np.ndarray,
+            feature_codes: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """`prog` on the simulator (timed)."""
+        t0 = time.perf_counter()
+        bufs = run_program(prog, s_codes, e_codes, feature_codes=feature_codes)
+        self.sim_seconds += time.perf_counter() - t0
+        return bufs
+
+    def finish(self, prog: Program, s_codes: np.ndarray, e_codes: np.ndarray, acc: np.ndarray,
+               feature_codes: np.ndarray | None = None) -> Any:
+        """Count the call, C-simulate it while csim calls are left, dequantize the output."""
+        import torch
+
+        if len(self.csim) < self.csim_calls:
+            self._csim(s_codes[:1], e_codes[:1], acc[:1], prog, None if feature_codes is None else feature_codes[:1])
+        self.calls += 1
+        self.images += s_codes.shape[0]
+        return torch.from_numpy(dequantize_output(prog, acc))
+
+    def _csim(self, s_codes: np.ndarray, e_codes: np.ndarray, acc: np.ndarray, prog: Program | None = None,
+              feature_codes: np.ndarray | None = None) -> None:
         from edgediff.fpga import callsim, csim
 
         ok, why = csim.toolchain()
@@ -63,9 +80,12 @@ class FpgaCallDenoiser:
         work = Path(self._work.name)
         if self._exe is None:
             self._exe = callsim.compile_call(work / "call_tb", self.array or csim.ArrayConfig())
-        r = callsim.csim_call(self.program, work / f"c{len(self.csim)}", s_codes, e_codes, exe=self._exe)
+        prog = prog or self.program
+        r = callsim.csim_call(prog, work / f"c{len(self.csim)}", s_codes, e_codes, exe=self._exe,
+                              feature_codes=feature_codes)
         same = bool(np.array_equal(r.pop("output").reshape(-1), np.asarray(acc).reshape(-1)))
-        self.csim.append({"ran": True, "identical": same and r["bit_exact"], **r})
+        self.csim.append({"ran": True, "identical": same and r["bit_exact"],
+                          "call": "shallow" if feature_codes is not None else "full", **r})
 
     def runtime_report(self) -> dict[str, Any]:
         ran = [c for c in self.csim if c.get("ran")]

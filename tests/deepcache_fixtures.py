@@ -1,12 +1,21 @@
 """Shared by the DeepCache backend tests: a model with a recorded sampler and a cache schedule.
 
-Import it in a test module: `from deepcache_fixtures import cached`.
+Import them in a test module: `from deepcache_fixtures import cached, micro_unet`.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
 from edgediff import passes
-from edgediff.model import DiffusionModel
+from edgediff.model import DiffusionModel, InputSignature
 from edgediff.passes import PassContext
 
 
@@ -17,3 +26,32 @@ def cached(model: DiffusionModel, sampler: str = "dpmpp-2m", steps: int = 5, int
     m = run(model.clone(), opts(sampler=sampler, steps=steps), PassContext())
     run_c, opts_c = passes.get("cache")
     return run_c(m, opts_c(depth=depth, interval=interval, check_samples=0), PassContext())
+
+
+def micro_unet(classes: int = 0) -> DiffusionModel:
+    """The smallest UNet with a skip branch to cache (two blocks, 8x8): conversion is slow here."""
+    from diffusers import UNet2DModel
+
+    from edgediff.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                    norm_num_groups=4, attention_head_dim=4, num_class_embeds=classes or None).eval()
+    sig = InputSignature((1, 8, 8), num_classes=classes or None)
+    return DiffusionModel(m, NoiseSchedule.from_config({}), sig, "UNet2DModel", dict(m.config), {"source": "test"})
+
+
+def torch_free_run(bundle: Path, npy: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bundle's sampler loop (3 samples, seed 0, 1 thread) in a child process where torch cannot be
+    imported: (its samples, {"torch": imported?, "calls": [full, shallow]})."""
+    child = ("import sys, json; sys.modules['torch'] = None\n"
+             "from edgediff.runtime.generate import run_bundle\n"
+             "x, st = run_bundle(sys.argv[1], samples=3, seed=0, threads=1)\n"
+             "import numpy as np; np.save(sys.argv[2], x)\n"
+             "print(json.dumps({'torch': st['torch_imported'], 'calls': [st['denoiser_calls_full'], "
+             "st['denoiser_calls_shallow']]}))")
+    proc = subprocess.run([sys.executable, "-c", child, str(bundle), str(npy)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(npy), json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from deepcache_fixtures import cached
+from deepcache_fixtures import cached, micro_unet, torch_free_run
 
-from edgediff.model import DiffusionModel, InputSignature
 from edgediff.passes import PassContext
 from edgediff.runtime.bundle import MANIFEST, read_bundle
 from edgediff.runtime.generate import run_bundle
@@ -20,20 +16,6 @@ from edgediff.sampling import SamplerConfig, sample_model
 
 pytest.importorskip("litert_torch", reason="TFLite bundles are converted by litert-torch")
 pytest.importorskip("ai_edge_litert.interpreter", reason="TFLite bundles run on LiteRT")
-
-
-def _micro_unet(classes: int = 0) -> DiffusionModel:
-    """The smallest UNet with a skip branch to cache (two blocks, 8x8): conversion is slow here."""
-    from diffusers import UNet2DModel
-
-    from edgediff.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                    norm_num_groups=4, attention_head_dim=4, num_class_embeds=classes or None).eval()
-    sig = InputSignature((1, 8, 8), num_classes=classes or None)
-    return DiffusionModel(m, NoiseSchedule.from_config({}), sig, "UNet2DModel", dict(m.config), {"source": "test"})
 
 
 def _close(x: np.ndarray, ref: np.ndarray) -> None:
@@ -45,7 +27,7 @@ def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, ca
     from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = cached(_micro_unet())
+    m = cached(micro_unet())
     write_artifact(m, tmp_path / "art", {"source": "test"})
     out = tmp_path / "b"
     assert main(["export", str(tmp_path / "art"), "--target", "tflite", "-o", str(out), "--json"]) == 0
@@ -69,17 +51,9 @@ def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, ca
     assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
 
     # the same loop with torch blocked: LiteRT and numpy only
-    child = ("import sys, json; sys.modules['torch'] = None\n"
-             "from edgediff.runtime.generate import run_bundle\n"
-             "x, st = run_bundle(sys.argv[1], samples=3, seed=0, threads=1)\n"
-             "import numpy as np; np.save(sys.argv[2], x)\n"
-             "print(json.dumps({'torch': st['torch_imported'], 'calls': [st['denoiser_calls_full'], "
-             "st['denoiser_calls_shallow']]}))")
-    proc = subprocess.run([sys.executable, "-c", child, str(out), str(tmp_path / "nt.npy")], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False, "calls": [3, 2]}
-    np.testing.assert_array_equal(np.load(tmp_path / "nt.npy"), x)
+    y, child = torch_free_run(out, tmp_path / "nt.npy")
+    assert child == {"torch": False, "calls": [3, 2]}
+    np.testing.assert_array_equal(y, x)
 
     npy = tmp_path / "x.npy"
     assert main(["generate", str(out), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
@@ -119,7 +93,7 @@ def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
     from edgediff.passes import get, make_options
     from edgediff.verify import TOLERANCES, verify
 
-    q = _micro_unet()
+    q = micro_unet()
     ctx = PassContext(cache_dir=tmp_path / "cache")
     for name, opts in (("calib", {"n_samples": 4, "steps": 8, "interval": 2}),  # W8A8 with output requantization
                        ("quant", {"weight_bits": 8, "act_bits": 8, "split_shortcut": True, "calib_limit": 16,
@@ -147,7 +121,7 @@ def test_int8_cached_tflite_bundle_full_integer(tmp_path: Path) -> None:
 def test_class_conditional_cached_tflite_bundle(tmp_path: Path) -> None:
     from edgediff.bundle import export_bundle
 
-    m = cached(_micro_unet(classes=3), sampler="ddim", steps=4, interval=3)
+    m = cached(micro_unet(classes=3), sampler="ddim", steps=4, interval=3)
     export_bundle(m, tmp_path / "b", "tflite", "fp32")
     man = read_bundle(tmp_path / "b").manifest
     assert man["components"]["unet_shallow"]["inputs"]["class_labels"]["dtype"] == "int32"
