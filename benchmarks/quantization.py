@@ -21,6 +21,8 @@ DDIM trajectories; the peers get exactly the points edgediff's w8a8 uses, for fr
   plain-w4a8                 W4A8 min-max, no reconstruction, no shortcut split (the collapse case)
   edgediff-w4a8              recipe w4a8 (Q-Diffusion calibration, BRECQ/AdaRound, split)
   edgediff-w4a8-ptqd         the w4a8 model + the ptqd pass (correction applied in the sampler)
+  edgediff-w4a8-splitw       recipe w4a8 + split_weights (per-half weight scales at skip concatenations)
+  edgediff-w4a8-asym         recipe w4a8 + weight_symmetric = false (per-channel zero points)
 Columns: PSNR of final samples vs FP32 under the same seeds (DDIM and DDPM), digit Fréchet
 distance to held-out real digits and confidence share (DDIM samples, the bundled classifier),
 weight bytes as stored, calibration wall time. The edgediff rows are PyTorch simulations of the
@@ -140,7 +142,10 @@ def edgediff_weight_bytes(model: DiffusionModel) -> int:
         if lq.weight is None:
             continue
         w = mods[name].inner.weight
-        total += -w.numel() * 4 + (w.numel() * lq.weight.bits + 7) // 8 + lq.weight.scale.numel() * 4
+        total += -w.numel() * 4 + (w.numel() * lq.weight.bits + 7) // 8
+        for tq in (lq.weight, lq.weight2):  # a split weight's second part has its own scales
+            if tq is not None:  # fp32 scale per channel, plus a one-byte zero point when asymmetric
+                total += tq.scale.numel() * (4 if tq.signed else 5)
     return int(total)
 
 
@@ -421,6 +426,14 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                      correction=correction_for(p),
                      note=f"k in [{metp.get('k_min')}, {metp.get('k_max')}], mean act bits {metp.get('mean_act_bits')}; "
                           f"{how}")
+
+    for tag, extra in (("splitw", {"split_weights": True}), ("asym", {"weight_symmetric": False})):
+        name = f"edgediff-w4a8-{tag}"
+        if want(name):  # the w4a8 recipe with one Q-Diffusion option changed, same reconstruction
+            q, dt, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), **iters, **extra}, ctx)
+            den, how = as_run(q, name)
+            evaluate(name, den, edgediff_weight_bytes(q), w4_calib_s + dt,
+                     note=f"{met.get('method')}; reconstruction {met.get('reconstruction')}; {how}")
 
     by = {r["name"]: r for r in rows if "error" not in r}
     ratios: dict[str, Any] = {}
