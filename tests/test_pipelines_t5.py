@@ -165,6 +165,18 @@ def test_pixart_int8_t5_part_compressed_bundled_and_verified(folders: dict[str, 
     """`[[pass]] component = "text_encoder"` quantizes PixArt's T5 (W8A8 on its prompts' token ids): the artifact
     reports the part, the bundle ships an int8 T5 graph (with its attention mask), torch-free generate runs it and
     verify holds it to the int8 tolerance against its simulation."""
+    from edgediff.pipelines import pipeline_of
+    from edgediff.pipelines.compress import mask_pad_id
+    from edgediff.pipelines.encode import encoder_inputs, encoder_states
+    from edgediff.pipelines.parts import run_part
+
+    # the part is calibrated and scored as PixArt calls it: with the attention mask of its padding
+    pipe = pipeline_of(load_model(folders["pixart"]))
+    inp, pad = encoder_inputs(pipe, "text_encoder", [PROMPT, ""]), mask_pad_id(pipe, "text_encoder")
+    with torch.no_grad():
+        torch.testing.assert_close(run_part("text_encoder", pipe.load("text_encoder"), inp["input_ids"], pad),
+                                   encoder_states(pipe, "text_encoder", inp))
+    assert mask_pad_id(pipeline_of(load_model(folders["sd3_t5"])), "text_encoder_3") is None  # SD3 feeds no mask
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "t5"\n[[pass]]\nname = "calib"\ncomponent = "text_encoder"\nn_samples = 4\n'
                       '[[pass]]\nname = "quant"\ncomponent = "text_encoder"\n')

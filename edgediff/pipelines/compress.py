@@ -46,13 +46,24 @@ class ComponentCall(DenoiserModule):
     """A part as the quant pass calls a denoiser: forward(sample, timestep, ...) runs the part on `sample`
     (token ids, latents or images); the timestep means nothing to it."""
 
-    def __init__(self, inner: nn.Module, part: str, signature: InputSignature) -> None:
+    def __init__(self, inner: nn.Module, part: str, signature: InputSignature, pad_id: int | None = None) -> None:
         super().__init__(inner, signature)
-        self.part = part
+        self.part, self.pad_id = part, pad_id
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | None = None, *args: Any,  # type: ignore[override]
                 **kwargs: Any) -> torch.Tensor:
-        return run_part(self.part, self.inner, sample)
+        return run_part(self.part, self.inner, sample, self.pad_id)
+
+
+def mask_pad_id(pipe: Pipeline, part: str) -> int | None:
+    """The pad id a text encoder part's attention mask zeroes where the pipeline feeds one (PixArt's T5; its
+    tokenizer's mask is exactly ids != pad), else None (the part is called on ids alone, as deployed)."""
+    from edgediff.pipelines.encode import encoding_of, tokenizer_of
+
+    if part in VAE_PARTS or encoding_of(pipe) != "pixart":
+        return None
+    pad = pipe.load(tokenizer_of(part)).pad_token_id
+    return int(pad) if pad is not None else 0
 
 
 def targets(model: DiffusionModel, recipe: Any) -> list[list[str] | None]:
@@ -125,9 +136,10 @@ def calibration_inputs(model: DiffusionModel, pipe: Pipeline, part: str, opts: A
     return decode_latents(pipe, lat)
 
 
-def _shell(pm: nn.Module, part: str, example: torch.Tensor, model: DiffusionModel) -> DiffusionModel:
+def _shell(pm: nn.Module, part: str, example: torch.Tensor, model: DiffusionModel, pad_id: int | None = None
+           ) -> DiffusionModel:
     sig = InputSignature(sample_shape=tuple(int(d) for d in example.shape[1:]))
-    return DiffusionModel(ComponentCall(pm, part, sig), model.schedule, sig, arch=f"component:{part}",
+    return DiffusionModel(ComponentCall(pm, part, sig, pad_id), model.schedule, sig, arch=f"component:{part}",
                           provenance={"component": part})
 
 
@@ -189,7 +201,7 @@ def run_component_pass(model: DiffusionModel, name: str, opts: Any, parts: list[
             if rec.get("precision") == "fp16":
                 raise BadInput(f"quant: component {part!r} is already fp16 (quantize before fp16)")
             x = load_file(str(cache_path(ctx.cache_dir, rec["calib"]["key"])))["x"][:1]
-            shell = _shell(pm, part, x, model)
+            shell = _shell(pm, part, x, model, mask_pad_id(pipe, part))
             shell.extras["calib"] = rec["calib"]
             run, _ = passes.get("quant")
             shell = run(shell, opts, ctx)
@@ -258,7 +270,8 @@ def report(original: DiffusionModel, result: DiffusionModel, progress: Any = Non
         else:
             assert img_o is not None
             x = img_o
-        want, got = run_part(part, pm_o, x).numpy(), run_part(part, pm_c, x).numpy()
+        pad = mask_pad_id(pipe_o, part)
+        want, got = run_part(part, pm_o, x, pad).numpy(), run_part(part, pm_c, x, pad).numpy()
         before = metrics.size_bytes(pm_o)
         after = deployed_bytes(pm_c, rec)
         out[part] = {"component": comp, "passes": rec.get("passes", []), "precision": rec.get("precision") or "fp32",

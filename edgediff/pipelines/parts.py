@@ -94,11 +94,13 @@ def part_module(part: str, module: nn.Module) -> nn.Module:
     return module
 
 
-def run_part(part: str, pm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One call of a part module on its input: token ids (a text encoder's last hidden state), latents or images."""
+def run_part(part: str, pm: nn.Module, x: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    """One call of a part module on its input: token ids (a text encoder's last hidden state), latents or images.
+    `pad_id`: the text encoder also gets the attention mask its pipeline feeds (PixArt's T5): 0 at that id."""
     if part in VAE_PARTS:
         return pm(x.float()).float()
-    out = pm(x.long())
+    ids = x.long()
+    out = pm(ids) if pad_id is None else pm(ids, attention_mask=(ids != int(pad_id)).long())
     return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()  # not text_embeds
 
 
