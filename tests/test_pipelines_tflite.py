@@ -14,6 +14,7 @@ import pytest
 import torch
 from pipeline_fixtures import (  # noqa: F401
     SEQ,
+    build_tiny_pixart,
     build_tiny_sd3_clip,
     build_tiny_sd3_t5,
     build_tiny_sdxl,
@@ -37,8 +38,9 @@ def tfl_bundle(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _diffusers_latents(folder: Path, bundle: Path, prompt: str, n: int, seed: int, steps: int, guidance: float,
-                       negative: str | None = None, **kw: object) -> np.ndarray:
-    """The diffusers pipeline of the folder (its model_index class) with the bundle's scheduler, latents out."""
+                       negative: str | None = None, call: dict | None = None, **kw: object) -> np.ndarray:
+    """The diffusers pipeline of the folder (its model_index class) with the bundle's scheduler, latents out;
+    `kw` for from_pretrained, `call` for the pipeline call."""
     import diffusers
 
     cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
@@ -47,8 +49,10 @@ def _diffusers_latents(folder: Path, bundle: Path, prompt: str, n: int, seed: in
     cfg = json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-               num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    neg = {"negative_prompt": negative} if negative is not None else {}  # PixArt's default is "", not None
+    out = pipe(prompt, **neg, num_inference_steps=steps, guidance_scale=guidance,
+               num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed), output_type="latent",
+               **(call or {})).images
     return out.numpy()
 
 
@@ -235,28 +239,26 @@ def test_several_text_encoders_in_a_tflite_bundle(kind: str, tmp_path: Path,
     assert res["psnr_images_db"] > 80
 
 
-PARTS_RECIPE = """name = "parts"
-[[pass]]
-name = "calib"
-component = "text_encoder"
-n_samples = 6
-[[pass]]
-name = "quant"
-component = "text_encoder"
-weight_init = "minmax"
-act_init = "minmax"
-[[pass]]
-name = "calib"
-component = "vae_decoder"
-n_samples = 3
-steps = 4
-[[pass]]
-name = "quant"
-component = "vae_decoder"
-[[pass]]
-name = "fp16"
-component = "vae_encoder"
-"""
+@pytest.mark.slow
+def test_pixart_masked_t5_in_a_tflite_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PixArt's T5 takes the attention mask and the transformer the same mask as encoder_attention_mask (manifest
+    `encoding: pixart`); torch-free on LiteRT equal to PixArtAlphaPipeline (no caption cleaning, no binning)."""
+    folder = build_tiny_pixart(tmp_path / "pixart")
+    b = tmp_path / "b"
+    rc, _ = cli_json(capsys, "export", str(folder), "--target", "tflite", "-o", str(b))
+    assert rc == 0
+    mf = json.loads((b / "edgediff_bundle.json").read_text())
+    assert mf["pipeline"]["encoding"] == "pixart" and mf["pipeline"]["text_encoder_kinds"] == {"text_encoder": "t5"}
+    assert set(mf["components"]["text_encoder"]["inputs"]) == {"input_ids", "attention_mask"}
+    assert "encoder_attention_mask" in mf["components"][mf["pipeline"]["denoiser"]]["inputs"]
+    npy = tmp_path / "x.npy"
+    rc, gen, torch_modules, err = cli_without_torch(["--threads", "1", "generate", str(b), "--prompt", "A Red cat ",
+                                                     "--samples", "2", "--seed", "1", "--steps", "3", "--guidance",
+                                                     "4.5", "--save-npy", str(npy), "--json"])
+    assert rc == 0 and torch_modules == ["torch"] and gen["runtime"] == "litert", err[-2000:]
+    want = _diffusers_latents(folder, b, "A Red cat ", 2, 1, 3, 4.5,
+                              call={"use_resolution_binning": False, "clean_caption": False})
+    np.testing.assert_allclose(np.load(npy), want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
 
 
 @pytest.mark.slow
@@ -265,9 +267,11 @@ def test_int8_text_encoder_and_vae_parts_in_a_tflite_bundle(tiny_sd: Path, tmp_p
     """A recipe's W8A8 text encoder and VAE decoder (and fp16 VAE encoder) ship in the TFLite bundle at their own
     precision: every lowered layer integerized (int8-in/int8-out FULLY_CONNECTED / CONV_2D), each part verified
     against its simulation."""
+    from test_pipelines_components import RECIPE  # the per-component recipe: W8A8 text encoder + VAE decoder
+
     src = tmp_path / "sd"
     shutil.copytree(tiny_sd, src)
-    (tmp_path / "r.toml").write_text(PARTS_RECIPE)
+    (tmp_path / "r.toml").write_text(RECIPE)
     rc, _ = cli_json(capsys, "--threads", "1", "compress", str(src), "--recipe", str(tmp_path / "r.toml"),
                      "-o", str(tmp_path / "art"))
     assert rc == 0
