@@ -38,8 +38,8 @@ from edgediff.runtime.bundle import (
     ROLE_FULL,
     ROLE_SHALLOW,
     VERSION,
-    cache_full_steps,
 )
+from edgediff.runtime.cache_schedule import schedule_record
 from edgediff.runtime.schedulers import SAMPLER_PRESETS, SCHEDULERS
 
 BUNDLE_TARGETS = ("onnx", "tflite", "coreml", "openvino", "tensorrt")
@@ -158,6 +158,10 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         raise Unavailable(f"{out}: Core ML bundles are written for text-to-image pipelines in Apple's "
                           "ml-stable-diffusion layout" + (", without a DeepCache schedule" if pipe is not None else "")
                           + "; export the denoiser alone with -o model.mlpackage")
+    if pipe is not None and target == "tflite":  # refuse encoders it does not write before converting the denoiser
+        from edgediff.exporters.bundle_tflite import text_encoders
+
+        text_encoders(pipe, target)
     samp = _sampling(model, sampler, steps)
     sched_cfg, sampler_name = scheduler_for(model, samp["sampler"], samp["steps"])
     sampler_note = None
@@ -261,7 +265,7 @@ def export_bundle(model: DiffusionModel, out: Path, target: str = "onnx", precis
         if cache is not None:
             cache_rec = {"depth": int(cache["depth"]), "interval": int(cache["interval"]), "feature": FEATURE_NAME,
                          "feature_shape": cache.get("feature_shape"),
-                         "full_steps": cache_full_steps(samp["steps"], int(cache["interval"]))}
+                         **schedule_record(cache, int(samp["steps"]))}  # schedule, steps, full_steps
         manifest = {
             "format": FORMAT, "version": VERSION, "target": target, "kind": "pipeline" if pipe else "denoiser",
             "precision": precision, "pipeline": pipeline_rec, "sampler_note": sampler_note,
