@@ -55,3 +55,27 @@ def torch_free_run(bundle: Path, npy: Path) -> tuple[np.ndarray, dict[str, Any]]
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return np.load(npy), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def close(x: np.ndarray, ref: np.ndarray) -> None:
+    """A runtime's float32 samples after a whole sampler loop vs torch's: 1e-4 of the samples' scale."""
+    np.testing.assert_allclose(x, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
+
+
+def check_cached_loop(bundle: Path, model: DiffusionModel, runtime: str, npy: Path, cfg: Any) -> np.ndarray:
+    """The torch-free bundle loop (3 samples, seed 0, 1 thread) in `runtime` equals the PyTorch cached
+    sampler under `cfg` (3 full + 2 shallow calls at 5 steps, N=2), differs from the uncached loop, and
+    gives the same samples with torch blocked; returns the samples."""
+    from edgediff.runtime.generate import run_bundle
+    from edgediff.sampling import sample_model
+
+    x, stats = run_bundle(bundle, samples=3, seed=0, threads=1)
+    assert stats["runtime"] == runtime
+    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (3, 2)
+    close(x, sample_model(model, 3, seed=0, cfg=cfg).numpy())
+    plain, st = run_bundle(bundle, samples=3, seed=0, threads=1, cache=False)
+    assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
+    y, child = torch_free_run(bundle, npy)
+    assert child == {"torch": False, "calls": [3, 2]}
+    np.testing.assert_array_equal(y, x)
+    return x

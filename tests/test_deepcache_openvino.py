@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deepcache_fixtures import cached, torch_free_run
+from deepcache_fixtures import cached, check_cached_loop, close
 from edgediff.exporters import get_backend
 
 from edgediff.model import DiffusionModel
@@ -17,11 +17,6 @@ from edgediff.runtime.generate import run_bundle
 from edgediff.sampling import SamplerConfig, sample_model
 
 pytest.importorskip("openvino", reason="OpenVINO is an optional runtime: pip install 'edgediff[openvino]'")
-
-
-def _close(x: np.ndarray, ref: np.ndarray) -> None:
-    # OpenVINO CPU f32 vs torch after a whole sampler loop: 1e-4 of the samples' scale
-    np.testing.assert_allclose(x, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
 def test_cached_openvino_bundle_two_irs_generate_verify_profile(tiny_unet: DiffusionModel, tmp_path: Path,
@@ -44,18 +39,8 @@ def test_cached_openvino_bundle_two_irs_generate_verify_profile(tiny_unet: Diffu
     assert shallow["ir_nodes"] < full["ir_nodes"]  # the deep blocks are not in the shallow IR
     assert set(shallow["inputs"]) == {"sample", "timestep", "cached_feature"}
 
-    # the torch-free loop on OpenVINO == the PyTorch cached sampler (same schedule, seeds)
-    x, stats = run_bundle(out, samples=3, seed=0, threads=1)
-    assert stats["runtime"] == "openvino"
-    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (3, 2)
-    _close(x, sample_model(m, 3, seed=0, cfg=SamplerConfig("dpmpp-2m", 5)).numpy())
-    plain, st = run_bundle(out, samples=3, seed=0, threads=1, cache=False)
-    assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
-
-    # the same loop with torch blocked: OpenVINO and numpy only
-    y, child = torch_free_run(out, tmp_path / "nt.npy")
-    assert child == {"torch": False, "calls": [3, 2]}
-    np.testing.assert_array_equal(y, x)
+    # the torch-free loop on OpenVINO == the PyTorch cached sampler, also with torch blocked
+    check_cached_loop(out, m, "openvino", tmp_path / "nt.npy", SamplerConfig("dpmpp-2m", 5))
 
     npy = tmp_path / "x.npy"
     assert main(["generate", str(out), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
@@ -150,4 +135,4 @@ def test_cross_attention_cached_openvino_bundle(tiny_cond_unet: DiffusionModel, 
     assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (2, 2)
     with torch.inference_mode():
         ref = sample_model(m, 2, seed=0, cfg=SamplerConfig("ddim", 4)).numpy()
-    _close(x, ref)
+    close(x, ref)

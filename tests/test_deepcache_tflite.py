@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deepcache_fixtures import cached, micro_unet, torch_free_run
+from deepcache_fixtures import cached, check_cached_loop, close, micro_unet
 
 from edgediff.passes import PassContext
 from edgediff.runtime.bundle import MANIFEST, read_bundle
@@ -16,11 +16,6 @@ from edgediff.sampling import SamplerConfig, sample_model
 
 pytest.importorskip("litert_torch", reason="TFLite bundles are converted by litert-torch")
 pytest.importorskip("ai_edge_litert.interpreter", reason="TFLite bundles run on LiteRT")
-
-
-def _close(x: np.ndarray, ref: np.ndarray) -> None:
-    # XNNPACK fp32 vs torch after a whole sampler loop: 1e-4 of the samples' scale
-    np.testing.assert_allclose(x, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=0)
 
 
 def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -42,18 +37,8 @@ def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, ca
     assert shallow["inputs"]["cached_feature"]["shape"][1:] == m.extras["cache"]["feature_shape"]
     assert shallow["ops"] < full["ops"]  # the deep blocks are not in the shallow file
 
-    # torch-free sampler loop on LiteRT == the PyTorch cached sampler (same schedule, seeds)
-    x, stats = run_bundle(out, samples=3, seed=0, threads=1)
-    assert stats["runtime"] == "litert"
-    assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (3, 2)
-    _close(x, sample_model(m, 3, seed=0, cfg=SamplerConfig("dpmpp-2m", 5)).numpy())
-    plain, st = run_bundle(out, samples=3, seed=0, threads=1, cache=False)
-    assert st["denoiser_calls_shallow"] == 0 and np.abs(plain - x).max() > 1e-4  # the cache changes the samples
-
-    # the same loop with torch blocked: LiteRT and numpy only
-    y, child = torch_free_run(out, tmp_path / "nt.npy")
-    assert child == {"torch": False, "calls": [3, 2]}
-    np.testing.assert_array_equal(y, x)
+    # the torch-free loop on LiteRT == the PyTorch cached sampler, also with torch blocked
+    check_cached_loop(out, m, "litert", tmp_path / "nt.npy", SamplerConfig("dpmpp-2m", 5))
 
     npy = tmp_path / "x.npy"
     assert main(["generate", str(out), "--samples", "2", "--save-npy", str(npy), "--json"]) == 0
@@ -127,4 +112,4 @@ def test_class_conditional_cached_tflite_bundle(tmp_path: Path) -> None:
     assert man["components"]["unet_shallow"]["inputs"]["class_labels"]["dtype"] == "int32"
     x, stats = run_bundle(tmp_path / "b", samples=4, seed=1, threads=1)
     assert (stats["denoiser_calls_full"], stats["denoiser_calls_shallow"]) == (2, 2)
-    _close(x, sample_model(m, 4, seed=1, cfg=SamplerConfig("ddim", 4)).numpy())
+    close(x, sample_model(m, 4, seed=1, cfg=SamplerConfig("ddim", 4)).numpy())
