@@ -109,6 +109,9 @@ def text_encoders(pipe: Any, what: str) -> tuple[str, list[str]]:
                           "--target onnx or tflite" + (" or save the pipeline without text_encoder_3 (diffusers runs "
                                                        "SD3 with T5 zeros)" if t5 == ["text_encoder_3"] else ""))
     kind = encoding_of(pipe) if names else "clip"
+    if kind == "flux":  # as the ONNX bundle (edgediff.pipelines.bundle): no packed-latent Flux loop in the runtime
+        raise BadInput(f"{pipe.path}: Flux pipelines are not bundled whole yet (the torch-free runtime has no packed-"
+                       "latent Flux loop); export the transformer alone and generate it with --prompt-embeds")
     if len(names) > 1 and kind not in ("sdxl", "sd3"):
         raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(names)}) other than SDXL's "
                        "and SD3's are not bundled; export the denoiser and pass --prompt-embeds")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pipeline_fixtures import (  # noqa: F401
     SEQ,
+    build_tiny_flux,
     build_tiny_pixart,
     build_tiny_sd3_clip,
     build_tiny_sd3_t5,
@@ -291,3 +292,20 @@ def test_int8_text_encoder_and_vae_parts_in_a_tflite_bundle(tiny_sd: Path, tmp_p
     for name in ("text_encoder", "vae_decoder"):  # vs the part's simulation, held to the int8 tolerance
         assert res["components"][name]["psnr_db"] >= 25.0, res["components"]
     assert res["components"]["vae_encoder"]["psnr_db"] >= 60.0
+
+
+def test_flux_pipelines_are_refused_before_any_conversion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Flux (CLIP pooled + T5 on packed latents) has no torch-free loop: exit 2 with the reason, no file written,
+    and before litert-torch converts anything (the check runs first)."""
+    import time
+
+    folder = build_tiny_flux(tmp_path / "flux")
+    t0 = time.perf_counter()
+    from edgediff.cli import main
+
+    capsys.readouterr()
+    rc = main(["export", str(folder), "--target", "tflite", "-o", str(tmp_path / "b")])
+    said = capsys.readouterr()
+    assert rc == 2 and not (tmp_path / "b").exists()
+    assert "Flux pipelines are not bundled" in said.err + said.out
+    assert time.perf_counter() - t0 < 60  # a denoiser conversion alone takes minutes here
