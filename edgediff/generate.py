@@ -24,7 +24,7 @@ import torch
 
 from edgediff.errors import BadInput, Unavailable
 from edgediff.model import DiffusionModel
-from edgediff.sampling import Cond, SamplerConfig, TorchDenoiser, recorded_sampling, sample
+from edgediff.sampling import Cond, SamplerConfig, TorchDenoiser, packed_grid, recorded_sampling, sample, unpack_latents
 
 DEFAULT_STEPS = 50
 FEW_STEP = {"LCMScheduler": 4, "TCDScheduler": 4}
@@ -91,13 +91,11 @@ def _unpack(model: DiffusionModel, x: torch.Tensor) -> torch.Tensor:
     """Packed 2x2 latent tokens (N, h*w, 4C) -> (N, C, 2h, 2w), as FluxPipeline._unpack_latents."""
     if x.dim() != 3:
         return x
-    ids = next((s for s in model.signature.extra if s.name == "img_ids"), None)
-    h, w = (int(v) for v in (ids.value if ids is not None and ids.value else (1, x.shape[1])))
+    h, w = packed_grid(model) or (1, x.shape[1])
     n, _, c4 = x.shape
     if c4 % 4 or h * w != x.shape[1]:
         return x.view(n, 1, x.shape[1], c4)
-    x = x.view(n, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(n, c4 // 4, h * 2, w * 2)
+    return unpack_latents(x, (h, w))
 
 
 def write_png_grid(x: np.ndarray, out: Path) -> str:
@@ -158,7 +156,11 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
 
         cls = schedulers.resolve(sampler)[0] if sampler else own
         steps = FEW_STEP.get(cls, DEFAULT_STEPS)
-    cfg = SamplerConfig(sampler, steps, eta, batch_size)
+    # a pipeline's own sigma spacing (FluxPipeline's linspace) when sampling with its own scheduler
+    from edgediff.pipelines.components import pipeline_sigmas
+
+    pipe_class = (model.extras.get("pipeline") or {}).get("class") if not sampler else None
+    cfg = SamplerConfig(sampler, steps, eta, batch_size, sigmas=pipeline_sigmas(pipe_class) if pipe_class else None)
     n = samples
     names = [s.name for s in sig.input_specs() if s.name not in ("sample", "timestep")]
     pipe = None
@@ -202,7 +204,7 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     x = sample(den, model.schedule, tuple(sig.sample_shape), n, seed, cfg, cond=cond, progress=progress,
-               description="generate", stats=stats)
+               description="generate", stats=stats, packed_grid=packed_grid(model))
     seconds = time.perf_counter() - t0
     assert isinstance(x, torch.Tensor)
     calls = int(stats["denoiser_calls"]) * (2 if cfg_scale else 1)
@@ -224,7 +226,7 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
             from edgediff.pipelines.encode import decode_latents
 
             with torch.no_grad():
-                img = decode_latents(pipe, x.float()).numpy().astype(np.float32)
+                img = decode_latents(pipe, torch.from_numpy(arr)).numpy().astype(np.float32)
             report["decoded"] = "vae"
         report["png"] = write_png_grid(img, Path(output))
         report["output"] = str(output)

@@ -22,10 +22,12 @@ for the whole set of samples at once, so batching the denoiser calls does not ch
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from edgediff import schedulers
@@ -95,6 +97,9 @@ class SamplerConfig:
     steps: int = 50
     eta: float = 0.0
     batch_size: int = 64
+    # "linspace": the pipeline sets sigmas linspace(1, 1/steps, steps) itself (FluxPipeline and kin), not the
+    # scheduler's own spacing; None: the scheduler's
+    sigmas: str | None = None
 
     def __post_init__(self) -> None:
         if self.sampler:
@@ -123,10 +128,13 @@ def _flux_mu(cfg: dict[str, Any], seq: int) -> float:
 
 
 def make_scheduler(schedule: NoiseSchedule, sampler: str | None, steps: int,
-                   sample_shape: tuple[int, ...] | None = None) -> Any:
-    """The diffusers scheduler that sample() drives, with its timesteps set."""
+                   sample_shape: tuple[int, ...] | None = None, sigmas: str | None = None) -> Any:
+    """The diffusers scheduler that sample() drives, with its timesteps set (sigmas: SamplerConfig.sigmas)."""
     sch = schedule.make_scheduler(sampler)
     kw: dict[str, Any] = {}
+    if sigmas == "linspace" and "sigmas" in inspect.signature(sch.set_timesteps).parameters \
+            and not getattr(sch.config, "use_flow_sigmas", False):
+        kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # as FluxPipeline.__call__ passes them
     if getattr(sch.config, "use_dynamic_shifting", False):
         if sample_shape is None:
             raise BadInput(f"{type(sch).__name__} uses dynamic shifting: the sample shape is needed to set mu")
@@ -223,20 +231,21 @@ def sample(
     progress: Any = None,
     description: str = "sampling",
     stats: dict[str, Any] | None = None,
+    packed_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]:
     """Generate `n` samples; returns the final samples (and the (t, x_in) trajectory if asked).
 
     on_step(i, t, x_in) is called before each denoiser call with exactly what the denoiser is
     given (scale_model_input applied), e.g. to collect calibration data; the trajectory holds
     the same. `progress` is an optional rich Progress; `stats` (a dict) receives
-    sampler / steps / denoiser_calls.
+    sampler / steps / denoiser_calls. packed_grid: see initial_latents.
     """
     cfg = cfg or SamplerConfig()
     if n < 1:
         raise BadInput(f"number of samples must be >= 1, got {n}")
-    sch = make_scheduler(schedule, cfg.sampler, cfg.steps, sample_shape)
+    sch = make_scheduler(schedule, cfg.sampler, cfg.steps, sample_shape, cfg.sigmas)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *sample_shape), generator=g) * init_sigma(sch)
+    x = initial_latents(tuple(sample_shape), n, g, packed_grid) * init_sigma(sch)
     kw = schedulers.step_kwargs(sch, g, cfg.eta)
     timesteps = list(sch.timesteps)
     learned = str(getattr(sch.config, "variance_type", "") or "").startswith("learned")
@@ -313,6 +322,34 @@ def _step_ptqd(sch: Any, out: torch.Tensor, t: torch.Tensor, x: torch.Tensor, g:
 def timesteps_for(schedule: NoiseSchedule, steps: int, sampler: str | None = None) -> list[int | float]:
     """The timesteps sample() visits (descending), one per denoiser call."""
     return [_t_value(t) for t in make_scheduler(schedule, sampler, steps).timesteps]
+
+
+def initial_latents(shape: tuple[int, ...], n: int, g: torch.Generator,
+                    packed_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """randn((n, *shape)) from g; with packed_grid (h, w) and shape (h*w, 4C), 2x2-packed latent tokens drawn as
+    FluxPipeline.prepare_latents draws them: randn((n, C, 2h, 2w)) then packed, so a seed gives its latents."""
+    if packed_grid is None or len(shape) != 2 or shape[1] % 4 or packed_grid[0] * packed_grid[1] != shape[0]:
+        return torch.randn((n, *shape), generator=g)
+    h, w = packed_grid
+    c = shape[1] // 4
+    x = torch.randn((n, c, 2 * h, 2 * w), generator=g)
+    return x.view(n, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, 4 * c)
+
+
+def packed_grid(model: DiffusionModel) -> tuple[int, int] | None:
+    """(h, w) of the token grid of a packed-latent model (its img_ids input's grid: Flux), else None."""
+    ids = next((s for s in model.signature.extra if s.name == "img_ids" and s.fill == "grid"), None)
+    if ids is None or not ids.value or len(ids.value) != 2:
+        return None
+    return int(ids.value[0]), int(ids.value[1])
+
+
+def unpack_latents(x: torch.Tensor, packed_grid: tuple[int, int]) -> torch.Tensor:
+    """Packed 2x2 latent tokens (N, h*w, 4C) -> (N, C, 2h, 2w), as FluxPipeline._unpack_latents."""
+    h, w = packed_grid
+    n, _, c4 = x.shape
+    x = x.reshape(n, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c4 // 4, h * 2, w * 2)
 
 
 def initial_noise(shape: tuple[int, ...], n: int, seed: int, init_noise_sigma: float = 1.0) -> torch.Tensor:

@@ -13,6 +13,7 @@ feature_extractor, image_encoder) is listed as not bundled.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,20 @@ def default_guidance(class_name: str) -> float | None:
     if not known:
         return None if class_name == "DDPMPipeline" else DEFAULT_GUIDANCE
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def pipeline_sigmas(class_name: str | None) -> str | None:
+    """"linspace" when the diffusers pipeline class's __call__ sets its own sigmas, linspace(1, 1/steps, steps),
+    before the scheduler's set_timesteps (FluxPipeline, QwenImage, Chroma, ...), else None: read from the class's
+    source, since diffusers records it nowhere else."""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, str(class_name), None) if class_name else None
+        src = inspect.getsource(cls.__call__) if cls is not None else ""
+    except (ImportError, OSError, TypeError):
+        return None
+    return "linspace" if re.search(r"np\.linspace\(\s*1\.0\s*,\s*1\s*/\s*num_inference_steps", src) else None
 
 
 def max_sequence_length(class_name: str) -> int:

@@ -283,7 +283,8 @@ def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, 
                      description: str = "pipeline") -> torch.Tensor:
     """Final latents of the PyTorch pipeline with `model` as its denoiser: one row per prompt, encoded by the
     pipeline's text encoder with classifier-free guidance (class pipelines: labels 0, 1, ... as the runtime's)."""
-    from edgediff.sampling import SamplerConfig, TorchDenoiser, sample
+    from edgediff.pipelines.components import pipeline_sigmas
+    from edgediff.sampling import SamplerConfig, TorchDenoiser, packed_grid, sample
 
     n = len(prompts)
     den: Any = TorchDenoiser(model)
@@ -300,8 +301,10 @@ def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, 
         cond = c
         if guidance > 1.0:
             den = GuidedDenoiser(den, u, c, guidance)
-    x = sample(den, model.schedule, tuple(sig.sample_shape), n, seed, SamplerConfig(sampler, steps),
-               cond=cond, progress=progress, description=description)
+    # as the pipeline class samples: its own sigma spacing, packed latents drawn unpacked (Flux)
+    cfg = SamplerConfig(sampler, steps, sigmas=None if sampler else pipeline_sigmas(pipe.class_name))
+    x = sample(den, model.schedule, tuple(sig.sample_shape), n, seed, cfg, cond=cond, progress=progress,
+               description=description, packed_grid=packed_grid(model))
     assert isinstance(x, torch.Tensor)
     return x
 
@@ -309,7 +312,12 @@ def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, 
 @torch.no_grad()
 def decode_latents(pipe: Pipeline, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """VAE decode as diffusers does: vae.decode(latents / scaling_factor + shift) -> images in [-1, 1]."""
+    from edgediff.sampling import packed_grid, unpack_latents
+
     vae = pipe.load("vae")
+    grid = packed_grid(pipe.denoiser)
+    if latents.dim() == 3 and grid is not None:  # packed tokens (Flux) -> (N, C, H, W)
+        latents = unpack_latents(latents, grid)
     z = latents.float() / pipe.vae_scaling_factor() + pipe.vae_shift_factor()
     return torch.cat([vae.decode(z[i:i + batch]).sample for i in range(0, len(z), batch)]).clamp(-1, 1)
 

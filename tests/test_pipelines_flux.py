@@ -1,0 +1,78 @@
+"""Flux pipelines in PyTorch: `generate --prompt` samples as FluxPipeline does (noise drawn unpacked
+(B, C, 2h, 2w) then packed 2x2, the pipeline's own sigmas linspace(1, 1/N, N) with the dynamic shift), so a seed
+gives FluxPipeline's latents; the VAE decodes the unpacked latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import build_tiny_flux
+
+from edgediff.loaders import load_model
+
+PROMPT = "A red cat on the dog"
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "flux")
+
+
+def test_packed_noise_is_fluxpipeline_prepare_latents() -> None:
+    """initial_latents with a token grid draws what FluxPipeline.prepare_latents draws for the same generator (a
+    non-square grid too); without one, plain randn of the shape."""
+    import diffusers
+
+    from edgediff.sampling import initial_latents, unpack_latents
+
+    for h, w in ((4, 4), (3, 5)):
+        want, _ = diffusers.FluxPipeline.prepare_latents(
+            type("P", (), {"vae_scale_factor": 8, "_pack_latents": staticmethod(diffusers.FluxPipeline._pack_latents),
+                           "_prepare_latent_image_ids": staticmethod(
+                               diffusers.FluxPipeline._prepare_latent_image_ids)})(),
+            2, 4, 16 * h, 16 * w, torch.float32, "cpu", torch.Generator().manual_seed(7))
+        got = initial_latents((h * w, 16), 2, torch.Generator().manual_seed(7), (h, w))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        plain = torch.randn((2, h * w, 16), generator=torch.Generator().manual_seed(7))
+        assert not torch.equal(got, plain)  # the layout matters: a packed draw is not randn of the packed shape
+        assert torch.equal(initial_latents((h * w, 16), 2, torch.Generator().manual_seed(7)), plain)
+        assert unpack_latents(got, (h, w)).shape == (2, 4, 2 * h, 2 * w)
+        torch.testing.assert_close(unpack_latents(got, (h, w)),
+                                   diffusers.FluxPipeline._unpack_latents(want, 16 * h, 16 * w, 8), atol=0, rtol=0)
+
+
+def test_pipeline_sigmas_read_from_the_class() -> None:
+    from edgediff.pipelines.components import pipeline_sigmas
+
+    assert pipeline_sigmas("FluxPipeline") == "linspace"
+    assert pipeline_sigmas("StableDiffusion3Pipeline") is None and pipeline_sigmas("PixArtAlphaPipeline") is None
+    assert pipeline_sigmas("NoSuchPipeline") is None and pipeline_sigmas(None) is None
+
+
+def test_generate_latents_equal_fluxpipeline(flux: Path, tmp_path: Path) -> None:
+    """Same prompt, seed and steps: edgediff generate's final latents (saved unpacked) equal FluxPipeline's
+    output_type="latent" unpacked; the PNG is the VAE decode of them."""
+    import diffusers
+
+    from edgediff.generate import generate
+
+    m = load_model(flux)
+    pipe = diffusers.FluxPipeline.from_pretrained(str(flux))
+    h, w = next(s.value for s in m.signature.extra if s.name == "img_ids")
+    height, width = 2 * h * pipe.vae_scale_factor, 2 * w * pipe.vae_scale_factor
+    rep = generate(m, samples=2, seed=3, steps=3, prompt=PROMPT, save_npy=tmp_path / "x.npy",
+                   output=tmp_path / "x.png")
+    got = np.load(tmp_path / "x.npy")
+    with torch.no_grad():
+        lat = pipe([PROMPT] * 2, num_inference_steps=3, generator=torch.Generator().manual_seed(3),
+                   output_type="latent", height=height, width=width).images
+        want = pipe._unpack_latents(lat, height, width, pipe.vae_scale_factor).numpy()
+    assert got.shape == want.shape == (2, 4, 2 * h, 2 * w)
+    assert np.abs(got - want).max() < 1e-5 * max(1.0, float(np.abs(want).max())), np.abs(got - want).max()
+    assert rep["decoded"] == "vae" and (tmp_path / "x.png").is_file()
+    # the other seed gives other latents: the comparison above is not between two constants
+    generate(m, samples=2, seed=4, steps=3, prompt=PROMPT, save_npy=tmp_path / "y.npy")
+    assert np.abs(np.load(tmp_path / "y.npy") - want).max() > 1e-2
