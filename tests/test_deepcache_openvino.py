@@ -10,6 +10,7 @@ import pytest
 import torch
 from deepcache_fixtures import cached, check_cached_loop, close
 from edgediff.exporters import get_backend
+from pipeline_fixtures import tiny_sd  # noqa: F401 - the fixture, used by name
 
 from edgediff.model import DiffusionModel
 from edgediff.runtime.bundle import MANIFEST, read_bundle
@@ -136,3 +137,21 @@ def test_cross_attention_cached_openvino_bundle(tiny_cond_unet: DiffusionModel, 
     with torch.inference_mode():
         ref = sample_model(m, 2, seed=0, cfg=SamplerConfig("ddim", 4)).numpy()
     close(x, ref)
+
+
+@pytest.mark.slow
+def test_text_to_image_pipeline_bundle_on_openvino(tiny_sd: Path, tmp_path: Path,  # noqa: F811
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """Every ONNX graph of a pipeline bundle (text encoder, UNet, VAE) as an IR, and the prompt-driven loop on it."""
+    from edgediff.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_sd), "--target", "openvino", "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    man = json.loads((out / MANIFEST).read_text())
+    runs = {n: c for n, c in man["components"].items() if c.get("role") != "tokenizer"}
+    assert {"text_encoder", "unet", "vae_decoder"} <= set(runs)
+    assert all(c["path"].endswith("openvino_model.xml") for c in runs.values()) and not list(out.rglob("*.onnx"))
+    assert main(["verify", str(tiny_sd), str(out), "--samples", "2", "--steps", "3", "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["exit_code"] == 0 and v["runtime"] == "openvino" and v["psnr_db"] > 60
