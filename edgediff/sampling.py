@@ -120,11 +120,9 @@ def image_seq_len(sample_shape: tuple[int, ...], patch_size: int = 2) -> int:
 
 
 def _flux_mu(cfg: dict[str, Any], seq: int) -> float:
-    # diffusers' calculate_shift: mu linear in the token count between base and max
-    b0, b1 = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
-    s0, s1 = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
-    m = (s1 - s0) / (b1 - b0)
-    return seq * m + (s0 - m * b0)
+    from edgediff.runtime.schedulers import calculate_shift  # torch-free: one home for the numpy runtime and here
+
+    return calculate_shift(cfg, seq)
 
 
 def make_scheduler(schedule: NoiseSchedule, sampler: str | None, steps: int,

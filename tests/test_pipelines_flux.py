@@ -76,3 +76,36 @@ def test_generate_latents_equal_fluxpipeline(flux: Path, tmp_path: Path) -> None
     # the other seed gives other latents: the comparison above is not between two constants
     generate(m, samples=2, seed=4, steps=3, prompt=PROMPT, save_npy=tmp_path / "y.npy")
     assert np.abs(np.load(tmp_path / "y.npy") - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("cfg", [{"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "shift": 3.0},
+                                 {"use_dynamic_shifting": True, "time_shift_type": "linear", "base_image_seq_len": 64},
+                                 {"shift": 3.0}])
+def test_numpy_flowmatch_euler_with_sigmas_and_mu_equals_diffusers(cfg: dict) -> None:
+    """The numpy FlowMatchEuler with FluxPipeline's sigmas and mu (calculate_shift of the token count) and without
+    them: timesteps and every step equal diffusers' within 1e-5; dynamic shifting without mu is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from edgediff.errors import BadInput
+    from edgediff.runtime.schedulers import FlowMatchEuler, calculate_shift
+
+    full = dict(FlowMatchEulerDiscreteScheduler(**cfg).config)
+    for seq, n, linspace in ((1024, 4, True), (4096, 7, False), (256, 1, True)):
+        mu = calculate_shift(full, seq) if cfg.get("use_dynamic_shifting") else None
+        sigmas = np.linspace(1.0, 1 / n, n) if linspace else None
+        d = FlowMatchEulerDiscreteScheduler.from_config(full)
+        d.set_timesteps(n, sigmas=sigmas, mu=mu)
+        e = FlowMatchEuler(full)
+        e.set_timesteps(n, sigmas=sigmas, mu=mu)
+        np.testing.assert_allclose(e.timesteps, d.timesteps.numpy(), atol=1e-4, rtol=0)
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(2, 16, 8, generator=g)
+        xe = x.numpy().copy()
+        for t, te in zip(d.timesteps, e.timesteps):
+            o = torch.randn(2, 16, 8, generator=g)
+            x = d.step(o, t, x).prev_sample
+            xe = e.step(o.numpy(), te, xe)
+            assert np.abs(xe - x.numpy()).max() <= 1e-5
+    if cfg.get("use_dynamic_shifting"):
+        with pytest.raises(BadInput, match="mu"):
+            FlowMatchEuler(full).set_timesteps(4)

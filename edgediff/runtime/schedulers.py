@@ -7,8 +7,8 @@ step. Only what inference needs is ported: `set_timesteps`, `scale_model_input`,
 and `init_noise_sigma`. Stochastic steps draw from a `TorchGenerator` in the order
 diffusers draws from a torch generator.
 
-Not ported (a BadInput names the option): learned variances, dynamic shifting,
-beta/exponential sigmas, SDE variants of DPM-Solver, custom timesteps. Dynamic thresholding of
+Not ported (a BadInput names the option): learned variances, dynamic shifting (ported for
+FlowMatchEuler only), beta/exponential sigmas, SDE variants of DPM-Solver, custom timesteps. Dynamic thresholding of
 x0 (`thresholding`) is ported for DDIM, DDPM, LCM, DPM-Solver++ multistep and UniPC.
 """
 
@@ -730,10 +730,21 @@ class LCM(_Discrete):
         return denoised.astype(F32)
 
 
+def calculate_shift(config: dict[str, Any], image_seq_len: int) -> float:
+    """mu of a dynamically shifted flow schedule, as diffusers' calculate_shift: linear in the image token count
+    between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) of the scheduler config."""
+    b0, b1 = float(config.get("base_image_seq_len", 256)), float(config.get("max_image_seq_len", 4096))
+    s0, s1 = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    m = (s1 - s0) / (b1 - b0)
+    return image_seq_len * m + (s0 - m * b0)
+
+
 class FlowMatchEuler(NumpyScheduler):
+    """diffusers' FlowMatchEulerDiscreteScheduler; set_timesteps takes the pipeline's own `sigmas` (FluxPipeline:
+    linspace(1, 1/N, N)) and, with use_dynamic_shifting, `mu` (calculate_shift of the image token count)."""
+
     name = "FlowMatchEulerDiscreteScheduler"
-    unsupported = ("use_dynamic_shifting", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling",
-                   "invert_sigmas")
+    unsupported = ("use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling", "invert_sigmas")
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
@@ -741,18 +752,34 @@ class FlowMatchEuler(NumpyScheduler):
         self.shift = float(self.config.get("shift", 1.0))
         ts = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
         s = ts / F32(n)
-        s = (F32(self.shift) * s / (F32(1) + F32(self.shift - 1) * s)).astype(F32)
+        if not self.config.get("use_dynamic_shifting"):  # diffusers shifts the training sigmas only then
+            s = (F32(self.shift) * s / (F32(1) + F32(self.shift - 1) * s)).astype(F32)
         self.sigma_min, self.sigma_max = float(s[-1]), float(s[0])
         self.sigmas = s
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, sigmas: Any = None, mu: float | None = None) -> None:
         self._check_steps(num_inference_steps)
         n = num_inference_steps
         self.num_inference_steps = n
         nt = self.num_train_timesteps
-        ts = np.linspace(self.sigma_max * nt, self.sigma_min * nt, n)
-        sigmas = ts / nt
-        sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+        dynamic = bool(self.config.get("use_dynamic_shifting"))
+        if dynamic and mu is None:
+            raise BadInput(f"{self.name}: use_dynamic_shifting needs mu (from the image token count) to set timesteps")
+        if sigmas is None:
+            ts = np.linspace(self.sigma_max * nt, self.sigma_min * nt, n)
+            sigmas = ts / nt
+        else:  # float32 as diffusers casts given sigmas; the shift below then stays float32 as there
+            sigmas = np.array(sigmas).astype(F32)
+            if len(sigmas) != n:
+                raise BadInput(f"{self.name}: {len(sigmas)} sigmas for {n} steps")
+        if dynamic:
+            assert mu is not None
+            if self.config.get("time_shift_type", "exponential") == "linear":
+                sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+            else:
+                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
         term = self.config.get("shift_terminal")
         if term:
             one_minus = 1 - sigmas
