@@ -243,8 +243,12 @@ def merge_runs(paths: list[Path]) -> list[dict[str, Any]]:
             cur = by_seed.setdefault(res["seed"], {**res, "rows": []})
             if (cur["samples"], cur["steps"]) != (res["samples"], res["steps"]):
                 raise SystemExit(f"{path}: seed {res['seed']} was run with other samples/steps")
-            names = {r["name"] for r in res["rows"]}
-            cur["rows"] = [r for r in cur["rows"] if r["name"] not in names] + res["rows"]
+            at = {r["name"]: i for i, r in enumerate(cur["rows"])}
+            for r in res["rows"]:  # replaced in place, new rows appended: the table keeps its order
+                if r["name"] in at:
+                    cur["rows"][at[r["name"]]] = r
+                else:
+                    cur["rows"].append(r)
     if not by_seed:
         raise SystemExit("--merge: no results in " + ", ".join(map(str, paths)))
     return [by_seed[k] for k in sorted(by_seed)]

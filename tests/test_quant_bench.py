@@ -69,7 +69,7 @@ def _result(seed: int, rows: list[tuple[str, float]], samples: int = 512) -> dic
 def test_merge_later_rows_replace_and_spread(bench, tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"per_seed": [_result(0, [("fp32", 0), ("x", 7.0)]), _result(1, [("x", 7.2)])]}))
-    b.write_text(json.dumps({"per_seed": [_result(0, [("x", 30.0)]), _result(1, [("x", 32.0)])]}))
+    b.write_text(json.dumps({"per_seed": [_result(0, [("x", 30.0), ("fp32", 0)]), _result(1, [("x", 32.0)])]}))
     merged = bench.merge_runs([a, b])
     assert [r["seed"] for r in merged] == [0, 1]
     assert [r["name"] for r in merged[0]["rows"]] == ["fp32", "x"]
