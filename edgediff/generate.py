@@ -159,7 +159,8 @@ def generate(model: DiffusionModel, samples: int = 4, seed: int = 0, steps: int 
     # a pipeline's own sigma spacing (FluxPipeline's linspace) when sampling with its own scheduler
     from edgediff.pipelines.components import pipeline_sigmas
 
-    pipe_class = (model.extras.get("pipeline") or {}).get("class") if not sampler else None
+    own_sampler = not sampler or sampler == own
+    pipe_class = (model.extras.get("pipeline") or {}).get("class") if own_sampler else None
     cfg = SamplerConfig(sampler, steps, eta, batch_size, sigmas=pipeline_sigmas(pipe_class) if pipe_class else None)
     n = samples
     names = [s.name for s in sig.input_specs() if s.name not in ("sample", "timestep")]

@@ -24,6 +24,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "added_tokens.json")
 
 
+def latent_chw(model: DiffusionModel) -> tuple[int, int, int]:
+    """(C, h, w) of the latents the VAE decodes: the sample shape, or a packed model's tokens unpacked (Flux)."""
+    from edgediff.sampling import packed_grid
+
+    shape = tuple(int(v) for v in model.signature.sample_shape)
+    grid = packed_grid(model)
+    if len(shape) == 2 and grid is not None and shape[1] % 4 == 0:
+        return shape[1] // 4, 2 * grid[0], 2 * grid[1]
+    c, h, w = shape[-3:]
+    return c, h, w
+
+
 def component_precision(precision: str) -> str:
     return "fp16" if precision == "fp16" else "fp32"
 
@@ -47,13 +59,9 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
         return (bo.to_fp16(proto) if prec == "fp16" else proto), prec
 
     out: dict[str, tuple[Any, str, str]] = {}
-    sig = model.signature
     from edgediff.pipelines.encode import encoding_of, text_sequence
 
     kind = encoding_of(pipe)
-    if kind == "flux":
-        raise BadInput(f"{pipe.path}: Flux pipelines are not bundled whole yet (the torch-free runtime has no packed-"
-                       "latent Flux loop); export the transformer alone and generate it with --prompt-embeds")
     for name in pipe.names("text_encoder"):
         if kind in ("clip", "pixart") and name != "text_encoder":
             raise BadInput(f"{pipe.path}: pipelines with several text encoders ({', '.join(pipe.names('text_encoder'))}) "
@@ -66,7 +74,7 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
     if pipe.has("vae"):
         vae = pipe.load("vae")
         f = pipe.vae_scale_factor()
-        c, h, w = (int(v) for v in sig.sample_shape[-3:])
+        c, h, w = latent_chw(model)
         proto, prec = graph("vae_decoder", vae, lambda m: bo.vae_decoder_graph(m, (c, h, w)))
         out["vae_decoder"] = (proto, "vae_decoder", prec)
         image = (int(vae.config.in_channels), h * f, w * f)
@@ -77,8 +85,7 @@ def component_graphs(pipe: Pipeline, model: DiffusionModel, precision: str) -> d
 
 def example_shapes(pipe: Pipeline, model: DiffusionModel) -> dict[str, dict[str, list[int]]]:
     """{component: {input: shape at batch 1}}: the shapes the pipeline runs (the graphs' H/W are dynamic)."""
-    sig = model.signature
-    c, h, w = (int(v) for v in sig.sample_shape[-3:])
+    c, h, w = latent_chw(model)
     shapes: dict[str, dict[str, list[int]]] = {}
     from edgediff.pipelines.encode import encoding_of, text_sequence
 
@@ -168,7 +175,7 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
         rec.update({"num_classes": int(model.signature.num_classes), "null_class": int(model.signature.num_classes),
                     "id2label": labels if isinstance(labels, dict) else None})
     if pipe.has("vae"):
-        c, h, w = (int(v) for v in model.signature.sample_shape[-3:])
+        c, h, w = latent_chw(model)
         f = pipe.vae_scale_factor()
         rec.update({"vae_scaling_factor": pipe.vae_scaling_factor(), "vae_shift_factor": pipe.vae_shift_factor(),
                     "vae_scale_factor": f, "image_shape": [3, h * f, w * f]})
@@ -185,7 +192,14 @@ def write_pipeline_components(pipe: Pipeline, model: DiffusionModel, tmp: Path, 
             configs[name] = {"max_length": seq, "pad_token_id": int(pad) if pad is not None else 0}
         rec["tokenizer_config"] = configs.get("tokenizer")
         rec["tokenizer_configs"] = configs
-    if kind in ("sdxl", "sd3", "pixart"):  # how the runtime combines them (edgediff.pipelines.encode.encode_conditioning)
+    from edgediff.pipelines.components import pipeline_sigmas
+    from edgediff.sampling import packed_grid
+
+    rec["sigmas"] = pipeline_sigmas(pipe.class_name)  # the class's own sigma spacing (Flux: linspace(1, 1/N, N))
+    grid = packed_grid(model)
+    if grid is not None and len(model.signature.sample_shape) == 2:
+        rec["packed_grid"] = list(grid)  # latents are 2x2-packed tokens: noise drawn unpacked, unpacked to decode
+    if kind in ("sdxl", "sd3", "pixart", "flux"):  # how the runtime combines them (edgediff.pipelines.encode.encode_conditioning)
         rec["encoding"] = kind
         rec["text_encoders"] = [n for n in graphs if n.startswith("text_encoder")]
         # "t5": last_hidden_state as it is; "clip": penultimate states + pooled output (SDXL / SD3)

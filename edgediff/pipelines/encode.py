@@ -302,7 +302,8 @@ def pipeline_latents(pipe: Pipeline, model: Any, prompts: list[str], seed: int, 
         if guidance > 1.0:
             den = GuidedDenoiser(den, u, c, guidance)
     # as the pipeline class samples: its own sigma spacing, packed latents drawn unpacked (Flux)
-    cfg = SamplerConfig(sampler, steps, sigmas=None if sampler else pipeline_sigmas(pipe.class_name))
+    own = not sampler or sampler == model.schedule.class_name
+    cfg = SamplerConfig(sampler, steps, sigmas=pipeline_sigmas(pipe.class_name) if own else None)
     x = sample(den, model.schedule, tuple(sig.sample_shape), n, seed, cfg, cond=cond, progress=progress,
                description=description, packed_grid=packed_grid(model))
     assert isinstance(x, torch.Tensor)

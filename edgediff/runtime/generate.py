@@ -147,6 +147,14 @@ def sample_shape_for(bundle: Bundle, height: int | None, width: int | None) -> t
     return (*shape[:-2], h // f, w // f)
 
 
+def grid_ids(h: int, w: int) -> np.ndarray:
+    """(h*w, 3) position ids of a token grid (0, row, column), as FluxPipeline._prepare_latent_image_ids."""
+    ids = np.zeros((int(h), int(w), 3), F32)
+    ids[..., 1] = np.arange(int(h), dtype=F32)[:, None]
+    ids[..., 2] = np.arange(int(w), dtype=F32)[None, :]
+    return ids.reshape(-1, 3)
+
+
 def conditioning(signature: dict[str, Any], n: int, seed: int) -> dict[str, np.ndarray]:
     """Example conditioning as edgediff's PyTorch side draws it for a model without its own
     encoder (InputSignature.conditioning): its own generator seeded with `seed`, encoder states
@@ -163,11 +171,14 @@ def conditioning(signature: dict[str, Any], n: int, seed: int) -> dict[str, np.n
         if fill == "zeros":
             out[spec["name"]] = np.zeros((n, *shape), F32)
         elif fill == "const":
-            v = np.broadcast_to(np.asarray(spec.get("value") or [0.0], np.float64), shape)
+            v = np.asarray(spec.get("value") or [0.0], np.float64)
+            v = np.broadcast_to(v.reshape(()) if not shape and v.size == 1 else v, shape)  # scalar inputs (guidance)
             out[spec["name"]] = np.broadcast_to(v, (n, *shape)).astype(F32)
+        elif fill == "grid" and len(spec.get("value") or ()) == 2:
+            out[spec["name"]] = np.broadcast_to(grid_ids(*spec["value"]), (n, *shape)).astype(F32)
         else:
             raise BadInput(f"bundle signature: extra input {spec['name']!r} (fill {fill!r}) needs a value; "
-                           "the numpy runtime fills only zeros/const inputs")
+                           "the numpy runtime fills only zeros/const/grid inputs")
     return out
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgediff.errors import BadInput
 from edgediff.runtime.bundle import OUTPUT_NAME, ROLE_FULL, Bundle, read_bundle
-from edgediff.runtime.generate import make_scheduler, open_entry, sample_shape_for, write_grid
+from edgediff.runtime.generate import conditioning, make_scheduler, open_entry, sample_shape_for, write_grid
 from edgediff.runtime.rng import TorchGenerator
 from edgediff.runtime.tokenizer import BundleTokenizer
 
@@ -215,6 +215,10 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
             t5, t5_mask = t5.astype(F32), mask.astype(F32)
             sessions.done(name)
             continue
+        if p["encoding"] == "flux":  # FluxPipeline: the CLIP gives its pooled output only
+            pooled.append(sessions.get(name).run(["pooler_output"], {"input_ids": ids})[0].astype(F32))
+            sessions.done(name)
+            continue
         outs = list(comps[name].get("outputs") or [])
         layers = sorted((o for o in outs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
         pool = "text_embeds" if "text_embeds" in outs else "pooler_output"
@@ -222,7 +226,10 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
         sessions.done(name)
         states.append(h.astype(F32))
         pooled.append(pl.astype(F32))
-    if p["encoding"] == "pixart":
+    if p["encoding"] == "flux":  # T5 states as encoder_hidden_states, the CLIP's pooled output as pooled_projections
+        assert t5 is not None and pooled
+        both = {"encoder_hidden_states": t5, "pooled_projections": pooled[0]}
+    elif p["encoding"] == "pixart":
         assert t5 is not None and t5_mask is not None
         both = {"encoder_hidden_states": t5, str(p.get("attention_mask_input") or "encoder_attention_mask"): t5_mask}
     elif p["encoding"] == "sdxl":
@@ -247,6 +254,40 @@ def encode_named(bundle: Bundle, sessions: _Sessions, prompts: list[str], negati
         if cfg:
             uncond["time_ids"] = ids6.copy()
     return cond, uncond, tok_ms
+
+
+def initial_latents(g: TorchGenerator, n: int, shape: tuple[int, ...], grid: Any = None) -> np.ndarray:
+    """randn((n, *shape)); 2x2-packed tokens (shape (h*w, 4C), grid [h, w]) drawn as FluxPipeline.prepare_latents:
+    randn((n, C, 2h, 2w)) then packed, so a seed gives the PyTorch pipeline's latents."""
+    if not grid or len(shape) != 2:
+        return g.randn((n, *shape))
+    h, w = (int(v) for v in grid)
+    c = int(shape[1]) // 4
+    x = g.randn((n, c, 2 * h, 2 * w))
+    return x.reshape(n, c, h, 2, w, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, h * w, 4 * c)
+
+
+def unpack_latents(x: np.ndarray, grid: Any) -> np.ndarray:
+    """Packed 2x2 latent tokens (N, h*w, 4C) -> (N, C, 2h, 2w), as FluxPipeline._unpack_latents."""
+    h, w = (int(v) for v in grid)
+    n, _, c4 = x.shape
+    return np.ascontiguousarray(x.reshape(n, h, w, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)).reshape(
+        n, c4 // 4, 2 * h, 2 * w)
+
+
+def set_timesteps(sched: Any, bundle: Bundle, steps: int, shape: tuple[int, ...], own: bool) -> None:
+    """Timesteps as the PyTorch pipeline sets them: with its own scheduler, the class's sigmas (FluxPipeline:
+    linspace(1, 1/N, N)); a dynamically shifted flow schedule gets mu from the image token count."""
+    from edgediff.runtime.schedulers import calculate_shift
+
+    kw: dict[str, Any] = {}
+    pipe = bundle.manifest.get("pipeline") or {}
+    if own and pipe.get("sigmas") == "linspace":
+        kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if sched.config.get("use_dynamic_shifting"):
+        seq = int(shape[0]) if len(shape) == 2 else int(shape[-2] // 2) * int(shape[-1] // 2)
+        kw["mu"] = calculate_shift(sched.config, seq)
+    sched.set_timesteps(steps, **kw)
 
 
 def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None,
@@ -291,7 +332,9 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
         if has_text:
             raise BadInput(f"{bundle.path}: has its own text encoder; pass --prompt, not --prompt-embeds")
         cond, uncond = load_embeds(Path(prompt_embeds), bundle, samples)
-    cfg = (has_text or labels is not None or bool(cond)) and g_scale > 1.0
+    sig_inputs = {s["name"]: s for s in bundle.signature.get("extra") or []}
+    embedded = "guidance" in sig_inputs  # guidance-distilled (Flux-dev): G is an input, no classifier-free batch
+    cfg = (has_text or labels is not None or bool(cond)) and g_scale > 1.0 and not embedded
     sessions = _Sessions(bundle, threads, low_memory)
     sessions.preload([r for r, on in (("text_encoder", has_text), (ROLE_FULL, True),
                                       ("vae_decoder", decode and bool(pipe.get("vae_decoder")))) if on])
@@ -309,11 +352,21 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
             cond = {"encoder_hidden_states": states[:samples]}
             uncond = {"encoder_hidden_states": states[samples:]} if cfg else {}
             sessions.done("text_encoder")
+    # inputs a pipeline fills itself (Flux: img_ids grid, txt_ids zeros, the guidance embedding's G)
+    fixed = [k for k, v in sig_inputs.items() if k not in cond and v.get("fill") in ("zeros", "const", "grid")]
+    if fixed:
+        filled = conditioning({"extra": [sig_inputs[k] for k in fixed]}, samples, seed)
+        if embedded and guidance is not None and "guidance" in filled:
+            filled["guidance"] = np.full((samples,), float(guidance), F32)
+        cond.update(filled)
+        if cfg:
+            uncond.update({k: v.copy() for k, v in filled.items()})
     n_steps = int(bundle.manifest["steps"] if steps is None else steps)
     sched, sampler_name = make_scheduler(bundle, sampler, eta)
-    sched.set_timesteps(n_steps)
+    grid = pipe.get("packed_grid")
+    set_timesteps(sched, bundle, n_steps, shape, own=sampler is None or sampler == bundle.manifest.get("sampler"))
     g = TorchGenerator(seed)
-    x = (g.randn((samples, *shape)) * F32(sched.init_noise_sigma)).astype(F32)
+    x = (initial_latents(g, samples, shape, grid) * F32(sched.init_noise_sigma)).astype(F32)
     den = sessions.get(ROLE_FULL)
     sched_ms = 0.0
     for t in sched.timesteps:
@@ -358,6 +411,8 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
             x = sched.step(out, t, x, generator=g)
         sched_ms += (time.perf_counter() - ts0) * 1e3
     sessions.done(ROLE_FULL)
+    if grid:  # packed tokens -> (N, C, H, W), as FluxPipeline._unpack_latents before the VAE
+        x = unpack_latents(x, grid)
     images = None
     if decode and pipe.get("vae_decoder"):
         z = (x / F32(pipe.get("vae_scaling_factor", 1.0)) + F32(pipe.get("vae_shift_factor") or 0.0)).astype(F32)
@@ -373,7 +428,8 @@ def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt
     stats: dict[str, Any] = {
         "bundle": str(bundle.path), "runtime": sessions.runtime, "kind": "pipeline", "pipeline": pipe.get("class"),
         "sampler": sampler_name, "steps": n_steps, "samples": samples, "seed": seed,  # PLMS runs steps + 1 timesteps
-        "guidance": g_scale if (has_text or labels is not None or cond) else None,
+        "guidance": (float(cond["guidance"][0]) if embedded and "guidance" in cond
+                     else g_scale if (has_text or labels is not None or cond) else None),
         "conditioning": "prompt" if has_text else ("prompt_embeds" if cond else ("class_labels" if labels is not None
                                                                                 else None)), "classifier_free_guidance": cfg,
         "class_labels": labels.tolist() if labels is not None else None,
