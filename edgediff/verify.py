@@ -53,6 +53,8 @@ from edgediff.sim_floor import Stepwise, noise_floor, per_sample_psnr
 #   runtime is judged call by call along the simulation's trajectory (stepwise_psnr_db: the worst
 #   call, >= 40 dB), and the final samples must not fall below psnr_db or below the floor less
 #   floor_margin_db (runtime and floor differed by up to 4.4 dB on the demo; docs/int8.md).
+#   A backend with fixed-point nonlinear units (Backend.float_nonlinear_ops False: the FPGA) does not
+#   compute what the float simulation computes per call; it keeps psnr_db and its own C-simulation check.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"psnr_db": 60.0, "max_abs_err": 1e-3},
     "fp16": {"psnr_db": 30.0, "max_abs_err": 5e-2},
@@ -226,6 +228,12 @@ def verify(reference: DiffusionModel, exported: Path, steps: int | None = None, 
         result.update({"denoiser_calls_full": exp.cache.calls["full"], "denoiser_calls_shallow": exp.cache.calls["shallow"],
                        "reference_calls_shallow": ref.cache.calls["shallow"]})
     within = p >= tol["psnr_db"] and result["max_abs_err"] <= tol["max_abs_err"]
+    if stepwise is not None and not backend.float_nonlinear_ops:
+        # fixed-point nonlinear units differ from the simulation's float ops by design: the figures are
+        # reported, the rule is the trajectory's and the runtime's own consistency report
+        result["stepwise_rule"] = (f"not applied: {target} computes norms, activations and softmax in fixed "
+                                   "point, checked against its own C-simulation")
+        stepwise = None
     if stepwise is not None:  # int8 of a simulation: per call, and the trajectory against the floor
         traj_min = min(tol["psnr_db"], result["noise_floor_db"] - tol["floor_margin_db"])
         within = (result.get("stepwise_psnr_db", math.nan) >= tol["stepwise_psnr_db"] and p >= traj_min

@@ -274,6 +274,10 @@ class Backend(ABC):
     takes_onnx_source: ClassVar[bool] = False
     # appended to the message for an unsupported precision (what to pass instead)
     precision_hint: ClassVar[str] = ""
+    # the runtime computes the non-integer ops of an int8 export (norms, activations, softmax) in float,
+    # as the PyTorch simulation does, so verify holds it to the per-call rule (edgediff/verify.py);
+    # False where those ops are fixed-point units of their own (the FPGA), checked against their C-simulation
+    float_nonlinear_ops: ClassVar[bool] = True
 
     # ---- capability
     @abstractmethod

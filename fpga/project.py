@@ -54,6 +54,7 @@ class FpgaBackend(Backend):
     marker = "fpga_project.json"
     options = frozenset({"seed", "rounding", "rows", "cols", "k_tile", "clock_mhz", "part", "compare_ort", "board"})
     takes_onnx_source = True
+    float_nonlinear_ops = False  # GroupNorm/softmax/LUT units in fixed point (fpga/nonlinear.py)
 
     def available(self) -> tuple[bool, str]:
         ok, why = csim.toolchain()

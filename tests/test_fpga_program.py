@@ -119,6 +119,8 @@ def test_export_then_verify_runs_the_sampler_through_the_program(tiny_int8: Diff
     assert BACKEND.runtime_available(tmp_path / "proj")[0]
     v = verify(tiny_int8, tmp_path / "proj", steps=3, samples=2, sampler="ddim")
     assert v["verified"] is True and v["exit_code"] == 0 and v["psnr_db"] >= 25.0
+    # the per-call figures are reported, but the float simulation's per-call rule is not the fixed-point units'
+    assert v["stepwise_calls"] == 3 and "not applied" in v["stepwise_rule"]
     rr = v["runtime_report"]
     assert rr["consistent"] is True and rr["csim_calls"] == rr["csim_identical"] == 2 and rr["calls"] >= 3
     json.dumps(v)  # the report is plain JSON
