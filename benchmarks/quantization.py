@@ -21,8 +21,9 @@ DDIM trajectories; the peers get exactly the points edgediff's w8a8 uses, for fr
   plain-w4a8                 W4A8 min-max, no reconstruction, no shortcut split (the collapse case)
   edgediff-w4a8              recipe w4a8 (Q-Diffusion calibration, BRECQ/AdaRound, split)
   edgediff-w4a8-ptqd         the w4a8 model + the ptqd pass (correction applied in the sampler)
-  edgediff-w4a8-splitw       recipe w4a8 + split_weights (per-half weight scales at skip concatenations)
-  edgediff-w4a8-asym         recipe w4a8 + weight_symmetric = false (per-channel zero points)
+  edgediff-w4a8-sym          recipe w4a8 with symmetric weights (the recipe before session 14)
+  edgediff-w4a8-splitw       ... symmetric + split_weights (per-half weight scales at skip concatenations)
+  edgediff-w4a8-asym         ... weight_symmetric = false (per-channel zero points; what the recipe now runs)
 Columns: PSNR of final samples vs FP32 under the same seeds (DDIM and DDPM), digit Fréchet
 distance to held-out real digits and confidence share (DDIM samples, the bundled classifier),
 weight bytes as stored, calibration wall time. The edgediff rows are PyTorch simulations of the
@@ -431,7 +432,9 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                      note=f"k in [{metp.get('k_min')}, {metp.get('k_max')}], mean act bits {metp.get('mean_act_bits')}; "
                           f"{how}")
 
-    for tag, extra in (("splitw", {"split_weights": True}), ("asym", {"weight_symmetric": False})):
+    # the recipe's weights are asymmetric since session 14: the variants name their options outright
+    for tag, extra in (("sym", {"weight_symmetric": True}), ("splitw", {"split_weights": True, "weight_symmetric": True}),
+                       ("asym", {"weight_symmetric": False})):
         name = f"edgediff-w4a8-{tag}"
         if want(name):  # the w4a8 recipe with one Q-Diffusion option changed, same reconstruction
             q, dt, met = run_pass("quant", w4_cal_model, {**recipe_opts("w4a8", "quant"), **iters, **extra}, ctx)
