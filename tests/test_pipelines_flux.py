@@ -145,3 +145,23 @@ def test_onnx_bundle_generates_fluxpipeline_images_without_torch(flux: Path, tmp
     rc, res = cli_json(capsys, "--threads", "1", "verify", str(flux), str(b), "--samples", "2", "--steps", "3")
     assert rc == 0 and res["verified"], res.get("reason")
     assert {"text_encoder", "text_encoder_2", "vae_decoder"} <= set(res["components"])
+
+
+@pytest.mark.slow
+def test_compressed_flux_int8_bundle_generates_without_torch_and_verifies(flux: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The default recipe compresses the Flux transformer (calibrated on prompts through CLIP + T5); its int8 ONNX
+    bundle generates with torch blocked and verifies against the quantization simulation (exit 0)."""
+    pytest.importorskip("onnxruntime", reason="bundles run on onnxruntime")
+    art, b = tmp_path / "art", tmp_path / "b8"
+    rc, _ = cli_json(capsys, "--threads", "1", "compress", str(flux), "-o", str(art))
+    assert rc == 0
+    rc, _ = cli_json(capsys, "export", str(art), "--target", "onnx", "--precision", "int8", "-o", str(b))
+    assert rc == 0
+    assert json.loads((b / "edgediff_bundle.json").read_text())["components"]["transformer"]["precision"] == "int8"
+    rc, res, _, err = cli_without_torch(["--threads", "1", "generate", str(b), "--prompt", PROMPT, "--steps", "3",
+                                         "-o", str(tmp_path / "i8.png"), "--json"])
+    assert rc == 0 and res["torch_imported"] is False and (tmp_path / "i8.png").is_file(), err[-2000:]
+    rc, res = cli_json(capsys, "--threads", "1", "verify", str(art), str(b), "--samples", "2", "--steps", "3")
+    assert rc == 0 and res["verified"] and "quantization simulation" in res["reference"], res.get("reason")
+    assert "psnr_vs_original_db" in res

@@ -15,6 +15,7 @@ phones must run it; otherwise all sessions are created first.
 from __future__ import annotations
 
 import gc
+import inspect
 import resource
 import sys
 import time
@@ -287,7 +288,8 @@ def set_timesteps(sched: Any, bundle: Bundle, steps: int, shape: tuple[int, ...]
     if sched.config.get("use_dynamic_shifting"):
         seq = int(shape[0]) if len(shape) == 2 else int(shape[-2] // 2) * int(shape[-1] // 2)
         kw["mu"] = calculate_shift(sched.config, seq)
-    sched.set_timesteps(steps, **kw)
+    takes = inspect.signature(sched.set_timesteps).parameters  # ports without custom sigmas/mu take steps only
+    sched.set_timesteps(steps, **{k: v for k, v in kw.items() if k in takes})
 
 
 def run_pipeline(path: Path | str, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None,
