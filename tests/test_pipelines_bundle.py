@@ -261,3 +261,12 @@ def test_a_manifest_naming_a_denoiser_folder_outside_the_bundle_is_refused(sd_bu
     (copy / MANIFEST).write_text(json.dumps(mf))
     with pytest.raises(BadInput, match="leaves its folder"):
         sample_shape_for(read_bundle(copy), 32, 24)
+
+
+def test_pipeline_images_are_held_to_the_least_precise_component() -> None:
+    from edgediff.pipelines.verify import loosest_precision
+
+    assert loosest_precision(["fp32", "int8", "fp16"]) == "int8"
+    assert loosest_precision(["fp32", "fp16"]) == "fp16"
+    assert loosest_precision(["fp32"]) == "fp32"
+    assert loosest_precision(["fp32", "w4"]) == "w4"  # unknown: the loosest, never a tighter tolerance
