@@ -196,16 +196,6 @@ def test_runtime_tokenizer_equals_transformers(tiny_sd: Path, sd_bundle: Path) -
     np.testing.assert_array_equal(tok(prompts), want)
 
 
-def test_optimum_loads_the_bundle(sd_bundle: Path) -> None:
-    try:
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
-    except ImportError as e:
-        pytest.skip(f"optimum is not installable beside this transformers ({e.__class__.__name__}); the layout and "
-                    "I/O names are checked against optimum's documented ones in the test above")
-    pipe = ORTStableDiffusionPipeline.from_pretrained(str(sd_bundle))
-    assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape[-1] == 3
-
-
 def test_denoiser_only_pipeline_bundle(tiny_ddpm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     rc, rep = _cli(capsys, "export", str(tiny_ddpm), "--target", "onnx", "-o", str(tmp_path / "b"))
     assert rc == 0 and rep["kind"] == "pipeline" and set(rep["components"]) == {"unet"}
