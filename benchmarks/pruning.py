@@ -16,7 +16,8 @@ Methods, all through edgediff's passes in this one run:
 - ld: prune.ld, LD-Pruner (operator removal: ResNet blocks, attention, transformer branches);
 - ld-ops: prune.ld at operator level (include = operators: also single 3x3 convs -> 1x1 and single
   Linear layers -> identity / low rank / bias), budget spent in 2 re-scored rounds;
-- ld-ops-cost: ld-ops removing in ascending score per MAC saved (order = per_cost) instead of score.
+- ld-ops-cost: ld-ops removing in ascending score per MAC saved (order = per_cost, the pass's default)
+  instead of score (ld and ld-ops run order = score, the paper's).
 The channel methods share one channel ratio, found once by bisection so that MACs drop by
 --macs-reduction; they therefore have identical structure (params, MACs, latency), and
 differ only in which channels they keep. LD-Pruner removes operators until the same budget.
@@ -141,9 +142,9 @@ def bench_model(name: str, args: argparse.Namespace, judge: DigitJudge | None) -
         print(f"-- {name}: {method}", file=sys.stderr)
         if method in ("ld", "ld-ops", "ld-ops-cost"):
             # LD-Pruner removes (or replaces) operators until at least the budget the channel methods reached
-            level = dict(include="operators", rounds=2) if method.startswith("ld-ops") else {}
-            if method == "ld-ops-cost":
-                level["order"] = "per_cost"
+            level: dict[str, Any] = dict(include="operators", rounds=2) if method.startswith("ld-ops") else {}
+            # ld and ld-ops keep the paper's score order (the pass's default is per_cost)
+            level["order"] = "per_cost" if method == "ld-ops-cost" else "score"
             pruned, m, secs = run_pass("prune.ld", model, model, seed=args.seed, macs_reduction=round(achieved, 4),
                                        **ld_opts, **level)
             extra = {"removed": [f"{r['name']}:{r['kind']}" for r in m["removed"]]}
