@@ -118,3 +118,31 @@ def test_export_does_not_modify_the_model(tiny_unet, tmp_path: Path) -> None:
     get_backend("openvino").export(tiny_unet, tmp_path / "m.xml", "fp16")
     after = tiny_unet.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_signals_still_handled_after_an_openvino_compile(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin leaves the thread's alternate signal stack dangling once freed; Python's
+    SIGTERM/SIGINT handlers run on that stack, so Ctrl-C after a run segfaulted (runtime.openvino
+    keeps the caller's stack). In a child process: the crash must not take the test worker with it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import faulthandler, gc, os, signal, time\n"
+        "faulthandler.enable()  # an alternate signal stack of Python's own, as under pytest\n"
+        "import numpy as np, openvino as ov\n"
+        "from pathlib import Path\n"
+        "from edgediff.runtime.openvino import OpenVinoEntry\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "x = ov.opset13.parameter([-1, 4], np.float32, name='x')\n"
+        "ov.save_model(ov.Model([ov.opset13.relu(x)], [x]), str(d / 'm.xml'))\n"
+        "e = OpenVinoEntry(d / 'm.xml')\n"
+        "assert e.run(e.outputs, {'x': np.ones((2, 4), np.float32)})[0].sum() == 8\n"
+        "del e; gc.collect()\n"
+        "hit = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: hit.append(s))\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+        "print('handled' if hit else 'not handled')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "handled", (r.returncode, r.stdout, r.stderr[-2000:])
