@@ -28,6 +28,20 @@ def cached(model: DiffusionModel, sampler: str = "dpmpp-2m", steps: int = 5, int
     return run_c(m, opts_c(depth=depth, interval=interval, check_samples=0), PassContext())
 
 
+def export_cached(model: DiffusionModel, tmp_path: Path, target: str, out_name: str,
+                  capsys: Any) -> tuple[DiffusionModel, int, dict, Path]:
+    """`model` with the test schedule's DeepCache written as the artifact tmp_path/art and exported by
+    the CLI (`export ART --target T -o OUT --json`): (the cached model, exit code, JSON report, OUT)."""
+    from edgediff.artifact import write_artifact
+    from edgediff.cli import main
+
+    m = cached(model)
+    write_artifact(m, tmp_path / "art", {"source": "test"})
+    out = tmp_path / out_name
+    rc = main(["export", str(tmp_path / "art"), "--target", target, "-o", str(out), "--json"])
+    return m, rc, json.loads(capsys.readouterr().out), out
+
+
 def micro_unet(classes: int = 0) -> DiffusionModel:
     """The smallest UNet with a skip branch to cache (two blocks, 8x8): conversion is slow here."""
     from diffusers import UNet2DModel

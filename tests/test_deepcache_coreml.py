@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 
 import pytest
-from deepcache_fixtures import cached, micro_unet
+from deepcache_fixtures import cached, export_cached, micro_unet
 from edgediff.exporters import get_backend
 
 ct = pytest.importorskip("coremltools", reason="Core ML packages are converted by coremltools")
@@ -19,14 +19,10 @@ off_mac = pytest.mark.skipif(platform.system() == "Darwin", reason="on macOS Cor
 def test_cached_artifact_exports_two_functions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from edgediff.exporters.coreml_deepcache import cache_record, check_cached
 
-    from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = cached(micro_unet())
-    write_artifact(m, tmp_path / "art", {"source": "test"})
-    out = tmp_path / "u.mlpackage"
-    assert main(["export", str(tmp_path / "art"), "--target", "coreml", "-o", str(out), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    m, rc, rep, out = export_cached(micro_unet(), tmp_path, "coreml", "u.mlpackage", capsys)
+    assert rc == 0
     assert rep["cache"]["layout"] == "multifunction" and rep["cache"]["full_steps"] == [0, 2, 4]
     spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
     assert spec.description.defaultFunctionName == "full"

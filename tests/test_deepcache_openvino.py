@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deepcache_fixtures import cached, check_cached_loop, close
+from deepcache_fixtures import cached, check_cached_loop, close, export_cached
 from edgediff.exporters import get_backend
 from pipeline_fixtures import tiny_sd  # noqa: F401 - the fixture, used by name
 
@@ -22,14 +22,10 @@ pytest.importorskip("openvino", reason="OpenVINO is an optional runtime: pip ins
 
 def test_cached_openvino_bundle_two_irs_generate_verify_profile(tiny_unet: DiffusionModel, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = cached(tiny_unet)
-    write_artifact(m, tmp_path / "art", {"source": "test"})
-    out = tmp_path / "b"
-    assert main(["export", str(tmp_path / "art"), "--target", "openvino", "-o", str(out), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    m, rc, rep, out = export_cached(tiny_unet, tmp_path, "openvino", "b", capsys)
+    assert rc == 0
     assert rep["bundle"] and set(rep["components"]) == {"unet", "unet_shallow"}
     man = json.loads((out / MANIFEST).read_text())
     assert man["target"] == "openvino" and man["cache"]["full_steps"] == [0, 2, 4]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deepcache_fixtures import cached
+from deepcache_fixtures import cached, export_cached
 from edgediff.exporters.tensorrt import _tensorrt, check_bundle
 
 from edgediff.model import DiffusionModel
@@ -21,15 +21,11 @@ no_trt = pytest.mark.skipif(_tensorrt()[0] is not None, reason="TensorRT and a G
 @no_trt
 def test_cached_tensorrt_bundle_without_tensorrt(tiny_unet: DiffusionModel, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = cached(tiny_unet)
-    write_artifact(m, tmp_path / "art", {"source": "test"})
-    out = tmp_path / "b"
     # the bundle is written, the engines are not: exit 3 with the commands that build them
-    assert main(["export", str(tmp_path / "art"), "--target", "tensorrt", "-o", str(out), "--json"]) == 3
-    rep = json.loads(capsys.readouterr().out)
+    m, rc, rep, out = export_cached(tiny_unet, tmp_path, "tensorrt", "b", capsys)
+    assert rc == 3
     assert rep["exit_code"] == 3 and "unet_shallow/model.trtexec.sh" in rep["reason"]
     man = json.loads((out / MANIFEST).read_text())
     assert man["target"] == "tensorrt" and man["tensorrt"]["engines_built"] is False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deepcache_fixtures import cached, check_cached_loop, close, micro_unet
+from deepcache_fixtures import cached, check_cached_loop, close, export_cached, micro_unet
 
 from edgediff.passes import PassContext
 from edgediff.runtime.bundle import MANIFEST, read_bundle
@@ -19,14 +19,10 @@ pytest.importorskip("ai_edge_litert.interpreter", reason="TFLite bundles run on 
 
 
 def test_cached_tflite_bundle_two_entries_generate_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from edgediff.artifact import write_artifact
     from edgediff.cli import main
 
-    m = cached(micro_unet())
-    write_artifact(m, tmp_path / "art", {"source": "test"})
-    out = tmp_path / "b"
-    assert main(["export", str(tmp_path / "art"), "--target", "tflite", "-o", str(out), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    m, rc, rep, out = export_cached(micro_unet(), tmp_path, "tflite", "b", capsys)
+    assert rc == 0
     assert rep["bundle"] and set(rep["components"]) == {"unet", "unet_shallow"}
     man = json.loads((out / MANIFEST).read_text())
     assert man["target"] == "tflite" and man["cache"]["full_steps"] == [0, 2, 4]
