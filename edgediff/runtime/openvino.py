@@ -90,13 +90,17 @@ def read_ir(path: Path) -> Any:
         raise BadInput(f"{path}: not a readable OpenVINO IR ({str(e).splitlines()[0][:200]})") from None
 
 
+def compile_model(model: Any, threads: int | None = None, perf_count: bool = False) -> Any:
+    """An openvino.Model compiled for the CPU plugin with `compile_config` (the caller's signal stack kept)."""
+    with kept_signal_stack():
+        return openvino_module().Core().compile_model(model, "CPU", compile_config(threads, perf_count))
+
+
 def compile_ir(path: Path, threads: int | None = None, perf_count: bool = False) -> Any:
     """NAME.xml compiled for the CPU plugin with `compile_config`."""
-    ov = openvino_module()
     m = read_ir(path)
     try:
-        with kept_signal_stack():
-            return ov.Core().compile_model(m, "CPU", compile_config(threads, perf_count))
+        return compile_model(m, threads, perf_count)
     except Exception as e:  # noqa: BLE001
         raise BadInput(f"{path}: OpenVINO cannot compile it for CPU ({str(e).splitlines()[0][:200]})") from None
 
@@ -146,8 +150,7 @@ class OpenVinoEntry:
             m = read_ir(self.path)
             try:
                 m.reshape({k: list(v.shape) for k, v in by_name.items()})
-                with kept_signal_stack():
-                    compiled = openvino_module().Core().compile_model(m, "CPU", compile_config(self.threads))
+                compiled = compile_model(m, self.threads)
             except Exception:  # noqa: BLE001 - a graph that cannot take static shapes runs dynamic
                 compiled = None
             hit = self._static[key] = (compiled.create_infer_request(), compiled) if compiled is not None else \
